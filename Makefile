@@ -1,0 +1,53 @@
+# Sluice: `make run` starts the whole thing, `make test` runs every test. Both set up what they need.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The first interpreter >= 3.11 on PATH creates the virtual environment.
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
+STAMP := $(VENV)/.sluice-installed
+KAFKA := deploy/kafka/kafka.sh
+PYTEST_ARGS ?=
+
+.PHONY: run test venv lint kafka-up kafka-down kafka-status clean
+
+venv: $(STAMP)
+
+# Reinstall only when the dependencies change, so later runs start quickly.
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed on PATH" >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+# With SLUICE_KAFKA_BOOTSTRAP set, Sluice uses that cluster and no local broker is started.
+run: venv
+	@if [ -z "$$SLUICE_KAFKA_BOOTSTRAP" ]; then $(KAFKA) start; fi
+	$(PY) -m service
+
+# Starts the broker if it is not running, runs lint and the whole suite, stops the broker it
+# started (also on failure or Ctrl-C), and exits with the suite's code.
+test: venv
+	@started=0; \
+	if ! $(KAFKA) status >/dev/null 2>&1; then $(KAFKA) start || exit 1; started=1; fi; \
+	trap '[ $$started = 1 ] && $(KAFKA) stop' EXIT; \
+	$(PY) -m ruff check . && lint=0 || lint=$$?; \
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	[ $$rc -ne 0 ] || rc=$$lint; exit $$rc
+
+lint: venv
+	$(PY) -m ruff check .
+
+kafka-up:
+	@$(KAFKA) start
+
+kafka-down:
+	@$(KAFKA) stop
+
+kafka-status:
+	@$(KAFKA) status
+
+clean: kafka-down
+	rm -rf build
