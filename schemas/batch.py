@@ -1,0 +1,56 @@
+"""OpenAI Batch API lines: a job is one input line, a result one output line.
+
+Input:  {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}
+Output: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
+
+A failed job keeps OpenAI's shape: `response.status_code` >= 400 with `{"error": {...}}` as its
+body (what OpenAI writes for a rejected request), and the top-level `error` set to
+`{"code", "message"}` (what `vllm run-batch` writes), so readers of either find the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from msgspec import Struct
+
+from schemas.openai import ChatCompletion, ChatCompletionRequest, CompletionRequest, ErrorBody, TextCompletion
+
+SCHEMA_VERSION = 1  # bumped only with a change readers must know about; fields are only added
+
+Endpoint = Literal["/v1/chat/completions", "/v1/completions"]
+CHAT_URL: Endpoint = "/v1/chat/completions"
+COMPLETIONS_URL: Endpoint = "/v1/completions"
+
+
+class BatchRequestLine(Struct, kw_only=True):
+    """One job: a line of the OpenAI Batch input format."""
+
+    custom_id: str
+    method: Literal["POST"] = "POST"
+    url: Endpoint
+    body: ChatCompletionRequest | CompletionRequest  # chosen by `url` in the decoder
+
+
+class BatchError(Struct, kw_only=True):
+    code: str
+    message: str
+
+
+class BatchResponse(Struct, kw_only=True):
+    status_code: int
+    request_id: str
+    body: ChatCompletion | TextCompletion | ErrorBody
+
+
+class BatchResponseLine(Struct, kw_only=True):
+    """One result: a line of the OpenAI Batch output format."""
+
+    id: str
+    custom_id: str
+    response: BatchResponse | None
+    error: BatchError | None = None
+
+    @property
+    def is_error(self) -> bool:
+        return self.error is not None

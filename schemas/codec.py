@@ -1,0 +1,134 @@
+"""Bytes <-> Batch lines. One typed decoder and encoder per content type, built once.
+
+JSON is the default; MessagePack when the producer says `application/msgpack`. A result is
+encoded in its job's content type.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from msgspec import Struct
+
+from schemas.batch import (
+    CHAT_URL,
+    BatchError,
+    BatchRequestLine,
+    BatchResponse,
+    BatchResponseLine,
+    Endpoint,
+)
+from schemas.openai import ChatCompletion, ChatCompletionRequest, CompletionRequest, ErrorBody, TextCompletion
+
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+ContentType = Literal["application/json", "application/msgpack"]
+
+
+class JobDecodeError(ValueError):
+    """A job that cannot become a request. `code` is stable (for dashboards); `message` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def normalize_content_type(value: str | None) -> ContentType:
+    """`application/msgpack` (or `application/x-msgpack`, any parameters) else JSON."""
+    if value and value.split(";")[0].strip().lower() in (MSGPACK, "application/x-msgpack"):
+        return MSGPACK
+    return JSON
+
+
+def decode_job(data: bytes, content_type: str | None = None) -> BatchRequestLine:
+    """Decode one job, choosing the body type by `url`. Raises JobDecodeError with the reason."""
+    codec = _CODECS[normalize_content_type(content_type)]
+    try:
+        envelope = codec.envelope.decode(data)
+    except msgspec.ValidationError as e:
+        raise JobDecodeError("invalid_request", str(e)) from None
+    except msgspec.DecodeError as e:
+        raise JobDecodeError("invalid_encoding", f"not a valid {codec.name} job line: {e}") from None
+    body_decoder = codec.chat if envelope.url == CHAT_URL else codec.completion
+    try:
+        body = body_decoder.decode(envelope.body)
+    except msgspec.ValidationError as e:
+        raise JobDecodeError("invalid_request", str(e).replace("`$", "`$.body", 1)) from None
+    return BatchRequestLine(custom_id=envelope.custom_id, method=envelope.method, url=envelope.url, body=body)
+
+
+def peek_custom_id(data: bytes, content_type: str | None = None) -> str | None:
+    """The job's custom_id if one can be read at all: lets a broken job's error keep its id."""
+    codec = _CODECS[normalize_content_type(content_type)]
+    try:
+        return codec.peek.decode(data).custom_id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def encode_result(line: BatchResponseLine, content_type: str | None = None) -> bytes:
+    return _CODECS[normalize_content_type(content_type)].encoder.encode(line)
+
+
+def encode_job(line: BatchRequestLine, content_type: str | None = None) -> bytes:
+    return _CODECS[normalize_content_type(content_type)].encoder.encode(line)
+
+
+def decode_result(data: bytes, content_type: str | None = None) -> BatchResponseLine:
+    """Read a result back (clients, tests). A body is an error body when the status says so."""
+    codec = _CODECS[normalize_content_type(content_type)]
+    raw = codec.result.decode(data)
+    response = None
+    if raw.response is not None:
+        body_decoder = codec.error_body if raw.response.status_code >= 400 else codec.completion_body
+        response = BatchResponse(
+            status_code=raw.response.status_code,
+            request_id=raw.response.request_id,
+            body=body_decoder.decode(raw.response.body),
+        )
+    return BatchResponseLine(id=raw.id, custom_id=raw.custom_id, response=response, error=raw.error)
+
+
+class _Envelope(Struct, kw_only=True):
+    custom_id: str
+    method: Literal["POST"] = "POST"
+    url: Endpoint
+    body: msgspec.Raw
+
+
+class _RawResponse(Struct, kw_only=True):
+    status_code: int
+    request_id: str
+    body: msgspec.Raw
+
+
+class _RawResponseLine(Struct, kw_only=True):
+    id: str
+    custom_id: str
+    response: _RawResponse | None
+    error: BatchError | None = None
+
+
+class _CustomIdOnly(Struct):
+    custom_id: str | None = None
+
+
+class _Codec:
+    def __init__(self, name: str, module) -> None:
+        self.name = name
+        self.envelope = module.Decoder(_Envelope)
+        self.chat = module.Decoder(ChatCompletionRequest)
+        self.completion = module.Decoder(CompletionRequest)
+        self.peek = module.Decoder(_CustomIdOnly)
+        self.result = module.Decoder(_RawResponseLine)
+        self.completion_body = module.Decoder(ChatCompletion | TextCompletion)
+        self.error_body = module.Decoder(ErrorBody)
+        self.encoder = module.Encoder()
+
+
+_CODECS: dict[str, _Codec] = {
+    JSON: _Codec("JSON", msgspec.json),
+    MSGPACK: _Codec("MessagePack", msgspec.msgpack),
+}
