@@ -1,0 +1,18 @@
+"""The engine: a library that runs Llama-family checkpoints. Knows nothing of Kafka or the wire format."""
+
+from engine.config import EngineConfig, EngineConfigError
+from engine.llm_engine import LLMEngine, RequestRejected
+from engine.loader import ModelLoadError
+from engine.outputs import RequestMetrics, RequestOutput
+from engine.sampling_params import SamplingParams
+
+__all__ = [
+    "EngineConfig",
+    "EngineConfigError",
+    "LLMEngine",
+    "ModelLoadError",
+    "RequestMetrics",
+    "RequestOutput",
+    "RequestRejected",
+    "SamplingParams",
+]

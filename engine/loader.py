@@ -1,0 +1,61 @@
+"""Loads a Hugging Face checkpoint folder, with errors that name the file and the reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def check_checkpoint_folder(folder: str | Path) -> dict:
+    """Validate the folder's layout before any heavy loading; returns config.json's contents."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(
+            f"{config_path}: missing; a model folder needs config.json, safetensors and tokenizer files"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{config_path}: not valid JSON ({e})") from None
+    architectures = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        raise ModelLoadError(
+            f"{config_path}: architecture {architectures or 'unspecified'} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if not list(folder.glob("*.safetensors")):
+        raise ModelLoadError(f"{folder}: no *.safetensors weight files")
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelLoadError(f"{folder}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    return config
+
+
+def load_tokenizer(folder: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises many types here; the message is what matters
+        raise ModelLoadError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+
+
+def load_reference_model(folder: str | Path, dtype: str, device: str) -> torch.nn.Module:
+    """Transformers' own implementation of the checkpoint, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=getattr(torch, dtype), local_files_only=True
+        )
+    except Exception as e:
+        raise ModelLoadError(f"{folder}: cannot load the weights ({type(e).__name__}: {e})") from None
+    return model.to(device).eval()

@@ -1,0 +1,249 @@
+"""Build small Llama-family checkpoints locally, deterministically, for tests and demos.
+
+No model hub is reachable from where Sluice is built and tested, yet the engine
+must be exercised through exactly the path users take: a Hugging Face checkpoint
+folder loaded with ``AutoConfig``/``AutoTokenizer``/``AutoModelForCausalLM``.
+This module manufactures such folders from a seed: random weights plus a
+byte-level BPE tokenizer trained on a built-in corpus. The same seed always
+gives byte-identical files, so tests can compare outputs across runs.
+
+``tiny`` (~5M parameters) is for unit tests; ``small`` (~125M) is for benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# Special-token order fixes their ids (0..3): BpeTrainer assigns ids in list order.
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
+BOS_ID, EOS_ID, PAD_ID = 1, 2, 3
+
+# Each turn ends with EOS so a generation stops where the assistant turn ends.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unsupported role: ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Architecture of a generated checkpoint; maps onto ``LlamaConfig`` kwargs."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    # Above Llama's 0.02 default: at 0.02 random logits are near-uniform and greedy
+    # decoding collapses into one- or two-token loops, hiding KV-cache/batching bugs.
+    initializer_range: float = 0.05
+
+    def config_kwargs(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(256, 4, 8, 2, 688, 4096, 2048),
+    "small": Preset(768, 12, 12, 4, 2048, 32000, 4096),
+}
+
+# Files whose presence means a published folder is complete (publication is atomic).
+_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def build_checkpoint(
+    out_dir: str | os.PathLike[str],
+    preset: str = "tiny",
+    seed: int = 0,
+    torch_dtype: str = "float32",
+) -> Path:
+    """Build a checkpoint folder at ``out_dir``, replacing any existing one."""
+    out = Path(out_dir)
+    tmp = _build_in_temp(out, preset, seed, torch_dtype)
+    _publish(tmp, out, replace=True)
+    return out
+
+
+def ensure_checkpoint(cache_root: str | os.PathLike[str], preset: str = "tiny", seed: int = 0) -> Path:
+    """Return the cached checkpoint for (preset, seed), building it only if missing.
+
+    Safe under concurrent callers: each builds privately and the first rename wins.
+    """
+    out = Path(cache_root) / f"{preset}-seed{seed}"
+    if _is_complete(out):
+        return out
+    tmp = _build_in_temp(out, preset, seed, "float32")
+    _publish(tmp, out, replace=False)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", help="torch dtype of saved weights")
+    parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to create")
+    args = parser.parse_args(argv)
+    print(build_checkpoint(args.out, args.preset, args.seed, args.dtype))
+
+
+def _build_in_temp(out: Path, preset: str, seed: int, torch_dtype: str) -> Path:
+    """Write the whole checkpoint into a hidden sibling folder and return it."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    spec = PRESETS[preset]
+    dtype = getattr(torch, torch_dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown torch dtype {torch_dtype!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Sibling, not /tmp, so the final rename stays on one filesystem and is atomic.
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        tokenizer = _train_tokenizer(spec, seed)
+        model = _init_model(spec, seed, dtype)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _publish(tmp: Path, out: Path, *, replace: bool) -> None:
+    """Move ``tmp`` to ``out``; if another builder got there first, keep theirs."""
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
+    try:
+        # A folder without the required files is debris, never a concurrent build:
+        # builds only ever appear at ``out`` complete, by rename.
+        if replace or (out.exists() and not _is_complete(out)):
+            _move_aside(out, old)
+        os.rename(tmp, out)
+    except OSError:
+        # Lost a race: ``out`` now exists (non-empty dirs cannot be renamed over).
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_complete(out):
+            raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _move_aside(out: Path, old: Path) -> None:
+    # FileNotFoundError: someone else moved it first; nothing left to clear.
+    with contextlib.suppress(FileNotFoundError):
+        out.rename(old)
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in _REQUIRED_FILES)
+
+
+def _init_model(spec: Preset, seed: int, dtype: torch.dtype) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        **spec.config_kwargs(),
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        architectures=["LlamaForCausalLM"],
+    )
+    # Seeding immediately before construction makes the weights a function of the seed.
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def _train_tokenizer(spec: Preset, seed: int) -> PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.BPE(unk_token=UNK))
+    # No prefix space, so decode(encode(text)) returns the text unchanged.
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus(seed), trainer=trainer)
+    if [bpe.token_to_id(token) for token in SPECIAL_TOKENS] != [0, BOS_ID, EOS_ID, PAD_ID]:
+        raise RuntimeError("BpeTrainer did not put the special tokens first; config ids would be wrong")
+    # Llama tokenizers prepend BOS on encode; mirror that so prompts look familiar.
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1", special_tokens=[(BOS, BOS_ID)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=spec.max_position_embeddings,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _corpus(seed: int, sentences: int = 20000) -> list[str]:
+    """English-ish sentences with numbers: enough variety for thousands of merges."""
+    rng = random.Random(seed)
+    words = _WORDS.split()
+    lines = []
+    for _ in range(sentences):
+        sentence = rng.choices(words, k=rng.randint(4, 14))
+        if rng.random() < 0.4:
+            sentence.insert(rng.randrange(len(sentence)), str(rng.randint(0, 99999)))
+        if rng.random() < 0.3:
+            sentence[rng.randrange(len(sentence))] += ","
+        lines.append(" ".join(sentence).capitalize() + rng.choice(".!?"))
+    return lines
+
+
+_WORDS = """
+the be to of and a in that have it for not on with he as you do at this but his by from they we say her
+she or an will my one all would there their what so up out if about who get which go me when make can
+like time no just him know take people into year your good some could them see other than then now look
+only come its over think also back after use two how our work first well way even new want because any
+these give day most us is was are were been has had did said made went told found gave man woman child
+world life hand part place case week company system program question government number night point home
+water room mother area money story fact month lot right study book eye job word business issue side kind
+head house service friend father power hour game line end member law car city community name president
+team minute idea kid body information school face others level office door health person art war history
+party result change morning reason research girl guy moment air teacher force education food light river
+stone tree garden window paper music field small large long great little own old big high different local
+early young important few public bad same able late hard major better economic strong possible whole free
+military true federal international full special easy clear recent certain personal open red difficult
+available likely short single medical current wrong private past foreign fine common poor natural
+significant similar hot dead central happy serious ready simple left physical general environmental
+financial blue democratic dark various entire close legal religious cold final main green nice huge
+popular traditional cultural quickly slowly never always often sometimes today tomorrow yesterday here
+where why again still very really almost already together across under between through during before
+against without within around upon toward run walk read write speak listen learn teach build break bring
+carry hold keep leave start stop help move live believe happen sit stand lose pay meet include continue
+set lead understand watch follow create spend grow offer remember love consider appear buy wait serve die
+send expect stay fall cut reach kill remain
+"""
+
+
+if __name__ == "__main__":
+    main()
