@@ -1,0 +1,81 @@
+"""`python -m service`: run Sluice in the foreground until SIGINT/SIGTERM (Ctrl-C)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import uvloop
+
+from engine import EngineConfig, LLMEngine
+from service.app import Service
+from service.config import ConfigError, ServiceConfig, load_config
+
+log = logging.getLogger("sluice")
+
+
+def main() -> int:
+    try:
+        config = load_config()
+    except ConfigError as e:
+        print(f"sluice: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    for noisy in ("aiokafka", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    return uvloop.run(serve(config))
+
+
+async def serve(config: ServiceConfig) -> int:
+    model = resolve_model(config)
+    log.info("loading %s (%s on %s)", model, config.dtype, config.device)
+    engine = await asyncio.to_thread(
+        LLMEngine,
+        EngineConfig(
+            model=model, dtype=config.dtype, device=config.device, max_model_len=config.max_model_len
+        ),
+    )
+    service = Service(config, engine)
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    await service.start()
+    log.info("ready; Ctrl-C to stop")
+    try:
+        await service.run(stop)
+    finally:
+        await service.stop()
+    return 0
+
+
+def resolve_model(config: ServiceConfig) -> str:
+    """The configured model folder, or the built-in demo model (built once, then cached)."""
+    if config.model:
+        return config.model
+    from engine.testing import ensure_checkpoint
+
+    cache = Path(config.build_dir) / "models"
+    log.info("no model configured (SLUICE_MODEL): using the built-in %r demo model", config.demo_preset)
+    return str(ensure_checkpoint(cache, preset=config.demo_preset))
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now, in-flight jobs will be redone", signal.Signals(signum).name)
+            sys.exit(130)
+        log.info("%s: finishing in-flight jobs, then stopping (again to force)", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

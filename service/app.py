@@ -1,0 +1,116 @@
+"""Service: wires consumer, job handler, engine worker and publisher; runs until told to stop.
+
+Every consumed record ends as exactly one of: a result, an error result plus a dead letter, or
+uncommitted (redone by the partition's next owner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka.structs import ConsumerRecord
+
+from engine import LLMEngine
+from schemas.codec import encode_result
+from service.config import ServiceConfig
+from service.consumer import JobConsumer
+from service.engine_worker import EngineWorker
+from service.jobs import JobHandler, Outcome
+from service.publisher import Headers, ResultPublisher
+from service.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, config: ServiceConfig, engine: LLMEngine) -> None:
+        self.config = config
+        self.worker = EngineWorker(engine)
+        self.handler = JobHandler(self.worker, config.served_model_name, config.default_max_tokens)
+        self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id)
+        self.consumer = JobConsumer(
+            config.kafka_bootstrap,
+            config.jobs_topics,
+            config.group_id,
+            config.client_id,
+            config.commit_interval_ms,
+        )
+        self._tasks: set[asyncio.Task] = set()
+        self.num_results = 0
+        self.num_errors = 0
+
+    async def start(self) -> None:
+        c = self.config
+        if c.create_topics:
+            topics = [*c.jobs_topics, c.results_topic, c.dlq_topic, c.traces_topic]
+            await ensure_topics(c.kafka_bootstrap, topics, c.topic_partitions, c.topic_replication)
+        self.worker.start()
+        await self.publisher.start()
+        await self.consumer.start()
+        log.info(
+            "consuming %s as group %r; results to %s", ", ".join(c.jobs_topics), c.group_id, c.results_topic
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume and process jobs until `stop` is set, keeping at most max_in_flight jobs open."""
+        stop_waiter = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                free = self.config.max_in_flight - len(self._tasks)
+                if free <= 0:
+                    await asyncio.wait([*self._tasks, stop_waiter], return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                for record in await self.consumer.fetch(max_records=free):
+                    task = asyncio.create_task(self._process(record))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        finally:
+            stop_waiter.cancel()
+
+    async def stop(self) -> None:
+        """Finish in-flight jobs (up to drain_timeout_s), commit, and close everything."""
+        if self._tasks:
+            log.info(
+                "draining %d in-flight jobs (up to %.0fs)", len(self._tasks), self.config.drain_timeout_s
+            )
+            _, pending = await asyncio.wait(list(self._tasks), timeout=self.config.drain_timeout_s)
+            for task in pending:
+                task.cancel()  # left uncommitted: the partition's next owner redoes these jobs
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.consumer.stop()
+        await self.publisher.stop()
+        await self.worker.stop()
+        log.info("stopped after %d results (%d errors)", self.num_results, self.num_errors)
+
+    async def _process(self, record: ConsumerRecord) -> None:
+        outcome = await self.handler.handle(record)
+        headers: Headers = [("content-type", outcome.content_type.encode())]
+        headers += [(k, v) for k, v in record.headers or () if k.lower() == "traceparent"]
+        value = encode_result(outcome.result, outcome.content_type)
+        key = outcome.result.custom_id.encode()
+        await self.publisher.publish(outcome.reply_to or self.config.results_topic, key, value, headers)
+        if outcome.is_error:
+            await self.publisher.publish(
+                self.config.dlq_topic, record.key, record.value or b"", _dead_letter_headers(record, outcome)
+            )
+            self.num_errors += 1
+            log.warning(
+                "job %s/%d/%d failed: %s", record.topic, record.partition, record.offset, outcome.result.error
+            )
+        self.num_results += 1
+        self.consumer.done(record)
+
+
+def _dead_letter_headers(record: ConsumerRecord, outcome: Outcome) -> Headers:
+    """The original headers plus where the record came from and why it failed."""
+    error = outcome.result.error
+    assert error is not None
+    return [
+        *(record.headers or ()),
+        ("sluice-error-code", error.code.encode()),
+        ("sluice-error-message", error.message.encode()),
+        ("sluice-source-topic", record.topic.encode()),
+        ("sluice-source-partition", str(record.partition).encode()),
+        ("sluice-source-offset", str(record.offset).encode()),
+    ]

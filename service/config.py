@@ -1,0 +1,81 @@
+"""ServiceConfig: defaults, then an optional TOML file, then SLUICE_* environment variables.
+
+Every option is a field below with its comment; `SLUICE_<FIELD>` (upper case) overrides it,
+e.g. SLUICE_KAFKA_BOOTSTRAP=broker:9092, SLUICE_MODEL=/models/llama. Lists in the environment
+are comma-separated. SLUICE_CONFIG names the TOML file (keys are the field names).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
+    # Kafka
+    kafka_bootstrap: str = "127.0.0.1:19092"  # host:port[,host:port...] of the cluster
+    jobs_topics: list[str] = msgspec.field(default_factory=lambda: ["sluice.jobs"])
+    results_topic: str = "sluice.results"  # a job's `reply_to` header overrides it
+    dlq_topic: str = "sluice.dlq"  # dead letters: the original record plus the reason in headers
+    traces_topic: str = "sluice.traces"
+    group_id: str = "sluice"  # consumer group; instances sharing it share the partitions
+    client_id: str = "sluice"
+    create_topics: bool = True  # create missing topics at start-up (needs create rights)
+    topic_partitions: Annotated[int, Meta(ge=1)] = 4  # for topics Sluice creates
+    topic_replication: Annotated[int, Meta(ge=1)] = 1
+    commit_interval_ms: Annotated[int, Meta(ge=10)] = 500  # how often acknowledged offsets are committed
+    # Model and engine
+    model: str = ""  # a Hugging Face checkpoint folder; empty: the built-in demo model
+    model_name: str = ""  # the `model` reported in results; default: the folder's name
+    demo_preset: Literal["tiny", "small"] = "tiny"  # the demo model built when `model` is empty
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    max_model_len: Annotated[int, Meta(ge=2)] | None = None
+    default_max_tokens: Annotated[int, Meta(ge=1)] = 256  # when a job sets neither max_tokens field
+    # Admission
+    max_in_flight: Annotated[int, Meta(ge=1)] = 64  # jobs consumed but not yet published
+    drain_timeout_s: Annotated[float, Meta(ge=0)] = 30.0  # on shutdown, wait this long for in-flight jobs
+    # Where demo models and other generated files go
+    build_dir: str = str(REPO_ROOT / "build")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or Path(self.model).name or "demo"
+
+
+def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
+    """Build the configuration from SLUICE_CONFIG (TOML) and SLUICE_* variables; ConfigError says what is wrong."""
+    environ = dict(os.environ if environ is None else environ)
+    values: dict[str, object] = {}
+    if path := environ.get("SLUICE_CONFIG"):
+        try:
+            values.update(msgspec.toml.decode(Path(path).read_bytes()))
+        except (OSError, msgspec.DecodeError) as e:
+            raise ConfigError(f"SLUICE_CONFIG={path}: {e}") from None
+    for name in ServiceConfig.__struct_fields__:
+        raw = environ.get(f"SLUICE_{name.upper()}")
+        if raw is not None:
+            values[name] = _from_env(name, raw)
+    try:
+        return msgspec.convert(values, ServiceConfig, strict=False)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"invalid configuration (SLUICE_<FIELD> or the TOML key): {e}") from None
+
+
+def _from_env(name: str, raw: str) -> object:
+    if name == "jobs_topics":
+        return [t.strip() for t in raw.split(",") if t.strip()]
+    if raw == "" and name in ("max_model_len",):
+        return None
+    return raw

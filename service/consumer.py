@@ -1,0 +1,115 @@
+"""JobConsumer: the consumer group on the jobs topics, and the commits of finished work.
+
+Auto-commit is off. An offset is committed only once every job below it has its outcome
+acknowledged by the broker (OffsetTracker); commits run every `commit_interval_ms`, when
+partitions are revoked, and at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
+
+from service.offsets import OffsetTracker
+
+log = logging.getLogger(__name__)
+
+
+class JobConsumer:
+    def __init__(
+        self, bootstrap: str, topics: list[str], group_id: str, client_id: str, commit_interval_ms: int
+    ):
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=group_id,
+            client_id=f"{client_id}-jobs",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",  # a new group starts with the jobs already waiting
+            isolation_level="read_committed",  # jobs from aborted producer transactions never run
+        )
+        self._topics = topics
+        self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._commit_interval = commit_interval_ms / 1000
+        self._commit_task: asyncio.Task | None = None
+        self._commit_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._consumer.subscribe(self._topics, listener=_Rebalance(self))
+        self._commit_task = asyncio.create_task(self._commit_periodically(), name="commit")
+
+    async def stop(self) -> None:
+        """Commit what is finished, then leave the group."""
+        if self._commit_task is not None:
+            self._commit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._commit_task
+        await self.commit()
+        await self._consumer.stop()
+
+    async def fetch(self, max_records: int, timeout_ms: int = 200) -> list[ConsumerRecord]:
+        """Up to `max_records` new records; each is tracked as in flight until done()."""
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        records = [r for rs in batches.values() for r in rs]
+        for r in records:
+            self._tracker.track(TopicPartition(r.topic, r.partition), r.offset)
+        return records
+
+    def done(self, record: ConsumerRecord) -> None:
+        """The record's outcome is acknowledged by the broker: its offset may be committed."""
+        self._tracker.done(TopicPartition(record.topic, record.partition), record.offset)
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._tracker.num_in_flight()
+
+    async def commit(self, partitions: set[TopicPartition] | None = None) -> None:
+        async with self._commit_lock:
+            offsets = self._tracker.committable()
+            if partitions is not None:
+                offsets = {tp: o for tp, o in offsets.items() if tp in partitions}
+            if not offsets:
+                return
+            try:
+                await self._consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
+            except (CommitFailedError, KafkaError) as e:
+                # Not fatal: the next commit covers these offsets, or the next owner redoes the jobs.
+                log.warning("commit of %s failed: %s", _describe(offsets), e)
+                return
+            self._tracker.mark_committed(offsets)
+            log.debug("committed %s", _describe(offsets))
+
+    async def _commit_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._commit_interval)
+            await self.commit()
+
+    async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.commit(revoked)
+        self._tracker.forget(revoked)
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, consumer: JobConsumer) -> None:
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        if revoked:
+            log.info("partitions revoked: %s", _describe(revoked))
+            await self._consumer._on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        if assigned:
+            log.info("partitions assigned: %s", _describe(assigned))
+
+
+def _describe(partitions) -> str:
+    items = partitions.items() if isinstance(partitions, dict) else ((tp, None) for tp in partitions)
+    return ", ".join(
+        f"{tp.topic}[{tp.partition}]" + ("" if o is None else f"@{o}") for tp, o in sorted(items)
+    )

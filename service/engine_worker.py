@@ -1,0 +1,111 @@
+"""EngineWorker: runs the engine loop on its own thread; asyncio talks to it through futures.
+
+The event loop never calls step(): it hands requests over through a thread-safe queue and
+gets each result back on its own future via call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+
+from engine import LLMEngine, RequestOutput, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineWorker:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", ...) | ("abort", id) | ("stop",)
+        self._futures: dict[str, asyncio.Future[RequestOutput]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Abort whatever is still running and wait for the thread to end."""
+        if self._thread is None:
+            return
+        self._inbox.put(("stop",))
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> RequestOutput:
+        """Run one request to completion. Raises engine.RequestRejected if the engine refuses it."""
+        assert self._loop is not None, "start() first"
+        future: asyncio.Future[RequestOutput] = self._loop.create_future()
+        self._futures[request_id] = future
+        self._inbox.put(("add", request_id, prompt_token_ids, params))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._inbox.put(("abort", request_id))
+            raise
+        finally:
+            self._futures.pop(request_id, None)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._futures)
+
+    def _run(self) -> None:
+        while True:
+            # Block only when there is nothing to step; otherwise drain the inbox and step.
+            block = not self.engine.has_unfinished_requests()
+            if not self._drain_inbox(block):
+                break
+            try:
+                outputs = self.engine.step()
+            except Exception as e:
+                log.exception("engine step failed; failing its requests")
+                self._fail_all(e)
+                continue
+            for output in outputs:
+                self._resolve(output.request_id, output)
+        self._fail_all(RuntimeError("the engine stopped"))
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued adds/aborts; returns False on stop."""
+        while True:
+            try:
+                message = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            match message:
+                case ("add", request_id, prompt_token_ids, params):
+                    try:
+                        self.engine.add_request(request_id, prompt_token_ids, params)
+                    except Exception as e:
+                        self._resolve(request_id, e)
+                case ("abort", request_id):
+                    self.engine.abort(request_id)
+                case ("stop",):
+                    return False
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self._futures):
+            self.engine.abort(request_id)
+            self._resolve(request_id, error)
+
+    def _resolve(self, request_id: str, result: RequestOutput | Exception) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(_set_future, self._futures.get(request_id), result)
+
+
+def _set_future(future: asyncio.Future | None, result: RequestOutput | Exception) -> None:
+    if future is None or future.done():
+        return  # cancelled or already failed
+    if isinstance(result, Exception):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

@@ -1,0 +1,79 @@
+"""JobHandler: one consumed record -> its outcome (a result, or an error result + dead letter).
+
+Nothing here raises for bad input: every way a job can fail becomes an error result with a
+stable code and a message that says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from aiokafka.structs import ConsumerRecord
+
+from engine import RequestRejected
+from schemas.batch import BatchResponseLine
+from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
+from service.engine_worker import EngineWorker
+from service.translate import TranslationError, to_engine_request, to_error_line, to_result_line
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Outcome:
+    result: BatchResponseLine
+    content_type: str  # the job's own encoding, used for its result too
+    reply_to: str | None  # the job's `reply_to` header: where its result goes instead of the default
+
+    @property
+    def is_error(self) -> bool:
+        return self.result.is_error
+
+
+class JobHandler:
+    def __init__(self, worker: EngineWorker, model_name: str, default_max_tokens: int) -> None:
+        self._worker = worker
+        self._model_name = model_name
+        self._default_max_tokens = default_max_tokens
+
+    async def handle(self, record: ConsumerRecord) -> Outcome:
+        headers = header_dict(record.headers)
+        content_type = normalize_content_type(headers.get("content-type"))
+        reply_to = headers.get("reply_to") or headers.get("reply-to") or None
+        value = record.value or b""
+        custom_id = peek_custom_id(value, content_type) or _record_ref(record)
+        try:
+            result = await self._run(value, content_type, record)
+        except JobDecodeError as e:
+            result = to_error_line(custom_id, e.code, e.message)
+        except TranslationError as e:
+            result = to_error_line(custom_id, e.code, e.message, e.status_code)
+        except RequestRejected as e:
+            result = to_error_line(custom_id, "invalid_prompt", str(e))
+        except Exception as e:
+            log.exception("job %s failed in the engine", _record_ref(record))
+            result = to_error_line(custom_id, "engine_error", f"{type(e).__name__}: {e}", 500)
+        return Outcome(result, content_type, reply_to)
+
+    async def _run(self, value: bytes, content_type: str, record: ConsumerRecord) -> BatchResponseLine:
+        job = decode_job(value, content_type)
+        request = to_engine_request(job, self._worker.engine.tokenizer, self._default_max_tokens)
+        # Unique per delivery: a redelivered record is a new engine request.
+        request_id = f"{_record_ref(record)}/{uuid.uuid4().hex[:8]}"
+        output = await self._worker.generate(request_id, request.prompt_token_ids, request.params)
+        return to_result_line(job, output, self._model_name, enqueued_time=record.timestamp / 1000)
+
+
+def header_dict(headers) -> dict[str, str]:
+    """Kafka headers as a dict of lower-cased names to text values (the last one wins)."""
+    out: dict[str, str] = {}
+    for key, value in headers or ():
+        if value is not None:
+            out[key.lower()] = value.decode("utf-8", "replace")
+    return out
+
+
+def _record_ref(record: ConsumerRecord) -> str:
+    return f"{record.topic}/{record.partition}/{record.offset}"

@@ -1,0 +1,73 @@
+"""OffsetTracker: which offset of each partition is safe to commit.
+
+At-least-once: a partition's committed offset never passes a job whose result the broker has
+not acknowledged. Jobs finish out of order, so the committable offset is the partition's
+contiguous watermark: the lowest offset still in flight, or one past the last consumed
+offset when nothing is in flight.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+P = TypeVar("P")  # a partition key: aiokafka's TopicPartition in the service, anything hashable in tests
+
+
+@dataclass(slots=True)
+class _PartitionState:
+    next_offset: int  # one past the highest offset consumed
+    in_flight: list[int] = field(default_factory=list)  # min-heap of offsets not yet done
+    done: set[int] = field(default_factory=set)  # done offsets still above the heap's minimum
+    committed: int | None = None  # what the last commit() reported
+
+
+class OffsetTracker(Generic[P]):
+    def __init__(self) -> None:
+        self._partitions: dict[P, _PartitionState] = {}
+
+    def track(self, partition: P, offset: int) -> None:
+        """A record was consumed and its job is now in flight."""
+        state = self._partitions.get(partition)
+        if state is None:
+            state = self._partitions[partition] = _PartitionState(next_offset=offset)
+        heapq.heappush(state.in_flight, offset)
+        state.next_offset = max(state.next_offset, offset + 1)
+
+    def done(self, partition: P, offset: int) -> None:
+        """The record's outcome (result or error result) is acknowledged by the broker."""
+        state = self._partitions.get(partition)
+        if state is None:
+            return  # the partition was revoked meanwhile; its new owner redoes the job
+        state.done.add(offset)
+        while state.in_flight and state.in_flight[0] in state.done:
+            state.done.discard(heapq.heappop(state.in_flight))
+
+    def watermark(self, partition: P) -> int | None:
+        state = self._partitions.get(partition)
+        if state is None:
+            return None
+        return state.in_flight[0] if state.in_flight else state.next_offset
+
+    def committable(self) -> dict[P, int]:
+        """Partitions whose watermark moved since the last mark_committed()."""
+        return {
+            partition: mark
+            for partition, state in self._partitions.items()
+            if (mark := self.watermark(partition)) is not None and mark != state.committed
+        }
+
+    def mark_committed(self, offsets: dict[P, int]) -> None:
+        for partition, offset in offsets.items():
+            if (state := self._partitions.get(partition)) is not None:
+                state.committed = offset
+
+    def num_in_flight(self, partition: P | None = None) -> int:
+        states = self._partitions.values() if partition is None else [self._partitions.get(partition)]
+        return sum(len(s.in_flight) for s in states if s is not None)
+
+    def forget(self, partitions) -> None:
+        """Drop revoked partitions: their unfinished jobs are redone by the next owner."""
+        for partition in partitions:
+            self._partitions.pop(partition, None)

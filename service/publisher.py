@@ -1,0 +1,56 @@
+"""ResultPublisher: results, error results and dead letters, each acknowledged by the broker.
+
+The producer is idempotent with acks=all, so a retried send never doubles a result within one
+producer session. publish() returns only once the broker has acknowledged the record: only then
+may the job's offset count as done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+class ResultPublisher:
+    def __init__(self, bootstrap: str, client_id: str) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            client_id=f"{client_id}-results",
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,  # results of one engine step leave in one request
+            request_timeout_ms=30_000,
+        )
+        self._stopping = False
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        await self._producer.stop()  # flushes what is pending
+
+    async def publish(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> None:
+        """Send and wait for the broker's acknowledgement, retrying broker errors until it comes.
+
+        Giving up would leave the job's offset forever unfinished, so a broker outage only
+        delays results; shutdown (stop()) is the only way out, and then the job is redone.
+        """
+        delay = 0.2
+        while True:
+            try:
+                await self._producer.send_and_wait(topic, value=value, key=key, headers=headers)
+                return
+            except KafkaError as e:
+                if self._stopping:
+                    raise
+                log.warning("publishing to %s failed (%s); retrying in %.1fs", topic, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

@@ -1,0 +1,162 @@
+"""The one place where the wire format meets the engine.
+
+wire request -> (prompt token ids, SamplingParams); engine output -> wire result line.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+from engine import RequestOutput, SamplingParams
+from schemas.batch import (
+    CHAT_URL,
+    SCHEMA_VERSION,
+    BatchError,
+    BatchRequestLine,
+    BatchResponse,
+    BatchResponseLine,
+)
+from schemas.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    CompletionChoice,
+    CompletionRequest,
+    ErrorBody,
+    ErrorDetail,
+    SluiceTimings,
+    TextCompletion,
+    Usage,
+)
+
+
+class TranslationError(ValueError):
+    """A decodable job this service cannot run as asked. `code` goes into the error result."""
+
+    def __init__(self, code: str, message: str, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status_code = status_code
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+def to_engine_request(job: BatchRequestLine, tokenizer, default_max_tokens: int) -> EngineRequest:
+    body = job.body
+    prompt_token_ids = _prompt_token_ids(body, tokenizer)
+    if body.response_format is not None and body.response_format.type != "text":
+        raise TranslationError(
+            "unsupported_parameter", "response_format other than 'text' is not supported yet"
+        )
+    if body.num_top_logprobs is not None:
+        raise TranslationError("unsupported_parameter", "logprobs are not supported yet")
+    try:
+        params = SamplingParams(
+            max_tokens=body.output_limit or default_max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=-1 if body.top_k in (None, 0) else body.top_k,
+            min_p=body.min_p or 0.0,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            seed=body.seed,
+            stop=body.stop_strings,
+            stop_token_ids=list(body.stop_token_ids or []),
+            ignore_eos=body.ignore_eos,
+        )
+    except ValueError as e:
+        raise TranslationError("invalid_request", str(e)) from None
+    return EngineRequest(prompt_token_ids, params)
+
+
+def to_result_line(
+    job: BatchRequestLine, output: RequestOutput, model_name: str, enqueued_time: float
+) -> BatchResponseLine:
+    """A finished engine output as an OpenAI Batch output line, with Sluice's timings."""
+    usage = Usage(
+        prompt_tokens=len(output.prompt_token_ids),
+        completion_tokens=len(output.token_ids),
+        total_tokens=len(output.prompt_token_ids) + len(output.token_ids),
+    )
+    timings = _timings(output, enqueued_time)
+    request_id = f"req-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if job.url == CHAT_URL:
+        body = ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=created,
+            model=model_name,
+            choices=[
+                ChatChoice(message=AssistantMessage(content=output.text), finish_reason=output.finish_reason)
+            ],
+            usage=usage,
+            sluice=timings,
+        )
+    else:
+        body = TextCompletion(
+            id=f"cmpl-{uuid.uuid4().hex}",
+            created=created,
+            model=model_name,
+            choices=[CompletionChoice(text=output.text, finish_reason=output.finish_reason)],
+            usage=usage,
+            sluice=timings,
+        )
+    return BatchResponseLine(
+        id=f"batch_req_{uuid.uuid4().hex}",
+        custom_id=job.custom_id,
+        response=BatchResponse(status_code=200, request_id=request_id, body=body),
+    )
+
+
+def to_error_line(custom_id: str, code: str, message: str, status_code: int = 400) -> BatchResponseLine:
+    """A failed job: OpenAI's error body under its status code, and the top-level error."""
+    error_type = "invalid_request_error" if status_code < 500 else "server_error"
+    return BatchResponseLine(
+        id=f"batch_req_{uuid.uuid4().hex}",
+        custom_id=custom_id,
+        response=BatchResponse(
+            status_code=status_code,
+            request_id=f"req-{uuid.uuid4().hex}",
+            body=ErrorBody(error=ErrorDetail(message=message, type=error_type, code=code)),
+        ),
+        error=BatchError(code=code, message=message),
+    )
+
+
+def _prompt_token_ids(body: ChatCompletionRequest | CompletionRequest, tokenizer) -> list[int]:
+    if isinstance(body, CompletionRequest):
+        if isinstance(body.prompt, list):
+            return list(body.prompt)
+        return tokenizer.encode(body.prompt)
+    if not tokenizer.chat_template:
+        raise TranslationError("unsupported_endpoint", "this model has no chat template; use /v1/completions")
+    messages = [{"role": m.role, "content": m.text} for m in body.messages]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # a template may reject a role order; its message says which
+        raise TranslationError("invalid_request", f"the chat template rejected the messages: {e}") from None
+    # The rendered template already holds the BOS token where the model wants one.
+    return tokenizer.encode(rendered, add_special_tokens=False)
+
+
+def _timings(output: RequestOutput, enqueued_time: float) -> SluiceTimings:
+    metrics = output.metrics
+    finished = metrics.finished_time or time.time()
+    ttft = (
+        None if metrics.first_token_time is None else (metrics.first_token_time - metrics.arrival_time) * 1e3
+    )
+    return SluiceTimings(
+        schema_version=SCHEMA_VERSION,
+        queue_ms=round(max(0.0, metrics.arrival_time - enqueued_time) * 1e3, 3),
+        ttft_ms=None if ttft is None else round(ttft, 3),
+        total_ms=round(max(0.0, finished - enqueued_time) * 1e3, 3),
+    )

@@ -1,0 +1,39 @@
+"""Shared fixtures: the tiny test checkpoint, the real local Kafka broker, unique topic names."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILD_DIR = Path(os.environ.get("SLUICE_BUILD_DIR", REPO_ROOT / "build"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint() -> Path:
+    """The `tiny` preset, built once per machine under build/ and then reused."""
+    from engine.testing import ensure_checkpoint
+
+    return ensure_checkpoint(BUILD_DIR / "test-models", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """The real broker that `make test` starts (deploy/kafka/kafka.sh). Never a mock."""
+    bootstrap = os.environ.get("SLUICE_TEST_KAFKA", f"127.0.0.1:{os.environ.get('KAFKA_PORT', '19092')}")
+    host, port = bootstrap.split(",")[0].rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError as e:
+        pytest.fail(f"no Kafka broker at {bootstrap} ({e}); run the tests with `make test` or start one with `make kafka-up`")
+    return bootstrap
+
+
+@pytest.fixture
+def topic_prefix() -> str:
+    """A fresh prefix per test, so tests never see each other's records."""
+    return f"test-{uuid.uuid4().hex[:10]}"

@@ -1,0 +1,129 @@
+"""Kafka helpers for the service tests: post jobs, collect results, run a Service in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from engine import EngineConfig, LLMEngine
+from service.app import Service
+from service.config import ServiceConfig
+
+
+class KafkaClient:
+    """Produces jobs and reads topics from the beginning, as a user's own client would."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+
+    async def post(self, topic: str, records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+        await producer.start()
+        try:
+            for key, value, headers in records:
+                await producer.send(topic, key=key, value=value, headers=headers)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    async def read(self, topic: str, count: int, timeout: float = 60.0) -> list:
+        """The first `count` records of `topic` (fails the test if they do not arrive in time)."""
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest")
+        await consumer.start()
+        records: list = []
+        deadline = time.monotonic() + timeout
+        try:
+            while len(records) < count and time.monotonic() < deadline:
+                for batch in (await consumer.getmany(timeout_ms=300)).values():
+                    records.extend(batch)
+        finally:
+            await consumer.stop()
+        assert len(records) >= count, f"{topic}: got {len(records)} records of {count} within {timeout}s"
+        return records
+
+    async def read_all(self, topic: str, quiet: float = 1.5) -> list:
+        """Every record now in `topic`: reads until nothing new arrives for `quiet` seconds."""
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest")
+        await consumer.start()
+        records: list = []
+        try:
+            while batches := await consumer.getmany(timeout_ms=int(quiet * 1000)):
+                for batch in batches.values():
+                    records.extend(batch)
+        finally:
+            await consumer.stop()
+        return records
+
+    async def committed(self, group_id: str, topic: str) -> dict[int, int | None]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group_id, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            partitions = consumer.partitions_for_topic(topic) or set()
+            if not partitions:
+                await consumer.topics()
+                partitions = consumer.partitions_for_topic(topic) or set()
+            return {p: await consumer.committed(TopicPartition(topic, p)) for p in sorted(partitions)}
+        finally:
+            await consumer.stop()
+
+    async def end_offsets(self, topic: str) -> dict[int, int]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap)
+        await consumer.start()
+        try:
+            await consumer.topics()
+            tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+            return {tp.partition: o for tp, o in (await consumer.end_offsets(tps)).items()}
+        finally:
+            await consumer.stop()
+
+
+@pytest.fixture
+def kafka(kafka_bootstrap) -> KafkaClient:
+    return KafkaClient(kafka_bootstrap)
+
+
+@pytest.fixture
+def service_config(kafka_bootstrap, topic_prefix, tiny_checkpoint) -> ServiceConfig:
+    return ServiceConfig(
+        kafka_bootstrap=kafka_bootstrap,
+        jobs_topics=[f"{topic_prefix}.jobs"],
+        results_topic=f"{topic_prefix}.results",
+        dlq_topic=f"{topic_prefix}.dlq",
+        traces_topic=f"{topic_prefix}.traces",
+        group_id=f"{topic_prefix}-group",
+        topic_partitions=2,
+        commit_interval_ms=100,
+        model=str(tiny_checkpoint),
+        model_name="tiny",
+        default_max_tokens=8,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=str(tiny_checkpoint), max_model_len=256))
+
+
+@contextlib.asynccontextmanager
+async def running_service(config: ServiceConfig, engine: LLMEngine):
+    """A Service consuming in the background; stopped (drained and committed) on exit."""
+    service = Service(config, engine)
+    await service.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        yield service
+    finally:
+        stop.set()
+        await task
+        await service.stop()
+
+
+@pytest.fixture
+def run_service(tiny_engine):
+    """`async with run_service(config) as service:` runs a Service on the shared tiny engine."""
+    return lambda config: running_service(config, tiny_engine)

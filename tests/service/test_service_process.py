@@ -1,0 +1,86 @@
+"""`python -m service` as `make run` starts it: demo model, topics, a job via `sluice submit`, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+JOB = {
+    "custom_id": "hello-1",
+    "method": "POST",
+    "url": "/v1/chat/completions",
+    "body": {"model": "demo", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8},
+}
+
+
+def _wait_for_line(log_path: Path, needle: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if needle in log_path.read_text():
+            return
+        if process.poll() is not None:
+            pytest.fail(f"the service exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"{needle!r} not logged within {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
+def test_service_builds_demo_model_answers_a_submitted_job_and_stops_cleanly_on_ctrl_c(
+    kafka_bootstrap, topic_prefix, tmp_path
+):
+    env = {
+        **os.environ,
+        "SLUICE_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "SLUICE_JOBS_TOPICS": f"{topic_prefix}.jobs",
+        "SLUICE_RESULTS_TOPIC": f"{topic_prefix}.results",
+        "SLUICE_DLQ_TOPIC": f"{topic_prefix}.dlq",
+        "SLUICE_TRACES_TOPIC": f"{topic_prefix}.traces",
+        "SLUICE_GROUP_ID": f"{topic_prefix}-group",
+        "SLUICE_BUILD_DIR": str(tmp_path / "build"),  # no model configured: the demo model is built here
+        "SLUICE_MODEL": "",
+    }
+    log_path = tmp_path / "service.log"
+    with open(log_path, "w") as log:
+        service = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
+        assert (tmp_path / "build" / "models" / "tiny-seed0" / "config.json").is_file()
+        submit = subprocess.run(
+            [sys.executable, "-m", "service.cli", "submit", "--timeout", "60"],
+            input=json.dumps(JOB).encode(),
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
+        assert submit.returncode == 0, submit.stderr.decode()
+        (line,) = submit.stdout.decode().splitlines()
+        result = json.loads(line)
+        assert result["custom_id"] == "hello-1" and result["response"]["status_code"] == 200
+        assert result["response"]["body"]["object"] == "chat.completion"
+
+        service.send_signal(signal.SIGINT)
+        assert service.wait(timeout=60) == 0
+        assert "stopped after 1 results (0 errors)" in log_path.read_text()
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+
+
+def test_submit_reports_jobs_without_custom_id(kafka_bootstrap):
+    submit = subprocess.run(
+        [sys.executable, "-m", "service.cli", "submit", "--bootstrap", kafka_bootstrap],
+        input=b'{"url": "/v1/completions", "body": {"prompt": "x"}}\n',
+        capture_output=True,
+        timeout=60,
+    )
+    assert submit.returncode == 2
+    assert b"line 1 has no custom_id" in submit.stderr
