@@ -8,7 +8,7 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	&& { echo $$p; break; }; done)
 STAMP := $(VENV)/.sluice-installed
 KAFKA := deploy/kafka/kafka.sh
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -v
 
 .PHONY: run test venv lint kafka-up kafka-down kafka-status clean
 
@@ -33,12 +33,13 @@ test: venv
 	@started=0; \
 	if ! $(KAFKA) status >/dev/null 2>&1; then $(KAFKA) start || exit 1; started=1; fi; \
 	trap '[ $$started = 1 ] && $(KAFKA) stop' EXIT; \
-	$(PY) -m ruff check . && lint=0 || lint=$$?; \
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && lint=0 || lint=$$?; \
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	[ $$rc -ne 0 ] || rc=$$lint; exit $$rc
 
 lint: venv
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 kafka-up:
 	@$(KAFKA) start

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -64,7 +65,9 @@ class LLMEngine:
         self._check_prompt(prompt_token_ids)
         max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_token_ids))
         generator = torch.Generator(device="cpu").manual_seed(
-            params.seed if params.seed is not None else hash((self.config.seed, request_id)) & 0xFFFFFFFF
+            params.seed
+            if params.seed is not None
+            else zlib.crc32(f"{self.config.seed}/{request_id}".encode())
         )
         request = _Request(
             request_id, list(prompt_token_ids), params, max_tokens, generator, RequestMetrics(time.time())

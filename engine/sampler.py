@@ -45,7 +45,8 @@ def _apply_top_k_top_p_min_p(probs: torch.Tensor, params: SamplingParams) -> tor
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         mass_before = torch.cumsum(sorted_probs, 0) - sorted_probs
-        sorted_probs[mass_before > params.top_p * sorted_probs.sum()] = 0.0
+        # keep the smallest prefix whose mass reaches top_p
+        sorted_probs[mass_before >= params.top_p * sorted_probs.sum()] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
     if params.min_p > 0.0:
         probs = torch.where(probs >= params.min_p * probs.max(), probs, torch.zeros_like(probs))

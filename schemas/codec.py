@@ -55,7 +55,7 @@ def decode_job(data: bytes, content_type: str | None = None) -> BatchRequestLine
     try:
         body = body_decoder.decode(envelope.body)
     except msgspec.ValidationError as e:
-        raise JobDecodeError("invalid_request", str(e).replace("`$", "`$.body", 1)) from None
+        raise JobDecodeError("invalid_request", _under_body(str(e))) from None
     return BatchRequestLine(custom_id=envelope.custom_id, method=envelope.method, url=envelope.url, body=body)
 
 
@@ -89,6 +89,12 @@ def decode_result(data: bytes, content_type: str | None = None) -> BatchResponse
             body=body_decoder.decode(raw.response.body),
         )
     return BatchResponseLine(id=raw.id, custom_id=raw.custom_id, response=response, error=raw.error)
+
+
+def _under_body(message: str) -> str:
+    """msgspec reports paths from the body's root; the job's reader needs `$.body...`."""
+    head, sep, path = message.rpartition(" - at `$")
+    return f"{head}{sep}.body{path}" if sep else message
 
 
 class _Envelope(Struct, kw_only=True):

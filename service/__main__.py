@@ -28,6 +28,9 @@ def main() -> int:
     )
     for noisy in ("aiokafka", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights: 100%" bars are noise in service logs
     return uvloop.run(serve(config))
 
 

@@ -18,9 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the service in the foreground (same as python -m service)")
-    submit = commands.add_parser("submit", help="post OpenAI Batch input lines as jobs and print their result lines")
-    submit.add_argument("file", nargs="?", default="-", help="a JSONL batch input file; - or none: standard input")
-    submit.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for all results (default 120)")
+    submit = commands.add_parser(
+        "submit", help="post OpenAI Batch input lines as jobs and print their result lines"
+    )
+    submit.add_argument(
+        "file", nargs="?", default="-", help="a JSONL batch input file; - or none: standard input"
+    )
+    submit.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for all results (default 120)"
+    )
     submit.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the service configuration)")
     submit.add_argument("--jobs-topic", help="default: the first of the configured jobs topics")
     submit.add_argument("--results-topic", help="default: the configured results topic")
@@ -46,11 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     )
 
 
-async def submit_jobs(lines: list[bytes], bootstrap: str, jobs_topic: str, results_topic: str, timeout: float) -> int:
+async def submit_jobs(
+    lines: list[bytes], bootstrap: str, jobs_topic: str, results_topic: str, timeout: float
+) -> int:
     """Post each line keyed by its custom_id, then print result lines until every id has one."""
     ids = [peek_custom_id(line) for line in lines]
     if None in ids:
-        print(f"sluice: line {ids.index(None) + 1} has no custom_id; every job line needs one", file=sys.stderr)
+        print(
+            f"sluice: line {ids.index(None) + 1} has no custom_id; every job line needs one", file=sys.stderr
+        )
         return 2
     waiting = set(ids)
     results = await _results_reader(bootstrap, results_topic)
@@ -75,7 +85,10 @@ async def submit_jobs(lines: list[bytes], bootstrap: str, jobs_topic: str, resul
     finally:
         await results.stop()
     if waiting:
-        print(f"sluice: no result within {timeout:.0f}s for {len(waiting)} job(s): {sorted(waiting)[:5]}", file=sys.stderr)
+        print(
+            f"sluice: no result within {timeout:.0f}s for {len(waiting)} job(s): {sorted(waiting)[:5]}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

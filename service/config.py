@@ -24,7 +24,9 @@ class ConfigError(ValueError):
 class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     # Kafka
     kafka_bootstrap: str = "127.0.0.1:19092"  # host:port[,host:port...] of the cluster
-    jobs_topics: list[str] = msgspec.field(default_factory=lambda: ["sluice.jobs"])
+    jobs_topics: Annotated[list[str], Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["sluice.jobs"]
+    )
     results_topic: str = "sluice.results"  # a job's `reply_to` header overrides it
     dlq_topic: str = "sluice.dlq"  # dead letters: the original record plus the reason in headers
     traces_topic: str = "sluice.traces"

@@ -29,7 +29,9 @@ def kafka_bootstrap() -> str:
     try:
         socket.create_connection((host, int(port)), timeout=2).close()
     except OSError as e:
-        pytest.fail(f"no Kafka broker at {bootstrap} ({e}); run the tests with `make test` or start one with `make kafka-up`")
+        pytest.fail(
+            f"no Kafka broker at {bootstrap} ({e}); run the tests with `make test` or start one with `make kafka-up`"
+        )
     return bootstrap
 
 

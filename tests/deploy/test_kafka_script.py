@@ -49,7 +49,10 @@ def test_a_broker_that_cannot_start_fails_loudly_with_its_log_tail(kafka_bootstr
     # The controller port is taken by the running test broker, so this broker dies at start-up.
     taken = kafka_bootstrap.rsplit(":", 1)[1]
     result = _kafka(
-        "start", KAFKA_PORT=str(_free_port()), KAFKA_CONTROLLER_PORT=taken, SLUICE_BUILD_DIR=str(scratch_build)
+        "start",
+        KAFKA_PORT=str(_free_port()),
+        KAFKA_CONTROLLER_PORT=taken,
+        SLUICE_BUILD_DIR=str(scratch_build),
     )
     assert result.returncode != 0
     assert "exited during start-up" in result.stderr
@@ -58,7 +61,9 @@ def test_a_broker_that_cannot_start_fails_loudly_with_its_log_tail(kafka_bootstr
 
 def test_a_broker_that_is_not_up_within_the_timeout_is_killed_and_reported(scratch_build):
     port = _free_port()
-    env = dict(KAFKA_PORT=str(port), KAFKA_CONTROLLER_PORT=str(_free_port()), SLUICE_BUILD_DIR=str(scratch_build))
+    env = dict(
+        KAFKA_PORT=str(port), KAFKA_CONTROLLER_PORT=str(_free_port()), SLUICE_BUILD_DIR=str(scratch_build)
+    )
     result = _kafka("start", KAFKA_START_TIMEOUT="1", **env)
     assert result.returncode != 0
     assert "did not come up within 1s" in result.stderr
@@ -67,7 +72,11 @@ def test_a_broker_that_is_not_up_within_the_timeout_is_killed_and_reported(scrat
 
 @pytest.mark.slow
 def test_a_second_broker_starts_answers_and_stops_cleanly(scratch_build):
-    env = dict(KAFKA_PORT=str(_free_port()), KAFKA_CONTROLLER_PORT=str(_free_port()), SLUICE_BUILD_DIR=str(scratch_build))
+    env = dict(
+        KAFKA_PORT=str(_free_port()),
+        KAFKA_CONTROLLER_PORT=str(_free_port()),
+        SLUICE_BUILD_DIR=str(scratch_build),
+    )
     try:
         assert _kafka("start", **env).returncode == 0
         assert _kafka("status", **env).returncode == 0

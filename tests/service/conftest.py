@@ -20,7 +20,9 @@ class KafkaClient:
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
 
-    async def post(self, topic: str, records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]) -> None:
+    async def post(
+        self, topic: str, records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]
+    ) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
         await producer.start()
         try:
@@ -59,7 +61,9 @@ class KafkaClient:
         return records
 
     async def committed(self, group_id: str, topic: str) -> dict[int, int | None]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=group_id, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=group_id, enable_auto_commit=False
+        )
         await consumer.start()
         try:
             partitions = consumer.partitions_for_topic(topic) or set()

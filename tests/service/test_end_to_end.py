@@ -43,7 +43,11 @@ async def test_posted_jobs_come_back_as_openai_batch_result_lines(kafka, service
             _job(CHAT_JOB),
             _job(COMPLETION_JOB),
             (b"msgpack-1", msgspec.msgpack.encode(msgpack_job), [("content-type", b"application/msgpack")]),
-            (b"broken", b'{"custom_id": "broken", "url": "/v1/completions", "body": {"prompt": "x", "n": 3}}', []),
+            (
+                b"broken",
+                b'{"custom_id": "broken", "url": "/v1/completions", "body": {"prompt": "x", "n": 3}}',
+                [],
+            ),
             (None, b"\x00 not a job at all", []),
             _job(long_prompt),
         ],
@@ -60,7 +64,9 @@ async def test_posted_jobs_come_back_as_openai_batch_result_lines(kafka, service
     assert body["choices"][0]["message"]["role"] == "assistant"
     assert body["choices"][0]["finish_reason"] in ("stop", "length")
     assert 1 <= body["usage"]["completion_tokens"] <= 6
-    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    assert (
+        body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
     assert body["sluice"]["total_ms"] >= body["sluice"]["queue_ms"] >= 0
 
     completion = decode_result(results["completion-1"].value)
@@ -103,7 +109,9 @@ async def test_offsets_are_committed_once_results_are_acknowledged(kafka, servic
     assert sorted(r.key.decode() for r in results) == sorted([*(f"c{i}" for i in range(6)), "after-restart"])
 
 
-async def test_reply_to_header_routes_the_result_to_that_topic(kafka, service_config, run_service, topic_prefix):
+async def test_reply_to_header_routes_the_result_to_that_topic(
+    kafka, service_config, run_service, topic_prefix
+):
     reply_topic = f"{topic_prefix}.replies"
     key, value, _ = _job(CHAT_JOB)
     await kafka.post(service_config.jobs_topics[0], [(key, value, [("reply_to", reply_topic.encode())])])

@@ -49,7 +49,9 @@ def test_service_builds_demo_model_answers_a_submitted_job_and_stops_cleanly_on_
     }
     log_path = tmp_path / "service.log"
     with open(log_path, "w") as log:
-        service = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        service = subprocess.Popen(
+            [sys.executable, "-m", "service"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         _wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
         assert (tmp_path / "build" / "models" / "tiny-seed0" / "config.json").is_file()

@@ -1,0 +1,197 @@
+"""OffsetTracker: the committable offset is the contiguous watermark of finished jobs."""
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from service.offsets import OffsetTracker
+
+P0, P1 = ("jobs", 0), ("jobs", 1)
+
+
+def _tracker(partition=P0, offsets=()) -> OffsetTracker:
+    tracker = OffsetTracker()
+    for offset in offsets:
+        tracker.track(partition, offset)
+    return tracker
+
+
+def test_unknown_partition_has_no_watermark() -> None:
+    assert OffsetTracker().watermark(P0) is None
+    assert OffsetTracker().committable() == {}
+
+
+def test_watermark_starts_at_the_first_tracked_offset() -> None:
+    assert _tracker(P0, [100, 101]).watermark(P0) == 100
+
+
+def test_in_order_completion_advances_the_watermark() -> None:
+    tracker = _tracker(P0, [10, 11, 12])
+    tracker.done(P0, 10)
+    assert tracker.watermark(P0) == 11
+    tracker.done(P0, 11)
+    assert tracker.watermark(P0) == 12
+    tracker.done(P0, 12)
+    assert tracker.watermark(P0) == 13
+    assert tracker.num_in_flight(P0) == 0
+
+
+def test_committable_offset_never_passes_an_unfinished_job() -> None:
+    tracker = _tracker(P0, [10, 11, 12, 13])
+    tracker.done(P0, 12)
+    tracker.done(P0, 13)
+    assert tracker.watermark(P0) == 10
+    tracker.done(P0, 11)
+    assert tracker.watermark(P0) == 10
+    tracker.done(P0, 10)
+    assert tracker.watermark(P0) == 14
+
+
+def test_out_of_order_completion_holds_at_the_lowest_unfinished_offset() -> None:
+    tracker = _tracker(P0, [0, 1, 2, 3, 4])
+    tracker.done(P0, 0)
+    tracker.done(P0, 3)
+    tracker.done(P0, 4)
+    assert tracker.watermark(P0) == 1
+    tracker.done(P0, 1)
+    assert tracker.watermark(P0) == 2
+
+
+def test_num_in_flight_excludes_done_jobs_held_behind_an_unfinished_one() -> None:
+    tracker = _tracker(P0, [0, 1, 2])
+    tracker.done(P0, 1)
+    tracker.done(P0, 2)
+    assert tracker.watermark(P0) == 0
+    assert tracker.num_in_flight(P0) == 1  # only offset 0 is still in flight
+
+
+def test_gaps_in_offsets_are_skipped_once_the_jobs_around_them_finish() -> None:
+    tracker = _tracker(P0, [5, 9, 20])  # compacted topic / transaction markers leave holes
+    tracker.done(P0, 9)
+    assert tracker.watermark(P0) == 5
+    tracker.done(P0, 5)
+    assert tracker.watermark(P0) == 20
+    tracker.done(P0, 20)
+    assert tracker.watermark(P0) == 21
+
+
+def test_partitions_are_independent() -> None:
+    tracker = _tracker(P0, [0, 1])
+    tracker.track(P1, 50)
+    tracker.done(P1, 50)
+    assert (tracker.watermark(P0), tracker.watermark(P1)) == (0, 51)
+    assert (tracker.num_in_flight(P0), tracker.num_in_flight(P1), tracker.num_in_flight()) == (2, 0, 2)
+
+
+def test_committable_reports_only_partitions_whose_watermark_moved() -> None:
+    tracker = _tracker(P0, [0, 1])
+    tracker.track(P1, 7)
+    assert tracker.committable() == {P0: 0, P1: 7}
+    tracker.mark_committed({P0: 0, P1: 7})
+    assert tracker.committable() == {}
+
+    tracker.done(P0, 1)  # out of order: P0's watermark does not move
+    assert tracker.committable() == {}
+    tracker.done(P0, 0)
+    assert tracker.committable() == {P0: 2}
+    tracker.mark_committed({P0: 2})
+    assert tracker.committable() == {}
+
+
+def test_tracking_more_records_does_not_move_an_unfinished_watermark() -> None:
+    tracker = _tracker(P0, [0])
+    tracker.mark_committed(tracker.committable())
+    tracker.track(P0, 1)
+    assert tracker.committable() == {}
+
+
+def test_mark_committed_ignores_unknown_partitions() -> None:
+    tracker = _tracker(P0, [0])
+    tracker.mark_committed({P1: 3})
+    assert tracker.committable() == {P0: 0}
+    assert tracker.watermark(P1) is None
+
+
+def test_forget_drops_partitions_and_later_done_calls_are_ignored() -> None:
+    tracker = _tracker(P0, [0, 1])
+    tracker.track(P1, 0)
+    tracker.forget([P0])
+    tracker.done(P0, 0)
+    assert tracker.watermark(P0) is None
+    assert tracker.committable() == {P1: 0}
+    assert tracker.num_in_flight() == 1
+
+
+def test_a_forgotten_partition_starts_afresh_when_assigned_again() -> None:
+    tracker = _tracker(P0, [0, 1])
+    tracker.forget([P0])
+    tracker.track(P0, 1)  # the new assignment resumes from the committed offset
+    tracker.done(P0, 1)
+    assert tracker.watermark(P0) == 2
+
+
+class WatermarkMachine(RuleBasedStateMachine):
+    """Random interleavings of track (increasing offsets with gaps) and done, over two partitions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tracker: OffsetTracker = OffsetTracker()
+        self.tracked: dict = {P0: [], P1: []}
+        self.unfinished: dict = {P0: set(), P1: set()}
+        self.last_mark: dict = {}
+        self.previous: dict = {}
+
+    @rule(
+        partition=st.sampled_from([P0, P1]),
+        gap=st.integers(min_value=1, max_value=4),
+        start=st.integers(0, 10**6),
+    )
+    def track(self, partition, gap: int, start: int) -> None:
+        tracked = self.tracked[partition]
+        offset = tracked[-1] + gap if tracked else start
+        self.tracker.track(partition, offset)
+        tracked.append(offset)
+        self.unfinished[partition].add(offset)
+
+    @precondition(lambda self: any(self.unfinished.values()))
+    @rule(data=st.data())
+    def done(self, data) -> None:
+        partition = data.draw(st.sampled_from([p for p in (P0, P1) if self.unfinished[p]]))
+        offset = data.draw(st.sampled_from(sorted(self.unfinished[partition])))
+        self.tracker.done(partition, offset)
+        self.unfinished[partition].discard(offset)
+
+    @rule()
+    def commit(self) -> None:
+        offsets = self.tracker.committable()
+        for partition in (P0, P1):
+            mark = self.tracker.watermark(partition)
+            if partition in offsets:
+                assert offsets[partition] == mark != self.last_mark.get(partition)
+            else:
+                assert mark == self.last_mark.get(partition)
+        self.tracker.mark_committed(offsets)
+        self.last_mark.update(offsets)
+
+    @invariant()
+    def watermark_is_lowest_unfinished_or_one_past_highest_tracked(self) -> None:
+        for partition in (P0, P1):
+            expected = None
+            if self.unfinished[partition]:
+                expected = min(self.unfinished[partition])
+            elif self.tracked[partition]:
+                expected = self.tracked[partition][-1] + 1
+            assert self.tracker.watermark(partition) == expected
+
+    @invariant()
+    def watermark_never_decreases(self) -> None:
+        for partition in (P0, P1):
+            mark = self.tracker.watermark(partition)
+            if partition in self.previous:
+                assert mark >= self.previous[partition]
+            if mark is not None:
+                self.previous[partition] = mark
+
+
+WatermarkMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+test_watermark_state_machine = WatermarkMachine.TestCase
