@@ -1,0 +1,1 @@
+"""Building blocks of the model: linear layers, attention, rotary embeddings, norms."""

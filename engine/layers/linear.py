@@ -1,0 +1,159 @@
+"""Linear layers that know how to take their slice of a checkpoint tensor (nano-vllm).
+
+Each parameter carries `param.weight_loader(param, loaded_weight, shard_id=None)`;
+`engine.weights.load_weights` calls it with the full Hugging Face tensor and the loader
+copies this rank's part. Column-parallel layers split the output dim (0), row-parallel
+layers the input dim (1). A loader raises ValueError when the checkpoint tensor's shape is
+not the one it expects; the caller adds the file and tensor name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.layers.tp import all_reduce, get_tp_rank, get_tp_size
+
+
+class LinearBase(nn.Module):
+    """y = x W^T + b with W [output_size, input_size] already this rank's part."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_dim: int | None = None):
+        super().__init__()
+        self.tp_dim = tp_dim  # dim of W split across ranks; None when replicated
+        self.tp_rank = get_tp_rank()
+        self.tp_size = get_tp_size()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    """Every rank holds the whole weight."""
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        _copy_shard(param.data, loaded_weight, dim=0, index=0, num_shards=1)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks; each rank returns its own slice of y."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        tp_size = get_tp_size()
+        _check_divisible(output_size, tp_size, "output_size")
+        super().__init__(input_size, output_size // tp_size, bias, tp_dim=0)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        _copy_shard(param.data, loaded_weight, dim=0, index=self.tp_rank, num_shards=self.tp_size)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input in one matmul (gate_up: ids 0, 1).
+
+    Each rank's W is [its slice of shard 0; its slice of shard 1; ...], so the output splits
+    back into the projections locally without communication.
+    """
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int) -> None:
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        size = self.output_sizes[shard_id] // self.tp_size
+        param_slice = param.data.narrow(0, offset, size)
+        _copy_shard(param_slice, loaded_weight, dim=0, index=self.tp_rank, num_shards=self.tp_size)
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections fused (shard ids "q", "k", "v"); heads split across ranks.
+
+    When there are fewer KV heads than ranks (MQA, small GQA), each KV head is replicated on
+    tp_size // total_num_kv_heads consecutive ranks.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        total_num_heads: int,
+        total_num_kv_heads: int,
+        bias: bool = False,
+    ):
+        tp_size = get_tp_size()
+        _check_divisible(total_num_heads, tp_size, "num_attention_heads")
+        if total_num_kv_heads >= tp_size:
+            _check_divisible(total_num_kv_heads, tp_size, "num_key_value_heads")
+        else:
+            _check_divisible(tp_size, total_num_kv_heads, "tp_size")
+        self.head_dim = head_dim
+        self.num_heads = total_num_heads // tp_size
+        self.num_kv_heads = max(1, total_num_kv_heads // tp_size)
+        self.num_kv_head_replicas = max(1, tp_size // total_num_kv_heads)
+        output_size = (total_num_heads + 2 * self.num_kv_heads * tp_size) * head_dim
+        super().__init__(hidden_size, output_size, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str) -> None:
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, size, index, num_shards = 0, q_size, self.tp_rank, self.tp_size
+        elif shard_id in ("k", "v"):
+            offset = q_size if shard_id == "k" else q_size + kv_size
+            size = kv_size
+            index = self.tp_rank // self.num_kv_head_replicas
+            num_shards = self.tp_size // self.num_kv_head_replicas
+        else:
+            raise ValueError(f"unknown qkv shard id {shard_id!r}")
+        param_slice = param.data.narrow(0, offset, size)
+        _copy_shard(param_slice, loaded_weight, dim=0, index=index, num_shards=num_shards)
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks; the partial products are summed with an all-reduce."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        tp_size = get_tp_size()
+        _check_divisible(input_size, tp_size, "input_size")
+        super().__init__(input_size // tp_size, output_size, bias, tp_dim=1)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        # The bias is not split: every rank holds it, only rank 0 adds it (see forward).
+        if param.dim() == 1:
+            _copy_shard(param.data, loaded_weight, dim=0, index=0, num_shards=1)
+        else:
+            _copy_shard(param.data, loaded_weight, dim=1, index=self.tp_rank, num_shards=self.tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, input_size // tp_size] -> [T, output_size]
+        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        # tensor parallel: sum the ranks' partial products (identity when tp_size == 1)
+        return all_reduce(y)
+
+
+def _copy_shard(
+    param_slice: torch.Tensor, loaded_weight: torch.Tensor, dim: int, index: int, num_shards: int
+) -> None:
+    """Copy part `index` of `num_shards` equal parts of `loaded_weight` along `dim`."""
+    expected = list(param_slice.shape)
+    expected[dim] *= num_shards
+    if list(loaded_weight.shape) != expected:
+        raise ValueError(f"has shape {tuple(loaded_weight.shape)}, expected {tuple(expected)}")
+    size = param_slice.size(dim)
+    param_slice.copy_(loaded_weight.narrow(dim, index * size, size))
+
+
+def _check_divisible(numerator: int, denominator: int, what: str) -> None:
+    if numerator % denominator:
+        raise ValueError(f"{what} ({numerator}) is not divisible by {denominator}")

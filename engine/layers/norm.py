@@ -1,0 +1,34 @@
+"""RMSNorm, optionally fused with the residual add that precedes it (vLLM, nano-vllm)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> norm(x); with `residual`, (norm(x + residual), x + residual).
+
+        The sum is the next layer's residual: the decoder never materialises it twice.
+        """
+        if residual is None:
+            return self._norm(x)
+        # Added in the activations' dtype, as transformers' `residual + hidden_states`.
+        x = x + residual
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in float32 whatever the dtype; cast back before the weight (transformers).
+        input_dtype = x.dtype
+        x = x.float()
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        return self.weight * x.to(input_dtype)

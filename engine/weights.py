@@ -1,0 +1,179 @@
+"""Builds an engine model from a Hugging Face checkpoint folder, streaming its safetensors.
+
+Tensors are read one at a time (safe_open memory-maps the file), copied into the model's
+parameters through their `weight_loader`, and dropped: peak host memory is one tensor, not
+the checkpoint. Every error names the file, and the tensor where there is one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from engine.loader import ModelLoadError
+from engine.models import model_class_for
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_MAX_LISTED = 5  # names quoted in a missing-tensor message
+
+
+class WeightLoadError(ModelLoadError):
+    """The checkpoint's tensors cannot fill the model; the message names the file."""
+
+
+def build_model(folder: str | Path, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
+    """The checkpoint's model with its weights, in `dtype` on `device`, in eval mode."""
+    folder = Path(folder)
+    config = _read_config(folder)
+    try:
+        model_class = model_class_for(config.architectures)
+    except ValueError as e:
+        raise ModelLoadError(f"{folder / 'config.json'}: {e}") from None
+    # Parameters are allocated directly on the device, in the target dtype, uninitialised:
+    # load_weights then fills every one of them or fails.
+    with _default_dtype(dtype), torch.device(device):
+        model = model_class(config)
+    load_weights(model, folder)
+    return model.eval()
+
+
+@torch.no_grad()
+def load_weights(model: nn.Module, folder: str | Path) -> None:
+    """Copy every tensor of the checkpoint in `folder` into `model`'s parameters.
+
+    Reads `model.safetensors`, or else the shards listed in `model.safetensors.index.json`.
+    Raises WeightLoadError unless each parameter (each shard of a packed one) was filled
+    and each tensor was used; the model is then partly loaded and must not be used.
+    """
+    folder = Path(folder)
+    params = dict(model.named_parameters())  # tied weights appear once, under embed_tokens
+    mapping = getattr(model, "packed_modules_mapping", {})
+    tied = bool(getattr(model, "tie_word_embeddings", False))
+    seen: set[str] = set()
+    unknown: list[str] = []
+    for path in _checkpoint_files(folder):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                    if _is_ignored(name, tied):
+                        continue
+                    param_name, shard_id = _param_name(name, mapping)
+                    if param_name not in params:
+                        unknown.append(f"{name} ({path.name})")
+                        continue
+                    _copy(params[param_name], f.get_tensor(name), shard_id, path, name)
+                    seen.add(name)
+        except (OSError, SafetensorError) as e:
+            raise WeightLoadError(f"{path}: not a readable safetensors file ({e})") from None
+    _check_complete(folder, params, mapping, seen, unknown)
+
+
+def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+    """Whole-tensor copy, for parameters without a layer-specific loader (norms)."""
+    if param.shape != loaded_weight.shape:
+        raise ValueError(f"has shape {tuple(loaded_weight.shape)}, expected {tuple(param.shape)}")
+    param.data.copy_(loaded_weight)
+
+
+def _read_config(folder: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"{folder / 'config.json'}: cannot read the config ({e})") from None
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    # model.safetensors wins over an index, as in transformers' from_pretrained.
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        raise WeightLoadError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE}")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WeightLoadError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+    absent = [path.name for path in files if not path.is_file()]
+    if absent:
+        raise WeightLoadError(f"{index}: lists shards missing from {folder}: {', '.join(absent)}")
+    return files
+
+
+def _is_ignored(name: str, tied: bool) -> bool:
+    # rotary_emb.inv_freq (older checkpoints): recomputed from the config, never loaded.
+    # lm_head.weight of a tied model: the head is the embedding, loaded from embed_tokens.
+    return "rotary_emb." in name or (tied and name == "lm_head.weight")
+
+
+def _param_name(name: str, mapping: dict) -> tuple[str, object]:
+    """HF tensor name -> (our parameter name, shard id or None): q_proj -> (qkv_proj, "q")."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in mapping:
+            packed, shard_id = mapping[part]
+            return ".".join([*parts[:i], packed, *parts[i + 1 :]]), shard_id
+    return name, None
+
+
+def _copy(param: nn.Parameter, tensor: torch.Tensor, shard_id, path: Path, name: str) -> None:
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    try:
+        if shard_id is None:
+            loader(param, tensor)
+        else:
+            loader(param, tensor, shard_id)
+    except ValueError as e:  # the loaders' shape checks: "has shape (a, b), expected (c, d)"
+        raise WeightLoadError(f"{path}: tensor {name!r} {e}") from None
+
+
+def _check_complete(
+    folder: Path, params: dict[str, nn.Parameter], mapping: dict, seen: set[str], unknown: list[str]
+) -> None:
+    problems = []
+    missing = sorted(_expected_names(params, mapping) - seen)
+    if missing:
+        listed = ", ".join(missing[:_MAX_LISTED]) + (", ..." if len(missing) > _MAX_LISTED else "")
+        problems.append(f"checkpoint lacks {len(missing)} tensor(s) the model needs: {listed}")
+    if unknown:
+        problems.append(
+            f"checkpoint has {len(unknown)} tensor(s) the model does not use: {', '.join(unknown)}"
+        )
+    if problems:
+        raise WeightLoadError(f"{folder}: {'; '.join(problems)}")
+
+
+def _expected_names(params: dict[str, nn.Parameter], mapping: dict) -> set[str]:
+    """The HF tensor names that fill `params`: a packed parameter needs each of its sources."""
+    sources: dict[str, list[str]] = {}
+    for source, (packed, _) in mapping.items():
+        sources.setdefault(packed, []).append(source)
+    names = set()
+    for param_name in params:
+        parts = param_name.split(".")
+        hits = [i for i, part in enumerate(parts) if part in sources]
+        if not hits:
+            names.add(param_name)
+            continue
+        i = hits[0]
+        names.update(".".join([*parts[:i], source, *parts[i + 1 :]]) for source in sources[parts[i]])
+    return names
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    # Process-wide setting: build models from one thread at a time.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
