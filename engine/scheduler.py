@@ -1,0 +1,140 @@
+"""Scheduler: what runs each step (pure Python).
+
+Every step gets a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`).
+Running sequences go first, oldest first: a decode takes one token, a prompt being prefilled
+in chunks takes what the budget leaves. Waiting sequences are then admitted in (priority,
+arrival) order while budget, cap and blocks allow. When blocks run out, the newest running
+sequence is preempted: its blocks are freed and it is recomputed from its tokens later.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    seqs: list[Sequence] = field(default_factory=list)  # scheduled this step, in batch order
+    num_new_tokens: list[int] = field(default_factory=list)  # tokens each computes this step
+    is_sampling: list[bool] = field(default_factory=list)  # reaches its last token: samples the next
+    preempted: list[Sequence] = field(default_factory=list)  # lost their blocks this step
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool,
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: list[Sequence] = []  # sorted by (priority, seq_id)
+        self.running: list[Sequence] = []  # admission order: the newest is preempted first
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=_queue_key)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if not out.preempted:  # blocks are short: admitting more would only preempt again
+            self._schedule_waiting(out, budget)
+        return out
+
+    def update_from_output(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> None:
+        """Advance what the step computed; append one sampled token per sampling sequence, in order."""
+        sampled = iter(sampled_token_ids)
+        for seq, num_new, samples in zip(out.seqs, out.num_new_tokens, out.is_sampling, strict=True):
+            token_id = next(sampled) if samples else None
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # finished or aborted while the step ran
+            seq.num_computed_tokens += num_new
+            if token_id is not None:
+                seq.append_token(token_id)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """Take a sequence out of the batch for good; its blocks return to the pool."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            # NOTE: victims are always taken from the end, never from the already scheduled front.
+            while not self.block_manager.can_allocate(seq, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    return budget
+            self._take(out, seq, num_new)
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = seq.num_uncomputed_tokens
+            if num_new > budget:
+                # Without chunked prefill a prompt runs whole or waits; but a preempted sequence's
+                # recompute (prompt + output so far) may outgrow the budget, so it is always chunked.
+                if not self.enable_chunked_prefill and seq.num_output_tokens == 0:
+                    return
+                num_new = budget
+            if not self.block_manager.can_allocate(seq, num_new):
+                return
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._take(out, seq, num_new)
+            budget -= num_new
+
+    def _take(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        self.block_manager.allocate(seq, num_new)
+        out.seqs.append(seq)
+        out.num_new_tokens.append(num_new)
+        out.is_sampling.append(seq.num_computed_tokens + num_new == seq.num_tokens)
+
+    def _preempt(self, seq: Sequence) -> None:
+        # Recompute, not swap: its tokens (prompt and output so far) are prefilled again later.
+        self.block_manager.deallocate(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.add(seq)
+
+
+def _queue_key(seq: Sequence) -> tuple[int, int]:
+    return (seq.priority, seq.seq_id)
