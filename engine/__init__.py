@@ -1,12 +1,14 @@
 """The engine: a library that runs Llama-family checkpoints. Knows nothing of Kafka or the wire format."""
 
+from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig, EngineConfigError
 from engine.llm_engine import LLMEngine, RequestRejected
 from engine.loader import ModelLoadError
-from engine.outputs import RequestMetrics, RequestOutput
+from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
 __all__ = [
+    "AsyncLLMEngine",
     "EngineConfig",
     "EngineConfigError",
     "LLMEngine",
@@ -15,4 +17,5 @@ __all__ = [
     "RequestOutput",
     "RequestRejected",
     "SamplingParams",
+    "TokenLogprob",
 ]

@@ -1,7 +1,8 @@
-"""EngineWorker: runs the engine loop on its own thread; asyncio talks to it through futures.
+"""AsyncLLMEngine: runs the engine's step loop on its own thread; asyncio awaits one future per request.
 
-The event loop never calls step(): it hands requests over through a thread-safe queue and
-gets each result back on its own future via call_soon_threadsafe.
+The event loop never calls step(): requests go to the engine thread through a thread-safe
+queue, and each result comes back on its request's future via call_soon_threadsafe. The
+engine thread blocks only when it has nothing to run.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import logging
 import queue
 import threading
 
-from engine import LLMEngine, RequestOutput, SamplingParams
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
-class EngineWorker:
+class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", ...) | ("abort", id) | ("stop",)
@@ -38,13 +41,16 @@ class EngineWorker:
         self._thread = None
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
     ) -> RequestOutput:
-        """Run one request to completion. Raises engine.RequestRejected if the engine refuses it."""
+        """Run one request to completion. Raises RequestRejected if the engine refuses it.
+
+        Cancelling the awaiting task aborts the request in the engine.
+        """
         assert self._loop is not None, "start() first"
         future: asyncio.Future[RequestOutput] = self._loop.create_future()
         self._futures[request_id] = future
-        self._inbox.put(("add", request_id, prompt_token_ids, params))
+        self._inbox.put(("add", request_id, prompt, params, priority))
         try:
             return await future
         except asyncio.CancelledError:
@@ -82,9 +88,9 @@ class EngineWorker:
                 return True
             block = False
             match message:
-                case ("add", request_id, prompt_token_ids, params):
+                case ("add", request_id, prompt, params, priority):
                     try:
-                        self.engine.add_request(request_id, prompt_token_ids, params)
+                        self.engine.add_request(request_id, prompt, params, priority)
                     except Exception as e:
                         self._resolve(request_id, e)
                 case ("abort", request_id):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 
 
 class EngineConfigError(ValueError):
@@ -19,13 +20,43 @@ class EngineConfig:
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     max_model_len: int | None = None  # prompt + output tokens; None: the model's own limit
     seed: int = 0  # for requests that carry no seed of their own
+    # Scheduling
+    max_num_seqs: int = 128  # sequences in one step
+    max_num_batched_tokens: int = 2048  # tokens computed in one step (the per-step budget)
+    enable_chunked_prefill: bool = True  # long prompts share steps with running decodes
+    # Paged KV cache
+    block_size: int | None = None  # tokens per block; None: 16, or 256 with FlashAttention (its page size)
+    num_kv_blocks: int | None = None  # fixed pool size; None: from the memory budget below
+    kv_cache_memory_gib: float = 2.0  # CPU: memory for the KV cache
+    gpu_memory_utilization: float = 0.9  # CUDA: fraction of GPU memory for weights + activations + KV cache
+    attention_backend: str = "auto"  # "auto" (flash-attn on CUDA if installed, else sdpa), "flash", "sdpa"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise EngineConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise EngineConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise EngineConfigError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
+        _check_positive(self, "max_num_seqs", "max_num_batched_tokens")
+        _check_positive(self, "block_size", "num_kv_blocks", optional=True)
         if self.max_model_len is not None and self.max_model_len < 2:
             raise EngineConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.kv_cache_memory_gib <= 0:
+            raise EngineConfigError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise EngineConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
         if not Path(self.model).is_dir():
             raise EngineConfigError(f"model folder {self.model!r} does not exist or is not a folder")
+
+
+def _check_positive(config: EngineConfig, *names: str, optional: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if (value is None and optional) or (isinstance(value, int) and value >= 1):
+            continue
+        raise EngineConfigError(f"{name} must be a positive integer, got {value!r}")

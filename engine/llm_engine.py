@@ -1,45 +1,35 @@
 """LLMEngine: add_request / abort / step, and generate() for offline use.
 
-This first engine is the simplest correct one: Transformers' own model with its own KV cache,
-one forward per running request per step. Every step advances each running request by one
-token, so requests join and leave between steps and abort takes effect at once. The paged,
-continuously batched engine replaces the inside of this class behind the same API.
+Each step the scheduler picks work within the token budget (prompt chunks and decodes of
+many requests together), the model runner computes it on the paged KV cache and samples, and
+the engine checks every sampled token against its request's stop conditions. Requests join
+and leave between any two steps.
 """
 
 from __future__ import annotations
 
-import inspect
-import threading
+import logging
 import time
-import zlib
-from collections import OrderedDict
-from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from tqdm.auto import tqdm
 
+from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.loader import check_checkpoint_folder, load_reference_model, load_tokenizer
-from engine.outputs import RequestMetrics, RequestOutput
-from engine.sampler import sample_next_token
+from engine.layers.attention_backends import select_backend
+from engine.loader import check_checkpoint_folder, load_tokenizer
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.sequence import Sequence
+from engine.weights import build_model
+
+log = logging.getLogger(__name__)
 
 
 class RequestRejected(ValueError):
     """The request cannot run on this engine (too long, bad token ids); nothing was queued."""
-
-
-@dataclass(slots=True)
-class _Request:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    generator: torch.Generator
-    metrics: RequestMetrics
-    output_token_ids: list[int] = field(default_factory=list)
-    past_key_values: object = None  # Transformers' cache, filled by the first forward
-    text: str = ""
 
 
 class LLMEngine:
@@ -47,131 +37,177 @@ class LLMEngine:
         self.config = config
         hf_config = check_checkpoint_folder(config.model)
         self.tokenizer = load_tokenizer(config.model)
-        self.model = load_reference_model(config.model, config.dtype, config.device)
+        device = torch.device(config.device)
+        self.attention_backend = select_backend(config.attention_backend, device)
+        self.block_size = config.block_size or (256 if self.attention_backend == "flash" else 16)
+        if self.attention_backend == "flash" and self.block_size % 256:
+            raise ValueError(
+                f"FlashAttention needs block_size to be a multiple of 256, got {self.block_size}"
+            )
+        model = build_model(config.model, getattr(torch, config.dtype), device)
         self.vocab_size: int = hf_config["vocab_size"]
         model_limit = hf_config.get("max_position_embeddings") or 2048
         self.max_model_len = min(config.max_model_len or model_limit, model_limit)
         self.eos_token_ids = _eos_token_ids(hf_config, self.tokenizer)
-        self._requests: OrderedDict[str, _Request] = OrderedDict()
-        self._aborted: list[RequestOutput] = []
-        # Transformers 5 renamed `past_key_values` to `cache`; accept either.
-        self._cache_kwarg = (
-            "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.runner = ModelRunner(config, model, self.attention_backend, self.block_size)
+        self.block_manager = BlockManager(self.runner.allocate_kv_cache(), self.block_size)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.enable_chunked_prefill,
         )
-        self._lock = threading.Lock()  # add_request/abort may come from another thread than step
+        self._seqs: dict[str, Sequence] = {}
+        self._finished: list[RequestOutput] = []  # aborted between steps, reported by the next step()
+        self._logprobs: dict[str, list[TokenLogprob]] = {}
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
+    ) -> None:
         """Queue a request; it runs from the next step on. Raises RequestRejected if it cannot run."""
-        self._check_prompt(prompt_token_ids)
-        max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_token_ids))
-        generator = torch.Generator(device="cpu").manual_seed(
-            params.seed
-            if params.seed is not None
-            else zlib.crc32(f"{self.config.seed}/{request_id}".encode())
-        )
-        request = _Request(
-            request_id, list(prompt_token_ids), params, max_tokens, generator, RequestMetrics(time.time())
-        )
-        with self._lock:
-            if request_id in self._requests:
-                raise RequestRejected(f"request id {request_id!r} is already running")
-            self._requests[request_id] = request
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if request_id in self._seqs:
+            raise RequestRejected(f"request id {request_id!r} is already running")
+        self._check_prompt(token_ids)
+        max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
+        self._check_fits(len(token_ids), max_tokens)
+        seq = Sequence(request_id, token_ids, params, max_tokens, priority)
+        self._seqs[request_id] = seq
+        if params.logprobs is not None:
+            self._logprobs[request_id] = []
+        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
-        """Cancel a request; the next step() reports it finished with finish_reason "abort"."""
-        with self._lock:
-            request = self._requests.pop(request_id, None)
-            if request is not None:
-                self._aborted.append(self._finish(request, "abort"))
-        return request is not None
+        """Cancel a request now: its blocks return to the pool; the next step() reports it ("abort")."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self._finished.append(self._output(seq))
+        return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._finished)
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self._requests)
+        return self.scheduler.num_unfinished
 
-    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Advance every running request by one token; returns the requests that finished."""
-        with self._lock:
-            running = list(self._requests.values())
-            finished, self._aborted = self._aborted, []
-        for request in running:
-            token_id = self._next_token(request)
-            reason = self._append_token(request, token_id)
+        """Run one iteration of the continuous batch; returns the requests that finished."""
+        finished, self._finished = self._finished, []
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return finished
+        sampled = self.runner.execute(out)
+        token_ids = sampled.sampled_token_ids.tolist() if sampled is not None else []  # the step's one sync
+        self.scheduler.update_from_output(out, token_ids)
+        if sampled is not None and sampled.logprobs is not None:
+            self._record_logprobs(out, token_ids, sampled.logprobs)
+        for seq in _sampling_seqs(out):
+            reason = self._stop_reason(seq)
             if reason is not None:
-                with self._lock:
-                    if self._requests.pop(request.request_id, None) is not None:
-                        finished.append(self._finish(request, *reason))
+                self.scheduler.finish(seq, *reason)
+                finished.append(self._output(seq))
         return finished
 
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """Offline: run every prompt to completion; outputs in prompt order."""
-        ids = [f"generate-{i}" for i in range(len(prompts))]
-        for request_id, prompt in zip(ids, prompts, strict=True):
-            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-            self.add_request(request_id, token_ids, params)
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
+            self.add_request(request_id, prompt, p)
         outputs: dict[str, RequestOutput] = {}
-        while self.has_unfinished_requests():
-            outputs.update((o.request_id, o) for o in self.step())
+        with tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm) as bar:
+            while self.has_unfinished_requests():
+                done = self.step()
+                outputs.update((o.request_id, o) for o in done)
+                bar.update(len(done))
         return [outputs[i] for i in ids]
 
-    def _check_prompt(self, prompt_token_ids: list[int]) -> None:
-        if not prompt_token_ids:
+    def _check_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
             raise RequestRejected("the prompt is empty")
-        if len(prompt_token_ids) >= self.max_model_len:
+        if len(token_ids) >= self.max_model_len:
             raise RequestRejected(
-                f"the prompt has {len(prompt_token_ids)} tokens; this model takes at most "
+                f"the prompt has {len(token_ids)} tokens; this model takes at most "
                 f"{self.max_model_len - 1} so that one token can be generated"
             )
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestRejected(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        if not self.config.enable_chunked_prefill and len(token_ids) > self.config.max_num_batched_tokens:
+            raise RequestRejected(
+                f"the prompt has {len(token_ids)} tokens, more than max_num_batched_tokens="
+                f"{self.config.max_num_batched_tokens}, and chunked prefill is off"
+            )
 
-    def _next_token(self, request: _Request) -> int:
-        # prefill on the first step, then decode one token against the request's own cache
-        new_ids = request.output_token_ids[-1:] if request.output_token_ids else request.prompt_token_ids
-        input_ids = torch.tensor([new_ids], device=self.config.device)  # [1, S]
-        if request.past_key_values is None:
-            request.past_key_values = DynamicCache()  # filled in place by every forward
-        out = self.model(input_ids=input_ids, use_cache=True, **{self._cache_kwarg: request.past_key_values})
-        logits = out.logits[0, -1].float().cpu()  # [V]
-        seen = torch.tensor(request.prompt_token_ids + request.output_token_ids, dtype=torch.long)
-        output = torch.tensor(request.output_token_ids, dtype=torch.long)
-        return sample_next_token(logits, request.params, seen, output, request.generator)
+    def _check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        # A sequence larger than the whole pool would preempt itself forever.
+        needed = -(-(num_prompt_tokens + max_tokens) // self.block_size)
+        if needed > self.block_manager.num_blocks:
+            raise RequestRejected(
+                f"prompt ({num_prompt_tokens}) + max_tokens ({max_tokens}) need {needed} KV blocks; "
+                f"the cache has {self.block_manager.num_blocks}"
+            )
 
-    def _append_token(self, request: _Request, token_id: int) -> tuple[str, str | int | None] | None:
-        """Record the token; returns (finish_reason, stop_reason) when the request is done."""
-        if request.metrics.first_token_time is None:
-            request.metrics.first_token_time = time.time()
-        request.output_token_ids.append(token_id)
-        params = request.params
+    def _stop_reason(self, seq: Sequence) -> tuple[str, str | int | None] | None:
+        token_id = seq.token_ids[-1]
+        params = seq.params
         if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
             return "stop", token_id
-        request.text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
-        for stop in params.stop:
-            cut = request.text.find(stop)
-            if cut != -1:
-                request.text = request.text[:cut]
-                return "stop", stop
-        if len(request.output_token_ids) >= request.max_tokens:
+        if params.stop:
+            text = self._decode(seq.output_token_ids)
+            for stop in params.stop:
+                if stop in text:
+                    return "stop", stop
+        if seq.num_output_tokens >= seq.max_tokens:
             return "length", None
         return None
 
-    def _finish(self, request: _Request, reason: str, stop_reason: str | int | None = None) -> RequestOutput:
-        request.metrics.finished_time = time.time()
-        request.past_key_values = None  # frees the request's KV memory now, not at collection
+    def _output(self, seq: Sequence) -> RequestOutput:
+        self._seqs.pop(seq.request_id, None)
+        output_ids = seq.output_token_ids
+        text_ids = (
+            output_ids[:-1] if isinstance(seq.stop_reason, int) else output_ids
+        )  # the stop token is not text
+        text = self._decode(text_ids)
+        if isinstance(seq.stop_reason, str):
+            text = text[: text.find(seq.stop_reason)]
+        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, time.time(), seq.num_preemptions)
         return RequestOutput(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            token_ids=list(request.output_token_ids),
-            text=request.text,
-            finish_reason=reason,
-            metrics=request.metrics,
-            stop_reason=stop_reason,
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=output_ids,
+            text=text,
+            finish_reason=seq.finish_reason,
+            metrics=metrics,
+            stop_reason=seq.stop_reason,
+            logprobs=self._logprobs.pop(seq.request_id, None),
         )
+
+    def _record_logprobs(self, out: SchedulerOutput, token_ids: list[int], logprobs) -> None:
+        sampled = logprobs.sampled_logprobs.tolist()
+        top_ids, top_values = logprobs.top_token_ids.tolist(), logprobs.top_logprobs.tolist()
+        for row, seq in enumerate(_sampling_seqs(out)):
+            record = self._logprobs.get(seq.request_id)
+            if record is None:
+                continue
+            k = seq.params.logprobs or 0
+            top = list(zip(top_ids[row][:k], top_values[row][:k], strict=True))
+            record.append(TokenLogprob(token_ids[row], sampled[row], top))
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def _sampling_seqs(out: SchedulerOutput) -> list[Sequence]:
+    return [seq for seq, samples in zip(out.seqs, out.is_sampling, strict=True) if samples]
 
 
 def _eos_token_ids(hf_config: dict, tokenizer) -> set[int]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
@@ -46,16 +44,3 @@ def load_tokenizer(folder: str | Path):
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers raises many types here; the message is what matters
         raise ModelLoadError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
-
-
-def load_reference_model(folder: str | Path, dtype: str, device: str) -> torch.nn.Module:
-    """Transformers' own implementation of the checkpoint, in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=getattr(torch, dtype), local_files_only=True
-        )
-    except Exception as e:
-        raise ModelLoadError(f"{folder}: cannot load the weights ({type(e).__name__}: {e})") from None
-    return model.to(device).eval()

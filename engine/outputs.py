@@ -10,6 +10,14 @@ class RequestMetrics:
     arrival_time: float  # time.time() when add_request was called
     first_token_time: float | None = None
     finished_time: float | None = None
+    num_preemptions: int = 0
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float  # of the raw model distribution (before penalties and temperature)
+    top: list[tuple[int, float]] = field(default_factory=list)  # the most likely alternatives, best first
 
 
 @dataclass(slots=True)
@@ -21,7 +29,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort"; None while running
     metrics: RequestMetrics
     stop_reason: str | int | None = None  # the stop string or token id that ended it
-    extra: dict = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
 
     @property
     def is_finished(self) -> bool:

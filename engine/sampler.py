@@ -1,10 +1,182 @@
-"""Turns one sequence's next-token logits into a token id under its SamplingParams."""
+"""Batched sampler: one step's logits [N, V] -> N token ids, vectorised and without a host sync.
+
+`SamplingBatch.build` turns the step's SamplingParams into per-row device tensors plus host
+flags, so `Sampler` skips whatever no row asks for. The only transfer back to the host is
+the caller's, of the final token ids.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
 from engine.sampling_params import SamplingParams
+
+# splitmix64 (Steele et al. 2014; java.util.SplittableRandom) constants, as signed int64
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15 - 2**64  # odd: stream step between vocabulary ids
+_MIX_1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX_2 = 0x94D049BB133111EB - 2**64
+_POSITION_MULT = 0xD1B54A32D192ED03 - 2**64  # odd: separates the output positions of a seed
+
+# SamplingParams fields copied as they are into SamplingBatch's float32 rows
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+
+@dataclass(slots=True)
+class SampledLogprobs:
+    """Raw logprobs: log_softmax of the model's logits, before penalties and temperature."""
+
+    sampled_logprobs: torch.Tensor  # [N] float32: each row's sampled token
+    top_token_ids: torch.Tensor  # [N, K] int64, most likely first; K = max over rows, >= 1
+    top_logprobs: torch.Tensor  # [N, K] float32, descending; a row asking for k < K uses [:k]
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [N] int64, on the device
+    logprobs: SampledLogprobs | None  # None when no row asked for logprobs
+
+
+@dataclass(slots=True)
+class SamplingBatch:
+    """One step's sampling parameters, row i for the i-th sequence that samples this step.
+
+    Tensors live on the device; the plain fields are host flags computed from the params so
+    that `Sampler` can skip unused work without reading a tensor back.
+    """
+
+    temperature: torch.Tensor  # [N] float32; 0 = greedy
+    top_k: torch.Tensor  # [N] int64; V where off
+    top_p: torch.Tensor  # [N] float32; 1 = off
+    min_p: torch.Tensor  # [N] float32; 0 = off
+    repetition_penalty: torch.Tensor  # [N] float32; 1 = off
+    presence_penalty: torch.Tensor  # [N] float32
+    frequency_penalty: torch.Tensor  # [N] float32
+    seeds: torch.Tensor  # [N] int64, the seed wrapped to 64 bits; 0 where unseeded
+    output_lens: torch.Tensor  # [N] int64: tokens generated so far = index of this token
+    seeded_rows: torch.Tensor  # [S] int64: sampled (non-greedy) rows that have a seed
+    top_p_rows: torch.Tensor  # [R] int64: sampled rows with top_p < 1
+    seen_mask: torch.Tensor | None  # [N, V] bool: in prompt or output; repetition rows only
+    output_counts: torch.Tensor | None  # [N, V] float32: output token counts; presence/freq rows
+    all_greedy: bool
+    any_greedy: bool
+    any_unseeded: bool  # some sampled row draws from the engine-wide generator
+    max_top_k: int  # largest top_k of a sampled row; 0: none uses top-k
+    any_min_p: bool  # some sampled row uses min-p
+    max_num_logprobs: int  # -1: no row wants logprobs
+
+    @classmethod
+    def build(
+        cls,
+        params_list: Sequence[SamplingParams],
+        prompt_token_ids_list: Sequence[Sequence[int]],
+        output_token_ids_list: Sequence[Sequence[int]],
+        device: torch.device | str,
+        vocab_size: int,
+    ) -> SamplingBatch:
+        """Per-row tensors for one step; a few small host-to-device copies, no sync."""
+        device = torch.device(device)
+        ps = params_list
+        # the cuts and the noise matter only for sampled rows: greedy ones take the argmax
+        sampled = [i for i, p in enumerate(ps) if not p.is_greedy]
+        seeded = [i for i in sampled if ps[i].seed is not None]
+        top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps]
+        return cls(
+            **_param_tensors(ps, top_ks, output_token_ids_list, device),
+            seeded_rows=_to_device(seeded, torch.int64, device),
+            top_p_rows=_to_device([i for i in sampled if ps[i].top_p < 1.0], torch.int64, device),
+            **_penalty_tensors(ps, prompt_token_ids_list, output_token_ids_list, device, vocab_size),
+            all_greedy=not sampled,
+            any_greedy=len(sampled) < len(ps),
+            any_unseeded=len(seeded) < len(sampled),
+            max_top_k=max((top_ks[i] for i in sampled if top_ks[i] < vocab_size), default=0),
+            any_min_p=any(ps[i].min_p > 0.0 for i in sampled),
+            max_num_logprobs=max((p.logprobs for p in ps if p.logprobs is not None), default=-1),
+        )
+
+
+class Sampler:
+    """Samples one token per row of a step's logits under that row's SamplingParams."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        # noise source of unseeded rows, on the logits' device; None: torch's default generator
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """logits: [N, V] float32 on the device, left unchanged. Never syncs with the host."""
+        logits = logits.float()
+        raw_logits = logits
+        logits = _apply_penalties(logits, batch)
+        if batch.all_greedy:
+            sampled = logits.argmax(dim=-1)
+        else:
+            sampled = self._sample(logits, batch)
+            if batch.any_greedy:
+                sampled = torch.where(batch.temperature == 0, logits.argmax(dim=-1), sampled)
+        logprobs = None
+        if batch.max_num_logprobs >= 0:
+            logprobs = _gather_logprobs(raw_logits, sampled, batch.max_num_logprobs)
+        return SamplerOutput(sampled, logprobs)
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        # greedy rows divide by 1 here; their token is the argmax, chosen by the caller
+        temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)
+        logits = logits / temperature[:, None]  # a new tensor: the masks below work in place
+        if batch.max_top_k:
+            logits = _apply_top_k(logits, batch.top_k, batch.max_top_k)
+        if batch.top_p_rows.numel():
+            logits = _apply_top_p(logits, batch.top_p_rows, batch.top_p)
+        if batch.any_min_p:
+            logits = _apply_min_p(logits, batch.min_p)
+        probs = logits.softmax(dim=-1)  # [N, V]
+        # exponential race: argmax(p_i / q_i), q_i ~ Exp(1), picks i with probability p_i,
+        # with no cumulative sum, no torch.multinomial and no host sync (gpt-fast, nano-vllm)
+        return probs.div_(self._exponential_noise(probs.shape, probs.device, batch)).argmax(dim=-1)
+
+    def _exponential_noise(
+        self, shape: torch.Size, device: torch.device, batch: SamplingBatch
+    ) -> torch.Tensor:
+        # q: [N, V] ~ Exp(1); unseeded rows share one generator call for the whole step.
+        # -log(u), u in [0, 1), lies in (0, inf]: never 0, unlike float32 exponential_, where
+        # 0 / 0 = NaN would rank first in argmax and let a masked-out token win. It is also
+        # ~5x faster than exponential_ on CPU.
+        if batch.any_unseeded:
+            q = torch.rand(shape, device=device, generator=self.generator).log_().neg_()
+        else:
+            q = torch.ones(shape, device=device)
+        if batch.seeded_rows.numel():
+            rows = batch.seeded_rows
+            u = seeded_uniforms(batch.seeds[rows], batch.output_lens[rows], shape[1])  # [S, V]
+            q.index_copy_(0, rows, u.log().neg_().float())
+        return q
+
+
+def seeded_uniforms(seeds: torch.Tensor, output_lens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniforms in (0, 1), [S, V] float64: a pure function of (seed, output index, vocab id).
+
+    Why a hash rather than one torch.Generator per seeded request: a seeded request must
+    sample the same tokens whatever else shares its batch and in whichever row it sits, and
+    per-row generators would mean a Python loop of N small kernel launches every step. A
+    counter-based hash gives each (seed, position) its own stream, vectorised over the batch.
+    It is splitmix64: key = mix(mix(seed) + position * M), value_v = mix(key + (v + 1) * gamma),
+    in int64 torch ops (multiplication wraps mod 2^64 on CPU and CUDA; right shifts are made
+    logical by masking off the sign-extended bits).
+    """
+    keys = _mix64_(_mix64_(seeds.clone()) + output_lens * _POSITION_MULT)  # [S]
+    steps = torch.arange(1, vocab_size + 1, device=seeds.device) * _GOLDEN_GAMMA  # [V]
+    bits = _mix64_(keys[:, None] + steps[None, :])  # [S, V]
+    # the top 52 bits, centred in their bucket: u in [2^-53, 1 - 2^-53], so -log(u) > 0
+    return _shift_right(bits, 12).double().add_(0.5).mul_(2.0**-52)
 
 
 def sample_next_token(
@@ -14,40 +186,132 @@ def sample_next_token(
     output_token_ids: torch.Tensor,  # [O] (presence and frequency penalties)
     generator: torch.Generator,
 ) -> int:
-    logits = _apply_penalties(logits.float().clone(), params, seen_token_ids, output_token_ids)
-    if params.is_greedy:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    probs = _apply_top_k_top_p_min_p(probs, params)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """One sequence's next token: the batched Sampler with N = 1, for the per-sequence engine."""
+    # seen already holds the output, so passing it as the prompt gives the same repetition set
+    batch = SamplingBatch.build(
+        [params], [seen_token_ids.tolist()], [output_token_ids.tolist()], logits.device, logits.numel()
+    )
+    return int(Sampler(generator)(logits[None], batch).sampled_token_ids[0])
 
 
-def _apply_penalties(
-    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, output: torch.Tensor
-) -> torch.Tensor:
-    if params.repetition_penalty != 1.0 and seen.numel():
-        ids = torch.unique(seen)
-        picked = logits[ids]
-        # vLLM's (and Transformers') convention: shrink positive logits, push negative ones down.
-        logits[ids] = torch.where(
-            picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty
-        )
-    if (params.presence_penalty or params.frequency_penalty) and output.numel():
-        counts = torch.bincount(output, minlength=logits.numel()).to(logits.dtype)[: logits.numel()]
-        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    # out of place: the caller's logits stay raw (they also feed the logprobs)
+    if batch.seen_mask is not None:
+        rep = batch.repetition_penalty[:, None]
+        # vLLM's (and Transformers') convention: shrink positive logits, push negative ones down
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(batch.seen_mask, penalised, logits)
+    if batch.output_counts is not None:
+        counts = batch.output_counts
+        logits = logits - batch.frequency_penalty[:, None] * counts
+        logits = logits - batch.presence_penalty[:, None] * (counts > 0)
     return logits
 
 
-def _apply_top_k_top_p_min_p(probs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    if params.top_k > 0 and params.top_k < probs.numel():
-        kth = torch.topk(probs, params.top_k).values[-1]
-        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        mass_before = torch.cumsum(sorted_probs, 0) - sorted_probs
-        # keep the smallest prefix whose mass reaches top_p
-        sorted_probs[mass_before >= params.top_p * sorted_probs.sum()] = 0.0
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    if params.min_p > 0.0:
-        probs = torch.where(probs >= params.min_p * probs.max(), probs, torch.zeros_like(probs))
-    return probs / probs.sum()
+def _apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    # topk of the largest k in use rather than a full sort of V (vLLM's apply_top_k_only)
+    top = logits.topk(max_top_k, dim=-1).values  # [N, K] descending
+    kth = top.gather(1, (top_k.clamp(max=max_top_k) - 1)[:, None])  # [N, 1]
+    kth.masked_fill_((top_k > max_top_k)[:, None], float("-inf"))  # rows without top-k
+    return logits.masked_fill_(logits < kth, float("-inf"))
+
+
+def _apply_top_p(logits: torch.Tensor, rows: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    # sorts only the rows that use top-p: the full-vocabulary sort is the sampler's costliest op,
+    # and rows with top_p = 1 must not lose a tail to rounding in a float32 cumsum
+    sorted_logits, order = logits.index_select(0, rows).sort(dim=-1, descending=True)  # [R, V]
+    probs = sorted_logits.softmax(dim=-1)  # renormalised after top-k, whose cuts are -inf here
+    mass_before = probs.cumsum(dim=-1).sub_(probs)
+    # keep the smallest prefix whose mass reaches top_p; the top token always stays
+    sorted_logits.masked_fill_(mass_before >= top_p[rows][:, None], float("-inf"))
+    return logits.index_copy_(0, rows, torch.empty_like(sorted_logits).scatter_(1, order, sorted_logits))
+
+
+def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    # p >= min_p * p_max  <=>  logit >= max logit + log(min_p); log(0) = -inf keeps every token
+    threshold = logits.amax(dim=-1, keepdim=True) + min_p.log()[:, None]  # [N, 1]
+    return logits.masked_fill_(logits < threshold, float("-inf"))
+
+
+def _gather_logprobs(raw_logits: torch.Tensor, sampled: torch.Tensor, num_logprobs: int) -> SampledLogprobs:
+    # raw logprobs (vLLM's default): what the model thinks, not what the sampler was shaped to
+    logprobs = raw_logits.log_softmax(dim=-1)  # [N, V]
+    top_logprobs, top_token_ids = logprobs.topk(max(num_logprobs, 1), dim=-1)
+    return SampledLogprobs(logprobs.gather(1, sampled[:, None]).squeeze(1), top_token_ids, top_logprobs)
+
+
+def _param_tensors(
+    ps: Sequence[SamplingParams], top_ks: list[int], outputs: Sequence[Sequence[int]], device: torch.device
+) -> dict[str, torch.Tensor]:
+    # one host-to-device copy per dtype rather than one per field; each field is a [N] row
+    floats = _to_device([[getattr(p, name) for p in ps] for name in _FLOAT_FIELDS], torch.float32, device)
+    seeds = [_wrap_int64(p.seed) if p.seed is not None else 0 for p in ps]
+    ints = _to_device([top_ks, seeds, [len(ids) for ids in outputs]], torch.int64, device)
+    int_fields = ("top_k", "seeds", "output_lens")
+    return dict(zip(_FLOAT_FIELDS, floats, strict=True)) | dict(zip(int_fields, ints, strict=True))
+
+
+def _penalty_tensors(
+    ps: Sequence[SamplingParams],
+    prompts: Sequence[Sequence[int]],
+    outputs: Sequence[Sequence[int]],
+    device: torch.device,
+    vocab_size: int,
+) -> dict[str, torch.Tensor | None]:
+    # only rows with a penalty contribute token ids: the others cost nothing to build
+    n = len(ps)
+    rep_rows = [i for i, p in enumerate(ps) if p.repetition_penalty != 1.0]
+    count_rows = [i for i, p in enumerate(ps) if p.presence_penalty or p.frequency_penalty]
+    seen_mask = output_counts = None
+    if rep_rows:
+        seen_mask = torch.zeros(n * vocab_size, dtype=torch.bool, device=device)
+        for token_lists in (prompts, outputs):
+            seen_mask.index_fill_(0, _flat_token_index(rep_rows, token_lists, vocab_size, device), True)
+        seen_mask = seen_mask.view(n, vocab_size)
+    if count_rows:
+        flat = _flat_token_index(count_rows, outputs, vocab_size, device)
+        output_counts = torch.zeros(n * vocab_size, device=device)
+        output_counts.index_add_(0, flat, torch.ones(flat.shape, device=device))
+        output_counts = output_counts.view(n, vocab_size)
+    return {"seen_mask": seen_mask, "output_counts": output_counts}
+
+
+def _flat_token_index(
+    rows: list[int], token_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    # [T] int64: row * V + token id for every token of the given rows, in a flattened [N, V]
+    lists = [token_lists[i] for i in rows]
+    lengths = [len(ids) for ids in lists]
+    ids = _to_device(list(chain.from_iterable(lists)), torch.int64, device)
+    # output_size spares repeat_interleave a sync to size its result
+    repeats = _to_device(lengths, torch.int64, device)
+    row_ids = _to_device(rows, torch.int64, device).repeat_interleave(repeats, output_size=sum(lengths))
+    return row_ids * vocab_size + ids
+
+
+def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # pinned staging makes the copy asynchronous on CUDA
+    tensor = torch.tensor(data, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _wrap_int64(seed: int) -> int:
+    # any Python int -> its two's-complement int64 (seeds mod 2^64)
+    seed %= 2**64
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _mix64_(z: torch.Tensor) -> torch.Tensor:
+    # splitmix64's finaliser on int64 bit patterns, in place (z is a temporary: [S, V] is big)
+    z ^= _shift_right(z, 30)
+    z *= _MIX_1
+    z ^= _shift_right(z, 27)
+    z *= _MIX_2
+    return z.bitwise_xor_(_shift_right(z, 31))
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    # logical right shift: torch's >> on int64 is arithmetic, so mask the copied sign bits
+    return (z >> bits).bitwise_and_((1 << (64 - bits)) - 1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -19,6 +21,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings, not included in the text
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # top alternatives returned with each sampled token's logprob; None: no logprobs,
+    # 0: only the sampled token's own logprob
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -33,6 +38,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}")
 
     @property
     def is_greedy(self) -> bool:

@@ -12,10 +12,10 @@ import logging
 from aiokafka.structs import ConsumerRecord
 
 from engine import LLMEngine
+from engine.async_engine import AsyncLLMEngine
 from schemas.codec import encode_result
 from service.config import ServiceConfig
 from service.consumer import JobConsumer
-from service.engine_worker import EngineWorker
 from service.jobs import JobHandler, Outcome
 from service.publisher import Headers, ResultPublisher
 from service.topics import ensure_topics
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class Service:
     def __init__(self, config: ServiceConfig, engine: LLMEngine) -> None:
         self.config = config
-        self.worker = EngineWorker(engine)
+        self.worker = AsyncLLMEngine(engine)
         self.handler = JobHandler(self.worker, config.served_model_name, config.default_max_tokens)
         self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id)
         self.consumer = JobConsumer(

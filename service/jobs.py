@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from aiokafka.structs import ConsumerRecord
 
 from engine import RequestRejected
+from engine.async_engine import AsyncLLMEngine
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
-from service.engine_worker import EngineWorker
 from service.translate import TranslationError, to_engine_request, to_error_line, to_result_line
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class Outcome:
 
 
 class JobHandler:
-    def __init__(self, worker: EngineWorker, model_name: str, default_max_tokens: int) -> None:
+    def __init__(self, worker: AsyncLLMEngine, model_name: str, default_max_tokens: int) -> None:
         self._worker = worker
         self._model_name = model_name
         self._default_max_tokens = default_max_tokens
@@ -62,8 +62,13 @@ class JobHandler:
         request = to_engine_request(job, self._worker.engine.tokenizer, self._default_max_tokens)
         # Unique per delivery: a redelivered record is a new engine request.
         request_id = f"{_record_ref(record)}/{uuid.uuid4().hex[:8]}"
-        output = await self._worker.generate(request_id, request.prompt_token_ids, request.params)
-        return to_result_line(job, output, self._model_name, enqueued_time=record.timestamp / 1000)
+        output = await self._worker.generate(
+            request_id, request.prompt_token_ids, request.params, request.priority
+        )
+        tokenizer = self._worker.engine.tokenizer
+        return to_result_line(
+            job, output, self._model_name, enqueued_time=record.timestamp / 1000, tokenizer=tokenizer
+        )
 
 
 def header_dict(headers) -> dict[str, str]:

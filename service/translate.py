@@ -31,6 +31,7 @@ from schemas.openai import (
     TextCompletion,
     Usage,
 )
+from service.logprobs import chat_logprobs, completion_logprobs
 
 
 class TranslationError(ValueError):
@@ -47,6 +48,7 @@ class TranslationError(ValueError):
 class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
+    priority: int = 0  # lower runs first (vLLM's convention)
 
 
 def to_engine_request(job: BatchRequestLine, tokenizer, default_max_tokens: int) -> EngineRequest:
@@ -56,8 +58,6 @@ def to_engine_request(job: BatchRequestLine, tokenizer, default_max_tokens: int)
         raise TranslationError(
             "unsupported_parameter", "response_format other than 'text' is not supported yet"
         )
-    if body.num_top_logprobs is not None:
-        raise TranslationError("unsupported_parameter", "logprobs are not supported yet")
     try:
         params = SamplingParams(
             max_tokens=body.output_limit or default_max_tokens,
@@ -72,14 +72,15 @@ def to_engine_request(job: BatchRequestLine, tokenizer, default_max_tokens: int)
             stop=body.stop_strings,
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
+            logprobs=body.num_top_logprobs,
         )
     except ValueError as e:
         raise TranslationError("invalid_request", str(e)) from None
-    return EngineRequest(prompt_token_ids, params)
+    return EngineRequest(prompt_token_ids, params, body.priority)
 
 
 def to_result_line(
-    job: BatchRequestLine, output: RequestOutput, model_name: str, enqueued_time: float
+    job: BatchRequestLine, output: RequestOutput, model_name: str, enqueued_time: float, tokenizer=None
 ) -> BatchResponseLine:
     """A finished engine output as an OpenAI Batch output line, with Sluice's timings."""
     usage = Usage(
@@ -96,7 +97,13 @@ def to_result_line(
             created=created,
             model=model_name,
             choices=[
-                ChatChoice(message=AssistantMessage(content=output.text), finish_reason=output.finish_reason)
+                ChatChoice(
+                    message=AssistantMessage(content=output.text),
+                    finish_reason=output.finish_reason,
+                    logprobs=chat_logprobs(output.logprobs, tokenizer)
+                    if output.logprobs is not None
+                    else None,
+                )
             ],
             usage=usage,
             sluice=timings,
@@ -106,7 +113,15 @@ def to_result_line(
             id=f"cmpl-{uuid.uuid4().hex}",
             created=created,
             model=model_name,
-            choices=[CompletionChoice(text=output.text, finish_reason=output.finish_reason)],
+            choices=[
+                CompletionChoice(
+                    text=output.text,
+                    finish_reason=output.finish_reason,
+                    logprobs=completion_logprobs(output.logprobs, tokenizer)
+                    if output.logprobs is not None
+                    else None,
+                )
+            ],
             usage=usage,
             sluice=timings,
         )

@@ -14,11 +14,17 @@ BUILD_DIR = Path(os.environ.get("SLUICE_BUILD_DIR", REPO_ROOT / "build"))
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint() -> Path:
+def model_cache() -> Path:
+    """Where test checkpoints are built once per machine and then reused."""
+    return BUILD_DIR / "test-models"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(model_cache) -> Path:
     """The `tiny` preset, built once per machine under build/ and then reused."""
     from engine.testing import ensure_checkpoint
 
-    return ensure_checkpoint(BUILD_DIR / "test-models", preset="tiny", seed=0)
+    return ensure_checkpoint(model_cache, preset="tiny", seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -142,17 +142,30 @@ def test_default_max_tokens_is_used_when_neither_is_set(tokenizer) -> None:
     [
         _chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
         _chat(response_format={"type": "json_object"}),
-        _chat(logprobs=True),
-        _chat(logprobs=True, top_logprobs=3),
-        _completion(logprobs=0),
     ],
-    ids=["json_schema", "json_object", "chat-logprobs", "chat-top-logprobs", "completion-logprobs"],
+    ids=["json_schema", "json_object"],
 )
 def test_unsupported_features_are_rejected_with_unsupported_parameter(tokenizer, job) -> None:
     with pytest.raises(TranslationError) as info:
         to_engine_request(job, tokenizer, DEFAULT_MAX)
     assert info.value.code == "unsupported_parameter"
     assert info.value.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("job", "expected"),
+    [
+        (_chat(), None),
+        (_chat(logprobs=True), 0),
+        (_chat(logprobs=True, top_logprobs=3), 3),
+        (_chat(logprobs=False, top_logprobs=3), None),
+        (_completion(logprobs=0), 0),
+        (_completion(logprobs=5), 5),
+    ],
+    ids=["none", "chat", "chat-top-3", "chat-top-without-logprobs", "completion-0", "completion-5"],
+)
+def test_logprobs_fields_map_to_the_number_of_alternatives(tokenizer, job, expected) -> None:
+    assert _params(job, tokenizer).logprobs == expected
 
 
 def test_text_response_format_is_accepted(tokenizer) -> None:

@@ -1,0 +1,170 @@
+"""Attention backends behind engine.layers.attention.Attention, chosen once at start-up.
+
+Both read the step's AttentionMetadata and the layer's paged KV cache
+(k_cache, v_cache: [num_blocks, block_size, Hkv, D]); the new tokens' keys and values are
+written into their slots first, then each sequence attends over its whole context.
+
+- "sdpa": portable. Gathers each sequence's pages into contiguous keys/values and calls
+  PyTorch's scaled_dot_product_attention (its flash / memory-efficient kernels on CUDA, its
+  fused kernel on CPU). Decode-only steps run as one padded batch; steps with prompt chunks
+  run per sequence, and a fresh prompt skips the gather entirely.
+- "flash": the flash-attn package's varlen kernel reading the paged cache in place (and its
+  split-KV decode kernel for decode-only steps). FlashAttention-2 needs pages of a multiple
+  of 256 tokens, which EngineConfig arranges.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.forward_context import AttentionMetadata
+
+BACKENDS = ("auto", "flash", "sdpa")
+
+
+def select_backend(name: str, device: torch.device) -> str:
+    """Resolve "auto": flash-attn when importable on CUDA, SDPA otherwise."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "flash":
+        if device.type != "cuda":
+            raise ValueError("attention_backend 'flash' needs a CUDA device")
+        if not flash_attn_available():
+            raise ValueError(
+                "attention_backend 'flash' needs the flash-attn package (pip install flash-attn)"
+            )
+        return name
+    if name == "auto":
+        return "flash" if device.type == "cuda" and flash_attn_available() else "sdpa"
+    return name
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_backend(name: str):
+    return FlashAttentionBackend() if name == "flash" else SdpaBackend()
+
+
+def write_kv(layer, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, Hkv, D] go to their cache slots ([T] int64)."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    layer.k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(layer.k_cache.dtype))
+    layer.v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(layer.v_cache.dtype))
+
+
+class SdpaBackend:
+    def forward(
+        self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata
+    ) -> torch.Tensor:
+        write_kv(layer, k, v, md.slot_mapping)
+        if md.is_decode_only:
+            return self._decode(layer, q, md)
+        out = torch.empty_like(q)
+        start = 0
+        for i, (query_len, context_len) in enumerate(zip(md.query_lens, md.context_lens, strict=True)):
+            end = start + query_len
+            if query_len == context_len:  # prefill from scratch: the fresh keys are the whole context
+                keys, values = k[start:end], v[start:end]
+            else:
+                keys, values = _gather(layer, md.block_tables[i], context_len)
+            out[start:end] = _attend(q[start:end], keys, values, layer.scale, layer.sliding_window)
+            start = end
+        return out
+
+    def _decode(self, layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        # One padded batch: q [B, H, 1, D] against keys [B, Hkv, L, D], padding masked out.
+        batch, length = len(md.context_lens), md.max_context_len
+        num_blocks = -(-length // layer.k_cache.shape[1])
+        tables = md.block_tables[:, :num_blocks]
+        keys = layer.k_cache[tables].flatten(1, 2)[:, :length].transpose(1, 2).to(q.dtype)
+        values = layer.v_cache[tables].flatten(1, 2)[:, :length].transpose(1, 2).to(q.dtype)
+        positions = torch.arange(length, device=q.device)
+        lens = md.context_lens_tensor.to(q.device).unsqueeze(1)  # [B, 1]
+        mask = positions.unsqueeze(0) < lens
+        if layer.sliding_window is not None:
+            mask &= positions.unsqueeze(0) >= lens - layer.sliding_window
+        out = F.scaled_dot_product_attention(
+            q.view(batch, 1, *q.shape[1:]).transpose(1, 2),
+            keys,
+            values,
+            attn_mask=mask.view(batch, 1, 1, length),
+            scale=layer.scale,
+            enable_gqa=q.shape[1] != keys.shape[1],
+        )
+        return out.transpose(1, 2).reshape(q.shape)
+
+
+class FlashAttentionBackend:
+    def forward(
+        self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata
+    ) -> torch.Tensor:
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
+        write_kv(layer, k, v, md.slot_mapping)
+        window = (-1, -1) if layer.sliding_window is None else (layer.sliding_window - 1, 0)
+        if md.is_decode_only:
+            out = flash_attn_with_kvcache(
+                q.unsqueeze(1),
+                layer.k_cache,
+                layer.v_cache,
+                cache_seqlens=md.context_lens_tensor,
+                block_table=md.block_tables,
+                softmax_scale=layer.scale,
+                causal=True,
+                window_size=window,
+            )
+            return out.squeeze(1)
+        # Causal masking is aligned bottom-right, so a chunk attends to its cached context too.
+        return flash_attn_varlen_func(
+            q,
+            layer.k_cache,
+            layer.v_cache,
+            cu_seqlens_q=md.cu_query_lens,
+            cu_seqlens_k=md.cu_context_lens,
+            max_seqlen_q=md.max_query_len,
+            max_seqlen_k=md.max_context_len,
+            softmax_scale=layer.scale,
+            causal=True,
+            window_size=window,
+            block_table=md.block_tables,
+        )
+
+
+def _gather(layer, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's first `context_len` cached keys and values: [L, Hkv, D] each."""
+    num_blocks = -(-context_len // layer.k_cache.shape[1])
+    blocks = block_table[:num_blocks]
+    keys = layer.k_cache[blocks].flatten(0, 1)[:context_len]
+    values = layer.v_cache[blocks].flatten(0, 1)[:context_len]
+    return keys, values
+
+
+def _attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, sliding_window: int | None
+) -> torch.Tensor:
+    """q [Q, H, D] are the last Q of L positions; keys/values [L, Hkv, D]; causal (+ window)."""
+    num_queries, length = q.shape[0], keys.shape[0]
+    mask = None
+    if num_queries != length or (sliding_window is not None and sliding_window < length):
+        query_pos = torch.arange(length - num_queries, length, device=q.device).unsqueeze(1)
+        key_pos = torch.arange(length, device=q.device).unsqueeze(0)
+        mask = key_pos <= query_pos
+        if sliding_window is not None:
+            mask &= key_pos > query_pos - sliding_window
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        keys.to(q.dtype).transpose(0, 1),
+        values.to(q.dtype).transpose(0, 1),
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=q.shape[1] != keys.shape[1],
+    )
+    return out.transpose(0, 1)

@@ -1,0 +1,188 @@
+"""Engine throughput on the standard workload, against Transformers measured in the same run.
+
+Standard workload: 64 requests, prompt lengths 32-512 and output lengths 16-128 drawn with a
+fixed seed, greedy, EOS ignored (every request produces exactly its output length), on the
+`small` checkpoint (~125M parameters, built locally). Peers on the same checkpoint, dtype
+and workload: Transformers generate() one request at a time, in padded static batches (best
+of 8 and 16), and its continuous-batching API (generate_batch's manager) where installed.
+
+    .venv/bin/python loadtest/bench_engine.py                  # everything (~15 min on 2 CPU cores)
+    .venv/bin/python loadtest/bench_engine.py --peers static    # Sluice and the static batches only
+
+Output tokens/s counts the tokens each request asked for: padding and the extra tokens a
+static batch generates for its shorter requests are work, not output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from engine.testing import ensure_checkpoint  # noqa: E402
+
+PEERS = ("sequential", "static", "continuous")
+
+
+@dataclass(slots=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+@dataclass(slots=True)
+class Row:
+    mode: str
+    seconds: float
+    output_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def standard_workload(vocab_size: int, num_requests: int = 64, seed: int = 0) -> Workload:
+    rng = random.Random(seed)
+    prompts, output_lens = [], []
+    for _ in range(num_requests):
+        length = rng.randint(32, 512)
+        prompts.append([1] + [rng.randrange(4, vocab_size) for _ in range(length - 1)])
+        output_lens.append(rng.randint(16, 128))
+    return Workload(prompts, output_lens)
+
+
+def run_sluice(folder: Path, workload: Workload, dtype: str, **options) -> Row:
+    engine = LLMEngine(EngineConfig(model=str(folder), dtype=dtype, **options))
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
+    engine.generate([[1, 5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = engine.generate(workload.prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    produced = sum(len(o.token_ids) for o in outputs)
+    assert produced == workload.num_output_tokens, (produced, workload.num_output_tokens)
+    return Row("sluice", seconds, produced)
+
+
+def run_sequential(model, workload: Workload) -> Row:
+    start = time.perf_counter()
+    for prompt, n in zip(workload.prompts, workload.output_lens, strict=True):
+        ids = torch.tensor([prompt])
+        _generate(model, ids, torch.ones_like(ids), n)
+    return Row("transformers one at a time", time.perf_counter() - start, workload.num_output_tokens)
+
+
+def run_static(model, workload: Workload, batch_size: int) -> Row:
+    """Padded static batches in arrival order; each batch runs to its longest output."""
+    start = time.perf_counter()
+    for i in range(0, len(workload.prompts), batch_size):
+        prompts = workload.prompts[i : i + batch_size]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        _generate(model, ids, mask, max(workload.output_lens[i : i + batch_size]))
+    return Row(
+        f"transformers static batches of {batch_size}",
+        time.perf_counter() - start,
+        workload.num_output_tokens,
+    )
+
+
+def run_continuous(model, workload: Workload) -> Row | None:
+    if not hasattr(model, "init_continuous_batching"):
+        return None
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=False, max_new_tokens=max(workload.output_lens), eos_token_id=-1, pad_token_id=0
+    )
+    manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
+    try:
+        start = time.perf_counter()
+        for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lens, strict=True)):
+            manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=n, eos_token_id=-1)
+        produced = 0
+        for _ in workload.prompts:
+            result = manager.get_result(timeout=600)
+            produced += len(result.generated_tokens)
+        seconds = time.perf_counter() - start
+    finally:
+        manager.stop(block=True)
+    return Row("transformers continuous batching", seconds, produced)
+
+
+def _generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:
+    with torch.inference_mode():
+        model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,  # EOS ignored, as for Sluice
+            pad_token_id=0,
+        )
+
+
+def print_table(rows: list[Row], workload: Workload, dtype: str) -> None:
+    sluice = next(r for r in rows if r.mode == "sluice")
+    peers = [r for r in rows if r.mode != "sluice"]
+    print(
+        f"\n{len(workload.prompts)} requests, {sum(map(len, workload.prompts))} prompt tokens, "
+        f"{workload.num_output_tokens} output tokens, {dtype}, {torch.get_num_threads()} threads"
+    )
+    print(f"| {'mode':<36} | {'seconds':>8} | {'output tok/s':>12} | {'sluice / mode':>13} |")
+    print(f"|{'-' * 38}|{'-' * 10}|{'-' * 14}|{'-' * 15}|")
+    for row in rows:
+        print(
+            f"| {row.mode:<36} | {row.seconds:8.1f} | {row.tokens_per_s:12.1f} | "
+            f"{sluice.tokens_per_s / row.tokens_per_s:12.2f}x |"
+        )
+    if peers:
+        best = max(peers, key=lambda r: r.tokens_per_s)
+        print(f"\nSluice vs the best peer ({best.mode}): {sluice.tokens_per_s / best.tokens_per_s:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", help="checkpoint preset (engine.testing)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS)
+    parser.add_argument("--static-batch-sizes", type=int, nargs="*", default=[8, 16])
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    args = parser.parse_args(argv)
+
+    folder = ensure_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
+    workload = standard_workload(model.config.vocab_size, args.num_requests)
+    rows = [run_sluice(folder, workload, args.dtype, max_num_batched_tokens=args.max_num_batched_tokens)]
+    print(f"sluice: {rows[0].tokens_per_s:.1f} output tok/s", flush=True)
+    if "sequential" in args.peers:
+        rows.append(run_sequential(model, workload))
+    if "static" in args.peers:
+        static = [run_static(model, workload, b) for b in args.static_batch_sizes]
+        rows.append(max(static, key=lambda r: r.tokens_per_s))
+        for row in static:
+            print(f"{row.mode}: {row.tokens_per_s:.1f} output tok/s", flush=True)
+    if "continuous" in args.peers and (row := run_continuous(model, workload)) is not None:
+        rows.append(row)
+    print_table(rows, workload, args.dtype)
+
+
+if __name__ == "__main__":
+    main()
