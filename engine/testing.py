@@ -88,6 +88,8 @@ _TINY = Preset(256, 4, 8, 2, 688, 4096, 2048)
 PRESETS: dict[str, Preset] = {
     "tiny": _TINY,
     "small": Preset(768, 12, 12, 4, 2048, 32000, 4096),
+    # Llama-3.2-1B's shapes (our 32k tokenizer): the GPU benchmark's checkpoint, built on the GPU machine.
+    "gpu-1b": Preset(2048, 16, 32, 8, 8192, 32000, 4096),
     # sliding_window 16 < a 40-token test prompt, so the window masks something.
     "tiny-mistral": dataclasses.replace(
         _TINY,

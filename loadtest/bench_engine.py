@@ -64,8 +64,7 @@ def standard_workload(vocab_size: int, num_requests: int = 64, seed: int = 0) ->
     return Workload(prompts, output_lens)
 
 
-def run_sluice(folder: Path, workload: Workload, dtype: str, **options) -> Row:
-    engine = LLMEngine(EngineConfig(model=str(folder), dtype=dtype, **options))
+def run_sluice(engine: LLMEngine, workload: Workload) -> Row:
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
     engine.generate([[1, 5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up
     start = time.perf_counter()
@@ -100,6 +99,44 @@ def run_static(model, workload: Workload, batch_size: int) -> Row:
     )
 
 
+def decode_roofline(engine: LLMEngine, batch: int = 64, context: int = 512, steps: int = 64) -> None:
+    """Decode tokens/s against the memory-bandwidth floor: each step reads all weights and the KV cache."""
+    rng = random.Random(1)
+    prompts = [[1] + [rng.randrange(4, 1000) for _ in range(context - 1)] for _ in range(batch)]
+
+    def timed(max_tokens: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        engine.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    decode_s = timed(steps + 1) - timed(1)  # the difference is `steps` decode steps of the whole batch
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    kv_bytes = batch * (context + steps / 2) * engine.runner.kv_bytes_per_block / engine.block_size
+    bandwidth = _measure_bandwidth(engine.runner.device)
+    ceiling = batch / ((weight_bytes + kv_bytes) / bandwidth)
+    measured = batch * steps / decode_s
+    print(
+        f"\ndecode, batch {batch}, context {context}: {measured:.0f} tok/s; bandwidth floor "
+        f"({weight_bytes / 1e9:.2f} GB weights + {kv_bytes / 1e9:.2f} GB KV per step at "
+        f"{bandwidth / 1e9:.0f} GB/s) allows {ceiling:.0f} tok/s: {measured / ceiling:.0%} of the floor"
+    )
+
+
+def _measure_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    src = torch.empty(2**28, dtype=torch.float32, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    sync()
+    return 2 * src.numel() * src.element_size() * 10 / (time.perf_counter() - start)
+
+
 def run_continuous(model, workload: Workload) -> Row | None:
     if not hasattr(model, "init_continuous_batching"):
         return None
@@ -127,8 +164,8 @@ def run_continuous(model, workload: Workload) -> Row | None:
 def _generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:
     with torch.inference_mode():
         model.generate(
-            ids,
-            attention_mask=mask,
+            ids.to(model.device),
+            attention_mask=mask.to(model.device),
             do_sample=False,
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,  # EOS ignored, as for Sluice
@@ -163,15 +200,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS)
     parser.add_argument("--static-batch-sizes", type=int, nargs="*", default=[8, 16])
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--decode-roofline", action="store_true", help="also: decode tok/s vs the bandwidth floor"
+    )
     args = parser.parse_args(argv)
 
     folder = ensure_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
-    workload = standard_workload(model.config.vocab_size, args.num_requests)
-    rows = [run_sluice(folder, workload, args.dtype, max_num_batched_tokens=args.max_num_batched_tokens)]
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(folder),
+            dtype=args.dtype,
+            device=args.device,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            gpu_memory_utilization=0.6,  # leaves room for the Transformers peer on the same GPU
+        )
+    )
+    workload = standard_workload(engine.vocab_size, args.num_requests)
+    rows = [run_sluice(engine, workload)]
     print(f"sluice: {rows[0].tokens_per_s:.1f} output tok/s", flush=True)
+    if args.decode_roofline:
+        decode_roofline(engine)
+    del engine
+    model = (
+        AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    )
     if "sequential" in args.peers:
         rows.append(run_sequential(model, workload))
     if "static" in args.peers:

@@ -13,6 +13,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_DIR = Path(os.environ.get("SLUICE_BUILD_DIR", REPO_ROOT / "build"))
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """`gpu` tests run where CUDA is; elsewhere they are reported as skipped, with the reason."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skipif(True, reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(no_gpu)
+
+
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
     """Where test checkpoints are built once per machine and then reused."""

@@ -1,0 +1,60 @@
+"""The engine on CUDA: token-exact in float32, a KV pool sized from GPU memory, bfloat16 serving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+PROMPTS = [[1, 17, 99, 4, 250], [1, *range(10, 70)], [1, 8]]
+
+
+def _greedy(engine: LLMEngine, n: int = 10) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    return [o.token_ids for o in engine.generate(PROMPTS, params, use_tqdm=False)]
+
+
+def test_float32_greedy_on_cuda_matches_transformers_on_cpu(tiny_checkpoint):
+    reference = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    expected = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ids = torch.tensor([prompt])
+            out = reference.generate(
+                ids, do_sample=False, max_new_tokens=10, min_new_tokens=10, pad_token_id=0
+            )
+            expected.append(out[0, len(prompt) :].tolist())
+    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cuda", attention_backend="sdpa"))
+    assert _greedy(engine) == expected
+
+
+def test_kv_pool_is_sized_from_the_gpu_memory_budget(tiny_checkpoint):
+    small = LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cuda", gpu_memory_utilization=0.3))
+    small_blocks = small.block_manager.num_blocks
+    del small
+    torch.cuda.empty_cache()
+    large = LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cuda", gpu_memory_utilization=0.6))
+    assert 0 < small_blocks < large.block_manager.num_blocks
+
+
+def test_bfloat16_engine_serves_a_batch_with_every_backend(tiny_checkpoint):
+    backends = ["sdpa"] + (["flash"] if _has_flash() else [])
+    for backend in backends:
+        engine = LLMEngine(
+            EngineConfig(
+                model=str(tiny_checkpoint), device="cuda", dtype="bfloat16", attention_backend=backend
+            )
+        )
+        outputs = _greedy(engine)
+        assert [len(o) for o in outputs] == [10, 10, 10]
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def _has_flash() -> bool:
+    from engine.layers.attention_backends import flash_attn_available
+
+    return flash_attn_available()
