@@ -7,7 +7,7 @@ Layers read it instead of receiving it through every forward(): the model's sign
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,9 +26,23 @@ class AttentionMetadata:
     max_query_len: int
     max_context_len: int
     is_decode_only: bool  # every sequence has exactly one new token
+    # decode-only steps: (row indices [b] on the device, their longest context), rows of similar length
+    decode_groups: list[tuple[torch.Tensor, int]] = field(default_factory=list)
 
 
 _current: AttentionMetadata | None = None
+
+
+def group_by_length(context_lens: list[int], device, max_groups: int = 4, min_group: int = 8):
+    """Split decode rows into up to `max_groups` groups of similar context length (sorted, equal counts)."""
+    order = sorted(range(len(context_lens)), key=context_lens.__getitem__)
+    num_groups = max(1, min(max_groups, len(order) // min_group))
+    size = -(-len(order) // num_groups)
+    groups = []
+    for start in range(0, len(order), size):
+        rows = order[start : start + size]
+        groups.append((torch.tensor(rows, dtype=torch.int64, device=device), context_lens[rows[-1]]))
+    return groups
 
 
 def get_attention_metadata() -> AttentionMetadata | None:

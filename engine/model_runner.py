@@ -12,7 +12,7 @@ import logging
 import torch
 
 from engine.config import EngineConfig
-from engine.forward_context import AttentionMetadata, attention_metadata
+from engine.forward_context import AttentionMetadata, attention_metadata, group_by_length
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
 from engine.sampler import Sampler, SamplingBatch
@@ -119,6 +119,8 @@ class ModelRunner:
             max_context_len=max(context_lens),
             is_decode_only=all(n == 1 for n in query_lens),
         )
+        if metadata.is_decode_only:
+            metadata.decode_groups = group_by_length(context_lens, device)
         sampling_rows = [i for i, samples in enumerate(out.is_sampling) if samples]
         logits_indices = (cu_query[1:].long() - 1)[sampling_rows].to(device)
         input_ids = torch.tensor(token_ids, dtype=torch.int64, device=device)

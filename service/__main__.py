@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvloop
 
-from engine import EngineConfig, LLMEngine
+from engine import EngineConfigError, LLMEngine, ModelLoadError
 from service.app import Service
 from service.config import ConfigError, ServiceConfig, load_config
 
@@ -37,12 +37,11 @@ def main() -> int:
 async def serve(config: ServiceConfig) -> int:
     model = resolve_model(config)
     log.info("loading %s (%s on %s)", model, config.dtype, config.device)
-    engine = await asyncio.to_thread(
-        LLMEngine,
-        EngineConfig(
-            model=model, dtype=config.dtype, device=config.device, max_model_len=config.max_model_len
-        ),
-    )
+    try:
+        engine = await asyncio.to_thread(LLMEngine, config.engine_config(model))
+    except (EngineConfigError, ModelLoadError, ValueError) as e:
+        log.error("cannot start the engine: %s", e)
+        return 2
     service = Service(config, engine)
     stop = asyncio.Event()
     _install_signal_handlers(stop)

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from engine import EngineConfig
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,6 +46,11 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     device: str = "cpu"
     max_model_len: Annotated[int, Meta(ge=2)] | None = None
     default_max_tokens: Annotated[int, Meta(ge=1)] = 256  # when a job sets neither max_tokens field
+    max_num_seqs: Annotated[int, Meta(ge=1)] = 128  # sequences in one engine step
+    max_num_batched_tokens: Annotated[int, Meta(ge=1)] = 2048  # tokens computed in one engine step
+    kv_cache_memory_gib: Annotated[float, Meta(gt=0)] = 2.0  # CPU: memory for the paged KV cache
+    gpu_memory_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.9  # CUDA: share of GPU memory Sluice uses
+    attention_backend: Literal["auto", "flash", "sdpa"] = "auto"
     # Admission
     max_in_flight: Annotated[int, Meta(ge=1)] = 64  # jobs consumed but not yet published
     drain_timeout_s: Annotated[float, Meta(ge=0)] = 30.0  # on shutdown, wait this long for in-flight jobs
@@ -54,6 +61,19 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def served_model_name(self) -> str:
         return self.model_name or Path(self.model).name or "demo"
+
+    def engine_config(self, model: str) -> EngineConfig:
+        return EngineConfig(
+            model=model,
+            dtype=self.dtype,
+            device=self.device,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            kv_cache_memory_gib=self.kv_cache_memory_gib,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            attention_backend=self.attention_backend,
+        )
 
 
 def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:

@@ -79,14 +79,28 @@ class SdpaBackend:
         return out
 
     def _decode(self, layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        # One padded batch: q [B, H, 1, D] against keys [B, Hkv, L, D], padding masked out.
-        batch, length = len(md.context_lens), md.max_context_len
+        # Padded batches of sequences with similar context lengths (md.decode_groups): padding
+        # costs gather and attention work, and contexts in one step can differ tenfold.
+        if len(md.decode_groups) <= 1:
+            return self._decode_group(layer, q, md.block_tables, md.context_lens_tensor, md.max_context_len)
+        out = torch.empty_like(q)
+        for rows, max_len in md.decode_groups:
+            out[rows] = self._decode_group(
+                layer, q[rows], md.block_tables[rows], md.context_lens_tensor[rows], max_len
+            )
+        return out
+
+    def _decode_group(
+        self, layer, q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        # q [B, H, 1, D] against keys [B, Hkv, L, D], padding masked out.
+        batch = q.shape[0]
         num_blocks = -(-length // layer.k_cache.shape[1])
-        blocks = md.block_tables[:, :num_blocks].flatten().long()
+        blocks = block_tables[:, :num_blocks].flatten().long()
         keys = _pages(layer.k_cache, blocks, batch)[:, :length].transpose(1, 2).to(q.dtype)
         values = _pages(layer.v_cache, blocks, batch)[:, :length].transpose(1, 2).to(q.dtype)
         positions = torch.arange(length, device=q.device)
-        lens = md.context_lens_tensor.to(q.device).unsqueeze(1)  # [B, 1]
+        lens = context_lens.to(q.device).unsqueeze(1)  # [B, 1]
         mask = positions.unsqueeze(0) < lens
         if layer.sliding_window is not None:
             mask &= positions.unsqueeze(0) >= lens - layer.sliding_window

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from engine.forward_context import AttentionMetadata
+from engine.forward_context import AttentionMetadata, group_by_length
 from engine.layers.attention import Attention, causal_attention
 from engine.layers.attention_backends import FlashAttentionBackend, SdpaBackend, flash_attn_available
 
@@ -59,6 +59,8 @@ def _step(query_lens, context_lens, block_size, num_blocks, device, dtype, slidi
         max_context_len=max(context_lens),
         is_decode_only=all(n == 1 for n in query_lens),
     )
+    if metadata.is_decode_only:  # groups of one or two rows, so the grouped path runs too
+        metadata.decode_groups = group_by_length(context_lens, device, min_group=1)
     return layer, q, k_new, v_new, metadata, full_k, full_v
 
 

@@ -86,3 +86,14 @@ def test_submit_reports_jobs_without_custom_id(kafka_bootstrap):
     )
     assert submit.returncode == 2
     assert b"line 1 has no custom_id" in submit.stderr
+
+
+def test_a_model_folder_that_cannot_load_stops_start_up_with_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    env = {**os.environ, "SLUICE_MODEL": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert "cannot start the engine" in result.stderr and "GPT2LMHeadModel" in result.stderr
+    assert "Traceback" not in result.stderr
