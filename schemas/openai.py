@@ -72,6 +72,8 @@ class _SamplingFields(Struct, kw_only=True):
     ignore_eos: bool = False
     priority: int = 0
     stop_token_ids: list[NonNegativeInt] | None = None
+    # Sluice's extension: Unix time in milliseconds after which the job is not worth running
+    sluice_deadline_ms: NonNegativeInt | None = None
 
     @property
     def stop_strings(self) -> list[str]:

@@ -6,7 +6,10 @@ stable code and a message that says why.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -45,7 +48,9 @@ class JobHandler:
         value = record.value or b""
         custom_id = peek_custom_id(value, content_type) or _record_ref(record)
         try:
-            result = await self._run(value, content_type, record)
+            result = await self._run(value, content_type, record, _header_deadline(headers))
+        except DeadlineExceeded as e:
+            result = to_error_line(custom_id, "deadline_exceeded", str(e), 408)
         except JobDecodeError as e:
             result = to_error_line(custom_id, e.code, e.message)
         except TranslationError as e:
@@ -57,18 +62,47 @@ class JobHandler:
             result = to_error_line(custom_id, "engine_error", f"{type(e).__name__}: {e}", 500)
         return Outcome(result, content_type, reply_to)
 
-    async def _run(self, value: bytes, content_type: str, record: ConsumerRecord) -> BatchResponseLine:
+    async def _run(
+        self, value: bytes, content_type: str, record: ConsumerRecord, deadline: float | None
+    ) -> BatchResponseLine:
+        _check_deadline(deadline, "before decoding")
         job = decode_job(value, content_type)
+        if job.body.sluice_deadline_ms is not None:
+            deadline = min(deadline or math.inf, job.body.sluice_deadline_ms / 1000)
+        _check_deadline(deadline, "before inference")
         request = to_engine_request(job, self._worker.engine.tokenizer, self._default_max_tokens)
         # Unique per delivery: a redelivered record is a new engine request.
         request_id = f"{_record_ref(record)}/{uuid.uuid4().hex[:8]}"
-        output = await self._worker.generate(
-            request_id, request.prompt_token_ids, request.params, request.priority
-        )
+        generation = self._worker.generate(request_id, request.prompt_token_ids, request.params, request.priority)
+        try:
+            # Past the deadline the awaiting task is cancelled, which aborts the request in the engine.
+            timeout = None if deadline is None else deadline - time.time()
+            output = await asyncio.wait_for(generation, timeout)
+        except TimeoutError:
+            raise DeadlineExceeded("the deadline passed during inference; the request was aborted") from None
         tokenizer = self._worker.engine.tokenizer
         return to_result_line(
             job, output, self._model_name, enqueued_time=record.timestamp / 1000, tokenizer=tokenizer
         )
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+def _header_deadline(headers: dict[str, str]) -> float | None:
+    """The `sluice-deadline-ms` header (Unix time in milliseconds) in seconds; None if absent or unreadable."""
+    raw = headers.get("sluice-deadline-ms")
+    try:
+        return int(raw) / 1000 if raw else None
+    except ValueError:
+        return None
+
+
+def _check_deadline(deadline: float | None, when: str) -> None:
+    if deadline is not None and time.time() >= deadline:
+        late_ms = (time.time() - deadline) * 1000
+        raise DeadlineExceeded(f"the job's deadline passed {late_ms:.0f} ms ago, {when}; it was not run")
 
 
 def header_dict(headers) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import msgspec
 import pytest
@@ -118,3 +119,34 @@ async def test_reply_to_header_routes_the_result_to_that_topic(
     async with run_service(service_config):
         (reply,) = await kafka.read(reply_topic, 1)
     assert decode_result(reply.value).custom_id == "chat-1"
+
+
+async def test_jobs_past_their_deadline_get_deadline_exceeded_without_inference(
+    kafka, service_config, run_service
+):
+    now_ms = int(time.time() * 1000)
+    late_header = (
+        b"late-header",
+        json.dumps({**COMPLETION_JOB, "custom_id": "late-header"}).encode(),
+        [("sluice-deadline-ms", str(now_ms - 1000).encode())],
+    )
+    late_body = {
+        **COMPLETION_JOB,
+        "custom_id": "late-body",
+        "body": {**COMPLETION_JOB["body"], "sluice_deadline_ms": now_ms - 1000},
+    }
+    in_time = {
+        **COMPLETION_JOB,
+        "custom_id": "in-time",
+        "body": {**COMPLETION_JOB["body"], "sluice_deadline_ms": now_ms + 600_000},
+    }
+    await kafka.post(service_config.jobs_topics[0], [late_header, _job(late_body), _job(in_time)])
+    async with run_service(service_config):
+        results = _by_id(await kafka.read(service_config.results_topic, 3))
+        dead = await kafka.read(service_config.dlq_topic, 2)
+    for custom_id in ("late-header", "late-body"):
+        result = decode_result(results[custom_id].value)
+        assert result.response.status_code == 408 and result.error.code == "deadline_exceeded", custom_id
+        assert "it was not run" in result.error.message
+    assert decode_result(results["in-time"].value).error is None
+    assert {dict(r.headers)["sluice-error-code"] for r in dead} == {b"deadline_exceeded"}

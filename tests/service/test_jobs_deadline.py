@@ -1,0 +1,44 @@
+"""JobHandler: a deadline that passes during inference aborts the request (in-memory engine double)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from aiokafka.structs import ConsumerRecord
+
+from service.jobs import JobHandler
+
+
+class _SlowEngine:
+    """Stands in for AsyncLLMEngine: never finishes, records whether it was cancelled (= aborted)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.engine = type("Engine", (), {"tokenizer": tokenizer})()
+        self.cancelled = False
+
+    async def generate(self, request_id, prompt, params, priority=0):
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+
+def _record(body: dict) -> ConsumerRecord:
+    value = json.dumps({"custom_id": "slow", "url": "/v1/completions", "body": body}).encode()
+    return ConsumerRecord("jobs", 0, 7, int(time.time() * 1000), 0, b"slow", value, None, len(value), 4, [])
+
+
+async def test_a_deadline_passing_during_inference_aborts_the_request(tiny_engine):
+    slow = _SlowEngine(tiny_engine.tokenizer)
+    handler = JobHandler(slow, "tiny", default_max_tokens=8)
+    deadline_ms = int((time.time() + 0.3) * 1000)
+    started = time.monotonic()
+    outcome = await handler.handle(_record({"prompt": "hello", "sluice_deadline_ms": deadline_ms}))
+    assert time.monotonic() - started < 5
+    assert outcome.result.error.code == "deadline_exceeded"
+    assert "during inference" in outcome.result.error.message
+    assert outcome.result.response.status_code == 408
+    assert slow.cancelled
