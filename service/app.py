@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from engine import LLMEngine
@@ -36,7 +37,8 @@ class Service:
             config.client_id,
             config.commit_interval_ms,
         )
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[asyncio.Task, TopicPartition] = {}  # in-flight jobs and their partitions
+        self.consumer.on_revoke = self._abort_partitions
         self.num_results = 0
         self.num_errors = 0
 
@@ -63,8 +65,8 @@ class Service:
                     continue
                 for record in await self.consumer.fetch(max_records=free):
                     task = asyncio.create_task(self._process(record))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    self._tasks[task] = TopicPartition(record.topic, record.partition)
+                    task.add_done_callback(self._forget_task)
         finally:
             stop_waiter.cancel()
 
@@ -82,6 +84,19 @@ class Service:
         await self.publisher.stop()
         await self.worker.stop()
         log.info("stopped after %d results (%d errors)", self.num_results, self.num_errors)
+
+    async def _abort_partitions(self, revoked: set[TopicPartition]) -> None:
+        """Revoked partitions' in-flight jobs are cancelled (aborted in the engine), not published:
+        the partitions' next owner redoes them from the last commit."""
+        tasks = [task for task, tp in self._tasks.items() if tp in revoked and not task.done()]
+        if tasks:
+            log.info("aborting %d in-flight jobs of revoked partitions", len(tasks))
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _forget_task(self, task: asyncio.Task) -> None:
+        self._tasks.pop(task, None)
 
     async def _process(self, record: ConsumerRecord) -> None:
         outcome = await self.handler.handle(record)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -37,6 +38,9 @@ class JobConsumer:
         self._commit_interval = commit_interval_ms / 1000
         self._commit_task: asyncio.Task | None = None
         self._commit_lock = asyncio.Lock()
+        # Called with the revoked partitions before their final commit: the owner of in-flight
+        # jobs stops them there, so nothing is published for a partition after it left.
+        self.on_revoke: Callable[[set[TopicPartition]], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -90,7 +94,9 @@ class JobConsumer:
             await self.commit()
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self.commit(revoked)
+        if self.on_revoke is not None:
+            await self.on_revoke(revoked)
+        await self.commit(revoked)  # what finished before; the aborted jobs stay uncommitted
         self._tracker.forget(revoked)
 
 

@@ -129,5 +129,6 @@ async def running_service(config: ServiceConfig, engine: LLMEngine):
 
 @pytest.fixture
 def run_service(tiny_engine):
-    """`async with run_service(config) as service:` runs a Service on the shared tiny engine."""
-    return lambda config: running_service(config, tiny_engine)
+    """`async with run_service(config) as service:` runs a Service on the shared tiny engine
+    (or on `engine=`: two services in one test each need their own)."""
+    return lambda config, engine=None: running_service(config, engine or tiny_engine)
