@@ -15,6 +15,7 @@ from aiokafka.structs import ConsumerRecord
 from engine import LLMEngine
 from engine.async_engine import AsyncLLMEngine
 from schemas.codec import encode_result
+from service.backpressure import Backpressure
 from service.config import ServiceConfig
 from service.consumer import JobConsumer
 from service.jobs import JobHandler, Outcome
@@ -28,7 +29,12 @@ class Service:
     def __init__(self, config: ServiceConfig, engine: LLMEngine) -> None:
         self.config = config
         self.worker = AsyncLLMEngine(engine)
-        self.handler = JobHandler(self.worker, config.served_model_name, config.default_max_tokens)
+        self.backpressure = Backpressure(
+            config.max_in_flight, config.max_in_flight_tokens, config.resume_fraction
+        )
+        self.handler = JobHandler(
+            self.worker, config.served_model_name, config.default_max_tokens, self.backpressure
+        )
         self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id)
         self.consumer = JobConsumer(
             config.kafka_bootstrap,
@@ -55,20 +61,29 @@ class Service:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume and process jobs until `stop` is set, keeping at most max_in_flight jobs open."""
-        stop_waiter = asyncio.create_task(stop.wait())
-        try:
-            while not stop.is_set():
-                free = self.config.max_in_flight - len(self._tasks)
-                if free <= 0:
-                    await asyncio.wait([*self._tasks, stop_waiter], return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                for record in await self.consumer.fetch(max_records=free):
-                    task = asyncio.create_task(self._process(record))
-                    self._tasks[task] = TopicPartition(record.topic, record.partition)
-                    task.add_done_callback(self._forget_task)
-        finally:
-            stop_waiter.cancel()
+        """Consume and process jobs until `stop` is set; pause the partitions past the high-water mark."""
+        backpressure = self.backpressure
+        while not stop.is_set():
+            action = backpressure.update()
+            if backpressure.is_paused:
+                self.consumer.pause()  # every time: partitions assigned meanwhile must pause too
+            if action is not None:
+                log.info(
+                    "%s consuming: %d jobs, %d tokens in flight",
+                    action,
+                    backpressure.jobs,
+                    backpressure.tokens,
+                )
+                if action == "resume":
+                    self.consumer.resume()
+            # Keep polling while paused: the group drops a member that stops polling.
+            for record in await self.consumer.fetch(
+                max_records=max(1, backpressure.free_jobs), timeout_ms=100
+            ):
+                backpressure.add(jobs=1)
+                task = asyncio.create_task(self._process(record))
+                self._tasks[task] = TopicPartition(record.topic, record.partition)
+                task.add_done_callback(self._forget_task)
 
     async def stop(self) -> None:
         """Finish in-flight jobs (up to drain_timeout_s), commit, and close everything."""
@@ -97,6 +112,7 @@ class Service:
 
     def _forget_task(self, task: asyncio.Task) -> None:
         self._tasks.pop(task, None)
+        self.backpressure.remove(jobs=1)
 
     async def _process(self, record: ConsumerRecord) -> None:
         outcome = await self.handler.handle(record)

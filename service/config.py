@@ -52,7 +52,11 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     gpu_memory_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.9  # CUDA: share of GPU memory Sluice uses
     attention_backend: Literal["auto", "flash", "sdpa"] = "auto"
     # Admission
-    max_in_flight: Annotated[int, Meta(ge=1)] = 64  # jobs consumed but not yet published
+    max_in_flight: Annotated[int, Meta(ge=1)] = 64  # jobs consumed but not yet published: pause at this many
+    max_in_flight_tokens: Annotated[int, Meta(ge=1)] = (
+        262_144  # prompt + output tokens in flight: pause at this many
+    )
+    resume_fraction: Annotated[float, Meta(gt=0, lt=1)] = 0.5  # resume below this share of both limits
     drain_timeout_s: Annotated[float, Meta(ge=0)] = 30.0  # on shutdown, wait this long for in-flight jobs
     # Where demo models and other generated files go
     build_dir: str = str(REPO_ROOT / "build")

@@ -64,6 +64,17 @@ class JobConsumer:
             self._tracker.track(TopicPartition(r.topic, r.partition), r.offset)
         return records
 
+    def pause(self) -> None:
+        """Stop fetching from every assigned partition (fetch() still polls, keeping the membership)."""
+        self._consumer.pause(*self._consumer.assignment())
+
+    def resume(self) -> None:
+        self._consumer.resume(*self._consumer.assignment())
+
+    @property
+    def paused(self) -> set[TopicPartition]:
+        return set(self._consumer.paused())
+
     def done(self, record: ConsumerRecord) -> None:
         """The record's outcome is acknowledged by the broker: its offset may be committed."""
         self._tracker.done(TopicPartition(record.topic, record.partition), record.offset)

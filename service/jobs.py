@@ -19,6 +19,7 @@ from engine import RequestRejected
 from engine.async_engine import AsyncLLMEngine
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
+from service.backpressure import Backpressure
 from service.translate import TranslationError, to_engine_request, to_error_line, to_result_line
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,15 @@ class Outcome:
 
 
 class JobHandler:
-    def __init__(self, worker: AsyncLLMEngine, model_name: str, default_max_tokens: int) -> None:
+    def __init__(
+        self,
+        worker: AsyncLLMEngine,
+        model_name: str,
+        default_max_tokens: int,
+        backpressure: Backpressure | None = None,
+    ) -> None:
         self._worker = worker
+        self._backpressure = backpressure or Backpressure(max_jobs=2**31, max_tokens=2**62)
         self._model_name = model_name
         self._default_max_tokens = default_max_tokens
 
@@ -73,13 +81,19 @@ class JobHandler:
         request = to_engine_request(job, self._worker.engine.tokenizer, self._default_max_tokens)
         # Unique per delivery: a redelivered record is a new engine request.
         request_id = f"{_record_ref(record)}/{uuid.uuid4().hex[:8]}"
-        generation = self._worker.generate(request_id, request.prompt_token_ids, request.params, request.priority)
+        generation = self._worker.generate(
+            request_id, request.prompt_token_ids, request.params, request.priority
+        )
+        tokens = len(request.prompt_token_ids) + request.params.max_tokens  # what it may hold in the KV cache
+        self._backpressure.add(tokens=tokens)
         try:
             # Past the deadline the awaiting task is cancelled, which aborts the request in the engine.
             timeout = None if deadline is None else deadline - time.time()
             output = await asyncio.wait_for(generation, timeout)
         except TimeoutError:
             raise DeadlineExceeded("the deadline passed during inference; the request was aborted") from None
+        finally:
+            self._backpressure.remove(tokens=tokens)
         tokenizer = self._worker.engine.tokenizer
         return to_result_line(
             job, output, self._model_name, enqueued_time=record.timestamp / 1000, tokenizer=tokenizer
