@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -21,6 +22,7 @@ from service.consumer import JobConsumer
 from service.jobs import JobHandler, Outcome
 from service.publisher import Headers, ResultPublisher
 from service.topics import ensure_topics
+from service.tracing import JobTracer, traceparent_headers
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class Service:
             config.commit_interval_ms,
         )
         self._tasks: dict[asyncio.Task, TopicPartition] = {}  # in-flight jobs and their partitions
+        self.tracer: JobTracer | None = None
         self.consumer.on_revoke = self._abort_partitions
         self.num_results = 0
         self.num_errors = 0
@@ -55,6 +58,12 @@ class Service:
             await ensure_topics(c.kafka_bootstrap, topics, c.topic_partitions, c.topic_replication)
         self.worker.start()
         await self.publisher.start()
+        if c.traces_enabled:
+            loop = asyncio.get_running_loop()
+            self.tracer = JobTracer(
+                lambda data: loop.call_soon_threadsafe(self.publisher.send_nowait, c.traces_topic, data),
+                c.served_model_name,
+            )
         await self.consumer.start()
         log.info(
             "consuming %s as group %r; results to %s", ", ".join(c.jobs_topics), c.group_id, c.results_topic
@@ -96,6 +105,9 @@ class Service:
                 task.cancel()  # left uncommitted: the partition's next owner redoes these jobs
             await asyncio.gather(*pending, return_exceptions=True)
         await self.consumer.stop()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.shutdown)  # exports the last spans (through the loop)
+            await asyncio.sleep(0.05)
         await self.publisher.stop()
         await self.worker.stop()
         log.info("stopped after %d results (%d errors)", self.num_results, self.num_errors)
@@ -115,11 +127,29 @@ class Service:
         self.backpressure.remove(jobs=1)
 
     async def _process(self, record: ConsumerRecord) -> None:
+        span = self.tracer.start_job(record) if self.tracer else None
+        try:
+            outcome = await self._handle_and_publish(record, span)
+        except asyncio.CancelledError:
+            if span is not None:
+                self.tracer.end_job(span, "aborted")
+            raise
+        if span is not None:
+            self.tracer.end_job(span, outcome.result.error.code if outcome.is_error else None)
+
+    async def _handle_and_publish(self, record: ConsumerRecord, span) -> Outcome:
         outcome = await self.handler.handle(record)
         headers: Headers = [("content-type", outcome.content_type.encode())]
-        headers += [(k, v) for k, v in record.headers or () if k.lower() == "traceparent"]
+        if span is not None:
+            if outcome.output is not None:
+                out = outcome.output
+                self.tracer.record_inference(span, out.metrics, len(out.prompt_token_ids), len(out.token_ids))
+            headers += traceparent_headers(span)  # same trace as the job's producer, this job's span
+        else:
+            headers += [(k, v) for k, v in record.headers or () if k.lower() == "traceparent"]
         value = encode_result(outcome.result, outcome.content_type)
         key = outcome.result.custom_id.encode()
+        publish_start = time.time_ns()
         await self.publisher.publish(outcome.reply_to or self.config.results_topic, key, value, headers)
         if outcome.is_error:
             await self.publisher.publish(
@@ -129,8 +159,11 @@ class Service:
             log.warning(
                 "job %s/%d/%d failed: %s", record.topic, record.partition, record.offset, outcome.result.error
             )
+        if span is not None:
+            self.tracer.record_publish(span, publish_start)
         self.num_results += 1
         self.consumer.done(record)
+        return outcome
 
 
 def _dead_letter_headers(record: ConsumerRecord, outcome: Outcome) -> Headers:

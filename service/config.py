@@ -31,7 +31,8 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     )
     results_topic: str = "sluice.results"  # a job's `reply_to` header overrides it
     dlq_topic: str = "sluice.dlq"  # dead letters: the original record plus the reason in headers
-    traces_topic: str = "sluice.traces"
+    traces_topic: str = "sluice.traces"  # OTLP protobuf spans, one ExportTraceServiceRequest per record
+    traces_enabled: bool = True
     group_id: str = "sluice"  # consumer group; instances sharing it share the partitions
     client_id: str = "sluice"
     create_topics: bool = True  # create missing topics at start-up (needs create rights)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiokafka.structs import ConsumerRecord
 
-from engine import RequestRejected
+from engine import RequestOutput, RequestRejected
 from engine.async_engine import AsyncLLMEngine
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
@@ -30,6 +30,7 @@ class Outcome:
     result: BatchResponseLine
     content_type: str  # the job's own encoding, used for its result too
     reply_to: str | None  # the job's `reply_to` header: where its result goes instead of the default
+    output: RequestOutput | None = None  # the engine's output when inference ran (for spans)
 
     @property
     def is_error(self) -> bool:
@@ -55,8 +56,9 @@ class JobHandler:
         reply_to = headers.get("reply_to") or headers.get("reply-to") or None
         value = record.value or b""
         custom_id = peek_custom_id(value, content_type) or _record_ref(record)
+        output = None
         try:
-            result = await self._run(value, content_type, record, _header_deadline(headers))
+            result, output = await self._run(value, content_type, record, _header_deadline(headers))
         except DeadlineExceeded as e:
             result = to_error_line(custom_id, "deadline_exceeded", str(e), 408)
         except JobDecodeError as e:
@@ -68,11 +70,11 @@ class JobHandler:
         except Exception as e:
             log.exception("job %s failed in the engine", _record_ref(record))
             result = to_error_line(custom_id, "engine_error", f"{type(e).__name__}: {e}", 500)
-        return Outcome(result, content_type, reply_to)
+        return Outcome(result, content_type, reply_to, output)
 
     async def _run(
         self, value: bytes, content_type: str, record: ConsumerRecord, deadline: float | None
-    ) -> BatchResponseLine:
+    ) -> tuple[BatchResponseLine, RequestOutput]:
         _check_deadline(deadline, "before decoding")
         job = decode_job(value, content_type)
         if job.body.sluice_deadline_ms is not None:
@@ -95,9 +97,10 @@ class JobHandler:
         finally:
             self._backpressure.remove(tokens=tokens)
         tokenizer = self._worker.engine.tokenizer
-        return to_result_line(
+        line = to_result_line(
             job, output, self._model_name, enqueued_time=record.timestamp / 1000, tokenizer=tokenizer
         )
+        return line, output
 
 
 class DeadlineExceeded(Exception):

@@ -29,13 +29,29 @@ class ResultPublisher:
             request_timeout_ms=30_000,
         )
         self._stopping = False
+        self._pending: set[asyncio.Future] = set()  # best-effort sends not yet queued
 
     async def start(self) -> None:
         await self._producer.start()
 
     async def stop(self) -> None:
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)  # queued before stop: sent
         self._stopping = True
         await self._producer.stop()  # flushes what is pending
+
+    def send_nowait(self, topic: str, value: bytes) -> None:
+        """Best effort, no acknowledgement awaited (traces): queued now, sent with the next batch."""
+        if self._stopping:
+            return
+        task = asyncio.ensure_future(self._producer.send(topic, value=value))
+        self._pending.add(task)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Future) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("best-effort send failed: %s", task.exception())
 
     async def publish(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> None:
         """Send and wait for the broker's acknowledgement, retrying broker errors until it comes.

@@ -1,0 +1,135 @@
+"""Tracing: one span per job, with children for where its time went, exported as OTLP to Kafka.
+
+The traces topic holds OTLP protobuf ExportTraceServiceRequest messages, which is what the
+OpenTelemetry Collector's Kafka receiver reads (its default `otlp_proto` encoding), so any
+tracing backend gets Sluice's spans without code of ours. The parent context comes from the
+job's W3C `traceparent` header; the result carries the job span's `traceparent`.
+Prompt and completion text are never recorded: spans carry counts and timings only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from aiokafka.structs import ConsumerRecord
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from engine import RequestMetrics
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+class KafkaSpanExporter(SpanExporter):
+    """Encodes each batch of finished spans as one ExportTraceServiceRequest and hands the bytes on."""
+
+    def __init__(self, send: Callable[[bytes], None]) -> None:
+        self._send = send  # called from the span processor's thread; must not block
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            self._send(encode_spans(spans).SerializeToString())
+        except Exception:  # traces are best effort: a job never fails for its spans
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+class JobTracer:
+    def __init__(self, send: Callable[[bytes], None], model_name: str, service_name: str = "sluice") -> None:
+        resource = Resource.create({"service.name": service_name, "sluice.model": model_name})
+        self._provider = TracerProvider(resource=resource)
+        self._provider.add_span_processor(
+            BatchSpanProcessor(KafkaSpanExporter(send), schedule_delay_millis=200)
+        )
+        self._tracer = self._provider.get_tracer("sluice")
+        self._model_name = model_name
+
+    def shutdown(self) -> None:
+        """Export what is pending, then stop."""
+        self._provider.shutdown()
+
+    def start_job(self, record: ConsumerRecord) -> trace.Span:
+        """The job's span, started at the record's Kafka timestamp, child of its producer's context."""
+        parent = _extract(record.headers)
+        return self._tracer.start_span(
+            f"{record.topic} process",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            start_time=record.timestamp * 1_000_000,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.destination.name": record.topic,
+                "messaging.kafka.destination.partition": record.partition,
+                "messaging.kafka.message.offset": record.offset,
+                "sluice.model": self._model_name,
+            },
+        )
+
+    def record_inference(
+        self, job_span: trace.Span, metrics: RequestMetrics, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        """Children for queue wait, prefill and decode, from the engine's timestamps."""
+        start = job_span.start_time  # ns
+        arrival = _ns(metrics.arrival_time)
+        first = _ns(metrics.first_token_time) if metrics.first_token_time else None
+        finished = _ns(metrics.finished_time) if metrics.finished_time else _ns(time.time())
+        self._child(job_span, "queue wait", start, max(start, arrival))
+        if first is not None:
+            self._child(job_span, "prefill", arrival, first)
+            self._child(job_span, "decode", first, finished)
+        ttft_ms = None if first is None else (first - arrival) / 1e6
+        tpot_ms = (
+            (finished - first) / 1e6 / (completion_tokens - 1) if first and completion_tokens > 1 else None
+        )
+        job_span.set_attributes(
+            {
+                "gen_ai.usage.input_tokens": prompt_tokens,
+                "gen_ai.usage.output_tokens": completion_tokens,
+                **({"sluice.time_to_first_token_ms": ttft_ms} if ttft_ms is not None else {}),
+                **({"sluice.time_per_output_token_ms": tpot_ms} if tpot_ms is not None else {}),
+                "sluice.num_preemptions": metrics.num_preemptions,
+            }
+        )
+
+    def record_publish(self, job_span: trace.Span, started_ns: int) -> None:
+        self._child(job_span, "publish", started_ns, time.time_ns(), SpanKind.PRODUCER)
+
+    def end_job(self, job_span: trace.Span, error_code: str | None) -> None:
+        if error_code is not None:
+            job_span.set_attribute("error.type", error_code)
+            job_span.set_status(Status(StatusCode.ERROR, error_code))
+        job_span.end()
+
+    def _child(
+        self, parent: trace.Span, name: str, start_ns: int, end_ns: int, kind=SpanKind.INTERNAL
+    ) -> None:
+        span = self._tracer.start_span(
+            name, context=trace.set_span_in_context(parent), kind=kind, start_time=start_ns
+        )
+        span.end(end_time=max(start_ns, end_ns))
+
+
+def traceparent_headers(span: trace.Span) -> list[tuple[str, bytes]]:
+    """The span's context as W3C trace-context headers, for the result record."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    return [(key, value.encode()) for key, value in carrier.items()]
+
+
+def _extract(headers) -> Context:
+    carrier = {k.lower(): v.decode("latin-1") for k, v in headers or () if v is not None}
+    return _PROPAGATOR.extract(carrier)
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
