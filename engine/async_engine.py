@@ -60,6 +60,11 @@ class AsyncLLMEngine:
             self._futures.pop(request_id, None)
 
     @property
+    def is_running(self) -> bool:
+        """The engine thread is alive (liveness)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._futures)
 

@@ -19,7 +19,9 @@ from schemas.codec import encode_result
 from service.backpressure import Backpressure
 from service.config import ServiceConfig
 from service.consumer import JobConsumer
+from service.http import HealthServer
 from service.jobs import JobHandler, Outcome
+from service.metrics import ServiceMetrics
 from service.publisher import Headers, ResultPublisher
 from service.topics import ensure_topics
 from service.tracing import JobTracer, traceparent_headers
@@ -47,6 +49,16 @@ class Service:
         )
         self._tasks: dict[asyncio.Task, TopicPartition] = {}  # in-flight jobs and their partitions
         self.tracer: JobTracer | None = None
+        self.metrics = ServiceMetrics()
+        self._register_gauges()
+        self._ready = False
+        self.http = HealthServer(
+            config.http_host,
+            config.http_port,
+            self.metrics.render,
+            lambda: self.worker.is_running,
+            lambda: self._ready,
+        )
         self.consumer.on_revoke = self._abort_partitions
         self.num_results = 0
         self.num_errors = 0
@@ -65,6 +77,8 @@ class Service:
                 c.served_model_name,
             )
         await self.consumer.start()
+        await self.http.start()
+        self._ready = True
         log.info(
             "consuming %s as group %r; results to %s", ", ".join(c.jobs_topics), c.group_id, c.results_topic
         )
@@ -90,6 +104,7 @@ class Service:
                 max_records=max(1, backpressure.free_jobs), timeout_ms=100
             ):
                 backpressure.add(jobs=1)
+                self.metrics.jobs_consumed.labels(record.topic).inc()
                 task = asyncio.create_task(self._process(record))
                 self._tasks[task] = TopicPartition(record.topic, record.partition)
                 task.add_done_callback(self._forget_task)
@@ -110,6 +125,7 @@ class Service:
             await asyncio.sleep(0.05)
         await self.publisher.stop()
         await self.worker.stop()
+        await self.http.stop()
         log.info("stopped after %d results (%d errors)", self.num_results, self.num_errors)
 
     async def _abort_partitions(self, revoked: set[TopicPartition]) -> None:
@@ -121,6 +137,44 @@ class Service:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _count(self, record: ConsumerRecord, outcome: Outcome) -> None:
+        m = self.metrics
+        m.latency.observe(max(0.0, time.time() - record.timestamp / 1000))
+        if outcome.is_error:
+            m.jobs_failed.labels(outcome.result.error.code).inc()
+            m.dead_letters.inc()
+        else:
+            m.jobs_completed.inc()
+        if (out := outcome.output) is not None:
+            m.prompt_tokens.inc(len(out.prompt_token_ids))
+            m.output_tokens.inc(len(out.token_ids))
+            m.queue_wait.observe(max(0.0, out.metrics.arrival_time - record.timestamp / 1000))
+            if (ttft := _seconds(out.metrics.first_token_time, out.metrics.arrival_time)) is not None:
+                m.ttft.observe(ttft)
+
+    def _register_gauges(self) -> None:
+        engine, bp, m = self.worker.engine, self.backpressure, self.metrics
+        bm = engine.block_manager
+        m.gauge("sluice_jobs_in_flight", "Jobs consumed, not yet published", lambda: bp.jobs)
+        m.gauge("sluice_tokens_in_flight", "Prompt + requested output tokens in flight", lambda: bp.tokens)
+        m.gauge(
+            "sluice_consumer_paused", "1 while backpressure pauses the partitions", lambda: int(bp.is_paused)
+        )
+        m.gauge("sluice_consumer_lag", "Records of assigned partitions not yet done", self.consumer.lag)
+        m.gauge(
+            "sluice_engine_running",
+            "Sequences in the engine's running batch",
+            lambda: len(engine.scheduler.running),
+        )
+        m.gauge(
+            "sluice_engine_waiting", "Sequences waiting for the engine", lambda: len(engine.scheduler.waiting)
+        )
+        m.gauge(
+            "sluice_kv_cache_usage",
+            "Share of KV-cache blocks in use",
+            lambda: 1 - bm.num_free_blocks / bm.num_blocks,
+        )
 
     def _forget_task(self, task: asyncio.Task) -> None:
         self._tasks.pop(task, None)
@@ -161,9 +215,14 @@ class Service:
             )
         if span is not None:
             self.tracer.record_publish(span, publish_start)
+        self._count(record, outcome)
         self.num_results += 1
         self.consumer.done(record)
         return outcome
+
+
+def _seconds(later: float | None, earlier: float) -> float | None:
+    return None if later is None else max(0.0, later - earlier)
 
 
 def _dead_letter_headers(record: ConsumerRecord, outcome: Outcome) -> Headers:

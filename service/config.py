@@ -59,6 +59,9 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     )
     resume_fraction: Annotated[float, Meta(gt=0, lt=1)] = 0.5  # resume below this share of both limits
     drain_timeout_s: Annotated[float, Meta(ge=0)] = 30.0  # on shutdown, wait this long for in-flight jobs
+    # HTTP: /metrics (Prometheus), /healthz (liveness), /readyz (readiness)
+    http_host: str = "0.0.0.0"
+    http_port: Annotated[int, Meta(ge=0, le=65535)] = 9464  # 0: any free port
     # Where demo models and other generated files go
     build_dir: str = str(REPO_ROOT / "build")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

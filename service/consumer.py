@@ -75,6 +75,15 @@ class JobConsumer:
     def paused(self) -> set[TopicPartition]:
         return set(self._consumer.paused())
 
+    def lag(self) -> int:
+        """Records of the assigned partitions not yet done: the partition end minus its watermark."""
+        total = 0
+        for tp in self._consumer.assignment():
+            end, mark = self._consumer.highwater(tp), self._tracker.watermark(tp)
+            if end is not None and mark is not None:
+                total += max(0, end - mark)
+        return total
+
     def done(self, record: ConsumerRecord) -> None:
         """The record's outcome is acknowledged by the broker: its offset may be committed."""
         self._tracker.done(TopicPartition(record.topic, record.partition), record.offset)

@@ -104,6 +104,8 @@ def service_config(kafka_bootstrap, topic_prefix, tiny_checkpoint) -> ServiceCon
         model=str(tiny_checkpoint),
         model_name="tiny",
         default_max_tokens=8,
+        http_host="127.0.0.1",
+        http_port=0,  # several services may run in one test
     )
 
 

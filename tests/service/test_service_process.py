@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,12 @@ JOB = {
     "url": "/v1/chat/completions",
     "body": {"model": "demo", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8},
 }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _wait_for_line(log_path: Path, needle: str, process: subprocess.Popen, timeout: float) -> None:
@@ -46,6 +54,8 @@ def test_service_builds_demo_model_answers_a_submitted_job_and_stops_cleanly_on_
         "SLUICE_GROUP_ID": f"{topic_prefix}-group",
         "SLUICE_BUILD_DIR": str(tmp_path / "build"),  # no model configured: the demo model is built here
         "SLUICE_MODEL": "",
+        "SLUICE_HTTP_HOST": "127.0.0.1",
+        "SLUICE_HTTP_PORT": str(http_port := _free_port()),
     }
     log_path = tmp_path / "service.log"
     with open(log_path, "w") as log:
@@ -67,6 +77,10 @@ def test_service_builds_demo_model_answers_a_submitted_job_and_stops_cleanly_on_
         result = json.loads(line)
         assert result["custom_id"] == "hello-1" and result["response"]["status_code"] == 200
         assert result["response"]["body"]["object"] == "chat.completion"
+
+        assert urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=10).status == 200
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
+        assert "sluice_jobs_completed_total 1.0" in metrics
 
         service.send_signal(signal.SIGINT)
         assert service.wait(timeout=60) == 0

@@ -1,0 +1,73 @@
+"""A minimal HTTP endpoint on the event loop: /metrics (Prometheus text), /healthz, /readyz.
+
+Liveness: the event loop answers and the engine thread is alive. Readiness: the service has
+started consuming. Anything else is 404. No framework: three GET routes do not need one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+class HealthServer:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        metrics: Callable[[], bytes],
+        is_live: Callable[[], bool],
+        is_ready: Callable[[], bool],
+    ) -> None:
+        self._host, self._port = host, port
+        self._routes = {
+            "/metrics": lambda: (200, "text/plain; version=0.0.4; charset=utf-8", metrics()),
+            "/healthz": lambda: _status(is_live()),
+            "/readyz": lambda: _status(is_ready()),
+        }
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self._host, self._port)
+        log.info("metrics and health on http://%s:%d/metrics, /healthz, /readyz", self._host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await asyncio.wait_for(reader.readline(), timeout=5)
+            while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b"\n", b""):
+                pass  # headers: nothing here needs them
+            method, path, *_ = request_line.decode("latin-1").split() or ["", ""]
+            route = self._routes.get(path.split("?")[0])
+            if route is None:
+                status, content_type, body = 404, "text/plain", b"not found\n"
+            elif method != "GET":
+                status, content_type, body = 405, "text/plain", b"GET only\n"
+            else:
+                status, content_type, body = route()
+            head = f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+            head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, ValueError):
+            pass  # a client that sends garbage or goes away gets nothing
+        finally:
+            writer.close()
+
+
+def _status(ok: bool) -> tuple[int, str, bytes]:
+    return (200, "text/plain", b"ok\n") if ok else (503, "text/plain", b"not ready\n")

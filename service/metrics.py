@@ -1,0 +1,54 @@
+"""Prometheus metrics of one service instance, in a registry of its own.
+
+Counters and histograms are updated as jobs finish; gauges that describe current state
+(in-flight work, engine queue, KV-cache use, consumer lag) are read when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600, 1800)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.jobs_consumed = Counter("sluice_jobs_consumed", "Job records consumed", ["topic"], registry=r)
+        self.jobs_completed = Counter("sluice_jobs_completed", "Jobs answered with a result", registry=r)
+        self.jobs_failed = Counter(
+            "sluice_jobs_failed", "Jobs answered with an error result", ["code"], registry=r
+        )
+        self.dead_letters = Counter(
+            "sluice_dead_letters", "Records sent to the dead-letter topic", registry=r
+        )
+        self.prompt_tokens = Counter("sluice_prompt_tokens", "Prompt tokens of answered jobs", registry=r)
+        self.output_tokens = Counter("sluice_output_tokens", "Generated tokens of answered jobs", registry=r)
+        self.latency = Histogram(
+            "sluice_job_latency_seconds",
+            "Kafka timestamp to result published",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "sluice_queue_wait_seconds",
+            "Kafka timestamp to engine admission",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "sluice_time_to_first_token_seconds",
+            "Engine admission to first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """A gauge whose value is read at scrape time."""
+        Gauge(name, documentation, registry=self.registry).set_function(read)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
