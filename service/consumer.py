@@ -72,6 +72,10 @@ class JobConsumer:
         self._consumer.resume(*self._consumer.assignment())
 
     @property
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._consumer.assignment())
+
+    @property
     def paused(self) -> set[TopicPartition]:
         return set(self._consumer.paused())
 
