@@ -33,7 +33,8 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
-        raise NotImplementedError
+        """Copy this rank's part of a checkpoint tensor into `param`; each subclass shards its own way."""
+        raise TypeError(f"{type(self).__name__} defines no weight_loader: use a LinearBase subclass")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
