@@ -102,9 +102,10 @@ class LLMEngine:
         sampled = self.runner.execute(out)
         token_ids = sampled.sampled_token_ids.tolist() if sampled is not None else []  # the step's one sync
         self.scheduler.update_from_output(out, token_ids)
+        sampling = _sampling_seqs(out)
         if sampled is not None and sampled.logprobs is not None:
-            self._record_logprobs(out, token_ids, sampled.logprobs)
-        for seq in _sampling_seqs(out):
+            self._record_logprobs(sampling, token_ids, sampled.logprobs)
+        for seq in sampling:
             reason = self._stop_reason(seq)
             if reason is not None:
                 self.scheduler.finish(seq, *reason)
@@ -191,10 +192,10 @@ class LLMEngine:
             logprobs=self._logprobs.pop(seq.request_id, None),
         )
 
-    def _record_logprobs(self, out: SchedulerOutput, token_ids: list[int], logprobs) -> None:
+    def _record_logprobs(self, sampling: list[Sequence], token_ids: list[int], logprobs) -> None:
         sampled = logprobs.sampled_logprobs.tolist()
         top_ids, top_values = logprobs.top_token_ids.tolist(), logprobs.top_logprobs.tolist()
-        for row, seq in enumerate(_sampling_seqs(out)):
+        for row, seq in enumerate(sampling):
             record = self._logprobs.get(seq.request_id)
             if record is None:
                 continue

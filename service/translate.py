@@ -88,43 +88,26 @@ def to_result_line(
         completion_tokens=len(output.token_ids),
         total_tokens=len(output.prompt_token_ids) + len(output.token_ids),
     )
-    timings = _timings(output, enqueued_time)
-    request_id = f"req-{uuid.uuid4().hex}"
-    created = int(time.time())
+    # Both endpoints' bodies differ only in their id prefix and the shape of a choice.
+    common = dict(
+        created=int(time.time()), model=model_name, usage=usage, sluice=_timings(output, enqueued_time)
+    )
+    has_logprobs = output.logprobs is not None
     if job.url == CHAT_URL:
-        body = ChatCompletion(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=created,
-            model=model_name,
-            choices=[
-                ChatChoice(
-                    message=AssistantMessage(content=output.text),
-                    finish_reason=output.finish_reason,
-                    logprobs=chat_logprobs(output.logprobs, tokenizer)
-                    if output.logprobs is not None
-                    else None,
-                )
-            ],
-            usage=usage,
-            sluice=timings,
+        choice = ChatChoice(
+            message=AssistantMessage(content=output.text),
+            finish_reason=output.finish_reason,
+            logprobs=chat_logprobs(output.logprobs, tokenizer) if has_logprobs else None,
         )
+        body = ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", choices=[choice], **common)
     else:
-        body = TextCompletion(
-            id=f"cmpl-{uuid.uuid4().hex}",
-            created=created,
-            model=model_name,
-            choices=[
-                CompletionChoice(
-                    text=output.text,
-                    finish_reason=output.finish_reason,
-                    logprobs=completion_logprobs(output.logprobs, tokenizer)
-                    if output.logprobs is not None
-                    else None,
-                )
-            ],
-            usage=usage,
-            sluice=timings,
+        choice = CompletionChoice(
+            text=output.text,
+            finish_reason=output.finish_reason,
+            logprobs=completion_logprobs(output.logprobs, tokenizer) if has_logprobs else None,
         )
+        body = TextCompletion(id=f"cmpl-{uuid.uuid4().hex}", choices=[choice], **common)
+    request_id = f"req-{uuid.uuid4().hex}"
     return BatchResponseLine(
         id=f"batch_req_{uuid.uuid4().hex}",
         custom_id=job.custom_id,
