@@ -25,6 +25,7 @@ from service.metrics import ServiceMetrics
 from service.publisher import Headers, ResultPublisher
 from service.topics import ensure_topics
 from service.tracing import JobTracer, traceparent_headers
+from service.transactions import OutRecord, TransactionalDelivery
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,19 @@ class Service:
             self.worker, config.served_model_name, config.default_max_tokens, self.backpressure
         )
         self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id)
+        # exactly_once: results wait for their partition's next transaction instead of the publisher
+        self.transactions: TransactionalDelivery | None = None
+        if config.delivery == "exactly_once":
+            self.transactions = TransactionalDelivery(
+                config.kafka_bootstrap, config.group_id, config.client_id, config.transactional_id_prefix
+            )
         self.consumer = JobConsumer(
             config.kafka_bootstrap,
             config.jobs_topics,
             config.group_id,
             config.client_id,
             config.commit_interval_ms,
+            sink=self.transactions,
         )
         self._tasks: dict[asyncio.Task, TopicPartition] = {}  # in-flight jobs and their partitions
         self.tracer: JobTracer | None = None
@@ -119,7 +127,9 @@ class Service:
             for task in pending:
                 task.cancel()  # left uncommitted: the partition's next owner redoes these jobs
             await asyncio.gather(*pending, return_exceptions=True)
-        await self.consumer.stop()
+        await self.consumer.stop()  # the last commit (exactly_once: the last transactions)
+        if self.transactions is not None:
+            await self.transactions.stop()
         if self.tracer is not None:
             await asyncio.to_thread(self.tracer.shutdown)  # exports the last spans (through the loop)
             await asyncio.sleep(0.05)
@@ -202,13 +212,30 @@ class Service:
         else:
             headers += [(k, v) for k, v in record.headers or () if k.lower() == "traceparent"]
         value = encode_result(outcome.result, outcome.content_type)
-        key = outcome.result.custom_id.encode()
-        publish_start = time.time_ns()
-        await self.publisher.publish(outcome.reply_to or self.config.results_topic, key, value, headers)
-        if outcome.is_error:
-            await self.publisher.publish(
-                self.config.dlq_topic, record.key, record.value or b"", _dead_letter_headers(record, outcome)
+        out = [
+            OutRecord(
+                outcome.reply_to or self.config.results_topic,
+                outcome.result.custom_id.encode(),
+                value,
+                headers,
             )
+        ]
+        if outcome.is_error:
+            out.append(
+                OutRecord(
+                    self.config.dlq_topic,
+                    record.key,
+                    record.value or b"",
+                    _dead_letter_headers(record, outcome),
+                )
+            )
+        publish_start = time.time_ns()
+        if self.transactions is not None:
+            self.transactions.stage(TopicPartition(record.topic, record.partition), record.offset, out)
+        else:
+            for r in out:
+                await self.publisher.publish(r.topic, r.key, r.value, r.headers)
+        if outcome.is_error:
             self.num_errors += 1
             log.warning(
                 "job %s/%d/%d failed: %s", record.topic, record.partition, record.offset, outcome.result.error

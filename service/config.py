@@ -38,7 +38,12 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     create_topics: bool = True  # create missing topics at start-up (needs create rights)
     topic_partitions: Annotated[int, Meta(ge=1)] = 4  # for topics Sluice creates
     topic_replication: Annotated[int, Meta(ge=1)] = 1
-    commit_interval_ms: Annotated[int, Meta(ge=10)] = 500  # how often acknowledged offsets are committed
+    commit_interval_ms: Annotated[int, Meta(ge=10)] = 500  # how often finished offsets are committed
+    # at_least_once: results published as jobs finish, offsets committed once acknowledged (a crash
+    # may repeat a result); exactly_once: results and offsets in one transaction per partition per
+    # commit interval (results' readers must use isolation_level=read_committed)
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    transactional_id_prefix: str = ""  # exactly_once: `<prefix>.<topic>.<partition>`; default: group_id
     # Model and engine
     model: str = ""  # a Hugging Face checkpoint folder; empty: the built-in demo model
     model_name: str = ""  # the `model` reported in results; default: the folder's name

@@ -1,8 +1,10 @@
 """JobConsumer: the consumer group on the jobs topics, and the commits of finished work.
 
-Auto-commit is off. An offset is committed only once every job below it has its outcome
-acknowledged by the broker (OffsetTracker); commits run every `commit_interval_ms`, when
-partitions are revoked, and at shutdown.
+Auto-commit is off. An offset is committed only once every job below it is done (OffsetTracker);
+commits run every `commit_interval_ms`, when partitions are revoked, and at shutdown. Who
+commits is an OffsetSink: the consumer itself (at-least-once: "done" means the result is
+acknowledged by the broker) or a transactional producer (exactly-once: "done" means the result
+is staged, and the sink publishes it and commits its offset in one transaction).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -21,9 +24,29 @@ from service.offsets import OffsetTracker
 log = logging.getLogger(__name__)
 
 
+class OffsetSink(Protocol):
+    """Where committable offsets go; returns the offsets it committed."""
+
+    # True when the sink's assigned() may change what is committed (fencing a previous owner's
+    # transaction): the consumer then starts the partitions from a fresh read of the commits.
+    refetch_committed: bool
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]: ...
+
+    async def assigned(self, partitions: set[TopicPartition]) -> None: ...
+
+    async def revoked(self, partitions: set[TopicPartition]) -> None: ...
+
+
 class JobConsumer:
     def __init__(
-        self, bootstrap: str, topics: list[str], group_id: str, client_id: str, commit_interval_ms: int
+        self,
+        bootstrap: str,
+        topics: list[str],
+        group_id: str,
+        client_id: str,
+        commit_interval_ms: int,
+        sink: OffsetSink | None = None,
     ):
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
@@ -38,6 +61,7 @@ class JobConsumer:
         self._commit_interval = commit_interval_ms / 1000
         self._commit_task: asyncio.Task | None = None
         self._commit_lock = asyncio.Lock()
+        self._sink: OffsetSink = sink or _ConsumerCommits(self._consumer)
         # Called with the revoked partitions before their final commit: the owner of in-flight
         # jobs stops them there, so nothing is published for a partition after it left.
         self.on_revoke: Callable[[set[TopicPartition]], Awaitable[None]] | None = None
@@ -103,14 +127,10 @@ class JobConsumer:
                 offsets = {tp: o for tp, o in offsets.items() if tp in partitions}
             if not offsets:
                 return
-            try:
-                await self._consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
-            except (CommitFailedError, KafkaError) as e:
-                # Not fatal: the next commit covers these offsets, or the next owner redoes the jobs.
-                log.warning("commit of %s failed: %s", _describe(offsets), e)
-                return
-            self._tracker.mark_committed(offsets)
-            log.debug("committed %s", _describe(offsets))
+            committed = await self._sink.commit(offsets)
+            self._tracker.mark_committed(committed)
+            if committed:
+                log.debug("committed %s", _describe(committed))
 
     async def _commit_periodically(self) -> None:
         while True:
@@ -122,6 +142,36 @@ class JobConsumer:
             await self.on_revoke(revoked)
         await self.commit(revoked)  # what finished before; the aborted jobs stay uncommitted
         self._tracker.forget(revoked)
+        await self._sink.revoked(revoked)
+
+    async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._sink.assigned(assigned)
+        if self._sink.refetch_committed:
+            await self._consumer.seek_to_committed(*assigned)
+
+
+class _ConsumerCommits:
+    """At-least-once: the consumer group's own offset commit."""
+
+    refetch_committed = False
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self._consumer = consumer
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        try:
+            await self._consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
+        except (CommitFailedError, KafkaError) as e:
+            # Not fatal: the next commit covers these offsets, or the next owner redoes the jobs.
+            log.warning("commit of %s failed: %s", _describe(offsets), e)
+            return {}
+        return offsets
+
+    async def assigned(self, partitions: set[TopicPartition]) -> None:
+        pass
+
+    async def revoked(self, partitions: set[TopicPartition]) -> None:
+        pass
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -136,6 +186,7 @@ class _Rebalance(ConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned) -> None:
         if assigned:
             log.info("partitions assigned: %s", _describe(assigned))
+            await self._consumer._on_assigned(set(assigned))
 
 
 def _describe(partitions) -> str:

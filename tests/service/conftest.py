@@ -47,9 +47,14 @@ class KafkaClient:
         assert len(records) >= count, f"{topic}: got {len(records)} records of {count} within {timeout}s"
         return records
 
-    async def read_all(self, topic: str, quiet: float = 1.5) -> list:
+    async def read_all(self, topic: str, quiet: float = 1.5, isolation_level="read_uncommitted") -> list:
         """Every record now in `topic`: reads until nothing new arrives for `quiet` seconds."""
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest")
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=self.bootstrap,
+            auto_offset_reset="earliest",
+            isolation_level=isolation_level,
+        )
         await consumer.start()
         records: list = []
         try:

@@ -1,0 +1,164 @@
+"""Exactly-once delivery: under read_committed every job's result appears once, crash or not."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+
+import msgspec
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from engine import EngineConfig, LLMEngine
+from service.topics import ensure_topics
+from service.transactions import OutRecord, TransactionalDelivery
+from tests.service.test_crash_recovery import _free_port, _wait_for
+
+pytestmark = pytest.mark.kafka
+
+BODY = {"prompt": "The river", "max_tokens": 8, "ignore_eos": True, "temperature": 0}
+
+
+def _jobs(ids: list[str]) -> list[tuple[bytes, bytes, list]]:
+    return [
+        (i.encode(), json.dumps({"custom_id": i, "url": "/v1/completions", "body": BODY}).encode(), [])
+        for i in ids
+    ]
+
+
+def _exactly_once(config):
+    return msgspec.structs.replace(config, delivery="exactly_once")
+
+
+async def _committed_keys(kafka, topic: str) -> Counter:
+    records = await kafka.read_all(topic, quiet=2.0, isolation_level="read_committed")
+    return Counter(r.key.decode() for r in records)
+
+
+async def _committed_offset(bootstrap: str, group: str, tp: TopicPartition) -> int | None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return await consumer.committed(tp)
+    finally:
+        await consumer.stop()
+
+
+async def test_results_and_dead_letters_appear_once_and_offsets_reach_the_end(
+    kafka, service_config, run_service
+):
+    config = _exactly_once(service_config)
+    ids = [f"eos-{i}" for i in range(40)]
+    await kafka.post(config.jobs_topics[0], [*_jobs(ids), (b"poison", b"{not json", [])])
+    async with run_service(config) as service:
+        for _ in range(120):
+            if sum((await _committed_keys(kafka, config.results_topic)).values()) >= len(ids) + 1:
+                break
+            await asyncio.sleep(0.5)
+        assert service.transactions.num_transactions > 0
+    results = await _committed_keys(kafka, config.results_topic)
+    (poison_ref,) = set(results) - set(ids)  # no readable custom_id: keyed TOPIC/PARTITION/OFFSET
+    assert poison_ref.startswith(f"{config.jobs_topics[0]}/")
+    assert results == Counter([*ids, poison_ref])
+    dead = await kafka.read_all(config.dlq_topic, isolation_level="read_committed")
+    assert [r.value for r in dead] == [b"{not json"]
+    topic = config.jobs_topics[0]
+    assert await kafka.committed(config.group_id, topic) == await kafka.end_offsets(topic)
+
+
+async def test_a_result_waits_until_every_job_below_it_is_done(kafka, topic_prefix, kafka_bootstrap):
+    """Offsets commit as a contiguous watermark, so a result past a gap stays staged: publishing it
+    now would repeat it when the job in the gap is redone after a crash."""
+    jobs, results = f"{topic_prefix}.jobs", f"{topic_prefix}.results"
+    await ensure_topics(kafka_bootstrap, [jobs, results], partitions=1, replication=1)
+    tp = TopicPartition(jobs, 0)
+    delivery = TransactionalDelivery(kafka_bootstrap, f"{topic_prefix}-group", "test", "")
+    await delivery.assigned({tp})
+    try:
+        for offset in (0, 2):
+            delivery.stage(tp, offset, [OutRecord(results, f"job-{offset}".encode(), b"{}", [])])
+        assert await delivery.commit({tp: 1}) == {tp: 1}  # offset 1 is still running
+        assert await _committed_keys(kafka, results) == Counter(["job-0"])
+        assert delivery.num_staged() == 1
+
+        delivery.stage(tp, 1, [OutRecord(results, b"job-1", b"{}", [])])
+        assert await delivery.commit({tp: 3}) == {tp: 3}
+        assert await _committed_keys(kafka, results) == Counter(["job-0", "job-1", "job-2"])
+        assert await _committed_offset(kafka_bootstrap, f"{topic_prefix}-group", tp) == 3
+    finally:
+        await delivery.stop()
+
+
+async def test_a_newer_owner_of_a_partition_fences_the_older_one(kafka, topic_prefix, kafka_bootstrap):
+    jobs, results = f"{topic_prefix}.jobs", f"{topic_prefix}.results"
+    await ensure_topics(kafka_bootstrap, [jobs, results], partitions=1, replication=1)
+    tp = TopicPartition(jobs, 0)
+    group = f"{topic_prefix}-group"
+    zombie = TransactionalDelivery(kafka_bootstrap, group, "zombie", "")
+    owner = TransactionalDelivery(kafka_bootstrap, group, "owner", "")
+    try:
+        await zombie.assigned({tp})
+        await owner.assigned({tp})  # same transactional id: the zombie's producer is fenced
+        zombie.stage(tp, 0, [OutRecord(results, b"from-zombie", b"{}", [])])
+        assert await zombie.commit({tp: 1}) == {}
+        owner.stage(tp, 0, [OutRecord(results, b"from-owner", b"{}", [])])
+        assert await owner.commit({tp: 1}) == {tp: 1}
+        assert await _committed_keys(kafka, results) == Counter(["from-owner"])
+    finally:
+        await zombie.stop()
+        await owner.stop()
+
+
+@pytest.mark.slow
+async def test_killing_an_instance_mid_burst_still_gives_each_job_one_committed_result(
+    kafka, service_config, run_service, tiny_checkpoint, tmp_path
+):
+    c = msgspec.structs.replace(_exactly_once(service_config), topic_partitions=4)
+    env = {
+        **os.environ,
+        "SLUICE_KAFKA_BOOTSTRAP": c.kafka_bootstrap,
+        "SLUICE_JOBS_TOPICS": c.jobs_topics[0],
+        "SLUICE_RESULTS_TOPIC": c.results_topic,
+        "SLUICE_DLQ_TOPIC": c.dlq_topic,
+        "SLUICE_TRACES_TOPIC": c.traces_topic,
+        "SLUICE_GROUP_ID": c.group_id,
+        "SLUICE_TOPIC_PARTITIONS": "4",
+        "SLUICE_DELIVERY": "exactly_once",
+        "SLUICE_COMMIT_INTERVAL_MS": "100",
+        "SLUICE_MODEL": str(tiny_checkpoint),
+        "SLUICE_HTTP_HOST": "127.0.0.1",
+        "SLUICE_HTTP_PORT": str(_free_port()),
+    }
+    ids = [f"burst-{i}" for i in range(1000)]
+    log_path = tmp_path / "victim.log"
+    victim = None
+    try:
+        survivor_engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), max_model_len=256))
+        async with run_service(c, engine=survivor_engine):  # creates the 4-partition topics
+            with open(log_path, "w") as log:
+                victim = subprocess.Popen(
+                    [sys.executable, "-m", "service"], env=env, stdout=log, stderr=subprocess.STDOUT
+                )
+            await _wait_for(lambda: "partitions assigned" in log_path.read_text(), victim, log_path)
+            await kafka.post(c.jobs_topics[0], _jobs(ids))
+            await kafka.read(c.results_topic, 150, timeout=120)  # both instances are at work
+            victim.send_signal(signal.SIGKILL)  # mid-transaction, most likely: the survivor fences it
+            victim.wait(timeout=30)
+            results: Counter = Counter()
+            for _ in range(60):  # the survivor takes the victim's partitions once its session times out
+                results = await _committed_keys(kafka, c.results_topic)
+                if set(results) == set(ids):
+                    break
+                await asyncio.sleep(2)
+        assert set(results) == set(ids), f"{len(set(ids) - set(results))} jobs never answered"
+        assert [k for k, n in results.items() if n > 1] == []
+        assert "stopped after" not in log_path.read_text()  # it was killed, not drained
+    finally:
+        if victim is not None and victim.poll() is None:
+            victim.kill()
+            victim.wait()
