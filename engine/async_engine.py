@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", ...) | ("abort", id) | ("stop",)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", [...]) | ("abort", id) | ("stop",)
         self._futures: dict[str, asyncio.Future[RequestOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -47,10 +47,25 @@ class AsyncLLMEngine:
 
         Cancelling the awaiting task aborts the request in the engine.
         """
+        (future,) = self.add_requests([(request_id, prompt, params, priority)])
+        return await self.wait(request_id, future)
+
+    def add_requests(
+        self, requests: list[tuple[str, str | list[int], SamplingParams, int]]
+    ) -> list[asyncio.Future]:
+        """Queue (request_id, prompt, params, priority) requests as one message: the engine adds them all
+        before its next step, so they start together. Await each future with wait()."""
         assert self._loop is not None, "start() first"
-        future: asyncio.Future[RequestOutput] = self._loop.create_future()
-        self._futures[request_id] = future
-        self._inbox.put(("add", request_id, prompt, params, priority))
+        futures = []
+        for request_id, *_ in requests:
+            future: asyncio.Future[RequestOutput] = self._loop.create_future()
+            self._futures[request_id] = future
+            futures.append(future)
+        self._inbox.put(("add", requests))
+        return futures
+
+    async def wait(self, request_id: str, future: asyncio.Future) -> RequestOutput:
+        """The request's output; cancelling the awaiting task aborts the request in the engine."""
         try:
             return await future
         except asyncio.CancelledError:
@@ -58,6 +73,11 @@ class AsyncLLMEngine:
             raise
         finally:
             self._futures.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request whose future nobody awaits yet (see DynamicBatcher)."""
+        self._inbox.put(("abort", request_id))
+        self._futures.pop(request_id, None)
 
     @property
     def is_running(self) -> bool:
@@ -93,11 +113,12 @@ class AsyncLLMEngine:
                 return True
             block = False
             match message:
-                case ("add", request_id, prompt, params, priority):
-                    try:
-                        self.engine.add_request(request_id, prompt, params, priority)
-                    except Exception as e:
-                        self._resolve(request_id, e)
+                case ("add", requests):
+                    for request_id, prompt, params, priority in requests:
+                        try:
+                            self.engine.add_request(request_id, prompt, params, priority)
+                        except Exception as e:
+                            self._resolve(request_id, e)
                 case ("abort", request_id):
                     self.engine.abort(request_id)
                 case ("stop",):

@@ -17,6 +17,7 @@ from engine import LLMEngine
 from engine.async_engine import AsyncLLMEngine
 from schemas.codec import encode_result
 from service.backpressure import Backpressure
+from service.batcher import Admission, DynamicBatcher
 from service.config import ServiceConfig
 from service.consumer import JobConsumer
 from service.http import HealthServer
@@ -37,8 +38,11 @@ class Service:
         self.backpressure = Backpressure(
             config.max_in_flight, config.max_in_flight_tokens, config.resume_fraction
         )
+        self.batcher = DynamicBatcher(
+            self.worker, config.batch_max_size, config.batch_max_wait_ms, on_flush=self._admitted
+        )
         self.handler = JobHandler(
-            self.worker, config.served_model_name, config.default_max_tokens, self.backpressure
+            self.batcher, config.served_model_name, config.default_max_tokens, self.backpressure
         )
         self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id)
         # exactly_once: results wait for their partition's next transaction instead of the publisher
@@ -83,6 +87,7 @@ class Service:
             self.tracer = JobTracer(
                 lambda data: loop.call_soon_threadsafe(self.publisher.send_nowait, c.traces_topic, data),
                 c.served_model_name,
+                otlp_endpoint=c.otlp_endpoint,
             )
         await self.consumer.start()
         await self.http.start()
@@ -163,6 +168,11 @@ class Service:
             if (ttft := _seconds(out.metrics.first_token_time, out.metrics.arrival_time)) is not None:
                 m.ttft.observe(ttft)
 
+    def _admitted(self, batch: list[Admission]) -> None:
+        self.metrics.admission_batch_size.observe(len(batch))
+        if self.tracer is not None:
+            self.tracer.record_admission([a.tag for a in batch if a.tag is not None], len(batch))
+
     def _register_gauges(self) -> None:
         engine, bp, m = self.worker.engine, self.backpressure, self.metrics
         bm = engine.block_manager
@@ -202,7 +212,7 @@ class Service:
             self.tracer.end_job(span, outcome.result.error.code if outcome.is_error else None)
 
     async def _handle_and_publish(self, record: ConsumerRecord, span) -> Outcome:
-        outcome = await self.handler.handle(record)
+        outcome = await self.handler.handle(record, tag=span)
         headers: Headers = [("content-type", outcome.content_type.encode())]
         if span is not None:
             if outcome.output is not None:

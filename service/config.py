@@ -33,6 +33,7 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     dlq_topic: str = "sluice.dlq"  # dead letters: the original record plus the reason in headers
     traces_topic: str = "sluice.traces"  # OTLP protobuf spans, one ExportTraceServiceRequest per record
     traces_enabled: bool = True
+    otlp_endpoint: str = ""  # also export spans over OTLP/HTTP, e.g. http://collector:4318/v1/traces
     group_id: str = "sluice"  # consumer group; instances sharing it share the partitions
     client_id: str = "sluice"
     create_topics: bool = True  # create missing topics at start-up (needs create rights)
@@ -58,6 +59,8 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     gpu_memory_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.9  # CUDA: share of GPU memory Sluice uses
     attention_backend: Literal["auto", "flash", "sdpa"] = "auto"
     # Admission
+    batch_max_size: Annotated[int, Meta(ge=1)] = 32  # the dynamic batcher flushes at this many jobs...
+    batch_max_wait_ms: Annotated[float, Meta(ge=0)] = 5.0  # ...or this long after the first pending one
     max_in_flight: Annotated[int, Meta(ge=1)] = 64  # jobs consumed but not yet published: pause at this many
     max_in_flight_tokens: Annotated[int, Meta(ge=1)] = (
         262_144  # prompt + output tokens in flight: pause at this many

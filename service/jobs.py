@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from aiokafka.structs import ConsumerRecord
 
 from engine import RequestOutput, RequestRejected
-from engine.async_engine import AsyncLLMEngine
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
 from service.backpressure import Backpressure
+from service.batcher import DynamicBatcher
 from service.translate import TranslationError, to_engine_request, to_error_line, to_result_line
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class Outcome:
 class JobHandler:
     def __init__(
         self,
-        worker: AsyncLLMEngine,
+        worker: DynamicBatcher,
         model_name: str,
         default_max_tokens: int,
         backpressure: Backpressure | None = None,
@@ -50,7 +50,8 @@ class JobHandler:
         self._model_name = model_name
         self._default_max_tokens = default_max_tokens
 
-    async def handle(self, record: ConsumerRecord) -> Outcome:
+    async def handle(self, record: ConsumerRecord, tag=None) -> Outcome:
+        """The record's outcome; `tag` goes with the job into its admission batch (the job's span)."""
         headers = header_dict(record.headers)
         content_type = normalize_content_type(headers.get("content-type"))
         reply_to = headers.get("reply_to") or headers.get("reply-to") or None
@@ -58,7 +59,7 @@ class JobHandler:
         custom_id = peek_custom_id(value, content_type) or _record_ref(record)
         output = None
         try:
-            result, output = await self._run(value, content_type, record, _header_deadline(headers))
+            result, output = await self._run(value, content_type, record, _header_deadline(headers), tag)
         except DeadlineExceeded as e:
             result = to_error_line(custom_id, "deadline_exceeded", str(e), 408)
         except JobDecodeError as e:
@@ -73,7 +74,7 @@ class JobHandler:
         return Outcome(result, content_type, reply_to, output)
 
     async def _run(
-        self, value: bytes, content_type: str, record: ConsumerRecord, deadline: float | None
+        self, value: bytes, content_type: str, record: ConsumerRecord, deadline: float | None, tag
     ) -> tuple[BatchResponseLine, RequestOutput]:
         _check_deadline(deadline, "before decoding")
         job = decode_job(value, content_type)
@@ -84,7 +85,7 @@ class JobHandler:
         # Unique per delivery: a redelivered record is a new engine request.
         request_id = f"{_record_ref(record)}/{uuid.uuid4().hex[:8]}"
         generation = self._worker.generate(
-            request_id, request.prompt_token_ids, request.params, request.priority
+            request_id, request.prompt_token_ids, request.params, request.priority, tag=tag
         )
         tokens = len(request.prompt_token_ids) + request.params.max_tokens  # what it may hold in the KV cache
         self._backpressure.add(tokens=tokens)

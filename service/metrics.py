@@ -46,6 +46,13 @@ class ServiceMetrics:
             registry=r,
         )
 
+        self.admission_batch_size = Histogram(
+            "sluice_admission_batch_size",
+            "Jobs handed to the engine together by the dynamic batcher",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read at scrape time."""
         Gauge(name, documentation, registry=self.registry).set_function(read)

@@ -16,6 +16,7 @@ from aiokafka.structs import ConsumerRecord
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -45,12 +46,23 @@ class KafkaSpanExporter(SpanExporter):
 
 
 class JobTracer:
-    def __init__(self, send: Callable[[bytes], None], model_name: str, service_name: str = "sluice") -> None:
+    def __init__(
+        self,
+        send: Callable[[bytes], None],
+        model_name: str,
+        service_name: str = "sluice",
+        otlp_endpoint: str = "",
+    ) -> None:
         resource = Resource.create({"service.name": service_name, "sluice.model": model_name})
         self._provider = TracerProvider(resource=resource)
         self._provider.add_span_processor(
             BatchSpanProcessor(KafkaSpanExporter(send), schedule_delay_millis=200)
         )
+        if otlp_endpoint:
+            # Besides the topic: straight to a collector or tracing backend over OTLP/HTTP (protobuf).
+            self._provider.add_span_processor(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint), schedule_delay_millis=200)
+            )
         self._tracer = self._provider.get_tracer("sluice")
         self._model_name = model_name
 
@@ -100,6 +112,18 @@ class JobTracer:
                 "sluice.num_preemptions": metrics.num_preemptions,
             }
         )
+
+    def record_admission(self, job_spans: list[trace.Span], batch_size: int) -> None:
+        """A span for one admission batch, linked to its jobs' spans (it has many, so links, not a
+        parent), and the batch size on each job's span."""
+        span = self._tracer.start_span(
+            "admit batch",
+            links=[trace.Link(s.get_span_context()) for s in job_spans],
+            attributes={"sluice.batch.size": batch_size, "sluice.model": self._model_name},
+        )
+        for job_span in job_spans:
+            job_span.set_attribute("sluice.batch_size_at_admission", batch_size)
+        span.end()
 
     def record_publish(self, job_span: trace.Span, started_ns: int) -> None:
         self._child(job_span, "publish", started_ns, time.time_ns(), SpanKind.PRODUCER)

@@ -12,13 +12,13 @@ from service.jobs import JobHandler
 
 
 class _SlowEngine:
-    """Stands in for AsyncLLMEngine: never finishes, records whether it was cancelled (= aborted)."""
+    """Stands in for DynamicBatcher: never finishes, records whether it was cancelled (= aborted)."""
 
     def __init__(self, tokenizer) -> None:
         self.engine = type("Engine", (), {"tokenizer": tokenizer})()
         self.cancelled = False
 
-    async def generate(self, request_id, prompt, params, priority=0):
+    async def generate(self, request_id, prompt, params, priority=0, tag=None):
         try:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
+from typing import ClassVar
 
+import msgspec
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -66,3 +70,50 @@ async def test_trace_context_is_propagated_and_spans_reach_the_traces_topic(
     assert attributes["sluice.time_to_first_token_ms"].double_value >= 0
     assert attributes["messaging.kafka.message.offset"].int_value == 0
     assert job_span.start_time_unix_nano <= spans["decode"].end_time_unix_nano <= job_span.end_time_unix_nano
+    # The admission batch's span links to the jobs it handed to the engine.
+    admission = spans["admit batch"]
+    assert [(link.trace_id, link.span_id) for link in admission.links] == [
+        (job_span.trace_id, job_span.span_id)
+    ]
+    assert {a.key: a.value for a in admission.attributes}["sluice.batch.size"].int_value == 1
+    assert attributes["sluice.batch_size_at_admission"].int_value == 1
+
+
+class _OtlpReceiver(http.server.BaseHTTPRequestHandler):
+    """An OTLP/HTTP traces endpoint: keeps every ExportTraceServiceRequest it is sent."""
+
+    received: ClassVar[list[ExportTraceServiceRequest]] = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        assert self.path == "/v1/traces" and self.headers["Content-Type"] == "application/x-protobuf"
+        self.received.append(ExportTraceServiceRequest.FromString(body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+async def test_spans_also_go_to_an_otlp_endpoint_when_one_is_configured(kafka, service_config, run_service):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _OtlpReceiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = msgspec.structs.replace(
+        service_config, otlp_endpoint=f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
+    )
+    job = {"custom_id": "otlp-1", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 2}}
+    await kafka.post(config.jobs_topics[0], [(b"otlp-1", json.dumps(job).encode(), [])])
+    try:
+        async with run_service(config):
+            await kafka.read(config.results_topic, 1)
+    finally:
+        server.shutdown()
+    names = {
+        span.name
+        for request in _OtlpReceiver.received
+        for rs in request.resource_spans
+        for ss in rs.scope_spans
+        for span in ss.spans
+    }
+    assert {f"{config.jobs_topics[0]} process", "queue wait", "prefill", "decode", "publish"} <= names
