@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
+ATTENTION_BACKENDS = ("auto", "flash", "triton", "sdpa")
 
 
 class EngineConfigError(ValueError):
@@ -29,7 +29,11 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # fixed pool size; None: from the memory budget below
     kv_cache_memory_gib: float = 2.0  # CPU: memory for the KV cache
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of GPU memory for weights + activations + KV cache
-    attention_backend: str = "auto"  # "auto" (flash-attn on CUDA if installed, else sdpa), "flash", "sdpa"
+    # "auto": on CUDA flash-attn if installed, else "triton" (our paged decode kernel), else "sdpa";
+    # "sdpa" on CPU
+    attention_backend: str = "auto"
+    # CUDA: decode steps run as captured CUDA graphs (flash and triton backends) unless this is set
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

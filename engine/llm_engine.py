@@ -57,6 +57,12 @@ class LLMEngine:
             config.max_num_batched_tokens,
             config.enable_chunked_prefill,
         )
+        if (
+            device.type == "cuda"
+            and self.attention_backend in ("flash", "triton")
+            and not config.enforce_eager
+        ):
+            self.runner.enable_decode_graphs(self.max_model_len)
         self._seqs: dict[str, Sequence] = {}
         self._finished: list[RequestOutput] = []  # aborted between steps, reported by the next step()
         self._logprobs: dict[str, list[TokenLogprob]] = {}

@@ -12,6 +12,7 @@ import logging
 import torch
 
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.forward_context import AttentionMetadata, attention_metadata, group_by_length
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
@@ -35,6 +36,7 @@ class ModelRunner:
             layer.backend = backend_impl
         self.sampler = Sampler(generator=torch.Generator(device=self.device).manual_seed(config.seed))
         self.num_blocks = 0
+        self.decode_graphs: DecodeGraphs | None = None
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -50,7 +52,8 @@ class ModelRunner:
                 "no memory left for the KV cache: lower max_num_batched_tokens or raise the budget"
             )
         layer = self.layers[0]
-        shape = (len(self.layers), 2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        # One block more than the pool: the scratch block where padded CUDA-graph rows write.
+        shape = (len(self.layers), 2, num_blocks + 1, self.block_size, layer.num_kv_heads, layer.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
@@ -63,12 +66,28 @@ class ModelRunner:
         )
         return num_blocks
 
+    def enable_decode_graphs(self, max_model_len: int, use_graphs: bool = True) -> None:
+        """Capture decode steps as CUDA graphs (after allocate_kv_cache); use_graphs=False runs the
+        same padded static-buffer path eagerly, which is how CPU tests check it."""
+        self.decode_graphs = DecodeGraphs(
+            self.model,
+            max_batch_size=min(self.config.max_num_seqs, 512),
+            max_blocks_per_seq=-(-max_model_len // self.block_size),
+            scratch_slot=self.num_blocks * self.block_size,
+            device=self.device,
+            use_graphs=use_graphs,
+        )
+        self.decode_graphs.capture()
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput):
         """Run one step; returns the SamplerOutput of the sampling sequences (device tensors)."""
         input_ids, positions, metadata, logits_indices = self._prepare(out)
-        with attention_metadata(metadata):
-            hidden = self.model(input_ids, positions)  # [T, hidden]
+        if self.decode_graphs is not None and self.decode_graphs.fits(metadata):
+            hidden = self.decode_graphs.run(input_ids, positions, metadata)
+        else:
+            with attention_metadata(metadata):
+                hidden = self.model(input_ids, positions)  # [T, hidden]
         sampling = [seq for seq, samples in zip(out.seqs, out.is_sampling, strict=True) if samples]
         if not sampling:
             return None

@@ -57,7 +57,8 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     max_num_batched_tokens: Annotated[int, Meta(ge=1)] = 2048  # tokens computed in one engine step
     kv_cache_memory_gib: Annotated[float, Meta(gt=0)] = 2.0  # CPU: memory for the paged KV cache
     gpu_memory_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.9  # CUDA: share of GPU memory Sluice uses
-    attention_backend: Literal["auto", "flash", "sdpa"] = "auto"
+    attention_backend: Literal["auto", "flash", "triton", "sdpa"] = "auto"
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     # Admission
     batch_max_size: Annotated[int, Meta(ge=1)] = 32  # the dynamic batcher flushes at this many jobs...
     batch_max_wait_ms: Annotated[float, Meta(ge=0)] = 5.0  # ...or this long after the first pending one
@@ -89,6 +90,7 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
             kv_cache_memory_gib=self.kv_cache_memory_gib,
             gpu_memory_utilization=self.gpu_memory_utilization,
             attention_backend=self.attention_backend,
+            enforce_eager=self.enforce_eager,
         )
 
 

@@ -8,6 +8,9 @@ written into their slots first, then each sequence attends over its whole contex
   PyTorch's scaled_dot_product_attention (its flash / memory-efficient kernels on CUDA, its
   fused kernel on CPU). Decode-only steps run as one padded batch; steps with prompt chunks
   run per sequence, and a fresh prompt skips the gather entirely.
+- "triton": SDPA's path for steps with prompt chunks, and a Triton kernel of ours
+  (engine.layers.triton_attention) for decode-only steps, reading the pages in place with no
+  host work per step: what makes decode steps capturable as CUDA graphs without flash-attn.
 - "flash": the flash-attn package's varlen kernel reading the paged cache in place (and its
   split-KV decode kernel for decode-only steps). FlashAttention-2 needs pages of a multiple
   of 256 tokens, which EngineConfig arranges.
@@ -20,11 +23,12 @@ import torch.nn.functional as F
 
 from engine.forward_context import AttentionMetadata
 
-BACKENDS = ("auto", "flash", "sdpa")
+BACKENDS = ("auto", "flash", "triton", "sdpa")
 
 
 def select_backend(name: str, device: torch.device) -> str:
-    """Resolve "auto": flash-attn when importable on CUDA, SDPA otherwise."""
+    """Resolve "auto": on CUDA flash-attn when importable, else the Triton decode kernel when
+    Triton is importable, else SDPA; SDPA on CPU."""
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "flash":
@@ -35,8 +39,12 @@ def select_backend(name: str, device: torch.device) -> str:
                 "attention_backend 'flash' needs the flash-attn package (pip install flash-attn)"
             )
         return name
+    if name == "triton" and device.type == "cuda" and not triton_available():
+        raise ValueError("attention_backend 'triton' needs the triton package")
     if name == "auto":
-        return "flash" if device.type == "cuda" and flash_attn_available() else "sdpa"
+        if device.type != "cuda":
+            return "sdpa"
+        return "flash" if flash_attn_available() else "triton" if triton_available() else "sdpa"
     return name
 
 
@@ -48,8 +56,16 @@ def flash_attn_available() -> bool:
     return True
 
 
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def make_backend(name: str):
-    return FlashAttentionBackend() if name == "flash" else SdpaBackend()
+    return {"flash": FlashAttentionBackend, "triton": TritonBackend}.get(name, SdpaBackend)()
 
 
 def write_kv(layer, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -113,6 +129,23 @@ class SdpaBackend:
             enable_gqa=q.shape[1] != keys.shape[1],
         )
         return out.transpose(1, 2).reshape(q.shape)
+
+
+class TritonBackend(SdpaBackend):
+    """SDPA for steps with prompt chunks; decode-only steps through the paged Triton kernel."""
+
+    def _decode(self, layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        from engine.layers.triton_attention import paged_decode_attention
+
+        return paged_decode_attention(
+            q,
+            layer.k_cache,
+            layer.v_cache,
+            md.block_tables,
+            md.context_lens_tensor,
+            layer.scale,
+            layer.sliding_window,
+        )
 
 
 class FlashAttentionBackend:
