@@ -169,7 +169,13 @@ class LLMEngine:
         if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
             return "stop", token_id
         if params.stop:
-            text = self._decode(seq.output_token_ids)
+            # Checked every token, so a new occurrence ends in the newest token's text: decoding a
+            # tail window is enough, and keeps the check O(1) per token instead of O(output).
+            # The window's first characters may decode differently than mid-text (a dropped
+            # leading space, a split UTF-8 sequence); at twice the longest stop string plus 8
+            # tokens they lie well before any occurrence that reaches the newest token.
+            window = 2 * max(map(len, params.stop)) + 8
+            text = self._decode(seq.output_token_ids[-window:])
             for stop in params.stop:
                 if stop in text:
                     return "stop", stop

@@ -101,17 +101,19 @@ def test_max_tokens_caps_the_output_with_finish_reason_length(engine: LLMEngine)
     assert output.is_finished
 
 
-def test_stop_string_ends_generation_and_is_cut_from_the_text(engine: LLMEngine) -> None:
-    [free] = engine.generate(["The river"], _greedy(20, ignore_eos=True))
-    stop = engine.tokenizer.decode(free.token_ids[5:7], skip_special_tokens=True)
+@pytest.mark.parametrize("at", [5, 70])  # 70: far past the tail window the check decodes
+def test_stop_string_ends_generation_and_is_cut_from_the_text(engine: LLMEngine, at: int) -> None:
+    n = at + 15
+    [free] = engine.generate(["The river"], _greedy(n, ignore_eos=True))
+    stop = engine.tokenizer.decode(free.token_ids[at : at + 2], skip_special_tokens=True)
     assert len(stop) >= 2
     cut = free.text.find(stop)
 
-    [output] = engine.generate(["The river"], _greedy(20, ignore_eos=True, stop=[stop]))
+    [output] = engine.generate(["The river"], _greedy(n, ignore_eos=True, stop=[stop]))
     assert (output.finish_reason, output.stop_reason) == ("stop", stop)
     assert stop not in output.text
     assert output.text == free.text[:cut]
-    assert len(output.token_ids) < 20
+    assert len(output.token_ids) < n
     assert output.token_ids == free.token_ids[: len(output.token_ids)]
 
 
