@@ -1,0 +1,142 @@
+"""What `sluice label` and `sluice batch` share: options, the backend, the resume logic, the summary."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from service.config import ServiceConfig
+from service.runs.backends import KafkaBackend, LocalBackend
+from service.runs.driver import RunDriver, WorkItem
+from service.runs.inputs import check_unique_keys
+from service.runs.ledger import RunLedger
+from service.runs.progress import RunProgress, summary
+
+log = logging.getLogger("sluice")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every run takes: where jobs go, resuming, progress."""
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="run the engine in this process (the model from SLUICE_MODEL, else the demo model); no Kafka",
+    )
+    parser.add_argument(
+        "--run-id",
+        help="names the run (its jobs' custom_ids and reply topic); default: the one in OUTPUT.run, else new",
+    )
+    parser.add_argument("--retry-errors", action="store_true", help="run the rows that failed before again")
+    parser.add_argument(
+        "--repost-pending",
+        action="store_true",
+        help="post again the jobs an earlier invocation posted that have no answer yet (default: wait for them)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=600.0,
+        help="give up when no result came for this many seconds (default 600); rerun to resume",
+    )
+    parser.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the service configuration)")
+    parser.add_argument("--jobs-topic", help="default: the first of the configured jobs topics")
+    parser.add_argument(
+        "--reply-topic", help="the run's own results topic (default: <results_topic>.<run id>)"
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (the summary still prints)"
+    )
+
+
+async def execute_run(
+    kind: str,
+    args: argparse.Namespace,
+    config: ServiceConfig,
+    output,
+    ledger_path: Path,
+    items: Callable[[], Iterable[WorkItem]],
+    result_record: Callable[[str, Any, dict[str, Any]], dict[str, Any]],
+    failure_record: Callable[[str, Any, str, str], dict[str, Any]],
+    labels: Callable[[], Counter[str] | None],
+) -> int:
+    """Resume or start the run, post what is not done, write the answers, print the summary.
+
+    Returns 0 when every row has its line (failed rows included), 1 when rows are left unanswered.
+    """
+    keys = set()
+    total = check_unique_keys(_collect(keys, items()))  # InputError names a duplicate id
+    retried = output.drop_failed() if args.retry_errors else 0
+    if args.local:
+        ledger, waiting = RunLedger.in_memory(kind), set()
+    else:
+        ledger = RunLedger.open(ledger_path, kind, args.run_id)
+        posted = {key for key, n in ledger.attempts.items() if n and key in keys}
+        waiting = set() if args.repost_pending else posted - output.done
+    done = len(output.done & keys)
+    if retried or done:
+        print(
+            f"sluice {kind}: resuming: {done} of {total} rows done, {retried} failed rows to retry",
+            file=sys.stderr,
+        )
+    backend = await _start_backend(args, config, ledger)
+    progress = RunProgress(total, done, len(output.errors), enabled=not args.no_progress)
+    driver = RunDriver(output, ledger, backend, result_record, failure_record, progress, args.idle_timeout)
+    driver.expect_waiting(items(), waiting)
+    try:
+        stats = await driver.run(items(), waiting)
+    finally:
+        progress.close()
+        output.close()
+        ledger.close()
+        await backend.stop()
+    if stats.is_complete:
+        ledger.remove()
+        if isinstance(backend, KafkaBackend):
+            await backend.delete_reply_topic()
+    print(
+        summary(
+            total,
+            len(output.done & keys),
+            labels(),
+            output.errors,
+            stats.written,
+            stats.output_tokens,
+            stats.seconds,
+            stats.pending,
+            args.idle_timeout,
+        ),
+        file=sys.stderr,
+    )
+    return 0 if stats.is_complete else 1
+
+
+def _collect(keys: set[str], items: Iterable[WorkItem]) -> Iterable[str]:
+    for item in items:
+        keys.add(item.key)
+        yield item.key
+
+
+async def _start_backend(args: argparse.Namespace, config: ServiceConfig, ledger: RunLedger):
+    if args.local:
+        from engine import LLMEngine
+        from service.__main__ import resolve_model
+
+        model = resolve_model(config)
+        print(f"sluice: loading {model} in this process", file=sys.stderr)
+        engine = await asyncio.to_thread(LLMEngine, config.engine_config(model))
+        backend = LocalBackend(engine, config.served_model_name, config.default_max_tokens)
+    else:
+        backend = KafkaBackend(
+            args.bootstrap or config.kafka_bootstrap,
+            args.jobs_topic or config.jobs_topics[0],
+            args.reply_topic or f"{config.results_topic}.{ledger.run_id}",
+            config.topic_replication,
+        )
+    await backend.start()
+    return backend
