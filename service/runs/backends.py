@@ -49,7 +49,7 @@ class KafkaBackend:
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
         await self._consumer.start()
-        partitions = await _partitions(self._consumer, self.reply_topic)
+        partitions = await _partitions(self.bootstrap, self.reply_topic)
         self._consumer.assign(partitions)
         await self._consumer.seek_to_beginning(*partitions)
 
@@ -83,7 +83,7 @@ class KafkaBackend:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="sluice-run")
         await admin.start()
         try:
-            await admin.delete_topics([self.reply_topic])
+            await admin.delete_topics([self.reply_topic])  # errors (e.g. already gone) are in the response
         finally:
             await admin.close()
 
@@ -155,10 +155,15 @@ class LocalBackend:
         )
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    for _ in range(50):  # a topic just created may take a moment to reach the metadata
-        await consumer.topics()
-        if partitions := consumer.partitions_for_topic(topic):
-            return [TopicPartition(topic, p) for p in sorted(partitions)]
-        await asyncio.sleep(0.1)
+async def _partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="sluice-run")
+    await admin.start()
+    try:
+        for _ in range(50):  # a topic just created may take a moment to reach the metadata
+            (description,) = await admin.describe_topics([topic])
+            if not description.get("error_code") and (partitions := description.get("partitions")):
+                return [TopicPartition(topic, p["partition"]) for p in partitions]
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
     raise RuntimeError(f"topic {topic!r} has no partitions")

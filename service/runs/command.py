@@ -71,20 +71,36 @@ async def execute_run(
     """
     keys = set()
     total = check_unique_keys(_collect(keys, items()))  # InputError names a duplicate id
-    retried = output.drop_failed() if args.retry_errors else 0
+    retried = output.drop_failed() if args.retry_errors else set()
+    done = len(output.done & keys)
+    if retried or done:
+        print(
+            f"sluice {kind}: resuming: {done} of {total} rows done, {len(retried)} failed rows to retry",
+            file=sys.stderr,
+        )
+    if done == total:  # nothing to post or wait for
+        output.close()
+        if not args.local and ledger_path.exists():  # killed between its last line and its clean-up
+            ledger = RunLedger.open(ledger_path, kind, args.run_id)
+            await (await _make_backend(args, config, ledger)).delete_reply_topic()
+            ledger.remove()
+        print(
+            summary(total, done, labels(), output.errors, 0, 0, 0.0, [], args.idle_timeout), file=sys.stderr
+        )
+        return 0
     if args.local:
         ledger, waiting = RunLedger.in_memory(kind), set()
     else:
         ledger = RunLedger.open(ledger_path, kind, args.run_id)
         posted = {key for key, n in ledger.attempts.items() if n and key in keys}
-        waiting = set() if args.repost_pending else posted - output.done
-    done = len(output.done & keys)
-    if retried or done:
-        print(
-            f"sluice {kind}: resuming: {done} of {total} rows done, {retried} failed rows to retry",
-            file=sys.stderr,
-        )
-    backend = await _start_backend(args, config, ledger)
+        # acknowledged jobs of an earlier invocation: their answers come; a retried row is posted again
+        waiting = set() if args.repost_pending else posted - output.done - retried
+    backend = await _make_backend(args, config, ledger)
+    try:
+        await backend.start()
+    except BaseException:
+        await backend.stop()
+        raise
     progress = RunProgress(total, done, len(output.errors), enabled=not args.no_progress)
     driver = RunDriver(output, ledger, backend, result_record, failure_record, progress, args.idle_timeout)
     driver.expect_waiting(items(), waiting)
@@ -122,7 +138,7 @@ def _collect(keys: set[str], items: Iterable[WorkItem]) -> Iterable[str]:
         yield item.key
 
 
-async def _start_backend(args: argparse.Namespace, config: ServiceConfig, ledger: RunLedger):
+async def _make_backend(args: argparse.Namespace, config: ServiceConfig, ledger: RunLedger):
     if args.local:
         from engine import LLMEngine
         from service.__main__ import resolve_model
@@ -138,5 +154,4 @@ async def _start_backend(args: argparse.Namespace, config: ServiceConfig, ledger
             args.reply_topic or f"{config.results_topic}.{ledger.run_id}",
             config.topic_replication,
         )
-    await backend.start()
     return backend

@@ -146,16 +146,16 @@ class LabelOutput:
         for record in self.file.load():
             self._count(record)
 
-    def drop_failed(self) -> int:
-        """Remove the failed rows' lines (for --retry-errors); returns how many were removed."""
+    def drop_failed(self) -> set[str]:
+        """Remove the failed rows' lines (for --retry-errors); returns their keys."""
         if not self.errors:
-            return 0
+            return set()
         failed = set(self.errors)
         kept = [r for r in self.file.load() if str(r.get("row_id")) not in failed]
         self.file.rewrite(kept)
         self.done -= failed
-        count, self.errors = len(failed), {}
-        return count
+        self.errors = {}
+        return failed
 
     def add(self, records: list[dict[str, Any]]) -> None:
         self.file.append(records)
@@ -218,14 +218,14 @@ class BatchOutput:
         for line in self.file.load():
             self._count(line)
 
-    def drop_failed(self) -> int:
+    def drop_failed(self) -> set[str]:
         if not self.errors:
-            return 0
+            return set()
         failed = set(self.errors)
         self.file.rewrite([r for r in self.file.load() if str(r.get("custom_id")) not in failed])
         self.done -= failed
-        count, self.errors = len(failed), {}
-        return count
+        self.errors = {}
+        return failed
 
     def add(self, lines: list[dict[str, Any]]) -> None:
         self.file.append(lines)
