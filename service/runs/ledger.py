@@ -25,7 +25,7 @@ class RunLedger:
     def __init__(self, path: Path | None, run_id: str, attempts: Counter[str]) -> None:
         self.path = path
         self.run_id = run_id
-        self.attempts = attempts  # row key -> how many times its job was posted
+        self.attempts = attempts  # row key -> the attempt number of its latest posted job
         self._file = None
 
     @classmethod
@@ -39,8 +39,8 @@ class RunLedger:
             try:
                 header = msgspec.json.decode(lines[0]) if lines else {}
                 for line in lines[1:]:
-                    key, _attempt = msgspec.json.decode(line)
-                    attempts[str(key)] += 1
+                    key, attempt = msgspec.json.decode(line)
+                    attempts[str(key)] = max(attempts[str(key)], int(attempt))
             except (msgspec.DecodeError, ValueError, TypeError) as e:
                 raise LedgerError(f"{path} is damaged ({e}); remove it to resume by posting again") from None
             if header.get("kind") != kind or not header.get("run_id"):
@@ -72,8 +72,8 @@ class RunLedger:
     def record_posted(self, posted: list[tuple[str, int]]) -> None:
         if not posted:
             return
-        for key, _ in posted:
-            self.attempts[key] += 1
+        for key, attempt in posted:
+            self.attempts[key] = max(self.attempts[key], attempt)
         if self.path is None:
             return
         if self._file is None:

@@ -167,7 +167,7 @@ def test_ledger_keeps_the_run_id_counts_posts_and_drops_a_torn_record(tmp_path):
     ledger = RunLedger.open(path, "label", None)
     assert ledger.custom_id("7", 1) == f"{ledger.run_id}/7"
     assert ledger.custom_id("7", 2) == f"{ledger.run_id}~2/7"  # a retry's answer is told apart
-    ledger.record_posted([("7", 1), ("8", 1)])
+    ledger.record_posted([("7", 1), ("8", 1), ("8", 1)])  # posted twice after a kill: still attempt 1
     ledger.close()
     path.write_bytes(path.read_bytes() + b'["9", ')
     again = RunLedger.open(path, "label", None)
