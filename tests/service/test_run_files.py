@@ -6,15 +6,20 @@ taken as a row) and how bad rows and bad templates are reported.
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import json
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from service.runs.driver import RunDriver, WorkItem
 from service.runs.inputs import InputError, check_unique_keys, read_batch_lines, read_rows
 from service.runs.ledger import LedgerError, RunLedger
 from service.runs.outputs import BatchOutput, LabelOutput, OutputError, label_record, read_result
+from service.runs.progress import RunProgress, summary
 from service.runs.templates import JobSpec, PromptTemplate, TemplateError
 
 
@@ -176,3 +181,60 @@ def test_ledger_keeps_the_run_id_counts_posts_and_drops_a_torn_record(tmp_path):
         RunLedger.open(path, "label", "another-run")
     with pytest.raises(LedgerError, match="letters, digits"):
         RunLedger.open(tmp_path / "new.run", "label", "bad/id")
+
+
+class _TwiceAnsweringBackend:
+    """A double of the Kafka backend that answers every job twice, plus a stale answer from an earlier attempt."""
+
+    def __init__(self, stale: list[str]) -> None:
+        self.posted: list[str] = []
+        self._answers: list[tuple[str, bytes]] = [(custom_id, b"{}") for custom_id in stale]
+
+    async def submit(self, jobs):
+        for custom_id, job in jobs:
+            self.posted.append(custom_id)
+            text = json.loads(job)["body"]["prompt"].upper()
+            answer = json.dumps(_ok(text) | {"custom_id": custom_id}).encode()
+            self._answers += [(custom_id, answer), (custom_id, answer)]
+
+    async def results(self):
+        while True:
+            batch, self._answers = self._answers, []
+            yield batch
+            await asyncio.sleep(0.01)
+
+
+async def test_answers_that_arrive_twice_or_answer_a_superseded_job_are_not_written(tmp_path):
+    out = LabelOutput(tmp_path / "out.jsonl", "jsonl")
+    ledger = RunLedger.open(tmp_path / "out.jsonl.run", "label", "run1")
+    ledger.record_posted([("0", 1)])  # row 0 was posted before, failed, and is retried now
+    spec = JobSpec(model="m", max_tokens=2)
+    items = [WorkItem(str(i), i, spec.job("", f"row {i}")) for i in range(3)]
+    backend = _TwiceAnsweringBackend(stale=["run1/0"])  # the answer to row 0's first job comes late
+    driver = RunDriver(
+        out, ledger, backend, lambda key, row_id, r: label_record(row_id, r),
+        lambda key, row_id, code, message: {"row_id": row_id, "error": f"{code}: {message}"},
+        RunProgress(3, 0, 0, enabled=False), idle_timeout=5,
+    )  # fmt: skip
+    stats = await driver.run(items, waiting=set())
+    out.close()
+    assert backend.posted == ["run1~2/0", "run1/1", "run1/2"]
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted((line["row_id"], line["label"]) for line in lines) == [
+        (0, "ROW 0"),
+        (1, "ROW 1"),
+        (2, "ROW 2"),
+    ]
+    assert stats.is_complete and stats.written == 3
+
+
+def test_the_summary_names_the_distribution_the_failures_and_the_unanswered_rows():
+    text = summary(
+        total=5, done=4, labels=Counter({"yes": 3, "no": 1}), errors={"r9": "invalid_row: row 9: bad"},
+        written=4, output_tokens=8, seconds=2.0, pending=["r5"], idle_timeout=30,
+    )  # fmt: skip
+    assert "rows: 4 of 5 written (4 by this run), 1 failed" in text
+    assert "throughput: 2.0 rows/s, 4.0 output tokens/s" in text
+    assert "'yes' 3 (75.0%), 'no' 1 (25.0%)" in text
+    assert "r9: invalid_row: row 9: bad" in text and "--retry-errors" in text
+    assert "unanswered: 1 rows" in text and "r5" in text
