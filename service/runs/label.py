@@ -47,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "rendered with the model's chat template (/v1/chat/completions)",
     )
     parser.add_argument("--system", help="a system message for --chat jobs")
+    parser.add_argument(
+        "--save-logprobs",
+        type=int,
+        metavar="K",
+        help="store every generated token's log-probability and its top-K alternatives (0-20) in a "
+        "`logprobs` field: a teacher signal for distillation",
+    )
     parser.add_argument("--input-format", choices=FORMATS, help="default: from the input's suffix")
     parser.add_argument("--output-format", choices=OUTPUT_FORMATS, help="default: csv for .csv, else jsonl")
     add_run_arguments(parser)
@@ -57,6 +64,8 @@ async def run_label(args: argparse.Namespace, config: ServiceConfig) -> int:
     template = PromptTemplate(text, args.template_format)
     if args.max_tokens < 1:
         raise ValueError("--max-tokens must be at least 1")
+    if args.save_logprobs is not None and not 0 <= args.save_logprobs <= 20:
+        raise ValueError("--save-logprobs takes 0 to 20 alternatives")
     choices = [c.strip() for c in args.choices.split(",") if c.strip()] if args.choices else []
     spec = JobSpec(
         model=args.model or config.served_model_name,
@@ -65,9 +74,11 @@ async def run_label(args: argparse.Namespace, config: ServiceConfig) -> int:
         choices=choices,
         chat=args.chat,
         system=args.system,
+        logprobs=args.save_logprobs,
     )
     fmt = input_format(args.input, args.input_format)
-    output = LabelOutput(args.output, output_format(args.output, args.output_format))
+    with_logprobs = args.save_logprobs is not None
+    output = LabelOutput(args.output, output_format(args.output, args.output_format), with_logprobs)
 
     def items() -> Iterator[WorkItem]:
         for row in read_rows(args.input, fmt, args.id_column):
@@ -88,7 +99,7 @@ async def run_label(args: argparse.Namespace, config: ServiceConfig) -> int:
         output,
         args.output.with_name(args.output.name + ".run"),
         items,
-        lambda key, row_id, result: label_record(row_id, result),
+        lambda key, row_id, result: label_record(row_id, result, with_logprobs),
         _failure_record,
         lambda: output.labels,
     )

@@ -138,8 +138,9 @@ class LabelOutput:
 
     COLUMNS = ("row_id", "label", "probabilities", "error")
 
-    def __init__(self, path: Path, fmt: str) -> None:
-        self.file = RecordFile(path, fmt, list(self.COLUMNS))
+    def __init__(self, path: Path, fmt: str, with_logprobs: bool = False) -> None:
+        columns = [*self.COLUMNS, "logprobs"] if with_logprobs else list(self.COLUMNS)
+        self.file = RecordFile(path, fmt, columns)
         self.labels: Counter[str] = Counter()
         self.errors: dict[str, str] = {}  # row key -> error
         self.done: set[str] = set()
@@ -174,15 +175,37 @@ class LabelOutput:
             self.labels[str(record.get("label") or "")] += 1
 
 
-def label_record(row_id: Any, result: dict[str, Any]) -> dict[str, Any]:
+def label_record(row_id: Any, result: dict[str, Any], with_logprobs: bool = False) -> dict[str, Any]:
     """A result line (as decoded JSON) -> the row's output record."""
     info = read_result(result)
-    return {
-        "row_id": row_id,
-        "label": info.text,
-        "probabilities": info.probabilities,
-        "error": info.error,
-    }
+    record = {"row_id": row_id, "label": info.text, "probabilities": info.probabilities, "error": info.error}
+    if with_logprobs:
+        record["logprobs"] = token_logprobs(result)
+    return record
+
+
+def token_logprobs(result: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every generated token's log-probability and its top alternatives, from either endpoint's shape:
+    `[{"token", "logprob", "top": [[token, logprob], ...]}]` (the teacher signal for distillation)."""
+    body = (result.get("response") or {}).get("body") or {}
+    choice = (body.get("choices") or [{}])[0]
+    logprobs = choice.get("logprobs")
+    if not logprobs:
+        return None
+    if "content" in logprobs:  # chat: one entry per token
+        return [
+            {
+                "token": t["token"],
+                "logprob": t["logprob"],
+                "top": [[a["token"], a["logprob"]] for a in t.get("top_logprobs") or ()],
+            }
+            for t in logprobs["content"]
+        ]
+    tops = logprobs.get("top_logprobs") or [{}] * len(logprobs["tokens"])  # completions: parallel lists
+    return [
+        {"token": token, "logprob": logprob, "top": [list(a) for a in (top or {}).items()]}
+        for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops, strict=False)
+    ]
 
 
 class ResultInfo(msgspec.Struct):

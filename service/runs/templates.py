@@ -59,6 +59,7 @@ class JobSpec:
     choices: list[str] = field(default_factory=list)  # the output must be one of these
     chat: bool = False  # /v1/chat/completions through the model's chat template
     system: str | None = None  # a system message for chat jobs
+    logprobs: int | None = None  # top-K alternatives of every generated token, returned with the result
 
     @property
     def url(self) -> str:
@@ -73,6 +74,11 @@ class JobSpec:
             body["messages"] = [*system, {"role": "user", "content": prompt}]
         else:
             body["prompt"] = prompt
+        if self.logprobs is not None:
+            if self.chat:
+                body |= {"logprobs": True, "top_logprobs": self.logprobs}
+            else:
+                body["logprobs"] = self.logprobs
         if self.choices:
             # vLLM's field; the engine keeps the output to one of the choices and reports their probabilities
             body["structured_outputs"] = {"choice": list(self.choices)}

@@ -34,6 +34,7 @@ async def test_csv_rows_get_one_line_each_and_a_malformed_row_an_error_line(
     out = tmp_path / "labels.csv"
     args = ["label", str(rows), "--template", "Review: {text}\nSentiment:", "--id-column", "id"]
     args += ["--choices", "positive,negative", "--max-tokens", "3", "--output", str(out), "--no-progress"]
+    args += ["--save-logprobs", "2"]
     async with run_service(service_config):
         done = await run_sluice(*args, env=sluice_env(service_config))
     assert done.returncode == 0, done.stderr
@@ -41,6 +42,10 @@ async def test_csv_rows_get_one_line_each_and_a_malformed_row_an_error_line(
     assert set(lines) == {"r1", "r2", "#2", "r4"}  # the unreadable row is named by its position
     assert lines["#2"]["error"].startswith("invalid_row: row 2: has 1 fields")
     assert all(lines[r]["label"] and not lines[r]["error"] for r in ("r1", "r2", "r4"))
+    for r in ("r1", "r2", "r4"):  # every generated token with its 2 best alternatives
+        tokens = json.loads(lines[r]["logprobs"])
+        assert 1 <= len(tokens) <= 3 and all(len(t["top"]) == 2 and t["logprob"] <= 0 for t in tokens)
+    assert lines["#2"]["logprobs"] == ""
     assert "rows: 4 of 4 written (4 by this run), 1 failed" in done.stderr
     assert "#2: invalid_row" in done.stderr and "--retry-errors" in done.stderr
     assert not out.with_name("labels.csv.run").exists()  # complete: the output alone records the run

@@ -18,7 +18,14 @@ import pytest
 from service.runs.driver import RunDriver, WorkItem
 from service.runs.inputs import InputError, check_unique_keys, read_batch_lines, read_rows
 from service.runs.ledger import LedgerError, RunLedger
-from service.runs.outputs import BatchOutput, LabelOutput, OutputError, label_record, read_result
+from service.runs.outputs import (
+    BatchOutput,
+    LabelOutput,
+    OutputError,
+    label_record,
+    read_result,
+    token_logprobs,
+)
 from service.runs.progress import RunProgress, summary
 from service.runs.templates import JobSpec, PromptTemplate, TemplateError
 
@@ -122,6 +129,16 @@ def test_a_result_gives_label_probabilities_and_tokens_and_an_error_result_its_c
         "probabilities": None,
         "error": "invalid_prompt: too long",
     }
+
+
+def test_token_logprobs_read_the_same_from_both_endpoints_shapes():
+    chat = {"content": [{"token": "a", "logprob": -0.1, "top_logprobs": [{"token": "a", "logprob": -0.1}]}]}
+    completion = {"tokens": ["a"], "token_logprobs": [-0.1], "top_logprobs": [{"a": -0.1}]}
+    expected = [{"token": "a", "logprob": -0.1, "top": [["a", -0.1]]}]
+    for logprobs in (chat, completion):
+        result = {"response": {"status_code": 200, "body": {"choices": [{"logprobs": logprobs}]}}}
+        assert token_logprobs(result) == expected
+    assert token_logprobs(_ok("x")) is None
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
