@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from service.config import ServiceConfig
-from service.runs.command import add_run_arguments, execute_run
+from service.runs.command import RunFiles, add_run_arguments, execute_run
 from service.runs.driver import WorkItem
 from service.runs.inputs import read_batch_lines
 from service.runs.outputs import BatchOutput
@@ -36,10 +36,8 @@ async def run_batch(args: argparse.Namespace, config: ServiceConfig) -> int:
             error = None if line.error is None else ("invalid_request", line.error)
             yield WorkItem(line.custom_id, line.custom_id, line.job, error)
 
-    return await execute_run(
+    run = RunFiles(
         "batch",
-        args,
-        config,
         output,
         args.output.with_name(args.output.name + ".run"),
         items,
@@ -47,6 +45,7 @@ async def run_batch(args: argparse.Namespace, config: ServiceConfig) -> int:
         _failure_record,
         lambda: None,
     )
+    return await execute_run(run, args, config)
 
 
 def _failure_record(key: str, row_id: Any, code: str, message: str) -> dict[str, Any]:

@@ -8,12 +8,13 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.config import ServiceConfig
 from service.runs.backends import KafkaBackend, LocalBackend
-from service.runs.driver import RunDriver, WorkItem
+from service.runs.driver import RunDriver, RunStats, WorkItem
 from service.runs.inputs import check_unique_keys
 from service.runs.ledger import RunLedger
 from service.runs.progress import RunProgress, summary
@@ -54,82 +55,105 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def execute_run(
-    kind: str,
-    args: argparse.Namespace,
-    config: ServiceConfig,
-    output,
-    ledger_path: Path,
-    items: Callable[[], Iterable[WorkItem]],
-    result_record: Callable[[str, Any, dict[str, Any]], dict[str, Any]],
-    failure_record: Callable[[str, Any, str, str], dict[str, Any]],
-    labels: Callable[[], Counter[str] | None],
-) -> int:
+@dataclass(slots=True)
+class RunFiles:
+    """What makes one command a `sluice label` or a `sluice batch` run."""
+
+    kind: str  # "label" | "batch": the ledger's kind and the run id's prefix
+    output: Any  # LabelOutput | BatchOutput
+    ledger_path: Path
+    items: Callable[[], Iterable[WorkItem]]  # reads the input afresh at each call
+    result_record: Callable[[str, Any, dict[str, Any]], dict[str, Any]]  # (key, row_id, result) -> line
+    failure_record: Callable[[str, Any, str, str], dict[str, Any]]  # (key, row_id, code, message) -> line
+    labels: Callable[[], Counter[str] | None]  # the label distribution for the summary, if any
+
+
+async def execute_run(run: RunFiles, args: argparse.Namespace, config: ServiceConfig) -> int:
     """Resume or start the run, post what is not done, write the answers, print the summary.
 
     Returns 0 when every row has its line (failed rows included), 1 when rows are left unanswered.
     """
-    keys = set()
-    total = check_unique_keys(_collect(keys, items()))  # InputError names a duplicate id
-    retried = output.drop_failed() if args.retry_errors else set()
-    done = len(output.done & keys)
+    keys: set[str] = set()
+    total = check_unique_keys(_collect(keys, run.items()))  # InputError names a duplicate id
+    retried = run.output.drop_failed() if args.retry_errors else set()
+    done = len(run.output.done & keys)
     if retried or done:
         print(
-            f"sluice {kind}: resuming: {done} of {total} rows done, {len(retried)} failed rows to retry",
+            f"sluice {run.kind}: resuming: {done} of {total} rows done, {len(retried)} failed rows to retry",
             file=sys.stderr,
         )
     if done == total:  # nothing to post or wait for
-        output.close()
-        if not args.local and ledger_path.exists():  # killed between its last line and its clean-up
-            ledger = RunLedger.open(ledger_path, kind, args.run_id)
-            await (await _make_backend(args, config, ledger)).delete_reply_topic()
-            ledger.remove()
-        print(
-            summary(total, done, labels(), output.errors, 0, 0, 0.0, [], args.idle_timeout), file=sys.stderr
-        )
+        run.output.close()
+        await _remove_leftovers(run, args, config)
+        print(_summary(run, args, total, keys, RunStats()), file=sys.stderr)
         return 0
     if args.local:
-        ledger, waiting = RunLedger.in_memory(kind), set()
+        ledger, waiting = RunLedger.in_memory(run.kind), set()
     else:
-        ledger = RunLedger.open(ledger_path, kind, args.run_id)
+        ledger = RunLedger.open(run.ledger_path, run.kind, args.run_id)
         posted = {key for key, n in ledger.attempts.items() if n and key in keys}
         # acknowledged jobs of an earlier invocation: their answers come; a retried row is posted again
-        waiting = set() if args.repost_pending else posted - output.done - retried
+        waiting = set() if args.repost_pending else posted - run.output.done - retried
+    stats = await _drive(run, args, config, ledger, waiting, total, done)
+    print(_summary(run, args, total, keys, stats), file=sys.stderr)
+    return 0 if stats.is_complete else 1
+
+
+async def _drive(
+    run: RunFiles,
+    args: argparse.Namespace,
+    config: ServiceConfig,
+    ledger: RunLedger,
+    waiting: set[str],
+    total: int,
+    done: int,
+) -> RunStats:
     backend = await _make_backend(args, config, ledger)
     try:
         await backend.start()
     except BaseException:
         await backend.stop()
         raise
+    output = run.output
     progress = RunProgress(total, done, len(output.errors), enabled=not args.no_progress)
-    driver = RunDriver(output, ledger, backend, result_record, failure_record, progress, args.idle_timeout)
-    driver.expect_waiting(items(), waiting)
+    driver = RunDriver(
+        output, ledger, backend, run.result_record, run.failure_record, progress, args.idle_timeout
+    )
+    driver.expect_waiting(run.items(), waiting)
     try:
-        stats = await driver.run(items(), waiting)
+        stats = await driver.run(run.items(), waiting)
     finally:
         progress.close()
         output.close()
         ledger.close()
         await backend.stop()
-    if stats.is_complete:
+    if stats.is_complete:  # the output alone records the run now
         ledger.remove()
         if isinstance(backend, KafkaBackend):
             await backend.delete_reply_topic()
-    print(
-        summary(
-            total,
-            len(output.done & keys),
-            labels(),
-            output.errors,
-            stats.written,
-            stats.output_tokens,
-            stats.seconds,
-            stats.pending,
-            args.idle_timeout,
-        ),
-        file=sys.stderr,
+    return stats
+
+
+async def _remove_leftovers(run: RunFiles, args: argparse.Namespace, config: ServiceConfig) -> None:
+    """A run killed between its last line and its clean-up left its ledger and reply topic behind."""
+    if not args.local and run.ledger_path.exists():
+        ledger = RunLedger.open(run.ledger_path, run.kind, args.run_id)
+        await (await _make_backend(args, config, ledger)).delete_reply_topic()
+        ledger.remove()
+
+
+def _summary(run: RunFiles, args: argparse.Namespace, total: int, keys: set[str], stats: RunStats) -> str:
+    return summary(
+        total,
+        len(run.output.done & keys),
+        run.labels(),
+        run.output.errors,
+        stats.written,
+        stats.output_tokens,
+        stats.seconds,
+        stats.pending,
+        args.idle_timeout,
     )
-    return 0 if stats.is_complete else 1
 
 
 def _collect(keys: set[str], items: Iterable[WorkItem]) -> Iterable[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import ServiceConfig
-from service.runs.command import add_run_arguments, execute_run
+from service.runs.command import RunFiles, add_run_arguments, execute_run
 from service.runs.driver import WorkItem
 from service.runs.inputs import FORMATS, input_format, read_rows
 from service.runs.outputs import OUTPUT_FORMATS, LabelOutput, label_record, output_format
@@ -92,10 +92,8 @@ async def run_label(args: argparse.Namespace, config: ServiceConfig) -> int:
                 continue
             yield WorkItem(row.key, row.row_id, spec.job("", prompt))
 
-    return await execute_run(
+    run = RunFiles(
         "label",
-        args,
-        config,
         output,
         args.output.with_name(args.output.name + ".run"),
         items,
@@ -103,6 +101,7 @@ async def run_label(args: argparse.Namespace, config: ServiceConfig) -> int:
         _failure_record,
         lambda: output.labels,
     )
+    return await execute_run(run, args, config)
 
 
 def _failure_record(key: str, row_id: Any, code: str, message: str) -> dict[str, Any]:
