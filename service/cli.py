@@ -139,6 +139,9 @@ def _run_file(args: argparse.Namespace, config) -> int:
     except (InputError, OutputError, LedgerError, ValueError, OSError) as e:
         print(f"sluice {args.command}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"sluice {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     except KafkaError as e:
         print(
             f"sluice {args.command}: Kafka at {args.bootstrap or config.kafka_bootstrap}: {e!r}",
