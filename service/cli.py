@@ -1,4 +1,5 @@
-"""The `sluice` command: `sluice serve` runs the service; `sluice submit` posts jobs and prints their results."""
+"""The `sluice` command: `sluice serve` runs the service; `sluice submit` posts jobs and prints their results;
+`sluice label` labels a dataset; `sluice batch` runs an OpenAI Batch file (a drop-in for `vllm run-batch`)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the service configuration)")
     submit.add_argument("--jobs-topic", help="default: the first of the configured jobs topics")
     submit.add_argument("--results-topic", help="default: the configured results topic")
+    from service.runs import batch, label
+
+    label.add_arguments(commands.add_parser("label", help="label a dataset (JSONL, CSV, Parquet) row by row"))
+    batch.add_arguments(
+        commands.add_parser("batch", help="run an OpenAI Batch input file, write its output file")
+    )
     args = parser.parse_args(argv)
     if args.command == "serve":
         from service.__main__ import main as serve_main
@@ -40,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sluice: {e}", file=sys.stderr)
         return 2
+    if args.command in ("label", "batch"):
+        return _run_file(args, config)
     lines = _read_lines(args.file)
     return asyncio.run(
         submit_jobs(
@@ -112,6 +121,44 @@ async def _results_reader(bootstrap: str, topic: str) -> AIOKafkaConsumer:
     for tp in assigned:
         await consumer.position(tp)  # resolve the end offsets now, not after the results arrive
     return consumer
+
+
+def _run_file(args: argparse.Namespace, config) -> int:
+    """`sluice label` / `sluice batch`: bad input or options end with a message and exit code 2."""
+    from aiokafka.errors import KafkaError
+
+    from service.runs import batch, label
+    from service.runs.inputs import InputError
+    from service.runs.ledger import LedgerError
+    from service.runs.outputs import OutputError
+
+    _quiet_libraries(args.local)
+    run = label.run_label if args.command == "label" else batch.run_batch
+    try:
+        return asyncio.run(run(args, config))
+    except (InputError, OutputError, LedgerError, ValueError, OSError) as e:
+        print(f"sluice {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sluice {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except KafkaError as e:
+        print(
+            f"sluice {args.command}: Kafka at {args.bootstrap or config.kafka_bootstrap}: {e!r}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _quiet_libraries(local: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if local:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
 
 
 def _read_lines(path: str) -> list[bytes]:

@@ -1,0 +1,169 @@
+"""Where a run's jobs go: the Sluice service through Kafka, or an engine in this process (--local).
+
+Both take encoded job lines and hand back encoded result lines, keyed by custom_id. The local
+backend runs each job through the service's own JobHandler, so a job is translated, run and
+turned into a result line exactly as the service does it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import ConsumerRecord
+
+from engine import LLMEngine
+from engine.async_engine import AsyncLLMEngine
+from schemas.codec import encode_result
+from service.jobs import JobHandler
+from service.topics import ensure_topics
+
+Results = AsyncIterator[list[tuple[str, bytes]]]  # batches of (custom_id, result line), maybe empty
+
+
+class KafkaBackend:
+    """Posts jobs to the jobs topic with a `reply_to` header naming the run's own reply topic.
+
+    A topic per run, rather than picking the run's results out of the shared results topic:
+    the run reads only its own results; results that arrive while the command is not running
+    wait there, and a resumed run reads the topic from its start without any stored offsets.
+    The topic is deleted when the run is complete.
+    """
+
+    def __init__(self, bootstrap: str, jobs_topic: str, reply_topic: str, replication: int = 1) -> None:
+        self.bootstrap = bootstrap
+        self.jobs_topic = jobs_topic
+        self.reply_topic = reply_topic
+        self.replication = replication
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> None:
+        await ensure_topics(self.bootstrap, [self.reply_topic], 1, self.replication)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+        )
+        await self._producer.start()
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        await self._consumer.start()
+        partitions = await _partitions(self.bootstrap, self.reply_topic)
+        self._consumer.assign(partitions)
+        await self._consumer.seek_to_beginning(*partitions)
+
+    async def submit(self, jobs: list[tuple[str, bytes]]) -> None:
+        """Post the jobs; returns once the broker has acknowledged every one."""
+        assert self._producer is not None, "start() first"
+        headers = [("reply_to", self.reply_topic.encode()), ("content-type", b"application/json")]
+        sent = [
+            await self._producer.send(self.jobs_topic, value=job, key=custom_id.encode(), headers=headers)
+            for custom_id, job in jobs
+        ]
+        await asyncio.gather(*sent)
+
+    async def results(self) -> Results:
+        assert self._consumer is not None, "start() first"
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=500)
+            yield [
+                (record.key.decode("utf-8", "replace") if record.key else "", record.value or b"")
+                for records in batches.values()
+                for record in records
+            ]
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    async def delete_reply_topic(self) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="sluice-run")
+        await admin.start()
+        try:
+            await admin.delete_topics([self.reply_topic])  # errors (e.g. already gone) are in the response
+        finally:
+            await admin.close()
+
+
+class LocalBackend:
+    """Runs jobs on an engine in this process, at most `max_in_flight` at a time."""
+
+    def __init__(
+        self, engine: LLMEngine, model_name: str, default_max_tokens: int, max_in_flight: int = 256
+    ) -> None:
+        self.worker = AsyncLLMEngine(engine)
+        self.handler = JobHandler(self.worker, model_name, default_max_tokens)
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._done: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._tasks: set[asyncio.Task] = set()
+        self._offset = 0
+
+    async def start(self) -> None:
+        self.worker.start()
+
+    async def submit(self, jobs: list[tuple[str, bytes]]) -> None:
+        """Start the jobs; waits while `max_in_flight` jobs are running (memory stays bounded)."""
+        for custom_id, job in jobs:
+            await self._slots.acquire()
+            task = asyncio.create_task(self._run(self._record(custom_id, job)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def results(self) -> Results:
+        while True:
+            try:
+                first = await asyncio.wait_for(self._done.get(), timeout=0.5)
+            except TimeoutError:
+                yield []
+                continue
+            batch = [first]
+            while not self._done.empty():
+                batch.append(self._done.get_nowait())
+            yield batch
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.worker.stop()
+
+    async def _run(self, record: ConsumerRecord) -> None:
+        try:
+            outcome = await self.handler.handle(record)
+            self._done.put_nowait((outcome.result.custom_id, encode_result(outcome.result)))
+        finally:
+            self._slots.release()
+
+    def _record(self, custom_id: str, job: bytes) -> ConsumerRecord:
+        """The job as the record the service would have consumed (the handler reads only these fields)."""
+        self._offset += 1
+        return ConsumerRecord(
+            topic="local",
+            partition=0,
+            offset=self._offset,
+            timestamp=int(time.time() * 1000),
+            timestamp_type=0,
+            key=custom_id.encode(),
+            value=job,
+            checksum=None,
+            serialized_key_size=len(custom_id),
+            serialized_value_size=len(job),
+            headers=(),
+        )
+
+
+async def _partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="sluice-run")
+    await admin.start()
+    try:
+        for _ in range(50):  # a topic just created may take a moment to reach the metadata
+            (description,) = await admin.describe_topics([topic])
+            if not description.get("error_code") and (partitions := description.get("partitions")):
+                return [TopicPartition(topic, p["partition"]) for p in partitions]
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
+    raise RuntimeError(f"topic {topic!r} has no partitions")

@@ -1,0 +1,265 @@
+"""Output files that are also the run's record of what is done.
+
+Each row's line is appended with one write, and a run reads the file back before it starts: a
+row with a line is done. A kill can only tear the last line (it has no newline yet, or ends
+inside a quoted CSV field); loading cuts that torn tail off, so the row is simply done again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+OUTPUT_FORMATS = ("jsonl", "csv")
+
+
+class OutputError(ValueError):
+    """The output file cannot be resumed (not ours, or damaged before its last line)."""
+
+
+def output_format(path: Path, given: str | None = None) -> str:
+    if given:
+        return given
+    return "csv" if path.suffix.lower() == ".csv" else "jsonl"
+
+
+class RecordFile:
+    """Records (dicts of `columns`) appended to a JSONL or CSV file, one write per batch of records."""
+
+    def __init__(self, path: Path, fmt: str, columns: list[str]) -> None:
+        self.path = path
+        self.fmt = fmt
+        self.columns = columns
+        self._file: io.BufferedWriter | None = None
+
+    def load(self) -> list[dict[str, Any]]:
+        """The complete records now in the file; a torn last record is cut off the file."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        records, good = (self._load_csv if self.fmt == "csv" else self._load_jsonl)(data)
+        if good < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+        return records
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        if self._file is None:
+            is_new = not self.path.exists() or self.path.stat().st_size == 0
+            self._file = open(self.path, "ab")  # noqa: SIM115 (kept open for the whole run)
+            if is_new and self.fmt == "csv":
+                self._file.write(self._encode_csv([dict(zip(self.columns, self.columns, strict=True))]))
+        data = self._encode_csv(records) if self.fmt == "csv" else b"".join(self._encode_jsonl(records))
+        self._file.write(data)  # one write: a kill leaves whole records plus at most one torn one
+        self._file.flush()
+
+    def rewrite(self, records: list[dict[str, Any]]) -> None:
+        """Replace the file's content atomically (write a copy, then rename it over the file)."""
+        self.close()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        RecordFile(tmp, self.fmt, self.columns).append_and_close(records)
+        if not tmp.exists():
+            tmp.write_bytes(b"")
+        os.replace(tmp, self.path)
+
+    def append_and_close(self, records: list[dict[str, Any]]) -> None:
+        self.append(records)
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _encode_jsonl(self, records: list[dict[str, Any]]) -> list[bytes]:
+        return [msgspec.json.encode(r) + b"\n" for r in records]
+
+    def _encode_csv(self, records: list[dict[str, Any]]) -> bytes:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        for r in records:
+            writer.writerow([_csv_cell(r.get(c)) for c in self.columns])
+        return buffer.getvalue().encode()
+
+    def _load_jsonl(self, data: bytes) -> tuple[list[dict[str, Any]], int]:
+        good = data.rfind(b"\n") + 1  # a last line without its newline is torn
+        records = []
+        for number, line in enumerate(data[:good].split(b"\n")[:-1]):
+            try:
+                record = msgspec.json.decode(line)
+            except msgspec.DecodeError as e:
+                raise OutputError(f"{self.path}: line {number + 1} is not JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise OutputError(f"{self.path}: line {number + 1} is not a JSON object")
+            records.append(record)
+        return records, good
+
+    def _load_csv(self, data: bytes) -> tuple[list[dict[str, Any]], int]:
+        good = data.rfind(b"\n") + 1
+        lines = [line + "\n" for line in data[:good].decode("utf-8", "replace").split("\n")[:-1]]
+        reader = csv.reader(iter(lines), strict=True)
+        rows: list[list[str]] = []
+        complete_lines = 0
+        try:
+            for row in reader:
+                rows.append(row)
+                complete_lines = reader.line_num
+        except csv.Error:  # the last record ends inside a quoted field: torn
+            good = len("".join(lines[:complete_lines]).encode())
+        if not rows:
+            return [], good
+        header, *body = rows
+        if header != self.columns:
+            raise OutputError(f"{self.path}: its columns are {header}, expected {self.columns}")
+        return [dict(zip(header, row, strict=False)) for row in body], good
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict | list):
+        return msgspec.json.encode(value).decode()
+    return str(value)
+
+
+class LabelOutput:
+    """`sluice label`'s output: one record per input row (row id, label, choice probabilities, error)."""
+
+    COLUMNS = ("row_id", "label", "probabilities", "error")
+
+    def __init__(self, path: Path, fmt: str, with_logprobs: bool = False) -> None:
+        columns = [*self.COLUMNS, "logprobs"] if with_logprobs else list(self.COLUMNS)
+        self.file = RecordFile(path, fmt, columns)
+        self.labels: Counter[str] = Counter()
+        self.errors: dict[str, str] = {}  # row key -> error
+        self.done: set[str] = set()
+        for record in self.file.load():
+            self._count(record)
+
+    def drop_failed(self) -> set[str]:
+        """Remove the failed rows' lines (for --retry-errors); returns their keys."""
+        if not self.errors:
+            return set()
+        failed = set(self.errors)
+        kept = [r for r in self.file.load() if str(r.get("row_id")) not in failed]
+        self.file.rewrite(kept)
+        self.done -= failed
+        self.errors = {}
+        return failed
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        self.file.append(records)
+        for record in records:
+            self._count(record)
+
+    def close(self) -> None:
+        self.file.close()
+
+    def _count(self, record: dict[str, Any]) -> None:
+        key = str(record.get("row_id"))
+        self.done.add(key)
+        if record.get("error"):
+            self.errors[key] = str(record["error"])
+        else:
+            self.labels[str(record.get("label") or "")] += 1
+
+
+def label_record(row_id: Any, result: dict[str, Any], with_logprobs: bool = False) -> dict[str, Any]:
+    """A result line (as decoded JSON) -> the row's output record."""
+    info = read_result(result)
+    record = {"row_id": row_id, "label": info.text, "probabilities": info.probabilities, "error": info.error}
+    if with_logprobs:
+        record["logprobs"] = token_logprobs(result)
+    return record
+
+
+def token_logprobs(result: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every generated token's log-probability and its top alternatives, from either endpoint's shape:
+    `[{"token", "logprob", "top": [[token, logprob], ...]}]` (the teacher signal for distillation)."""
+    body = (result.get("response") or {}).get("body") or {}
+    choice = (body.get("choices") or [{}])[0]
+    logprobs = choice.get("logprobs")
+    if not logprobs:
+        return None
+    if "content" in logprobs:  # chat: one entry per token
+        return [
+            {
+                "token": t["token"],
+                "logprob": t["logprob"],
+                "top": [[a["token"], a["logprob"]] for a in t.get("top_logprobs") or ()],
+            }
+            for t in logprobs["content"]
+        ]
+    tops = logprobs.get("top_logprobs") or [{}] * len(logprobs["tokens"])  # completions: parallel lists
+    return [
+        {"token": token, "logprob": logprob, "top": [list(a) for a in (top or {}).items()]}
+        for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops, strict=False)
+    ]
+
+
+class ResultInfo(msgspec.Struct):
+    text: str | None
+    probabilities: dict[str, float] | None
+    error: str | None
+    completion_tokens: int
+
+
+def read_result(result: dict[str, Any]) -> ResultInfo:
+    """What a run needs from an OpenAI Batch output line, read leniently (any field may be missing)."""
+    response = result.get("response") or {}
+    body = response.get("body") or {}
+    error = result.get("error")
+    if error is None and response.get("status_code", 200) >= 400:
+        error = (body.get("error") or {}) | {"status_code": response.get("status_code")}
+    if error is not None:
+        return ResultInfo(None, None, f"{error.get('code')}: {error.get('message')}", 0)
+    choice = (body.get("choices") or [{}])[0]
+    text = (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
+    sluice = body.get("sluice") or {}
+    tokens = (body.get("usage") or {}).get("completion_tokens") or 0
+    return ResultInfo(text, sluice.get("choice_probabilities"), None, tokens)
+
+
+class BatchOutput:
+    """`sluice batch`'s output: OpenAI Batch output lines, one per input line, keyed by custom_id."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = RecordFile(path, "jsonl", [])
+        self.errors: dict[str, str] = {}
+        self.done: set[str] = set()
+        for line in self.file.load():
+            self._count(line)
+
+    def drop_failed(self) -> set[str]:
+        if not self.errors:
+            return set()
+        failed = set(self.errors)
+        self.file.rewrite([r for r in self.file.load() if str(r.get("custom_id")) not in failed])
+        self.done -= failed
+        self.errors = {}
+        return failed
+
+    def add(self, lines: list[dict[str, Any]]) -> None:
+        self.file.append(lines)
+        for line in lines:
+            self._count(line)
+
+    def close(self) -> None:
+        self.file.close()
+
+    def _count(self, line: dict[str, Any]) -> None:
+        key = str(line.get("custom_id"))
+        self.done.add(key)
+        if (error := read_result(line).error) is not None:
+            self.errors[key] = error

@@ -1,0 +1,257 @@
+"""The files of a `sluice label`/`sluice batch` run: inputs, templates, the output and the ledger.
+
+No broker here: these pin down what resuming relies on (a torn last line is cut off, never
+taken as a row) and how bad rows and bad templates are reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from service.runs.driver import RunDriver, WorkItem
+from service.runs.inputs import InputError, check_unique_keys, read_batch_lines, read_rows
+from service.runs.ledger import LedgerError, RunLedger
+from service.runs.outputs import (
+    BatchOutput,
+    LabelOutput,
+    OutputError,
+    label_record,
+    read_result,
+    token_logprobs,
+)
+from service.runs.progress import RunProgress, summary
+from service.runs.templates import JobSpec, PromptTemplate, TemplateError
+
+
+def test_jsonl_rows_keep_their_id_and_a_bad_line_becomes_an_error_row(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\nnot json\n\n[1, 2]\n{"text": "no id"}\n')
+    rows = list(read_rows(path, "jsonl", "id"))
+    assert [(r.key, r.error is None) for r in rows] == [
+        ("a", True),
+        ("#1", False),
+        ("#2", False),
+        ("#3", False),
+    ]
+    assert "not a JSON line" in rows[1].error and "not a JSON object" in rows[2].error
+    assert "no value in the id column 'id'" in rows[3].error
+
+
+def test_without_an_id_column_the_row_number_is_the_id(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text('text,extra\nhello,1\n"two\nlines",2\nshort\n')
+    rows = list(read_rows(path, "csv", None))
+    assert [r.row_id for r in rows] == [0, 1, 2]
+    assert rows[1].fields == {"text": "two\nlines", "extra": "2"}
+    assert rows[2].fields is None and "has 1 fields, the header has 2" in rows[2].error
+
+
+def test_parquet_rows(tmp_path):
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"id": [10, 11], "text": ["a", "b"]}), path)
+    rows = list(read_rows(path, "parquet", "id"))
+    assert [(r.key, r.fields["text"]) for r in rows] == [("10", "a"), ("11", "b")]
+
+
+def test_a_file_that_is_not_parquet_is_an_input_error(tmp_path):
+    path = tmp_path / "rows.parquet"
+    path.write_text("id,text\n")
+    with pytest.raises(InputError, match="not a readable Parquet file"):
+        list(read_rows(path, "parquet", None))
+
+
+def test_duplicate_row_ids_are_refused_naming_the_id():
+    with pytest.raises(InputError, match="row id 'b' appears twice \\(rows 1 and 2\\)"):
+        check_unique_keys(iter(["a", "b", "b"]))
+
+
+def test_batch_lines_keep_the_body_as_is_and_report_a_broken_line(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        '{"custom_id": "q1", "url": "/v1/completions", "body": {"prompt": "x", "weird": [1.5]}}\n'
+        '{"custom_id": "q2", "body": \n'
+        '{"custom_id": "q3", "url": "/v1/completions"}\n'
+    )
+    lines = list(read_batch_lines(path))
+    assert bytes(lines[0].job["body"]) == b'{"prompt": "x", "weird": [1.5]}'
+    assert lines[1].custom_id == "line-1" and "line 2" in lines[1].error
+    assert lines[2].custom_id == "q3" and "body" in lines[2].error
+
+
+def test_format_and_jinja_templates_render_row_fields():
+    assert PromptTemplate("Review: {text}").render({"text": "good"}) == "Review: good"
+    jinja = PromptTemplate("{% if stars %}{{ stars }} stars: {% endif %}{{ text | upper }}")
+    assert jinja.kind == "jinja" and jinja.render({"text": "ok", "stars": 4}) == "4 stars: OK"
+
+
+@pytest.mark.parametrize("text", ["Review: {text} {missing}", "Review: {{ text }} {{ missing }}"])
+def test_a_field_the_row_lacks_is_an_error_not_an_empty_string(text):
+    with pytest.raises(TemplateError, match="missing"):
+        PromptTemplate(text).render({"text": "x"})
+
+
+def test_a_template_that_does_not_parse_is_refused_at_once():
+    with pytest.raises(TemplateError, match="does not parse"):
+        PromptTemplate("{{ text ")
+
+
+def test_choices_go_as_vllm_structured_outputs():
+    job = JobSpec(model="m", max_tokens=4, choices=["yes", "no"], chat=True, system="Be brief.").job(
+        "r/1", "Q"
+    )
+    assert job["url"] == "/v1/chat/completions"
+    assert job["body"]["structured_outputs"] == {"choice": ["yes", "no"]}
+    assert job["body"]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert job["body"]["temperature"] == 0.0
+
+
+def _ok(text, probabilities=None, tokens=2):
+    sluice = {"schema_version": 1} | ({"choice_probabilities": probabilities} if probabilities else {})
+    body = {"choices": [{"text": text}], "usage": {"completion_tokens": tokens}, "sluice": sluice}
+    return {"custom_id": "x", "response": {"status_code": 200, "body": body}, "error": None}
+
+
+def test_a_result_gives_label_probabilities_and_tokens_and_an_error_result_its_code():
+    info = read_result(_ok("yes", {"yes": 0.75, "no": 0.25}))
+    assert (info.text, info.probabilities, info.completion_tokens) == ("yes", {"yes": 0.75, "no": 0.25}, 2)
+    assert read_result(_ok("yes")).probabilities is None
+    failed = {"custom_id": "x", "response": None, "error": {"code": "invalid_prompt", "message": "too long"}}
+    assert label_record(7, failed) == {
+        "row_id": 7,
+        "label": None,
+        "probabilities": None,
+        "error": "invalid_prompt: too long",
+    }
+
+
+def test_token_logprobs_read_the_same_from_both_endpoints_shapes():
+    chat = {"content": [{"token": "a", "logprob": -0.1, "top_logprobs": [{"token": "a", "logprob": -0.1}]}]}
+    completion = {"tokens": ["a"], "token_logprobs": [-0.1], "top_logprobs": [{"a": -0.1}]}
+    expected = [{"token": "a", "logprob": -0.1, "top": [["a", -0.1]]}]
+    for logprobs in (chat, completion):
+        result = {"response": {"status_code": 200, "body": {"choices": [{"logprobs": logprobs}]}}}
+        assert token_logprobs(result) == expected
+    assert token_logprobs(_ok("x")) is None
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_output_reloads_done_rows_and_cuts_a_torn_last_line(tmp_path, fmt):
+    path = tmp_path / f"out.{fmt}"
+    out = LabelOutput(path, fmt)
+    out.add([label_record(0, _ok("yes", {"yes": 0.9, "no": 0.1})), label_record(1, _ok("multi\nline"))])
+    out.close()
+    intact = path.read_bytes()
+    torn = b'{"row_id": 2, "lab' if fmt == "jsonl" else b'2,"torn\ninside quotes'
+    path.write_bytes(intact + torn)
+    again = LabelOutput(path, fmt)
+    assert again.done == {"0", "1"} and again.labels == {"yes": 1, "multi\nline": 1}
+    assert path.read_bytes() == intact  # the torn record is gone, so the row is simply done again
+    again.add([label_record(2, _ok("no"))])
+    again.close()
+    assert LabelOutput(path, fmt).done == {"0", "1", "2"}
+
+
+def test_csv_output_has_a_header_and_probabilities_as_json(tmp_path):
+    path = tmp_path / "out.csv"
+    out = LabelOutput(path, "csv")
+    out.add([label_record("r1", _ok("yes", {"yes": 0.5, "no": 0.5}))])
+    out.close()
+    rows = list(csv.DictReader(path.open()))
+    assert rows == [{"row_id": "r1", "label": "yes", "probabilities": '{"yes":0.5,"no":0.5}', "error": ""}]
+
+
+def test_a_csv_output_with_other_columns_is_not_taken_over(tmp_path):
+    path = tmp_path / "out.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(OutputError, match="its columns are"):
+        LabelOutput(path, "csv")
+
+
+def test_retrying_errors_removes_only_the_failed_lines(tmp_path):
+    path = tmp_path / "out.jsonl"
+    out = BatchOutput(path)
+    failed = {"custom_id": "b", "response": None, "error": {"code": "engine_error", "message": "boom"}}
+    out.add([_ok("a") | {"custom_id": "a"}, failed])
+    assert out.errors == {"b": "engine_error: boom"}
+    assert out.drop_failed() == {"b"}
+    assert BatchOutput(path).done == {"a"} and not BatchOutput(path).errors
+
+
+def test_ledger_keeps_the_run_id_counts_posts_and_drops_a_torn_record(tmp_path):
+    path = tmp_path / "out.jsonl.run"
+    ledger = RunLedger.open(path, "label", None)
+    assert ledger.custom_id("7", 1) == f"{ledger.run_id}/7"
+    assert ledger.custom_id("7", 2) == f"{ledger.run_id}~2/7"  # a retry's answer is told apart
+    ledger.record_posted([("7", 1), ("8", 1), ("8", 1)])  # posted twice after a kill: still attempt 1
+    ledger.close()
+    path.write_bytes(path.read_bytes() + b'["9", ')
+    again = RunLedger.open(path, "label", None)
+    assert again.run_id == ledger.run_id and dict(again.attempts) == {"7": 1, "8": 1}
+    with pytest.raises(LedgerError, match="leave out --run-id to resume it"):
+        RunLedger.open(path, "label", "another-run")
+    with pytest.raises(LedgerError, match="letters, digits"):
+        RunLedger.open(tmp_path / "new.run", "label", "bad/id")
+
+
+class _TwiceAnsweringBackend:
+    """A double of the Kafka backend that answers every job twice, plus a stale answer from an earlier attempt."""
+
+    def __init__(self, stale: list[str]) -> None:
+        self.posted: list[str] = []
+        self._answers: list[tuple[str, bytes]] = [(custom_id, b"{}") for custom_id in stale]
+
+    async def submit(self, jobs):
+        for custom_id, job in jobs:
+            self.posted.append(custom_id)
+            text = json.loads(job)["body"]["prompt"].upper()
+            answer = json.dumps(_ok(text) | {"custom_id": custom_id}).encode()
+            self._answers += [(custom_id, answer), (custom_id, answer)]
+
+    async def results(self):
+        while True:
+            batch, self._answers = self._answers, []
+            yield batch
+            await asyncio.sleep(0.01)
+
+
+async def test_answers_that_arrive_twice_or_answer_a_superseded_job_are_not_written(tmp_path):
+    out = LabelOutput(tmp_path / "out.jsonl", "jsonl")
+    ledger = RunLedger.open(tmp_path / "out.jsonl.run", "label", "run1")
+    ledger.record_posted([("0", 1)])  # row 0 was posted before, failed, and is retried now
+    spec = JobSpec(model="m", max_tokens=2)
+    items = [WorkItem(str(i), i, spec.job("", f"row {i}")) for i in range(3)]
+    backend = _TwiceAnsweringBackend(stale=["run1/0"])  # the answer to row 0's first job comes late
+    driver = RunDriver(
+        out, ledger, backend, lambda key, row_id, r: label_record(row_id, r),
+        lambda key, row_id, code, message: {"row_id": row_id, "error": f"{code}: {message}"},
+        RunProgress(3, 0, 0, enabled=False), idle_timeout=5,
+    )  # fmt: skip
+    stats = await driver.run(items, waiting=set())
+    out.close()
+    assert backend.posted == ["run1~2/0", "run1/1", "run1/2"]
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted((line["row_id"], line["label"]) for line in lines) == [
+        (0, "ROW 0"),
+        (1, "ROW 1"),
+        (2, "ROW 2"),
+    ]
+    assert stats.is_complete and stats.written == 3
+
+
+def test_the_summary_names_the_distribution_the_failures_and_the_unanswered_rows():
+    text = summary(
+        total=5, done=4, labels=Counter({"yes": 3, "no": 1}), errors={"r9": "invalid_row: row 9: bad"},
+        written=4, output_tokens=8, seconds=2.0, pending=["r5"], idle_timeout=30,
+    )  # fmt: skip
+    assert "rows: 4 of 5 written (4 by this run), 1 failed" in text
+    assert "throughput: 2.0 rows/s, 4.0 output tokens/s" in text
+    assert "'yes' 3 (75.0%), 'no' 1 (25.0%)" in text
+    assert "r9: invalid_row: row 9: bad" in text and "--retry-errors" in text
+    assert "unanswered: 1 rows" in text and "r5" in text
