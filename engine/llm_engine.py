@@ -117,7 +117,9 @@ class LLMEngine:
 
     @property
     def num_unfinished_requests(self) -> int:
-        return self.scheduler.num_unfinished
+        # requests, not sequences: a choice request's scoring sequences are part of it, and a
+        # request whose text is done is unfinished until its choices are scored
+        return len(self._seqs) + sum(1 for c in self._choices.values() if c.output is not None)
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:

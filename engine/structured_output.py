@@ -10,16 +10,14 @@ and applied to the whole batch's logits by the sampler.
 
 from __future__ import annotations
 
+import functools
 import json
-import logging
 
 import llguidance
 import llguidance.hf
 import torch
 
 from engine.sampling_params import StructuredOutputs
-
-log = logging.getLogger(__name__)
 
 _ANY_JSON_OBJECT = {"type": "object"}
 # One fixed layout, `{"a": 1, "b": [2, 3]}`: llguidance's default lets the model put any run of
@@ -63,15 +61,23 @@ def token_bitmask(matchers: list[llguidance.LLMatcher | None], vocab_size: int) 
 
     None when no row is constrained, so an unconstrained step costs nothing.
     """
-    if all(m is None for m in matchers):
+    rows = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None]
+    if not rows:
         return None
     words = (vocab_size + 31) // 32
     bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)
-    for row, matcher in enumerate(matchers):
-        if matcher is not None:
-            # writes the row in place (Rust, GIL released); a matcher in error allows only EOS
-            matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), words * 4)
+    # written in place by Rust with the GIL released; a matcher in error allows only EOS
+    if len(rows) == 1:
+        matcher, row = rows[0]
+        matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), words * 4)
+    else:  # several rows: llguidance's thread pool computes them in parallel
+        _executor().unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), words * 4, len(matchers))
     return bitmask
+
+
+@functools.cache
+def _executor() -> llguidance.LLExecutor:
+    return llguidance.LLExecutor()
 
 
 def _grammar(spec: StructuredOutputs) -> str:
