@@ -118,7 +118,8 @@ class BlockManager:
         return seq.num_computed_tokens
 
     def count_admission(self, seq: Sequence, num_reused_tokens: int) -> None:
-        if self.enable_prefix_caching:
+        # requests' prompts only: a choice's scoring sequence repeats its request's prompt
+        if self.enable_prefix_caching and not seq.is_scoring:
             self.stats.queried_tokens += seq.num_tokens
             self.stats.hit_tokens += num_reused_tokens
 

@@ -97,7 +97,8 @@ class ModelRunner:
         rows, targets, owners = scoring_rows(out)
         sums = torch.zeros(num_scoring, dtype=torch.float32, device=self.device)
         if rows:
-            logprobs = self.model.compute_logits(hidden[rows]).float().log_softmax(dim=-1)
+            rows_tensor = torch.tensor(rows, device=self.device)
+            logprobs = self.model.compute_logits(hidden[rows_tensor]).float().log_softmax(dim=-1)
             picked = logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None]).squeeze(1)
             sums.index_add_(0, torch.tensor(owners, device=self.device), picked)
         return sums

@@ -88,16 +88,32 @@ def test_choice_probabilities_are_the_same_with_prefix_caching_on_and_off_and_un
 ) -> None:
     prompt = "The river is cold today, and many people went home because the river was cold and"
     spec = StructuredOutputs(choice=LABELS)
+    # 8 blocks of 4 tokens and 4-token steps: requests and scoring sequences preempt each other
+    tiny_pool = {"num_kv_blocks": 8, "block_size": 4, "max_num_batched_tokens": 4}
     results = []
-    for options in ({"enable_prefix_caching": False}, {}, {"num_kv_blocks": 24, "block_size": 4}):
+    for options in ({"enable_prefix_caching": False}, {}, tiny_pool):
         engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), **options))
-        outputs = engine.generate([prompt] * 4, _params(spec, temperature=0.0), use_tqdm=False)
+        preempted = _spy_on_preemptions(engine)
+        outputs = engine.generate([prompt] * 4, _params(spec, temperature=0.0, max_tokens=12), use_tqdm=False)
         results.append([(o.text, o.choice_probabilities) for o in outputs])
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert {seq.is_scoring for seq in preempted} == {True, False}  # in the tiny pool, both kinds
     for text_and_probs in results[1:]:
         for (text, probs), (ref_text, ref_probs) in zip(text_and_probs, results[0], strict=True):
             assert text == ref_text
             assert [probs[c] for c in LABELS] == pytest.approx([ref_probs[c] for c in LABELS], rel=1e-4)
+
+
+def _spy_on_preemptions(engine: LLMEngine) -> list:
+    preempted = []
+    preempt = engine.scheduler._preempt
+
+    def spy(seq):
+        preempted.append(seq)
+        preempt(seq)
+
+    engine.scheduler._preempt = spy
+    return preempted
 
 
 def test_aborting_a_choice_request_while_its_choices_are_scored_gives_every_block_back(
