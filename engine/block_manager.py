@@ -117,6 +117,24 @@ class BlockManager:
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
 
+    def blocks_filled_by(self, seq: Sequence, num_new_tokens: int) -> list[bytes]:
+        """Prefix hashes of the blocks that computing `num_new_tokens` more tokens fills up."""
+        if not self.enable_prefix_caching:
+            return []
+        first = seq.num_computed_tokens // self.block_size
+        last = (seq.num_computed_tokens + num_new_tokens) // self.block_size
+        return self._prefix_hashes(seq, last)[first:] if last > first else []
+
+    def next_uncached_block(self, seq: Sequence) -> bytes | None:
+        """After `reuse_cached_prefix`: the hash of the first reusable block it did not find, if any."""
+        if not self.enable_prefix_caching:
+            return None
+        first_to_compute = seq.scored_from - 1 if seq.is_scoring else seq.num_tokens - 1
+        i = len(seq.block_table)
+        if i >= first_to_compute // self.block_size:
+            return None
+        return self._prefix_hashes(seq, i + 1)[i]
+
     def count_admission(self, seq: Sequence, num_reused_tokens: int) -> None:
         # requests' prompts only: a choice's scoring sequence repeats its request's prompt
         if self.enable_prefix_caching and not seq.is_scoring:

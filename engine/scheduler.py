@@ -6,7 +6,10 @@ in chunks takes what the budget leaves. Waiting sequences are then admitted in (
 arrival) order while budget, cap and blocks allow. When blocks run out, the newest running
 sequence is preempted: its blocks are freed and it is recomputed from its tokens later.
 With prefix caching, a sequence admitted from the queue first takes the cached blocks of its
-longest cached prefix and is then scheduled like a chunk of prefill with existing context.
+longest cached prefix and is then scheduled like a chunk of prefill with existing context;
+one whose prefix continues with a block that this very step computes for another sequence
+waits for the next step, where it finds that block cached (a burst of prompts sharing an
+instruction computes the instruction once, not once per prompt admitted in the first step).
 """
 
 from __future__ import annotations
@@ -108,9 +111,19 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        bm = self.block_manager
+        # prefix blocks this step computes: a sequence whose prefix continues with one of them
+        # waits a step and finds it cached, rather than computing the same block alongside
+        in_flight = set()
+        if bm.enable_prefix_caching and self.waiting:
+            for seq, num_new in zip(out.seqs, out.num_new_tokens, strict=True):
+                in_flight.update(bm.blocks_filled_by(seq, num_new))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            num_reused = self.block_manager.reuse_cached_prefix(seq)
+            num_reused = bm.reuse_cached_prefix(seq)
+            if in_flight and bm.next_uncached_block(seq) in in_flight:
+                self._unadmit(seq)
+                return
             num_new = seq.num_uncomputed_tokens
             if num_new > budget:
                 # Without chunked prefill a prompt runs whole or waits; but a preempted sequence's
@@ -128,6 +141,7 @@ class Scheduler:
             self.running.append(seq)
             self._take(out, seq, num_new)
             budget -= num_new
+            in_flight.update(bm.blocks_filled_by(seq, num_new))
 
     def _take(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         self.block_manager.allocate(seq, num_new)

@@ -89,3 +89,13 @@ def test_aborting_requests_that_share_cached_blocks_gives_every_block_back(tiny_
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and all(count == 0 for count in bm.ref_counts)
     assert engine.prefix_cache_stats.hit_tokens >= 32 * len(prompts)
+
+
+def test_a_burst_of_prompts_sharing_a_prefix_computes_the_prefix_once(tiny_checkpoint: Path) -> None:
+    # all four arrive together: the first computes the shared blocks, the others wait one step for them
+    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), block_size=16))
+    prompts = _prompts(engine.vocab_size, n=4)  # a 40-token shared prefix: 2 full blocks
+    outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+    assert engine.prefix_cache_stats.hit_tokens == 3 * 32
+    assert engine.prefix_cache_stats.queried_tokens == sum(len(p) for p in prompts)
+    assert len(outputs) == 4
