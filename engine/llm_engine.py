@@ -82,7 +82,13 @@ class LLMEngine:
         if request_id in self._seqs:
             raise RequestRejected(f"request id {request_id!r} is already running")
         self._check_prompt(token_ids)
-        max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
+        max_tokens = params.max_tokens
+        if params.structured_outputs is not None and params.structured_outputs.choice is not None:
+            # room for any choice in any tokenisation (every token but EOS holds at least one
+            # byte), so that a choice is never cut short: the output is always one of them
+            longest = max(len(choice.encode()) for choice in params.structured_outputs.choice)
+            max_tokens = max(max_tokens, longest + 1)
+        max_tokens = min(max_tokens, self.max_model_len - len(token_ids))
         self._check_fits(len(token_ids), max_tokens)
         seq = Sequence(request_id, token_ids, params, max_tokens, priority)
         if params.structured_outputs is not None:

@@ -116,6 +116,13 @@ def _spy_on_preemptions(engine: LLMEngine) -> list:
     return preempted
 
 
+def test_a_choice_is_never_cut_short_by_a_small_max_tokens(engine: LLMEngine) -> None:
+    params = _params(StructuredOutputs(choice=LABELS), temperature=1.0, max_tokens=1)
+    outputs = engine.generate(PROMPTS * 3, params, use_tqdm=False)
+    assert all(o.text in LABELS and o.finish_reason == "stop" for o in outputs)
+    assert max(len(o.token_ids) for o in outputs) > 1
+
+
 def test_aborting_a_choice_request_while_its_choices_are_scored_gives_every_block_back(
     engine: LLMEngine,
 ) -> None:
