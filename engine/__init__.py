@@ -5,7 +5,7 @@ from engine.config import EngineConfig, EngineConfigError
 from engine.llm_engine import LLMEngine, RequestRejected
 from engine.loader import ModelLoadError
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutputs
 
 __all__ = [
     "AsyncLLMEngine",
@@ -17,5 +17,6 @@ __all__ = [
     "RequestOutput",
     "RequestRejected",
     "SamplingParams",
+    "StructuredOutputs",
     "TokenLogprob",
 ]

@@ -24,6 +24,8 @@ class EngineConfig:
     max_num_seqs: int = 128  # sequences in one step
     max_num_batched_tokens: int = 2048  # tokens computed in one step (the per-step budget)
     enable_chunked_prefill: bool = True  # long prompts share steps with running decodes
+    # reuse the KV blocks of a prompt prefix an earlier request computed (same outputs either way)
+    enable_prefix_caching: bool = True
     # Paged KV cache
     block_size: int | None = None  # tokens per block; None: 16, or 256 with FlashAttention (its page size)
     num_kv_blocks: int | None = None  # fixed pool size; None: from the memory budget below

@@ -14,22 +14,31 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, PrefixCacheStats
+from engine.choice_scoring import ChoiceScoring
 from engine.config import EngineConfig
 from engine.layers.attention_backends import select_backend
 from engine.loader import check_checkpoint_folder, load_tokenizer
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, StructuredOutputs
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from engine.structured_output import GrammarCompiler, InvalidStructuredOutput
 from engine.weights import build_model
 
 log = logging.getLogger(__name__)
 
 
 class RequestRejected(ValueError):
-    """The request cannot run on this engine (too long, bad token ids); nothing was queued."""
+    """The request cannot run on this engine (too long, bad token ids); nothing was queued.
+
+    `code` names the kind of problem for callers that report it (the service's error codes).
+    """
+
+    def __init__(self, message: str, code: str = "invalid_prompt") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class LLMEngine:
@@ -50,13 +59,16 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model_limit, model_limit)
         self.eos_token_ids = _eos_token_ids(hf_config, self.tokenizer)
         self.runner = ModelRunner(config, model, self.attention_backend, self.block_size)
-        self.block_manager = BlockManager(self.runner.allocate_kv_cache(), self.block_size)
+        self.block_manager = BlockManager(
+            self.runner.allocate_kv_cache(), self.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
             config.max_num_batched_tokens,
             config.enable_chunked_prefill,
         )
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         if (
             device.type == "cuda"
             and self.attention_backend in ("flash", "triton")
@@ -64,6 +76,7 @@ class LLMEngine:
         ):
             self.runner.enable_decode_graphs(self.max_model_len)
         self._seqs: dict[str, Sequence] = {}
+        self._choices: dict[str, ChoiceScoring] = {}  # requests whose choice probabilities are due
         self._finished: list[RequestOutput] = []  # aborted between steps, reported by the next step()
         self._logprobs: dict[str, list[TokenLogprob]] = {}
 
@@ -75,9 +88,19 @@ class LLMEngine:
         if request_id in self._seqs:
             raise RequestRejected(f"request id {request_id!r} is already running")
         self._check_prompt(token_ids)
-        max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
+        max_tokens = params.max_tokens
+        if params.structured_outputs is not None and params.structured_outputs.choice is not None:
+            # room for any choice in any tokenisation (every token but EOS holds at least one
+            # byte), so that a choice is never cut short: the output is always one of them
+            longest = max(len(choice.encode()) for choice in params.structured_outputs.choice)
+            max_tokens = max(max_tokens, longest + 1)
+        max_tokens = min(max_tokens, self.max_model_len - len(token_ids))
         self._check_fits(len(token_ids), max_tokens)
         seq = Sequence(request_id, token_ids, params, max_tokens, priority)
+        if params.structured_outputs is not None:
+            seq.grammar = self._grammar(params.structured_outputs)
+            if params.structured_outputs.choice is not None:
+                self._choices[request_id] = self._choice_scoring(token_ids, params.structured_outputs.choice)
         self._seqs[request_id] = seq
         if params.logprobs is not None:
             self._logprobs[request_id] = []
@@ -86,6 +109,15 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         """Cancel a request now: its blocks return to the pool; the next step() reports it ("abort")."""
         seq = self._seqs.get(request_id)
+        scoring = self._choices.pop(request_id, None)
+        if scoring is not None:
+            for scorer in scoring.scorers:
+                if not scorer.is_finished:
+                    self.scheduler.finish(scorer, "abort")
+            if seq is None and scoring.output is not None:  # finished, waiting for its scores
+                scoring.output.finish_reason = "abort"
+                self._finished.append(scoring.output)
+                return True
         if seq is None:
             return False
         self.scheduler.finish(seq, "abort")
@@ -97,7 +129,14 @@ class LLMEngine:
 
     @property
     def num_unfinished_requests(self) -> int:
-        return self.scheduler.num_unfinished
+        # requests, not sequences: a choice request's scoring sequences are part of it, and a
+        # request whose text is done is unfinished until its choices are scored
+        return len(self._seqs) + sum(1 for c in self._choices.values() if c.output is not None)
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prompt tokens looked up in the prefix cache since start, and how many were found."""
+        return self.block_manager.stats
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration of the continuous batch; returns the requests that finished."""
@@ -111,11 +150,20 @@ class LLMEngine:
         sampling = _sampling_seqs(out)
         if sampled is not None and sampled.logprobs is not None:
             self._record_logprobs(sampling, token_ids, sampled.logprobs)
+        if sampled is not None and sampled.scored_logprobs is not None:
+            finished.extend(self._record_scores(out, sampled.scored_logprobs.tolist()))
         for seq in sampling:
-            reason = self._stop_reason(seq)
+            scoring = self._choices.get(seq.request_id)
+            if scoring is not None and not scoring.started:
+                self._start_scoring(seq, scoring)  # its prompt is computed, so cached: start now
+            reason = self._advance_grammar(seq) or self._stop_reason(seq)
             if reason is not None:
                 self.scheduler.finish(seq, *reason)
-                finished.append(self._output(seq))
+                output = self._output(seq)
+                if scoring is not None and not scoring.is_done:
+                    scoring.output = output  # reported once every choice is scored
+                else:
+                    finished.append(self._with_choices(output))
         return finished
 
     def generate(
@@ -162,6 +210,74 @@ class LLMEngine:
                 f"prompt ({num_prompt_tokens}) + max_tokens ({max_tokens}) need {needed} KV blocks; "
                 f"the cache has {self.block_manager.num_blocks}"
             )
+
+    def _grammar(self, spec: StructuredOutputs):
+        try:
+            return self.grammars.matcher(spec)
+        except InvalidStructuredOutput as e:
+            raise RequestRejected(str(e), code="invalid_structured_output") from None
+
+    def _choice_scoring(self, prompt_token_ids: list[int], choices: list[str]) -> ChoiceScoring:
+        eos = [
+            self.tokenizer.eos_token_id
+            if self.tokenizer.eos_token_id is not None
+            else min(self.eos_token_ids)
+        ]
+        token_ids = [self.tokenizer.encode(c, add_special_tokens=False) + eos for c in choices]
+        longest = len(prompt_token_ids) + max(map(len, token_ids))
+        if longest > self.max_model_len:
+            raise RequestRejected(
+                f"the prompt and its longest choice with EOS take {longest} tokens; "
+                f"this model takes at most {self.max_model_len}"
+            )
+        self._check_fits(longest, 0)
+        return ChoiceScoring(choices, token_ids)
+
+    def _start_scoring(self, seq: Sequence, scoring: ChoiceScoring) -> None:
+        for i, choice_ids in enumerate(scoring.token_ids):
+            scorer = Sequence(
+                f"{seq.request_id}/choice-{i}", seq.prompt_token_ids + choice_ids, seq.params, 0, seq.priority
+            )
+            scorer.scored_from = seq.num_prompt_tokens
+            scoring.scorers.append(scorer)
+            self.scheduler.add(scorer)
+
+    def _record_scores(self, out: SchedulerOutput, scores: list[float]) -> list[RequestOutput]:
+        """Add the step's scores to its scoring sequences; returns the outputs whose scores are now complete."""
+        scorers = [seq for seq in out.seqs if seq.is_scoring]
+        done = []
+        for scorer, score in zip(scorers, scores, strict=True):
+            if scorer.is_finished:
+                continue  # aborted with its request
+            scorer.score += score
+            if scorer.num_uncomputed_tokens == 0:
+                self.scheduler.finish(scorer, "stop")
+                request_id = scorer.request_id.rsplit("/choice-", 1)[0]
+                scoring = self._choices[request_id]
+                scoring.num_done += 1
+                if scoring.is_done and scoring.output is not None:
+                    done.append(self._with_choices(scoring.output))
+        return done
+
+    def _with_choices(self, output: RequestOutput) -> RequestOutput:
+        scoring = self._choices.pop(output.request_id, None)
+        if scoring is not None and scoring.is_done:
+            output.choice_probabilities = scoring.probabilities()
+        return output
+
+    def _advance_grammar(self, seq: Sequence) -> tuple[str, str | int | None] | None:
+        """Feed the sampled token to the sequence's grammar; a grammar with nothing left to add ends it."""
+        if seq.grammar is None:
+            return None
+        token_id = seq.token_ids[-1]
+        if not seq.grammar.consume_token(token_id):
+            # the mask allowed only what the grammar accepts, so this is a bug, not bad input
+            log.error("%r: the grammar refused token %d: %s", seq, token_id, seq.grammar.get_error())
+            return "abort", None
+        if seq.grammar.is_stopped():
+            # complete: either this was EOS, or nothing but EOS could follow (spare that step)
+            return "stop", token_id if token_id in self.eos_token_ids else None
+        return None
 
     def _stop_reason(self, seq: Sequence) -> tuple[str, str | int | None] | None:
         token_id = seq.token_ids[-1]

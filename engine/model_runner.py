@@ -11,14 +11,16 @@ import logging
 
 import torch
 
+from engine.choice_scoring import scoring_rows
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.forward_context import AttentionMetadata, attention_metadata, group_by_length
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
-from engine.sampler import Sampler, SamplingBatch
+from engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
+from engine.structured_output import token_bitmask
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +90,11 @@ class ModelRunner:
         else:
             with attention_metadata(metadata):
                 hidden = self.model(input_ids, positions)  # [T, hidden]
+        scored = self._score(hidden, out)
         sampling = [seq for seq, samples in zip(out.seqs, out.is_sampling, strict=True) if samples]
         if not sampling:
-            return None
+            no_tokens = torch.empty(0, dtype=torch.int64, device=self.device)
+            return None if scored is None else SamplerOutput(no_tokens, None, scored)
         logits = self.model.compute_logits(hidden[logits_indices]).float()  # [N, V]
         batch = SamplingBatch.build(
             [s.params for s in sampling],
@@ -98,8 +102,25 @@ class ModelRunner:
             [s.output_token_ids for s in sampling],
             device=self.device,
             vocab_size=logits.shape[-1],
+            token_bitmask=token_bitmask([s.grammar for s in sampling], logits.shape[-1]),
         )
-        return self.sampler(logits, batch)
+        result = self.sampler(logits, batch)
+        result.scored_logprobs = scored
+        return result
+
+    def _score(self, hidden: torch.Tensor, out: SchedulerOutput) -> torch.Tensor | None:
+        """[S] per scoring sequence: the summed log-probabilities of the tokens it scores this step."""
+        num_scoring = sum(seq.is_scoring for seq in out.seqs)
+        if not num_scoring:
+            return None
+        rows, targets, owners = scoring_rows(out)
+        sums = torch.zeros(num_scoring, dtype=torch.float32, device=self.device)
+        if rows:
+            rows_tensor = torch.tensor(rows, device=self.device)
+            logprobs = self.model.compute_logits(hidden[rows_tensor]).float().log_softmax(dim=-1)
+            picked = logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None]).squeeze(1)
+            sums.index_add_(0, torch.tensor(owners, device=self.device), picked)
+        return sums
 
     def _prepare(self, out: SchedulerOutput):
         query_lens, context_lens, token_ids, starts = [], [], [], []

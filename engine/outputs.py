@@ -30,6 +30,8 @@ class RequestOutput:
     metrics: RequestMetrics
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
+    # a `choice` structured output's probability of each choice, renormalised over the choices
+    choice_probabilities: dict[str, float] | None = None
 
     @property
     def is_finished(self) -> bool:

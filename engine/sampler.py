@@ -45,6 +45,9 @@ class SampledLogprobs:
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # [N] int64, on the device
     logprobs: SampledLogprobs | None  # None when no row asked for logprobs
+    # [S] float32: per scoring sequence of the step (choice probabilities), the summed
+    # log-probabilities of its scored tokens this step computed; set by the model runner
+    scored_logprobs: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -67,6 +70,7 @@ class SamplingBatch:
     seeded_rows: torch.Tensor  # [S] int64: sampled (non-greedy) rows that have a seed
     top_p_rows: torch.Tensor  # [R] int64: sampled rows with top_p < 1
     seen_mask: torch.Tensor | None  # [N, V] bool: in prompt or output; repetition rows only
+    token_bitmask: torch.Tensor | None  # [N, ceil(V / 32)] int32: allowed tokens (structured output)
     output_counts: torch.Tensor | None  # [N, V] float32: output token counts; presence/freq rows
     all_greedy: bool
     any_greedy: bool
@@ -83,8 +87,12 @@ class SamplingBatch:
         output_token_ids_list: Sequence[Sequence[int]],
         device: torch.device | str,
         vocab_size: int,
+        token_bitmask: torch.Tensor | None = None,
     ) -> SamplingBatch:
-        """Per-row tensors for one step; a few small host-to-device copies, no sync."""
+        """Per-row tensors for one step; a few small host-to-device copies, no sync.
+
+        token_bitmask: the step's grammar masks on the host (engine.structured_output), if any.
+        """
         device = torch.device(device)
         ps = params_list
         # the cuts and the noise matter only for sampled rows: greedy ones take the argmax
@@ -96,6 +104,7 @@ class SamplingBatch:
             seeded_rows=_to_device(seeded, torch.int64, device),
             top_p_rows=_to_device([i for i in sampled if ps[i].top_p < 1.0], torch.int64, device),
             **_penalty_tensors(ps, prompt_token_ids_list, output_token_ids_list, device, vocab_size),
+            token_bitmask=None if token_bitmask is None else _host_to_device(token_bitmask, device),
             all_greedy=not sampled,
             any_greedy=len(sampled) < len(ps),
             any_unseeded=len(seeded) < len(sampled),
@@ -116,6 +125,8 @@ class Sampler:
         """logits: [N, V] float32 on the device, left unchanged. Never syncs with the host."""
         logits = logits.float()
         raw_logits = logits
+        if batch.token_bitmask is not None:
+            logits = _apply_token_bitmask(logits, batch.token_bitmask)
         logits = _apply_penalties(logits, batch)
         if batch.all_greedy:
             sampled = logits.argmax(dim=-1)
@@ -192,6 +203,14 @@ def sample_next_token(
         [params], [seen_token_ids.tolist()], [output_token_ids.tolist()], logits.device, logits.numel()
     )
     return int(Sampler(generator)(logits[None], batch).sampled_token_ids[0])
+
+
+def _apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    # out of place, like the penalties; bit j of word i allows token 32 * i + j
+    n, vocab_size = logits.shape
+    bits = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().view(n, -1)[:, :vocab_size]
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -290,8 +309,11 @@ def _flat_token_index(
 
 
 def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _host_to_device(torch.tensor(data, dtype=dtype), device)
+
+
+def _host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     # pinned staging makes the copy asynchronous on CUDA
-    tensor = torch.tensor(data, dtype=dtype)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)

@@ -2,9 +2,49 @@
 
 from __future__ import annotations
 
+import json as _json
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputs:
+    """A constraint on the output: exactly one of the fields is set.
+
+    choice: the output is exactly one of these strings (and the engine reports each one's
+    probability); regex: the output fully matches it; json: a JSON schema (a dict or its JSON
+    text) the output validates against; json_object: any JSON object.
+    """
+
+    choice: list[str] | None = None
+    regex: str | None = None
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("choice", "regex", "json") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(
+                f"a structured output takes exactly one of choice, regex, json, json_object; got {given or 'none'}"
+            )
+        if self.choice is not None:
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("choice must be a non-empty list of non-empty strings")
+            if len(set(self.choice)) != len(self.choice):
+                raise ValueError("choice must not list a string twice")
+        if self.regex is not None and not self.regex:
+            raise ValueError("regex must not be empty")
+        if isinstance(self.json, str):
+            try:
+                schema = _json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"json is not a JSON schema: {e}") from None
+            object.__setattr__(self, "json", schema)
+        if self.json is not None and not isinstance(self.json, dict | bool):
+            raise ValueError(f"json must be a JSON schema object, got {type(self.json).__name__}")
 
 
 @dataclass(slots=True)
@@ -24,6 +64,7 @@ class SamplingParams:
     # top alternatives returned with each sampled token's logprob; None: no logprobs,
     # 0: only the sampled token's own logprob
     logprobs: int | None = None
+    structured_outputs: StructuredOutputs | None = None  # constrains what may be generated
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

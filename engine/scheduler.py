@@ -5,6 +5,11 @@ Running sequences go first, oldest first: a decode takes one token, a prompt bei
 in chunks takes what the budget leaves. Waiting sequences are then admitted in (priority,
 arrival) order while budget, cap and blocks allow. When blocks run out, the newest running
 sequence is preempted: its blocks are freed and it is recomputed from its tokens later.
+With prefix caching, a sequence admitted from the queue first takes the cached blocks of its
+longest cached prefix and is then scheduled like a chunk of prefill with existing context;
+one whose prefix continues with a block that this very step computes for another sequence
+waits for the next step, where it finds that block cached (a burst of prompts sharing an
+instruction computes the instruction once, not once per prompt admitted in the first step).
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # finished or aborted while the step ran
             seq.num_computed_tokens += num_new
+            self.block_manager.cache_full_blocks(seq)
             if token_id is not None:
                 seq.append_token(token_id)
 
@@ -105,33 +111,55 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        bm = self.block_manager
+        # prefix blocks this step computes: a sequence whose prefix continues with one of them
+        # waits a step and finds it cached, rather than computing the same block alongside
+        in_flight = set()
+        if bm.enable_prefix_caching and self.waiting:
+            for seq, num_new in zip(out.seqs, out.num_new_tokens, strict=True):
+                in_flight.update(bm.blocks_filled_by(seq, num_new))
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            num_reused = bm.reuse_cached_prefix(seq)
+            if in_flight and bm.next_uncached_block(seq) in in_flight:
+                self._unadmit(seq)
+                return
             num_new = seq.num_uncomputed_tokens
             if num_new > budget:
                 # Without chunked prefill a prompt runs whole or waits; but a preempted sequence's
                 # recompute (prompt + output so far) may outgrow the budget, so it is always chunked.
                 if not self.enable_chunked_prefill and seq.num_output_tokens == 0:
+                    self._unadmit(seq)
                     return
                 num_new = budget
             if not self.block_manager.can_allocate(seq, num_new):
+                self._unadmit(seq)
                 return
+            self.block_manager.count_admission(seq, num_reused)
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._take(out, seq, num_new)
             budget -= num_new
+            in_flight.update(bm.blocks_filled_by(seq, num_new))
 
     def _take(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         self.block_manager.allocate(seq, num_new)
         out.seqs.append(seq)
         out.num_new_tokens.append(num_new)
-        out.is_sampling.append(seq.num_computed_tokens + num_new == seq.num_tokens)
+        out.is_sampling.append(seq.num_computed_tokens + num_new == seq.num_tokens and not seq.is_scoring)
+
+    def _unadmit(self, seq: Sequence) -> None:
+        # A waiting sequence holds no blocks: the cached prefix it just took goes back (evictable,
+        # not lost), so that blocks never sit with a sequence that cannot run.
+        self.block_manager.deallocate(seq)
+        seq.num_computed_tokens = 0
 
     def _preempt(self, seq: Sequence) -> None:
         # Recompute, not swap: its tokens (prompt and output so far) are prefilled again later.
         self.block_manager.deallocate(seq)
         seq.num_computed_tokens = 0
+        seq.score = 0.0  # a scoring sequence sums its log-probabilities again as it is recomputed
         seq.num_preemptions += 1
         self.add(seq)
 

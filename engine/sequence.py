@@ -43,6 +43,12 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # prefix-cache hashes of its full blocks, memoised
+        self.grammar = None  # llguidance matcher of a structured output: what may come next
+        # A scoring sequence (choice probabilities) never samples: prefilling it sums the
+        # log-probabilities of its tokens from index `scored_from` on into `score`.
+        self.scored_from: int | None = None
+        self.score = 0.0
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -69,6 +75,10 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_scoring(self) -> bool:
+        return self.scored_from is not None
 
     @property
     def is_finished(self) -> bool:

@@ -11,12 +11,21 @@ of 8 and 16), and its continuous-batching API (generate_batch's manager) where i
 
 Output tokens/s counts the tokens each request asked for: padding and the extra tokens a
 static batch generates for its shorter requests are work, not output.
+
+Shared-prefix workload (`--workload shared-prefix`): prefix caching on vs off. Every prompt
+starts with the same 256-token instruction, then 32-256 tokens of its own, and asks for
+4-16 output tokens (a label or a short answer), greedy, EOS ignored. Both settings run the
+same workload on a fresh engine each (a cold cache), alternating on and off for `--rounds`
+rounds; the table gives each setting's median, the on/off throughput ratio and the hit rate.
+
+    .venv/bin/python loadtest/bench_engine.py --workload shared-prefix
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -62,6 +71,69 @@ def standard_workload(vocab_size: int, num_requests: int = 64, seed: int = 0) ->
         prompts.append([1] + [rng.randrange(4, vocab_size) for _ in range(length - 1)])
         output_lens.append(rng.randint(16, 128))
     return Workload(prompts, output_lens)
+
+
+def shared_prefix_workload(
+    vocab_size: int, num_requests: int = 64, prefix_len: int = 256, seed: int = 0
+) -> Workload:
+    rng = random.Random(seed)
+    instruction = [1] + [rng.randrange(4, vocab_size) for _ in range(prefix_len - 1)]
+    prompts, output_lens = [], []
+    for _ in range(num_requests):
+        own = [rng.randrange(4, vocab_size) for _ in range(rng.randint(32, 256))]
+        prompts.append(instruction + own)
+        output_lens.append(rng.randint(4, 16))
+    return Workload(prompts, output_lens)
+
+
+def run_prefix_caching(folder: Path, args: argparse.Namespace) -> None:
+    """Caching on vs off on the shared-prefix workload, alternating, a fresh engine per run."""
+    results: dict[bool, list[float]] = {True: [], False: []}
+    hit_rates = []
+    workload = None
+    for round_index in range(args.rounds):
+        order = (False, True) if round_index % 2 == 0 else (True, False)  # alternate who goes first
+        for caching in order:
+            engine = LLMEngine(
+                EngineConfig(
+                    model=str(folder),
+                    dtype=args.dtype,
+                    device=args.device,
+                    max_num_batched_tokens=args.max_num_batched_tokens,
+                    enable_prefix_caching=caching,
+                )
+            )
+            workload = workload or shared_prefix_workload(engine.vocab_size, args.num_requests)
+            row = run_sluice(engine, workload)
+            results[caching].append(row.seconds)
+            if caching:
+                stats = engine.prefix_cache_stats
+                hit_rates.append(stats.hit_rate)
+            print(
+                f"round {round_index + 1}, caching {'on' if caching else 'off'}: {row.seconds:.2f} s",
+                flush=True,
+            )
+            del engine
+    assert workload is not None
+    prompt_tokens = sum(map(len, workload.prompts))
+    print(
+        f"\n{len(workload.prompts)} requests, {prompt_tokens} prompt tokens (256 shared), "
+        f"{workload.num_output_tokens} output tokens, {args.dtype}, {torch.get_num_threads()} threads, "
+        f"median of {args.rounds} rounds"
+    )
+    print(f"| {'prefix caching':<14} | {'seconds':>8} | {'requests/s':>10} | {'prompt+output tok/s':>19} |")
+    print(f"|{'-' * 16}|{'-' * 10}|{'-' * 12}|{'-' * 21}|")
+    tokens = prompt_tokens + workload.num_output_tokens
+    for caching in (False, True):
+        seconds = statistics.median(results[caching])
+        print(
+            f"| {'on' if caching else 'off':<14} | {seconds:8.2f} | {len(workload.prompts) / seconds:10.2f} | "
+            f"{tokens / seconds:19.1f} |"
+        )
+    ratio = statistics.median(results[False]) / statistics.median(results[True])
+    print(
+        f"\nthroughput with caching on / off: {ratio:.2f}x; prefix-cache hit rate {statistics.median(hit_rates):.1%}"
+    )
 
 
 def run_sluice(engine: LLMEngine, workload: Workload) -> Row:
@@ -194,6 +266,8 @@ def print_table(rows: list[Row], workload: Workload, dtype: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="standard", choices=["standard", "shared-prefix"])
+    parser.add_argument("--rounds", type=int, default=3, help="shared-prefix: on/off runs of each setting")
     parser.add_argument("--preset", default="small", help="checkpoint preset (engine.testing)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--num-requests", type=int, default=64)
@@ -207,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     folder = ensure_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
+    if args.workload == "shared-prefix":
+        run_prefix_caching(folder, args)
+        return
     from transformers import AutoModelForCausalLM
 
     engine = LLMEngine(

@@ -48,8 +48,22 @@ class JsonSchemaFormat(Struct, kw_only=True):
 
 
 class ResponseFormat(Struct, kw_only=True):
+    """OpenAI's output format: `json_schema` constrains the output to the schema, `json_object` to any object."""
+
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(Struct, kw_only=True):
+    """vLLM's `structured_outputs` request field: at most one constraint on the output."""
+
+    choice: list[str] | None = None  # the output is exactly one of these strings
+    regex: str | None = None  # the output fully matches this regular expression
+    json: dict[str, Any] | str | None = None  # a JSON schema (or its JSON text) the output validates against
+    json_object: bool | None = None  # any JSON object
+    # vLLM constraints Sluice does not implement: read so that they are refused, not dropped
+    grammar: str | None = None
+    structural_tag: Any = None
 
 
 class _SamplingFields(Struct, kw_only=True):
@@ -66,6 +80,10 @@ class _SamplingFields(Struct, kw_only=True):
     frequency_penalty: Penalty | None = None
     response_format: ResponseFormat | None = None
     # vLLM's extra sampling fields
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_choice: list[str] | None = None  # vLLM's older names for structured_outputs' fields
+    guided_regex: str | None = None
+    guided_json: dict[str, Any] | str | None = None
     top_k: Annotated[int, Meta(ge=-1)] | None = None
     min_p: Probability | None = None
     repetition_penalty: Annotated[float, Meta(gt=0.0)] | None = None
@@ -117,14 +135,20 @@ class Usage(Struct, kw_only=True):
     total_tokens: int
 
 
-class SluiceTimings(Struct, kw_only=True, omit_defaults=True):
-    """Sluice's extension of a response body (`body.sluice`): where the time went."""
+class SluiceExtension(Struct, kw_only=True, omit_defaults=True):
+    """Sluice's extension of a response body (`body.sluice`): where the time went, and choice probabilities."""
 
     schema_version: int
     queue_ms: float  # from the job's Kafka timestamp to admission into the engine
     ttft_ms: float | None = None  # admission to first generated token
     total_ms: float  # from the job's Kafka timestamp to the result being ready
     engine: str = ""
+    # a `choice` constraint's probability of each choice (the model's probability of the choice's
+    # tokens and EOS after the prompt, renormalised over the choices); absent without one
+    choice_probabilities: dict[str, float] | None = None
+
+
+SluiceTimings = SluiceExtension  # its name before it carried more than timings
 
 
 class TopLogprob(Struct, kw_only=True):
@@ -165,7 +189,7 @@ class ChatCompletion(Struct, kw_only=True, tag_field="object", tag="chat.complet
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    sluice: SluiceTimings | None = None
+    sluice: SluiceExtension | None = None
 
 
 class CompletionLogprobs(Struct, kw_only=True):
@@ -188,7 +212,7 @@ class TextCompletion(Struct, kw_only=True, tag_field="object", tag="text_complet
     model: str
     choices: list[CompletionChoice]
     usage: Usage
-    sluice: SluiceTimings | None = None
+    sluice: SluiceExtension | None = None
 
 
 class ErrorDetail(Struct, kw_only=True):

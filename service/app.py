@@ -195,6 +195,16 @@ class Service:
             "Share of KV-cache blocks in use",
             lambda: 1 - bm.num_free_blocks / bm.num_blocks,
         )
+        m.gauge(
+            "sluice_prefix_cache_queried_tokens",
+            "Prompt tokens looked up in the prefix cache (since start)",
+            lambda: bm.stats.queried_tokens,
+        )
+        m.gauge(
+            "sluice_prefix_cache_hit_tokens",
+            "Prompt tokens found in the prefix cache, not recomputed (since start)",
+            lambda: bm.stats.hit_tokens,
+        )
 
     def _forget_task(self, task: asyncio.Task) -> None:
         self._tasks.pop(task, None)

@@ -59,6 +59,7 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     gpu_memory_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.9  # CUDA: share of GPU memory Sluice uses
     attention_backend: Literal["auto", "flash", "triton", "sdpa"] = "auto"
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes earlier jobs computed
     # Admission
     batch_max_size: Annotated[int, Meta(ge=1)] = 32  # the dynamic batcher flushes at this many jobs...
     batch_max_wait_ms: Annotated[float, Meta(ge=0)] = 5.0  # ...or this long after the first pending one
@@ -91,6 +92,7 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
             gpu_memory_utilization=self.gpu_memory_utilization,
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
 
 

@@ -66,8 +66,10 @@ class JobHandler:
             result = to_error_line(custom_id, e.code, e.message)
         except TranslationError as e:
             result = to_error_line(custom_id, e.code, e.message, e.status_code)
-        except RequestRejected as e:
-            result = to_error_line(custom_id, "invalid_prompt", str(e))
+        except (
+            RequestRejected
+        ) as e:  # code: invalid_prompt, or invalid_structured_output for a bad schema/regex
+            result = to_error_line(custom_id, e.code, str(e))
         except Exception as e:
             log.exception("job %s failed in the engine", _record_ref(record))
             result = to_error_line(custom_id, "engine_error", f"{type(e).__name__}: {e}", 500)

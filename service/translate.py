@@ -9,7 +9,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from engine import RequestOutput, SamplingParams
+from engine import RequestOutput, SamplingParams, StructuredOutputs
 from schemas.batch import (
     CHAT_URL,
     SCHEMA_VERSION,
@@ -27,7 +27,7 @@ from schemas.openai import (
     CompletionRequest,
     ErrorBody,
     ErrorDetail,
-    SluiceTimings,
+    SluiceExtension,
     TextCompletion,
     Usage,
 )
@@ -54,10 +54,7 @@ class EngineRequest:
 def to_engine_request(job: BatchRequestLine, tokenizer, default_max_tokens: int) -> EngineRequest:
     body = job.body
     prompt_token_ids = _prompt_token_ids(body, tokenizer)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise TranslationError(
-            "unsupported_parameter", "response_format other than 'text' is not supported yet"
-        )
+    structured_outputs = _structured_outputs(body)
     try:
         params = SamplingParams(
             max_tokens=body.output_limit or default_max_tokens,
@@ -73,6 +70,7 @@ def to_engine_request(job: BatchRequestLine, tokenizer, default_max_tokens: int)
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
             logprobs=body.num_top_logprobs,
+            structured_outputs=structured_outputs,
         )
     except ValueError as e:
         raise TranslationError("invalid_request", str(e)) from None
@@ -90,7 +88,7 @@ def to_result_line(
     )
     # Both endpoints' bodies differ only in their id prefix and the shape of a choice.
     common = dict(
-        created=int(time.time()), model=model_name, usage=usage, sluice=_timings(output, enqueued_time)
+        created=int(time.time()), model=model_name, usage=usage, sluice=_extension(output, enqueued_time)
     )
     has_logprobs = output.logprobs is not None
     if job.url == CHAT_URL:
@@ -146,13 +144,56 @@ def _prompt_token_ids(body: ChatCompletionRequest | CompletionRequest, tokenizer
     return tokenizer.encode(rendered, add_special_tokens=False)
 
 
-def _timings(output: RequestOutput, enqueued_time: float) -> SluiceTimings:
+def _structured_outputs(body: ChatCompletionRequest | CompletionRequest) -> StructuredOutputs | None:
+    """The one output constraint of vLLM's or OpenAI's fields; two at once is an error, not a guess."""
+    given: list[tuple[str, dict]] = []  # (the field as the request spelled it, StructuredOutputs kwargs)
+    if (so := body.structured_outputs) is not None:
+        for name in ("grammar", "structural_tag"):
+            if getattr(so, name) is not None:
+                raise TranslationError(
+                    "unsupported_parameter",
+                    f"structured_outputs.{name} is not supported; use choice, regex or json",
+                )
+        given += [
+            (f"structured_outputs.{name}", {name: getattr(so, name)}) for name in ("choice", "regex", "json")
+        ]
+        given.append(("structured_outputs.json_object", {"json_object": bool(so.json_object)}))
+    given += [
+        ("guided_choice", {"choice": body.guided_choice}),
+        ("guided_regex", {"regex": body.guided_regex}),
+        ("guided_json", {"json": body.guided_json}),
+    ]
+    if (fmt := body.response_format) is not None and fmt.type == "json_object":
+        given.append(("response_format", {"json_object": True}))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema is None:
+            raise TranslationError(
+                "invalid_request", 'response_format json_schema needs `json_schema: {"schema": {...}}`'
+            )
+        given.append(("response_format", {"json": fmt.json_schema.schema}))
+    given = [
+        (field, kwargs) for field, kwargs in given if any(v not in (None, False) for v in kwargs.values())
+    ]
+    if not given:
+        return None
+    if len(given) > 1:
+        names = ", ".join(field for field, _ in given)
+        raise TranslationError("invalid_request", f"give at most one output constraint; got {names}")
+    field, kwargs = given[0]
+    try:
+        return StructuredOutputs(**kwargs)
+    except ValueError as e:
+        raise TranslationError("invalid_structured_output", f"{field}: {e}") from None
+
+
+def _extension(output: RequestOutput, enqueued_time: float) -> SluiceExtension:
     metrics = output.metrics
     finished = metrics.finished_time or time.time()
     ttft = (
         None if metrics.first_token_time is None else (metrics.first_token_time - metrics.arrival_time) * 1e3
     )
-    return SluiceTimings(
+    return SluiceExtension(
+        choice_probabilities=output.choice_probabilities,
         schema_version=SCHEMA_VERSION,
         queue_ms=round(max(0.0, metrics.arrival_time - enqueued_time) * 1e3, 3),
         ttft_ms=None if ttft is None else round(ttft, 3),

@@ -56,6 +56,13 @@ async def test_metrics_count_jobs_tokens_and_errors_and_health_endpoints_answer(
     assert _value(metrics, "sluice_jobs_in_flight") == 0
     assert _value(metrics, "sluice_consumer_lag") == 0
     assert 0 <= _value(metrics, "sluice_kv_cache_usage") <= 1
+    # the engine is shared by the session's tests: its prefix-cache counters only grow
+    assert _value(metrics, "sluice_prefix_cache_queried_tokens") >= 1
+    assert (
+        0
+        <= _value(metrics, "sluice_prefix_cache_hit_tokens")
+        <= _value(metrics, "sluice_prefix_cache_queried_tokens")
+    )
     for name in (
         "sluice_engine_running",
         "sluice_engine_waiting",

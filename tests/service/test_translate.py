@@ -8,7 +8,7 @@ import msgspec
 import pytest
 from transformers import AutoTokenizer
 
-from engine import RequestMetrics, RequestOutput, SamplingParams
+from engine import RequestMetrics, RequestOutput, SamplingParams, StructuredOutputs
 from schemas.batch import CHAT_URL, COMPLETIONS_URL, BatchRequestLine
 from schemas.codec import decode_result, encode_result
 from schemas.openai import ChatCompletion, ChatCompletionRequest, CompletionRequest, TextCompletion
@@ -137,19 +137,96 @@ def test_default_max_tokens_is_used_when_neither_is_set(tokenizer) -> None:
     assert to_engine_request(_chat(), tokenizer, 5).params.max_tokens == 5
 
 
+# --- structured outputs ---------------------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"label": {"enum": ["a", "b"]}}, "required": ["label"]}
+
+
+@pytest.mark.parametrize("make", [_chat, _completion], ids=["chat", "completion"])
 @pytest.mark.parametrize(
-    "job",
+    ("fields", "expected"),
     [
-        _chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-        _chat(response_format={"type": "json_object"}),
+        ({"structured_outputs": {"choice": ["yes", "no"]}}, StructuredOutputs(choice=["yes", "no"])),
+        ({"structured_outputs": {"regex": "[0-9]+"}}, StructuredOutputs(regex="[0-9]+")),
+        ({"structured_outputs": {"json": SCHEMA}}, StructuredOutputs(json=SCHEMA)),
+        ({"structured_outputs": {"json": json.dumps(SCHEMA)}}, StructuredOutputs(json=SCHEMA)),
+        ({"structured_outputs": {"json_object": True}}, StructuredOutputs(json_object=True)),
+        ({"guided_choice": ["yes", "no"]}, StructuredOutputs(choice=["yes", "no"])),
+        ({"guided_regex": "[0-9]+"}, StructuredOutputs(regex="[0-9]+")),
+        ({"guided_json": SCHEMA}, StructuredOutputs(json=SCHEMA)),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": SCHEMA, "strict": True},
+                }
+            },
+            StructuredOutputs(json=SCHEMA),
+        ),
+        ({"response_format": {"type": "json_object"}}, StructuredOutputs(json_object=True)),
+        ({"response_format": {"type": "text"}}, None),
+        ({}, None),
     ],
-    ids=["json_schema", "json_object"],
+    ids=[
+        "choice",
+        "regex",
+        "json",
+        "json-text",
+        "json_object",
+        "guided_choice",
+        "guided_regex",
+        "guided_json",
+        "response_format-json_schema",
+        "response_format-json_object",
+        "response_format-text",
+        "none",
+    ],
 )
-def test_unsupported_features_are_rejected_with_unsupported_parameter(tokenizer, job) -> None:
+def test_each_way_of_asking_for_a_constraint_becomes_the_engines_structured_outputs(
+    tokenizer, make, fields, expected
+) -> None:
+    assert _params(make(**fields), tokenizer).structured_outputs == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "message"),
+    [
+        ({"guided_choice": ["a"], "guided_regex": "a"}, "invalid_request", "guided_choice, guided_regex"),
+        (
+            {"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}},
+            "invalid_request",
+            "structured_outputs.choice, response_format",
+        ),
+        ({"structured_outputs": {"regex": "a", "json": {}}}, "invalid_request", "at most one"),
+        ({"guided_choice": []}, "invalid_structured_output", "guided_choice: choice must be a non-empty"),
+        ({"guided_choice": ["a", "a"]}, "invalid_structured_output", "twice"),
+        ({"guided_json": "{not json"}, "invalid_structured_output", "guided_json: json is not a JSON schema"),
+        ({"response_format": {"type": "json_schema"}}, "invalid_request", "json_schema"),
+        (
+            {"structured_outputs": {"grammar": "start: x"}},
+            "unsupported_parameter",
+            "structured_outputs.grammar",
+        ),
+    ],
+    ids=[
+        "two-guided",
+        "structured-and-response_format",
+        "two-in-one",
+        "empty",
+        "twice",
+        "bad-json",
+        "no-schema",
+        "grammar",
+    ],
+)
+def test_conflicting_or_malformed_constraints_are_a_400_naming_the_problem(
+    tokenizer, fields, code, message
+) -> None:
     with pytest.raises(TranslationError) as info:
-        to_engine_request(job, tokenizer, DEFAULT_MAX)
-    assert info.value.code == "unsupported_parameter"
+        to_engine_request(_chat(**fields), tokenizer, DEFAULT_MAX)
+    assert info.value.code == code
     assert info.value.status_code == 400
+    assert message in info.value.message
 
 
 @pytest.mark.parametrize(
@@ -170,6 +247,16 @@ def test_logprobs_fields_map_to_the_number_of_alternatives(tokenizer, job, expec
 
 def test_text_response_format_is_accepted(tokenizer) -> None:
     assert _params(_chat(response_format={"type": "text"}), tokenizer).max_tokens == DEFAULT_MAX
+
+
+def test_choice_probabilities_go_into_the_sluice_extension_and_are_omitted_without_a_choice() -> None:
+    output = _output()
+    output.choice_probabilities = {"yes": 0.75, "no": 0.25}
+    for make in (_chat, _completion):
+        obj = json.loads(encode_result(to_result_line(make(), output, "m", time.time())))
+        assert obj["response"]["body"]["sluice"]["choice_probabilities"] == {"yes": 0.75, "no": 0.25}
+    plain = json.loads(encode_result(to_result_line(_chat(), _output(), "m", time.time())))
+    assert "choice_probabilities" not in plain["response"]["body"]["sluice"]
 
 
 # --- results ------------------------------------------------------------------------------
