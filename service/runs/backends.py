@@ -18,6 +18,8 @@ from aiokafka.structs import ConsumerRecord
 from engine import LLMEngine
 from engine.async_engine import AsyncLLMEngine
 from schemas.codec import encode_result
+from service.batcher import DynamicBatcher
+from service.config import ServiceConfig
 from service.jobs import JobHandler
 from service.topics import ensure_topics
 
@@ -95,7 +97,9 @@ class LocalBackend:
         self, engine: LLMEngine, model_name: str, default_max_tokens: int, max_in_flight: int = 256
     ) -> None:
         self.worker = AsyncLLMEngine(engine)
-        self.handler = JobHandler(self.worker, model_name, default_max_tokens)
+        defaults = ServiceConfig()  # the service's admission batching, so --local runs batch the same way
+        batcher = DynamicBatcher(self.worker, defaults.batch_max_size, defaults.batch_max_wait_ms)
+        self.handler = JobHandler(batcher, model_name, default_max_tokens)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._done: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()

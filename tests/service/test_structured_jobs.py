@@ -10,6 +10,7 @@ from aiokafka.structs import ConsumerRecord
 
 from engine.async_engine import AsyncLLMEngine
 from schemas.codec import decode_result
+from service.batcher import DynamicBatcher
 from service.jobs import JobHandler
 
 LABELS = ["positive", "negative", "neutral"]
@@ -24,7 +25,7 @@ def _record(body: dict, url: str = "/v1/completions", custom_id: str = "job-1") 
 async def handler(tiny_engine):
     worker = AsyncLLMEngine(tiny_engine)
     worker.start()
-    yield JobHandler(worker, "tiny", default_max_tokens=16)
+    yield JobHandler(DynamicBatcher(worker, max_batch_size=8, max_wait_ms=1), "tiny", default_max_tokens=16)
     await worker.stop()
 
 
