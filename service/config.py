@@ -52,6 +52,13 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     kv_cache_memory_gib: Annotated[float, Meta(gt=0)] = 2.0  # CPU: memory for the paged KV cache
     gpu_memory_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.9  # CUDA: share of GPU memory Sluice uses
     attention_backend: Literal["auto", "flash", "sdpa"] = "auto"
+    # Compression (engine.quant): weights of the linear layers, and the KV cache
+    quantization: Literal["none", "int8", "nf4", "fp4", "fp8"] = "none"
+    int8_threshold: Annotated[float, Meta(ge=0)] = 6.0  # int8: LLM.int8 activation outlier threshold
+    bnb_4bit_double_quant: bool = False  # nf4/fp4: quantise the per-block scales too
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: dtype
+    quantization_skip_modules: list[str] = msgspec.field(default_factory=list)  # linear layers kept float
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     # Admission
     max_in_flight: Annotated[int, Meta(ge=1)] = 64  # jobs consumed but not yet published: pause at this many
     max_in_flight_tokens: Annotated[int, Meta(ge=1)] = (
@@ -81,6 +88,12 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
             kv_cache_memory_gib=self.kv_cache_memory_gib,
             gpu_memory_utilization=self.gpu_memory_utilization,
             attention_backend=self.attention_backend,
+            quantization=self.quantization,
+            int8_threshold=self.int8_threshold,
+            bnb_4bit_double_quant=self.bnb_4bit_double_quant,
+            bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
+            quantization_skip_modules=tuple(self.quantization_skip_modules),
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
 
@@ -104,8 +117,8 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
 
 
 def _from_env(name: str, raw: str) -> object:
-    if name == "jobs_topics":
+    if name in ("jobs_topics", "quantization_skip_modules"):
         return [t.strip() for t in raw.split(",") if t.strip()]
-    if raw == "" and name in ("max_model_len",):
+    if raw == "" and name in ("max_model_len", "bnb_4bit_compute_dtype"):
         return None
     return raw
