@@ -71,6 +71,7 @@ class Result:
     weight_bytes: int = 0
     kv_tokens: int = 0
     tokens_per_s: float | None = None
+    perplexity: float = math.nan
     ppl_ratio: float = math.nan
     agreement: float = math.nan
     kl: float = math.nan
@@ -137,6 +138,7 @@ def run_modes(folder: Path, args, held_out_ids: list[int] | None) -> list[Result
             mode,
             weight_bytes=model_weight_bytes(engine.runner.model),
             kv_tokens=int(KV_BUDGET_GIB * 2**30) // engine.runner.kv_bytes_per_block * engine.block_size,
+            perplexity=report.perplexity,
             ppl_ratio=report.perplexity_ratio,
             agreement=report.greedy_agreement,
             kl=report.kl_divergence,
@@ -160,17 +162,18 @@ def print_table(results: list[Result], args) -> None:
         f"tokens/s: standard workload, {args.num_requests} requests, {torch.get_num_threads()} threads"
     )
     print(
-        "| mode | weight MiB | KV tokens | output tok/s | perplexity ratio | greedy agreement | KL (nats) | note |"
+        "| mode | weight MiB | KV tokens | output tok/s | perplexity | perplexity ratio | greedy agreement "
+        "| KL (nats) | note |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         if r.note.startswith("refused"):
-            print(f"| {r.mode} | | | | | | | {r.note} |")
+            print(f"| {r.mode} | | | | | | | | {r.note} |")
             continue
         speed = "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.1f}"
         print(
-            f"| {r.mode} | {r.weight_bytes / 2**20:.1f} | {r.kv_tokens} | {speed} | {r.ppl_ratio:.4f} | "
-            f"{r.agreement:.4f} | {r.kl:.5f} | {r.note} |"
+            f"| {r.mode} | {r.weight_bytes / 2**20:.1f} | {r.kv_tokens} | {speed} | {r.perplexity:.1f} | "
+            f"{r.ppl_ratio:.4f} | {r.agreement:.4f} | {r.kl:.3g} | {r.note} |"
         )
 
 
