@@ -284,7 +284,12 @@ def _engine(folder: Path, dtype: str, device: str, options: dict, for_throughput
         if for_throughput
         else {"num_kv_blocks": 64}
     )
-    return LLMEngine(EngineConfig(model=str(folder), dtype=dtype, device=device, **pool, **options))
+    # Quality runs compare every mode on one attention path; flash-attn takes no float32.
+    backend = "auto" if for_throughput and dtype != "float32" else "sdpa"
+    config = EngineConfig(
+        model=str(folder), dtype=dtype, device=device, attention_backend=backend, **pool, **options
+    )
+    return LLMEngine(config)
 
 
 def _note(engine: LLMEngine) -> str:

@@ -57,6 +57,7 @@ def _logits(engine: LLMEngine) -> torch.Tensor:
         return model.compute_logits(model(ids, torch.arange(len(ids))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "nf4", "fp4"])
 def test_prequantised_folder_round_trips_without_requantising(tiny_checkpoint, tmp_path, mode):
     folder = _save_prequantised(tiny_checkpoint, tmp_path / mode, mode)

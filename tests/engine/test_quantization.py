@@ -52,6 +52,7 @@ def reference(tiny_checkpoint):
     return ids, teacher_forced_logits(engine, ids, WINDOW), model_weight_bytes(engine.runner.model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", list(BOUNDS))
 def test_mode_loads_generates_and_stays_within_bounds_of_float32(tiny_checkpoint, reference, mode):
     options, min_agreement, max_kl, max_log_ppl_ratio = BOUNDS[mode]
