@@ -94,7 +94,10 @@ def prepare_model(model: nn.Module, plan: QuantPlan) -> None:
         return
     for _, layer in _targets(model, plan):
         layer.quant_method = plan.make_method()
-        layer.quant_method.create_weights(layer)
+        try:
+            layer.quant_method.create_weights(layer)
+        except ValueError as e:  # e.g. more than one tensor-parallel rank
+            raise QuantizationError(str(e)) from None
 
 
 def checkpoint_tensor_claimers(model: nn.Module) -> dict[str, nn.Module]:
