@@ -18,12 +18,14 @@ paged KV path): perplexity ratio, greedy next-token agreement and mean KL diverg
     .venv/bin/python loadtest/bench_quant.py                   # everything, CPU (~30 min on 2 cores)
     .venv/bin/python loadtest/bench_quant.py --no-throughput   # quality, bytes and KV tokens only
     .venv/bin/python loadtest/bench_quant.py --quick           # tiny checkpoint, short run: checks the script
+    .venv/bin/python loadtest/bench_quant.py --no-throughput --fp8-quality-on-cpu   # fp8's quality on CPU too
     .venv/bin/python loadtest/bench_quant.py --device cuda --dtype bfloat16 --preset gpu-1b
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import math
@@ -96,6 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="tiny preset, 500 positions, 60 steps, 8 requests"
     )
+    parser.add_argument(
+        "--fp8-quality-on-cpu",
+        action="store_true",
+        help="measure fp8's quality on CPU through torch._scaled_mm's CPU kernel (the engine itself "
+        "refuses fp8 off CUDA; no tokens/s for this row)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.positions, args.train_steps, args.num_requests = "tiny", 500, 60, 8
@@ -127,8 +135,10 @@ def run_modes(folder: Path, args, held_out_ids: list[int] | None) -> list[Result
         options = MODES[mode]
         dtype = "float32" if mode == "float32" else args.dtype
         model_folder = pruned_copy(folder) if mode == "2:4 pruned" else folder
+        fp8_on_cpu = mode == "fp8" and args.device == "cpu" and args.fp8_quality_on_cpu
         try:
-            engine = _engine(model_folder, dtype, args.device, options)
+            with _fp8_device_check_bypassed(fp8_on_cpu):
+                engine = _engine(model_folder, dtype, args.device, options)
         except QuantizationError as e:
             results.append(Result(mode, note=f"refused: {e}"))
             print(f"{mode}: refused ({e})", flush=True)
@@ -142,9 +152,9 @@ def run_modes(folder: Path, args, held_out_ids: list[int] | None) -> list[Result
             ppl_ratio=report.perplexity_ratio,
             agreement=report.greedy_agreement,
             kl=report.kl_divergence,
-            note=_note(engine),
+            note="CPU torch._scaled_mm, quality only" if fp8_on_cpu else _note(engine),
         )
-        if not args.no_throughput:
+        if not args.no_throughput and not fp8_on_cpu:
             del engine  # the quality engine's small pool; throughput gets the usual budget
             engine = _engine(model_folder, dtype, args.device, options, for_throughput=True)
             result.tokens_per_s = run_sluice(
@@ -264,6 +274,20 @@ def _train_tokenizer(text: str, vocab_size: int):
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
+
+
+@contextlib.contextmanager
+def _fp8_device_check_bypassed(active: bool):
+    """Only for --fp8-quality-on-cpu: the same layer arithmetic on torch's CPU fp8 kernel."""
+    import engine.quant.plan as plan
+
+    check = plan.check_fp8_supported
+    if active:
+        plan.check_fp8_supported = lambda device: None
+    try:
+        yield
+    finally:
+        plan.check_fp8_supported = check
 
 
 def pruned_copy(folder: Path) -> Path:
