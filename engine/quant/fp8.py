@@ -50,6 +50,12 @@ class Fp8LinearMethod(LinearMethod):
     name = "fp8"
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
+        out_features, in_features = layer.weight.shape
+        if out_features % 16 or in_features % 16:  # torch._scaled_mm's CUDA kernels tile by 16
+            raise ValueError(
+                f"fp8 needs linear layers whose sizes are multiples of 16, got [{out_features}, {in_features}]; "
+                "keep this layer float with quantization_skip_modules"
+            )
         weight_q, scale = quantize_per_row(layer.weight.data)  # [N, K], [N, 1]
         del layer.weight
         layer.register_parameter("weight", None)

@@ -185,3 +185,13 @@ def test_fp8_layer_runs_its_scaled_mm_path_within_e4m3_error():
     expected = x @ weight.T + layer.bias
     assert y.dtype == torch.float32 and y.shape == (5, 128)
     assert ((y - expected).norm() / (x @ weight.T).norm()).item() <= 0.05
+
+
+def test_fp8_refuses_a_layer_whose_sizes_the_kernels_cannot_tile():
+    from engine.layers.linear import ReplicatedLinear
+    from engine.quant.fp8 import Fp8LinearMethod
+
+    layer = ReplicatedLinear(40, 24)
+    layer.weight.data.normal_()
+    with pytest.raises(ValueError, match=r"multiples of 16, got \[24, 40\]"):
+        Fp8LinearMethod().process_weights_after_loading(layer)
