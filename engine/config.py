@@ -7,6 +7,8 @@ from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "flash", "triton", "sdpa")
+QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4", "fp8")  # engine.quant.plan has the same tuple
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 class EngineConfigError(ValueError):
@@ -36,6 +38,15 @@ class EngineConfig:
     attention_backend: str = "auto"
     # CUDA: decode steps run as captured CUDA graphs (flash and triton backends) unless this is set
     enforce_eager: bool = False
+    kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with a per-layer scale (sdpa only)
+    # Weight quantisation of the linear layers (engine.quant); embedding and lm_head stay float.
+    quantization: str = "none"  # "none", "int8", "nf4", "fp4" (bitsandbytes) or "fp8" (CUDA, cc >= 8.9)
+    int8_threshold: float = 6.0  # int8: activation outlier threshold (LLM.int8); 0 disables the float path
+    bnb_4bit_double_quant: bool = False  # nf4/fp4: also quantise the per-block scales (~0.4 bit/weight less)
+    bnb_4bit_compute_dtype: str | None = None  # nf4/fp4: dtype of the matmul; None: dtype above
+    quantization_skip_modules: tuple[
+        str, ...
+    ] = ()  # linear layers kept float, e.g. ("down_proj", "layers.0")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -45,6 +56,24 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise EngineConfigError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
+        _check_choice(self, "kv_cache_dtype", KV_CACHE_DTYPES)
+        _check_choice(self, "quantization", QUANTIZATION_MODES)
+        if self.bnb_4bit_compute_dtype is not None:
+            _check_choice(self, "bnb_4bit_compute_dtype", DTYPES)
+        if not isinstance(self.int8_threshold, int | float) or self.int8_threshold < 0:
+            raise EngineConfigError(f"int8_threshold must be a number >= 0, got {self.int8_threshold!r}")
+        if isinstance(self.quantization_skip_modules, str) or not all(
+            isinstance(m, str) and m for m in self.quantization_skip_modules
+        ):
+            raise EngineConfigError(
+                f"quantization_skip_modules must be a list of module names, got {self.quantization_skip_modules!r}"
+            )
+        self.quantization_skip_modules = tuple(self.quantization_skip_modules)
+        if self.kv_cache_dtype == "fp8" and self.attention_backend == "flash":
+            raise EngineConfigError(
+                "kv_cache_dtype 'fp8' needs attention_backend 'sdpa' (or 'auto'): flash-attn 2 reads "
+                "only float16/bfloat16 caches"
             )
         _check_positive(self, "max_num_seqs", "max_num_batched_tokens")
         _check_positive(self, "block_size", "num_kv_blocks", optional=True)
@@ -58,6 +87,12 @@ class EngineConfig:
             )
         if not Path(self.model).is_dir():
             raise EngineConfigError(f"model folder {self.model!r} does not exist or is not a folder")
+
+
+def _check_choice(config: EngineConfig, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        raise EngineConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _check_positive(config: EngineConfig, *names: str, optional: bool = False) -> None:

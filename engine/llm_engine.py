@@ -21,6 +21,7 @@ from engine.layers.attention_backends import select_backend
 from engine.loader import check_checkpoint_folder, load_tokenizer
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from engine.quant import make_plan
 from engine.sampling_params import SamplingParams, StructuredOutputs
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
@@ -47,13 +48,14 @@ class LLMEngine:
         hf_config = check_checkpoint_folder(config.model)
         self.tokenizer = load_tokenizer(config.model)
         device = torch.device(config.device)
-        self.attention_backend = select_backend(config.attention_backend, device)
+        self.attention_backend = select_backend(config.attention_backend, device, config.kv_cache_dtype)
         self.block_size = config.block_size or (256 if self.attention_backend == "flash" else 16)
         if self.attention_backend == "flash" and self.block_size % 256:
             raise ValueError(
                 f"FlashAttention needs block_size to be a multiple of 256, got {self.block_size}"
             )
-        model = build_model(config.model, getattr(torch, config.dtype), device)
+        quant_plan = make_plan(config, hf_config, device)  # refuses what cannot run here, before loading
+        model = build_model(config.model, getattr(torch, config.dtype), device, quant_plan)
         self.vocab_size: int = hf_config["vocab_size"]
         model_limit = hf_config.get("max_position_embeddings") or 2048
         self.max_model_len = min(config.max_model_len or model_limit, model_limit)
@@ -69,9 +71,12 @@ class LLMEngine:
             config.enable_chunked_prefill,
         )
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        # bitsandbytes' kernels are not known to be capturable (LLM.int8 picks outlier columns
+        # from the data), so quantised bitsandbytes models decode eagerly.
         if (
             device.type == "cuda"
             and self.attention_backend in ("flash", "triton")
+            and config.quantization in ("none", "fp8")
             and not config.enforce_eager
         ):
             self.runner.enable_decode_graphs(self.max_model_len)

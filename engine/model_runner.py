@@ -17,6 +17,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.forward_context import AttentionMetadata, attention_metadata, group_by_length
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
+from engine.quant import kv_cache as fp8_kv
 from engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -31,6 +32,7 @@ class ModelRunner:
         self.model = model
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype)
+        self.kv_dtype = fp8_kv.kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         self.block_size = block_size
         self.layers = [m for m in model.modules() if isinstance(m, Attention)]
         backend_impl = make_backend(backend)
@@ -43,7 +45,7 @@ class ModelRunner:
     @property
     def kv_bytes_per_block(self) -> int:
         layer = self.layers[0]
-        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.dtype.itemsize
+        per_token = 2 * layer.num_kv_heads * layer.head_dim * self.kv_dtype.itemsize
         return per_token * self.block_size * len(self.layers)
 
     def allocate_kv_cache(self) -> int:
@@ -56,14 +58,18 @@ class ModelRunner:
         layer = self.layers[0]
         # One block more than the pool: the scratch block where padded CUDA-graph rows write.
         shape = (len(self.layers), 2, num_blocks + 1, self.block_size, layer.num_kv_heads, layer.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        if self.kv_dtype == fp8_kv.FP8_KV_DTYPE:
+            vocab_size = self.model.config.vocab_size
+            fp8_kv.calibrate_kv_scales(self.model, self.layers, vocab_size, self.device)
         for i, layer in enumerate(self.layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
         self.num_blocks = num_blocks
         log.info(
-            "KV cache: %d blocks of %d tokens (%.2f GiB)",
+            "KV cache: %d blocks of %d tokens, %s (%.2f GiB)",
             num_blocks,
             self.block_size,
+            str(self.kv_dtype).removeprefix("torch."),
             num_blocks * self.kv_bytes_per_block / 2**30,
         )
         return num_blocks

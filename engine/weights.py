@@ -17,6 +17,14 @@ from torch import nn
 
 from engine.loader import ModelLoadError
 from engine.models import model_class_for
+from engine.quant.plan import (
+    NO_QUANTIZATION,
+    QuantPlan,
+    checkpoint_tensor_claimers,
+    claim_checkpoint_tensor,
+    finalize_model,
+    prepare_model,
+)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -27,8 +35,17 @@ class WeightLoadError(ModelLoadError):
     """The checkpoint's tensors cannot fill the model; the message names the file."""
 
 
-def build_model(folder: str | Path, dtype: torch.dtype, device: str | torch.device) -> nn.Module:
-    """The checkpoint's model with its weights, in `dtype` on `device`, in eval mode."""
+def build_model(
+    folder: str | Path,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    quant_plan: QuantPlan = NO_QUANTIZATION,
+) -> nn.Module:
+    """The checkpoint's model with its weights, in `dtype` on `device`, in eval mode.
+
+    With a quantisation plan the model is built and loaded on the host, its linear layers
+    converted there (engine.quant), and only then moved to `device`.
+    """
     folder = Path(folder)
     config = _read_config(folder)
     try:
@@ -37,9 +54,16 @@ def build_model(folder: str | Path, dtype: torch.dtype, device: str | torch.devi
         raise ModelLoadError(f"{folder / 'config.json'}: {e}") from None
     # Parameters are allocated directly on the device, in the target dtype, uninitialised:
     # load_weights then fills every one of them or fails.
-    with _default_dtype(dtype), torch.device(device):
+    build_device = "cpu" if quant_plan.is_active else device
+    with _default_dtype(dtype), torch.device(build_device):
         model = model_class(config)
+    prepare_model(model, quant_plan)
     load_weights(model, folder)
+    if quant_plan.is_active:
+        try:
+            finalize_model(model, quant_plan, torch.device(device))
+        except ValueError as e:  # a layer's method found the loaded weights unusable
+            raise WeightLoadError(f"{folder}: {e}") from None
     return model.eval()
 
 
@@ -55,6 +79,7 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
     params = dict(model.named_parameters())  # tied weights appear once, under embed_tokens
     mapping = getattr(model, "packed_modules_mapping", {})
     tied = bool(getattr(model, "tie_word_embeddings", False))
+    claimers = checkpoint_tensor_claimers(model)  # layers of a pre-quantised checkpoint
     seen: set[str] = set()
     unknown: list[str] = []
     for path in _checkpoint_files(folder):
@@ -64,6 +89,9 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
                     if _is_ignored(name, tied):
                         continue
                     param_name, shard_id = _param_name(name, mapping)
+                    if param_name not in params and _claim(claimers, param_name, shard_id, f, path, name):
+                        seen.add(name)
+                        continue
                     if param_name not in params:
                         unknown.append(f"{name} ({path.name})")
                         continue
@@ -132,6 +160,13 @@ def _copy(param: nn.Parameter, tensor: torch.Tensor, shard_id, path: Path, name:
         else:
             loader(param, tensor, shard_id)
     except ValueError as e:  # the loaders' shape checks: "has shape (a, b), expected (c, d)"
+        raise WeightLoadError(f"{path}: tensor {name!r} {e}") from None
+
+
+def _claim(claimers: dict, param_name: str, shard_id, f, path: Path, name: str) -> bool:
+    try:
+        return claim_checkpoint_tensor(claimers, param_name, shard_id, lambda: f.get_tensor(name))
+    except ValueError as e:
         raise WeightLoadError(f"{path}: tensor {name!r} {e}") from None
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the GPU correctness tests, then the engine benchmark on CUDA.
-# Budget: under 8 minutes on one H100. Prints a short table last.
+# One command for a GPU machine: the GPU correctness tests, then the engine benchmark on CUDA,
+# then a quick compression check (quality of every mode on the tiny checkpoint, bfloat16).
+# Budget: under 10 minutes on one H100. Prints a short table last.
 #   bash loadtest/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,12 +12,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 # The GPU tests need only torch and transformers (no Kafka, no hypothesis).
 timeout 300 "$PY" -m pytest -p no:cacheprovider -o addopts="" -q -m gpu \
   tests/engine/test_gpu_engine.py tests/engine/test_attention_backends.py tests/engine/test_sampler.py \
-  tests/engine/test_triton_decode.py
+  tests/engine/test_triton_decode.py \
+  tests/engine/test_gpu_quantization.py
 tests=$?
 
 # Llama-3.2-1B shapes, random weights, bfloat16; peers: Transformers static batches.
 timeout 360 "$PY" loadtest/bench_engine.py --device cuda --dtype bfloat16 --preset gpu-1b \
   --peers static --static-batch-sizes 16 64 --decode-roofline
 bench=$?
-echo "gpu_check: tests exit $tests, benchmark exit $bench"
-exit $(( tests != 0 || bench != 0 ))
+
+# fp8 weights, 2:4 sparse kernels, bitsandbytes CUDA kernels: quality and bytes, no timing.
+timeout 150 "$PY" loadtest/bench_quant.py --quick --checkpoints random --device cuda --dtype bfloat16 \
+  --no-throughput
+quant=$?
+echo "gpu_check: tests exit $tests, benchmark exit $bench, compression check exit $quant"
+exit $(( tests != 0 || bench != 0 || quant != 0 ))

@@ -60,6 +60,13 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     attention_backend: Literal["auto", "flash", "triton", "sdpa"] = "auto"
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes earlier jobs computed
+    # Compression (engine.quant): weights of the linear layers, and the KV cache
+    quantization: Literal["none", "int8", "nf4", "fp4", "fp8"] = "none"
+    int8_threshold: Annotated[float, Meta(ge=0)] = 6.0  # int8: LLM.int8 activation outlier threshold
+    bnb_4bit_double_quant: bool = False  # nf4/fp4: quantise the per-block scales too
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: dtype
+    quantization_skip_modules: list[str] = msgspec.field(default_factory=list)  # linear layers kept float
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     # Admission
     batch_max_size: Annotated[int, Meta(ge=1)] = 32  # the dynamic batcher flushes at this many jobs...
     batch_max_wait_ms: Annotated[float, Meta(ge=0)] = 5.0  # ...or this long after the first pending one
@@ -93,6 +100,12 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
             enable_prefix_caching=self.enable_prefix_caching,
+            quantization=self.quantization,
+            int8_threshold=self.int8_threshold,
+            bnb_4bit_double_quant=self.bnb_4bit_double_quant,
+            bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
+            quantization_skip_modules=tuple(self.quantization_skip_modules),
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
 
@@ -116,8 +129,8 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
 
 
 def _from_env(name: str, raw: str) -> object:
-    if name == "jobs_topics":
+    if name in ("jobs_topics", "quantization_skip_modules"):
         return [t.strip() for t in raw.split(",") if t.strip()]
-    if raw == "" and name in ("max_model_len",):
+    if raw == "" and name in ("max_model_len", "bnb_4bit_compute_dtype"):
         return None
     return raw

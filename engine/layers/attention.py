@@ -32,6 +32,9 @@ class Attention(nn.Module):
         # Paged KV cache of this layer, bound by the model runner: [num_blocks, block_size, Hkv, D] each.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # fp8 KV cache: stored value = x / scale (engine.quant.kv_cache calibrates them).
+        self.k_scale = 1.0
+        self.v_scale = 1.0
         self.backend = None  # an engine.attention backend, bound by the model runner
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -22,16 +22,21 @@ import torch
 import torch.nn.functional as F
 
 from engine.forward_context import AttentionMetadata
+from engine.quant import kv_cache as fp8_kv
 
 BACKENDS = ("auto", "flash", "triton", "sdpa")
 
 
-def select_backend(name: str, device: torch.device) -> str:
+def select_backend(name: str, device: torch.device, kv_cache_dtype: str = "auto") -> str:
     """Resolve "auto": on CUDA flash-attn when importable, else the Triton decode kernel when
-    Triton is importable, else SDPA; SDPA on CPU."""
+    Triton is importable, else SDPA; SDPA on CPU and with an fp8 KV cache (which only SDPA reads)."""
     if name not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
     if name == "flash":
+        if kv_cache_dtype == "fp8":
+            raise ValueError(
+                "kv_cache_dtype 'fp8' needs attention_backend 'sdpa': flash-attn 2 reads fp16/bf16 only"
+            )
         if device.type != "cuda":
             raise ValueError("attention_backend 'flash' needs a CUDA device")
         if not flash_attn_available():
@@ -39,10 +44,15 @@ def select_backend(name: str, device: torch.device) -> str:
                 "attention_backend 'flash' needs the flash-attn package (pip install flash-attn)"
             )
         return name
-    if name == "triton" and device.type == "cuda" and not triton_available():
-        raise ValueError("attention_backend 'triton' needs the triton package")
+    if name == "triton":
+        if kv_cache_dtype == "fp8":
+            raise ValueError(
+                "kv_cache_dtype 'fp8' needs attention_backend 'sdpa': the Triton decode kernel reads unscaled caches"
+            )
+        if device.type == "cuda" and not triton_available():
+            raise ValueError("attention_backend 'triton' needs the triton package")
     if name == "auto":
-        if device.type != "cuda":
+        if device.type != "cuda" or kv_cache_dtype == "fp8":
             return "sdpa"
         return "flash" if flash_attn_available() else "triton" if triton_available() else "sdpa"
     return name
@@ -71,8 +81,14 @@ def make_backend(name: str):
 def write_kv(layer, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """k, v: [T, Hkv, D] go to their cache slots ([T] int64)."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    layer.k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(layer.k_cache.dtype))
-    layer.v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(layer.v_cache.dtype))
+    if fp8_kv.is_fp8(layer.k_cache):  # stored as uint8 views: index_copy_ takes no fp8 on CPU
+        k_cache, v_cache = layer.k_cache.view(torch.uint8), layer.v_cache.view(torch.uint8)
+        k, v = fp8_kv.quantize(k, layer.k_scale), fp8_kv.quantize(v, layer.v_scale)
+    else:
+        k_cache, v_cache = layer.k_cache, layer.v_cache
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
 
 class SdpaBackend:
@@ -113,8 +129,8 @@ class SdpaBackend:
         batch = q.shape[0]
         num_blocks = -(-length // layer.k_cache.shape[1])
         blocks = block_tables[:, :num_blocks].flatten().long()
-        keys = _pages(layer.k_cache, blocks, batch)[:, :length].transpose(1, 2).to(q.dtype)
-        values = _pages(layer.v_cache, blocks, batch)[:, :length].transpose(1, 2).to(q.dtype)
+        keys = _pages(layer, "k", blocks, batch, q.dtype)[:, :length].transpose(1, 2)
+        values = _pages(layer, "v", blocks, batch, q.dtype)[:, :length].transpose(1, 2)
         positions = torch.arange(length, device=q.device)
         lens = context_lens.to(q.device).unsqueeze(1)  # [B, 1]
         mask = positions.unsqueeze(0) < lens
@@ -188,17 +204,26 @@ def _gather(layer, block_table: torch.Tensor, context_len: int) -> tuple[torch.T
     """One sequence's first `context_len` cached keys and values: [L, Hkv, D] each."""
     num_blocks = -(-context_len // layer.k_cache.shape[1])
     blocks = block_table[:num_blocks].long()
-    keys = _pages(layer.k_cache, blocks, 1)[0, :context_len]
-    values = _pages(layer.v_cache, blocks, 1)[0, :context_len]
+    keys = _pages(layer, "k", blocks, 1, None)[0, :context_len]
+    values = _pages(layer, "v", blocks, 1, None)[0, :context_len]
     return keys, values
 
 
-def _pages(cache: torch.Tensor, blocks: torch.Tensor, batch: int) -> torch.Tensor:
-    """cache [num_blocks, S, Hkv, D], blocks [batch * n] -> [batch, n * S, Hkv, D].
+def _pages(layer, which: str, blocks: torch.Tensor, batch: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """The layer's k or v cache [num_blocks, S, Hkv, D], blocks [batch * n] -> [batch, n * S, Hkv, D].
 
-    index_select copies whole pages; it is ~2.5x faster on CPU than advanced indexing.
+    index_select copies whole pages; it is ~2.5x faster on CPU than advanced indexing. An fp8
+    cache is dequantised here, to `dtype` (the query's) or float32.
     """
-    pages = cache.index_select(0, blocks)
+    cache = layer.k_cache if which == "k" else layer.v_cache
+    if fp8_kv.is_fp8(cache):
+        scale = layer.k_scale if which == "k" else layer.v_scale
+        pages = fp8_kv.dequantize(
+            cache.view(torch.uint8).index_select(0, blocks), scale, dtype or torch.float32
+        )
+    else:
+        pages = cache.index_select(0, blocks)
+        pages = pages if dtype is None else pages.to(dtype)
     return pages.view(batch, -1, *cache.shape[2:])
 
 

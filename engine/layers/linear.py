@@ -10,10 +10,10 @@ not the one it expects; the caller adds the file and tensor name.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.tp import all_reduce, get_tp_rank, get_tp_size
+from engine.quant.base import UNQUANTIZED, LinearMethod
 
 
 class LinearBase(nn.Module):
@@ -31,13 +31,15 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        # How the weight is stored and multiplied; engine.quant swaps it after loading.
+        self.quant_method: LinearMethod = UNQUANTIZED
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         """Copy this rank's part of a checkpoint tensor into `param`; each subclass shards its own way."""
         raise TypeError(f"{type(self).__name__} defines no weight_loader: use a LinearBase subclass")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -138,7 +140,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, input_size // tp_size] -> [T, output_size]
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
         # tensor parallel: sum the ranks' partial products (identity when tp_size == 1)
         return all_reduce(y)
 

@@ -66,6 +66,27 @@ def test_jobs_topics_is_a_comma_list_with_blanks_dropped() -> None:
     assert config.jobs_topics == ["a", "b", "c"]
 
 
+def test_compression_options_reach_the_engine_config(tmp_path: Path) -> None:
+    config = load_config(
+        {
+            "SLUICE_QUANTIZATION": "nf4",
+            "SLUICE_BNB_4BIT_DOUBLE_QUANT": "true",
+            "SLUICE_BNB_4BIT_COMPUTE_DTYPE": "bfloat16",
+            "SLUICE_QUANTIZATION_SKIP_MODULES": "down_proj, layers.0",
+            "SLUICE_KV_CACHE_DTYPE": "fp8",
+            "SLUICE_INT8_THRESHOLD": "0",
+        }
+    )
+    engine = config.engine_config(str(tmp_path))
+    assert (engine.quantization, engine.bnb_4bit_double_quant, engine.bnb_4bit_compute_dtype) == (
+        "nf4",
+        True,
+        "bfloat16",
+    )
+    assert engine.quantization_skip_modules == ("down_proj", "layers.0")
+    assert (engine.kv_cache_dtype, engine.int8_threshold) == ("fp8", 0.0)
+
+
 def test_empty_max_model_len_means_the_models_own_limit() -> None:
     assert load_config({"SLUICE_MAX_MODEL_LEN": ""}).max_model_len is None
 
@@ -130,6 +151,9 @@ def test_bad_max_in_flight_is_a_config_error_naming_the_field(raw: str) -> None:
         ("SLUICE_LOG_LEVEL", "LOUD"),
         ("SLUICE_COMMIT_INTERVAL_MS", "5"),
         ("SLUICE_DEMO_PRESET", "huge"),
+        ("SLUICE_QUANTIZATION", "int4"),
+        ("SLUICE_KV_CACHE_DTYPE", "int8"),
+        ("SLUICE_INT8_THRESHOLD", "-1"),
     ],
 )
 def test_bad_env_value_is_a_config_error_naming_the_field(name: str, raw: str) -> None:

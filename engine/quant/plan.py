@@ -1,0 +1,221 @@
+"""Which quantisation a model gets, and the two steps that apply it around weight loading.
+
+`make_plan` reads the engine config and the checkpoint's config.json (a bitsandbytes
+`quantization_config` of a pre-quantised folder, the 2:4 marker of a pruned one) and refuses
+what cannot run here. `prepare_model` runs before the weights load (pre-quantised layers take
+the checkpoint's quantised tensors instead of a float weight); `finalize_model` runs after:
+each targeted layer's method converts its loaded shard on the host, then the model moves to
+its device (bitsandbytes quantises during that move).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from engine.quant.base import UNQUANTIZED, LinearMethod
+from engine.quant.bnb import Bnb4bitLinearMethod, BnbInt8LinearMethod, BnbPrequantizedLinearMethod
+from engine.quant.fp8 import Fp8LinearMethod, check_fp8_supported
+from engine.quant.sparse24 import Sparse24LinearMethod
+
+log = logging.getLogger(__name__)
+
+QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4", "fp8")
+SPARSITY_MARKER = "sluice_sparsity"  # config.json key written by engine.compress
+
+
+class QuantizationError(ValueError):
+    """The requested quantisation cannot run with this checkpoint, device or layout."""
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    mode: str = "none"  # one of QUANTIZATION_MODES
+    prequantized: bool = False  # the checkpoint's linear weights are bitsandbytes-quantised already
+    sparse24: bool = False  # the checkpoint is 2:4-pruned (engine.compress)
+    int8_threshold: float = 6.0
+    double_quant: bool = False
+    compute_dtype: torch.dtype = torch.float32  # 4-bit: dtype the dequantised weight multiplies in
+    skip_modules: tuple[str, ...] = ()  # module names (or name parts) kept in float
+
+    @property
+    def is_active(self) -> bool:
+        return self.mode != "none" or self.sparse24
+
+    def make_method(self) -> LinearMethod:
+        if self.prequantized:
+            return BnbPrequantizedLinearMethod(self.mode, self.int8_threshold, self.compute_dtype)
+        if self.mode == "int8":
+            return BnbInt8LinearMethod(self.int8_threshold)
+        if self.mode in ("nf4", "fp4"):
+            return Bnb4bitLinearMethod(self.mode, self.double_quant, self.compute_dtype)
+        if self.mode == "fp8":
+            return Fp8LinearMethod()
+        if self.sparse24:
+            return Sparse24LinearMethod()
+        return UNQUANTIZED
+
+
+NO_QUANTIZATION = QuantPlan()
+
+
+def make_plan(config, hf_config: dict, device: torch.device) -> QuantPlan:
+    """The plan for `config` (an EngineConfig) on this checkpoint; QuantizationError if impossible."""
+    model_dtype = getattr(torch, config.dtype)
+    compute_dtype = getattr(torch, config.bnb_4bit_compute_dtype or config.dtype)
+    checkpoint = hf_config.get("quantization_config")
+    plan = QuantPlan(
+        mode=config.quantization,
+        sparse24=SPARSITY_MARKER in hf_config,
+        int8_threshold=config.int8_threshold,
+        double_quant=config.bnb_4bit_double_quant,
+        compute_dtype=compute_dtype,
+        skip_modules=tuple(config.quantization_skip_modules),
+    )
+    if plan.sparse24:  # layers the pruning tool left dense stay on the float path
+        marker_skip = tuple(hf_config[SPARSITY_MARKER].get("skip_modules") or ())
+        plan = replace(plan, skip_modules=plan.skip_modules + marker_skip)
+    if checkpoint is not None:
+        plan = _prequantized_plan(plan, checkpoint, config.bnb_4bit_compute_dtype, model_dtype)
+    if plan.mode == "fp8":
+        try:
+            check_fp8_supported(device)
+        except ValueError as e:
+            raise QuantizationError(str(e)) from None
+    return plan
+
+
+def prepare_model(model: nn.Module, plan: QuantPlan) -> None:
+    """Before loading: pre-quantised layers get their method, which replaces the float weight."""
+    if not plan.prequantized:
+        return
+    for _, layer in _targets(model, plan):
+        layer.quant_method = plan.make_method()
+        try:
+            layer.quant_method.create_weights(layer)
+        except ValueError as e:  # e.g. more than one tensor-parallel rank
+            raise QuantizationError(str(e)) from None
+
+
+def checkpoint_tensor_claimers(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers (by qualified name) whose method loads extra checkpoint tensors itself."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if hasattr(getattr(m, "quant_method", None), "load_checkpoint_tensor")
+    }
+
+
+def claim_checkpoint_tensor(claimers: dict[str, nn.Module], param_name: str, shard_id, tensor_fn) -> bool:
+    """Hand `param_name` (e.g. ...qkv_proj.weight.absmax) to the layer that claims it, if one does."""
+    parts = param_name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        layer = claimers.get(".".join(parts[:i]))
+        if layer is not None:
+            layer.quant_method.load_checkpoint_tensor(layer, ".".join(parts[i:]), shard_id, tensor_fn())
+            return True
+    return False
+
+
+@torch.no_grad()
+def finalize_model(model: nn.Module, plan: QuantPlan, device: torch.device) -> None:
+    """After loading (model on the host): convert each targeted layer, then move the model to `device`."""
+    targets = _targets(model, plan)
+    for _, layer in targets:
+        if layer.quant_method is UNQUANTIZED:
+            layer.quant_method = plan.make_method()
+        layer.quant_method.process_weights_after_loading(layer)
+    model.to(device)
+    for _, layer in targets:
+        on_device = getattr(layer.quant_method, "on_device", None)
+        if on_device is not None:
+            on_device(layer, device)
+    _log_summary(targets, plan, model)
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter, linear layers counted as their method stores them (scales included)."""
+    from engine.layers.linear import LinearBase
+
+    total, seen = 0, set()
+    linear_prefixes = []
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase):
+            total += module.quant_method.weight_bytes(module)
+            if module.bias is not None:
+                total += module.bias.numel() * module.bias.element_size()
+            linear_prefixes.append(name + ".")
+    for name, param in model.named_parameters():
+        if id(param) in seen or any(name.startswith(p) for p in linear_prefixes):
+            continue
+        seen.add(id(param))
+        total += param.numel() * param.element_size()
+    return total
+
+
+def _targets(model: nn.Module, plan: QuantPlan) -> list[tuple[str, nn.Module]]:
+    """Every linear layer not skipped; the embedding and lm_head are not LinearBase and never targets."""
+    from engine.layers.linear import LinearBase
+
+    if not plan.is_active:
+        return []
+    mapping = getattr(model, "packed_modules_mapping", {})
+    skip = {mapping[s][0] if s in mapping else s for s in plan.skip_modules}
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, LinearBase) and not any(f".{s}." in f".{name}." for s in skip)
+    ]
+
+
+def _prequantized_plan(plan: QuantPlan, checkpoint: dict, compute_dtype_option, model_dtype) -> QuantPlan:
+    method = checkpoint.get("quant_method")
+    if method != "bitsandbytes":
+        raise QuantizationError(
+            f"the checkpoint is quantised with {method!r}; only bitsandbytes checkpoints load pre-quantised"
+        )
+    if checkpoint.get("load_in_8bit"):
+        mode = "int8"
+    elif checkpoint.get("load_in_4bit"):
+        mode = checkpoint.get("bnb_4bit_quant_type", "fp4")
+    else:
+        raise QuantizationError("the checkpoint's bitsandbytes quantization_config sets neither 8 nor 4 bits")
+    if plan.mode not in ("none", mode):
+        raise QuantizationError(
+            f"quantization {plan.mode!r} was asked for, but the checkpoint is already quantised as {mode!r}; "
+            f"leave quantization 'none' (or set {mode!r}) to load it as it is"
+        )
+    if plan.sparse24:
+        raise QuantizationError("a checkpoint cannot be both pre-quantised and marked 2:4-pruned")
+    checkpoint_compute = checkpoint.get("bnb_4bit_compute_dtype")
+    compute_dtype = getattr(
+        torch, compute_dtype_option or checkpoint_compute or str(model_dtype).removeprefix("torch.")
+    )
+    skip = tuple(checkpoint.get("llm_int8_skip_modules") or ()) + plan.skip_modules
+    return QuantPlan(
+        mode=mode,
+        prequantized=True,
+        int8_threshold=float(checkpoint.get("llm_int8_threshold", plan.int8_threshold)),
+        double_quant=bool(checkpoint.get("bnb_4bit_use_double_quant", False)),
+        compute_dtype=compute_dtype,
+        skip_modules=skip,
+    )
+
+
+def _log_summary(targets, plan: QuantPlan, model: nn.Module) -> None:
+    counts: dict[str, int] = {}
+    for _, layer in targets:
+        key = layer.quant_method.name
+        if key == "sparse24":
+            key = "2:4 sparse kernels" if layer.is_sparse24 else "2:4 pruned, dense kernels"
+        counts[key] = counts.get(key, 0) + 1
+    reasons = {getattr(layer, "sparse24_dense_reason", None) for _, layer in targets} - {None}
+    log.info(
+        "weights: %s%s; %.1f MiB",
+        ", ".join(f"{n} linear layers {k}" for k, n in counts.items()),
+        f" ({'; '.join(sorted(reasons))})" if reasons else "",
+        model_weight_bytes(model) / 2**20,
+    )
