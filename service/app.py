@@ -21,6 +21,7 @@ from service.config import ServiceConfig
 from service.consumer import JobConsumer
 from service.http import HealthServer
 from service.jobs import JobHandler, Outcome
+from service.kafka_security import check_login, client_options
 from service.metrics import ServiceMetrics
 from service.publisher import Headers, ResultPublisher
 from service.topics import ensure_topics
@@ -39,13 +40,15 @@ class Service:
         self.handler = JobHandler(
             self.worker, config.served_model_name, config.default_max_tokens, self.backpressure
         )
-        self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id)
+        self.kafka_security = client_options(config)  # SASL/TLS settings of every Kafka client below
+        self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id, self.kafka_security)
         self.consumer = JobConsumer(
             config.kafka_bootstrap,
             config.jobs_topics,
             config.group_id,
             config.client_id,
             config.commit_interval_ms,
+            self.kafka_security,
         )
         self._tasks: dict[asyncio.Task, TopicPartition] = {}  # in-flight jobs and their partitions
         self.tracer: JobTracer | None = None
@@ -65,9 +68,12 @@ class Service:
 
     async def start(self) -> None:
         c = self.config
+        await check_login(c.kafka_bootstrap, self.kafka_security)  # a refused login says why, and stops here
         if c.create_topics:
             topics = [*c.jobs_topics, c.results_topic, c.dlq_topic, c.traces_topic]
-            await ensure_topics(c.kafka_bootstrap, topics, c.topic_partitions, c.topic_replication)
+            await ensure_topics(
+                c.kafka_bootstrap, topics, c.topic_partitions, c.topic_replication, self.kafka_security
+            )
         self.worker.start()
         await self.publisher.start()
         if c.traces_enabled:

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
+from service.kafka_security import KafkaClientOptions
 from service.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,17 @@ log = logging.getLogger(__name__)
 
 class JobConsumer:
     def __init__(
-        self, bootstrap: str, topics: list[str], group_id: str, client_id: str, commit_interval_ms: int
+        self,
+        bootstrap: str,
+        topics: list[str],
+        group_id: str,
+        client_id: str,
+        commit_interval_ms: int,
+        security: KafkaClientOptions | None = None,
     ):
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
+            **(security or {}),
             group_id=group_id,
             client_id=f"{client_id}-jobs",
             enable_auto_commit=False,
