@@ -23,6 +23,7 @@ from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from engine.stats import EngineStats
 from engine.weights import build_model
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(hf_config, self.tokenizer)
         self.runner = ModelRunner(config, model, self.attention_backend, self.block_size)
         self.block_manager = BlockManager(self.runner.allocate_kv_cache(), self.block_size)
+        self.stats = EngineStats()
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
@@ -99,6 +101,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return finished
+        self.stats.record(out)
         sampled = self.runner.execute(out)
         token_ids = sampled.sampled_token_ids.tolist() if sampled is not None else []  # the step's one sync
         self.scheduler.update_from_output(out, token_ids)

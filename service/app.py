@@ -162,6 +162,7 @@ class Service:
     def _register_gauges(self) -> None:
         engine, bp, m = self.worker.engine, self.backpressure, self.metrics
         bm = engine.block_manager
+        m.engine_steps(engine.stats)
         m.gauge("sluice_jobs_in_flight", "Jobs consumed, not yet published", lambda: bp.jobs)
         m.gauge("sluice_tokens_in_flight", "Prompt + requested output tokens in flight", lambda: bp.tokens)
         m.gauge(
