@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from service.cli import submit_jobs
 from service.config import ConfigError, ServiceConfig, load_config
 from service.kafka_security import KafkaLoginError, check_login, client_options
 from tests.conftest import BUILD_DIR, REPO_ROOT
@@ -169,6 +170,16 @@ async def test_jobs_round_trip_through_the_service_with_each_sasl_mechanism(
         await kafka.post(config.jobs_topics[0], [(custom_id.encode(), _job(custom_id), [])])
         async with run_service(config):
             results = await kafka.read(config.results_topic, 1, timeout=60)
+            # `sluice submit`'s clients log in with the same options.
+            submitted = await submit_jobs(
+                [_job(f"{custom_id}-cli")],
+                config.kafka_bootstrap,
+                config.jobs_topics[0],
+                config.results_topic,
+                timeout=60,
+                security=client_options(config),
+            )
+            assert submitted == 0
         answered = [json.loads(r.value) for r in results if r.key == custom_id.encode()]
         assert answered, f"no result for {custom_id}"
         assert answered[0]["error"] is None
