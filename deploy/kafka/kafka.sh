@@ -12,11 +12,12 @@
 # KAFKA_CONTROLLER_PORT (19093), SLUICE_BUILD_DIR (<repo>/build), KAFKA_HEAP (512m),
 # KAFKA_START_TIMEOUT (60 seconds).
 #
-# KAFKA_SECURITY picks the client listener: plaintext (default), sasl_plaintext or sasl_ssl.
+# KAFKA_SECURITY picks the client listener: plaintext (default), sasl_plaintext, sasl_ssl or ssl.
 # With SASL the broker accepts PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 for one user,
 # KAFKA_SASL_USERNAME (sluice) / KAFKA_SASL_PASSWORD (sluice-secret); SCRAM users are written when
 # the storage is formatted, so a SASL broker keeps its data in a folder of its own. With sasl_ssl
-# the broker's self-signed certificate (keytool, for 127.0.0.1 and localhost) is in tls-PORT/ca.pem.
+# or ssl (TLS without SASL) the broker's self-signed certificate (keytool, for 127.0.0.1 and
+# localhost) is in tls-PORT/ca.pem.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -32,8 +33,8 @@ security=${KAFKA_SECURITY:-plaintext}
 sasl_user=${KAFKA_SASL_USERNAME:-sluice}
 sasl_password=${KAFKA_SASL_PASSWORD:-sluice-secret}
 case "$security" in
-  plaintext|sasl_plaintext|sasl_ssl) ;;
-  *) echo "kafka: ERROR: KAFKA_SECURITY=$security: use plaintext, sasl_plaintext or sasl_ssl" >&2; exit 2 ;;
+  plaintext|sasl_plaintext|sasl_ssl|ssl) ;;
+  *) echo "kafka: ERROR: KAFKA_SECURITY=$security: use plaintext, sasl_plaintext, sasl_ssl or ssl" >&2; exit 2 ;;
 esac
 listener=${security^^}
 
@@ -86,14 +87,14 @@ write_config() {
     -e "s|@PASSWORD@|$sasl_password|g" -e "s|@BROKER_PASSWORD@|broker-$port|g"
     -e "s|@TLS_DIR@|$tls|g" -e "s|@STORE_PASSWORD@|sluice-$port|g")
   sed "${subst[@]}" "$here/server.properties.in" >"$props"
-  if [ "$security" != plaintext ]; then sed "${subst[@]}" "$here/sasl.properties.in" >>"$props"; fi
-  if [ "$security" = sasl_ssl ]; then make_certificate; sed "${subst[@]}" "$here/tls.properties.in" >>"$props"; fi
+  case "$security" in sasl_*) sed "${subst[@]}" "$here/sasl.properties.in" >>"$props" ;; esac
+  case "$security" in *ssl) make_certificate; sed "${subst[@]}" "$here/tls.properties.in" >>"$props" ;; esac
 }
 
 make_certificate() {
   # Self-signed, marked as a CA so that clients may use it as their trust anchor (ca.pem).
   [ -f "$tls/ca.pem" ] && return 0
-  command -v keytool >/dev/null || die "keytool not found: KAFKA_SECURITY=sasl_ssl needs the JDK's keytool"
+  command -v keytool >/dev/null || die "keytool not found: KAFKA_SECURITY=$security needs the JDK's keytool"
   rm -rf "$tls" && mkdir -p "$tls"
   local pass="sluice-$port"
   keytool -genkeypair -alias broker -keyalg RSA -keysize 2048 -validity 3650 -dname "CN=localhost" \
@@ -117,7 +118,7 @@ format_storage() {
   local cluster_id
   cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid)
   local -a scram=()
-  if [ "$security" != plaintext ]; then
+  if [[ "$security" == sasl_* ]]; then
     for mechanism in SCRAM-SHA-256 SCRAM-SHA-512; do
       scram+=(--add-scram "$mechanism=[name=$sasl_user,password=$sasl_password]")
     done
@@ -165,7 +166,7 @@ start() {
     sleep 0.5
   done
   say "Apache Kafka $version running (pid $pid) on 127.0.0.1:$port ($listener), data in $data"
-  if [ "$security" = sasl_ssl ]; then say "clients trust the broker's certificate with $tls/ca.pem"; fi
+  if [[ "$security" == *ssl ]]; then say "clients trust the broker's certificate with $tls/ca.pem"; fi
 }
 
 stop() {

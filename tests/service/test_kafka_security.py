@@ -8,6 +8,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,19 +112,19 @@ class SecureBroker:
     def config(
         self, service_config: ServiceConfig, mechanism: str, password: str = PASSWORD
     ) -> ServiceConfig:
-        tls = self.security == "sasl_ssl"
+        sasl, tls = self.security.startswith("sasl_"), self.security.endswith("ssl")
         return msgspec_replace(
             service_config,
             kafka_bootstrap=self.bootstrap,
             kafka_security_protocol=self.security.upper(),
-            kafka_sasl_mechanism=mechanism,
-            kafka_sasl_username=USER,
-            kafka_sasl_password=password,
+            kafka_sasl_mechanism=mechanism if sasl else "",
+            kafka_sasl_username=USER if sasl else "",
+            kafka_sasl_password=password if sasl else "",
             kafka_ssl_cafile=str(self.cafile) if tls else "",
         )
 
 
-@pytest.fixture(scope="module", params=["sasl_plaintext", "sasl_ssl"])
+@pytest.fixture(scope="module", params=["sasl_plaintext", "sasl_ssl", "ssl"])
 def secure_broker(request, tmp_path_factory):
     build = tmp_path_factory.mktemp(f"kafka-{request.param}")
     (build / "kafka").mkdir()
@@ -146,12 +147,13 @@ def _job(custom_id: str) -> bytes:
     return json.dumps({"custom_id": custom_id, "url": "/v1/completions", "body": body}).encode()
 
 
-MECHANISMS = {"sasl_plaintext": ["PLAIN", "SCRAM-SHA-256"], "sasl_ssl": ["SCRAM-SHA-512"]}
+# SASL_PLAINTEXT: PLAIN and SCRAM-SHA-256; SASL_SSL: SCRAM-SHA-512 over TLS; SSL: TLS alone.
+MECHANISMS = {"sasl_plaintext": ["PLAIN", "SCRAM-SHA-256"], "sasl_ssl": ["SCRAM-SHA-512"], "ssl": ["TLS"]}
 
 
 @pytest.mark.kafka
 @pytest.mark.slow
-async def test_jobs_round_trip_through_the_service_with_each_sasl_mechanism(
+async def test_jobs_round_trip_through_the_service_with_each_sasl_mechanism_and_over_tls(
     secure_broker, service_config, run_service
 ):
     for mechanism in MECHANISMS[secure_broker.security]:
@@ -188,6 +190,7 @@ async def test_jobs_round_trip_through_the_service_with_each_sasl_mechanism(
 
 @pytest.mark.kafka
 @pytest.mark.slow
+@pytest.mark.parametrize("secure_broker", ["sasl_plaintext", "sasl_ssl"], indirect=True)
 async def test_wrong_password_stops_the_service_with_the_brokers_reason(
     secure_broker, service_config, run_service
 ):
@@ -232,3 +235,28 @@ def _free_ports_29xxx(count: int) -> list[int]:
         if len(ports) == count:
             return ports
     raise RuntimeError("no free ports in 29000-29999")
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+@pytest.mark.parametrize("secure_broker", ["sasl_plaintext"], indirect=True)
+def test_python_m_service_with_a_wrong_password_exits_2_with_the_reason(secure_broker, tiny_checkpoint):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "OMP_NUM_THREADS": "1",
+        "SLUICE_KAFKA_BOOTSTRAP": secure_broker.bootstrap,
+        "SLUICE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "SLUICE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256",
+        "SLUICE_KAFKA_SASL_USERNAME": USER,
+        "SLUICE_KAFKA_SASL_PASSWORD": "not-the-password",
+        "SLUICE_MODEL": str(tiny_checkpoint),
+        "SLUICE_KV_CACHE_MEMORY_GIB": "0.25",
+        "SLUICE_HTTP_PORT": "0",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"cannot connect: Kafka at {secure_broker.bootstrap} refused the login of '{USER}'" in done.stderr
+    assert "Traceback" not in done.stderr
