@@ -10,7 +10,7 @@ STAMP := $(VENV)/.sluice-installed
 KAFKA := deploy/kafka/kafka.sh
 PYTEST_ARGS ?= -v
 
-.PHONY: run test venv lint kafka-up kafka-down kafka-status clean
+.PHONY: run test venv lint browser kafka-up kafka-down kafka-status clean
 
 venv: $(STAMP)
 
@@ -27,9 +27,17 @@ run: venv
 	@if [ -z "$$SLUICE_KAFKA_BOOTSTRAP" ]; then $(KAFKA) start; fi
 	$(PY) -m service
 
+# Headless Chromium for the load-test report's test (tests/loadtest): Debian's package, installed
+# once; with it already on PATH this does nothing.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  echo "installing Debian's chromium (headless, for the load-test report test)"; \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null; }
+
 # Starts the broker if it is not running, runs lint and the whole suite, stops the broker it
 # started (also on failure or Ctrl-C), and exits with the suite's code.
-test: venv
+test: venv browser
 	@started=0; \
 	if ! $(KAFKA) status >/dev/null 2>&1; then $(KAFKA) start || exit 1; started=1; fi; \
 	trap '[ $$started = 1 ] && $(KAFKA) stop' EXIT; \

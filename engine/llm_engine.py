@@ -25,6 +25,7 @@ from engine.quant import make_plan
 from engine.sampling_params import SamplingParams, StructuredOutputs
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from engine.stats import EngineStats
 from engine.structured_output import GrammarCompiler, InvalidStructuredOutput
 from engine.weights import build_model
 
@@ -64,6 +65,7 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.allocate_kv_cache(), self.block_size, config.enable_prefix_caching
         )
+        self.stats = EngineStats()
         self.scheduler = Scheduler(
             self.block_manager,
             config.max_num_seqs,
@@ -149,6 +151,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return finished
+        self.stats.record(out)
         sampled = self.runner.execute(out)
         token_ids = sampled.sampled_token_ids.tolist() if sampled is not None else []  # the step's one sync
         self.scheduler.update_from_output(out, token_ids)

@@ -13,6 +13,7 @@ import uvloop
 from engine import EngineConfigError, LLMEngine, ModelLoadError
 from service.app import Service
 from service.config import ConfigError, ServiceConfig, load_config
+from service.kafka_security import KafkaLoginError
 
 log = logging.getLogger("sluice")
 
@@ -45,7 +46,11 @@ async def serve(config: ServiceConfig) -> int:
     service = Service(config, engine)
     stop = asyncio.Event()
     _install_signal_handlers(stop)
-    await service.start()
+    try:
+        await service.start()
+    except KafkaLoginError as e:
+        log.error("cannot connect: %s", e)
+        return 2
     log.info("ready; Ctrl-C to stop")
     try:
         await service.run(stop)

@@ -22,6 +22,7 @@ from service.config import ServiceConfig
 from service.consumer import JobConsumer
 from service.http import HealthServer
 from service.jobs import JobHandler, Outcome
+from service.kafka_security import check_login, client_options
 from service.metrics import ServiceMetrics
 from service.publisher import Headers, ResultPublisher
 from service.topics import ensure_topics
@@ -44,12 +45,17 @@ class Service:
         self.handler = JobHandler(
             self.batcher, config.served_model_name, config.default_max_tokens, self.backpressure
         )
-        self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id)
+        self.kafka_security = client_options(config)  # SASL/TLS settings of every Kafka client below
+        self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id, self.kafka_security)
         # exactly_once: results wait for their partition's next transaction instead of the publisher
         self.transactions: TransactionalDelivery | None = None
         if config.delivery == "exactly_once":
             self.transactions = TransactionalDelivery(
-                config.kafka_bootstrap, config.group_id, config.client_id, config.transactional_id_prefix
+                config.kafka_bootstrap,
+                config.group_id,
+                config.client_id,
+                config.transactional_id_prefix,
+                security=self.kafka_security,
             )
         self.consumer = JobConsumer(
             config.kafka_bootstrap,
@@ -57,6 +63,7 @@ class Service:
             config.group_id,
             config.client_id,
             config.commit_interval_ms,
+            self.kafka_security,
             sink=self.transactions,
         )
         self._tasks: dict[asyncio.Task, TopicPartition] = {}  # in-flight jobs and their partitions
@@ -77,9 +84,12 @@ class Service:
 
     async def start(self) -> None:
         c = self.config
+        await check_login(c.kafka_bootstrap, self.kafka_security)  # a refused login says why, and stops here
         if c.create_topics:
             topics = [*c.jobs_topics, c.results_topic, c.dlq_topic, c.traces_topic]
-            await ensure_topics(c.kafka_bootstrap, topics, c.topic_partitions, c.topic_replication)
+            await ensure_topics(
+                c.kafka_bootstrap, topics, c.topic_partitions, c.topic_replication, self.kafka_security
+            )
         self.worker.start()
         await self.publisher.start()
         if c.traces_enabled:
@@ -176,6 +186,7 @@ class Service:
     def _register_gauges(self) -> None:
         engine, bp, m = self.worker.engine, self.backpressure, self.metrics
         bm = engine.block_manager
+        m.engine_steps(engine.stats)
         m.gauge("sluice_jobs_in_flight", "Jobs consumed, not yet published", lambda: bp.jobs)
         m.gauge("sluice_tokens_in_flight", "Prompt + requested output tokens in flight", lambda: bp.tokens)
         m.gauge(

@@ -13,6 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.codec import peek_custom_id
 from service.config import ConfigError, load_config
+from service.kafka_security import KafkaClientOptions, client_options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,12 +58,18 @@ def main(argv: list[str] | None = None) -> int:
             jobs_topic=args.jobs_topic or config.jobs_topics[0],
             results_topic=args.results_topic or config.results_topic,
             timeout=args.timeout,
+            security=client_options(config),
         )
     )
 
 
 async def submit_jobs(
-    lines: list[bytes], bootstrap: str, jobs_topic: str, results_topic: str, timeout: float
+    lines: list[bytes],
+    bootstrap: str,
+    jobs_topic: str,
+    results_topic: str,
+    timeout: float,
+    security: KafkaClientOptions | None = None,
 ) -> int:
     """Post each line keyed by its custom_id, then print result lines until every id has one."""
     ids = [peek_custom_id(line) for line in lines]
@@ -72,9 +79,12 @@ async def submit_jobs(
         )
         return 2
     waiting = set(ids)
-    results = await _results_reader(bootstrap, results_topic)
+    security = security or {}
+    results = await _results_reader(bootstrap, results_topic, security)
     try:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, **security
+        )
         await producer.start()
         try:
             for line, custom_id in zip(lines, ids, strict=True):
@@ -102,9 +112,9 @@ async def submit_jobs(
     return 0
 
 
-async def _results_reader(bootstrap: str, topic: str) -> AIOKafkaConsumer:
+async def _results_reader(bootstrap: str, topic: str, security: KafkaClientOptions) -> AIOKafkaConsumer:
     """A group-less reader positioned at the end of the results topic, before any job is posted."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **security)
     await admin.start()
     try:
         (description,) = await admin.describe_topics([topic])
@@ -113,7 +123,7 @@ async def _results_reader(bootstrap: str, topic: str) -> AIOKafkaConsumer:
     partitions = [p["partition"] for p in description.get("partitions", [])]
     if description.get("error_code") or not partitions:
         raise SystemExit(f"sluice: results topic {topic!r} does not exist; is the service running?")
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **security)
     await consumer.start()
     assigned = [TopicPartition(topic, p) for p in partitions]
     consumer.assign(assigned)

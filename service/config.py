@@ -15,6 +15,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from engine import EngineConfig
+from service import kafka_security
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +46,18 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     # commit interval (results' readers must use isolation_level=read_committed)
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     transactional_id_prefix: str = ""  # exactly_once: `<prefix>.<topic>.<partition>`; default: group_id
+    # Kafka security (service/kafka_security.py checks that these fit together)
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = ""  # with SASL_*
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = (
+        ""  # best from a secret store, e.g. a Kubernetes Secret as SLUICE_KAFKA_SASL_PASSWORD
+    )
+    kafka_ssl_cafile: str = ""  # PEM of the CAs that sign the brokers' certificates; empty: the system's
+    kafka_ssl_certfile: str = ""  # PEM client certificate, for brokers that require mutual TLS
+    kafka_ssl_keyfile: str = ""  # PEM key of the client certificate
+    kafka_ssl_password: str = ""  # password of the key file, if it is encrypted
+    kafka_ssl_check_hostname: bool = True  # the broker's certificate must name the host we connect to
     # Model and engine
     model: str = ""  # a Hugging Face checkpoint folder; empty: the built-in demo model
     model_name: str = ""  # the `model` reported in results; default: the folder's name
@@ -82,6 +95,12 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     # Where demo models and other generated files go
     build_dir: str = str(REPO_ROOT / "build")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def __post_init__(self) -> None:
+        try:
+            kafka_security.check(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def served_model_name(self) -> str:

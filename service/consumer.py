@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
+from service.kafka_security import KafkaClientOptions
 from service.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,12 @@ class JobConsumer:
         group_id: str,
         client_id: str,
         commit_interval_ms: int,
+        security: KafkaClientOptions | None = None,
         sink: OffsetSink | None = None,
     ):
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
+            **(security or {}),
             group_id=group_id,
             client_id=f"{client_id}-jobs",
             enable_auto_commit=False,

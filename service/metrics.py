@@ -6,9 +6,13 @@ Counters and histograms are updated as jobs finish; gauges that describe current
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from engine.stats import EngineStats
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600, 1800)
 
@@ -57,5 +61,36 @@ class ServiceMetrics:
         """A gauge whose value is read at scrape time."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
 
+    def counter(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """A counter kept elsewhere (e.g. by the engine thread), read at scrape time; `name` without _total."""
+        self.registry.register(_CounterReader(name, documentation, read))
+
+    def engine_steps(self, stats: EngineStats) -> None:
+        """The engine's step totals: rate(sequences) / rate(steps) is the mean batch size."""
+        self.counter("sluice_engine_steps", "Engine steps run", lambda: stats.num_steps)
+        self.counter(
+            "sluice_engine_step_sequences",
+            "Sequences scheduled, summed over engine steps (the batch sizes)",
+            lambda: stats.num_step_seqs,
+        )
+        self.counter(
+            "sluice_engine_step_tokens",
+            "Tokens computed (prompt chunks + decodes), summed over engine steps",
+            lambda: stats.num_step_tokens,
+        )
+        self.counter(
+            "sluice_engine_preemptions",
+            "Sequences preempted for KV-cache blocks",
+            lambda: stats.num_preemptions,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CounterReader(Collector):
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self._name, self._documentation, self._read = name, documentation, read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self._read())

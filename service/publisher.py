@@ -13,15 +13,18 @@ import logging
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from service.kafka_security import KafkaClientOptions
+
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
 
 
 class ResultPublisher:
-    def __init__(self, bootstrap: str, client_id: str) -> None:
+    def __init__(self, bootstrap: str, client_id: str, security: KafkaClientOptions | None = None) -> None:
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
+            **(security or {}),
             client_id=f"{client_id}-results",
             acks="all",
             enable_idempotence=True,

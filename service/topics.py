@@ -7,6 +7,8 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from service.kafka_security import KafkaClientOptions
+
 log = logging.getLogger(__name__)
 
 
@@ -14,9 +16,15 @@ class TopicCreationError(RuntimeError):
     pass
 
 
-async def ensure_topics(bootstrap: str, names: list[str], partitions: int, replication: int) -> list[str]:
+async def ensure_topics(
+    bootstrap: str,
+    names: list[str],
+    partitions: int,
+    replication: int,
+    security: KafkaClientOptions | None = None,
+) -> list[str]:
     """Create each missing topic; returns the names it created. Existing topics are left as they are."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="sluice-admin")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="sluice-admin", **(security or {}))
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -49,6 +49,7 @@ class TransactionalDelivery:
         group_id: str,
         client_id: str,
         transactional_id_prefix: str,
+        security: dict | None = None,  # SASL/TLS client options (service.kafka_security)
         producer_factory: Callable[..., AIOKafkaProducer] = AIOKafkaProducer,
     ) -> None:
         self._bootstrap = bootstrap
@@ -56,6 +57,7 @@ class TransactionalDelivery:
         self._client_id = client_id
         self._prefix = transactional_id_prefix or group_id
         self._new_producer = producer_factory
+        self._security = security or {}
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
         self._staged: dict[TopicPartition, dict[int, list[OutRecord]]] = {}
         self.num_transactions = 0
@@ -126,6 +128,7 @@ class TransactionalDelivery:
                 transactional_id=self.transactional_id(tp),
                 enable_idempotence=True,
                 acks="all",
+                **self._security,
             )
             await producer.start()  # InitProducerId: fences older producers with this id
             self._producers[tp] = producer

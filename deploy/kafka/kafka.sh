@@ -11,6 +11,13 @@
 # Environment: KAFKA_VERSION (default: the pom's pin), KAFKA_PORT (19092),
 # KAFKA_CONTROLLER_PORT (19093), SLUICE_BUILD_DIR (<repo>/build), KAFKA_HEAP (512m),
 # KAFKA_START_TIMEOUT (60 seconds).
+#
+# KAFKA_SECURITY picks the client listener: plaintext (default), sasl_plaintext, sasl_ssl or ssl.
+# With SASL the broker accepts PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 for one user,
+# KAFKA_SASL_USERNAME (sluice) / KAFKA_SASL_PASSWORD (sluice-secret); SCRAM users are written when
+# the storage is formatted, so a SASL broker keeps its data in a folder of its own. With sasl_ssl
+# or ssl (TLS without SASL) the broker's self-signed certificate (keytool, for 127.0.0.1 and
+# localhost) is in tls-PORT/ca.pem.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -22,10 +29,20 @@ port=${KAFKA_PORT:-19092}
 controller_port=${KAFKA_CONTROLLER_PORT:-19093}
 heap=${KAFKA_HEAP:-512m}
 timeout=${KAFKA_START_TIMEOUT:-60}
+security=${KAFKA_SECURITY:-plaintext}
+sasl_user=${KAFKA_SASL_USERNAME:-sluice}
+sasl_password=${KAFKA_SASL_PASSWORD:-sluice-secret}
+case "$security" in
+  plaintext|sasl_plaintext|sasl_ssl|ssl) ;;
+  *) echo "kafka: ERROR: KAFKA_SECURITY=$security: use plaintext, sasl_plaintext, sasl_ssl or ssl" >&2; exit 2 ;;
+esac
+listener=${security^^}
 
 home=$build/kafka
 libs=$home/libs-$version
 data=$home/data-$version-$port
+[ "$security" = plaintext ] || data+="-$security"  # SCRAM users live in the data
+tls=$home/tls-$port
 logs=$home/logs
 pidfile=$home/broker-$port.pid
 props=$home/server-$port.properties
@@ -65,8 +82,28 @@ fetch() {
 
 write_config() {
   mkdir -p "$data" "$logs"
-  sed -e "s|@PORT@|$port|g" -e "s|@CONTROLLER_PORT@|$controller_port|g" -e "s|@DATA_DIR@|$data|g" \
-    "$here/server.properties.in" >"$props"
+  local -a subst=(-e "s|@PORT@|$port|g" -e "s|@CONTROLLER_PORT@|$controller_port|g" -e "s|@DATA_DIR@|$data|g"
+    -e "s|@LISTENER@|$listener|g" -e "s|@LISTENER_LC@|$security|g" -e "s|@USER@|$sasl_user|g"
+    -e "s|@PASSWORD@|$sasl_password|g" -e "s|@BROKER_PASSWORD@|broker-$port|g"
+    -e "s|@TLS_DIR@|$tls|g" -e "s|@STORE_PASSWORD@|sluice-$port|g")
+  sed "${subst[@]}" "$here/server.properties.in" >"$props"
+  case "$security" in sasl_*) sed "${subst[@]}" "$here/sasl.properties.in" >>"$props" ;; esac
+  case "$security" in *ssl) make_certificate; sed "${subst[@]}" "$here/tls.properties.in" >>"$props" ;; esac
+}
+
+make_certificate() {
+  # Self-signed, marked as a CA so that clients may use it as their trust anchor (ca.pem).
+  [ -f "$tls/ca.pem" ] && return 0
+  command -v keytool >/dev/null || die "keytool not found: KAFKA_SECURITY=$security needs the JDK's keytool"
+  rm -rf "$tls" && mkdir -p "$tls"
+  local pass="sluice-$port"
+  keytool -genkeypair -alias broker -keyalg RSA -keysize 2048 -validity 3650 -dname "CN=localhost" \
+    -ext "SAN=ip:127.0.0.1,dns:localhost" -ext "bc:c" -keystore "$tls/broker.p12" -storetype PKCS12 \
+    -storepass "$pass" -keypass "$pass" >/dev/null 2>&1 || die "keytool could not create the broker's key"
+  keytool -exportcert -rfc -alias broker -keystore "$tls/broker.p12" -storepass "$pass" \
+    -file "$tls/ca.pem" >/dev/null 2>&1 || die "keytool could not export the broker's certificate"
+  keytool -importcert -noprompt -alias broker -file "$tls/ca.pem" -keystore "$tls/trust.p12" \
+    -storetype PKCS12 -storepass "$pass" >/dev/null 2>&1 || die "keytool could not write the trust store"
 }
 
 kafka_java() {
@@ -80,8 +117,14 @@ format_storage() {
   [ -f "$data/meta.properties" ] && return 0
   local cluster_id
   cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid)
-  (kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$props" --ignore-formatted >/dev/null) \
-    || die "formatting KRaft storage in $data failed"
+  local -a scram=()
+  if [[ "$security" == sasl_* ]]; then
+    for mechanism in SCRAM-SHA-256 SCRAM-SHA-512; do
+      scram+=(--add-scram "$mechanism=[name=$sasl_user,password=$sasl_password]")
+    done
+  fi
+  (kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$props" --ignore-formatted "${scram[@]}" \
+    >/dev/null) || die "formatting KRaft storage in $data failed"
 }
 
 log_tail() {
@@ -122,7 +165,8 @@ start() {
     fi
     sleep 0.5
   done
-  say "Apache Kafka $version running (pid $pid) on 127.0.0.1:$port, data in $data"
+  say "Apache Kafka $version running (pid $pid) on 127.0.0.1:$port ($listener), data in $data"
+  if [[ "$security" == *ssl ]]; then say "clients trust the broker's certificate with $tls/ca.pem"; fi
 }
 
 stop() {

@@ -21,6 +21,7 @@ from schemas.codec import encode_result
 from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
 from service.jobs import JobHandler
+from service.kafka_security import KafkaClientOptions
 from service.topics import ensure_topics
 
 Results = AsyncIterator[list[tuple[str, bytes]]]  # batches of (custom_id, result line), maybe empty
@@ -35,8 +36,16 @@ class KafkaBackend:
     The topic is deleted when the run is complete.
     """
 
-    def __init__(self, bootstrap: str, jobs_topic: str, reply_topic: str, replication: int = 1) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        jobs_topic: str,
+        reply_topic: str,
+        replication: int = 1,
+        security: KafkaClientOptions | None = None,  # SASL/TLS, as the service's own clients
+    ) -> None:
         self.bootstrap = bootstrap
+        self.security = security or {}
         self.jobs_topic = jobs_topic
         self.reply_topic = reply_topic
         self.replication = replication
@@ -44,14 +53,20 @@ class KafkaBackend:
         self._consumer: AIOKafkaConsumer | None = None
 
     async def start(self) -> None:
-        await ensure_topics(self.bootstrap, [self.reply_topic], 1, self.replication)
+        await ensure_topics(self.bootstrap, [self.reply_topic], 1, self.replication, self.security)
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            **self.security,
         )
         await self._producer.start()
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, **self.security
+        )
         await self._consumer.start()
-        partitions = await _partitions(self.bootstrap, self.reply_topic)
+        partitions = await _partitions(self.bootstrap, self.reply_topic, self.security)
         self._consumer.assign(partitions)
         await self._consumer.seek_to_beginning(*partitions)
 
@@ -82,7 +97,7 @@ class KafkaBackend:
             await self._consumer.stop()
 
     async def delete_reply_topic(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="sluice-run")
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="sluice-run", **self.security)
         await admin.start()
         try:
             await admin.delete_topics([self.reply_topic])  # errors (e.g. already gone) are in the response
@@ -159,8 +174,8 @@ class LocalBackend:
         )
 
 
-async def _partitions(bootstrap: str, topic: str) -> list[TopicPartition]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="sluice-run")
+async def _partitions(bootstrap: str, topic: str, security: KafkaClientOptions) -> list[TopicPartition]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="sluice-run", **security)
     await admin.start()
     try:
         for _ in range(50):  # a topic just created may take a moment to reach the metadata

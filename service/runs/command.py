@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import ServiceConfig
+from service.kafka_security import client_options
 from service.runs.backends import KafkaBackend, LocalBackend
 from service.runs.driver import RunDriver, RunStats, WorkItem
 from service.runs.inputs import check_unique_keys
@@ -177,5 +178,6 @@ async def _make_backend(args: argparse.Namespace, config: ServiceConfig, ledger:
             args.jobs_topic or config.jobs_topics[0],
             args.reply_topic or f"{config.results_topic}.{ledger.run_id}",
             config.topic_replication,
+            security=client_options(config),
         )
     return backend

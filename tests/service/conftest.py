@@ -17,13 +17,14 @@ from service.config import ServiceConfig
 class KafkaClient:
     """Produces jobs and reads topics from the beginning, as a user's own client would."""
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, security: dict | None = None) -> None:
         self.bootstrap = bootstrap
+        self.security = security or {}  # SASL/TLS keyword arguments (service.kafka_security.client_options)
 
     async def post(
         self, topic: str, records: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]
     ) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, **self.security, acks="all")
         await producer.start()
         try:
             for key, value, headers in records:
@@ -34,7 +35,12 @@ class KafkaClient:
 
     async def read(self, topic: str, count: int, timeout: float = 60.0) -> list:
         """The first `count` records of `topic` (fails the test if they do not arrive in time)."""
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=self.bootstrap, auto_offset_reset="earliest")
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=self.bootstrap,
+            **self.security,
+            auto_offset_reset="earliest",
+        )
         await consumer.start()
         records: list = []
         deadline = time.monotonic() + timeout
@@ -52,6 +58,7 @@ class KafkaClient:
         consumer = AIOKafkaConsumer(
             topic,
             bootstrap_servers=self.bootstrap,
+            **self.security,
             auto_offset_reset="earliest",
             isolation_level=isolation_level,
         )
@@ -67,7 +74,7 @@ class KafkaClient:
 
     async def committed(self, group_id: str, topic: str) -> dict[int, int | None]:
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, group_id=group_id, enable_auto_commit=False
+            bootstrap_servers=self.bootstrap, **self.security, group_id=group_id, enable_auto_commit=False
         )
         await consumer.start()
         try:
@@ -80,7 +87,7 @@ class KafkaClient:
             await consumer.stop()
 
     async def end_offsets(self, topic: str) -> dict[int, int]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **self.security)
         await consumer.start()
         try:
             await consumer.topics()

@@ -10,6 +10,7 @@ from typing import ClassVar
 import msgspec
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 pytestmark = pytest.mark.kafka
 
@@ -117,3 +118,78 @@ async def test_spans_also_go_to_an_otlp_endpoint_when_one_is_configured(kafka, s
         for span in ss.spans
     }
     assert {f"{config.jobs_topics[0]} process", "queue wait", "prefill", "decode", "publish"} <= names
+
+
+def _decode_spans(records) -> list[tuple[dict, str, object]]:
+    """(resource attributes, scope name, span) for every span of every ExportTraceServiceRequest."""
+    decoded = []
+    for record in records:
+        request = ExportTraceServiceRequest.FromString(record.value)
+        for resource_spans in request.resource_spans:
+            resource = {a.key: a.value for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                decoded.extend((resource, scope_spans.scope.name, s) for s in scope_spans.spans)
+    return decoded
+
+
+async def test_otlp_spans_carry_resource_kinds_parent_links_attributes_and_error_status(
+    kafka, service_config, run_service
+):
+    ok = {"custom_id": "ok", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 3}}
+    bad = {"custom_id": "bad", "url": "/v1/completions", "body": {"prompt": "hi", "temperature": 9}}
+    await kafka.post(
+        service_config.jobs_topics[0],
+        [(b"ok", json.dumps(ok).encode(), []), (b"bad", json.dumps(bad).encode(), [])],  # no traceparent
+    )
+    async with run_service(service_config):
+        await kafka.read(service_config.results_topic, 2)
+    decoded = _decode_spans(await kafka.read_all(service_config.traces_topic))
+
+    for resource, scope, _ in decoded:
+        assert resource["service.name"].string_value == "sluice"
+        assert resource["sluice.model"].string_value == "tiny"
+        assert resource["telemetry.sdk.language"].string_value == "python"
+        assert scope == "sluice"
+    spans = [span for _, _, span in decoded]
+    process_name = f"{service_config.jobs_topics[0]} process"
+    jobs = {
+        next(a.value.int_value for a in s.attributes if a.key == "messaging.kafka.message.offset"): s
+        for s in spans
+        if s.name == process_name
+    }
+    assert len(jobs) == 2
+    for job in jobs.values():
+        # A job without a traceparent header starts a trace of its own.
+        assert job.parent_span_id == b"" and len(job.trace_id) == 16
+        assert job.kind == Span.SpanKind.SPAN_KIND_CONSUMER
+        attributes = {a.key: a.value for a in job.attributes}
+        assert attributes["messaging.system"].string_value == "kafka"
+        assert attributes["messaging.destination.name"].string_value == service_config.jobs_topics[0]
+        assert attributes["messaging.kafka.destination.partition"].int_value in (0, 1)
+        assert attributes["sluice.model"].string_value == "tiny"
+    children = {
+        job.span_id: {s.name: s for s in spans if s.parent_span_id == job.span_id} for job in jobs.values()
+    }
+
+    good, failed = sorted(jobs.values(), key=lambda s: any(a.key == "error.type" for a in s.attributes))
+    steps = children[good.span_id]
+    assert set(steps) == {"queue wait", "prefill", "decode", "publish"}
+    assert all(s.trace_id == good.trace_id for s in steps.values())
+    assert steps["publish"].kind == Span.SpanKind.SPAN_KIND_PRODUCER
+    assert steps["prefill"].kind == Span.SpanKind.SPAN_KIND_INTERNAL
+    # The children tile the job's time in order: queue wait, prefill, decode, then publish.
+    assert steps["queue wait"].start_time_unix_nano == good.start_time_unix_nano
+    assert steps["queue wait"].end_time_unix_nano <= steps["prefill"].start_time_unix_nano + 1_000
+    assert steps["prefill"].end_time_unix_nano == steps["decode"].start_time_unix_nano
+    assert steps["decode"].end_time_unix_nano <= steps["publish"].start_time_unix_nano
+    assert steps["publish"].end_time_unix_nano <= good.end_time_unix_nano
+    assert good.status.code != Status.StatusCode.STATUS_CODE_ERROR
+    good_attributes = {a.key: a.value for a in good.attributes}
+    assert good_attributes["gen_ai.usage.output_tokens"].int_value == 3
+    assert good_attributes["sluice.time_per_output_token_ms"].double_value > 0
+
+    # The invalid job: an error status and type, a publish child (its error result), no inference.
+    assert failed.status.code == Status.StatusCode.STATUS_CODE_ERROR
+    assert {a.key: a.value for a in failed.attributes}["error.type"].string_value == "invalid_request"
+    assert set(children[failed.span_id]) == {"publish"}
+    assert failed.trace_id != good.trace_id

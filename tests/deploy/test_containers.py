@@ -1,0 +1,175 @@
+"""deploy/Dockerfile (CUDA), deploy/Dockerfile.cpu and deploy/compose.yaml, checked statically.
+
+No Docker daemon runs where the tests run, so the images are not built here: these tests check
+what can be checked without one. Each Dockerfile copies only files that exist, installs the
+package and starts the service's real entry point as a non-root user; the compose file is valid
+against the Compose Specification's JSON schema (tests/deploy/compose-spec.json) and every file
+it mounts or builds from exists.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from service.config import ServiceConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = REPO_ROOT / "deploy"
+DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cpu"]
+SERVICE_ENV = {f"SLUICE_{name.upper()}" for name in ServiceConfig.__struct_fields__} | {"SLUICE_CONFIG"}
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    pairs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            pairs.append((keyword.upper(), rest.strip()))
+    return pairs
+
+
+def final_stage(dockerfile: Path) -> list[tuple[str, str]]:
+    steps = instructions(dockerfile)
+    last_from = max(i for i, (k, _) in enumerate(steps) if k == "FROM")
+    return steps[last_from:]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_file_the_image_copies_from_the_repository_exists(dockerfile):
+    copied = [
+        shlex.split(args)[:-1]
+        for k, args in instructions(dockerfile)
+        if k == "COPY" and "--from=" not in args
+    ]
+    assert copied, "the image copies nothing from the repository"
+    for sources in copied:
+        for source in sources:
+            assert (REPO_ROOT / source).exists(), f"{dockerfile.name} copies {source}, which does not exist"
+    names = {s for sources in copied for s in sources}
+    # What `pip install .` needs: the project file, the readme it names, and every package it installs.
+    assert {"pyproject.toml", "README.md", "engine", "schemas", "service"} <= names
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_image_runs_the_service_entry_point_as_a_non_root_user(dockerfile):
+    stage = final_stage(dockerfile)
+    (user,) = [args for k, args in stage if k == "USER"]
+    uid = user.split(":")[0]
+    assert uid not in ("0", "root") and uid.isdigit()  # numeric: Kubernetes' runAsNonRoot can verify it
+    (entrypoint,) = [json.loads(args) for k, args in stage if k == "ENTRYPOINT"]
+    assert entrypoint[-2:] == ["-m", "service"]
+    assert (REPO_ROOT / "service" / "__main__.py").is_file()
+    # The user comes after everything that needs root, and runs what was installed in the build stage.
+    assert [k for k, _ in stage].index("USER") > max(i for i, (k, _) in enumerate(stage) if k == "RUN")
+    assert any(k == "COPY" and "--from=build" in args for k, args in stage)
+    assert any(
+        k == "RUN" and "pip install" in args and args.rstrip().endswith(".")
+        for k, args in instructions(dockerfile)
+    )
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_image_is_configured_by_service_variables_and_probes_the_real_health_path(dockerfile):
+    stage = final_stage(dockerfile)
+    env = " ".join(args for k, args in stage if k == "ENV")
+    variables = set(re.findall(r"\b(SLUICE_[A-Z0-9_]+)=", env))
+    assert variables and variables <= SERVICE_ENV, variables - SERVICE_ENV
+    assert "SLUICE_HTTP_HOST=0.0.0.0" in env  # reachable from outside the container
+    (expose,) = [args for k, args in stage if k == "EXPOSE"]
+    assert f"SLUICE_HTTP_PORT={expose}" in env
+    (health,) = [args for k, args in stage if k == "HEALTHCHECK"]
+    assert f":{expose}/healthz" in health
+    assert any(k == "VOLUME" and "/models" in args for k, args in stage)
+
+
+def test_the_cuda_image_runs_on_cuda_with_the_model_from_the_mounted_folder():
+    stage = " ".join(args for k, args in final_stage(DEPLOY / "Dockerfile") if k == "ENV")
+    assert "SLUICE_DEVICE=cuda" in stage and "SLUICE_MODEL=/models/model" in stage
+    (base,) = [args for k, args in instructions(DEPLOY / "Dockerfile") if k == "ARG" and "CUDA_IMAGE" in args]
+    assert "nvidia/cuda:" in base and "runtime" in base
+
+
+def test_docker_context_leaves_out_the_virtual_environment_and_build_output():
+    ignored = (REPO_ROOT / ".dockerignore").read_text().split()
+    assert {".venv", "build", ".git"} <= set(ignored)
+
+
+def _compose_validator() -> jsonschema.Draft201909Validator:
+    schema = json.loads((Path(__file__).parent / "compose-spec.json").read_text())
+    return jsonschema.Draft201909Validator(schema)  # the draft the schema names in $schema
+
+
+def _compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def test_compose_file_is_valid_against_the_compose_specification_schema():
+    _compose_validator().validate(_compose())  # raises with the offending path and value
+
+
+def test_compose_schema_check_rejects_a_broken_file():
+    broken = _compose()
+    broken["services"]["sluice"]["depends_on"] = {"kafka": {"condition": "when_ready"}}
+    with pytest.raises(jsonschema.ValidationError):
+        _compose_validator().validate(broken)
+
+
+def test_compose_stack_has_every_part_and_every_file_it_uses_exists():
+    services = _compose()["services"]
+    assert {"kafka", "sluice", "otel-collector", "jaeger", "prometheus", "grafana"} <= set(services)
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name} mounts {source}, which does not exist"
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown service {dependency}"
+    build = services["sluice"]["build"]
+    assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
+
+
+def test_compose_services_agree_on_topics_ports_and_the_kafka_version():
+    services = _compose()["services"]
+    sluice_env = services["sluice"]["environment"]
+    assert set(sluice_env) <= SERVICE_ENV
+    assert float(services["sluice"]["stop_grace_period"].rstrip("s")) > float(
+        sluice_env["SLUICE_DRAIN_TIMEOUT_S"]
+    )
+    defaults = ServiceConfig()
+    collector = yaml.safe_load((DEPLOY / "otel-collector" / "config.yaml").read_text())
+    receiver = collector["receivers"]["kafka"]
+    assert receiver["traces"]["topic"] == defaults.traces_topic
+    assert receiver["traces"]["encoding"] == "otlp_proto"  # what tracing.py writes
+    assert receiver["brokers"] == [sluice_env["SLUICE_KAFKA_BOOTSTRAP"]]
+    assert collector["service"]["pipelines"]["traces"]["receivers"] == ["kafka"]
+    exporter = collector["exporters"][collector["service"]["pipelines"]["traces"]["exporters"][0]]
+    assert exporter["endpoint"].split(":")[0] in services  # Jaeger, inside the stack
+    prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["static_configs"][0]["targets"] == [f"sluice:{defaults.http_port}"]
+    pinned = re.search(r"<kafka.version>(.+)</kafka.version>", (DEPLOY / "kafka" / "pom.xml").read_text())
+    assert services["kafka"]["image"] == f"apache/kafka:{pinned.group(1)}"
+
+
+def test_grafana_is_provisioned_with_the_prometheus_source_and_the_sluice_dashboard():
+    grafana = _compose()["services"]["grafana"]
+    mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in grafana["volumes"])
+    assert mounts["./grafana/sluice.json"].startswith("/var/lib/grafana/dashboards/")
+    provisioning = DEPLOY / "grafana" / "provisioning"
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "sluice.yaml").read_text())["providers"]
+    assert provider["options"]["path"] == str(Path(mounts["./grafana/sluice.json"]).parent)
+    (source,) = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    assert (
+        source["type"] == "prometheus" and source["url"] == "http://prometheus:9090" and source["isDefault"]
+    )
