@@ -55,13 +55,14 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
     params = dict(model.named_parameters())  # tied weights appear once, under embed_tokens
     mapping = getattr(model, "packed_modules_mapping", {})
     tied = bool(getattr(model, "tie_word_embeddings", False))
+    is_other_stage_weight = getattr(model, "is_other_stage_weight", lambda name: False)  # pipeline stages
     seen: set[str] = set()
     unknown: list[str] = []
     for path in _checkpoint_files(folder):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                    if _is_ignored(name, tied):
+                    if _is_ignored(name, tied) or is_other_stage_weight(name):
                         continue
                     param_name, shard_id = _param_name(name, mapping)
                     if param_name not in params:
