@@ -1,0 +1,124 @@
+"""Tensor and pipeline parallelism on CPU worker processes (gloo) give one process's greedy tokens.
+
+Each layout starts its worker processes once (spawn is slow) and every test of the module
+shares that engine. The batch mixes prompt lengths, and a tiny KV pool forces preemption.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
+from engine.testing import ensure_checkpoint
+
+MAX_TOKENS = 12
+# 24 blocks of 4 tokens cannot hold the batch: sequences are preempted and recomputed
+SMALL_KV = {"num_kv_blocks": 24, "block_size": 4, "max_num_batched_tokens": 32}
+LAYOUTS = [
+    pytest.param(("tiny", 2, 1), id="tp2"),
+    pytest.param(("tiny", 1, 2), id="pp2"),
+    pytest.param(("tiny-mqa", 2, 1), id="tp2-mqa-replicated-kv-head"),
+    pytest.param(("tiny", 2, 2), id="tp2xpp2", marks=pytest.mark.slow),
+]
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    rng = random.Random(0)
+    lengths = [1, 3, 17, 40, 5, 64, 9, 33]
+    return [[1] + [rng.randrange(4, vocab) for _ in range(n - 1)] for n in lengths]
+
+
+def _greedy(engine: LLMEngine, prompts: list[list[int]]):
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    return engine.generate(prompts, params, use_tqdm=False)
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def layout(request, model_cache):
+    preset, tp, pp = request.param
+    checkpoint = ensure_checkpoint(model_cache, preset=preset)
+    with LLMEngine(EngineConfig(model=str(checkpoint), **SMALL_KV)) as single:
+        prompts = _prompts(single.vocab_size)
+        reference = [o.token_ids for o in _greedy(single, prompts)]
+        single_process_params = single.executor.collective_rpc("num_parameters")[0]
+    config = EngineConfig(
+        model=str(checkpoint), tensor_parallel_size=tp, pipeline_parallel_size=pp, **SMALL_KV
+    )
+    with LLMEngine(config) as engine:
+        yield engine, prompts, reference, single_process_params
+
+
+def test_greedy_output_matches_one_process_with_preemption(layout):
+    engine, prompts, reference, _ = layout
+    outputs = _greedy(engine, prompts)
+    assert [o.token_ids for o in outputs] == reference
+    assert sum(o.metrics.num_preemptions for o in outputs) > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_each_rank_holds_only_its_share_of_the_weights(layout):
+    engine, _, _, single_process_params = layout
+    config = engine.runner.model.config
+    tp, pp = engine.config.tensor_parallel_size, engine.config.pipeline_parallel_size
+    counts = engine.executor.collective_rpc("num_parameters")
+    expected = [_expected_rank_params(config, tp, pp, rank) for rank in range(tp * pp)]
+    assert counts == expected
+    # the shards add up to the whole model, plus the copies that the layout requires
+    assert sum(counts) == single_process_params + _copies(config, tp, pp)
+
+
+def test_async_engine_runs_a_parallel_engine(layout):
+    engine, prompts, reference, _ = layout
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+    async def run():
+        async_engine = AsyncLLMEngine(engine)
+        async_engine.start()
+        try:
+            return await asyncio.gather(
+                *(async_engine.generate(f"async-{i}", prompts[i], params) for i in range(3))
+            )
+        finally:
+            await async_engine.stop()
+
+    assert [o.token_ids for o in asyncio.run(run())] == reference[:3]
+
+
+def _expected_rank_params(config, tp: int, pp: int, rank: int) -> int:
+    """Elements rank `rank` should hold, from the model's shapes (not from the engine's modules)."""
+    stage = rank // tp  # every TP rank of a stage holds the same amount
+    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    head_dim = hidden // config.num_attention_heads
+    kv_heads_per_rank = max(1, config.num_key_value_heads // tp)
+    qkv = (config.num_attention_heads // tp + 2 * kv_heads_per_rank) * head_dim * hidden
+    o_proj = config.num_attention_heads // tp * head_dim * hidden
+    mlp = 3 * inter // tp * hidden
+    layer = qkv + o_proj + mlp + 2 * hidden  # + the two norms, replicated
+    total = _num_stage_layers(config, pp, stage) * layer
+    tied = config.tie_word_embeddings
+    if stage == 0 or (tied and stage == pp - 1):
+        total += vocab // tp * hidden  # embedding
+    if stage == pp - 1:
+        total += hidden + (0 if tied else vocab // tp * hidden)  # final norm, LM head
+    return total
+
+
+def _copies(config, tp: int, pp: int) -> int:
+    """Elements held by more than one rank, counted once per extra copy."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = hidden // config.num_attention_heads
+    kv = config.num_key_value_heads
+    norms = (2 * layers + 1) * hidden  # on every TP rank
+    # KV heads copied to tp / num_kv_heads ranks when there are fewer of them than ranks
+    kv_copies = (tp * max(1, kv // tp) - kv) * 2 * head_dim * hidden * layers
+    # a tied embedding is needed by the first stage (embedding) and the last (LM head)
+    tied_copy = config.vocab_size * hidden if config.tie_word_embeddings and pp > 1 else 0
+    return (tp - 1) * norms + kv_copies + tied_copy
+
+
+def _num_stage_layers(config, pp: int, stage: int) -> int:
+    base, extra = divmod(config.num_hidden_layers, pp)
+    return base + (1 if stage < extra else 0)
