@@ -2,6 +2,7 @@
 
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig, EngineConfigError
+from engine.distributed.executor import WorkerDiedError
 from engine.llm_engine import LLMEngine, RequestRejected
 from engine.loader import ModelLoadError
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
@@ -18,4 +19,5 @@ __all__ = [
     "RequestRejected",
     "SamplingParams",
     "TokenLogprob",
+    "WorkerDiedError",
 ]

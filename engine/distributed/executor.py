@@ -171,6 +171,7 @@ class MultiprocExecutor:
                 raise TimeoutError(f"worker ranks {sorted(waiting)} did not start within the timeout")
             with contextlib.suppress(queue.Empty):
                 waiting.discard(self._ready.get(timeout=0.2))
+        self._ready.close()
 
     def _watch(self) -> None:
         if not self._procs:
