@@ -19,6 +19,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.distributed import parallel_state as ps
+from engine.distributed.layout import local_world_size_of
 from engine.model_runner import ModelRunner
 from engine.sampler import SampledLogprobs, SamplerOutput
 from engine.weights import build_model
@@ -40,6 +41,9 @@ def join_and_load(
 ) -> tuple[ModelRunner, int]:
     """Join the world, build this rank's runner, allocate the pool all ranks agree on (collective)."""
     dist_backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    if dist_backend == "gloo" and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks share this machine's cores: without a share each, they oversubscribe them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size_of(config)))
     ps.init_parallel_state(
         rank,
         config.tensor_parallel_size,
