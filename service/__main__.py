@@ -51,6 +51,7 @@ async def serve(config: ServiceConfig) -> int:
         await service.run(stop)
     finally:
         await service.stop()
+        engine.close()  # a parallel engine's worker processes
     return 0
 
 

@@ -52,6 +52,8 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     kv_cache_memory_gib: Annotated[float, Meta(gt=0)] = 2.0  # CPU: memory for the paged KV cache
     gpu_memory_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.9  # CUDA: share of GPU memory Sluice uses
     attention_backend: Literal["auto", "flash", "sdpa"] = "auto"
+    tensor_parallel_size: Annotated[int, Meta(ge=1)] = 1  # engine processes splitting each layer
+    pipeline_parallel_size: Annotated[int, Meta(ge=1)] = 1  # engine processes each running a stage of layers
     # Admission
     max_in_flight: Annotated[int, Meta(ge=1)] = 64  # jobs consumed but not yet published: pause at this many
     max_in_flight_tokens: Annotated[int, Meta(ge=1)] = (
@@ -81,6 +83,8 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
             kv_cache_memory_gib=self.kv_cache_memory_gib,
             gpu_memory_utilization=self.gpu_memory_utilization,
             attention_backend=self.attention_backend,
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
         )
 
 

@@ -52,6 +52,8 @@ def join_and_load(
         dist_backend,
         config.distributed_timeout_s,
     )
+    if ps.all_reduce_min(block_size) != -ps.all_reduce_min(-block_size):
+        raise RuntimeError(f"rank {rank}: the ranks disagree on the KV block size (this one: {block_size})")
     runner = build_runner(config, backend, block_size, local_rank)
     # every rank holds the same block ids: the pool is the smallest that fits on all of them
     num_blocks = ps.all_reduce_min(runner.blocks_that_fit())

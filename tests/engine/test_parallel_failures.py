@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import EngineConfig, LLMEngine, SamplingParams, WorkerDiedError
+from engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams, WorkerDiedError
 
 FAIL_FAST_S = 10.0  # far below distributed_timeout_s (300 s): the error comes from the watcher
 LONG = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
@@ -115,3 +116,22 @@ def _is_running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_async_engine_fails_every_request_and_stops_when_a_worker_dies(tiny_checkpoint):
+    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), tensor_parallel_size=2, **SMALL_KV))
+    async_engine = AsyncLLMEngine(engine)
+    async_engine.start()
+    try:
+        running = asyncio.ensure_future(async_engine.generate("long", _prompts(1)[0], LONG))
+        await asyncio.sleep(0.5)
+        os.kill(engine.executor.worker_pids[1], signal.SIGKILL)
+        with pytest.raises(WorkerDiedError, match="rank 1"):
+            await asyncio.wait_for(running, FAIL_FAST_S)
+        await asyncio.sleep(0.1)
+        assert not async_engine.is_running  # liveness: the service's /healthz turns 503
+        with pytest.raises(WorkerDiedError, match="rank 1"):  # later requests fail at once
+            await asyncio.wait_for(async_engine.generate("late", [1, 2, 3], LONG), 1.0)
+    finally:
+        await async_engine.stop()
+        engine.close()
