@@ -66,14 +66,19 @@ def test_last_stage_killed_mid_generation_fails_it_naming_the_rank(tiny_checkpoi
     assert not _is_running(pid)
 
 
-def test_closing_the_engine_reaps_every_worker(tiny_checkpoint):
+def test_workers_ignore_ctrl_c_and_closing_the_engine_reaps_them(tiny_checkpoint):
     engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), tensor_parallel_size=2, **SMALL_KV))
     pids = list(engine.executor.worker_pids.values())
+    for pid in pids:  # a terminal's Ctrl-C reaches the whole process group; the engine decides
+        os.kill(pid, signal.SIGINT)
+    outputs = engine.generate(_prompts(2), SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert [len(o.token_ids) for o in outputs] == [4, 4]
     engine.close()
     engine.close()  # idempotent
     assert not any(_is_running(pid) for pid in pids)
-    with pytest.raises(RuntimeError, match="closed"):
-        engine.executor.execute(None)
+    engine.add_request("after-close", [1, 2, 3], SamplingParams(max_tokens=1))
+    with pytest.raises(RuntimeError, match="the engine is closed"):
+        engine.step()
 
 
 @pytest.mark.slow
