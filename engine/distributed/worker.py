@@ -41,6 +41,8 @@ def join_and_load(
 ) -> tuple[ModelRunner, int]:
     """Join the world, build this rank's runner, allocate the pool all ranks agree on (collective)."""
     dist_backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    if dist_backend == "nccl":
+        torch.cuda.set_device(local_rank)  # before joining: NCCL binds each rank to the current device
     if dist_backend == "gloo" and "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks share this machine's cores: without a share each, they oversubscribe them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size_of(config)))
