@@ -82,7 +82,8 @@ class MultiprocExecutor:
         self._closed = False
         init_method = _init_method()
         self._procs = self._spawn(config, init_method, backend, block_size)
-        self._finalizer = weakref.finalize(self, _reap, list(self._procs.values()))
+        # close(), or garbage collection / interpreter exit if close() is never called
+        self._finalizer = weakref.finalize(self, _release, list(self._procs.values()))
         self._watcher = threading.Thread(target=self._watch, name="worker-watcher", daemon=True)
         self._watcher.start()
         try:
@@ -94,7 +95,6 @@ class MultiprocExecutor:
             self._closed = True
             self._stopping.set()
             self._finalizer()
-            ps.destroy_parallel_state()
             if failure is e:
                 raise
             raise failure from e
@@ -141,8 +141,7 @@ class MultiprocExecutor:
         deadline = time.monotonic() + _JOIN_TIMEOUT_S
         for p in self._procs.values():
             p.join(timeout=max(0.0, deadline - time.monotonic()))
-        self._finalizer()  # kills whatever is left and reaps it
-        ps.destroy_parallel_state()
+        self._finalizer()  # kills whatever is left, reaps it, leaves the world
 
     def _spawn(self, config, init_method, backend, block_size) -> dict[int, multiprocessing.Process]:
         context = multiprocessing.get_context("spawn")
@@ -223,6 +222,11 @@ def _init_method() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _release(procs: list[multiprocessing.Process]) -> None:
+    _reap(procs)
+    ps.destroy_parallel_state()
 
 
 def _reap(procs: list[multiprocessing.Process]) -> None:

@@ -87,6 +87,12 @@ def test_async_engine_runs_a_parallel_engine(layout):
     assert [o.token_ids for o in asyncio.run(run())] == reference[:3]
 
 
+def test_a_second_parallel_engine_in_the_same_process_is_refused(layout):
+    engine = layout[0]
+    with pytest.raises(RuntimeError, match="already running in this process"):
+        LLMEngine(engine.config)
+
+
 def _expected_rank_params(config, tp: int, pp: int, rank: int) -> int:
     """Elements rank `rank` should hold, from the model's shapes (not from the engine's modules)."""
     stage = rank // tp  # every TP rank of a stage holds the same amount
