@@ -94,7 +94,7 @@ class ModelRunner:
                 pending.extend(ps.send_to_next_stage(list(result)))  # (hidden, residual)
             elif logits_indices.numel():
                 logits.append(self.model.compute_logits(result[logits_indices]))
-        for work in pending:
+        for work, _tensor in pending:
             work.wait()
         if not state.is_sampling_rank or not logits:
             return None

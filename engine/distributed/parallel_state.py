@@ -122,10 +122,14 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 # Pipeline point-to-point: rank r of stage s talks to rank r of stages s - 1 and s + 1
 
 
-def send_to_next_stage(tensors: list[torch.Tensor]) -> list[dist.Work]:
-    """Start sending `tensors` to this rank's peer in the next stage; wait on the handles before reuse."""
+def send_to_next_stage(tensors: list[torch.Tensor]) -> list[tuple[dist.Work, torch.Tensor]]:
+    """Start sending `tensors` to this rank's peer in the next stage.
+
+    Returns (handle, tensor) pairs: wait on each handle, and keep its tensor alive until then.
+    """
     dst = _state.rank + _state.tp_size
-    return [dist.isend(t.contiguous(), dst=dst) for t in tensors]
+    contiguous = [t.contiguous() for t in tensors]
+    return [(dist.isend(t, dst=dst), t) for t in contiguous]
 
 
 def recv_from_prev_stage(shapes: list[tuple[int, ...]], dtype: torch.dtype, device) -> list[torch.Tensor]:

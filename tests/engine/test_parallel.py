@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import dataclass
 
 import pytest
 
@@ -31,9 +32,22 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [[1] + [rng.randrange(4, vocab) for _ in range(n - 1)] for n in lengths]
 
 
+LOGPROBS = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=3)
+
+
 def _greedy(engine: LLMEngine, prompts: list[list[int]]):
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     return engine.generate(prompts, params, use_tqdm=False)
+
+
+@dataclass
+class Layout:
+    engine: LLMEngine  # the parallel engine
+    prompts: list[list[int]]
+    # what one process gives for the same checkpoint
+    reference: list[list[int]]  # greedy tokens of each prompt
+    single_process_params: int
+    single_logprobs: list  # of the first three prompts under LOGPROBS
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)
@@ -44,34 +58,35 @@ def layout(request, model_cache):
         prompts = _prompts(single.vocab_size)
         reference = [o.token_ids for o in _greedy(single, prompts)]
         single_process_params = single.executor.collective_rpc("num_parameters")[0]
+        single_logprobs = [o.logprobs for o in single.generate(prompts[:3], LOGPROBS, use_tqdm=False)]
     config = EngineConfig(
         model=str(checkpoint), tensor_parallel_size=tp, pipeline_parallel_size=pp, **SMALL_KV
     )
     with LLMEngine(config) as engine:
-        yield engine, prompts, reference, single_process_params
+        yield Layout(engine, prompts, reference, single_process_params, single_logprobs)
 
 
 def test_greedy_output_matches_one_process_with_preemption(layout):
-    engine, prompts, reference, _ = layout
-    outputs = _greedy(engine, prompts)
-    assert [o.token_ids for o in outputs] == reference
+    engine = layout.engine
+    outputs = _greedy(engine, layout.prompts)
+    assert [o.token_ids for o in outputs] == layout.reference
     assert sum(o.metrics.num_preemptions for o in outputs) > 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_each_rank_holds_only_its_share_of_the_weights(layout):
-    engine, _, _, single_process_params = layout
+    engine = layout.engine
     config = engine.runner.model.config
     tp, pp = engine.config.tensor_parallel_size, engine.config.pipeline_parallel_size
     counts = engine.executor.collective_rpc("num_parameters")
     expected = [_expected_rank_params(config, tp, pp, rank) for rank in range(tp * pp)]
     assert counts == expected
     # the shards add up to the whole model, plus the copies that the layout requires
-    assert sum(counts) == single_process_params + _copies(config, tp, pp)
+    assert sum(counts) == layout.single_process_params + _copies(config, tp, pp)
 
 
 def test_async_engine_runs_a_parallel_engine(layout):
-    engine, prompts, reference, _ = layout
+    engine, prompts = layout.engine, layout.prompts
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
     async def run():
@@ -84,13 +99,21 @@ def test_async_engine_runs_a_parallel_engine(layout):
         finally:
             await async_engine.stop()
 
-    assert [o.token_ids for o in asyncio.run(run())] == reference[:3]
+    assert [o.token_ids for o in asyncio.run(run())] == layout.reference[:3]
+
+
+def test_logprobs_come_back_from_the_sampling_rank(layout):
+    outputs = layout.engine.generate(layout.prompts[:3], LOGPROBS, use_tqdm=False)
+    for got, expected in zip((o.logprobs for o in outputs), layout.single_logprobs, strict=True):
+        assert [t.token_id for t in got] == [t.token_id for t in expected]
+        assert [[tid for tid, _ in t.top] for t in got] == [[tid for tid, _ in t.top] for t in expected]
+        # the ranks sum partial products in another order: equal up to float32 rounding
+        assert [t.logprob for t in got] == pytest.approx([t.logprob for t in expected], abs=1e-4)
 
 
 def test_a_second_parallel_engine_in_the_same_process_is_refused(layout):
-    engine = layout[0]
     with pytest.raises(RuntimeError, match="already running in this process"):
-        LLMEngine(engine.config)
+        LLMEngine(layout.engine.config)
 
 
 def _expected_rank_params(config, tp: int, pp: int, rank: int) -> int:
