@@ -3,7 +3,7 @@
 The event loop never calls step(): requests go to the engine thread through a thread-safe
 queue, and each result comes back on its request's future via call_soon_threadsafe. The
 engine thread blocks only when it has nothing to run. If the engine dies for good (a parallel
-engine's worker process is gone) the thread fails every request and ends: `is_running` turns
+engine's worker process is gone: EngineDeadError) the thread fails every request and ends: `is_running` turns
 False, and later requests fail at once with the same error.
 """
 
@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 
-from engine.distributed.executor import WorkerDiedError
+from engine.distributed.executor import EngineDeadError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -29,7 +29,7 @@ class AsyncLLMEngine:
         self._futures: dict[str, asyncio.Future[RequestOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._dead: Exception | None = None  # why the engine can run nothing more
+        self._dead: EngineDeadError | None = None  # why the engine can run nothing more
         self._dead_lock = threading.Lock()  # orders a request's enqueue against the thread's end
 
     def start(self) -> None:
@@ -84,7 +84,7 @@ class AsyncLLMEngine:
                 break
             try:
                 outputs = self.engine.step()
-            except WorkerDiedError as e:
+            except EngineDeadError as e:
                 log.error("the engine is gone: %s", e)
                 self._end(e)
                 return

@@ -37,10 +37,14 @@ from engine.step_plan import StepPlan
 log = logging.getLogger(__name__)
 
 _JOIN_TIMEOUT_S = 10.0  # how long a stopping worker may take before it is killed
-_FAILURE_WAIT_S = 5.0  # after a failed step: how long to wait for the watcher to name the dead rank
+_FAILURE_WAIT_S = 3.0  # after a failed step: how long to wait for the watcher to name the dead rank
 
 
-class WorkerDiedError(RuntimeError):
+class EngineDeadError(RuntimeError):
+    """A parallel engine's ranks can no longer run steps together; every later step raises it too."""
+
+
+class WorkerDiedError(EngineDeadError):
     """A worker process of a parallel engine is gone; the engine cannot continue."""
 
     def __init__(self, rank: int, pid: int | None, exitcode: int | None) -> None:
@@ -76,7 +80,7 @@ class MultiprocExecutor:
         if ps.get_parallel_state().world_size > 1:
             raise RuntimeError("a parallel engine is already running in this process: close() it first")
         self.config = config
-        self._failure: BaseException | None = None  # set once: the engine is dead
+        self._failure: EngineDeadError | None = None  # set once: the engine is dead
         self._failed = threading.Event()
         self._stopping = threading.Event()
         self._closed = False
@@ -110,8 +114,11 @@ class MultiprocExecutor:
             if remote_sampling:
                 output = ps.recv_from(state.sampling_rank)
             return output
-        except Exception as e:
-            raise self._fail(e) from e
+        except BaseException as e:  # Ctrl-C mid-step too: the ranks are out of step from here on
+            failure = self._fail(e)
+            if failure is e:
+                raise
+            raise failure from e
 
     def collective_rpc(self, method: str) -> list:
         """Call ModelRunner.`method`() on every rank; the results in rank order."""
@@ -119,8 +126,11 @@ class MultiprocExecutor:
         try:
             ps.broadcast_from_driver(("call", method))
             return ps.gather_to_driver(getattr(self.runner, method)())
-        except Exception as e:
-            raise self._fail(e) from e
+        except BaseException as e:
+            failure = self._fail(e)
+            if failure is e:
+                raise
+            raise failure from e
 
     @property
     def worker_pids(self) -> dict[int, int]:
@@ -191,19 +201,23 @@ class MultiprocExecutor:
                 p.kill()
 
     def _fail(self, error: BaseException) -> BaseException:
-        """The error to raise for a failed step; the engine is dead from here on."""
+        """The error to raise for a failed step (Ctrl-C stays itself); the engine is dead from here on."""
         failure = self._failure_after(error)
         if self._failure is None:
-            # Not a death but a failed collective or a bug: the ranks are out of step for good.
-            self._failure = error
+            # Not a death but a failed collective, a bug or an interrupt: the ranks are out of
+            # step for good, so stop the workers.
+            self._failure = EngineDeadError(
+                f"a step of the parallel engine failed ({type(error).__name__}: {error}); the engine has stopped"
+            )
             self._stopping.set()
             _reap(list(self._procs.values()))
+            failure = self._failure if isinstance(error, Exception) else error
         return failure
 
     def _failure_after(self, error: BaseException) -> BaseException:
         # A collective fails as soon as its peer's socket closes, often before the watcher
         # has seen the process exit: give it a moment to name the rank.
-        if self._procs and self._failed.wait(timeout=_FAILURE_WAIT_S):
+        if isinstance(error, Exception) and self._procs and self._failed.wait(timeout=_FAILURE_WAIT_S):
             return self._failure
         return error
 

@@ -1,4 +1,7 @@
-"""A parallel engine whose worker dies fails fast with the rank's name; no worker outlives it."""
+"""A parallel engine whose worker dies fails fast with the rank's name; no worker outlives it.
+
+Every failure ends the engine for good (EngineDeadError), never a hang: its ranks are out of step.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams, WorkerDiedError
+from engine import AsyncLLMEngine, EngineConfig, EngineDeadError, LLMEngine, SamplingParams, WorkerDiedError
 
 FAIL_FAST_S = 10.0  # far below distributed_timeout_s (300 s): the error comes from the watcher
 LONG = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
@@ -139,4 +142,23 @@ async def test_async_engine_fails_every_request_and_stops_when_a_worker_dies(tin
             await asyncio.wait_for(async_engine.generate("late", [1, 2, 3], LONG), 1.0)
     finally:
         await async_engine.stop()
+        engine.close()
+
+
+def test_a_step_that_fails_on_rank_0_stops_the_workers_and_the_engine(tiny_checkpoint, monkeypatch):
+    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), tensor_parallel_size=2, **SMALL_KV))
+    pids = list(engine.executor.worker_pids.values())
+
+    def broken_forward(*args, **kwargs):
+        raise RuntimeError("boom")  # rank 1 is left waiting in the step's first all-reduce
+
+    try:
+        monkeypatch.setattr(engine.runner.model, "forward", broken_forward)
+        engine.add_request("r", [1, 2, 3], LONG)
+        with pytest.raises(EngineDeadError, match="RuntimeError: boom"):
+            engine.step()
+        assert not any(_is_running(pid) for pid in pids)
+        with pytest.raises(EngineDeadError):  # and every step after it, at once
+            engine.step()
+    finally:
         engine.close()
