@@ -52,7 +52,7 @@ async def serve(config: ServiceConfig) -> int:
     finally:
         await service.stop()
         engine.close()  # a parallel engine's worker processes
-    return 0
+    return 1 if service.engine_failure is not None else 0
 
 
 def resolve_model(config: ServiceConfig) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiokafka.structs import ConsumerRecord
 
-from engine import RequestOutput, RequestRejected
+from engine import EngineDeadError, RequestOutput, RequestRejected
 from engine.async_engine import AsyncLLMEngine
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
@@ -67,6 +67,8 @@ class JobHandler:
             result = to_error_line(custom_id, e.code, e.message, e.status_code)
         except RequestRejected as e:
             result = to_error_line(custom_id, "invalid_prompt", str(e))
+        except EngineDeadError:
+            raise  # not the job's fault: no result, the job stays uncommitted and is redone elsewhere
         except Exception as e:
             log.exception("job %s failed in the engine", _record_ref(record))
             result = to_error_line(custom_id, "engine_error", f"{type(e).__name__}: {e}", 500)
