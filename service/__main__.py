@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvloop
 
-from engine import EngineConfigError, LLMEngine, ModelLoadError
+from engine import EngineConfigError, EngineDeadError, LLMEngine, ModelLoadError
 from service.app import Service
 from service.config import ConfigError, ServiceConfig, load_config
 
@@ -39,7 +39,7 @@ async def serve(config: ServiceConfig) -> int:
     log.info("loading %s (%s on %s)", model, config.dtype, config.device)
     try:
         engine = await asyncio.to_thread(LLMEngine, config.engine_config(model))
-    except (EngineConfigError, ModelLoadError, ValueError) as e:
+    except (EngineConfigError, EngineDeadError, ModelLoadError, ValueError) as e:
         log.error("cannot start the engine: %s", e)
         return 2
     service = Service(config, engine)

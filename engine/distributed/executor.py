@@ -31,6 +31,7 @@ from engine.config import EngineConfig
 from engine.distributed import parallel_state as ps
 from engine.distributed.layout import local_world_size_of
 from engine.distributed.worker import build_runner, join_and_load, run_worker
+from engine.loader import ModelLoadError
 from engine.sampler import SamplerOutput
 from engine.step_plan import StepPlan
 
@@ -94,7 +95,8 @@ class MultiprocExecutor:
             self._wait_until_ready()
             self.runner, self.num_blocks = join_and_load(config, 0, 0, init_method, backend, block_size)
         except BaseException as e:
-            failure = self._failure_after(e)
+            # A checkpoint that cannot load fails every rank alike: rank 0's own error says why.
+            failure = e if isinstance(e, (ModelLoadError, ValueError)) else self._failure_after(e)
             # ranks may be anywhere in start-up: no stop message, just end them
             self._closed = True
             self._stopping.set()

@@ -6,7 +6,9 @@ Every failure ends the engine for good (EngineDeadError), never a hang: its rank
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from engine import AsyncLLMEngine, EngineConfig, EngineDeadError, LLMEngine, SamplingParams, WorkerDiedError
+from engine import (
+    AsyncLLMEngine,
+    EngineConfig,
+    EngineDeadError,
+    LLMEngine,
+    ModelLoadError,
+    SamplingParams,
+    WorkerDiedError,
+)
 
 FAIL_FAST_S = 10.0  # far below distributed_timeout_s (300 s): the error comes from the watcher
 LONG = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
@@ -162,3 +172,26 @@ def test_a_step_that_fails_on_rank_0_stops_the_workers_and_the_engine(tiny_check
             engine.step()
     finally:
         engine.close()
+
+
+def test_a_checkpoint_that_cannot_load_fails_start_up_with_its_own_error(tiny_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": 344}))
+    with pytest.raises(ModelLoadError, match=r"mlp\.(gate|up|down)_proj\.weight' has shape"):
+        LLMEngine(EngineConfig(model=str(broken), tensor_parallel_size=2, **SMALL_KV))
+    assert not _spawned_children()  # the worker that failed alike is reaped
+
+
+def _spawned_children() -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and b"spawn_main" in cmdline and fields[0] != "Z":
+            children.append(int(stat.parent.name))
+    return children
