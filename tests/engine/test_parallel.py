@@ -23,6 +23,10 @@ LAYOUTS = [
     pytest.param(("tiny", 1, 2), id="pp2"),
     pytest.param(("tiny-mqa", 2, 1), id="tp2-mqa-replicated-kv-head"),
     pytest.param(("tiny", 2, 2), id="tp2xpp2", marks=pytest.mark.slow),
+    # tied embeddings held by both stages, q/k/v biases, sliding windows
+    pytest.param(("tiny-qwen2", 1, 2), id="pp2-qwen2-tied", marks=pytest.mark.slow),
+    # o_proj and down_proj biases added once after the all-reduce, llama3 rope scaling
+    pytest.param(("tiny-llama3", 2, 1), id="tp2-llama3-row-biases", marks=pytest.mark.slow),
 ]
 
 
@@ -121,11 +125,12 @@ def _expected_rank_params(config, tp: int, pp: int, rank: int) -> int:
     stage = rank // tp  # every TP rank of a stage holds the same amount
     hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     head_dim = hidden // config.num_attention_heads
-    kv_heads_per_rank = max(1, config.num_key_value_heads // tp)
-    qkv = (config.num_attention_heads // tp + 2 * kv_heads_per_rank) * head_dim * hidden
-    o_proj = config.num_attention_heads // tp * head_dim * hidden
-    mlp = 3 * inter // tp * hidden
-    layer = qkv + o_proj + mlp + 2 * hidden  # + the two norms, replicated
+    qkv_bias, o_bias, mlp_bias = _biases(config)
+    qkv_rows = (config.num_attention_heads // tp + 2 * max(1, config.num_key_value_heads // tp)) * head_dim
+    qkv = qkv_rows * (hidden + qkv_bias)
+    o_proj = config.num_attention_heads // tp * head_dim * hidden + o_bias * hidden  # bias whole
+    mlp = 3 * inter // tp * hidden + mlp_bias * (2 * inter // tp + hidden)  # down_proj's bias whole
+    layer = qkv + o_proj + mlp + 2 * hidden  # + the two norms, whole
     total = _num_stage_layers(config, pp, stage) * layer
     tied = config.tie_word_embeddings
     if stage == 0 or (tied and stage == pp - 1):
@@ -140,12 +145,22 @@ def _copies(config, tp: int, pp: int) -> int:
     hidden, layers = config.hidden_size, config.num_hidden_layers
     head_dim = hidden // config.num_attention_heads
     kv = config.num_key_value_heads
-    norms = (2 * layers + 1) * hidden  # on every TP rank
+    qkv_bias, o_bias, mlp_bias = _biases(config)
+    whole = (2 * layers + 1) * hidden + (o_bias + mlp_bias) * hidden * layers  # norms, row biases
     # KV heads copied to tp / num_kv_heads ranks when there are fewer of them than ranks
-    kv_copies = (tp * max(1, kv // tp) - kv) * 2 * head_dim * hidden * layers
+    kv_copies = (tp * max(1, kv // tp) - kv) * 2 * head_dim * (hidden + qkv_bias) * layers
     # a tied embedding is needed by the first stage (embedding) and the last (LM head)
     tied_copy = config.vocab_size * hidden if config.tie_word_embeddings and pp > 1 else 0
-    return (tp - 1) * norms + kv_copies + tied_copy
+    return (tp - 1) * whole + kv_copies + tied_copy
+
+
+def _biases(config) -> tuple[bool, bool, bool]:
+    """(q/k/v bias, o_proj bias, MLP biases): Qwen2 always has q/k/v biases and no other;
+    Llama's attention_bias covers q/k/v/o and mlp_bias the MLP."""
+    if config.model_type == "qwen2":
+        return True, False, False
+    attention = bool(getattr(config, "attention_bias", False))
+    return attention, attention, bool(getattr(config, "mlp_bias", False))
 
 
 def _num_stage_layers(config, pp: int, stage: int) -> int:
