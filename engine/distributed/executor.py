@@ -27,6 +27,8 @@ import threading
 import time
 import weakref
 
+import torch
+
 from engine.config import EngineConfig
 from engine.distributed import parallel_state as ps
 from engine.distributed.layout import local_world_size_of
@@ -87,8 +89,11 @@ class MultiprocExecutor:
         self._closed = False
         init_method = _init_method()
         self._procs = self._spawn(config, init_method, backend, block_size)
-        # close(), or garbage collection / interpreter exit if close() is never called
-        self._finalizer = weakref.finalize(self, _release, list(self._procs.values()))
+        # Runs on close(), or at garbage collection / interpreter exit if close() is never called.
+        # It also restores this process's CPU threads, which join_and_load may lower to its share.
+        self._finalizer = weakref.finalize(
+            self, _release, list(self._procs.values()), torch.get_num_threads()
+        )
         self._watcher = threading.Thread(target=self._watch, name="worker-watcher", daemon=True)
         self._watcher.start()
         try:
@@ -240,9 +245,10 @@ def _init_method() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def _release(procs: list[multiprocessing.Process]) -> None:
+def _release(procs: list[multiprocessing.Process], num_threads: int) -> None:
     _reap(procs)
     ps.destroy_parallel_state()
+    torch.set_num_threads(num_threads)
 
 
 def _reap(procs: list[multiprocessing.Process]) -> None:
