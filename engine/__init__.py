@@ -2,6 +2,7 @@
 
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig, EngineConfigError
+from engine.distributed.executor import EngineDeadError, WorkerDiedError
 from engine.llm_engine import LLMEngine, RequestRejected
 from engine.loader import ModelLoadError
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
@@ -11,6 +12,7 @@ __all__ = [
     "AsyncLLMEngine",
     "EngineConfig",
     "EngineConfigError",
+    "EngineDeadError",
     "LLMEngine",
     "ModelLoadError",
     "RequestMetrics",
@@ -19,4 +21,5 @@ __all__ = [
     "SamplingParams",
     "StructuredOutputs",
     "TokenLogprob",
+    "WorkerDiedError",
 ]

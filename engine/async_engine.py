@@ -2,7 +2,9 @@
 
 The event loop never calls step(): requests go to the engine thread through a thread-safe
 queue, and each result comes back on its request's future via call_soon_threadsafe. The
-engine thread blocks only when it has nothing to run.
+engine thread blocks only when it has nothing to run. If the engine dies for good (a parallel
+engine's worker process is gone: EngineDeadError) the thread fails every request and ends: `is_running` turns
+False, and later requests fail at once with the same error.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import queue
 import threading
 
+from engine.distributed.executor import EngineDeadError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -26,6 +29,8 @@ class AsyncLLMEngine:
         self._futures: dict[str, asyncio.Future[RequestOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._dead: EngineDeadError | None = None  # why the engine can run nothing more
+        self._dead_lock = threading.Lock()  # orders a request's enqueue against the thread's end
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -57,11 +62,14 @@ class AsyncLLMEngine:
         before its next step, so they start together. Await each future with wait()."""
         assert self._loop is not None, "start() first"
         futures = []
-        for request_id, *_ in requests:
-            future: asyncio.Future[RequestOutput] = self._loop.create_future()
-            self._futures[request_id] = future
-            futures.append(future)
-        self._inbox.put(("add", requests))
+        with self._dead_lock:  # ordered against the thread's end: no request is left unanswered
+            if self._dead is not None:
+                raise self._dead
+            for request_id, *_ in requests:
+                future: asyncio.Future[RequestOutput] = self._loop.create_future()
+                self._futures[request_id] = future
+                futures.append(future)
+            self._inbox.put(("add", requests))
         return futures
 
     async def wait(self, request_id: str, future: asyncio.Future) -> RequestOutput:
@@ -96,6 +104,10 @@ class AsyncLLMEngine:
                 break
             try:
                 outputs = self.engine.step()
+            except EngineDeadError as e:
+                log.error("the engine is gone: %s", e)
+                self._end(e)
+                return
             except Exception as e:
                 log.exception("engine step failed; failing its requests")
                 self._fail_all(e)
@@ -103,6 +115,13 @@ class AsyncLLMEngine:
             for output in outputs:
                 self._resolve(output.request_id, output)
         self._fail_all(RuntimeError("the engine stopped"))
+
+    def _end(self, error: Exception) -> None:
+        with self._dead_lock:
+            self._dead = error
+        self._fail_all(error)
+        self._drain_inbox(block=False)  # adds that raced the failure: fail them too
+        self._fail_all(error)
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued adds/aborts; returns False on stop."""

@@ -47,6 +47,10 @@ class EngineConfig:
     quantization_skip_modules: tuple[
         str, ...
     ] = ()  # linear layers kept float, e.g. ("down_proj", "layers.0")
+    # Parallelism: tensor_parallel_size * pipeline_parallel_size processes (this one is rank 0)
+    tensor_parallel_size: int = 1  # attention heads and MLP columns split across this many ranks
+    pipeline_parallel_size: int = 1  # layers split into this many consecutive stages
+    distributed_timeout_s: float = 300.0  # a collective waiting longer than this fails the step
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -77,6 +81,9 @@ class EngineConfig:
             )
         _check_positive(self, "max_num_seqs", "max_num_batched_tokens")
         _check_positive(self, "block_size", "num_kv_blocks", optional=True)
+        _check_positive(self, "tensor_parallel_size", "pipeline_parallel_size")
+        if self.distributed_timeout_s <= 0:
+            raise EngineConfigError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise EngineConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_cache_memory_gib <= 0:
@@ -87,6 +94,11 @@ class EngineConfig:
             )
         if not Path(self.model).is_dir():
             raise EngineConfigError(f"model folder {self.model!r} does not exist or is not a folder")
+
+    @property
+    def world_size(self) -> int:
+        """Processes the engine runs on: tensor_parallel_size * pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 def _check_choice(config: EngineConfig, name: str, choices: tuple[str, ...]) -> None:

@@ -17,17 +17,18 @@ from tqdm.auto import tqdm
 from engine.block_manager import BlockManager, PrefixCacheStats
 from engine.choice_scoring import ChoiceScoring
 from engine.config import EngineConfig
+from engine.distributed.executor import MultiprocExecutor, UniprocExecutor
+from engine.distributed.layout import check_parallel_layout
 from engine.layers.attention_backends import select_backend
 from engine.loader import check_checkpoint_folder, load_tokenizer
-from engine.model_runner import ModelRunner
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from engine.quant import make_plan
 from engine.sampling_params import SamplingParams, StructuredOutputs
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.stats import EngineStats
+from engine.step_plan import StepPlan
 from engine.structured_output import GrammarCompiler, InvalidStructuredOutput
-from engine.weights import build_model
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,20 @@ class LLMEngine:
             raise ValueError(
                 f"FlashAttention needs block_size to be a multiple of 256, got {self.block_size}"
             )
-        quant_plan = make_plan(config, hf_config, device)  # refuses what cannot run here, before loading
-        model = build_model(config.model, getattr(torch, config.dtype), device, quant_plan)
+        make_plan(
+            config, hf_config, device
+        )  # refuses a compression mode that cannot run here, before loading
+        check_parallel_layout(config, hf_config)
         self.vocab_size: int = hf_config["vocab_size"]
         model_limit = hf_config.get("max_position_embeddings") or 2048
         self.max_model_len = min(config.max_model_len or model_limit, model_limit)
         self.eos_token_ids = _eos_token_ids(hf_config, self.tokenizer)
-        self.runner = ModelRunner(config, model, self.attention_backend, self.block_size)
+        # tensor/pipeline parallel: worker processes for the other ranks; this process is rank 0
+        executor_class = MultiprocExecutor if config.world_size > 1 else UniprocExecutor
+        self.executor = executor_class(config, self.attention_backend, self.block_size)
+        self.runner = self.executor.runner  # rank 0's
         self.block_manager = BlockManager(
-            self.runner.allocate_kv_cache(), self.block_size, config.enable_prefix_caching
+            self.executor.num_blocks, self.block_size, config.enable_prefix_caching
         )
         self.stats = EngineStats()
         self.scheduler = Scheduler(
@@ -79,6 +85,7 @@ class LLMEngine:
             device.type == "cuda"
             and self.attention_backend in ("flash", "triton")
             and config.quantization in ("none", "fp8")
+            and config.world_size == 1  # worker ranks decode eagerly: graphs are rank 0's only
             and not config.enforce_eager
         ):
             self.runner.enable_decode_graphs(self.max_model_len)
@@ -131,6 +138,16 @@ class LLMEngine:
         self._finished.append(self._output(seq))
         return True
 
+    def close(self) -> None:
+        """Stop and reap the worker processes of a parallel engine (nothing to do otherwise)."""
+        self.executor.shutdown()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._finished)
 
@@ -152,7 +169,7 @@ class LLMEngine:
         if out.is_empty:
             return finished
         self.stats.record(out)
-        sampled = self.runner.execute(out)
+        sampled = self.executor.execute(StepPlan.build(out, self.vocab_size))
         token_ids = sampled.sampled_token_ids.tolist() if sampled is not None else []  # the step's one sync
         self.scheduler.update_from_output(out, token_ids)
         sampling = _sampling_seqs(out)

@@ -1,8 +1,13 @@
 """ModelRunner: the only orchestration code that touches the device.
 
-It owns the model, the paged KV cache and the sampler. Each step it turns a SchedulerOutput
-into flat input tensors (the batch's new tokens laid end to end), runs the model with the
-step's attention metadata, computes logits only for sequences that sample, and samples.
+It owns the model, the paged KV cache and the sampler. Each step it turns a StepPlan into flat
+input tensors (the batch's new tokens laid end to end), runs the model with the step's
+attention metadata, computes logits only for sequences that sample, and samples.
+
+Every rank of a parallel engine runs one, on its shard of the model and its shard of the KV
+cache (same block geometry everywhere). With pipeline parallelism the step is split into
+micro-batches: a stage sends a micro-batch's activations on and starts the next one while
+the following stage works on the first, so the stages overlap.
 """
 
 from __future__ import annotations
@@ -11,17 +16,15 @@ import logging
 
 import torch
 
-from engine.choice_scoring import scoring_rows
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
+from engine.distributed import parallel_state as ps
 from engine.forward_context import AttentionMetadata, attention_metadata, group_by_length
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
 from engine.quant import kv_cache as fp8_kv
 from engine.sampler import Sampler, SamplerOutput, SamplingBatch
-from engine.scheduler import SchedulerOutput
-from engine.sequence import Sequence
-from engine.structured_output import token_bitmask
+from engine.step_plan import ScoringRows, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +51,13 @@ class ModelRunner:
         per_token = 2 * layer.num_kv_heads * layer.head_dim * self.kv_dtype.itemsize
         return per_token * self.block_size * len(self.layers)
 
-    def allocate_kv_cache(self) -> int:
-        """Size the block pool from the memory budget, allocate it, bind it to the layers."""
-        num_blocks = self.config.num_kv_blocks or self._blocks_that_fit()
+    def blocks_that_fit(self) -> int:
+        """KV blocks this rank can hold: `num_kv_blocks`, or what the memory budget leaves."""
+        return self.config.num_kv_blocks or self._blocks_that_fit()
+
+    def allocate_kv_cache(self, num_blocks: int | None = None) -> int:
+        """Allocate a pool of `num_blocks` (default: what fits) and bind it to the layers."""
+        num_blocks = self.blocks_that_fit() if num_blocks is None else num_blocks
         if num_blocks < 1:
             raise RuntimeError(
                 "no memory left for the KV cache: lower max_num_batched_tokens or raise the budget"
@@ -88,38 +95,58 @@ class ModelRunner:
         self.decode_graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput):
-        """Run one step; returns the SamplerOutput of the sampling sequences (device tensors)."""
-        input_ids, positions, metadata, logits_indices = self._prepare(out)
-        if self.decode_graphs is not None and self.decode_graphs.fits(metadata):
-            hidden = self.decode_graphs.run(input_ids, positions, metadata)
-        else:
-            with attention_metadata(metadata):
-                hidden = self.model(input_ids, positions)  # [T, hidden]
-        scored = self._score(hidden, out)
-        sampling = [seq for seq, samples in zip(out.seqs, out.is_sampling, strict=True) if samples]
-        if not sampling:
+    def execute(self, plan: StepPlan) -> SamplerOutput | None:
+        """Run one step. Returns the SamplerOutput (device tensors) on the sampling rank, else None.
+
+        Every rank of a parallel engine calls this with the same plan at the same time; the
+        sampling rank's plan carries the sampling rows (and their grammar masks and choice
+        scoring), the others' need not.
+        """
+        state = ps.get_parallel_state()
+        num_micro_batches = state.pp_size if plan.num_seqs >= 2 * state.pp_size else 1
+        pending, logits, hiddens = [], [], []
+        for micro in plan.split(num_micro_batches):
+            input_ids, positions, metadata, logits_indices = self._prepare(micro)
+            intermediate = None
+            if not state.is_first_stage:
+                shape = (input_ids.shape[0], self.model.config.hidden_size)
+                intermediate = ps.recv_from_prev_stage([shape, shape], self.dtype, self.device)
+            if self.decode_graphs is not None and self.decode_graphs.fits(metadata):
+                result = self.decode_graphs.run(input_ids, positions, metadata)  # one process only
+            else:
+                with attention_metadata(metadata):
+                    result = self.model(input_ids, positions, intermediate)
+            if not state.is_last_stage:
+                pending.extend(ps.send_to_next_stage(list(result)))  # (hidden, residual)
+                continue
+            if plan.scoring is not None:
+                hiddens.append(result)
+            if logits_indices.numel():
+                logits.append(self.model.compute_logits(result[logits_indices]))
+        for work, _tensor in pending:
+            work.wait()
+        if not state.is_sampling_rank:
+            return None
+        scored = self._score(torch.cat(hiddens), plan.scoring) if plan.scoring is not None else None
+        if not logits:
             no_tokens = torch.empty(0, dtype=torch.int64, device=self.device)
             return None if scored is None else SamplerOutput(no_tokens, None, scored)
-        logits = self.model.compute_logits(hidden[logits_indices]).float()  # [N, V]
+        logits = torch.cat(logits).float()  # [N, V]
         batch = SamplingBatch.build(
-            [s.params for s in sampling],
-            [s.prompt_token_ids for s in sampling],
-            [s.output_token_ids for s in sampling],
+            plan.sampling_params,
+            plan.prompt_token_ids,
+            plan.output_token_ids,
             device=self.device,
             vocab_size=logits.shape[-1],
-            token_bitmask=token_bitmask([s.grammar for s in sampling], logits.shape[-1]),
+            token_bitmask=plan.token_bitmask,
         )
         result = self.sampler(logits, batch)
         result.scored_logprobs = scored
         return result
 
-    def _score(self, hidden: torch.Tensor, out: SchedulerOutput) -> torch.Tensor | None:
+    def _score(self, hidden: torch.Tensor, scoring: ScoringRows) -> torch.Tensor:
         """[S] per scoring sequence: the summed log-probabilities of the tokens it scores this step."""
-        num_scoring = sum(seq.is_scoring for seq in out.seqs)
-        if not num_scoring:
-            return None
-        rows, targets, owners = scoring_rows(out)
+        rows, targets, owners, num_scoring = scoring
         sums = torch.zeros(num_scoring, dtype=torch.float32, device=self.device)
         if rows:
             rows_tensor = torch.tensor(rows, device=self.device)
@@ -128,14 +155,15 @@ class ModelRunner:
             sums.index_add_(0, torch.tensor(owners, device=self.device), picked)
         return sums
 
-    def _prepare(self, out: SchedulerOutput):
-        query_lens, context_lens, token_ids, starts = [], [], [], []
-        for seq, num_new in zip(out.seqs, out.num_new_tokens, strict=True):
-            start = seq.num_computed_tokens
-            token_ids.extend(seq.token_ids[start : start + num_new])
-            query_lens.append(num_new)
-            context_lens.append(start + num_new)
-            starts.append(start)
+    def num_parameters(self) -> int:
+        """Elements of this rank's share of the weights (a tied tensor counts once)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    def _prepare(self, plan: StepPlan):
+        query_lens = [len(t) for t in plan.token_ids]
+        context_lens = [start + n for start, n in zip(plan.starts, query_lens, strict=True)]
+        token_ids = [t for tokens in plan.token_ids for t in tokens]
+        starts = plan.starts
         device = self.device
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
         seq_index = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)  # [T]
@@ -146,7 +174,7 @@ class ModelRunner:
             - cu_query[:-1].long()[seq_index]
             + torch.tensor(starts)[seq_index]
         )
-        block_tables = _pad_block_tables(out.seqs)
+        block_tables = _pad_block_tables(plan.block_tables)
         slots = (
             block_tables[seq_index, positions // self.block_size].long() * self.block_size
             + positions % self.block_size
@@ -167,7 +195,7 @@ class ModelRunner:
         )
         if metadata.is_decode_only:
             metadata.decode_groups = group_by_length(context_lens, device)
-        sampling_rows = [i for i, samples in enumerate(out.is_sampling) if samples]
+        sampling_rows = [i for i, samples in enumerate(plan.is_sampling) if samples]
         logits_indices = (cu_query[1:].long() - 1)[sampling_rows].to(device)
         input_ids = torch.tensor(token_ids, dtype=torch.int64, device=device)
         return input_ids, positions.to(device), metadata, logits_indices
@@ -182,10 +210,19 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         tokens = self.config.max_num_batched_tokens
+        state = ps.get_parallel_state()
         with torch.inference_mode():
             dummy = torch.zeros(tokens, dtype=torch.int64, device=self.device)
-            hidden = self.model(dummy, torch.arange(tokens, device=self.device))
-            self.model.compute_logits(hidden[-self.config.max_num_seqs :])
+            # a pipeline stage after the first starts from activations; every rank profiles at once
+            shape = (tokens, self.model.config.hidden_size)
+            intermediate = (
+                None
+                if state.is_first_stage
+                else [torch.zeros(shape, dtype=self.dtype, device=self.device)] * 2
+            )
+            hidden = self.model(dummy, torch.arange(tokens, device=self.device), intermediate)
+            if state.is_last_stage:
+                self.model.compute_logits(hidden[-self.config.max_num_seqs :])
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         stats = torch.cuda.memory_stats(self.device)
@@ -194,6 +231,6 @@ class ModelRunner:
         return int(budget) // self.kv_bytes_per_block
 
 
-def _pad_block_tables(seqs: list[Sequence]) -> torch.Tensor:
-    width = max(len(s.block_table) for s in seqs)
-    return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
+def _pad_block_tables(block_tables: list[list[int]]) -> torch.Tensor:
+    width = max(len(t) for t in block_tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from engine.layers.tp import get_tp_size
 from engine.loader import ModelLoadError
 from engine.models import model_class_for
 from engine.quant.plan import (
@@ -80,13 +81,14 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
     mapping = getattr(model, "packed_modules_mapping", {})
     tied = bool(getattr(model, "tie_word_embeddings", False))
     claimers = checkpoint_tensor_claimers(model)  # layers of a pre-quantised checkpoint
+    is_other_stage_weight = getattr(model, "is_other_stage_weight", lambda name: False)  # pipeline stages
     seen: set[str] = set()
     unknown: list[str] = []
     for path in _checkpoint_files(folder):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                    if _is_ignored(name, tied):
+                    if _is_ignored(name, tied) or is_other_stage_weight(name):
                         continue
                     param_name, shard_id = _param_name(name, mapping)
                     if param_name not in params and _claim(claimers, param_name, shard_id, f, path, name):
@@ -95,7 +97,8 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
                     if param_name not in params:
                         unknown.append(f"{name} ({path.name})")
                         continue
-                    _copy(params[param_name], f.get_tensor(name), shard_id, path, name)
+                    tensor = _checkpoint_tensor(f, name, params[param_name])
+                    _copy(params[param_name], tensor, shard_id, path, name)
                     seen.add(name)
         except (OSError, SafetensorError) as e:
             raise WeightLoadError(f"{path}: not a readable safetensors file ({e})") from None
@@ -150,6 +153,30 @@ def _param_name(name: str, mapping: dict) -> tuple[str, object]:
             packed, shard_id = mapping[part]
             return ".".join([*parts[:i], packed, *parts[i + 1 :]]), shard_id
     return name, None
+
+
+def _checkpoint_tensor(f, name: str, param: nn.Parameter):
+    # Tensor parallel: a layer's loader narrows the tensor to this rank's part, and reading only
+    # that part (safetensors' get_slice) keeps the other ranks' parts out of this rank's memory.
+    if get_tp_size() > 1 and hasattr(param, "weight_loader"):
+        return _CheckpointSlice(f.get_slice(name))
+    return f.get_tensor(name)
+
+
+class _CheckpointSlice:
+    """A checkpoint tensor not read yet: `narrow` reads only the part it returns."""
+
+    def __init__(self, lazy_slice) -> None:
+        self._slice = lazy_slice
+        self.shape = torch.Size(lazy_slice.get_shape())
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * self.dim()
+        index[dim] = slice(start, start + length)
+        return self._slice[tuple(index)]
 
 
 def _copy(param: nn.Parameter, tensor: torch.Tensor, shard_id, path: Path, name: str) -> None:

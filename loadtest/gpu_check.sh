@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the GPU correctness tests, then the engine benchmark on CUDA,
-# then a quick compression check (quality of every mode on the tiny checkpoint, bfloat16).
-# Budget: under 10 minutes on one H100. Prints a short table last.
+# then a quick compression check (quality of every mode on the tiny checkpoint, bfloat16), and
+# with two GPUs or more the parallel checks. Budget: under 8 minutes on one H100 (each step
+# has its own timeout: 180 + 210 + 80 s; more with two GPUs or more). Prints a short table last.
 #   bash loadtest/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,20 +11,29 @@ PY=${PYTHON:-python}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 # The GPU tests need only torch and transformers (no Kafka, no hypothesis).
-timeout 300 "$PY" -m pytest -p no:cacheprovider -o addopts="" -q -m gpu \
+timeout 180 "$PY" -m pytest -p no:cacheprovider -o addopts="" -q -m gpu \
   tests/engine/test_gpu_engine.py tests/engine/test_attention_backends.py tests/engine/test_sampler.py \
   tests/engine/test_triton_decode.py \
   tests/engine/test_gpu_quantization.py
 tests=$?
 
 # Llama-3.2-1B shapes, random weights, bfloat16; peers: Transformers static batches.
-timeout 360 "$PY" loadtest/bench_engine.py --device cuda --dtype bfloat16 --preset gpu-1b \
+timeout 210 "$PY" loadtest/bench_engine.py --device cuda --dtype bfloat16 --preset gpu-1b \
   --peers static --static-batch-sizes 16 64 --decode-roofline
 bench=$?
 
 # fp8 weights, 2:4 sparse kernels, bitsandbytes CUDA kernels: quality and bytes, no timing.
-timeout 150 "$PY" loadtest/bench_quant.py --quick --checkpoints random --device cuda --dtype bfloat16 \
+timeout 80 "$PY" loadtest/bench_quant.py --quick --checkpoints random --device cuda --dtype bfloat16 \
   --no-throughput
 quant=$?
-echo "gpu_check: tests exit $tests, benchmark exit $bench, compression check exit $quant"
-exit $(( tests != 0 || bench != 0 || quant != 0 ))
+
+# Two GPUs or more: NCCL tensor/pipeline parallelism, exactness then scaling.
+parallel=0
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
+  timeout 300 "$PY" -m pytest -p no:cacheprovider -o addopts="" -q -m gpu tests/engine/test_gpu_parallel.py
+  parallel=$?
+  timeout 600 "$PY" loadtest/bench_parallel.py --device cuda --dtype bfloat16 --preset gpu-1b --layouts 1x1 2x1 1x2
+  parallel=$(( parallel != 0 || $? != 0 ))
+fi
+echo "gpu_check: tests exit $tests, benchmark exit $bench, compression check exit $quant, parallel exit $parallel"
+exit $(( tests != 0 || bench != 0 || quant != 0 || parallel != 0 ))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvloop
 
-from engine import EngineConfigError, LLMEngine, ModelLoadError
+from engine import EngineConfigError, EngineDeadError, LLMEngine, ModelLoadError
 from service.app import Service
 from service.config import ConfigError, ServiceConfig, load_config
 from service.kafka_security import KafkaLoginError
@@ -40,7 +40,7 @@ async def serve(config: ServiceConfig) -> int:
     log.info("loading %s (%s on %s)", model, config.dtype, config.device)
     try:
         engine = await asyncio.to_thread(LLMEngine, config.engine_config(model))
-    except (EngineConfigError, ModelLoadError, ValueError) as e:
+    except (EngineConfigError, EngineDeadError, ModelLoadError, ValueError) as e:
         log.error("cannot start the engine: %s", e)
         return 2
     service = Service(config, engine)
@@ -56,7 +56,8 @@ async def serve(config: ServiceConfig) -> int:
         await service.run(stop)
     finally:
         await service.stop()
-    return 0
+        engine.close()  # a parallel engine's worker processes
+    return 1 if service.engine_failure is not None else 0
 
 
 def resolve_model(config: ServiceConfig) -> str:

@@ -13,7 +13,7 @@ import time
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from engine import LLMEngine
+from engine import EngineDeadError, LLMEngine
 from engine.async_engine import AsyncLLMEngine
 from schemas.codec import encode_result
 from service.backpressure import Backpressure
@@ -81,6 +81,8 @@ class Service:
         self.consumer.on_revoke = self._abort_partitions
         self.num_results = 0
         self.num_errors = 0
+        self.engine_failure: EngineDeadError | None = None  # set when the engine died: stop, exit non-zero
+        self._stop: asyncio.Event | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -107,7 +109,8 @@ class Service:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume and process jobs until `stop` is set; pause the partitions past the high-water mark."""
+        """Consume and process jobs until `stop` is set (or the engine dies); pause past the high-water mark."""
+        self._stop = stop
         backpressure = self.backpressure
         while not stop.is_set():
             action = backpressure.update()
@@ -229,8 +232,22 @@ class Service:
             if span is not None:
                 self.tracer.end_job(span, "aborted")
             raise
+        except EngineDeadError as e:
+            # No result and no commit: the partition's next owner redoes the job. An engine that
+            # is gone would turn every job into an error result, so this instance stops.
+            if span is not None:
+                self.tracer.end_job(span, "engine_dead")
+            self._engine_died(e)
+            return
         if span is not None:
             self.tracer.end_job(span, outcome.result.error.code if outcome.is_error else None)
+
+    def _engine_died(self, error: EngineDeadError) -> None:
+        if self.engine_failure is None:
+            self.engine_failure = error
+            log.error("the engine is gone (%s): stopping; unfinished jobs stay uncommitted", error)
+        if self._stop is not None:
+            self._stop.set()
 
     async def _handle_and_publish(self, record: ConsumerRecord, span) -> Outcome:
         outcome = await self.handler.handle(record, tag=span)

@@ -83,7 +83,15 @@ class DynamicBatcher:
         batch, self._pending = self._pending, []
         if not batch:
             return
-        futures = self.worker.add_requests([(a.request_id, a.prompt, a.params, a.priority) for a in batch])
+        try:
+            futures = self.worker.add_requests(
+                [(a.request_id, a.prompt, a.params, a.priority) for a in batch]
+            )
+        except Exception as e:  # the engine is gone (EngineDeadError): every job of the batch hears it
+            for admission in batch:
+                if not admission.future.done():
+                    admission.future.set_exception(e)
+            return
         for admission, future in zip(batch, futures, strict=True):
             admission.future.set_result(future)
         if self._on_flush is not None:

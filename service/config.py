@@ -80,6 +80,8 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: dtype
     quantization_skip_modules: list[str] = msgspec.field(default_factory=list)  # linear layers kept float
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    tensor_parallel_size: Annotated[int, Meta(ge=1)] = 1  # engine processes splitting each layer
+    pipeline_parallel_size: Annotated[int, Meta(ge=1)] = 1  # engine processes each running a stage of layers
     # Admission
     batch_max_size: Annotated[int, Meta(ge=1)] = 32  # the dynamic batcher flushes at this many jobs...
     batch_max_wait_ms: Annotated[float, Meta(ge=0)] = 5.0  # ...or this long after the first pending one
@@ -125,6 +127,8 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
             bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
             quantization_skip_modules=tuple(self.quantization_skip_modules),
             kv_cache_dtype=self.kv_cache_dtype,
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
         )
 
 

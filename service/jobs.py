@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from aiokafka.structs import ConsumerRecord
 
-from engine import RequestOutput, RequestRejected
+from engine import EngineDeadError, RequestOutput, RequestRejected
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
 from service.backpressure import Backpressure
@@ -70,6 +70,8 @@ class JobHandler:
             RequestRejected
         ) as e:  # code: invalid_prompt, or invalid_structured_output for a bad schema/regex
             result = to_error_line(custom_id, e.code, str(e))
+        except EngineDeadError:
+            raise  # not the job's fault: no result, the job stays uncommitted and is redone elsewhere
         except Exception as e:
             log.exception("job %s failed in the engine", _record_ref(record))
             result = to_error_line(custom_id, "engine_error", f"{type(e).__name__}: {e}", 500)

@@ -4,6 +4,11 @@ Tokens are flattened across sequences: forward takes input_ids and positions [T]
 returns hidden states [T, hidden]; attention finds sequence boundaries in the step's
 metadata (engine.forward_context). Parameter names are Transformers' except for the
 fused projections, which `packed_modules_mapping` maps back.
+
+Pipeline parallelism: a rank builds only its stage's layers (the others are PPMissingLayer,
+with no parameters, so layer indices and tensor names stay global); the first stage holds the
+embedding, the last the final norm and the LM head (and the embedding too when they are tied).
+A stage other than the last returns (hidden, residual) for the next one.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from engine.distributed.parallel_state import get_parallel_state, stage_layers
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
@@ -88,23 +94,45 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
+class PPMissingLayer(nn.Identity):
+    """A layer that lives on another pipeline stage: no parameters, never called."""
+
+
 class LlamaModel(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        state = get_parallel_state()
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.local_layers = stage_layers(config.num_hidden_layers, state.pp_size, state.pp_rank)
+        self.is_first_stage, self.is_last_stage = state.is_first_stage, state.is_last_stage
+        self.embed_tokens = (
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+            if self.is_first_stage or (tied and self.is_last_stage)
+            else None
+        )
         self.rotary_emb = RotaryEmbedding(
             _head_dim(config), config.max_position_embeddings, rope_parameters_from_config(config)
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.rotary_emb, window) for window in _sliding_windows(config)
+            LlamaDecoderLayer(config, self.rotary_emb, window) if i in self.local_layers else PPMissingLayer()
+            for i, window in enumerate(_sliding_windows(config))
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.is_last_stage else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
-        residual = None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.is_first_stage:
+            hidden_states, residual = self.embed_tokens(input_ids), None
+        else:
+            hidden_states, residual = intermediate  # [T, hidden] each, from the previous stage
+        for i in self.local_layers:
+            hidden_states, residual = self.layers[i](positions, hidden_states, residual)
+        if not self.is_last_stage:
+            return hidden_states, residual
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
@@ -127,12 +155,34 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         # Tied: lm_head is embed_tokens' parameter; the checkpoint's lm_head.weight is ignored.
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        shared = self.model.embed_tokens.weight if self.tie_word_embeddings else None
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, shared_weight=shared)
+        self.lm_head = None
+        if self.model.is_last_stage:
+            shared = self.model.embed_tokens.weight if self.tie_word_embeddings else None
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, shared_weight=shared)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T] int64, sequences laid end to end -> hidden states [T, hidden]."""
-        return self.model(input_ids, positions)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, positions: [T] int64, sequences laid end to end -> hidden states [T, hidden].
+
+        A pipeline stage after the first takes `intermediate` = [hidden, residual] from the
+        previous stage instead of input_ids; a stage before the last returns (hidden, residual).
+        """
+        return self.model(input_ids, positions, intermediate)
+
+    def is_other_stage_weight(self, name: str) -> bool:
+        """A checkpoint tensor that belongs to another pipeline stage (the loader skips it)."""
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"]:
+            return int(parts[2]) not in self.model.local_layers
+        if parts[:2] == ["model", "embed_tokens"]:
+            return self.model.embed_tokens is None
+        if parts[:2] == ["model", "norm"]:
+            return self.model.norm is None
+        return parts[0] == "lm_head" and self.lm_head is None
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states [N, hidden] (only the rows that need logits) -> logits [N, vocab_size]."""

@@ -1,0 +1,130 @@
+"""A worker process of a parallel engine: one rank's shard of the model and of the KV cache.
+
+It joins the world, loads only its share of the checkpoint, agrees with the other ranks on
+the KV block pool, then runs every step rank 0 sends until told to stop. It never schedules:
+the plan comes from rank 0 over the control group. It exits with its parent, even when the
+parent is killed, so no worker outlives the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+
+import torch
+
+from engine.config import EngineConfig
+from engine.distributed import parallel_state as ps
+from engine.distributed.layout import local_world_size_of
+from engine.loader import check_checkpoint_folder
+from engine.model_runner import ModelRunner
+from engine.quant import make_plan
+from engine.sampler import SampledLogprobs, SamplerOutput
+from engine.weights import build_model
+
+log = logging.getLogger(__name__)
+
+
+def build_runner(config: EngineConfig, backend: str, block_size: int, local_rank: int) -> ModelRunner:
+    """This rank's model shard on its device (CUDA: cuda:local_rank), wrapped in a ModelRunner."""
+    if config.world_size > 1 and config.device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        config = dataclasses.replace(config, device=f"cuda:{local_rank}")
+    device = torch.device(config.device)
+    quant_plan = make_plan(
+        config, check_checkpoint_folder(config.model), device
+    )  # each rank quantises its shard
+    model = build_model(config.model, getattr(torch, config.dtype), device, quant_plan)
+    return ModelRunner(config, model, backend, block_size)
+
+
+def join_and_load(
+    config: EngineConfig, rank: int, local_rank: int, init_method: str, backend: str, block_size: int
+) -> tuple[ModelRunner, int]:
+    """Join the world, build this rank's runner, allocate the pool all ranks agree on (collective)."""
+    dist_backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    if dist_backend == "nccl":
+        torch.cuda.set_device(local_rank)  # before joining: NCCL binds each rank to the current device
+    if dist_backend == "gloo" and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks share this machine's cores: without a share each, they oversubscribe them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size_of(config)))
+    ps.init_parallel_state(
+        rank,
+        config.tensor_parallel_size,
+        config.pipeline_parallel_size,
+        init_method,
+        dist_backend,
+        config.distributed_timeout_s,
+    )
+    if ps.all_reduce_min(block_size) != -ps.all_reduce_min(-block_size):
+        raise RuntimeError(f"rank {rank}: the ranks disagree on the KV block size (this one: {block_size})")
+    runner = build_runner(config, backend, block_size, local_rank)
+    # every rank holds the same block ids: the pool is the smallest that fits on all of them
+    num_blocks = ps.all_reduce_min(runner.blocks_that_fit())
+    return runner, runner.allocate_kv_cache(num_blocks)
+
+
+def run_worker(
+    config: EngineConfig,
+    rank: int,
+    local_rank: int,
+    init_method: str,
+    backend: str,
+    block_size: int,
+    ready,  # multiprocessing queue: this rank's number once it is about to join
+) -> None:
+    """Entry point of a spawned worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's to handle (it drains)
+    _exit_with_parent()
+    ready.put(rank)
+    try:
+        runner, _ = join_and_load(config, rank, local_rank, init_method, backend, block_size)
+        serve(runner)
+    finally:
+        ps.destroy_parallel_state()
+
+
+def serve(runner: ModelRunner) -> None:
+    """Run what rank 0 broadcasts: ("step", plan), ("call", method name) or ("stop",)."""
+    state = ps.get_parallel_state()
+    while True:
+        message = ps.broadcast_from_driver(None)
+        match message:
+            case ("step", plan):
+                output = runner.execute(plan)
+                if state.is_sampling_rank:  # pipeline: the last stage samples, rank 0 schedules
+                    ps.send_to_driver(_to_cpu(output))
+            case ("call", method):
+                ps.gather_to_driver(getattr(runner, method)())
+            case ("stop",):
+                return
+            case _:
+                raise RuntimeError(f"rank {state.rank}: unknown message {message!r} from rank 0")
+
+
+def _to_cpu(output: SamplerOutput | None) -> SamplerOutput | None:
+    if output is None:
+        return None
+    logprobs = output.logprobs
+    if logprobs is not None:
+        logprobs = SampledLogprobs(
+            logprobs.sampled_logprobs.cpu(), logprobs.top_token_ids.cpu(), logprobs.top_logprobs.cpu()
+        )
+    return SamplerOutput(output.sampled_token_ids.cpu(), logprobs)
+
+
+def _exit_with_parent() -> None:
+    # The parent's sentinel closes when it dies, however it dies (kill -9 included).
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def wait_then_exit() -> None:
+        parent.join()
+        os._exit(1)
+
+    threading.Thread(target=wait_then_exit, name="exit-with-parent", daemon=True).start()
