@@ -16,6 +16,7 @@ from engine.forward_context import attention_metadata
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
+from engine.step_plan import StepPlan
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def teacher_forced_logits(engine, token_ids: list[int], window: int = 256, chunk
             while seq.num_computed_tokens < window:
                 n = min(chunk, window - seq.num_computed_tokens)
                 out = SchedulerOutput(seqs=[seq], num_new_tokens=[n], is_sampling=[False])
-                input_ids, positions, metadata, _ = runner._prepare(out)
+                input_ids, positions, metadata, _ = runner._prepare(StepPlan.build(out, engine.vocab_size))
                 with attention_metadata(metadata):
                     hidden = runner.model(input_ids, positions)
                 rows.append(runner.model.compute_logits(hidden).float().cpu())
