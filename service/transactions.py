@@ -59,6 +59,11 @@ class TransactionalDelivery:
         self._new_producer = producer_factory
         self._security = security or {}
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        # One start at a time per partition: two producers with one transactional id fence each other.
+        self._starting: dict[TopicPartition, asyncio.Lock] = {}
+        # Fenced partitions: a newer owner holds them; nothing more is staged or committed for them
+        # until they are assigned here again (the group revokes them at the next rebalance).
+        self._lost: set[TopicPartition] = set()
         self._staged: dict[TopicPartition, dict[int, list[OutRecord]]] = {}
         self.num_transactions = 0
 
@@ -67,17 +72,20 @@ class TransactionalDelivery:
 
     def stage(self, tp: TopicPartition, offset: int, records: list[OutRecord]) -> None:
         """A job's records, to be published with the commit that passes its offset."""
-        self._staged.setdefault(tp, {})[offset] = records
+        if tp not in self._lost:
+            self._staged.setdefault(tp, {})[offset] = records
 
     def num_staged(self) -> int:
         return sum(len(s) for s in self._staged.values())
 
     async def assigned(self, partitions: set[TopicPartition]) -> None:
         """Start each partition's producer: this fences the partition's previous owner."""
+        self._lost -= partitions
         await asyncio.gather(*(self._producer(tp) for tp in partitions))
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         """The partitions' last commit is done: drop what is left (the next owner redoes it)."""
+        self._lost -= partitions
         for tp in partitions:
             dropped = self._staged.pop(tp, {})
             if dropped:
@@ -93,6 +101,8 @@ class TransactionalDelivery:
             await self._close(tp)
 
     async def _commit_partition(self, tp: TopicPartition, offset: int) -> bool:
+        if tp in self._lost:
+            return False  # its offsets are the newer owner's to commit
         staged = self._staged.get(tp, {})
         offsets = sorted(o for o in staged if o < offset)
         records = [r for o in offsets for r in staged[o]]
@@ -106,6 +116,7 @@ class TransactionalDelivery:
         except ProducerFenced:
             # Another instance owns the partition now and redoes these jobs.
             log.warning("%s: fenced by a newer owner; %d staged results dropped", _name(tp), len(offsets))
+            self._lost.add(tp)
             self._staged.pop(tp, None)
             await self._close(tp)
             return False
@@ -120,6 +131,10 @@ class TransactionalDelivery:
         return True
 
     async def _producer(self, tp: TopicPartition) -> AIOKafkaProducer:
+        async with self._starting.setdefault(tp, asyncio.Lock()):
+            return await self._start_producer(tp)
+
+    async def _start_producer(self, tp: TopicPartition) -> AIOKafkaProducer:
         producer = self._producers.get(tp)
         if producer is None:
             producer = self._new_producer(

@@ -12,7 +12,7 @@ from collections import Counter
 
 import msgspec
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from engine import EngineConfig, LLMEngine
 from service.topics import ensure_topics
@@ -162,3 +162,32 @@ async def test_killing_an_instance_mid_burst_still_gives_each_job_one_committed_
         if victim is not None and victim.poll() is None:
             victim.kill()
             victim.wait()
+
+
+async def test_a_partition_started_twice_at_once_gets_one_producer_and_is_not_fenced_by_itself(
+    kafka, topic_prefix, kafka_bootstrap
+):
+    """The rebalance listener and the periodic commit may both ask for a partition's producer
+    while it starts; two producers with one transactional id would fence each other."""
+    jobs, results = f"{topic_prefix}.jobs", f"{topic_prefix}.results"
+    await ensure_topics(kafka_bootstrap, [jobs, results], partitions=1, replication=1)
+    tp = TopicPartition(jobs, 0)
+    started = []
+
+    def producer(**options):
+        started.append(options["transactional_id"])
+        return AIOKafkaProducer(**options)
+
+    delivery = TransactionalDelivery(
+        kafka_bootstrap, f"{topic_prefix}-group", "test", "", producer_factory=producer
+    )
+    try:
+        delivery.stage(tp, 0, [OutRecord(results, b"job-0", b"{}", [])])
+        _, committed = await asyncio.gather(delivery.assigned({tp}), delivery.commit({tp: 1}))
+        assert started == [delivery.transactional_id(tp)]  # one producer, not two racing
+        assert committed == {tp: 1}
+        delivery.stage(tp, 1, [OutRecord(results, b"job-1", b"{}", [])])
+        assert await delivery.commit({tp: 2}) == {tp: 2}
+        assert await _committed_keys(kafka, results) == Counter(["job-0", "job-1"])
+    finally:
+        await delivery.stop()
