@@ -3,6 +3,7 @@
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig, EngineConfigError
 from engine.distributed.executor import EngineDeadError, WorkerDiedError
+from engine.engine_thread import EngineThread
 from engine.llm_engine import LLMEngine, RequestRejected
 from engine.loader import ModelLoadError
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
@@ -13,6 +14,7 @@ __all__ = [
     "EngineConfig",
     "EngineConfigError",
     "EngineDeadError",
+    "EngineThread",
     "LLMEngine",
     "ModelLoadError",
     "RequestMetrics",

@@ -1,8 +1,10 @@
-"""AsyncLLMEngine: runs the engine's step loop on its own thread; asyncio awaits one future per request.
+"""AsyncLLMEngine: runs the engine's step loop on an engine thread; asyncio awaits one future per request.
 
 The event loop never calls step(): requests go to the engine thread through a thread-safe
 queue, and each result comes back on its request's future via call_soon_threadsafe. The
-engine thread blocks only when it has nothing to run. If the engine dies for good (a parallel
+engine thread blocks only when it has nothing to run. Pass the EngineThread that loaded the
+engine so that one thread runs all of its torch calls (engine/engine_thread.py says why);
+without one the engine gets a thread of its own. If the engine dies for good (a parallel
 engine's worker process is gone: EngineDeadError) the thread fails every request and ends: `is_running` turns
 False, and later requests fail at once with the same error.
 """
@@ -10,11 +12,13 @@ False, and later requests fail at once with the same error.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 
 from engine.distributed.executor import EngineDeadError
+from engine.engine_thread import EngineThread
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -23,27 +27,34 @@ log = logging.getLogger(__name__)
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, thread: EngineThread | None = None) -> None:
         self.engine = engine
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", [...]) | ("abort", id) | ("stop",)
         self._futures: dict[str, asyncio.Future[RequestOutput]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._thread = thread  # None: start() makes one, stop() ends it
+        self._owns_thread = thread is None
+        self._step_loop: concurrent.futures.Future | None = None  # done when _run returns
         self._dead: EngineDeadError | None = None  # why the engine can run nothing more
         self._dead_lock = threading.Lock()  # orders a request's enqueue against the thread's end
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
+        if self._thread is None:
+            self._thread = EngineThread()
+        self._step_loop = self._thread.submit(self._run)
+        self._step_loop.add_done_callback(_log_crash)
 
     async def stop(self) -> None:
-        """Abort whatever is still running and wait for the thread to end."""
-        if self._thread is None:
+        """Abort whatever is still running and wait for the step loop to end."""
+        if self._step_loop is None:
             return
         self._inbox.put(("stop",))
-        await asyncio.to_thread(self._thread.join)
-        self._thread = None
+        await asyncio.wait([asyncio.wrap_future(self._step_loop)])
+        self._step_loop = None
+        if self._owns_thread and self._thread is not None:
+            self._thread.close()
+            self._thread = None
 
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
@@ -89,8 +100,8 @@ class AsyncLLMEngine:
 
     @property
     def is_running(self) -> bool:
-        """The engine thread is alive (liveness)."""
-        return self._thread is not None and self._thread.is_alive()
+        """The step loop is running (liveness)."""
+        return self._step_loop is not None and not self._step_loop.done()
 
     @property
     def num_in_flight(self) -> int:
@@ -151,6 +162,11 @@ class AsyncLLMEngine:
     def _resolve(self, request_id: str, result: RequestOutput | Exception) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_set_future, self._futures.get(request_id), result)
+
+
+def _log_crash(step_loop: concurrent.futures.Future) -> None:
+    if not step_loop.cancelled() and (error := step_loop.exception()) is not None:
+        log.error("the engine's step loop crashed", exc_info=error)
 
 
 def _set_future(future: asyncio.Future | None, result: RequestOutput | Exception) -> None:

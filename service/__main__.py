@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvloop
 
-from engine import EngineConfigError, EngineDeadError, LLMEngine, ModelLoadError
+from engine import EngineConfigError, EngineDeadError, EngineThread, LLMEngine, ModelLoadError
 from service.app import Service
 from service.config import ConfigError, ServiceConfig, load_config
 from service.kafka_security import KafkaLoginError
@@ -38,12 +38,13 @@ def main() -> int:
 async def serve(config: ServiceConfig) -> int:
     model = resolve_model(config)
     log.info("loading %s (%s on %s)", model, config.dtype, config.device)
+    engine_thread = EngineThread()  # loads the engine and then steps it: one OpenMP pool
     try:
-        engine = await asyncio.to_thread(LLMEngine, config.engine_config(model))
+        engine = await engine_thread.run(LLMEngine, config.engine_config(model))
     except (EngineConfigError, EngineDeadError, ModelLoadError, ValueError) as e:
         log.error("cannot start the engine: %s", e)
         return 2
-    service = Service(config, engine)
+    service = Service(config, engine, engine_thread)
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     try:
@@ -57,6 +58,7 @@ async def serve(config: ServiceConfig) -> int:
     finally:
         await service.stop()
         engine.close()  # a parallel engine's worker processes
+        engine_thread.close()
     return 1 if service.engine_failure is not None else 0
 
 

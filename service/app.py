@@ -15,6 +15,7 @@ from aiokafka.structs import ConsumerRecord
 
 from engine import EngineDeadError, LLMEngine
 from engine.async_engine import AsyncLLMEngine
+from engine.engine_thread import EngineThread
 from schemas.codec import encode_result
 from service.backpressure import Backpressure
 from service.batcher import Admission, DynamicBatcher
@@ -33,9 +34,12 @@ log = logging.getLogger(__name__)
 
 
 class Service:
-    def __init__(self, config: ServiceConfig, engine: LLMEngine) -> None:
+    def __init__(
+        self, config: ServiceConfig, engine: LLMEngine, engine_thread: EngineThread | None = None
+    ) -> None:
+        """`engine_thread`: the thread that loaded `engine`, to step it on (engine/engine_thread.py)."""
         self.config = config
-        self.worker = AsyncLLMEngine(engine)
+        self.worker = AsyncLLMEngine(engine, engine_thread)
         self.backpressure = Backpressure(
             config.max_in_flight, config.max_in_flight_tokens, config.resume_fraction
         )

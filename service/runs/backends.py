@@ -17,6 +17,7 @@ from aiokafka.structs import ConsumerRecord
 
 from engine import LLMEngine
 from engine.async_engine import AsyncLLMEngine
+from engine.engine_thread import EngineThread
 from schemas.codec import encode_result
 from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
@@ -109,9 +110,14 @@ class LocalBackend:
     """Runs jobs on an engine in this process, at most `max_in_flight` at a time."""
 
     def __init__(
-        self, engine: LLMEngine, model_name: str, default_max_tokens: int, max_in_flight: int = 256
+        self,
+        engine: LLMEngine,
+        model_name: str,
+        default_max_tokens: int,
+        engine_thread: EngineThread | None = None,
+        max_in_flight: int = 256,
     ) -> None:
-        self.worker = AsyncLLMEngine(engine)
+        self.worker = AsyncLLMEngine(engine, engine_thread)
         defaults = ServiceConfig()  # the service's admission batching, so --local runs batch the same way
         batcher = DynamicBatcher(self.worker, defaults.batch_max_size, defaults.batch_max_wait_ms)
         self.handler = JobHandler(batcher, model_name, default_max_tokens)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections import Counter
@@ -165,13 +164,14 @@ def _collect(keys: set[str], items: Iterable[WorkItem]) -> Iterable[str]:
 
 async def _make_backend(args: argparse.Namespace, config: ServiceConfig, ledger: RunLedger):
     if args.local:
-        from engine import LLMEngine
+        from engine import EngineThread, LLMEngine
         from service.__main__ import resolve_model
 
         model = resolve_model(config)
         print(f"sluice: loading {model} in this process", file=sys.stderr)
-        engine = await asyncio.to_thread(LLMEngine, config.engine_config(model))
-        backend = LocalBackend(engine, config.served_model_name, config.default_max_tokens)
+        engine_thread = EngineThread()  # loads the engine and then steps it: one OpenMP pool
+        engine = await engine_thread.run(LLMEngine, config.engine_config(model))
+        backend = LocalBackend(engine, config.served_model_name, config.default_max_tokens, engine_thread)
     else:
         backend = KafkaBackend(
             args.bootstrap or config.kafka_bootstrap,

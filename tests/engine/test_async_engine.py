@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestRejected, SamplingParams
+from engine import AsyncLLMEngine, EngineConfig, EngineThread, LLMEngine, RequestRejected, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +78,34 @@ async def test_cancelling_the_awaiting_task_aborts_the_request_and_frees_its_blo
         await async_engine.stop()
     assert not engine.has_unfinished_requests()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+async def test_the_step_loop_runs_on_the_engine_thread_it_is_given_which_outlives_stop(engine):
+    # The thread that loaded the engine steps it too: one OpenMP pool (engine/engine_thread.py).
+    engine_thread = EngineThread()
+    step_threads = set()
+    step = engine.step
+
+    def recording_step():
+        step_threads.add(threading.get_ident())
+        return step()
+
+    engine.step = recording_step
+    async_engine = AsyncLLMEngine(engine, engine_thread)
+    try:
+        async_engine.start()
+        assert async_engine.is_running
+        await async_engine.generate(
+            "r", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        )
+        await async_engine.stop()
+        assert not async_engine.is_running
+        assert step_threads == {engine_thread.ident}
+        # Offline work goes on the same thread once the step loop has stopped.
+        outputs = engine_thread.call(
+            engine.generate, [[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        )
+        assert len(outputs[0].token_ids) == 2
+    finally:
+        del engine.step
+        engine_thread.close()
