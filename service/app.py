@@ -83,8 +83,6 @@ class Service:
             lambda: self._ready,
         )
         self.consumer.on_revoke = self._abort_partitions
-        self.num_results = 0
-        self.num_errors = 0
         self.engine_failure: EngineDeadError | None = None  # set when the engine died: stop, exit non-zero
         self._stop: asyncio.Event | None = None
 
@@ -158,7 +156,7 @@ class Service:
         await self.publisher.stop()
         await self.worker.stop()
         await self.http.stop()
-        log.info("stopped after %d results (%d errors)", self.num_results, self.num_errors)
+        log.info("stopped after %d results (%d errors)", *self.metrics.jobs_answered)
 
     async def _abort_partitions(self, revoked: set[TopicPartition]) -> None:
         """Revoked partitions' in-flight jobs are cancelled (aborted in the engine), not published:
@@ -288,14 +286,12 @@ class Service:
             for r in out:
                 await self.publisher.publish(r.topic, r.key, r.value, r.headers)
         if outcome.is_error:
-            self.num_errors += 1
             log.warning(
                 "job %s/%d/%d failed: %s", record.topic, record.partition, record.offset, outcome.result.error
             )
         if span is not None:
             self.tracer.record_publish(span, publish_start)
         self._count(record, outcome)
-        self.num_results += 1
         self.consumer.done(record)
         return outcome
 

@@ -57,6 +57,12 @@ class ServiceMetrics:
             registry=r,
         )
 
+    @property
+    def jobs_answered(self) -> tuple[int, int]:
+        """(results, of which errors) published so far: the counters above, read back."""
+        errors = _total(self.jobs_failed)
+        return _total(self.jobs_completed) + errors, errors
+
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read at scrape time."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
@@ -94,3 +100,8 @@ class _CounterReader(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         yield CounterMetricFamily(self._name, self._documentation, value=self._read())
+
+
+def _total(counter: Counter) -> int:
+    """A counter's value summed over its labels."""
+    return int(sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total")))

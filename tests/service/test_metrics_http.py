@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from service.metrics import ServiceMetrics
+
 pytestmark = pytest.mark.kafka
 
 
@@ -70,3 +72,12 @@ async def test_metrics_count_jobs_tokens_and_errors_and_health_endpoints_answer(
         "sluice_tokens_in_flight",
     ):
         assert name in metrics
+
+
+def test_jobs_answered_reads_results_and_errors_back_from_the_counters():
+    metrics = ServiceMetrics()
+    assert metrics.jobs_answered == (0, 0)
+    metrics.jobs_completed.inc()
+    metrics.jobs_failed.labels("invalid_request").inc()
+    metrics.jobs_failed.labels("deadline_exceeded").inc(2)
+    assert metrics.jobs_answered == (4, 3)
