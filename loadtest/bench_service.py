@@ -19,6 +19,8 @@ import statistics
 import sys
 import time
 import uuid
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,17 +28,24 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
-from engine import EngineConfig, LLMEngine  # noqa: E402
+from engine import EngineConfig, EngineThread, LLMEngine  # noqa: E402
 from engine.testing import ensure_checkpoint  # noqa: E402
 from loadtest.bench_engine import Workload, run_sluice, standard_workload  # noqa: E402
 from service.app import Service  # noqa: E402
 from service.config import ServiceConfig  # noqa: E402
 
 
+@dataclass
+class ServiceRun:
+    seconds: float  # first job's timestamp to last result's timestamp
+    tokens: int
+    latencies: list[float]  # job timestamp to result timestamp, seconds
+    cpu_idle: float  # share of the machine's CPU time left idle while the jobs ran
+
+
 async def run_service_workload(
-    engine: LLMEngine, workload: Workload, bootstrap: str
-) -> tuple[float, int, list[float]]:
-    """(seconds from first post to last result, output tokens, end-to-end latencies in seconds)."""
+    engine: LLMEngine, workload: Workload, bootstrap: str, engine_thread: EngineThread | None = None
+) -> ServiceRun:
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     config = ServiceConfig(
         kafka_bootstrap=bootstrap,
@@ -48,7 +57,7 @@ async def run_service_workload(
         model_name="small",
         http_port=0,
     )
-    service = Service(config, engine)
+    service = Service(config, engine, engine_thread)
     await service.start()
     stop = asyncio.Event()
     runner = asyncio.create_task(service.run(stop))
@@ -60,6 +69,7 @@ async def run_service_workload(
     while not service.consumer.assignment:
         await asyncio.sleep(0.05)
     try:
+        idle = CpuIdle()
         job_times = await _post(workload, config.jobs_topics[0], bootstrap)
         start = min(job_times.values()) / 1000
         latencies, tokens, last = [], 0, start
@@ -70,12 +80,13 @@ async def run_service_workload(
                     tokens += body["usage"]["completion_tokens"]
                     latencies.append((record.timestamp - job_times[record.key.decode()]) / 1000)
                     last = max(last, record.timestamp / 1000)
+        cpu_idle = idle.share()
     finally:
         await results.stop()
         stop.set()
         await runner
         await service.stop()
-    return last - start, tokens, latencies
+    return ServiceRun(last - start, tokens, latencies, cpu_idle)
 
 
 async def _post(workload: Workload, topic: str, bootstrap: str) -> dict[str, int]:
@@ -102,6 +113,28 @@ async def _post(workload: Workload, topic: str, bootstrap: str) -> dict[str, int
         return {custom_id: (await future).timestamp for custom_id, future in futures.items()}
     finally:
         await producer.stop()
+
+
+class CpuIdle:
+    """The machine's idle share of CPU time since creation (/proc/stat; nan where there is none)."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> list[int] | None:
+        try:
+            with open("/proc/stat") as f:
+                return [int(v) for v in f.readline().split()[1:]]
+        except OSError:
+            return None
+
+    def share(self) -> float:
+        end = self._read()
+        if self._start is None or end is None:
+            return float("nan")
+        delta = [b - a for a, b in zip(self._start, end, strict=True)]
+        return delta[3] / max(1, sum(delta))  # fields: user nice system idle iowait ...
 
 
 def _time_engine_steps(engine: LLMEngine) -> list[float]:
@@ -133,34 +166,58 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="alternating runs of each; medians are reported"
     )
+    parser.add_argument(
+        "--layout",
+        default="one-thread",
+        choices=["one-thread", "split"],
+        help="one-thread (as `sluice serve`): one EngineThread loads the engine, runs the offline peer "
+        "and steps the service; split: load and offline on the main thread, the service steps on a "
+        "thread of its own (the layout before EngineThread, kept to measure what it cost)",
+    )
     args = parser.parse_args(argv)
 
     folder = ensure_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
-    engine = LLMEngine(EngineConfig(model=str(folder), dtype=args.dtype))
+    # As `sluice serve` does: one thread loads the engine, steps it in the service and (here) runs
+    # the offline peer too, so both modes use the same OpenMP pool (engine/engine_thread.py).
+    config = EngineConfig(model=str(folder), dtype=args.dtype)
+    if args.layout == "split":
+        engine_thread = None  # the service's AsyncLLMEngine makes a thread of its own
+        engine = LLMEngine(config)
+        run_offline = run_sluice
+    else:
+        engine_thread = EngineThread()
+        engine = engine_thread.call(LLMEngine, config)
+        run_offline = partial(engine_thread.call, run_sluice)
     workload = standard_workload(engine.vocab_size, args.num_requests)
     # This machine's speed drifts by 20-30% within minutes, so: alternate which runs first, report
     # medians, and also the engine's busy share of the service run (drift cancels out of it).
     busy = _time_engine_steps(engine)
+    # The first run after loading is ~2x slower (oneDNN builds its kernels for each new shape): not measured.
+    run_offline(engine, workload)
     offline_runs, service_runs = [], []
     for i in range(args.repeats):
         for mode in ("offline", "service") if i % 2 == 0 else ("service", "offline"):
             if mode == "offline":
-                offline_runs.append(run_sluice(engine, workload))
+                idle = CpuIdle()
+                offline_runs.append((run_offline(engine, workload), idle.share()))
                 continue
             busy[0] = 0.0
-            seconds, tokens, latencies = asyncio.run(run_service_workload(engine, workload, args.bootstrap))
-            assert tokens == workload.num_output_tokens, (tokens, workload.num_output_tokens)
-            service_runs.append((seconds, latencies, busy[0] / seconds))
-    offline = sorted(offline_runs, key=lambda r: r.seconds)[len(offline_runs) // 2]  # median
-    seconds, latencies, busy_share = sorted(service_runs)[len(service_runs) // 2]
+            run = asyncio.run(run_service_workload(engine, workload, args.bootstrap, engine_thread))
+            assert run.tokens == workload.num_output_tokens, (run.tokens, workload.num_output_tokens)
+            service_runs.append((run, busy[0] / run.seconds))
+    offline, offline_idle = sorted(offline_runs, key=lambda r: r[0].seconds)[len(offline_runs) // 2]  # median
+    median_run, busy_share = sorted(service_runs, key=lambda r: r[0].seconds)[len(service_runs) // 2]
+    seconds, latencies = median_run.seconds, median_run.latencies
     service_tps = workload.num_output_tokens / seconds
     print(
-        "\nruns (offline s | service s, engine busy share):",
-        [round(o.seconds, 1) for o in offline_runs],
-        "|",
-        [(round(s, 1), round(b, 3)) for s, _, b in service_runs],
+        "\nruns, offline (s, idle CPU share):",
+        [(round(o.seconds, 1), round(idle, 2)) for o, idle in offline_runs],
+        "\nruns, service (s, idle CPU share, engine busy share):",
+        [(round(r.seconds, 1), round(r.cpu_idle, 2), round(b, 3)) for r, b in service_runs],
     )
-    print(f"\n{len(workload.prompts)} jobs, {workload.num_output_tokens} output tokens, {args.dtype}")
+    print(
+        f"\n{len(workload.prompts)} jobs, {workload.num_output_tokens} output tokens, {args.dtype}, layout {args.layout}"
+    )
     print(f"| {'mode':<34} | {'seconds':>8} | {'output tok/s':>12} |")
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 14}|")
     print(
@@ -173,6 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"service / offline throughput: {service_tps / offline.tokens_per_s:.2f} (target >= 0.9)")
     print(f"engine busy share of the service run (median run): {busy_share:.3f}")
+    print(
+        f"idle CPU share (median runs): offline {offline_idle:.2f}, service {median_run.cpu_idle:.2f}"
+        " (a second OpenMP pool shows here: engine/engine_thread.py)"
+    )
 
 
 if __name__ == "__main__":
