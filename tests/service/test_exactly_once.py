@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 from collections import Counter
 
 import msgspec
@@ -17,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from engine import EngineConfig, LLMEngine
 from service.topics import ensure_topics
 from service.transactions import OutRecord, TransactionalDelivery
-from tests.service.test_crash_recovery import _free_port, _wait_for
+from tests.service.processes import service_env, start_service, wait_until
 
 pytestmark = pytest.mark.kafka
 
@@ -116,35 +113,25 @@ async def test_a_newer_owner_of_a_partition_fences_the_older_one(kafka, topic_pr
 
 @pytest.mark.slow
 async def test_killing_an_instance_mid_burst_still_gives_each_job_one_committed_result(
-    kafka, service_config, run_service, tiny_checkpoint, tmp_path
+    kafka, kafka_bootstrap, topic_prefix, service_config, run_service, tiny_checkpoint, tmp_path
 ):
     c = msgspec.structs.replace(_exactly_once(service_config), topic_partitions=4)
-    env = {
-        **os.environ,
-        "SLUICE_KAFKA_BOOTSTRAP": c.kafka_bootstrap,
-        "SLUICE_JOBS_TOPICS": c.jobs_topics[0],
-        "SLUICE_RESULTS_TOPIC": c.results_topic,
-        "SLUICE_DLQ_TOPIC": c.dlq_topic,
-        "SLUICE_TRACES_TOPIC": c.traces_topic,
-        "SLUICE_GROUP_ID": c.group_id,
-        "SLUICE_TOPIC_PARTITIONS": "4",
-        "SLUICE_DELIVERY": "exactly_once",
-        "SLUICE_COMMIT_INTERVAL_MS": "100",
-        "SLUICE_MODEL": str(tiny_checkpoint),
-        "SLUICE_HTTP_HOST": "127.0.0.1",
-        "SLUICE_HTTP_PORT": str(_free_port()),
-    }
+    env = service_env(
+        kafka_bootstrap,
+        topic_prefix,
+        topic_partitions=4,
+        delivery="exactly_once",
+        commit_interval_ms=c.commit_interval_ms,
+        model=tiny_checkpoint,
+    )
     ids = [f"burst-{i}" for i in range(1000)]
     log_path = tmp_path / "victim.log"
     victim = None
     try:
         survivor_engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), max_model_len=256))
         async with run_service(c, engine=survivor_engine):  # creates the 4-partition topics
-            with open(log_path, "w") as log:
-                victim = subprocess.Popen(
-                    [sys.executable, "-m", "service"], env=env, stdout=log, stderr=subprocess.STDOUT
-                )
-            await _wait_for(lambda: "partitions assigned" in log_path.read_text(), victim, log_path)
+            victim = start_service(env, log_path)
+            await wait_until(lambda: "partitions assigned" in log_path.read_text(), victim, log_path)
             await kafka.post(c.jobs_topics[0], _jobs(ids))
             await kafka.read(c.results_topic, 150, timeout=120)  # both instances are at work
             victim.send_signal(signal.SIGKILL)  # mid-transaction, most likely: the survivor fences it

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.service.processes import service_env, start_service, wait_for_line
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -25,29 +26,15 @@ JOB = {
 
 
 def _service_env(kafka_bootstrap: str, topic_prefix: str, checkpoint: Path, tp: int) -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "SLUICE_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "SLUICE_JOBS_TOPICS": f"{topic_prefix}.jobs",
-        "SLUICE_RESULTS_TOPIC": f"{topic_prefix}.results",
-        "SLUICE_DLQ_TOPIC": f"{topic_prefix}.dlq",
-        "SLUICE_TRACES_TOPIC": f"{topic_prefix}.traces",
-        "SLUICE_GROUP_ID": f"{topic_prefix}-group",
-        "SLUICE_MODEL": str(checkpoint),
-        "SLUICE_KV_CACHE_MEMORY_GIB": "0.1",
-        "SLUICE_TENSOR_PARALLEL_SIZE": str(tp),
-        "SLUICE_HTTP_HOST": "127.0.0.1",
-        "SLUICE_HTTP_PORT": str(_free_port()),
-    }
+    env = service_env(
+        kafka_bootstrap, topic_prefix, model=checkpoint, kv_cache_memory_gib=0.1, tensor_parallel_size=tp
+    )
+    return {**env, "OMP_NUM_THREADS": "1"}
 
 
 def _start_service(env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    with open(log_path, "w") as log:
-        service = subprocess.Popen(
-            [sys.executable, "-m", "service"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    _wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
+    service = start_service(env, log_path)
+    wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
     return service
 
 
@@ -56,12 +43,9 @@ def test_service_answers_a_job_on_two_tensor_parallel_ranks_and_stops_them_on_ct
 ):
     env = _service_env(kafka_bootstrap, topic_prefix, tiny_checkpoint, tp=2)
     log_path = tmp_path / "service.log"
-    with open(log_path, "w") as log:
-        service = subprocess.Popen(
-            [sys.executable, "-m", "service"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+    service = start_service(env, log_path)
     try:
-        _wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
+        wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
         workers = [pid for pid in _children(service.pid) if b"spawn_main" in _cmdline(pid)]
         assert len(workers) == 1  # rank 1
         submit = subprocess.run(
@@ -153,23 +137,6 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_line(log_path: Path, needle: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if needle in log_path.read_text():
-            return
-        if process.poll() is not None:
-            pytest.fail(f"the service exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"{needle!r} not logged within {timeout}s:\n{log_path.read_text()[-3000:]}")
 
 
 def _children(pid: int) -> list[int]:

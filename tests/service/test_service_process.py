@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
+
+from tests.service.processes import service_env, start_service, wait_for_line
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -24,46 +23,16 @@ JOB = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_line(log_path: Path, needle: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if needle in log_path.read_text():
-            return
-        if process.poll() is not None:
-            pytest.fail(f"the service exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"{needle!r} not logged within {timeout}s:\n{log_path.read_text()[-3000:]}")
-
-
 def test_service_builds_demo_model_answers_a_submitted_job_and_stops_cleanly_on_ctrl_c(
     kafka_bootstrap, topic_prefix, tmp_path
 ):
-    env = {
-        **os.environ,
-        "SLUICE_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "SLUICE_JOBS_TOPICS": f"{topic_prefix}.jobs",
-        "SLUICE_RESULTS_TOPIC": f"{topic_prefix}.results",
-        "SLUICE_DLQ_TOPIC": f"{topic_prefix}.dlq",
-        "SLUICE_TRACES_TOPIC": f"{topic_prefix}.traces",
-        "SLUICE_GROUP_ID": f"{topic_prefix}-group",
-        "SLUICE_BUILD_DIR": str(tmp_path / "build"),  # no model configured: the demo model is built here
-        "SLUICE_MODEL": "",
-        "SLUICE_HTTP_HOST": "127.0.0.1",
-        "SLUICE_HTTP_PORT": str(http_port := _free_port()),
-    }
+    # No model configured: the demo model is built under the build folder.
+    env = service_env(kafka_bootstrap, topic_prefix, build_dir=tmp_path / "build", model="")
+    http_port = env["SLUICE_HTTP_PORT"]
     log_path = tmp_path / "service.log"
-    with open(log_path, "w") as log:
-        service = subprocess.Popen(
-            [sys.executable, "-m", "service"], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
+    service = start_service(env, log_path)
     try:
-        _wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
+        wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
         assert (tmp_path / "build" / "models" / "tiny-seed0" / "config.json").is_file()
         submit = subprocess.run(
             [sys.executable, "-m", "service.cli", "submit", "--timeout", "60"],
