@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -45,6 +46,17 @@ def start_service(env: dict[str, str], log_path: Path) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "service"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
+
+
+def submit_job(env: dict[str, str], job: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`sluice submit` one job to the instance's topics; its result line comes back on stdout."""
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "submit", "--timeout", str(timeout)],
+        input=json.dumps(job).encode(),
+        env=env,
+        capture_output=True,
+        timeout=2 * timeout,
+    )
 
 
 def wait_for_line(log_path: Path, needle: str, process: subprocess.Popen, timeout: float) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.processes import service_env, start_service, wait_for_line
+from tests.service.processes import service_env, start_service, submit_job, wait_for_line
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -48,13 +48,7 @@ def test_service_answers_a_job_on_two_tensor_parallel_ranks_and_stops_them_on_ct
         wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
         workers = [pid for pid in _children(service.pid) if b"spawn_main" in _cmdline(pid)]
         assert len(workers) == 1  # rank 1
-        submit = subprocess.run(
-            [sys.executable, "-m", "service.cli", "submit", "--timeout", "60"],
-            input=json.dumps(JOB).encode(),
-            env=env,
-            capture_output=True,
-            timeout=120,
-        )
+        submit = submit_job(env, JOB)
         assert submit.returncode == 0, submit.stderr.decode()
         result = json.loads(submit.stdout.decode())
         assert result["custom_id"] == "tp-1" and result["response"]["status_code"] == 200

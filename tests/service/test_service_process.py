@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from tests.service.processes import service_env, start_service, wait_for_line
+from tests.service.processes import service_env, start_service, submit_job, wait_for_line
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -34,13 +34,7 @@ def test_service_builds_demo_model_answers_a_submitted_job_and_stops_cleanly_on_
     try:
         wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
         assert (tmp_path / "build" / "models" / "tiny-seed0" / "config.json").is_file()
-        submit = subprocess.run(
-            [sys.executable, "-m", "service.cli", "submit", "--timeout", "60"],
-            input=json.dumps(JOB).encode(),
-            env=env,
-            capture_output=True,
-            timeout=120,
-        )
+        submit = submit_job(env, JOB)
         assert submit.returncode == 0, submit.stderr.decode()
         (line,) = submit.stdout.decode().splitlines()
         result = json.loads(line)
