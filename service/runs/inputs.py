@@ -94,20 +94,13 @@ def read_batch_lines(path: Path) -> Iterator[BatchLine]:
     """The lines of an OpenAI Batch input file, bodies untouched (the service checks them)."""
     if not path.is_file():
         raise InputError(f"input file {path} does not exist")
-    with open(path, "rb") as f:
-        number = 0
-        for raw in f:
-            if not raw.strip():
-                continue
-            try:
-                env = msgspec.json.decode(raw, type=_BatchEnvelope)
-                job = {"custom_id": env.custom_id, "method": env.method, "url": env.url, "body": env.body}
-                yield BatchLine(number, env.custom_id, job)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                yield BatchLine(
-                    number, _peek_custom_id(raw) or f"line-{number}", None, f"line {number + 1}: {e}"
-                )
-            number += 1
+    for number, raw in _numbered_lines(path):
+        try:
+            env = msgspec.json.decode(raw, type=_BatchEnvelope)
+            job = {"custom_id": env.custom_id, "method": env.method, "url": env.url, "body": env.body}
+            yield BatchLine(number, env.custom_id, job)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            yield BatchLine(number, _peek_custom_id(raw) or f"line-{number}", None, f"line {number + 1}: {e}")
 
 
 def _peek_custom_id(raw: bytes) -> str | None:
@@ -117,22 +110,23 @@ def _peek_custom_id(raw: bytes) -> str | None:
         return None
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """The non-blank lines of a JSONL file, numbered from 0 without the blank ones."""
     with open(path, "rb") as f:
-        number = 0
-        for raw in f:
-            if not raw.strip():
-                continue
-            try:
-                fields = msgspec.json.decode(raw)
-            except msgspec.DecodeError as e:
-                yield number, None, f"not a JSON line: {e}"
+        yield from enumerate(raw for raw in f if raw.strip())
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    for number, raw in _numbered_lines(path):
+        try:
+            fields = msgspec.json.decode(raw)
+        except msgspec.DecodeError as e:
+            yield number, None, f"not a JSON line: {e}"
+        else:
+            if isinstance(fields, dict):
+                yield number, fields, None
             else:
-                if isinstance(fields, dict):
-                    yield number, fields, None
-                else:
-                    yield number, None, f"not a JSON object but {type(fields).__name__}"
-            number += 1
+                yield number, None, f"not a JSON object but {type(fields).__name__}"
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
