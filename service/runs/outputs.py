@@ -133,27 +133,24 @@ def _csv_cell(value: Any) -> str:
     return str(value)
 
 
-class LabelOutput:
-    """`sluice label`'s output: one record per input row (row id, label, choice probabilities, error)."""
+class _KeyedOutput:
+    """An output file whose records are keyed by the field KEY: which keys are done, which failed."""
 
-    COLUMNS = ("row_id", "label", "probabilities", "error")
+    KEY: str
 
-    def __init__(self, path: Path, fmt: str, with_logprobs: bool = False) -> None:
-        columns = [*self.COLUMNS, "logprobs"] if with_logprobs else list(self.COLUMNS)
-        self.file = RecordFile(path, fmt, columns)
-        self.labels: Counter[str] = Counter()
-        self.errors: dict[str, str] = {}  # row key -> error
+    def __init__(self, file: RecordFile) -> None:
+        self.file = file
+        self.errors: dict[str, str] = {}  # key -> error
         self.done: set[str] = set()
         for record in self.file.load():
             self._count(record)
 
     def drop_failed(self) -> set[str]:
-        """Remove the failed rows' lines (for --retry-errors); returns their keys."""
+        """Remove the failed keys' records (for --retry-errors); returns those keys."""
         if not self.errors:
             return set()
         failed = set(self.errors)
-        kept = [r for r in self.file.load() if str(r.get("row_id")) not in failed]
-        self.file.rewrite(kept)
+        self.file.rewrite([r for r in self.file.load() if str(r.get(self.KEY)) not in failed])
         self.done -= failed
         self.errors = {}
         return failed
@@ -167,11 +164,29 @@ class LabelOutput:
         self.file.close()
 
     def _count(self, record: dict[str, Any]) -> None:
-        key = str(record.get("row_id"))
+        key = str(record.get(self.KEY))
         self.done.add(key)
-        if record.get("error"):
-            self.errors[key] = str(record["error"])
-        else:
+        if (error := self._error(record)) is not None:
+            self.errors[key] = error
+
+    def _error(self, record: dict[str, Any]) -> str | None:
+        return str(record["error"]) if record.get("error") else None
+
+
+class LabelOutput(_KeyedOutput):
+    """`sluice label`'s output: one record per input row (row id, label, choice probabilities, error)."""
+
+    COLUMNS = ("row_id", "label", "probabilities", "error")
+    KEY = "row_id"
+
+    def __init__(self, path: Path, fmt: str, with_logprobs: bool = False) -> None:
+        columns = [*self.COLUMNS, "logprobs"] if with_logprobs else list(self.COLUMNS)
+        self.labels: Counter[str] = Counter()
+        super().__init__(RecordFile(path, fmt, columns))
+
+    def _count(self, record: dict[str, Any]) -> None:
+        super()._count(record)
+        if not record.get("error"):
             self.labels[str(record.get("label") or "")] += 1
 
 
@@ -231,35 +246,13 @@ def read_result(result: dict[str, Any]) -> ResultInfo:
     return ResultInfo(text, sluice.get("choice_probabilities"), None, tokens)
 
 
-class BatchOutput:
+class BatchOutput(_KeyedOutput):
     """`sluice batch`'s output: OpenAI Batch output lines, one per input line, keyed by custom_id."""
 
+    KEY = "custom_id"
+
     def __init__(self, path: Path) -> None:
-        self.file = RecordFile(path, "jsonl", [])
-        self.errors: dict[str, str] = {}
-        self.done: set[str] = set()
-        for line in self.file.load():
-            self._count(line)
+        super().__init__(RecordFile(path, "jsonl", []))
 
-    def drop_failed(self) -> set[str]:
-        if not self.errors:
-            return set()
-        failed = set(self.errors)
-        self.file.rewrite([r for r in self.file.load() if str(r.get("custom_id")) not in failed])
-        self.done -= failed
-        self.errors = {}
-        return failed
-
-    def add(self, lines: list[dict[str, Any]]) -> None:
-        self.file.append(lines)
-        for line in lines:
-            self._count(line)
-
-    def close(self) -> None:
-        self.file.close()
-
-    def _count(self, line: dict[str, Any]) -> None:
-        key = str(line.get("custom_id"))
-        self.done.add(key)
-        if (error := read_result(line).error) is not None:
-            self.errors[key] = error
+    def _error(self, record: dict[str, Any]) -> str | None:
+        return read_result(record).error
