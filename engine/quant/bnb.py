@@ -197,7 +197,7 @@ class _DropInt8CastWarning(logging.Filter):
 
 
 def _quiet_int8_cast_warning() -> None:
-    # LLM.int8 always quantises activations from float16 (documented in README); bitsandbytes
+    # LLM.int8 always quantises activations from float16 (documented in docs/engine.md); bitsandbytes
     # logs that at WARNING on every matmul of a float32/bfloat16 model, which would flood the logs.
     bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _DropInt8CastWarning) for f in bnb_logger.filters):
