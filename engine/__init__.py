@@ -4,24 +4,27 @@ from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig, EngineConfigError
 from engine.distributed.executor import EngineDeadError, WorkerDiedError
 from engine.engine_thread import EngineThread
-from engine.llm_engine import LLMEngine, RequestRejected
+from engine.input_processor import RequestRejected
+from engine.llm_engine import LLMEngine
 from engine.loader import ModelLoadError
-from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
+from engine.outputs import OutputLogprob, RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams, StructuredOutputs
+from engine.stats import EngineStats
 
 __all__ = [
     "AsyncLLMEngine",
     "EngineConfig",
     "EngineConfigError",
     "EngineDeadError",
+    "EngineStats",
     "EngineThread",
     "LLMEngine",
     "ModelLoadError",
+    "OutputLogprob",
     "RequestMetrics",
     "RequestOutput",
     "RequestRejected",
     "SamplingParams",
     "StructuredOutputs",
-    "TokenLogprob",
     "WorkerDiedError",
 ]

@@ -22,6 +22,7 @@ from engine.engine_thread import EngineThread
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +56,6 @@ class AsyncLLMEngine:
         if self._owns_thread and self._thread is not None:
             self._thread.close()
             self._thread = None
-
-    async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
-    ) -> RequestOutput:
-        """Run one request to completion. Raises RequestRejected if the engine refuses it.
-
-        Cancelling the awaiting task aborts the request in the engine.
-        """
-        (future,) = self.add_requests([(request_id, prompt, params, priority)])
-        return await self.wait(request_id, future)
 
     def add_requests(
         self, requests: list[tuple[str, str | list[int], SamplingParams, int]]
@@ -104,8 +95,13 @@ class AsyncLLMEngine:
         return self._step_loop is not None and not self._step_loop.done()
 
     @property
-    def num_in_flight(self) -> int:
-        return len(self._futures)
+    def tokenizer(self):
+        """The engine's tokenizer (thread-safe to read: the engine never changes it)."""
+        return self.engine.tokenizer
+
+    def stats(self) -> EngineStats:
+        """The engine's monitoring snapshot (LLMEngine.stats)."""
+        return self.engine.stats()
 
     def _run(self) -> None:
         while True:

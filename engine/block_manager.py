@@ -29,10 +29,6 @@ class PrefixCacheStats:
     queried_tokens: int = 0
     hit_tokens: int = 0
 
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
-
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
@@ -96,15 +92,13 @@ class BlockManager:
 
         Only for a sequence that holds no blocks yet. Its computed tokens become that prefix;
         the last token is never taken from the cache, since the step that computes it gives
-        the logits to sample from (nor, for a scoring sequence, any position whose logits it
-        scores). Returns the number of tokens reused. Admission statistics
+        the logits to sample from (nor any other position whose logits it needs: see
+        Sequence.first_logits_position). Returns the number of tokens reused. Admission statistics
         are counted by `count_admission`, once the sequence is actually admitted.
         """
         if not self.enable_prefix_caching or seq.block_table:
             return 0
-        # a scoring sequence computes every position that predicts one of its scored tokens
-        first_to_compute = seq.scored_from - 1 if seq.is_scoring else seq.num_tokens - 1
-        usable_blocks = first_to_compute // self.block_size
+        usable_blocks = seq.first_logits_position // self.block_size
         hashes = self._prefix_hashes(seq, usable_blocks)
         for block_hash in hashes:
             block_id = self.cached.get(block_hash)
@@ -129,15 +123,14 @@ class BlockManager:
         """After `reuse_cached_prefix`: the hash of the first reusable block it did not find, if any."""
         if not self.enable_prefix_caching:
             return None
-        first_to_compute = seq.scored_from - 1 if seq.is_scoring else seq.num_tokens - 1
         i = len(seq.block_table)
-        if i >= first_to_compute // self.block_size:
+        if i >= seq.first_logits_position // self.block_size:
             return None
         return self._prefix_hashes(seq, i + 1)[i]
 
     def count_admission(self, seq: Sequence, num_reused_tokens: int) -> None:
-        # requests' prompts only: a choice's scoring sequence repeats its request's prompt
-        if self.enable_prefix_caching and not seq.is_scoring:
+        # requests' prompts only: a forked sequence repeats its request's prompt
+        if self.enable_prefix_caching and seq.parent is None:
             self.stats.queried_tokens += seq.num_tokens
             self.stats.hit_tokens += num_reused_tokens
 

@@ -7,10 +7,11 @@ answering exactly c: without it "pos" would always score at least as high as "po
 whenever "pos" tokenises as a prefix of it. Each choice is scored in its own tokenisation
 (the tokenizer's encoding of the string alone).
 
-Each choice is scored by a scoring sequence: the prompt, the choice's tokens and EOS, prefilled
-like any prompt (so the prompt's blocks come from the prefix cache) but never sampled; the model
-runner gathers the log-probabilities of the tokens after the prompt. The scoring sequences
-start once the request's own prompt is computed, so that they find it cached.
+Each choice is scored by a scoring sequence forked from the request's own: the prompt, the
+choice's tokens and EOS, prefilled like any prompt (so the prompt's blocks come from the prefix
+cache) but never sampled, with prompt logprobs from the first choice token on. The forks start
+once the request's own prompt is computed, so that they find it cached; the request's output
+waits here until every choice is scored.
 """
 
 from __future__ import annotations
@@ -19,55 +20,97 @@ import math
 from dataclasses import dataclass, field
 
 from engine.outputs import RequestOutput
-from engine.scheduler import SchedulerOutput
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from engine.step_plan import PromptLogprobRows
 
 
 @dataclass(slots=True)
-class ChoiceScoring:
+class _Choices:
     """The choice probabilities of one request, being computed."""
 
     choices: list[str]
     token_ids: list[list[int]]  # each choice's tokens, EOS appended
-    scorers: list[Sequence] = field(default_factory=list)  # one per choice once started
-    num_done: int = 0
+    scorers: list[Sequence] = field(default_factory=list)  # one per choice once forked
     output: RequestOutput | None = None  # the request's output, held until every choice is scored
 
     @property
-    def started(self) -> bool:
-        return bool(self.scorers)
-
-    @property
     def is_done(self) -> bool:
-        return self.num_done == len(self.choices)
-
-    def probabilities(self) -> dict[str, float]:
-        """Each choice's probability renormalised over the choices (a softmax of the log-probabilities)."""
-        scores = [seq.score for seq in self.scorers]
-        top = max(scores)
-        weights = [math.exp(s - top) for s in scores]
-        total = math.fsum(weights)
-        return {choice: w / total for choice, w in zip(self.choices, weights, strict=True)}
+        return bool(self.scorers) and all(seq.is_finished for seq in self.scorers)
 
 
-def scoring_rows(out: SchedulerOutput) -> tuple[list[int], list[int], list[int]]:
-    """For one step's scoring sequences: (row of the step's flat hidden states, target token, owner).
+class ChoiceScorer:
+    """Owns the scoring sequences of every `choice` request, by object."""
 
-    The hidden state at position p predicts token p + 1; a scoring sequence wants the
-    log-probability of every token from `scored_from` on that this step's chunk predicts.
-    `owner` numbers the step's scoring sequences in batch order.
-    """
-    rows, targets, owners = [], [], []
-    offset = 0
-    owner = 0
-    for seq, num_new in zip(out.seqs, out.num_new_tokens, strict=True):
-        if seq.is_scoring:
-            start = seq.num_computed_tokens
-            for position in range(max(start, seq.scored_from - 1), start + num_new):
-                if position + 1 < seq.num_tokens:
-                    rows.append(offset + position - start)
-                    targets.append(seq.token_ids[position + 1])
-                    owners.append(owner)
-            owner += 1
-        offset += num_new
-    return rows, targets, owners
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+        self._requests: dict[Sequence, _Choices] = {}  # a request's own sequence -> its choices
+        # each scoring sequence's logprobs by token position: a recomputed position (after a
+        # preemption) overwrites its value instead of counting twice
+        self._logprobs: dict[Sequence, dict[int, float]] = {}
+
+    def add(self, seq: Sequence, choices: list[str], token_ids: list[list[int]]) -> None:
+        """Score these choices (`token_ids`: each one's tokens with EOS) for the request `seq`."""
+        self._requests[seq] = _Choices(choices, token_ids)
+
+    def update(
+        self, out: SchedulerOutput, rows: PromptLogprobRows | None, logprobs: list[float]
+    ) -> list[RequestOutput]:
+        """After a step: record its prompt logprobs, fork the scorers of requests whose prompt is
+        now computed, and return the held outputs whose choices are now all scored."""
+        if rows is not None:
+            for (scorer, position), logprob in zip(rows.owners, logprobs, strict=True):
+                if scorer in self._logprobs:
+                    self._logprobs[scorer][position] = logprob
+        for seq in out.seqs:
+            request = self._requests.get(seq)
+            if (
+                request is not None
+                and not request.scorers
+                and seq.num_computed_tokens >= seq.num_prompt_tokens
+            ):
+                self._fork(seq, request)
+        done = [seq for seq, r in self._requests.items() if r.output is not None and r.is_done]
+        return [self._release(seq) for seq in done]
+
+    def hold(self, seq: Sequence, output: RequestOutput) -> RequestOutput | None:
+        """The output of a finished request, or None while its choices are still being scored."""
+        request = self._requests.get(seq)
+        if request is None:
+            return output
+        request.output = output
+        return self._release(seq) if request.is_done else None
+
+    def abort(self, seq: Sequence) -> tuple[list[Sequence], RequestOutput | None]:
+        """Forget the request: its unfinished scoring sequences (to finish) and its held output, if any."""
+        request = self._requests.pop(seq, None)
+        if request is None:
+            return [], None
+        for scorer in request.scorers:
+            self._logprobs.pop(scorer, None)
+        return [s for s in request.scorers if not s.is_finished], request.output
+
+    def _fork(self, seq: Sequence, request: _Choices) -> None:
+        for choice_ids in request.token_ids:
+            scorer = Sequence(seq.request_id, seq.prompt_token_ids + choice_ids, seq.params, 0, seq.priority)
+            scorer.parent = seq
+            scorer.prompt_logprobs_from = seq.num_prompt_tokens
+            request.scorers.append(scorer)
+            self._logprobs[scorer] = {}
+            self._scheduler.add(scorer)
+
+    def _release(self, seq: Sequence) -> RequestOutput:
+        request = self._requests.pop(seq)
+        scores = [math.fsum(self._logprobs.pop(scorer).values()) for scorer in request.scorers]
+        output = request.output
+        assert output is not None
+        output.choice_probabilities = _renormalised(request.choices, scores)
+        return output
+
+
+def _renormalised(choices: list[str], scores: list[float]) -> dict[str, float]:
+    """Each choice's probability renormalised over the choices (a softmax of the log-probabilities)."""
+    top = max(scores)
+    weights = [math.exp(s - top) for s in scores]
+    total = math.fsum(weights)
+    return {choice: w / total for choice, w in zip(choices, weights, strict=True)}

@@ -22,6 +22,19 @@ from engine.forward_context import AttentionMetadata, attention_metadata
 log = logging.getLogger(__name__)
 
 
+def can_capture(device: torch.device, attention_backend: str, quantization: str, world_size: int) -> bool:
+    """Whether decode steps of this engine run as CUDA graphs (unless enforce_eager)."""
+    # bitsandbytes' kernels are not known to be capturable (LLM.int8 picks outlier columns from
+    # the data), so quantised bitsandbytes models decode eagerly; worker ranks decode eagerly
+    # too: graphs are rank 0's only.
+    return (
+        device.type == "cuda"
+        and attention_backend in ("flash", "triton")
+        and quantization in ("none", "fp8")
+        and world_size == 1
+    )
+
+
 def capture_sizes(max_batch_size: int) -> list[int]:
     sizes = [s for s in (1, 2, 4, 8) if s < max_batch_size] + list(range(16, max_batch_size, 16))
     return [*sizes, max_batch_size]

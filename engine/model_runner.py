@@ -24,7 +24,7 @@ from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
 from engine.quant import kv_cache as fp8_kv
 from engine.sampler import Sampler, SamplerOutput, SamplingBatch
-from engine.step_plan import ScoringRows, StepPlan
+from engine.step_plan import StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,8 @@ class ModelRunner:
         """Run one step. Returns the SamplerOutput (device tensors) on the sampling rank, else None.
 
         Every rank of a parallel engine calls this with the same plan at the same time; the
-        sampling rank's plan carries the sampling rows (and their grammar masks and choice
-        scoring), the others' need not.
+        sampling rank's plan carries the sampling rows (and their grammar masks and prompt
+        logprob rows), the others' need not.
         """
         state = ps.get_parallel_state()
         num_micro_batches = state.pp_size if plan.num_seqs >= 2 * state.pp_size else 1
@@ -119,7 +119,7 @@ class ModelRunner:
             if not state.is_last_stage:
                 pending.extend(ps.send_to_next_stage(list(result)))  # (hidden, residual)
                 continue
-            if plan.scoring is not None:
+            if plan.prompt_logprob_rows is not None:
                 hiddens.append(result)
             if logits_indices.numel():
                 logits.append(self.model.compute_logits(result[logits_indices]))
@@ -127,10 +127,11 @@ class ModelRunner:
             work.wait()
         if not state.is_sampling_rank:
             return None
-        scored = self._score(torch.cat(hiddens), plan.scoring) if plan.scoring is not None else None
+        rows = plan.prompt_logprob_rows
+        prompt_logprobs = self._prompt_logprobs(torch.cat(hiddens), *rows) if rows is not None else None
         if not logits:
             no_tokens = torch.empty(0, dtype=torch.int64, device=self.device)
-            return None if scored is None else SamplerOutput(no_tokens, None, scored)
+            return None if prompt_logprobs is None else SamplerOutput(no_tokens, None, prompt_logprobs)
         logits = torch.cat(logits).float()  # [N, V]
         batch = SamplingBatch.build(
             plan.sampling_params,
@@ -141,19 +142,22 @@ class ModelRunner:
             token_bitmask=plan.token_bitmask,
         )
         result = self.sampler(logits, batch)
-        result.scored_logprobs = scored
+        result.prompt_logprobs = prompt_logprobs
         return result
 
-    def _score(self, hidden: torch.Tensor, scoring: ScoringRows) -> torch.Tensor:
-        """[S] per scoring sequence: the summed log-probabilities of the tokens it scores this step."""
-        rows, targets, owners, num_scoring = scoring
-        sums = torch.zeros(num_scoring, dtype=torch.float32, device=self.device)
-        if rows:
-            rows_tensor = torch.tensor(rows, device=self.device)
-            logprobs = self.model.compute_logits(hidden[rows_tensor]).float().log_softmax(dim=-1)
-            picked = logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None]).squeeze(1)
-            sums.index_add_(0, torch.tensor(owners, device=self.device), picked)
-        return sums
+    @torch.inference_mode()
+    def compute_all_logits(self, plan: StepPlan) -> torch.Tensor:
+        """Logits [T, V] at every position the plan computes, in one process (quality measurements)."""
+        input_ids, positions, metadata, _ = self._prepare(plan)
+        with attention_metadata(metadata):
+            hidden = self.model(input_ids, positions)
+        return self.model.compute_logits(hidden)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, rows: list[int], targets: list[int]) -> torch.Tensor:
+        """[R] float32: the log-probability of each target token given the hidden state at its row."""
+        rows_tensor = torch.tensor(rows, device=self.device)
+        logprobs = self.model.compute_logits(hidden[rows_tensor]).float().log_softmax(dim=-1)
+        return logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None]).squeeze(1)
 
     def num_parameters(self) -> int:
         """Elements of this rank's share of the weights (a tied tensor counts once)."""

@@ -14,7 +14,9 @@ class RequestMetrics:
 
 
 @dataclass(slots=True)
-class TokenLogprob:
+class OutputLogprob:
+    """One generated token's logprob and its most likely alternatives."""
+
     token_id: int
     logprob: float  # of the raw model distribution (before penalties and temperature)
     top: list[tuple[int, float]] = field(default_factory=list)  # the most likely alternatives, best first
@@ -29,7 +31,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop" | "length" | "abort"; None while running
     metrics: RequestMetrics
     stop_reason: str | int | None = None  # the stop string or token id that ended it
-    logprobs: list[TokenLogprob] | None = None  # one per generated token, when asked for
+    logprobs: list[OutputLogprob] | None = None  # one per generated token, when asked for
     # a `choice` structured output's probability of each choice, renormalised over the choices
     choice_probabilities: dict[str, float] | None = None
 

@@ -45,9 +45,9 @@ class SampledLogprobs:
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # [N] int64, on the device
     logprobs: SampledLogprobs | None  # None when no row asked for logprobs
-    # [S] float32: per scoring sequence of the step (choice probabilities), the summed
-    # log-probabilities of its scored tokens this step computed; set by the model runner
-    scored_logprobs: torch.Tensor | None = None
+    # [R] float32: the step's prompt logprobs (StepPlan.prompt_logprob_rows), in row order;
+    # set by the model runner
+    prompt_logprobs: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -188,21 +188,6 @@ def seeded_uniforms(seeds: torch.Tensor, output_lens: torch.Tensor, vocab_size: 
     bits = _mix64_(keys[:, None] + steps[None, :])  # [S, V]
     # the top 52 bits, centred in their bucket: u in [2^-53, 1 - 2^-53], so -log(u) > 0
     return _shift_right(bits, 12).double().add_(0.5).mul_(2.0**-52)
-
-
-def sample_next_token(
-    logits: torch.Tensor,  # [V] float32
-    params: SamplingParams,
-    seen_token_ids: torch.Tensor,  # [P + O] prompt and output so far (repetition penalty)
-    output_token_ids: torch.Tensor,  # [O] (presence and frequency penalties)
-    generator: torch.Generator,
-) -> int:
-    """One sequence's next token: the batched Sampler with N = 1, for the per-sequence engine."""
-    # seen already holds the output, so passing it as the prompt gives the same repetition set
-    batch = SamplingBatch.build(
-        [params], [seen_token_ids.tolist()], [output_token_ids.tolist()], logits.device, logits.numel()
-    )
-    return int(Sampler(generator)(logits[None], batch).sampled_token_ids[0])
 
 
 def _apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:

@@ -10,15 +10,23 @@ longest cached prefix and is then scheduled like a chunk of prefill with existin
 one whose prefix continues with a block that this very step computes for another sequence
 waits for the next step, where it finds that block cached (a burst of prompts sharing an
 instruction computes the instruction once, not once per prompt admitted in the first step).
+
+After the step, `update_from_output` appends the sampled tokens and decides which sequences
+are done (EOS, a stop token, max_tokens, a completed grammar), as vLLM v1's `check_stop`
+does: it frees them and returns them. Stop strings need text, so the OutputProcessor finds
+those; the engine then `finish`es them here.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -27,6 +35,11 @@ class SchedulerOutput:
     num_new_tokens: list[int] = field(default_factory=list)  # tokens each computes this step
     is_sampling: list[bool] = field(default_factory=list)  # reaches its last token: samples the next
     preempted: list[Sequence] = field(default_factory=list)  # lost their blocks this step
+
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        """The sequences that sample a token this step, in batch order (the sampled tokens' order)."""
+        return [seq for seq, samples in zip(self.seqs, self.is_sampling, strict=True) if samples]
 
     @property
     def num_batched_tokens(self) -> int:
@@ -44,8 +57,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool,
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.block_manager = block_manager
+        self.eos_token_ids = eos_token_ids
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -70,8 +85,10 @@ class Scheduler:
             self._schedule_waiting(out, budget)
         return out
 
-    def update_from_output(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> None:
-        """Advance what the step computed; append one sampled token per sampling sequence, in order."""
+    def update_from_output(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
+        """Advance what the step computed and append one sampled token per sampling sequence, in
+        order; finish the sequences that are done. Returns them (freed, `finish_reason` set)."""
+        finished = []
         sampled = iter(sampled_token_ids)
         for seq, num_new, samples in zip(out.seqs, out.num_new_tokens, out.is_sampling, strict=True):
             token_id = next(sampled) if samples else None
@@ -81,6 +98,11 @@ class Scheduler:
             self.block_manager.cache_full_blocks(seq)
             if token_id is not None:
                 seq.append_token(token_id)
+            stop = self._check_stop(seq, token_id)
+            if stop is not None:
+                self.finish(seq, *stop)
+                finished.append(seq)
+        return finished
 
     def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         """Take a sequence out of the batch for good; its blocks return to the pool."""
@@ -143,11 +165,26 @@ class Scheduler:
             budget -= num_new
             in_flight.update(bm.blocks_filled_by(seq, num_new))
 
+    def _check_stop(self, seq: Sequence, token_id: int | None) -> tuple[str, int | None] | None:
+        """(finish_reason, stop_reason) if the sequence is done after this step, else None."""
+        if token_id is None:
+            # a prompt chunk; a prefill-only sequence is done once all of it is computed
+            return ("length", None) if seq.is_prefill_only and seq.num_uncomputed_tokens == 0 else None
+        if seq.grammar is not None and (stop := _advance_grammar(seq, token_id, self.eos_token_ids)):
+            return stop
+        params = seq.params
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+            return "stop", token_id
+        if seq.num_output_tokens >= seq.max_tokens:
+            return "length", None
+        return None
+
     def _take(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         self.block_manager.allocate(seq, num_new)
         out.seqs.append(seq)
         out.num_new_tokens.append(num_new)
-        out.is_sampling.append(seq.num_computed_tokens + num_new == seq.num_tokens and not seq.is_scoring)
+        reaches_end = seq.num_computed_tokens + num_new == seq.num_tokens
+        out.is_sampling.append(reaches_end and not seq.is_prefill_only)
 
     def _unadmit(self, seq: Sequence) -> None:
         # A waiting sequence holds no blocks: the cached prefix it just took goes back (evictable,
@@ -159,10 +196,21 @@ class Scheduler:
         # Recompute, not swap: its tokens (prompt and output so far) are prefilled again later.
         self.block_manager.deallocate(seq)
         seq.num_computed_tokens = 0
-        seq.score = 0.0  # a scoring sequence sums its log-probabilities again as it is recomputed
         seq.num_preemptions += 1
         self.add(seq)
 
 
 def _queue_key(seq: Sequence) -> tuple[int, int]:
     return (seq.priority, seq.seq_id)
+
+
+def _advance_grammar(seq: Sequence, token_id: int, eos_token_ids: frozenset[int]):
+    """Feed the sampled token to the sequence's grammar; a grammar with nothing left to add ends it."""
+    if not seq.grammar.consume_token(token_id):
+        # the mask allowed only what the grammar accepts, so this is a bug, not bad input
+        log.error("%r: the grammar refused token %d: %s", seq, token_id, seq.grammar.get_error())
+        return "abort", None
+    if seq.grammar.is_stopped():
+        # complete: either this was EOS, or nothing but EOS could follow (spare that step)
+        return "stop", token_id if token_id in eos_token_ids else None
+    return None

@@ -36,7 +36,7 @@ class Sequence:
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
-        self.max_tokens = max_tokens  # params.max_tokens clipped to the model's length limit
+        self.max_tokens = max_tokens  # params.max_tokens clipped to the model's length limit; 0: prefill only
         self.priority = priority  # lower runs first; FCFS among equals
         self.arrival_time = time.time()
         self.first_token_time: float | None = None
@@ -45,10 +45,12 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # prefix-cache hashes of its full blocks, memoised
         self.grammar = None  # llguidance matcher of a structured output: what may come next
-        # A scoring sequence (choice probabilities) never samples: prefilling it sums the
-        # log-probabilities of its tokens from index `scored_from` on into `score`.
-        self.scored_from: int | None = None
-        self.score = 0.0
+        # Prompt logprobs: the step that computes a position p >= prompt_logprobs_from - 1 also
+        # gives the log-probability of token p + 1 (choice scoring uses it; see ChoiceScorer).
+        self.prompt_logprobs_from: int | None = None
+        # The request's own sequence this one was forked from (a choice's scoring sequence);
+        # None for a request's own sequence.
+        self.parent: Sequence | None = None
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -77,8 +79,16 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     @property
-    def is_scoring(self) -> bool:
-        return self.scored_from is not None
+    def is_prefill_only(self) -> bool:
+        """Computes its tokens and samples none (max_tokens 0): it exists for its prompt logprobs."""
+        return self.max_tokens == 0
+
+    @property
+    def first_logits_position(self) -> int:
+        """The first position whose logits this sequence needs: it is computed, never taken from the prefix cache."""
+        if self.prompt_logprobs_from is not None:
+            return self.prompt_logprobs_from - 1
+        return self.num_tokens - 1
 
     @property
     def is_finished(self) -> bool:

@@ -12,14 +12,39 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.choice_scoring import scoring_rows
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
+from engine.sequence import Sequence
 from engine.structured_output import token_bitmask
 
-# choice scoring of one step: (rows of the step's flat hidden states, target tokens, owners,
-# number of scoring sequences); see engine.choice_scoring.scoring_rows
-ScoringRows = tuple[list[int], list[int], list[int], int]
+
+@dataclass(slots=True)
+class PromptLogprobRows:
+    """The prompt logprobs one step computes: for each, the row of the step's flat hidden states
+    that predicts it, the token it scores, and (rank 0 only) the sequence and position it belongs to.
+
+    The hidden state at position p predicts token p + 1; a sequence with `prompt_logprobs_from`
+    wants the log-probability of every token from there on that this step's chunk predicts.
+    """
+
+    rows: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    owners: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, token position)
+
+    @classmethod
+    def of(cls, out: SchedulerOutput) -> PromptLogprobRows | None:
+        rows = cls()
+        offset = 0
+        for seq, num_new in zip(out.seqs, out.num_new_tokens, strict=True):
+            if seq.prompt_logprobs_from is not None:
+                start = seq.num_computed_tokens
+                for position in range(max(start, seq.prompt_logprobs_from - 1), start + num_new):
+                    if position + 1 < seq.num_tokens:
+                        rows.rows.append(offset + position - start)
+                        rows.targets.append(seq.token_ids[position + 1])
+                        rows.owners.append((seq, position + 1))
+            offset += num_new
+        return rows if rows.rows else None
 
 
 @dataclass(slots=True)
@@ -35,10 +60,13 @@ class StepPlan:
     output_token_ids: list[list[int]] = field(default_factory=list)
     # the sampling rows' grammar masks, computed on rank 0 where the grammar matchers live
     token_bitmask: torch.Tensor | None = None
-    scoring: ScoringRows | None = None  # choice scoring sequences in this step, if any
+    # prompt logprobs this step computes: (rows of the step's flat hidden states, target tokens)
+    prompt_logprob_rows: tuple[list[int], list[int]] | None = None
 
     @classmethod
-    def build(cls, out: SchedulerOutput, vocab_size: int) -> StepPlan:
+    def build(
+        cls, out: SchedulerOutput, vocab_size: int, prompt_logprobs: PromptLogprobRows | None = None
+    ) -> StepPlan:
         plan = cls([], [], [], list(out.is_sampling))
         for seq, num_new, samples in zip(out.seqs, out.num_new_tokens, out.is_sampling, strict=True):
             start = seq.num_computed_tokens
@@ -51,17 +79,13 @@ class StepPlan:
                 plan.output_token_ids.append(seq.output_token_ids)
         grammars = [seq.grammar for seq, samples in zip(out.seqs, out.is_sampling, strict=True) if samples]
         plan.token_bitmask = token_bitmask(grammars, vocab_size)
-        if num_scoring := sum(seq.is_scoring for seq in out.seqs):
-            plan.scoring = (*scoring_rows(out), num_scoring)
+        if prompt_logprobs is not None:
+            plan.prompt_logprob_rows = (prompt_logprobs.rows, prompt_logprobs.targets)
         return plan
 
     @property
     def num_seqs(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def num_sampling(self) -> int:
-        return sum(self.is_sampling)
 
     def without_sampling(self) -> StepPlan:
         """The plan for ranks that do not sample: the sampling rows' history stays behind."""
@@ -71,7 +95,7 @@ class StepPlan:
             prompt_token_ids=[],
             output_token_ids=[],
             token_bitmask=None,
-            scoring=None,
+            prompt_logprob_rows=None,
         )
 
     def split(self, num_micro_batches: int) -> list[StepPlan]:

@@ -107,8 +107,7 @@ def run_prefix_caching(folder: Path, args: argparse.Namespace) -> None:
             row = run_sluice(engine, workload)
             results[caching].append(row.seconds)
             if caching:
-                stats = engine.prefix_cache_stats
-                hit_rates.append(stats.hit_rate)
+                hit_rates.append(engine.stats().prefix_cache_hit_rate)
             print(
                 f"round {round_index + 1}, caching {'on' if caching else 'off'}: {row.seconds:.2f} s",
                 flush=True,

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from engine import TokenLogprob
-from schemas.openai import ChatLogprobs, CompletionLogprobs, TopLogprob
-from schemas.openai import TokenLogprob as WireTokenLogprob
+from engine import OutputLogprob
+from schemas.openai import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
 
 
-def chat_logprobs(logprobs: list[TokenLogprob], tokenizer) -> ChatLogprobs:
+def chat_logprobs(logprobs: list[OutputLogprob], tokenizer) -> ChatLogprobs:
     text = _token_texts(logprobs, tokenizer)
     return ChatLogprobs(
         content=[
-            WireTokenLogprob(
+            TokenLogprob(
                 token=text[lp.token_id],
                 logprob=lp.logprob,
                 bytes=list(text[lp.token_id].encode()),
@@ -25,7 +24,7 @@ def chat_logprobs(logprobs: list[TokenLogprob], tokenizer) -> ChatLogprobs:
     )
 
 
-def completion_logprobs(logprobs: list[TokenLogprob], tokenizer) -> CompletionLogprobs:
+def completion_logprobs(logprobs: list[OutputLogprob], tokenizer) -> CompletionLogprobs:
     text = _token_texts(logprobs, tokenizer)
     offsets, offset = [], 0
     for lp in logprobs:
@@ -39,7 +38,7 @@ def completion_logprobs(logprobs: list[TokenLogprob], tokenizer) -> CompletionLo
     )
 
 
-def _token_texts(logprobs: list[TokenLogprob], tokenizer) -> dict[int, str]:
+def _token_texts(logprobs: list[OutputLogprob], tokenizer) -> dict[int, str]:
     """Each token id's own text, decoded once per result."""
     ids = {lp.token_id for lp in logprobs} | {tid for lp in logprobs for tid, _ in lp.top}
     return {tid: tokenizer.decode([tid]) for tid in ids}

@@ -44,8 +44,11 @@ def build_runner(config: EngineConfig, backend: str, block_size: int, local_rank
 
 def join_and_load(
     config: EngineConfig, rank: int, local_rank: int, init_method: str, backend: str, block_size: int
-) -> tuple[ModelRunner, int]:
-    """Join the world, build this rank's runner, allocate the pool all ranks agree on (collective)."""
+) -> tuple[ModelRunner, int, list[int] | None]:
+    """Join the world, build this rank's runner, allocate the pool all ranks agree on (collective).
+
+    Returns the runner, the pool's number of blocks and, on rank 0, each rank's parameter count.
+    """
     dist_backend = "nccl" if config.device.startswith("cuda") else "gloo"
     if dist_backend == "nccl":
         torch.cuda.set_device(local_rank)  # before joining: NCCL binds each rank to the current device
@@ -65,7 +68,8 @@ def join_and_load(
     runner = build_runner(config, backend, block_size, local_rank)
     # every rank holds the same block ids: the pool is the smallest that fits on all of them
     num_blocks = ps.all_reduce_min(runner.blocks_that_fit())
-    return runner, runner.allocate_kv_cache(num_blocks)
+    num_parameters = ps.gather_to_driver(runner.num_parameters())  # how the weights were sharded
+    return runner, runner.allocate_kv_cache(num_blocks), num_parameters
 
 
 def run_worker(
@@ -82,14 +86,14 @@ def run_worker(
     _exit_with_parent()
     ready.put(rank)
     try:
-        runner, _ = join_and_load(config, rank, local_rank, init_method, backend, block_size)
+        runner, _, _ = join_and_load(config, rank, local_rank, init_method, backend, block_size)
         serve(runner)
     finally:
         ps.destroy_parallel_state()
 
 
 def serve(runner: ModelRunner) -> None:
-    """Run what rank 0 broadcasts: ("step", plan), ("call", method name) or ("stop",)."""
+    """Run what rank 0 broadcasts: ("step", plan) or ("stop",)."""
     state = ps.get_parallel_state()
     while True:
         message = ps.broadcast_from_driver(None)
@@ -98,8 +102,6 @@ def serve(runner: ModelRunner) -> None:
                 output = runner.execute(plan)
                 if state.is_sampling_rank:  # pipeline: the last stage samples, rank 0 schedules
                     ps.send_to_driver(_to_cpu(output))
-            case ("call", method):
-                ps.gather_to_driver(getattr(runner, method)())
             case ("stop",):
                 return
             case _:
@@ -114,7 +116,10 @@ def _to_cpu(output: SamplerOutput | None) -> SamplerOutput | None:
         logprobs = SampledLogprobs(
             logprobs.sampled_logprobs.cpu(), logprobs.top_token_ids.cpu(), logprobs.top_logprobs.cpu()
         )
-    return SamplerOutput(output.sampled_token_ids.cpu(), logprobs)
+    prompt_logprobs = output.prompt_logprobs
+    return SamplerOutput(
+        output.sampled_token_ids.cpu(), logprobs, None if prompt_logprobs is None else prompt_logprobs.cpu()
+    )
 
 
 def _exit_with_parent() -> None:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.forward_context import attention_metadata
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
@@ -42,10 +41,8 @@ def teacher_forced_logits(engine, token_ids: list[int], window: int = 256, chunk
             while seq.num_computed_tokens < window:
                 n = min(chunk, window - seq.num_computed_tokens)
                 out = SchedulerOutput(seqs=[seq], num_new_tokens=[n], is_sampling=[False])
-                input_ids, positions, metadata, _ = runner._prepare(StepPlan.build(out, engine.vocab_size))
-                with attention_metadata(metadata):
-                    hidden = runner.model(input_ids, positions)
-                rows.append(runner.model.compute_logits(hidden).float().cpu())
+                logits = runner.compute_all_logits(StepPlan.build(out, engine.vocab_size))
+                rows.append(logits.float().cpu())
                 seq.num_computed_tokens += n
         finally:
             engine.block_manager.deallocate(seq)

@@ -47,9 +47,9 @@ def test_outputs_are_identical_with_prefix_caching_on_and_off(tiny_checkpoint: P
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
         assert all(count == 0 for count in engine.block_manager.ref_counts)
     assert results[True] == results[False]
-    stats = engines[True].prefix_cache_stats
-    assert stats.hit_tokens > 0 and 0 < stats.hit_rate < 1
-    assert engines[False].prefix_cache_stats.queried_tokens == 0
+    stats = engines[True].stats()
+    assert stats.prefix_cache_hit_tokens > 0 and 0 < stats.prefix_cache_hit_rate < 1
+    assert engines[False].stats().prefix_cache_queried_tokens == 0
 
 
 def test_preemption_happens_with_caching_on_in_the_small_pool(tiny_checkpoint: Path) -> None:
@@ -66,10 +66,11 @@ def test_a_repeated_prompt_reuses_all_its_full_blocks(tiny_checkpoint: Path) -> 
     prompt = _prompts(engine.vocab_size, n=1)[0][:33]  # 2 full blocks + 1 token
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     first = engine.generate([prompt], params, use_tqdm=False)[0]
-    stats = engine.prefix_cache_stats
-    assert (stats.queried_tokens, stats.hit_tokens) == (33, 0)
+    stats = engine.stats()
+    assert (stats.prefix_cache_queried_tokens, stats.prefix_cache_hit_tokens) == (33, 0)
     second = engine.generate([prompt], params, use_tqdm=False)[0]
-    assert (stats.queried_tokens, stats.hit_tokens) == (66, 32)
+    stats = engine.stats()
+    assert (stats.prefix_cache_queried_tokens, stats.prefix_cache_hit_tokens) == (66, 32)
     assert second.token_ids == first.token_ids
 
 
@@ -88,7 +89,7 @@ def test_aborting_requests_that_share_cached_blocks_gives_every_block_back(tiny_
         engine.step()
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks and all(count == 0 for count in bm.ref_counts)
-    assert engine.prefix_cache_stats.hit_tokens >= 32 * len(prompts)
+    assert engine.stats().prefix_cache_hit_tokens >= 32 * len(prompts)
 
 
 def test_a_burst_of_prompts_sharing_a_prefix_computes_the_prefix_once(tiny_checkpoint: Path) -> None:
@@ -96,6 +97,6 @@ def test_a_burst_of_prompts_sharing_a_prefix_computes_the_prefix_once(tiny_check
     engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), block_size=16))
     prompts = _prompts(engine.vocab_size, n=4)  # a 40-token shared prefix: 2 full blocks
     outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
-    assert engine.prefix_cache_stats.hit_tokens == 3 * 32
-    assert engine.prefix_cache_stats.queried_tokens == sum(len(p) for p in prompts)
+    assert engine.stats().prefix_cache_hit_tokens == 3 * 32
+    assert engine.stats().prefix_cache_queried_tokens == sum(len(p) for p in prompts)
     assert len(outputs) == 4

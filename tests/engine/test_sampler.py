@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingBatch, sample_next_token, seeded_uniforms
+from engine.sampler import Sampler, SamplingBatch, seeded_uniforms
 from engine.sampling_params import SamplingParams
 
 V = 8
@@ -43,7 +43,7 @@ def _draws(logits: torch.Tensor, params: SamplingParams, n: int = 2000, seed: in
 
 
 def _greedy(logits: torch.Tensor, seen=NONE, output=NONE, **params) -> int:
-    return sample_next_token(
+    return _sample_next_token(
         logits, SamplingParams(temperature=0.0, **params), seen, output, torch.Generator()
     )
 
@@ -57,7 +57,7 @@ def test_greedy_ignores_the_generator_state() -> None:
     logits = torch.randn(V, generator=torch.Generator().manual_seed(1))
     greedy = SamplingParams(temperature=0.0)
     picks = {
-        sample_next_token(logits, greedy, NONE, NONE, torch.Generator().manual_seed(s)) for s in range(20)
+        _sample_next_token(logits, greedy, NONE, NONE, torch.Generator().manual_seed(s)) for s in range(20)
     }
     assert picks == {int(torch.argmax(logits))}
 
@@ -76,7 +76,7 @@ def test_same_generator_seed_gives_the_same_sequence_of_samples() -> None:
 
     def sequence(seed: int) -> list[int]:
         generator = torch.Generator().manual_seed(seed)
-        return [sample_next_token(logits, params, NONE, NONE, generator) for _ in range(50)]
+        return [_sample_next_token(logits, params, NONE, NONE, generator) for _ in range(50)]
 
     assert sequence(7) == sequence(7)
     assert sequence(7) != sequence(8)
@@ -332,3 +332,18 @@ def test_on_cuda_build_and_sample_never_sync_and_the_seeded_hash_matches_the_cpu
     seeds, positions = torch.tensor([0, -7, 2**62]), torch.tensor([0, 5, 999])
     on_cuda = seeded_uniforms(seeds.cuda(), positions.cuda(), 1000).cpu()
     assert torch.equal(on_cuda, seeded_uniforms(seeds, positions, 1000))
+
+
+def _sample_next_token(
+    logits: torch.Tensor,  # [V] float32
+    params: SamplingParams,
+    seen_token_ids: torch.Tensor,  # [P + O] prompt and output so far (repetition penalty)
+    output_token_ids: torch.Tensor,  # [O] (presence and frequency penalties)
+    generator: torch.Generator,
+) -> int:
+    """One sequence's next token: the batched Sampler with N = 1."""
+    # seen already holds the output, so passing it as the prompt gives the same repetition set
+    batch = SamplingBatch.build(
+        [params], [seen_token_ids.tolist()], [output_token_ids.tolist()], logits.device, logits.numel()
+    )
+    return int(Sampler(generator)(logits[None], batch).sampled_token_ids[0])

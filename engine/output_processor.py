@@ -1,0 +1,104 @@
+"""OutputProcessor: from sampled tokens to RequestOutputs (text, stop strings, logprobs).
+
+The last stage of a step. Stop strings need text, which the scheduler does not have: the
+processor checks each new token's tail window for them and reports the sequences they end,
+which the engine then finishes in the scheduler. A request's text is decoded once, when it
+finishes; nothing decodes a whole output per token.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from engine.outputs import OutputLogprob, RequestMetrics, RequestOutput
+from engine.sampler import SampledLogprobs
+from engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class ProcessedStep:
+    outputs: list[tuple[Sequence, RequestOutput]]  # requests finished this step, with their outputs
+    stopped: list[tuple[Sequence, str]]  # running sequences a stop string ended: to finish
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._logprobs: dict[Sequence, list[OutputLogprob]] = {}  # requests that asked for logprobs
+
+    def add(self, seq: Sequence) -> None:
+        if seq.params.logprobs is not None:
+            self._logprobs[seq] = []
+
+    def process(
+        self,
+        sampling: list[Sequence],
+        token_ids: list[int],
+        logprobs: SampledLogprobs | None,
+        finished: list[Sequence],
+    ) -> ProcessedStep:
+        """One step: `sampling` sampled `token_ids` (row order); the scheduler finished `finished`."""
+        if logprobs is not None:
+            self._record_logprobs(sampling, token_ids, logprobs)
+        stops = {seq: stop for seq in sampling if (stop := self._stop_string(seq)) is not None}
+        stopped = [(seq, stop) for seq, stop in stops.items() if not seq.is_finished]
+        ended = [*finished, *(seq for seq, _ in stopped)]
+        outputs = [(seq, self._output(seq, stops.get(seq))) for seq in ended if seq.parent is None]
+        return ProcessedStep(outputs, stopped)
+
+    def abort(self, seq: Sequence) -> RequestOutput:
+        """The output of a request the engine has just aborted."""
+        return self._output(seq, None)
+
+    def _stop_string(self, seq: Sequence) -> str | None:
+        stop_strings = seq.params.stop
+        # a stop token or a grammar that ended the sequence this step comes first; a stop string
+        # completed by the last token max_tokens allows still counts as a stop
+        if not stop_strings or seq.finish_reason not in (None, "length"):
+            return None
+        # Checked every token, so a new occurrence ends in the newest token's text: decoding a
+        # tail window is enough, and keeps the check O(1) per token instead of O(output).
+        # The window's first characters may decode differently than mid-text (a dropped
+        # leading space, a split UTF-8 sequence); at twice the longest stop string plus 8
+        # tokens they lie well before any occurrence that reaches the newest token.
+        window = 2 * max(map(len, stop_strings)) + 8
+        text = self._decode(seq.output_token_ids[-window:])
+        return next((stop for stop in stop_strings if stop in text), None)
+
+    def _output(self, seq: Sequence, stop_string: str | None) -> RequestOutput:
+        finish_reason, stop_reason = (
+            ("stop", stop_string) if stop_string else (seq.finish_reason, seq.stop_reason)
+        )
+        output_ids = seq.output_token_ids
+        # the stop token is not text
+        text = self._decode(output_ids[:-1] if isinstance(stop_reason, int) else output_ids)
+        if stop_string:
+            text = text[: text.find(stop_string)]
+        metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, time.time(), seq.num_preemptions)
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=output_ids,
+            text=text,
+            finish_reason=finish_reason,
+            metrics=metrics,
+            stop_reason=stop_reason,
+            logprobs=self._logprobs.pop(seq, None),
+        )
+
+    def _record_logprobs(
+        self, sampling: list[Sequence], token_ids: list[int], logprobs: SampledLogprobs
+    ) -> None:
+        sampled = logprobs.sampled_logprobs.tolist()
+        top_ids, top_values = logprobs.top_token_ids.tolist(), logprobs.top_logprobs.tolist()
+        for row, seq in enumerate(sampling):
+            record = self._logprobs.get(seq)
+            if record is None:
+                continue
+            k = seq.params.logprobs or 0
+            top = list(zip(top_ids[row][:k], top_values[row][:k], strict=True))
+            record.append(OutputLogprob(token_ids[row], sampled[row], top))
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
