@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = select_backend(config.attention_backend, torch.device(config.device.split(":")[0]))
     block_size = config.block_size or (256 if backend == "flash" else 16)
     try:
-        runner, _ = join_and_load(config, rank, local_rank, address, backend, block_size)
+        runner, _, _ = join_and_load(config, rank, local_rank, address, backend, block_size)
         serve(runner)
     finally:
         ps.destroy_parallel_state()

@@ -65,12 +65,10 @@ class UniprocExecutor:
     def __init__(self, config: EngineConfig, backend: str, block_size: int) -> None:
         self.runner = build_runner(config, backend, block_size, local_rank=0)
         self.num_blocks = self.runner.allocate_kv_cache()
+        self.num_parameters_per_rank = [self.runner.num_parameters()]
 
     def execute(self, plan: StepPlan) -> SamplerOutput | None:
         return self.runner.execute(plan)
-
-    def collective_rpc(self, method: str) -> list:
-        return [getattr(self.runner, method)()]
 
     def shutdown(self) -> None:
         pass
@@ -98,7 +96,11 @@ class MultiprocExecutor:
         self._watcher.start()
         try:
             self._wait_until_ready()
-            self.runner, self.num_blocks = join_and_load(config, 0, 0, init_method, backend, block_size)
+            self.runner, self.num_blocks, num_parameters = join_and_load(
+                config, 0, 0, init_method, backend, block_size
+            )
+            self.num_parameters_per_rank: list[int] = num_parameters
+            log.info("weights: %s parameters on ranks 0..%d", num_parameters, len(num_parameters) - 1)
         except BaseException as e:
             # A checkpoint that cannot load fails every rank alike: rank 0's own error says why.
             failure = e if isinstance(e, (ModelLoadError, ValueError)) else self._failure_after(e)
@@ -122,18 +124,6 @@ class MultiprocExecutor:
                 output = ps.recv_from(state.sampling_rank)
             return output
         except BaseException as e:  # Ctrl-C mid-step too: the ranks are out of step from here on
-            failure = self._fail(e)
-            if failure is e:
-                raise
-            raise failure from e
-
-    def collective_rpc(self, method: str) -> list:
-        """Call ModelRunner.`method`() on every rank; the results in rank order."""
-        self._check_alive()
-        try:
-            ps.broadcast_from_driver(("call", method))
-            return ps.gather_to_driver(getattr(self.runner, method)())
-        except BaseException as e:
             failure = self._fail(e)
             if failure is e:
                 raise

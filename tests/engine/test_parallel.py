@@ -61,7 +61,7 @@ def layout(request, model_cache):
     with LLMEngine(EngineConfig(model=str(checkpoint), **SMALL_KV)) as single:
         prompts = _prompts(single.vocab_size)
         reference = [o.token_ids for o in _greedy(single, prompts)]
-        single_process_params = single.executor.collective_rpc("num_parameters")[0]
+        single_process_params = single.executor.num_parameters_per_rank[0]
         single_logprobs = [o.logprobs for o in single.generate(prompts[:3], LOGPROBS, use_tqdm=False)]
     config = EngineConfig(
         model=str(checkpoint), tensor_parallel_size=tp, pipeline_parallel_size=pp, **SMALL_KV
@@ -82,7 +82,7 @@ def test_each_rank_holds_only_its_share_of_the_weights(layout):
     engine = layout.engine
     config = engine.runner.model.config
     tp, pp = engine.config.tensor_parallel_size, engine.config.pipeline_parallel_size
-    counts = engine.executor.collective_rpc("num_parameters")
+    counts = engine.executor.num_parameters_per_rank
     expected = [_expected_rank_params(config, tp, pp, rank) for rank in range(tp * pp)]
     assert counts == expected
     # the shards add up to the whole model, plus the copies that the layout requires
