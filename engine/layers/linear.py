@@ -41,6 +41,11 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
 
+    @property
+    def output_shards(self) -> dict:
+        """This rank's output rows of each projection fused in the layer, keyed by shard id, in order."""
+        return {None: self.weight.shape[0]}
+
 
 class ReplicatedLinear(LinearBase):
     """Every rank holds the whole weight."""
@@ -77,6 +82,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         size = self.output_sizes[shard_id] // self.tp_size
         param_slice = param.data.narrow(0, offset, size)
         _copy_shard(param_slice, loaded_weight, dim=0, index=self.tp_rank, num_shards=self.tp_size)
+
+    @property
+    def output_shards(self) -> dict:
+        return {i: size // self.tp_size for i, size in enumerate(self.output_sizes)}
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -121,6 +130,11 @@ class QKVParallelLinear(ColumnParallelLinear):
             raise ValueError(f"unknown qkv shard id {shard_id!r}")
         param_slice = param.data.narrow(0, offset, size)
         _copy_shard(param_slice, loaded_weight, dim=0, index=index, num_shards=num_shards)
+
+    @property
+    def output_shards(self) -> dict:
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {"q": q, "k": kv, "v": kv}
 
 
 class RowParallelLinear(LinearBase):

@@ -103,7 +103,7 @@ class BnbPrequantizedLinearMethod(LinearMethod):
                 "(its packed 4-bit blocks and row scales are per whole projection); load the float "
                 "checkpoint with quantization set instead, which quantises each rank's shard"
             )
-        layer.bnb_rows = _shard_rows(layer)  # shard id -> output rows, in the fused order
+        layer.bnb_rows = layer.output_shards  # shard id -> output rows, in the fused order
         layer.bnb_in_features = layer.weight.shape[1]
         layer.bnb_checkpoint = {shard: {} for shard in layer.bnb_rows}
         del layer.weight  # the float placeholder: the checkpoint's tensors go to bnb_checkpoint
@@ -226,18 +226,6 @@ def _four_bit_bytes(module: nn.Module) -> int:
     if state.nested:
         tensors += [state.offset, state.state2.absmax, state.state2.code]
     return _tensor_bytes(*tensors)
-
-
-def _shard_rows(layer: nn.Module) -> dict:
-    """Output rows of each projection fused in the layer, keyed by the loader's shard id."""
-    from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
-
-    if isinstance(layer, QKVParallelLinear):
-        q, kv = layer.num_heads * layer.head_dim, layer.num_kv_heads * layer.head_dim
-        return {"q": q, "k": kv, "v": kv}
-    if isinstance(layer, MergedColumnParallelLinear):
-        return {i: size // layer.tp_size for i, size in enumerate(layer.output_sizes)}
-    return {None: layer.weight.shape[0]}
 
 
 def _require(tensors: dict, names: tuple[str, ...], what: str) -> None:

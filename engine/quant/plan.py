@@ -138,12 +138,10 @@ def finalize_model(model: nn.Module, plan: QuantPlan, device: torch.device) -> N
 
 def model_weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter, linear layers counted as their method stores them (scales included)."""
-    from engine.layers.linear import LinearBase
-
     total, seen = 0, set()
     linear_prefixes = []
     for name, module in model.named_modules():
-        if isinstance(module, LinearBase):
+        if _is_linear(module):
             total += module.quant_method.weight_bytes(module)
             if module.bias is not None:
                 total += module.bias.numel() * module.bias.element_size()
@@ -157,9 +155,7 @@ def model_weight_bytes(model: nn.Module) -> int:
 
 
 def _targets(model: nn.Module, plan: QuantPlan) -> list[tuple[str, nn.Module]]:
-    """Every linear layer not skipped; the embedding and lm_head are not LinearBase and never targets."""
-    from engine.layers.linear import LinearBase
-
+    """Every linear layer not skipped; the embedding and lm_head are not linear layers and never targets."""
     if not plan.is_active:
         return []
     mapping = getattr(model, "packed_modules_mapping", {})
@@ -167,8 +163,14 @@ def _targets(model: nn.Module, plan: QuantPlan) -> list[tuple[str, nn.Module]]:
     return [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, LinearBase) and not any(f".{s}." in f".{name}." for s in skip)
+        if _is_linear(m) and not any(f".{s}." in f".{name}." for s in skip)
     ]
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # a linear layer (engine.layers.linear) is a module whose matmul a LinearMethod runs; asked
+    # this way, quant never imports the layers, which import quant's interface
+    return isinstance(getattr(module, "quant_method", None), LinearMethod)
 
 
 def _prequantized_plan(plan: QuantPlan, checkpoint: dict, compute_dtype_option, model_dtype) -> QuantPlan:
