@@ -189,38 +189,14 @@ class Service:
             self.tracer.record_admission([a.tag for a in batch if a.tag is not None], len(batch))
 
     def _register_gauges(self) -> None:
-        engine, bp, m = self.worker.engine, self.backpressure, self.metrics
-        bm = engine.block_manager
-        m.engine_steps(engine.stats)
+        bp, m = self.backpressure, self.metrics
+        m.engine(self.worker.stats)
         m.gauge("sluice_jobs_in_flight", "Jobs consumed, not yet published", lambda: bp.jobs)
         m.gauge("sluice_tokens_in_flight", "Prompt + requested output tokens in flight", lambda: bp.tokens)
         m.gauge(
             "sluice_consumer_paused", "1 while backpressure pauses the partitions", lambda: int(bp.is_paused)
         )
         m.gauge("sluice_consumer_lag", "Records of assigned partitions not yet done", self.consumer.lag)
-        m.gauge(
-            "sluice_engine_running",
-            "Sequences in the engine's running batch",
-            lambda: len(engine.scheduler.running),
-        )
-        m.gauge(
-            "sluice_engine_waiting", "Sequences waiting for the engine", lambda: len(engine.scheduler.waiting)
-        )
-        m.gauge(
-            "sluice_kv_cache_usage",
-            "Share of KV-cache blocks in use",
-            lambda: 1 - bm.num_free_blocks / bm.num_blocks,
-        )
-        m.gauge(
-            "sluice_prefix_cache_queried_tokens",
-            "Prompt tokens looked up in the prefix cache (since start)",
-            lambda: bm.stats.queried_tokens,
-        )
-        m.gauge(
-            "sluice_prefix_cache_hit_tokens",
-            "Prompt tokens found in the prefix cache, not recomputed (since start)",
-            lambda: bm.stats.hit_tokens,
-        )
 
     def _forget_task(self, task: asyncio.Task) -> None:
         self._tasks.pop(task, None)

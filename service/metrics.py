@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from engine.stats import EngineStats
+from engine import EngineStats
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600, 1800)
 
@@ -67,39 +67,55 @@ class ServiceMetrics:
         """A gauge whose value is read at scrape time."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
 
-    def counter(self, name: str, documentation: str, read: Callable[[], float]) -> None:
-        """A counter kept elsewhere (e.g. by the engine thread), read at scrape time; `name` without _total."""
-        self.registry.register(_CounterReader(name, documentation, read))
-
-    def engine_steps(self, stats: EngineStats) -> None:
-        """The engine's step totals: rate(sequences) / rate(steps) is the mean batch size."""
-        self.counter("sluice_engine_steps", "Engine steps run", lambda: stats.num_steps)
-        self.counter(
-            "sluice_engine_step_sequences",
-            "Sequences scheduled, summed over engine steps (the batch sizes)",
-            lambda: stats.num_step_seqs,
-        )
-        self.counter(
-            "sluice_engine_step_tokens",
-            "Tokens computed (prompt chunks + decodes), summed over engine steps",
-            lambda: stats.num_step_tokens,
-        )
-        self.counter(
-            "sluice_engine_preemptions",
-            "Sequences preempted for KV-cache blocks",
-            lambda: stats.num_preemptions,
-        )
+    def engine(self, read_stats: Callable[[], EngineStats]) -> None:
+        """The engine's gauges and step totals, from one stats() snapshot per scrape."""
+        self.registry.register(_EngineCollector(read_stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class _CounterReader(Collector):
-    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
-        self._name, self._documentation, self._read = name, documentation, read
+class _EngineCollector(Collector):
+    def __init__(self, read_stats: Callable[[], EngineStats]) -> None:
+        self._read_stats = read_stats
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(self._name, self._documentation, value=self._read())
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self._read_stats()
+        steps = stats.steps
+        gauges = (
+            ("sluice_engine_running", "Sequences in the engine's running batch", stats.num_running_seqs),
+            ("sluice_engine_waiting", "Sequences waiting for the engine", stats.num_waiting_seqs),
+            ("sluice_kv_cache_usage", "Share of KV-cache blocks in use", stats.kv_cache_usage),
+            (
+                "sluice_prefix_cache_queried_tokens",
+                "Prompt tokens looked up in the prefix cache (since start)",
+                stats.prefix_cache_queried_tokens,
+            ),
+            (
+                "sluice_prefix_cache_hit_tokens",
+                "Prompt tokens found in the prefix cache, not recomputed (since start)",
+                stats.prefix_cache_hit_tokens,
+            ),
+        )
+        for name, documentation, value in gauges:
+            yield GaugeMetricFamily(name, documentation, value=value)
+        # rate(sequences) / rate(steps) is the mean batch size
+        counters = (
+            ("sluice_engine_steps", "Engine steps run", steps.num_steps),
+            (
+                "sluice_engine_step_sequences",
+                "Sequences scheduled, summed over engine steps (the batch sizes)",
+                steps.num_step_seqs,
+            ),
+            (
+                "sluice_engine_step_tokens",
+                "Tokens computed (prompt chunks + decodes), summed over engine steps",
+                steps.num_step_tokens,
+            ),
+            ("sluice_engine_preemptions", "Sequences preempted for KV-cache blocks", steps.num_preemptions),
+        )
+        for name, documentation, value in counters:
+            yield CounterMetricFamily(name, documentation, value=value)
 
 
 def _total(counter: Counter) -> int:
