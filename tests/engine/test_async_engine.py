@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from engine import AsyncLLMEngine, EngineConfig, EngineThread, LLMEngine, RequestRejected, SamplingParams
+from tests.engine.async_requests import generate
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ async def test_concurrent_requests_each_get_their_own_result(engine):
     try:
         params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 9, 5)]
         outputs = await asyncio.gather(
-            *(_generate(async_engine, f"r{i}", [1, 10 + i, 20], p) for i, p in enumerate(params))
+            *(generate(async_engine, f"r{i}", [1, 10 + i, 20], p) for i, p in enumerate(params))
         )
     finally:
         await async_engine.stop()
@@ -42,7 +43,7 @@ async def test_the_event_loop_keeps_running_while_the_engine_works(engine):
 
     ticker = asyncio.create_task(tick())
     try:
-        await _generate(
+        await generate(
             async_engine, "long", [1, 5, 6], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
         )
     finally:
@@ -56,7 +57,7 @@ async def test_a_rejected_request_raises_in_the_awaiting_coroutine(engine):
     async_engine.start()
     try:
         with pytest.raises(RequestRejected, match="at most 63"):
-            await _generate(async_engine, "too-long", list(range(5, 100)), SamplingParams(max_tokens=4))
+            await generate(async_engine, "too-long", list(range(5, 100)), SamplingParams(max_tokens=4))
     finally:
         await async_engine.stop()
 
@@ -66,14 +67,14 @@ async def test_cancelling_the_awaiting_task_aborts_the_request_and_frees_its_blo
     async_engine.start()
     try:
         task = asyncio.create_task(
-            _generate(async_engine, "cancel-me", [1, 5, 6], SamplingParams(max_tokens=60, ignore_eos=True))
+            generate(async_engine, "cancel-me", [1, 5, 6], SamplingParams(max_tokens=60, ignore_eos=True))
         )
         await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         # the engine thread applies the abort before its next step; a short request after it completes
-        await _generate(async_engine, "after", [1, 7], SamplingParams(temperature=0.0, max_tokens=2))
+        await generate(async_engine, "after", [1, 7], SamplingParams(temperature=0.0, max_tokens=2))
     finally:
         await async_engine.stop()
     assert not engine.has_unfinished_requests()
@@ -95,7 +96,7 @@ async def test_the_step_loop_runs_on_the_engine_thread_it_is_given_which_outlive
     try:
         async_engine.start()
         assert async_engine.is_running
-        await _generate(
+        await generate(
             async_engine, "r", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
         )
         await async_engine.stop()
@@ -109,8 +110,3 @@ async def test_the_step_loop_runs_on_the_engine_thread_it_is_given_which_outlive
     finally:
         del engine.step
         engine_thread.close()
-
-
-async def _generate(async_engine: AsyncLLMEngine, request_id: str, prompt, params: SamplingParams):
-    (future,) = async_engine.add_requests([(request_id, prompt, params, 0)])
-    return await async_engine.wait(request_id, future)

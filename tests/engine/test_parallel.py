@@ -14,6 +14,7 @@ import pytest
 
 from engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
 from engine.testing import ensure_checkpoint
+from tests.engine.async_requests import generate
 
 MAX_TOKENS = 12
 # 24 blocks of 4 tokens cannot hold the batch: sequences are preempted and recomputed
@@ -98,7 +99,7 @@ def test_async_engine_runs_a_parallel_engine(layout):
         async_engine.start()
         try:
             return await asyncio.gather(
-                *(async_engine.generate(f"async-{i}", prompts[i], params) for i in range(3))
+                *(generate(async_engine, f"async-{i}", prompts[i], params) for i in range(3))
             )
         finally:
             await async_engine.stop()

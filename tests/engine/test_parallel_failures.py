@@ -27,6 +27,7 @@ from engine import (
     SamplingParams,
     WorkerDiedError,
 )
+from tests.engine.async_requests import generate
 
 FAIL_FAST_S = 10.0  # far below distributed_timeout_s (300 s): the error comes from the watcher
 LONG = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
@@ -141,7 +142,7 @@ async def test_async_engine_fails_every_request_and_stops_when_a_worker_dies(tin
     async_engine = AsyncLLMEngine(engine)
     async_engine.start()
     try:
-        running = asyncio.ensure_future(async_engine.generate("long", _prompts(1)[0], LONG))
+        running = asyncio.ensure_future(generate(async_engine, "long", _prompts(1)[0], LONG))
         await asyncio.sleep(0.5)
         os.kill(engine.executor.worker_pids[1], signal.SIGKILL)
         with pytest.raises(WorkerDiedError, match="rank 1"):
@@ -149,7 +150,7 @@ async def test_async_engine_fails_every_request_and_stops_when_a_worker_dies(tin
         await asyncio.sleep(0.1)
         assert not async_engine.is_running  # liveness: the service's /healthz turns 503
         with pytest.raises(WorkerDiedError, match="rank 1"):  # later requests fail at once
-            await asyncio.wait_for(async_engine.generate("late", [1, 2, 3], LONG), 1.0)
+            await asyncio.wait_for(generate(async_engine, "late", [1, 2, 3], LONG), 1.0)
     finally:
         await async_engine.stop()
         engine.close()
