@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
-from engine.testing import ensure_checkpoint
+from engine.demo_models import ensure_checkpoint
 
 MAX_TOKENS = 12
 # 24 blocks of 4 tokens cannot hold the batch: sequences are preempted and recomputed
