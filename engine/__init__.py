@@ -1,12 +1,12 @@
 """The engine: a library that runs Llama-family checkpoints. Knows nothing of Kafka or the wire format."""
 
 from engine.async_engine import AsyncLLMEngine
+from engine.checkpoint import ModelLoadError
 from engine.config import EngineConfig, EngineConfigError
 from engine.distributed.executor import EngineDeadError, WorkerDiedError
 from engine.engine_thread import EngineThread
 from engine.input_processor import RequestRejected
 from engine.llm_engine import LLMEngine
-from engine.loader import ModelLoadError
 from engine.outputs import OutputLogprob, RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams, StructuredOutputs
 from engine.stats import EngineStats

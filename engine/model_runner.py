@@ -23,7 +23,8 @@ from engine.forward_context import AttentionMetadata, attention_metadata, group_
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
 from engine.quant import kv_cache as fp8_kv
-from engine.sampler import Sampler, SamplerOutput, SamplingBatch
+from engine.sampler import Sampler, SamplerOutput
+from engine.sampling_batch import SamplingBatch
 from engine.step_plan import StepPlan
 
 log = logging.getLogger(__name__)

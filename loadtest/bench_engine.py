@@ -37,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from engine.testing import ensure_checkpoint  # noqa: E402
+from engine.demo_models import ensure_checkpoint  # noqa: E402
 
 PEERS = ("sequential", "static", "continuous")
 
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", default="standard", choices=["standard", "shared-prefix"])
     parser.add_argument("--rounds", type=int, default=3, help="shared-prefix: on/off runs of each setting")
-    parser.add_argument("--preset", default="small", help="checkpoint preset (engine.testing)")
+    parser.add_argument("--preset", default="small", help="checkpoint preset (engine.demo_models)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS)

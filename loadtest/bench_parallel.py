@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from engine.testing import ensure_checkpoint  # noqa: E402
+from engine.demo_models import ensure_checkpoint  # noqa: E402
 from loadtest.bench_engine import Row, Workload, run_sluice, standard_workload  # noqa: E402
 
 

@@ -3,7 +3,7 @@
 For each mode (float32 reference, bitsandbytes int8 / nf4 / fp4, fp8 weights on CUDA with
 compute capability >= 8.9, fp8 KV cache, 2:4 magnitude pruning) on two checkpoints:
 
-- `small`: the ~125M-parameter benchmark checkpoint with random weights (engine.testing);
+- `small`: the ~125M-parameter benchmark checkpoint with random weights (engine.demo_models);
 - `trained`: a ~4M-parameter Llama trained here, deterministically on CPU (one thread, fixed
   seed, fixed steps; a few minutes), on the first 80% of loadtest/data/coriolanus.txt with
   its own BPE tokenizer. Random weights exaggerate quantisation error (their next-token
@@ -44,9 +44,9 @@ from bench_engine import run_sluice, standard_workload  # noqa: E402
 
 from engine import EngineConfig, LLMEngine  # noqa: E402
 from engine.compress import prune_checkpoint  # noqa: E402
+from engine.demo_models import ensure_checkpoint  # noqa: E402
 from engine.quant import QuantizationError, model_weight_bytes  # noqa: E402
 from engine.quant.quality import compare, targets_for, teacher_forced_logits  # noqa: E402
-from engine.testing import ensure_checkpoint  # noqa: E402
 
 TEXT = REPO_ROOT / "loadtest" / "data" / "coriolanus.txt"
 MODELS = REPO_ROOT / "build" / "models"
@@ -82,7 +82,9 @@ class Result:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", help="random-weight checkpoint preset (engine.testing)")
+    parser.add_argument(
+        "--preset", default="small", help="random-weight checkpoint preset (engine.demo_models)"
+    )
     parser.add_argument(
         "--checkpoints", nargs="*", default=["random", "trained"], choices=["random", "trained"]
     )

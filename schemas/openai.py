@@ -148,9 +148,6 @@ class SluiceExtension(Struct, kw_only=True, omit_defaults=True):
     choice_probabilities: dict[str, float] | None = None
 
 
-SluiceTimings = SluiceExtension  # its name before it carried more than timings
-
-
 class TopLogprob(Struct, kw_only=True):
     token: str
     logprob: float

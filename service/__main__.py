@@ -66,7 +66,7 @@ def resolve_model(config: ServiceConfig) -> str:
     """The configured model folder, or the built-in demo model (built once, then cached)."""
     if config.model:
         return config.model
-    from engine.testing import ensure_checkpoint
+    from engine.demo_models import ensure_checkpoint
 
     cache = Path(config.build_dir) / "models"
     log.info("no model configured (SLUICE_MODEL): using the built-in %r demo model", config.demo_preset)

@@ -17,10 +17,10 @@ import threading
 
 import torch
 
+from engine.checkpoint import check_checkpoint_folder
 from engine.config import EngineConfig
 from engine.distributed import parallel_state as ps
 from engine.distributed.layout import local_world_size_of
-from engine.loader import check_checkpoint_folder
 from engine.model_runner import ModelRunner
 from engine.quant import make_plan
 from engine.sampler import SampledLogprobs, SamplerOutput

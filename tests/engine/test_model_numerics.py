@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from engine.checkpoint import ModelLoadError
+from engine.demo_models import build_checkpoint, ensure_checkpoint
 from engine.layers.rotary import RotaryEmbedding, rope_parameters_from_config
-from engine.loader import ModelLoadError
-from engine.testing import build_checkpoint, ensure_checkpoint
 from engine.weights import WeightLoadError, build_model
 
 PRESETS = ("tiny", "tiny-mistral", "tiny-qwen2", "tiny-mqa", "tiny-llama3")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
-from engine.testing import ensure_checkpoint
+from engine.demo_models import ensure_checkpoint
 from tests.engine.async_requests import generate
 
 MAX_TOKENS = 12

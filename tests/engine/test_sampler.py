@@ -6,7 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingBatch, seeded_uniforms
+from engine.sampler import Sampler, seeded_uniforms
+from engine.sampling_batch import SamplingBatch
 from engine.sampling_params import SamplingParams
 
 V = 8

@@ -36,7 +36,7 @@ from schemas.openai import (
     CompletionRequest,
     ErrorBody,
     ErrorDetail,
-    SluiceTimings,
+    SluiceExtension,
     TextCompletion,
     Usage,
 )
@@ -195,7 +195,7 @@ def test_peek_custom_id_is_none_for_garbage(data: bytes) -> None:
 # --- results ------------------------------------------------------------------------------
 
 USAGE = Usage(prompt_tokens=5, completion_tokens=3, total_tokens=8)
-TIMINGS = SluiceTimings(schema_version=1, queue_ms=1.5, ttft_ms=2.25, total_ms=10.0, engine="tiny")
+TIMINGS = SluiceExtension(schema_version=1, queue_ms=1.5, ttft_ms=2.25, total_ms=10.0, engine="tiny")
 
 
 def _chat_result() -> BatchResponseLine:

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from engine import testing
-from engine.testing import build_checkpoint, ensure_checkpoint
+from engine import demo_models
+from engine.demo_models import build_checkpoint, ensure_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +97,13 @@ def test_chat_template_omits_assistant_header_without_generation_prompt(tokenize
 
 def test_ensure_checkpoint_builds_once_then_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     builds = []
-    real_build = testing._build_in_temp
+    real_build = demo_models._build_in_temp
 
     def counting_build(*args, **kwargs):
         builds.append(args)
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(testing, "_build_in_temp", counting_build)
+    monkeypatch.setattr(demo_models, "_build_in_temp", counting_build)
     first = ensure_checkpoint(tmp_path, preset="tiny", seed=0)
     second = ensure_checkpoint(tmp_path, preset="tiny", seed=0)
     assert first == second == tmp_path / "tiny-seed0"
