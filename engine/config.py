@@ -7,7 +7,7 @@ from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "flash", "triton", "sdpa")
-QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4", "fp8")  # engine.quant.plan has the same tuple
+QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 
 
