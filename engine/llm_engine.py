@@ -19,10 +19,10 @@ from engine.choice_scoring import ChoiceScoring
 from engine.config import EngineConfig
 from engine.distributed.executor import MultiprocExecutor, UniprocExecutor
 from engine.distributed.layout import check_parallel_layout
-from engine.layers.attention_backends import select_backend
 from engine.loader import check_checkpoint_folder, load_tokenizer
 from engine.outputs import RequestMetrics, RequestOutput, TokenLogprob
 from engine.quant import make_plan
+from engine.runtime import resolve_runtime
 from engine.sampling_params import SamplingParams, StructuredOutputs
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
@@ -50,12 +50,8 @@ class LLMEngine:
         hf_config = check_checkpoint_folder(config.model)
         self.tokenizer = load_tokenizer(config.model)
         device = torch.device(config.device)
-        self.attention_backend = select_backend(config.attention_backend, device, config.kv_cache_dtype)
-        self.block_size = config.block_size or (256 if self.attention_backend == "flash" else 16)
-        if self.attention_backend == "flash" and self.block_size % 256:
-            raise ValueError(
-                f"FlashAttention needs block_size to be a multiple of 256, got {self.block_size}"
-            )
+        self.runtime = resolve_runtime(config)  # the same on every rank (engine/runtime.py)
+        self.attention_backend, self.block_size = self.runtime.attention_backend, self.runtime.block_size
         make_plan(
             config, hf_config, device
         )  # refuses a compression mode that cannot run here, before loading
