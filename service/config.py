@@ -107,7 +107,7 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
             values.update(msgspec.toml.decode(Path(path).read_bytes()))
         except (OSError, msgspec.DecodeError) as e:
             raise ConfigError(f"SLUICE_CONFIG={path}: {e}") from None
-    _override_from_environ(values, msgspec.inspect.type_info(ServiceConfig).fields, "SLUICE_", environ)
+    _override_from_environ(values, mi.type_info(ServiceConfig).fields, "SLUICE_", environ)
     try:
         return msgspec.convert(values, ServiceConfig, strict=False)
     except msgspec.ValidationError as e:
@@ -118,7 +118,7 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
 
 def environment_variables() -> set[str]:
     """Every variable load_config reads: SLUICE_CONFIG, SLUICE_<FIELD> and SLUICE_ENGINE_<FIELD>."""
-    return {"SLUICE_CONFIG", *_variables(msgspec.inspect.type_info(ServiceConfig).fields, "SLUICE_")}
+    return {"SLUICE_CONFIG", *_variables(mi.type_info(ServiceConfig).fields, "SLUICE_")}
 
 
 def _override_from_environ(
