@@ -14,7 +14,11 @@ class ModelLoadError(RuntimeError):
 
 def check_checkpoint_folder(folder: str | Path) -> dict:
     """Validate the folder's layout before any heavy loading; returns config.json's contents."""
+    if not str(folder):
+        raise ModelLoadError("no model folder given (the engine option `model` is empty)")
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelLoadError(f"model folder {str(folder)!r} does not exist or is not a folder")
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "flash", "triton", "sdpa")
-QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4", "fp8")  # engine.quant.plan has the same tuple
+QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 
 
@@ -17,7 +16,9 @@ class EngineConfigError(ValueError):
 
 @dataclass(slots=True)
 class EngineConfig:
-    model: str  # a Hugging Face checkpoint folder: config.json, *.safetensors, tokenizer files
+    # a Hugging Face checkpoint folder: config.json, *.safetensors, tokenizer files (checked when the
+    # engine loads it, engine/checkpoint.py); the service builds a demo model when it is empty
+    model: str = ""
     dtype: str = "float32"
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     max_model_len: int | None = None  # prompt + output tokens; None: the model's own limit
@@ -92,8 +93,6 @@ class EngineConfig:
             raise EngineConfigError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
-        if not Path(self.model).is_dir():
-            raise EngineConfigError(f"model folder {self.model!r} does not exist or is not a folder")
 
     @property
     def world_size(self) -> int:

@@ -28,10 +28,10 @@ from engine.cuda_graphs import can_capture
 from engine.distributed.executor import MultiprocExecutor, UniprocExecutor
 from engine.distributed.layout import check_parallel_layout
 from engine.input_processor import InputProcessor, RequestRejected
-from engine.layers.attention_backends import select_backend
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.quant import make_plan
+from engine.runtime import resolve_runtime
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -47,12 +47,8 @@ class LLMEngine:
         hf_config = check_checkpoint_folder(config.model)
         self.tokenizer = load_tokenizer(config.model)
         device = torch.device(config.device)
-        self.attention_backend = select_backend(config.attention_backend, device, config.kv_cache_dtype)
-        self.block_size = config.block_size or (256 if self.attention_backend == "flash" else 16)
-        if self.attention_backend == "flash" and self.block_size % 256:
-            raise ValueError(
-                f"FlashAttention needs block_size to be a multiple of 256, got {self.block_size}"
-            )
+        runtime = resolve_runtime(config)
+        self.attention_backend, self.block_size = runtime.attention_backend, runtime.block_size
         make_plan(
             config, hf_config, device
         )  # refuses a compression mode that cannot run here, before loading

@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     from loadtest.driver import JobShape, Target, run_load
     from loadtest.offline import offline_tokens_per_s
     from loadtest.report import summary, write_report
-    from service.__main__ import resolve_model
+    from service.__main__ import resolve_engine_config
 
-    model = resolve_model(config)
-    vocab_size = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    engine_config = resolve_engine_config(config)
+    vocab_size = json.loads((Path(engine_config.model) / "config.json").read_text())["vocab_size"]
     metrics_url = args.metrics_url or f"http://127.0.0.1:{config.http_port}/metrics"
     target = Target(
         bootstrap=args.bootstrap or config.kafka_bootstrap,
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.no_offline:
         sent = [j for j in run_result.jobs if j.sent is not None]
-        run_result.offline_tokens_per_s = offline_tokens_per_s(config.engine_config(model), sent)
+        run_result.offline_tokens_per_s = offline_tokens_per_s(engine_config, sent)
     page = write_report(run_result, Path(args.out))
     for label, value in summary(run_result).items():
         print(f"{label}: {value}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import uvloop
 
-from engine import EngineConfigError, EngineDeadError, EngineThread, LLMEngine, ModelLoadError
+from engine import EngineConfig, EngineConfigError, EngineDeadError, EngineThread, LLMEngine, ModelLoadError
 from service.app import Service
 from service.config import ConfigError, ServiceConfig, load_config
 from service.kafka_security import KafkaLoginError
@@ -36,11 +37,11 @@ def main() -> int:
 
 
 async def serve(config: ServiceConfig) -> int:
-    model = resolve_model(config)
-    log.info("loading %s (%s on %s)", model, config.dtype, config.device)
+    engine_config = resolve_engine_config(config)
+    log.info("loading %s (%s on %s)", engine_config.model, engine_config.dtype, engine_config.device)
     engine_thread = EngineThread()  # loads the engine and then steps it: one OpenMP pool
     try:
-        engine = await engine_thread.run(LLMEngine, config.engine_config(model))
+        engine = await engine_thread.run(LLMEngine, engine_config)
     except (EngineConfigError, EngineDeadError, ModelLoadError, ValueError) as e:
         log.error("cannot start the engine: %s", e)
         return 2
@@ -62,15 +63,18 @@ async def serve(config: ServiceConfig) -> int:
     return 1 if service.engine_failure is not None else 0
 
 
-def resolve_model(config: ServiceConfig) -> str:
-    """The configured model folder, or the built-in demo model (built once, then cached)."""
-    if config.model:
-        return config.model
+def resolve_engine_config(config: ServiceConfig) -> EngineConfig:
+    """The engine options; with no model folder configured, the built-in demo model's (built
+    once, then cached)."""
+    if config.engine.model:
+        return config.engine
     from engine.demo_models import ensure_checkpoint
 
     cache = Path(config.build_dir) / "models"
-    log.info("no model configured (SLUICE_MODEL): using the built-in %r demo model", config.demo_preset)
-    return str(ensure_checkpoint(cache, preset=config.demo_preset))
+    log.info(
+        "no model configured (SLUICE_ENGINE_MODEL): using the built-in %r demo model", config.demo_preset
+    )
+    return dataclasses.replace(config.engine, model=str(ensure_checkpoint(cache, preset=config.demo_preset)))
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:

@@ -1,17 +1,23 @@
 """ServiceConfig: defaults, then an optional TOML file, then SLUICE_* environment variables.
 
-Every option is a field below with its comment; `SLUICE_<FIELD>` (upper case) overrides it,
-e.g. SLUICE_KAFKA_BOOTSTRAP=broker:9092, SLUICE_MODEL=/models/llama. Lists in the environment
-are comma-separated. SLUICE_CONFIG names the TOML file (keys are the field names).
+Every service option is a field below with its comment; `SLUICE_<FIELD>` (upper case)
+overrides it, e.g. SLUICE_KAFKA_BOOTSTRAP=broker:9092. The engine's options are EngineConfig's
+fields (engine/config.py), nested as `engine`: the `[engine]` table of the TOML file and
+`SLUICE_ENGINE_<FIELD>` variables, e.g. SLUICE_ENGINE_MODEL=/models/llama,
+SLUICE_ENGINE_DTYPE=bfloat16. In the environment a list is comma-separated and an empty value
+of an optional option means None. SLUICE_CONFIG names the TOML file (keys are the field names).
+Documented in docs/configuration.md.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
+import msgspec.inspect as mi
 from msgspec import Meta, Struct
 
 from engine import EngineConfig
@@ -58,30 +64,13 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     kafka_ssl_keyfile: str = ""  # PEM key of the client certificate
     kafka_ssl_password: str = ""  # password of the key file, if it is encrypted
     kafka_ssl_check_hostname: bool = True  # the broker's certificate must name the host we connect to
-    # Model and engine
-    model: str = ""  # a Hugging Face checkpoint folder; empty: the built-in demo model
-    model_name: str = ""  # the `model` reported in results; default: the folder's name
-    demo_preset: Literal["tiny", "small"] = "tiny"  # the demo model built when `model` is empty
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
-    max_model_len: Annotated[int, Meta(ge=2)] | None = None
+    # Model and engine: the engine's own options are `engine` below
+    model_name: str = ""  # the `model` reported in results; default: the model folder's name
+    demo_preset: Literal["tiny", "small"] = "tiny"  # the demo model built when engine.model is empty
     default_max_tokens: Annotated[int, Meta(ge=1)] = 256  # when a job sets neither max_tokens field
-    max_num_seqs: Annotated[int, Meta(ge=1)] = 128  # sequences in one engine step
-    max_num_batched_tokens: Annotated[int, Meta(ge=1)] = 2048  # tokens computed in one engine step
-    kv_cache_memory_gib: Annotated[float, Meta(gt=0)] = 2.0  # CPU: memory for the paged KV cache
-    gpu_memory_utilization: Annotated[float, Meta(gt=0, le=1)] = 0.9  # CUDA: share of GPU memory Sluice uses
-    attention_backend: Literal["auto", "flash", "triton", "sdpa"] = "auto"
-    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
-    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes earlier jobs computed
-    # Compression (engine.quant): weights of the linear layers, and the KV cache
-    quantization: Literal["none", "int8", "nf4", "fp4", "fp8"] = "none"
-    int8_threshold: Annotated[float, Meta(ge=0)] = 6.0  # int8: LLM.int8 activation outlier threshold
-    bnb_4bit_double_quant: bool = False  # nf4/fp4: quantise the per-block scales too
-    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # None: dtype
-    quantization_skip_modules: list[str] = msgspec.field(default_factory=list)  # linear layers kept float
-    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
-    tensor_parallel_size: Annotated[int, Meta(ge=1)] = 1  # engine processes splitting each layer
-    pipeline_parallel_size: Annotated[int, Meta(ge=1)] = 1  # engine processes each running a stage of layers
+    # EngineConfig (engine/config.py, where each option is explained and checked): the [engine] TOML
+    # table, SLUICE_ENGINE_<FIELD> variables; an empty `model` means the built-in demo model
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     # Admission
     batch_max_size: Annotated[int, Meta(ge=1)] = 32  # the dynamic batcher flushes at this many jobs...
     batch_max_wait_ms: Annotated[float, Meta(ge=0)] = 5.0  # ...or this long after the first pending one
@@ -106,30 +95,7 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
 
     @property
     def served_model_name(self) -> str:
-        return self.model_name or Path(self.model).name or "demo"
-
-    def engine_config(self, model: str) -> EngineConfig:
-        return EngineConfig(
-            model=model,
-            dtype=self.dtype,
-            device=self.device,
-            max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            kv_cache_memory_gib=self.kv_cache_memory_gib,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            attention_backend=self.attention_backend,
-            enforce_eager=self.enforce_eager,
-            enable_prefix_caching=self.enable_prefix_caching,
-            quantization=self.quantization,
-            int8_threshold=self.int8_threshold,
-            bnb_4bit_double_quant=self.bnb_4bit_double_quant,
-            bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
-            quantization_skip_modules=tuple(self.quantization_skip_modules),
-            kv_cache_dtype=self.kv_cache_dtype,
-            tensor_parallel_size=self.tensor_parallel_size,
-            pipeline_parallel_size=self.pipeline_parallel_size,
-        )
+        return self.model_name or Path(self.engine.model).name or "demo"
 
 
 def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
@@ -141,19 +107,58 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
             values.update(msgspec.toml.decode(Path(path).read_bytes()))
         except (OSError, msgspec.DecodeError) as e:
             raise ConfigError(f"SLUICE_CONFIG={path}: {e}") from None
-    for name in ServiceConfig.__struct_fields__:
-        raw = environ.get(f"SLUICE_{name.upper()}")
-        if raw is not None:
-            values[name] = _from_env(name, raw)
+    _override_from_environ(values, mi.type_info(ServiceConfig).fields, "SLUICE_", environ)
     try:
         return msgspec.convert(values, ServiceConfig, strict=False)
     except msgspec.ValidationError as e:
-        raise ConfigError(f"invalid configuration (SLUICE_<FIELD> or the TOML key): {e}") from None
+        raise ConfigError(
+            f"invalid configuration (SLUICE_<FIELD>, SLUICE_ENGINE_<FIELD> or the TOML key): {e}"
+        ) from None
 
 
-def _from_env(name: str, raw: str) -> object:
-    if name in ("jobs_topics", "quantization_skip_modules"):
-        return [t.strip() for t in raw.split(",") if t.strip()]
-    if raw == "" and name in ("max_model_len", "bnb_4bit_compute_dtype"):
+def environment_variables() -> set[str]:
+    """Every variable load_config reads: SLUICE_CONFIG, SLUICE_<FIELD> and SLUICE_ENGINE_<FIELD>."""
+    return {"SLUICE_CONFIG", *_variables(mi.type_info(ServiceConfig).fields, "SLUICE_")}
+
+
+def _override_from_environ(
+    values: dict[str, object], fields: tuple[mi.Field, ...], prefix: str, environ: dict[str, str]
+) -> None:
+    """Set each field whose `<prefix><FIELD>` variable is set; a nested table's fields go by
+    `<prefix><TABLE>_<FIELD>` (SLUICE_ENGINE_DTYPE sets dtype in [engine])."""
+    for field in fields:
+        name = f"{prefix}{field.name.upper()}"
+        if isinstance(field.type, mi.DataclassType | mi.StructType):
+            table = values.setdefault(field.name, {})
+            if isinstance(table, dict):  # anything else: msgspec.convert names the mistake
+                _check_known_keys(table, field)
+                _override_from_environ(table, field.type.fields, f"{name}_", environ)
+        elif (raw := environ.get(name)) is not None:
+            values[field.name] = _from_env(field.type, raw)
+
+
+def _check_known_keys(table: dict[str, object], field: mi.Field) -> None:
+    # msgspec ignores unknown keys of a dataclass; a misspelt option must not go unnoticed
+    known = {f.name for f in field.type.fields}
+    if unknown := sorted(set(table) - known):
+        raise ConfigError(f"unknown option {unknown[0]!r} in the [{field.name}] table")
+
+
+def _from_env(field_type: mi.Type, raw: str) -> object:
+    """The variable's text as the field's type reads it: a comma-separated list for a list or
+    tuple, None for an empty value of an optional field, else the text (msgspec converts it)."""
+    types = field_type.types if isinstance(field_type, mi.UnionType) else (field_type,)
+    if raw == "" and any(isinstance(t, mi.NoneType) for t in types):
         return None
+    if any(isinstance(t, mi.ListType | mi.VarTupleType | mi.SetType | mi.FrozenSetType) for t in types):
+        return [item.strip() for item in raw.split(",") if item.strip()]
     return raw
+
+
+def _variables(fields: tuple[mi.Field, ...], prefix: str) -> Iterator[str]:
+    for field in fields:
+        name = f"{prefix}{field.name.upper()}"
+        if isinstance(field.type, mi.DataclassType | mi.StructType):
+            yield from _variables(field.type.fields, f"{name}_")
+        else:
+            yield name

@@ -11,25 +11,53 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 from aiokafka.helpers import create_ssl_context
-
-if TYPE_CHECKING:
-    from service.config import ServiceConfig
 
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 KafkaClientOptions = dict[str, Any]  # keyword arguments of AIOKafkaConsumer/Producer/AdminClient
 
 
+class KafkaSecuritySettings(Protocol):
+    """The options this module reads (read-only); ServiceConfig has them (service/config.py)."""
+
+    @property
+    def kafka_security_protocol(self) -> str: ...
+
+    @property
+    def kafka_sasl_mechanism(self) -> str: ...
+
+    @property
+    def kafka_sasl_username(self) -> str: ...
+
+    @property
+    def kafka_sasl_password(self) -> str: ...
+
+    @property
+    def kafka_ssl_cafile(self) -> str: ...
+
+    @property
+    def kafka_ssl_certfile(self) -> str: ...
+
+    @property
+    def kafka_ssl_keyfile(self) -> str: ...
+
+    @property
+    def kafka_ssl_password(self) -> str: ...
+
+    @property
+    def kafka_ssl_check_hostname(self) -> bool: ...
+
+
 class KafkaLoginError(RuntimeError):
     """The broker refused our credentials or our TLS handshake: retrying will not help."""
 
 
-def check(config: ServiceConfig) -> None:
+def check(config: KafkaSecuritySettings) -> None:
     """Raise ValueError naming the option when the security settings cannot work together."""
     protocol = config.kafka_security_protocol
     uses_sasl, uses_tls = protocol.startswith("SASL_"), protocol.endswith("SSL")
@@ -67,7 +95,7 @@ def check(config: ServiceConfig) -> None:
         raise ValueError("kafka_ssl_keyfile is set without kafka_ssl_certfile (the client certificate)")
 
 
-def client_options(config: ServiceConfig) -> KafkaClientOptions:
+def client_options(config: KafkaSecuritySettings) -> KafkaClientOptions:
     """The security keyword arguments for an aiokafka client (empty for plain PLAINTEXT)."""
     protocol = config.kafka_security_protocol
     if protocol == "PLAINTEXT":
@@ -113,7 +141,7 @@ async def check_login(bootstrap: str, options: KafkaClientOptions, timeout_s: fl
         return
 
 
-def _ssl_context(config: ServiceConfig) -> ssl.SSLContext:
+def _ssl_context(config: KafkaSecuritySettings) -> ssl.SSLContext:
     # No cafile: the system's trusted CAs, as for any TLS client.
     context = create_ssl_context(
         cafile=config.kafka_ssl_cafile or None,

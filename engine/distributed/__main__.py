@@ -18,12 +18,10 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from engine.config import EngineConfig, EngineConfigError
 from engine.distributed import parallel_state as ps
 from engine.distributed.worker import join_and_load, serve
-from engine.layers.attention_backends import select_backend
+from engine.runtime import resolve_runtime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     try:
         config = EngineConfig(**json.loads(Path(args.config).read_text()))
+        # the backend and block size rank 0 derives from the same options (checked on joining)
+        runtime = resolve_runtime(config)
         rank, local_rank, world_size = (_env_int(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         address = f"tcp://{os.environ['MASTER_ADDR']}:{_env_int('MASTER_PORT')}"
     except (OSError, ValueError, TypeError, KeyError, EngineConfigError) as e:
@@ -45,11 +45,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    # the same backend and block size as rank 0 derives from the same options (checked on joining)
-    backend = select_backend(config.attention_backend, torch.device(config.device.split(":")[0]))
-    block_size = config.block_size or (256 if backend == "flash" else 16)
     try:
-        runner, _, _ = join_and_load(config, rank, local_rank, address, backend, block_size)
+        runner, _, _ = join_and_load(
+            config, rank, local_rank, address, runtime.attention_backend, runtime.block_size
+        )
         serve(runner)
     finally:
         ps.destroy_parallel_state()

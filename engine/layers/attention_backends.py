@@ -21,17 +21,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.config import ATTENTION_BACKENDS
 from engine.forward_context import AttentionMetadata
 from engine.quant import kv_cache as fp8_kv
-
-BACKENDS = ("auto", "flash", "triton", "sdpa")
 
 
 def select_backend(name: str, device: torch.device, kv_cache_dtype: str = "auto") -> str:
     """Resolve "auto": on CUDA flash-attn when importable, else the Triton decode kernel when
     Triton is importable, else SDPA; SDPA on CPU and with an fp8 KV cache (which only SDPA reads)."""
-    if name not in BACKENDS:
-        raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
     if name == "flash":
         if kv_cache_dtype == "fp8":
             raise ValueError(

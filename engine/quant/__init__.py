@@ -8,7 +8,6 @@ holds the FP8 KV-cache helpers.
 from engine.quant.base import UNQUANTIZED, LinearMethod, UnquantizedLinearMethod
 from engine.quant.plan import (
     NO_QUANTIZATION,
-    QUANTIZATION_MODES,
     QuantizationError,
     QuantPlan,
     make_plan,
@@ -17,7 +16,6 @@ from engine.quant.plan import (
 
 __all__ = [
     "NO_QUANTIZATION",
-    "QUANTIZATION_MODES",
     "UNQUANTIZED",
     "LinearMethod",
     "QuantPlan",

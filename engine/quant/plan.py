@@ -23,7 +23,6 @@ from engine.quant.sparse24 import Sparse24LinearMethod
 
 log = logging.getLogger(__name__)
 
-QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4", "fp8")
 SPARSITY_MARKER = "sluice_sparsity"  # config.json key written by engine.compress
 
 
@@ -33,7 +32,7 @@ class QuantizationError(ValueError):
 
 @dataclass(frozen=True)
 class QuantPlan:
-    mode: str = "none"  # one of QUANTIZATION_MODES
+    mode: str = "none"  # one of engine.config.QUANTIZATION_MODES
     prequantized: bool = False  # the checkpoint's linear weights are bitsandbytes-quantised already
     sparse24: bool = False  # the checkpoint is 2:4-pruned (engine.compress)
     int8_threshold: float = 6.0

@@ -27,7 +27,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--local",
         action="store_true",
-        help="run the engine in this process (the model from SLUICE_MODEL, else the demo model); no Kafka",
+        help="run the engine in this process (the model from SLUICE_ENGINE_MODEL, else the demo model); no Kafka",
     )
     parser.add_argument(
         "--run-id",
@@ -165,12 +165,12 @@ def _collect(keys: set[str], items: Iterable[WorkItem]) -> Iterable[str]:
 async def _make_backend(args: argparse.Namespace, config: ServiceConfig, ledger: RunLedger):
     if args.local:
         from engine import EngineThread, LLMEngine
-        from service.__main__ import resolve_model
+        from service.__main__ import resolve_engine_config
 
-        model = resolve_model(config)
-        print(f"sluice: loading {model} in this process", file=sys.stderr)
+        engine_config = resolve_engine_config(config)
+        print(f"sluice: loading {engine_config.model} in this process", file=sys.stderr)
         engine_thread = EngineThread()  # loads the engine and then steps it: one OpenMP pool
-        engine = await engine_thread.run(LLMEngine, config.engine_config(model))
+        engine = await engine_thread.run(LLMEngine, engine_config)
         backend = LocalBackend(engine, config.served_model_name, config.default_max_tokens, engine_thread)
     else:
         backend = KafkaBackend(

@@ -18,12 +18,12 @@ import jsonschema
 import pytest
 import yaml
 
-from service.config import ServiceConfig
+from service.config import ServiceConfig, environment_variables
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
 DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.cpu"]
-SERVICE_ENV = {f"SLUICE_{name.upper()}" for name in ServiceConfig.__struct_fields__} | {"SLUICE_CONFIG"}
+SERVICE_ENV = environment_variables()
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -94,7 +94,7 @@ def test_the_image_is_configured_by_service_variables_and_probes_the_real_health
 
 def test_the_cuda_image_runs_on_cuda_with_the_model_from_the_mounted_folder():
     stage = " ".join(args for k, args in final_stage(DEPLOY / "Dockerfile") if k == "ENV")
-    assert "SLUICE_DEVICE=cuda" in stage and "SLUICE_MODEL=/models/model" in stage
+    assert "SLUICE_ENGINE_DEVICE=cuda" in stage and "SLUICE_ENGINE_MODEL=/models/model" in stage
     (base,) = [args for k, args in instructions(DEPLOY / "Dockerfile") if k == "ARG" and "CUDA_IMAGE" in args]
     assert "nvidia/cuda:" in base and "runtime" in base
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.config import ServiceConfig
+from service.config import environment_variables
 from service.http import HealthServer
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 KEDA_SASL_MODES = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
-SERVICE_ENV = {f"SLUICE_{name.upper()}" for name in ServiceConfig.__struct_fields__} | {"SLUICE_CONFIG"}
+SERVICE_ENV = environment_variables()
 
 
 def render(folder: Path) -> list[dict]:
@@ -115,8 +115,8 @@ def check_invariants(docs: list[dict]) -> None:
     sources = {s.get("configMapRef", s.get("secretRef"))["name"] for s in container["envFrom"]}
     assert sources == {_one(docs, "ConfigMap")["metadata"]["name"], secret["metadata"]["name"]}
 
-    # The model is mounted read-only where SLUICE_MODEL points; the process is not root.
-    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == config["SLUICE_MODEL"]]
+    # The model is mounted read-only where SLUICE_ENGINE_MODEL points; the process is not root.
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == config["SLUICE_ENGINE_MODEL"]]
     assert mount["readOnly"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
 
@@ -134,7 +134,7 @@ def test_base_keeps_the_invariants_and_runs_on_the_cpu():
     docs = render(K8S / "base")
     check_invariants(docs)
     config = _one(docs, "ConfigMap")["data"]
-    assert config["SLUICE_DEVICE"] == "cpu"
+    assert config["SLUICE_ENGINE_DEVICE"] == "cpu"
     assert "nvidia.com/gpu" not in str(_containers(docs)[0]["resources"])
 
 
@@ -146,7 +146,7 @@ def test_gpu_overlay_requests_a_gpu_runs_on_cuda_and_keeps_the_invariants():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["image"].endswith("-cuda")
     config = _one(docs, "ConfigMap")["data"]
-    assert config["SLUICE_DEVICE"] == "cuda" and config["SLUICE_DTYPE"] == "bfloat16"
+    assert config["SLUICE_ENGINE_DEVICE"] == "cuda" and config["SLUICE_ENGINE_DTYPE"] == "bfloat16"
     # The overlay changes the device, not the scaling or shutdown settings of the base.
     assert (
         config["SLUICE_TOPIC_PARTITIONS"]

@@ -255,7 +255,12 @@ def test_engine_config_rejects_an_unknown_dtype(tiny_checkpoint: Path) -> None:
         EngineConfig(model=str(tiny_checkpoint), dtype="float8")
 
 
-def test_engine_config_rejects_a_missing_folder(tmp_path: Path) -> None:
+def test_engine_rejects_a_missing_folder(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
-    with pytest.raises(EngineConfigError, match="nowhere"):
-        EngineConfig(model=str(missing))
+    with pytest.raises(ModelLoadError, match=r"model folder .*nowhere.* does not exist"):
+        LLMEngine(EngineConfig(model=str(missing)))
+
+
+def test_engine_rejects_an_empty_model_option() -> None:
+    with pytest.raises(ModelLoadError, match="`model` is empty"):
+        LLMEngine(EngineConfig())

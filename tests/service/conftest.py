@@ -113,7 +113,7 @@ def service_config(kafka_bootstrap, topic_prefix, tiny_checkpoint) -> ServiceCon
         group_id=f"{topic_prefix}-group",
         topic_partitions=2,
         commit_interval_ms=100,
-        model=str(tiny_checkpoint),
+        engine=EngineConfig(model=str(tiny_checkpoint)),
         model_name="tiny",
         default_max_tokens=8,
         http_host="127.0.0.1",

@@ -21,10 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def service_env(kafka_bootstrap: str, topic_prefix: str, **settings: object) -> dict[str, str]:
+def service_env(
+    kafka_bootstrap: str, topic_prefix: str, engine: dict[str, object] | None = None, **settings: object
+) -> dict[str, str]:
     """The environment of an instance on the test's topics (named as the service_config fixture
-    names them) with an HTTP port of its own; `settings` set more options: model=...,
-    delivery="exactly_once" becomes SLUICE_MODEL, SLUICE_DELIVERY."""
+    names them) with an HTTP port of its own; `settings` set more service options and `engine`
+    engine options: delivery="exactly_once", engine={"model": path} become SLUICE_DELIVERY,
+    SLUICE_ENGINE_MODEL."""
     env = {
         **os.environ,
         "SLUICE_KAFKA_BOOTSTRAP": kafka_bootstrap,
@@ -37,6 +40,7 @@ def service_env(kafka_bootstrap: str, topic_prefix: str, **settings: object) -> 
         "SLUICE_HTTP_PORT": str(free_port()),
     }
     env.update({f"SLUICE_{name.upper()}": str(value) for name, value in settings.items()})
+    env.update({f"SLUICE_ENGINE_{name.upper()}": str(value) for name, value in (engine or {}).items()})
     return env
 
 

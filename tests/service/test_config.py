@@ -1,9 +1,12 @@
 """load_config: defaults, then the TOML file named by SLUICE_CONFIG, then SLUICE_* variables."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
+from engine import EngineConfig
 from service.config import REPO_ROOT, ConfigError, ServiceConfig, load_config
 
 
@@ -25,8 +28,8 @@ def test_empty_environment_gives_the_documented_defaults() -> None:
     )
     assert (config.group_id, config.client_id, config.create_topics) == ("sluice", "sluice", True)
     assert (config.topic_partitions, config.topic_replication, config.commit_interval_ms) == (4, 1, 500)
-    assert (config.model, config.demo_preset, config.dtype, config.device) == ("", "tiny", "float32", "cpu")
-    assert (config.max_model_len, config.default_max_tokens) == (None, 256)
+    assert (config.engine.model, config.demo_preset, config.engine.dtype) == ("", "tiny", "float32")
+    assert (config.engine.max_model_len, config.default_max_tokens) == (None, 256)
     assert (config.max_in_flight, config.drain_timeout_s) == (64, 30.0)
     assert config.build_dir == str(REPO_ROOT / "build")
     assert config.log_level == "INFO"
@@ -44,7 +47,7 @@ def test_env_variables_override_strings_ints_floats_and_bools() -> None:
             "SLUICE_MAX_IN_FLIGHT": "8",
             "SLUICE_DRAIN_TIMEOUT_S": "2.5",
             "SLUICE_CREATE_TOPICS": "false",
-            "SLUICE_MAX_MODEL_LEN": "1024",
+            "SLUICE_ENGINE_MAX_MODEL_LEN": "1024",
             "SLUICE_LOG_LEVEL": "DEBUG",
         }
     )
@@ -52,7 +55,7 @@ def test_env_variables_override_strings_ints_floats_and_bools() -> None:
     assert config.max_in_flight == 8
     assert config.drain_timeout_s == 2.5
     assert config.create_topics is False
-    assert config.max_model_len == 1024
+    assert config.engine.max_model_len == 1024
     assert config.log_level == "DEBUG"
 
 
@@ -66,18 +69,17 @@ def test_jobs_topics_is_a_comma_list_with_blanks_dropped() -> None:
     assert config.jobs_topics == ["a", "b", "c"]
 
 
-def test_compression_options_reach_the_engine_config(tmp_path: Path) -> None:
-    config = load_config(
+def test_compression_options_reach_the_engine_config() -> None:
+    engine = load_config(
         {
-            "SLUICE_QUANTIZATION": "nf4",
-            "SLUICE_BNB_4BIT_DOUBLE_QUANT": "true",
-            "SLUICE_BNB_4BIT_COMPUTE_DTYPE": "bfloat16",
-            "SLUICE_QUANTIZATION_SKIP_MODULES": "down_proj, layers.0",
-            "SLUICE_KV_CACHE_DTYPE": "fp8",
-            "SLUICE_INT8_THRESHOLD": "0",
+            "SLUICE_ENGINE_QUANTIZATION": "nf4",
+            "SLUICE_ENGINE_BNB_4BIT_DOUBLE_QUANT": "true",
+            "SLUICE_ENGINE_BNB_4BIT_COMPUTE_DTYPE": "bfloat16",
+            "SLUICE_ENGINE_QUANTIZATION_SKIP_MODULES": "down_proj, layers.0",
+            "SLUICE_ENGINE_KV_CACHE_DTYPE": "fp8",
+            "SLUICE_ENGINE_INT8_THRESHOLD": "0",
         }
-    )
-    engine = config.engine_config(str(tmp_path))
+    ).engine
     assert (engine.quantization, engine.bnb_4bit_double_quant, engine.bnb_4bit_compute_dtype) == (
         "nf4",
         True,
@@ -87,15 +89,15 @@ def test_compression_options_reach_the_engine_config(tmp_path: Path) -> None:
     assert (engine.kv_cache_dtype, engine.int8_threshold) == ("fp8", 0.0)
 
 
-def test_empty_max_model_len_means_the_models_own_limit() -> None:
-    assert load_config({"SLUICE_MAX_MODEL_LEN": ""}).max_model_len is None
+@pytest.mark.parametrize("name", ["max_model_len", "bnb_4bit_compute_dtype", "block_size", "num_kv_blocks"])
+def test_empty_value_of_an_optional_engine_option_means_none(name: str) -> None:
+    assert getattr(load_config({f"SLUICE_ENGINE_{name.upper()}": ""}).engine, name) is None
 
 
 def test_served_model_name_defaults_to_the_folder_name() -> None:
-    assert load_config({"SLUICE_MODEL": "/models/llama-3"}).served_model_name == "llama-3"
-    assert (
-        load_config({"SLUICE_MODEL": "/models/llama-3", "SLUICE_MODEL_NAME": "l3"}).served_model_name == "l3"
-    )
+    assert load_config({"SLUICE_ENGINE_MODEL": "/models/llama-3"}).served_model_name == "llama-3"
+    env = {"SLUICE_ENGINE_MODEL": "/models/llama-3", "SLUICE_MODEL_NAME": "l3"}
+    assert load_config(env).served_model_name == "l3"
 
 
 def test_toml_file_named_by_sluice_config_is_read(tmp_path: Path) -> None:
@@ -147,17 +149,24 @@ def test_bad_max_in_flight_is_a_config_error_naming_the_field(raw: str) -> None:
     ("name", "raw"),
     [
         ("SLUICE_CREATE_TOPICS", "maybe"),
-        ("SLUICE_DTYPE", "float8"),
         ("SLUICE_LOG_LEVEL", "LOUD"),
         ("SLUICE_COMMIT_INTERVAL_MS", "5"),
         ("SLUICE_DEMO_PRESET", "huge"),
-        ("SLUICE_QUANTIZATION", "int4"),
-        ("SLUICE_KV_CACHE_DTYPE", "int8"),
-        ("SLUICE_INT8_THRESHOLD", "-1"),
+        ("SLUICE_ENGINE_DTYPE", "float8"),
+        ("SLUICE_ENGINE_DEVICE", "tpu"),
+        ("SLUICE_ENGINE_QUANTIZATION", "int4"),
+        ("SLUICE_ENGINE_KV_CACHE_DTYPE", "int8"),
+        ("SLUICE_ENGINE_INT8_THRESHOLD", "-1"),
+        ("SLUICE_ENGINE_MAX_NUM_SEQS", "0"),
+        ("SLUICE_ENGINE_MAX_NUM_SEQS", "many"),
+        ("SLUICE_ENGINE_BLOCK_SIZE", "-16"),
+        ("SLUICE_ENGINE_GPU_MEMORY_UTILIZATION", "1.5"),
+        ("SLUICE_ENGINE_ENFORCE_EAGER", "maybe"),
+        ("SLUICE_ENGINE_DISTRIBUTED_TIMEOUT_S", "0"),
     ],
 )
 def test_bad_env_value_is_a_config_error_naming_the_field(name: str, raw: str) -> None:
-    field = name.removeprefix("SLUICE_").lower()
+    field = name.removeprefix("SLUICE_").removeprefix("ENGINE_").lower()
     with pytest.raises(ConfigError, match=field):
         load_config({name: raw})
 
@@ -165,3 +174,91 @@ def test_bad_env_value_is_a_config_error_naming_the_field(name: str, raw: str) -
 def test_bad_toml_value_is_a_config_error_naming_the_field(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="topic_partitions"):
         load_config(_toml(tmp_path, "topic_partitions = 0\n"))
+
+
+def test_bad_engine_value_in_the_toml_table_is_a_config_error_naming_the_option(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="kv_cache_memory_gib"):
+        load_config(_toml(tmp_path, "[engine]\nkv_cache_memory_gib = -1.0\n"))
+
+
+def test_unknown_key_in_the_engine_table_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="max_numseqs"):
+        load_config(_toml(tmp_path, "[engine]\nmax_numseqs = 3\n"))
+
+
+def test_engine_options_no_longer_go_by_their_old_service_names(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="dtype"):
+        load_config(_toml(tmp_path, 'dtype = "bfloat16"\n'))  # belongs in [engine]
+    assert load_config({"SLUICE_DTYPE": "bfloat16"}).engine.dtype == "float32"  # not a variable Sluice reads
+
+
+# Every EngineConfig field is an engine option of the service: a new field is reachable from the
+# TOML [engine] table and from SLUICE_ENGINE_<FIELD>, with no change to service/config.py.
+ENGINE_FIELDS = [f.name for f in dataclasses.fields(EngineConfig)]
+
+
+def _example(name: str) -> tuple[object, str]:
+    """A valid non-default value of the engine option, as TOML and as an environment variable."""
+    if name in SPECIAL_VALUES:
+        return SPECIAL_VALUES[name]
+    default = getattr(EngineConfig(), name)
+    if isinstance(default, bool):
+        return (not default, str(not default).lower())
+    if isinstance(default, int):
+        return (default + 1, str(default + 1))
+    raise AssertionError(f"give SPECIAL_VALUES an example for the new engine option {name!r}")
+
+
+SPECIAL_VALUES: dict[str, tuple[object, str]] = {
+    "model": ("/models/llama", "/models/llama"),
+    "dtype": ("bfloat16", "bfloat16"),
+    "device": ("cuda:1", "cuda:1"),
+    "max_model_len": (1024, "1024"),
+    "block_size": (32, "32"),
+    "num_kv_blocks": (64, "64"),
+    "kv_cache_memory_gib": (0.5, "0.5"),
+    "gpu_memory_utilization": (0.75, "0.75"),
+    "attention_backend": ("sdpa", "sdpa"),
+    "kv_cache_dtype": ("fp8", "fp8"),
+    "quantization": ("int8", "int8"),
+    "int8_threshold": (4.5, "4.5"),
+    "bnb_4bit_compute_dtype": ("float16", "float16"),
+    "quantization_skip_modules": (("down_proj", "layers.0"), "down_proj, layers.0"),
+    "distributed_timeout_s": (60.0, "60"),
+}
+
+
+@pytest.mark.parametrize("name", ENGINE_FIELDS)
+def test_every_engine_option_is_set_by_the_engine_toml_table(tmp_path: Path, name: str) -> None:
+    value, _ = _example(name)
+    toml_value = json.dumps(list(value) if isinstance(value, tuple) else value)  # TOML's form too
+    config = load_config(_toml(tmp_path, f"[engine]\n{name} = {toml_value}\n"))
+    assert getattr(config.engine, name) == value
+    assert config.engine == dataclasses.replace(EngineConfig(), **{name: value})
+
+
+@pytest.mark.parametrize("name", ENGINE_FIELDS)
+def test_every_engine_option_is_set_by_its_sluice_engine_variable(name: str) -> None:
+    value, raw = _example(name)
+    config = load_config({f"SLUICE_ENGINE_{name.upper()}": raw})
+    assert config.engine == dataclasses.replace(EngineConfig(), **{name: value})
+
+
+def test_engine_variables_override_the_engine_toml_table(tmp_path: Path) -> None:
+    env = _toml(tmp_path, '[engine]\ndtype = "float16"\nmax_num_seqs = 8\n')
+    env |= {"SLUICE_ENGINE_DTYPE": "bfloat16"}
+    engine = load_config(env).engine
+    assert (engine.dtype, engine.max_num_seqs) == ("bfloat16", 8)
+
+
+def test_engine_defaults_are_engine_configs_defaults() -> None:
+    assert load_config({}).engine == EngineConfig() == ServiceConfig().engine
+
+
+def test_no_service_option_is_named_like_an_engine_variable() -> None:
+    # SLUICE_ENGINE_<X> must mean one thing: engine option x
+    assert not [name for name in ServiceConfig.__struct_fields__ if name.startswith("engine_")]
+
+
+def test_the_service_declares_no_engine_option_of_its_own() -> None:
+    assert not set(ServiceConfig.__struct_fields__) & set(ENGINE_FIELDS)

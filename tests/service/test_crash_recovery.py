@@ -21,7 +21,7 @@ async def test_killing_an_instance_mid_burst_leaves_every_job_answered(
     kafka, kafka_bootstrap, topic_prefix, service_config, run_service, tiny_checkpoint, tmp_path
 ):
     c = service_config
-    env = service_env(kafka_bootstrap, topic_prefix, topic_partitions=4, model=tiny_checkpoint)
+    env = service_env(kafka_bootstrap, topic_prefix, topic_partitions=4, engine={"model": tiny_checkpoint})
     log_path = tmp_path / "victim.log"
     ids = [f"burst-{i}" for i in range(NUM_JOBS)]
     body = {"prompt": "The river", "max_tokens": 16, "ignore_eos": True, "temperature": 0}

@@ -122,7 +122,7 @@ async def test_killing_an_instance_mid_burst_still_gives_each_job_one_committed_
         topic_partitions=4,
         delivery="exactly_once",
         commit_interval_ms=c.commit_interval_ms,
-        model=tiny_checkpoint,
+        engine={"model": tiny_checkpoint},
     )
     ids = [f"burst-{i}" for i in range(1000)]
     log_path = tmp_path / "victim.log"

@@ -250,8 +250,8 @@ def test_python_m_service_with_a_wrong_password_exits_2_with_the_reason(secure_b
         "SLUICE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256",
         "SLUICE_KAFKA_SASL_USERNAME": USER,
         "SLUICE_KAFKA_SASL_PASSWORD": "not-the-password",
-        "SLUICE_MODEL": str(tiny_checkpoint),
-        "SLUICE_KV_CACHE_MEMORY_GIB": "0.25",
+        "SLUICE_ENGINE_MODEL": str(tiny_checkpoint),
+        "SLUICE_ENGINE_KV_CACHE_MEMORY_GIB": "0.25",
         "SLUICE_HTTP_PORT": "0",
     }
     done = subprocess.run(

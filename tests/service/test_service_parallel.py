@@ -27,7 +27,9 @@ JOB = {
 
 def _service_env(kafka_bootstrap: str, topic_prefix: str, checkpoint: Path, tp: int) -> dict[str, str]:
     env = service_env(
-        kafka_bootstrap, topic_prefix, model=checkpoint, kv_cache_memory_gib=0.1, tensor_parallel_size=tp
+        kafka_bootstrap,
+        topic_prefix,
+        engine={"model": checkpoint, "kv_cache_memory_gib": 0.1, "tensor_parallel_size": tp},
     )
     return {**env, "OMP_NUM_THREADS": "1"}
 

@@ -27,7 +27,7 @@ def test_service_builds_demo_model_answers_a_submitted_job_and_stops_cleanly_on_
     kafka_bootstrap, topic_prefix, tmp_path
 ):
     # No model configured: the demo model is built under the build folder.
-    env = service_env(kafka_bootstrap, topic_prefix, build_dir=tmp_path / "build", model="")
+    env = service_env(kafka_bootstrap, topic_prefix, build_dir=tmp_path / "build", engine={"model": ""})
     http_port = env["SLUICE_HTTP_PORT"]
     log_path = tmp_path / "service.log"
     service = start_service(env, log_path)
@@ -67,7 +67,7 @@ def test_submit_reports_jobs_without_custom_id(kafka_bootstrap):
 
 def test_a_model_folder_that_cannot_load_stops_start_up_with_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
-    env = {**os.environ, "SLUICE_MODEL": str(tmp_path)}
+    env = {**os.environ, "SLUICE_ENGINE_MODEL": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=120
     )

@@ -1,0 +1,41 @@
+"""Runtime: what every rank derives from the EngineConfig alone, by one rule.
+
+The engine's rank 0 (LLMEngine) and a rank started on another machine
+(`python -m engine.distributed`) both call `resolve_runtime(config)`, so the same options
+give the same attention backend and KV block size on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig, EngineConfigError
+from engine.layers.attention_backends import select_backend
+
+FLASH_PAGE_SIZE = 256  # FlashAttention-2 reads pages of a multiple of this many tokens
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    attention_backend: str  # "flash", "triton" or "sdpa": config.attention_backend with "auto" resolved
+    block_size: int  # tokens per KV-cache block: config.block_size, else 16 (256 with flash)
+
+
+def resolve_runtime(config: EngineConfig) -> Runtime:
+    """Resolve the backend for the config's device type and kv_cache_dtype, then the block size.
+
+    Raises ValueError (EngineConfigError for the block size) when the options cannot run here.
+    Looks at which packages are installed, not at the device itself.
+    """
+    device = torch.device(config.device.split(":")[0])  # the type only: ranks use different indices
+    backend = select_backend(config.attention_backend, device, config.kv_cache_dtype)
+    default_block_size = FLASH_PAGE_SIZE if backend == "flash" else DEFAULT_BLOCK_SIZE
+    block_size = config.block_size or default_block_size
+    if backend == "flash" and block_size % FLASH_PAGE_SIZE:
+        raise EngineConfigError(
+            f"FlashAttention needs block_size to be a multiple of {FLASH_PAGE_SIZE}, got {block_size}"
+        )
+    return Runtime(backend, block_size)

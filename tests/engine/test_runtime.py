@@ -1,0 +1,100 @@
+"""resolve_runtime: one rule for the attention backend and KV block size, used by every entry point.
+
+The CUDA cases need no GPU: the rule looks at the device type and at which packages are
+installed, which these tests fake.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import EngineConfig, EngineConfigError, LLMEngine
+from engine import llm_engine as llm_engine_module
+from engine.distributed import __main__ as remote_rank
+from engine.layers import attention_backends
+from engine.runtime import Runtime, resolve_runtime
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.fixture
+def flash_installed(monkeypatch) -> None:
+    monkeypatch.setattr(attention_backends, "flash_attn_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # the parallel layout check's GPUs
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, Runtime("sdpa", 16)),
+        ({"block_size": 4}, Runtime("sdpa", 4)),
+        ({"kv_cache_dtype": "fp8"}, Runtime("sdpa", 16)),
+        ({"device": "cuda"}, Runtime("flash", 256)),
+        ({"device": "cuda:1", "block_size": 512}, Runtime("flash", 512)),
+        ({"device": "cuda", "kv_cache_dtype": "fp8"}, Runtime("sdpa", 16)),
+        ({"device": "cuda", "attention_backend": "sdpa"}, Runtime("sdpa", 16)),
+    ],
+)
+def test_resolves_backend_and_block_size_from_the_options(flash_installed, options, expected) -> None:
+    assert resolve_runtime(EngineConfig(**options)) == expected
+
+
+def test_flash_with_a_block_size_not_a_multiple_of_256_is_refused(flash_installed) -> None:
+    with pytest.raises(EngineConfigError, match="block_size to be a multiple of 256, got 16"):
+        resolve_runtime(EngineConfig(device="cuda", attention_backend="flash", block_size=16))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"block_size": 8},
+        {"kv_cache_dtype": "fp8"},
+        {"device": "cuda"},
+        {"device": "cuda", "kv_cache_dtype": "fp8"},
+        {"device": "cuda", "block_size": 512},
+    ],
+)
+def test_rank_0_and_a_remote_rank_resolve_the_same_runtime(
+    flash_installed, tiny_checkpoint, tmp_path, monkeypatch, options
+) -> None:
+    config = {"model": str(tiny_checkpoint), "tensor_parallel_size": 2, **options}
+    assert _rank_0_runtime(config, monkeypatch) == _remote_rank_runtime(config, tmp_path, monkeypatch)
+
+
+def _rank_0_runtime(config: dict, monkeypatch) -> Runtime:
+    """What LLMEngine hands its executor (stopped there: no worker starts)."""
+    seen = []
+
+    def executor(_config, backend, block_size):
+        seen.append(Runtime(backend, block_size))
+        raise _Captured
+
+    monkeypatch.setattr(llm_engine_module, "MultiprocExecutor", executor)
+    with pytest.raises(_Captured):
+        LLMEngine(EngineConfig(**config))
+    return seen[0]
+
+
+def _remote_rank_runtime(config: dict, tmp_path: Path, monkeypatch) -> Runtime:
+    """What `python -m engine.distributed` hands join_and_load (stopped there: it joins nothing)."""
+    seen = []
+
+    def join_and_load(_config, _rank, _local_rank, _address, backend, block_size):
+        seen.append(Runtime(backend, block_size))
+        raise _Captured
+
+    monkeypatch.setattr(remote_rank, "join_and_load", join_and_load)
+    (tmp_path / "engine.json").write_text(json.dumps(config))
+    for name, value in {"RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(_Captured):
+        remote_rank.main(["--config", str(tmp_path / "engine.json")])
+    return seen[0]
