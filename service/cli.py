@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     submit.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the service configuration)")
     submit.add_argument("--jobs-topic", help="default: the first of the configured jobs topics")
     submit.add_argument("--results-topic", help="default: the configured results topic")
-    from service.runs import batch, label
+    from service.client import batch, label
 
     label.add_arguments(commands.add_parser("label", help="label a dataset (JSONL, CSV, Parquet) row by row"))
     batch.add_arguments(
@@ -137,10 +137,10 @@ def _run_file(args: argparse.Namespace, config) -> int:
     """`sluice label` / `sluice batch`: bad input or options end with a message and exit code 2."""
     from aiokafka.errors import KafkaError
 
-    from service.runs import batch, label
-    from service.runs.inputs import InputError
-    from service.runs.ledger import LedgerError
-    from service.runs.outputs import OutputError
+    from service.client import batch, label
+    from service.client.inputs import InputError
+    from service.client.ledger import LedgerError
+    from service.client.outputs import OutputError
 
     _quiet_libraries(args.local)
     run = label.run_label if args.command == "label" else batch.run_batch

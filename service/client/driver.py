@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 import msgspec
 
-from service.runs.ledger import RunLedger
-from service.runs.outputs import read_result
-from service.runs.progress import RunProgress
+from service.client.ledger import RunLedger
+from service.client.outputs import read_result
+from service.client.progress import RunProgress
 
 POST_CHUNK = 256  # jobs posted (and recorded in the ledger) together
 

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.client.backends import KafkaBackend, LocalBackend
+from service.client.driver import RunDriver, RunStats, WorkItem
+from service.client.inputs import check_unique_keys
+from service.client.ledger import RunLedger
+from service.client.progress import RunProgress, summary
 from service.config import ServiceConfig
 from service.kafka_security import client_options
-from service.runs.backends import KafkaBackend, LocalBackend
-from service.runs.driver import RunDriver, RunStats, WorkItem
-from service.runs.inputs import check_unique_keys
-from service.runs.ledger import RunLedger
-from service.runs.progress import RunProgress, summary
 
 log = logging.getLogger("sluice")
 

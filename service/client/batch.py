@@ -14,11 +14,11 @@ from typing import Any
 
 import msgspec
 
+from service.client.command import RunFiles, add_run_arguments, execute_run
+from service.client.driver import WorkItem
+from service.client.inputs import read_batch_lines
+from service.client.outputs import BatchOutput
 from service.config import ServiceConfig
-from service.runs.command import RunFiles, add_run_arguments, execute_run
-from service.runs.driver import WorkItem
-from service.runs.inputs import read_batch_lines
-from service.runs.outputs import BatchOutput
 from service.translate import to_error_line
 
 

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from service.runs.driver import RunDriver, WorkItem
-from service.runs.inputs import InputError, check_unique_keys, read_batch_lines, read_rows
-from service.runs.ledger import LedgerError, RunLedger
-from service.runs.outputs import (
+from service.client.driver import RunDriver, WorkItem
+from service.client.inputs import InputError, check_unique_keys, read_batch_lines, read_rows
+from service.client.ledger import LedgerError, RunLedger
+from service.client.outputs import (
     BatchOutput,
     LabelOutput,
     OutputError,
@@ -26,8 +26,8 @@ from service.runs.outputs import (
     read_result,
     token_logprobs,
 )
-from service.runs.progress import RunProgress, summary
-from service.runs.templates import JobSpec, PromptTemplate, TemplateError
+from service.client.progress import RunProgress, summary
+from service.client.templates import JobSpec, PromptTemplate, TemplateError
 
 
 def test_jsonl_rows_keep_their_id_and_a_bad_line_becomes_an_error_row(tmp_path):
