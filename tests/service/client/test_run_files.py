@@ -200,6 +200,20 @@ def test_ledger_keeps_the_run_id_counts_posts_and_drops_a_torn_record(tmp_path):
         RunLedger.open(tmp_path / "new.run", "label", "bad/id")
 
 
+def test_ledger_remembers_the_topics_the_run_created_and_only_those(tmp_path):
+    path = tmp_path / "out.jsonl.run"
+    ledger = RunLedger.open(path, "batch", None)
+    ledger.record_created_topics([])  # the reply topic existed already: nothing to delete later
+    ledger.record_posted([("a", 1)])
+    ledger.close()
+    assert RunLedger.open(path, "batch", None).created_topics == []
+    resumed = RunLedger.open(path, "batch", None)
+    resumed.record_created_topics(["results.batch-1"])
+    resumed.close()
+    again = RunLedger.open(path, "batch", None)
+    assert again.created_topics == ["results.batch-1"] and dict(again.attempts) == {"a": 1}
+
+
 class _TwiceAnsweringBackend:
     """A double of the Kafka backend that answers every job twice, plus a stale answer from an earlier attempt."""
 
