@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from schemas.batch import BatchResponseLine
 from service.client.backends import KafkaBackend, LocalBackend
 from service.client.driver import RunDriver, RunStats, WorkItem
 from service.client.inputs import check_unique_keys
@@ -65,8 +66,8 @@ class RunFiles:
     output: Any  # LabelOutput | BatchOutput
     ledger_path: Path
     items: Callable[[], Iterable[WorkItem]]  # reads the input afresh at each call
-    result_record: Callable[[str, Any, dict[str, Any]], dict[str, Any]]  # (key, row_id, result) -> line
-    failure_record: Callable[[str, Any, str, str], dict[str, Any]]  # (key, row_id, code, message) -> line
+    result_record: Callable[[str, Any, BatchResponseLine], Any]  # (key, row_id, result) -> output record
+    failure_record: Callable[[str, Any, str, str], Any]  # (key, row_id, code, message) -> output record
     labels: Callable[[], Counter[str] | None]  # the label distribution for the summary, if any
 
 
