@@ -252,7 +252,9 @@ class Service:
             self._stop.set()
 
     async def _handle_and_publish(self, record: ConsumerRecord, span) -> Outcome:
-        outcome = await self.handler.handle(record, tag=span)
+        outcome = await self.handler.handle(
+            record.value or b"", record.headers, record.timestamp, _record_ref(record), tag=span
+        )
         headers: Headers = [("content-type", outcome.content_type.encode())]
         if span is not None:
             if outcome.output is not None:
@@ -312,3 +314,7 @@ def _dead_letter_headers(record: ConsumerRecord, outcome: Outcome) -> Headers:
         ("sluice-source-partition", str(record.partition).encode()),
         ("sluice-source-offset", str(record.offset).encode()),
     ]
+
+
+def _record_ref(record: ConsumerRecord) -> str:
+    return f"{record.topic}/{record.partition}/{record.offset}"

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.structs import ConsumerRecord
 
 from engine import LLMEngine
 from engine.async_engine import AsyncLLMEngine
@@ -163,9 +162,10 @@ class LocalBackend:
 
     async def submit(self, jobs: list[tuple[str, bytes]]) -> None:
         """Start the jobs; waits while `max_in_flight` jobs are running (memory stays bounded)."""
-        for custom_id, job in jobs:
+        for _, job in jobs:
             await self._slots.acquire()
-            task = asyncio.create_task(self._run(self._record(custom_id, job)))
+            self._offset += 1  # the job's place, as the service names a job by where it was consumed
+            task = asyncio.create_task(self._run(job, int(time.time() * 1000), f"local/0/{self._offset}"))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -187,29 +187,12 @@ class LocalBackend:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.worker.stop()
 
-    async def _run(self, record: ConsumerRecord) -> None:
+    async def _run(self, job: bytes, timestamp_ms: int, ref: str) -> None:
         try:
-            outcome = await self.handler.handle(record)
+            outcome = await self.handler.handle(job, [], timestamp_ms, ref)
             self._done.put_nowait((outcome.result.custom_id, encode_result(outcome.result)))
         finally:
             self._slots.release()
-
-    def _record(self, custom_id: str, job: bytes) -> ConsumerRecord:
-        """The job as the record the service would have consumed (the handler reads only these fields)."""
-        self._offset += 1
-        return ConsumerRecord(
-            topic="local",
-            partition=0,
-            offset=self._offset,
-            timestamp=int(time.time() * 1000),
-            timestamp_type=0,
-            key=custom_id.encode(),
-            value=job,
-            checksum=None,
-            serialized_key_size=len(custom_id),
-            serialized_value_size=len(job),
-            headers=(),
-        )
 
 
 async def _partitions(
