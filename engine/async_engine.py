@@ -104,6 +104,10 @@ class AsyncLLMEngine:
         return self._step_loop is not None and not self._step_loop.done()
 
     @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._futures)
 

@@ -1,4 +1,4 @@
-"""Service: wires consumer, job handler, engine worker and publisher; runs until told to stop.
+"""Service: wires consumer, job handler, async engine and publisher; runs until told to stop.
 
 Every consumed record ends as exactly one of: a result, an error result plus a dead letter, or
 uncommitted (redone by the partition's next owner).
@@ -39,12 +39,12 @@ class Service:
     ) -> None:
         """`engine_thread`: the thread that loaded `engine`, to step it on (engine/engine_thread.py)."""
         self.config = config
-        self.worker = AsyncLLMEngine(engine, engine_thread)
+        self.async_engine = AsyncLLMEngine(engine, engine_thread)
         self.backpressure = Backpressure(
             config.max_in_flight, config.max_in_flight_tokens, config.resume_fraction
         )
         self.batcher = DynamicBatcher(
-            self.worker, config.batch_max_size, config.batch_max_wait_ms, on_flush=self._admitted
+            self.async_engine, config.batch_max_size, config.batch_max_wait_ms, on_flush=self._admitted
         )
         self.handler = JobHandler(
             self.batcher, config.served_model_name, config.default_max_tokens, self.backpressure
@@ -79,7 +79,7 @@ class Service:
             config.http_host,
             config.http_port,
             self.metrics.render,
-            lambda: self.worker.is_running,
+            lambda: self.async_engine.is_running,
             lambda: self._ready,
         )
         self.consumer.on_revoke = self._abort_partitions
@@ -94,7 +94,7 @@ class Service:
             await ensure_topics(
                 c.kafka_bootstrap, topics, c.topic_partitions, c.topic_replication, self.kafka_security
             )
-        self.worker.start()
+        self.async_engine.start()
         await self.publisher.start()
         if c.traces_enabled:
             loop = asyncio.get_running_loop()
@@ -154,7 +154,7 @@ class Service:
             await asyncio.to_thread(self.tracer.shutdown)  # exports the last spans (through the loop)
             await asyncio.sleep(0.05)
         await self.publisher.stop()
-        await self.worker.stop()
+        await self.async_engine.stop()
         await self.http.stop()
         log.info("stopped after %d results (%d errors)", *self.metrics.jobs_answered)
 
@@ -189,7 +189,7 @@ class Service:
             self.tracer.record_admission([a.tag for a in batch if a.tag is not None], len(batch))
 
     def _register_gauges(self) -> None:
-        engine, bp, m = self.worker.engine, self.backpressure, self.metrics
+        engine, bp, m = self.async_engine.engine, self.backpressure, self.metrics
         bm = engine.block_manager
         m.engine_steps(engine.stats)
         m.gauge("sluice_jobs_in_flight", "Jobs consumed, not yet published", lambda: bp.jobs)

@@ -40,12 +40,12 @@ class Outcome:
 class JobHandler:
     def __init__(
         self,
-        worker: DynamicBatcher,
+        batcher: DynamicBatcher,
         model_name: str,
         default_max_tokens: int,
         backpressure: Backpressure | None = None,
     ) -> None:
-        self._worker = worker
+        self._batcher = batcher
         self._backpressure = backpressure or Backpressure(max_jobs=2**31, max_tokens=2**62)
         self._model_name = model_name
         self._default_max_tokens = default_max_tokens
@@ -98,10 +98,10 @@ class JobHandler:
         if job.body.sluice_deadline_ms is not None:
             deadline = min(deadline or math.inf, job.body.sluice_deadline_ms / 1000)
         _check_deadline(deadline, "before inference")
-        request = to_engine_request(job, self._worker.engine.tokenizer, self._default_max_tokens)
+        request = to_engine_request(job, self._batcher.tokenizer, self._default_max_tokens)
         # Unique per delivery: a redelivered record is a new engine request.
         request_id = f"{ref}/{uuid.uuid4().hex[:8]}"
-        generation = self._worker.generate(
+        generation = self._batcher.generate(
             request_id, request.prompt_token_ids, request.params, request.priority, tag=tag
         )
         tokens = len(request.prompt_token_ids) + request.params.max_tokens  # what it may hold in the KV cache
@@ -114,9 +114,12 @@ class JobHandler:
             raise DeadlineExceeded("the deadline passed during inference; the request was aborted") from None
         finally:
             self._backpressure.remove(tokens=tokens)
-        tokenizer = self._worker.engine.tokenizer
         line = to_result_line(
-            job, output, self._model_name, enqueued_time=timestamp_ms / 1000, tokenizer=tokenizer
+            job,
+            output,
+            self._model_name,
+            enqueued_time=timestamp_ms / 1000,
+            tokenizer=self._batcher.tokenizer,
         )
         return line, output
 

@@ -148,9 +148,9 @@ class LocalBackend:
         engine_thread: EngineThread | None = None,
         max_in_flight: int = 256,
     ) -> None:
-        self.worker = AsyncLLMEngine(engine, engine_thread)
+        self.async_engine = AsyncLLMEngine(engine, engine_thread)
         defaults = ServiceConfig()  # the service's admission batching, so --local runs batch the same way
-        batcher = DynamicBatcher(self.worker, defaults.batch_max_size, defaults.batch_max_wait_ms)
+        batcher = DynamicBatcher(self.async_engine, defaults.batch_max_size, defaults.batch_max_wait_ms)
         self.handler = JobHandler(batcher, model_name, default_max_tokens)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._done: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
@@ -158,7 +158,7 @@ class LocalBackend:
         self._offset = 0
 
     async def start(self) -> None:
-        self.worker.start()
+        self.async_engine.start()
 
     async def submit(self, jobs: list[tuple[str, bytes]]) -> None:
         """Start the jobs; waits while `max_in_flight` jobs are running (memory stays bounded)."""
@@ -185,7 +185,7 @@ class LocalBackend:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.worker.stop()
+        await self.async_engine.stop()
 
     async def _run(self, job: bytes, timestamp_ms: int, ref: str) -> None:
         try:

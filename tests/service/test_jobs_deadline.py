@@ -13,7 +13,7 @@ class _SlowEngine:
     """Stands in for DynamicBatcher: never finishes, records whether it was cancelled (= aborted)."""
 
     def __init__(self, tokenizer) -> None:
-        self.engine = type("Engine", (), {"tokenizer": tokenizer})()
+        self.tokenizer = tokenizer
         self.cancelled = False
 
     async def generate(self, request_id, prompt, params, priority=0, tag=None):

@@ -22,10 +22,12 @@ def _handle(handler: JobHandler, body: dict, url: str = "/v1/completions", custo
 
 @pytest.fixture
 async def handler(tiny_engine):
-    worker = AsyncLLMEngine(tiny_engine)
-    worker.start()
-    yield JobHandler(DynamicBatcher(worker, max_batch_size=8, max_wait_ms=1), "tiny", default_max_tokens=16)
-    await worker.stop()
+    async_engine = AsyncLLMEngine(tiny_engine)
+    async_engine.start()
+    yield JobHandler(
+        DynamicBatcher(async_engine, max_batch_size=8, max_wait_ms=1), "tiny", default_max_tokens=16
+    )
+    await async_engine.stop()
 
 
 async def test_a_choice_job_answers_one_of_the_choices_with_their_probabilities(handler) -> None:
