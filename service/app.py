@@ -16,7 +16,6 @@ from aiokafka.structs import ConsumerRecord
 from engine import EngineDeadError, LLMEngine
 from engine.async_engine import AsyncLLMEngine
 from engine.engine_thread import EngineThread
-from schemas.codec import encode_result
 from service.backpressure import Backpressure
 from service.batcher import Admission, DynamicBatcher
 from service.config import ServiceConfig
@@ -25,10 +24,11 @@ from service.http import HealthServer
 from service.jobs import JobHandler, Outcome
 from service.kafka_security import check_login, client_options
 from service.metrics import ServiceMetrics
-from service.publisher import Headers, ResultPublisher
+from service.publisher import ResultPublisher
+from service.records import outcome_records, record_ref
 from service.topics import ensure_topics
 from service.tracing import JobTracer, traceparent_headers
-from service.transactions import OutRecord, TransactionalDelivery
+from service.transactions import TransactionalDelivery
 
 log = logging.getLogger(__name__)
 
@@ -253,34 +253,18 @@ class Service:
 
     async def _handle_and_publish(self, record: ConsumerRecord, span) -> Outcome:
         outcome = await self.handler.handle(
-            record.value or b"", record.headers, record.timestamp, _record_ref(record), tag=span
+            record.value or b"", record.headers, record.timestamp, record_ref(record), tag=span
         )
-        headers: Headers = [("content-type", outcome.content_type.encode())]
         if span is not None:
             if outcome.output is not None:
                 out = outcome.output
                 self.tracer.record_inference(span, out.metrics, len(out.prompt_token_ids), len(out.token_ids))
-            headers += traceparent_headers(span)  # same trace as the job's producer, this job's span
+            trace_headers = traceparent_headers(span)  # same trace as the job's producer, this job's span
         else:
-            headers += [(k, v) for k, v in record.headers or () if k.lower() == "traceparent"]
-        value = encode_result(outcome.result, outcome.content_type)
-        out = [
-            OutRecord(
-                outcome.reply_to or self.config.results_topic,
-                outcome.result.custom_id.encode(),
-                value,
-                headers,
-            )
-        ]
-        if outcome.is_error:
-            out.append(
-                OutRecord(
-                    self.config.dlq_topic,
-                    record.key,
-                    record.value or b"",
-                    _dead_letter_headers(record, outcome),
-                )
-            )
+            trace_headers = [(k, v) for k, v in record.headers or () if k.lower() == "traceparent"]
+        out = outcome_records(
+            record, outcome, trace_headers, self.config.results_topic, self.config.dlq_topic
+        )
         publish_start = time.time_ns()
         if self.transactions is not None:
             self.transactions.stage(TopicPartition(record.topic, record.partition), record.offset, out)
@@ -300,21 +284,3 @@ class Service:
 
 def _seconds(later: float | None, earlier: float) -> float | None:
     return None if later is None else max(0.0, later - earlier)
-
-
-def _dead_letter_headers(record: ConsumerRecord, outcome: Outcome) -> Headers:
-    """The original headers plus where the record came from and why it failed."""
-    error = outcome.result.error
-    assert error is not None
-    return [
-        *(record.headers or ()),
-        ("sluice-error-code", error.code.encode()),
-        ("sluice-error-message", error.message.encode()),
-        ("sluice-source-topic", record.topic.encode()),
-        ("sluice-source-partition", str(record.partition).encode()),
-        ("sluice-source-offset", str(record.offset).encode()),
-    ]
-
-
-def _record_ref(record: ConsumerRecord) -> str:
-    return f"{record.topic}/{record.partition}/{record.offset}"
