@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from msgspec import Struct
+from msgspec import Raw, Struct
 
 from schemas.openai import ChatCompletion, ChatCompletionRequest, CompletionRequest, ErrorBody, TextCompletion
 
@@ -30,6 +30,15 @@ class BatchRequestLine(Struct, kw_only=True):
     method: Literal["POST"] = "POST"
     url: Endpoint
     body: ChatCompletionRequest | CompletionRequest  # chosen by `url` in the decoder
+
+
+class BatchRequestEnvelope(Struct, kw_only=True):
+    """A job line whose body is left undecoded: what a client forwards as it is (the service checks it)."""
+
+    custom_id: str
+    method: Literal["POST"] = "POST"
+    url: Endpoint
+    body: Raw
 
 
 class BatchError(Struct, kw_only=True):

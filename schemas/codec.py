@@ -14,10 +14,10 @@ from msgspec import Struct
 from schemas.batch import (
     CHAT_URL,
     BatchError,
+    BatchRequestEnvelope,
     BatchRequestLine,
     BatchResponse,
     BatchResponseLine,
-    Endpoint,
 )
 from schemas.openai import ChatCompletion, ChatCompletionRequest, CompletionRequest, ErrorBody, TextCompletion
 
@@ -45,18 +45,24 @@ def normalize_content_type(value: str | None) -> ContentType:
 def decode_job(data: bytes, content_type: str | None = None) -> BatchRequestLine:
     """Decode one job, choosing the body type by `url`. Raises JobDecodeError with the reason."""
     codec = _CODECS[normalize_content_type(content_type)]
-    try:
-        envelope = codec.envelope.decode(data)
-    except msgspec.ValidationError as e:
-        raise JobDecodeError("invalid_request", str(e)) from None
-    except msgspec.DecodeError as e:
-        raise JobDecodeError("invalid_encoding", f"not a valid {codec.name} job line: {e}") from None
+    envelope = decode_job_envelope(data, content_type)
     body_decoder = codec.chat if envelope.url == CHAT_URL else codec.completion
     try:
         body = body_decoder.decode(envelope.body)
     except msgspec.ValidationError as e:
         raise JobDecodeError("invalid_request", _under_body(str(e))) from None
     return BatchRequestLine(custom_id=envelope.custom_id, method=envelope.method, url=envelope.url, body=body)
+
+
+def decode_job_envelope(data: bytes, content_type: str | None = None) -> BatchRequestEnvelope:
+    """Decode one job's envelope, its body left as raw bytes. Raises JobDecodeError with the reason."""
+    codec = _CODECS[normalize_content_type(content_type)]
+    try:
+        return codec.envelope.decode(data)
+    except msgspec.ValidationError as e:
+        raise JobDecodeError("invalid_request", str(e)) from None
+    except msgspec.DecodeError as e:
+        raise JobDecodeError("invalid_encoding", f"not a valid {codec.name} job line: {e}") from None
 
 
 def peek_custom_id(data: bytes, content_type: str | None = None) -> str | None:
@@ -72,12 +78,14 @@ def encode_result(line: BatchResponseLine, content_type: str | None = None) -> b
     return _CODECS[normalize_content_type(content_type)].encoder.encode(line)
 
 
-def encode_job(line: BatchRequestLine, content_type: str | None = None) -> bytes:
+def encode_job(line: BatchRequestLine | BatchRequestEnvelope, content_type: str | None = None) -> bytes:
     return _CODECS[normalize_content_type(content_type)].encoder.encode(line)
 
 
 def decode_result(data: bytes, content_type: str | None = None) -> BatchResponseLine:
-    """Read a result back (clients, tests). A body is an error body when the status says so."""
+    """Read a result back (clients, tests). A body is an error body when the status says so.
+
+    Raises msgspec.DecodeError (or its subclass ValidationError) for bytes that are not a result line."""
     codec = _CODECS[normalize_content_type(content_type)]
     raw = codec.result.decode(data)
     response = None
@@ -95,13 +103,6 @@ def _under_body(message: str) -> str:
     """msgspec reports paths from the body's root; the job's reader needs `$.body...`."""
     head, sep, path = message.rpartition(" - at `$")
     return f"{head}{sep}.body{path}" if sep else message
-
-
-class _Envelope(Struct, kw_only=True):
-    custom_id: str
-    method: Literal["POST"] = "POST"
-    url: Endpoint
-    body: msgspec.Raw
 
 
 class _RawResponse(Struct, kw_only=True):
@@ -124,7 +125,7 @@ class _CustomIdOnly(Struct):
 class _Codec:
     def __init__(self, name: str, module) -> None:
         self.name = name
-        self.envelope = module.Decoder(_Envelope)
+        self.envelope = module.Decoder(BatchRequestEnvelope)
         self.chat = module.Decoder(ChatCompletionRequest)
         self.completion = module.Decoder(CompletionRequest)
         self.peek = module.Decoder(_CustomIdOnly)

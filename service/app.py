@@ -1,4 +1,4 @@
-"""Service: wires consumer, job handler, engine worker and publisher; runs until told to stop.
+"""Service: wires consumer, job handler, async engine and publisher; runs until told to stop.
 
 Every consumed record ends as exactly one of: a result, an error result plus a dead letter, or
 uncommitted (redone by the partition's next owner).
@@ -13,10 +13,7 @@ import time
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from engine import EngineDeadError, LLMEngine
-from engine.async_engine import AsyncLLMEngine
-from engine.engine_thread import EngineThread
-from schemas.codec import encode_result
+from engine import AsyncLLMEngine, EngineDeadError, EngineThread, LLMEngine
 from service.backpressure import Backpressure
 from service.batcher import Admission, DynamicBatcher
 from service.config import ServiceConfig
@@ -25,10 +22,11 @@ from service.http import HealthServer
 from service.jobs import JobHandler, Outcome
 from service.kafka_security import check_login, client_options
 from service.metrics import ServiceMetrics
-from service.publisher import Headers, ResultPublisher
+from service.publisher import ResultPublisher
+from service.records import outcome_records, record_ref
 from service.topics import ensure_topics
 from service.tracing import JobTracer, traceparent_headers
-from service.transactions import OutRecord, TransactionalDelivery
+from service.transactions import TransactionalDelivery
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +37,12 @@ class Service:
     ) -> None:
         """`engine_thread`: the thread that loaded `engine`, to step it on (engine/engine_thread.py)."""
         self.config = config
-        self.worker = AsyncLLMEngine(engine, engine_thread)
+        self.async_engine = AsyncLLMEngine(engine, engine_thread)
         self.backpressure = Backpressure(
             config.max_in_flight, config.max_in_flight_tokens, config.resume_fraction
         )
         self.batcher = DynamicBatcher(
-            self.worker, config.batch_max_size, config.batch_max_wait_ms, on_flush=self._admitted
+            self.async_engine, config.batch_max_size, config.batch_max_wait_ms, on_flush=self._admitted
         )
         self.handler = JobHandler(
             self.batcher, config.served_model_name, config.default_max_tokens, self.backpressure
@@ -79,7 +77,7 @@ class Service:
             config.http_host,
             config.http_port,
             self.metrics.render,
-            lambda: self.worker.is_running,
+            lambda: self.async_engine.is_running,
             lambda: self._ready,
         )
         self.consumer.on_revoke = self._abort_partitions
@@ -94,7 +92,7 @@ class Service:
             await ensure_topics(
                 c.kafka_bootstrap, topics, c.topic_partitions, c.topic_replication, self.kafka_security
             )
-        self.worker.start()
+        self.async_engine.start()
         await self.publisher.start()
         if c.traces_enabled:
             loop = asyncio.get_running_loop()
@@ -154,7 +152,7 @@ class Service:
             await asyncio.to_thread(self.tracer.shutdown)  # exports the last spans (through the loop)
             await asyncio.sleep(0.05)
         await self.publisher.stop()
-        await self.worker.stop()
+        await self.async_engine.stop()
         await self.http.stop()
         log.info("stopped after %d results (%d errors)", *self.metrics.jobs_answered)
 
@@ -190,7 +188,7 @@ class Service:
 
     def _register_gauges(self) -> None:
         bp, m = self.backpressure, self.metrics
-        m.engine(self.worker.stats)
+        m.engine(self.async_engine.stats)
         m.gauge("sluice_jobs_in_flight", "Jobs consumed, not yet published", lambda: bp.jobs)
         m.gauge("sluice_tokens_in_flight", "Prompt + requested output tokens in flight", lambda: bp.tokens)
         m.gauge(
@@ -228,33 +226,19 @@ class Service:
             self._stop.set()
 
     async def _handle_and_publish(self, record: ConsumerRecord, span) -> Outcome:
-        outcome = await self.handler.handle(record, tag=span)
-        headers: Headers = [("content-type", outcome.content_type.encode())]
+        outcome = await self.handler.handle(
+            record.value or b"", record.headers, record.timestamp, record_ref(record), tag=span
+        )
         if span is not None:
             if outcome.output is not None:
                 out = outcome.output
                 self.tracer.record_inference(span, out.metrics, len(out.prompt_token_ids), len(out.token_ids))
-            headers += traceparent_headers(span)  # same trace as the job's producer, this job's span
+            trace_headers = traceparent_headers(span)  # same trace as the job's producer, this job's span
         else:
-            headers += [(k, v) for k, v in record.headers or () if k.lower() == "traceparent"]
-        value = encode_result(outcome.result, outcome.content_type)
-        out = [
-            OutRecord(
-                outcome.reply_to or self.config.results_topic,
-                outcome.result.custom_id.encode(),
-                value,
-                headers,
-            )
-        ]
-        if outcome.is_error:
-            out.append(
-                OutRecord(
-                    self.config.dlq_topic,
-                    record.key,
-                    record.value or b"",
-                    _dead_letter_headers(record, outcome),
-                )
-            )
+            trace_headers = [(k, v) for k, v in record.headers or () if k.lower() == "traceparent"]
+        out = outcome_records(
+            record, outcome, trace_headers, self.config.results_topic, self.config.dlq_topic
+        )
         publish_start = time.time_ns()
         if self.transactions is not None:
             self.transactions.stage(TopicPartition(record.topic, record.partition), record.offset, out)
@@ -274,17 +258,3 @@ class Service:
 
 def _seconds(later: float | None, earlier: float) -> float | None:
     return None if later is None else max(0.0, later - earlier)
-
-
-def _dead_letter_headers(record: ConsumerRecord, outcome: Outcome) -> Headers:
-    """The original headers plus where the record came from and why it failed."""
-    error = outcome.result.error
-    assert error is not None
-    return [
-        *(record.headers or ()),
-        ("sluice-error-code", error.code.encode()),
-        ("sluice-error-message", error.message.encode()),
-        ("sluice-source-topic", record.topic.encode()),
-        ("sluice-source-partition", str(record.partition).encode()),
-        ("sluice-source-offset", str(record.offset).encode()),
-    ]

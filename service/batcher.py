@@ -15,9 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.async_engine import AsyncLLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine import AsyncLLMEngine, RequestOutput, SamplingParams
 
 
 @dataclass(slots=True)
@@ -33,12 +31,12 @@ class Admission:
 class DynamicBatcher:
     def __init__(
         self,
-        worker: AsyncLLMEngine,
+        async_engine: AsyncLLMEngine,
         max_batch_size: int,
         max_wait_ms: float,
         on_flush: Callable[[list[Admission]], None] | None = None,
     ) -> None:
-        self.worker = worker
+        self.async_engine = async_engine
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
         self._on_flush = on_flush  # told about each batch as it goes (spans, metrics)
@@ -46,8 +44,8 @@ class DynamicBatcher:
         self._timer: asyncio.TimerHandle | None = None
 
     @property
-    def engine(self):
-        return self.worker.engine
+    def tokenizer(self):
+        return self.async_engine.tokenizer
 
     async def generate(
         self,
@@ -71,9 +69,9 @@ class DynamicBatcher:
             if admission in self._pending:
                 self._pending.remove(admission)  # never reached the engine: nothing to abort
             elif admission.future.done() and not admission.future.cancelled():
-                self.worker.abort(request_id)
+                self.async_engine.abort(request_id)
             raise
-        return await self.worker.wait(request_id, engine_future)
+        return await self.async_engine.wait(request_id, engine_future)
 
     def flush(self) -> None:
         """Hand every pending admission to the engine now, as one batch."""
@@ -84,7 +82,7 @@ class DynamicBatcher:
         if not batch:
             return
         try:
-            futures = self.worker.add_requests(
+            futures = self.async_engine.add_requests(
                 [(a.request_id, a.prompt, a.params, a.priority) for a in batch]
             )
         except Exception as e:  # the engine is gone (EngineDeadError): every job of the batch hears it

@@ -102,10 +102,6 @@ class JobConsumer:
     def assignment(self) -> set[TopicPartition]:
         return set(self._consumer.assignment())
 
-    @property
-    def paused(self) -> set[TopicPartition]:
-        return set(self._consumer.paused())
-
     def lag(self) -> int:
         """Records of the assigned partitions not yet done: the partition end minus its watermark."""
         total = 0
@@ -118,10 +114,6 @@ class JobConsumer:
     def done(self, record: ConsumerRecord) -> None:
         """The record's outcome is acknowledged by the broker: its offset may be committed."""
         self._tracker.done(TopicPartition(record.topic, record.partition), record.offset)
-
-    @property
-    def num_in_flight(self) -> int:
-        return self._tracker.num_in_flight()
 
     async def commit(self, partitions: set[TopicPartition] | None = None) -> None:
         async with self._commit_lock:

@@ -1,7 +1,8 @@
-"""JobHandler: one consumed record -> its outcome (a result, or an error result + dead letter).
+"""JobHandler: one consumed job -> its outcome (a result, or an error result + dead letter).
 
 Nothing here raises for bad input: every way a job can fail becomes an error result with a
-stable code and a message that says why.
+stable code and a message that says why. The handler sees a job as its bytes, headers and
+timestamp, not as a Kafka record: the service and `sluice label --local` both hand jobs to it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-from aiokafka.structs import ConsumerRecord
 
 from engine import EngineDeadError, RequestOutput, RequestRejected
 from schemas.batch import BatchResponseLine
@@ -40,26 +40,39 @@ class Outcome:
 class JobHandler:
     def __init__(
         self,
-        worker: DynamicBatcher,
+        batcher: DynamicBatcher,
         model_name: str,
         default_max_tokens: int,
         backpressure: Backpressure | None = None,
     ) -> None:
-        self._worker = worker
+        self._batcher = batcher
         self._backpressure = backpressure or Backpressure(max_jobs=2**31, max_tokens=2**62)
         self._model_name = model_name
         self._default_max_tokens = default_max_tokens
 
-    async def handle(self, record: ConsumerRecord, tag=None) -> Outcome:
-        """The record's outcome; `tag` goes with the job into its admission batch (the job's span)."""
-        headers = header_dict(record.headers)
-        content_type = normalize_content_type(headers.get("content-type"))
-        reply_to = headers.get("reply_to") or headers.get("reply-to") or None
-        value = record.value or b""
-        custom_id = peek_custom_id(value, content_type) or _record_ref(record)
+    async def handle(
+        self,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes | None]],
+        timestamp_ms: int,
+        ref: str,
+        tag=None,
+    ) -> Outcome:
+        """The job's outcome.
+
+        `headers`: the job's (name, value) pairs; `timestamp_ms`: when it was produced (its queue
+        time starts there); `ref`: where it came from ("topic/partition/offset"), for request ids,
+        logs and the custom_id of a job without one; `tag` goes with the job into its admission
+        batch (the job's span).
+        """
+        header_values = header_dict(headers)
+        content_type = normalize_content_type(header_values.get("content-type"))
+        reply_to = header_values.get("reply_to") or header_values.get("reply-to") or None
+        custom_id = peek_custom_id(value, content_type) or ref
         output = None
+        deadline = _header_deadline(header_values)
         try:
-            result, output = await self._run(value, content_type, record, _header_deadline(headers), tag)
+            result, output = await self._run(value, content_type, timestamp_ms, ref, deadline, tag)
         except DeadlineExceeded as e:
             result = to_error_line(custom_id, "deadline_exceeded", str(e), 408)
         except JobDecodeError as e:
@@ -73,22 +86,22 @@ class JobHandler:
         except EngineDeadError:
             raise  # not the job's fault: no result, the job stays uncommitted and is redone elsewhere
         except Exception as e:
-            log.exception("job %s failed in the engine", _record_ref(record))
+            log.exception("job %s failed in the engine", ref)
             result = to_error_line(custom_id, "engine_error", f"{type(e).__name__}: {e}", 500)
         return Outcome(result, content_type, reply_to, output)
 
     async def _run(
-        self, value: bytes, content_type: str, record: ConsumerRecord, deadline: float | None, tag
+        self, value: bytes, content_type: str, timestamp_ms: int, ref: str, deadline: float | None, tag
     ) -> tuple[BatchResponseLine, RequestOutput]:
         _check_deadline(deadline, "before decoding")
         job = decode_job(value, content_type)
         if job.body.sluice_deadline_ms is not None:
             deadline = min(deadline or math.inf, job.body.sluice_deadline_ms / 1000)
         _check_deadline(deadline, "before inference")
-        request = to_engine_request(job, self._worker.engine.tokenizer, self._default_max_tokens)
+        request = to_engine_request(job, self._batcher.tokenizer, self._default_max_tokens)
         # Unique per delivery: a redelivered record is a new engine request.
-        request_id = f"{_record_ref(record)}/{uuid.uuid4().hex[:8]}"
-        generation = self._worker.generate(
+        request_id = f"{ref}/{uuid.uuid4().hex[:8]}"
+        generation = self._batcher.generate(
             request_id, request.prompt_token_ids, request.params, request.priority, tag=tag
         )
         tokens = len(request.prompt_token_ids) + request.params.max_tokens  # what it may hold in the KV cache
@@ -101,9 +114,12 @@ class JobHandler:
             raise DeadlineExceeded("the deadline passed during inference; the request was aborted") from None
         finally:
             self._backpressure.remove(tokens=tokens)
-        tokenizer = self._worker.engine.tokenizer
         line = to_result_line(
-            job, output, self._model_name, enqueued_time=record.timestamp / 1000, tokenizer=tokenizer
+            job,
+            output,
+            self._model_name,
+            enqueued_time=timestamp_ms / 1000,
+            tokenizer=self._batcher.tokenizer,
         )
         return line, output
 
@@ -127,14 +143,10 @@ def _check_deadline(deadline: float | None, when: str) -> None:
         raise DeadlineExceeded(f"the job's deadline passed {late_ms:.0f} ms ago, {when}; it was not run")
 
 
-def header_dict(headers) -> dict[str, str]:
+def header_dict(headers: Sequence[tuple[str, bytes | None]] | None) -> dict[str, str]:
     """Kafka headers as a dict of lower-cased names to text values (the last one wins)."""
     out: dict[str, str] = {}
     for key, value in headers or ():
         if value is not None:
             out[key.lower()] = value.decode("utf-8", "replace")
     return out
-
-
-def _record_ref(record: ConsumerRecord) -> str:
-    return f"{record.topic}/{record.partition}/{record.offset}"

@@ -20,6 +20,7 @@ from schemas.codec import (
     MSGPACK,
     JobDecodeError,
     decode_job,
+    decode_job_envelope,
     decode_result,
     encode_job,
     encode_result,
@@ -180,6 +181,31 @@ def test_body_error_path_is_prefixed_even_when_the_bad_value_contains_backtick_d
         decode_job(_line(_chat_job(messages=[{"role": "`$x", "content": "hi"}])))
     assert "'`$x'" in info.value.message
     assert "`$.body.messages[0].role`" in info.value.message
+
+
+@pytest.mark.parametrize("content_type", CONTENT_TYPES)
+def test_an_envelope_keeps_the_body_bytes_and_round_trips_unchanged(content_type: str) -> None:
+    job = _completion_job(weird=[1.5], max_tokens=0)  # a body the service will refuse: not checked here
+    data = _line(job) if content_type == JSON else msgspec.msgpack.encode(job)
+    envelope = decode_job_envelope(data, content_type)
+    assert (envelope.custom_id, envelope.method, envelope.url) == ("job-2", "POST", COMPLETIONS_URL)
+    decode = json.loads if content_type == JSON else msgspec.msgpack.decode
+    assert decode(bytes(envelope.body)) == job["body"]
+    again = decode_job_envelope(encode_job(envelope, content_type), content_type)
+    assert bytes(again.body) == bytes(envelope.body)
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b'{"custom_id": "a", "url": ', "invalid_encoding"),
+        (b'{"custom_id": "a", "url": "/v1/x", "body": 1}', "invalid_request"),
+    ],
+)
+def test_a_bad_envelope_raises_job_decode_error_like_a_bad_job(data: bytes, code: str) -> None:
+    with pytest.raises(JobDecodeError) as info:
+        decode_job_envelope(data)
+    assert info.value.code == code
 
 
 def test_peek_custom_id_reads_the_id_of_an_otherwise_broken_job() -> None:

@@ -14,17 +14,17 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
 
 @pytest.fixture
-async def worker(tiny_engine):
-    worker = AsyncLLMEngine(tiny_engine)
-    worker.start()
-    yield worker
-    await worker.stop()
+async def async_engine(tiny_engine):
+    async_engine = AsyncLLMEngine(tiny_engine)
+    async_engine.start()
+    yield async_engine
+    await async_engine.stop()
 
 
-def _recording_batcher(worker, max_batch_size: int, max_wait_ms: float):
+def _recording_batcher(async_engine, max_batch_size: int, max_wait_ms: float):
     flushes: list[tuple[float, list[str]]] = []
     batcher = DynamicBatcher(
-        worker,
+        async_engine,
         max_batch_size,
         max_wait_ms,
         on_flush=lambda batch: flushes.append((time.monotonic(), [a.request_id for a in batch])),
@@ -32,18 +32,18 @@ def _recording_batcher(worker, max_batch_size: int, max_wait_ms: float):
     return batcher, flushes
 
 
-async def test_jobs_arriving_together_go_to_the_engine_as_one_batch_after_the_wait(worker):
-    batcher, flushes = _recording_batcher(worker, max_batch_size=32, max_wait_ms=50)
+async def test_jobs_arriving_together_go_to_the_engine_as_one_batch_after_the_wait(async_engine):
+    batcher, flushes = _recording_batcher(async_engine, max_batch_size=32, max_wait_ms=50)
     started = time.monotonic()
     outputs = await asyncio.gather(*(batcher.generate(f"r{i}", [1, 7 + i, 9], GREEDY) for i in range(5)))
     assert [ids for _, ids in flushes] == [["r0", "r1", "r2", "r3", "r4"]]
     assert flushes[0][0] - started >= 0.045  # held for the maximum wait: nothing more came
-    expected = [await worker.generate(f"direct-{i}", [1, 7 + i, 9], GREEDY) for i in range(5)]
+    expected = [await async_engine.generate(f"direct-{i}", [1, 7 + i, 9], GREEDY) for i in range(5)]
     assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
 
 
-async def test_a_full_batch_flushes_at_once_and_the_rest_after_the_wait(worker):
-    batcher, flushes = _recording_batcher(worker, max_batch_size=3, max_wait_ms=10_000)
+async def test_a_full_batch_flushes_at_once_and_the_rest_after_the_wait(async_engine):
+    batcher, flushes = _recording_batcher(async_engine, max_batch_size=3, max_wait_ms=10_000)
     tasks = [asyncio.create_task(batcher.generate(f"r{i}", [1, 2, 3], GREEDY)) for i in range(7)]
     await asyncio.sleep(0.2)
     assert [ids for _, ids in flushes] == [["r0", "r1", "r2"], ["r3", "r4", "r5"]]
@@ -53,8 +53,10 @@ async def test_a_full_batch_flushes_at_once_and_the_rest_after_the_wait(worker):
     assert [ids for _, ids in flushes][-1] == ["r6"]
 
 
-async def test_cancelling_a_job_before_or_after_its_flush_leaves_nothing_in_the_engine(worker, tiny_engine):
-    batcher, flushes = _recording_batcher(worker, max_batch_size=32, max_wait_ms=10_000)
+async def test_cancelling_a_job_before_or_after_its_flush_leaves_nothing_in_the_engine(
+    async_engine, tiny_engine
+):
+    batcher, flushes = _recording_batcher(async_engine, max_batch_size=32, max_wait_ms=10_000)
     waiting = asyncio.create_task(batcher.generate("never-flushed", [1, 2, 3], GREEDY))
     await asyncio.sleep(0.05)
     waiting.cancel()

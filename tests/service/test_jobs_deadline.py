@@ -6,8 +6,6 @@ import asyncio
 import json
 import time
 
-from aiokafka.structs import ConsumerRecord
-
 from service.jobs import JobHandler
 
 
@@ -15,7 +13,7 @@ class _SlowEngine:
     """Stands in for DynamicBatcher: never finishes, records whether it was cancelled (= aborted)."""
 
     def __init__(self, tokenizer) -> None:
-        self.engine = type("Engine", (), {"tokenizer": tokenizer})()
+        self.tokenizer = tokenizer
         self.cancelled = False
 
     async def generate(self, request_id, prompt, params, priority=0, tag=None):
@@ -26,9 +24,8 @@ class _SlowEngine:
             raise
 
 
-def _record(body: dict) -> ConsumerRecord:
-    value = json.dumps({"custom_id": "slow", "url": "/v1/completions", "body": body}).encode()
-    return ConsumerRecord("jobs", 0, 7, int(time.time() * 1000), 0, b"slow", value, None, len(value), 4, [])
+def _job(body: dict) -> bytes:
+    return json.dumps({"custom_id": "slow", "url": "/v1/completions", "body": body}).encode()
 
 
 async def test_a_deadline_passing_during_inference_aborts_the_request(tiny_engine):
@@ -36,7 +33,8 @@ async def test_a_deadline_passing_during_inference_aborts_the_request(tiny_engin
     handler = JobHandler(slow, "tiny", default_max_tokens=8)
     deadline_ms = int((time.time() + 0.3) * 1000)
     started = time.monotonic()
-    outcome = await handler.handle(_record({"prompt": "hello", "sluice_deadline_ms": deadline_ms}))
+    job = _job({"prompt": "hello", "sluice_deadline_ms": deadline_ms})
+    outcome = await handler.handle(job, [], int(time.time() * 1000), "jobs/0/7")
     assert time.monotonic() - started < 5
     assert outcome.result.error.code == "deadline_exceeded"
     assert "during inference" in outcome.result.error.message

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import submit_jobs
+from service.client.submit import submit_jobs
 from service.config import ConfigError, ServiceConfig, load_config
 from service.kafka_security import KafkaLoginError, check_login, client_options
 from tests.conftest import BUILD_DIR, REPO_ROOT

@@ -24,7 +24,7 @@ async def test_revoking_a_partition_aborts_its_in_flight_jobs_and_publishes_noth
     service = Service(service_config, tiny_engine)
     published, never = [], asyncio.Event()
 
-    async def slow_handle(record, tag=None):
+    async def slow_handle(value, headers, timestamp_ms, ref, tag=None):
         await never.wait()
 
     async def publish(*args):

@@ -6,7 +6,6 @@ import json
 import time
 
 import pytest
-from aiokafka.structs import ConsumerRecord
 
 from engine.async_engine import AsyncLLMEngine
 from schemas.codec import decode_result
@@ -16,22 +15,24 @@ from service.jobs import JobHandler
 LABELS = ["positive", "negative", "neutral"]
 
 
-def _record(body: dict, url: str = "/v1/completions", custom_id: str = "job-1") -> ConsumerRecord:
+def _handle(handler: JobHandler, body: dict, url: str = "/v1/completions", custom_id: str = "job-1"):
     value = json.dumps({"custom_id": custom_id, "url": url, "body": body}).encode()
-    return ConsumerRecord("jobs", 0, 7, int(time.time() * 1000), 0, b"k", value, None, len(value), 4, [])
+    return handler.handle(value, [], int(time.time() * 1000), "jobs/0/7")
 
 
 @pytest.fixture
 async def handler(tiny_engine):
-    worker = AsyncLLMEngine(tiny_engine)
-    worker.start()
-    yield JobHandler(DynamicBatcher(worker, max_batch_size=8, max_wait_ms=1), "tiny", default_max_tokens=16)
-    await worker.stop()
+    async_engine = AsyncLLMEngine(tiny_engine)
+    async_engine.start()
+    yield JobHandler(
+        DynamicBatcher(async_engine, max_batch_size=8, max_wait_ms=1), "tiny", default_max_tokens=16
+    )
+    await async_engine.stop()
 
 
 async def test_a_choice_job_answers_one_of_the_choices_with_their_probabilities(handler) -> None:
     body = {"prompt": "The river is cold today", "guided_choice": LABELS, "temperature": 0}
-    outcome = await handler.handle(_record(body))
+    outcome = await _handle(handler, body)
     assert not outcome.is_error
     result = outcome.result.response.body
     assert result.choices[0].text in LABELS
@@ -52,7 +53,7 @@ async def test_a_json_schema_job_through_response_format_returns_valid_json(hand
         "response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}},
         "max_tokens": 32,
     }
-    outcome = await handler.handle(_record(body, url="/v1/chat/completions"))
+    outcome = await _handle(handler, body, url="/v1/chat/completions")
     assert not outcome.is_error
     content = outcome.result.response.body.choices[0].message.content
     assert isinstance(json.loads(content)["ok"], bool)
@@ -75,13 +76,13 @@ async def test_a_json_schema_job_through_response_format_returns_valid_json(hand
 async def test_an_invalid_regex_schema_or_two_constraints_is_an_error_result_not_a_crash(
     handler, constraint, code, message
 ) -> None:
-    outcome = await handler.handle(_record({"prompt": "Hello", **constraint}))
+    outcome = await _handle(handler, {"prompt": "Hello", **constraint})
     assert outcome.is_error
     assert outcome.result.response.status_code == 400
     assert outcome.result.error.code == code
     assert message in outcome.result.error.message
     # the engine is still serving
-    assert not (await handler.handle(_record({"prompt": "Hello", "max_tokens": 2}))).is_error
+    assert not (await _handle(handler, {"prompt": "Hello", "max_tokens": 2})).is_error
 
 
 @pytest.mark.kafka

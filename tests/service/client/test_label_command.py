@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.service.label_helpers import run_sluice, sluice_env
+from tests.service.client.label_helpers import run_sluice, sluice_env
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from schemas.batch import BatchResponseLine
+from service.client.backends import KafkaBackend, LocalBackend
+from service.client.driver import RunDriver, RunStats, WorkItem
+from service.client.inputs import check_unique_keys
+from service.client.ledger import RunLedger
+from service.client.progress import RunProgress, summary
 from service.config import ServiceConfig
 from service.kafka_security import client_options
-from service.runs.backends import KafkaBackend, LocalBackend
-from service.runs.driver import RunDriver, RunStats, WorkItem
-from service.runs.inputs import check_unique_keys
-from service.runs.ledger import RunLedger
-from service.runs.progress import RunProgress, summary
 
 log = logging.getLogger("sluice")
 
@@ -48,7 +49,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", help="Kafka bootstrap servers (default: the service configuration)")
     parser.add_argument("--jobs-topic", help="default: the first of the configured jobs topics")
     parser.add_argument(
-        "--reply-topic", help="the run's own results topic (default: <results_topic>.<run id>)"
+        "--reply-topic",
+        help="the run's own results topic (default: <results_topic>.<run id>); "
+        "deleted when the run is complete if the run created it",
     )
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar (the summary still prints)"
@@ -63,8 +66,8 @@ class RunFiles:
     output: Any  # LabelOutput | BatchOutput
     ledger_path: Path
     items: Callable[[], Iterable[WorkItem]]  # reads the input afresh at each call
-    result_record: Callable[[str, Any, dict[str, Any]], dict[str, Any]]  # (key, row_id, result) -> line
-    failure_record: Callable[[str, Any, str, str], dict[str, Any]]  # (key, row_id, code, message) -> line
+    result_record: Callable[[str, Any, BatchResponseLine], Any]  # (key, row_id, result) -> output record
+    failure_record: Callable[[str, Any, str, str], Any]  # (key, row_id, code, message) -> output record
     labels: Callable[[], Counter[str] | None]  # the label distribution for the summary, if any
 
 
@@ -114,6 +117,8 @@ async def _drive(
     except BaseException:
         await backend.stop()
         raise
+    if isinstance(backend, KafkaBackend):
+        ledger.record_created_topics(backend.created_topics)
     output = run.output
     progress = RunProgress(total, done, len(output.errors), enabled=not args.no_progress)
     driver = RunDriver(
@@ -128,17 +133,17 @@ async def _drive(
         ledger.close()
         await backend.stop()
     if stats.is_complete:  # the output alone records the run now
-        ledger.remove()
         if isinstance(backend, KafkaBackend):
-            await backend.delete_reply_topic()
+            await backend.delete_topics(ledger.created_topics)
+        ledger.remove()
     return stats
 
 
 async def _remove_leftovers(run: RunFiles, args: argparse.Namespace, config: ServiceConfig) -> None:
-    """A run killed between its last line and its clean-up left its ledger and reply topic behind."""
+    """A run killed between its last line and its clean-up left its ledger (and reply topic) behind."""
     if not args.local and run.ledger_path.exists():
         ledger = RunLedger.open(run.ledger_path, run.kind, args.run_id)
-        await (await _make_backend(args, config, ledger)).delete_reply_topic()
+        await (await _make_backend(args, config, ledger)).delete_topics(ledger.created_topics)
         ledger.remove()
 
 
@@ -177,7 +182,8 @@ async def _make_backend(args: argparse.Namespace, config: ServiceConfig, ledger:
             args.bootstrap or config.kafka_bootstrap,
             args.jobs_topic or config.jobs_topics[0],
             args.reply_topic or f"{config.results_topic}.{ledger.run_id}",
-            config.topic_replication,
+            reply_to=True,
+            replication=config.topic_replication,
             security=client_options(config),
         )
     return backend

@@ -1,6 +1,7 @@
-"""Where a run's jobs go: the Sluice service through Kafka, or an engine in this process (--local).
+"""Where a client's jobs go: the Sluice service through Kafka, or an engine in this process (--local).
 
-Both take encoded job lines and hand back encoded result lines, keyed by custom_id. The local
+`sluice submit`, `sluice label` and `sluice batch` all reach Kafka through KafkaBackend. Both
+backends take encoded job lines and hand back encoded result lines, keyed by custom_id. The local
 backend runs each job through the service's own JobHandler, so a job is translated, run and
 turned into a result line exactly as the service does it.
 """
@@ -13,11 +14,8 @@ from collections.abc import AsyncIterator
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.structs import ConsumerRecord
 
-from engine import LLMEngine
-from engine.async_engine import AsyncLLMEngine
-from engine.engine_thread import EngineThread
+from engine import AsyncLLMEngine, EngineThread, LLMEngine
 from schemas.codec import encode_result
 from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
@@ -28,33 +26,52 @@ from service.topics import ensure_topics
 Results = AsyncIterator[list[tuple[str, bytes]]]  # batches of (custom_id, result line), maybe empty
 
 
-class KafkaBackend:
-    """Posts jobs to the jobs topic with a `reply_to` header naming the run's own reply topic.
+class MissingTopicError(RuntimeError):
+    """The results topic has no partitions: it does not exist (yet)."""
 
-    A topic per run, rather than picking the run's results out of the shared results topic:
-    the run reads only its own results; results that arrive while the command is not running
-    wait there, and a resumed run reads the topic from its start without any stored offsets.
-    The topic is deleted when the run is complete.
+
+class KafkaBackend:
+    """Posts jobs to the jobs topic and reads their result lines, keyed by custom_id.
+
+    Where the results are read from is the one option:
+    - `reply_to=True` (label, batch): `results_topic` is the run's own reply topic, named in each
+      job's `reply_to` header. The run reads only its own results; results that arrive while the
+      command is not running wait there, and a resumed run reads the topic from its start without
+      any stored offsets. start() creates it when missing (`created_topics` says whether it did).
+    - `reply_to=False` (submit): `results_topic` is the service's results topic. It must exist; it
+      is read from its end as start() found it, so only results that come after start() are seen.
+    Results are read with isolation_level="read_committed": an exactly-once service's results are
+    seen once, those of its aborted transactions never. Only delete_topics() deletes, and only what
+    it is given: the caller passes the topics its run created.
     """
 
     def __init__(
         self,
         bootstrap: str,
         jobs_topic: str,
-        reply_topic: str,
+        results_topic: str,
+        reply_to: bool = True,
         replication: int = 1,
         security: KafkaClientOptions | None = None,  # SASL/TLS, as the service's own clients
     ) -> None:
         self.bootstrap = bootstrap
         self.security = security or {}
         self.jobs_topic = jobs_topic
-        self.reply_topic = reply_topic
+        self.results_topic = results_topic
+        self.reply_to = reply_to
         self.replication = replication
+        self.created_topics: list[str] = []  # by start(): the reply topic, when it was missing
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
     async def start(self) -> None:
-        await ensure_topics(self.bootstrap, [self.reply_topic], 1, self.replication, self.security)
+        """Raises MissingTopicError when the service's results topic does not exist (reply_to=False)."""
+        if self.reply_to:
+            self.created_topics = await ensure_topics(
+                self.bootstrap, [self.results_topic], 1, self.replication, self.security
+            )
+        attempts = 50 if self.reply_to else 1  # a topic just created may take a moment to be seen
+        partitions = await _partitions(self.bootstrap, self.results_topic, self.security, attempts)
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap,
             acks="all",
@@ -64,17 +81,26 @@ class KafkaBackend:
         )
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False, **self.security
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            **self.security,
         )
         await self._consumer.start()
-        partitions = await _partitions(self.bootstrap, self.reply_topic, self.security)
         self._consumer.assign(partitions)
-        await self._consumer.seek_to_beginning(*partitions)
+        if self.reply_to:
+            await self._consumer.seek_to_beginning(*partitions)
+        else:
+            await self._consumer.seek_to_end(*partitions)
+            for tp in partitions:
+                await self._consumer.position(tp)  # resolve the end offsets now, before any job is posted
 
     async def submit(self, jobs: list[tuple[str, bytes]]) -> None:
         """Post the jobs; returns once the broker has acknowledged every one."""
         assert self._producer is not None, "start() first"
-        headers = [("reply_to", self.reply_topic.encode()), ("content-type", b"application/json")]
+        headers = [("content-type", b"application/json")]
+        if self.reply_to:
+            headers.insert(0, ("reply_to", self.results_topic.encode()))
         sent = [
             await self._producer.send(self.jobs_topic, value=job, key=custom_id.encode(), headers=headers)
             for custom_id, job in jobs
@@ -97,11 +123,14 @@ class KafkaBackend:
         if self._consumer is not None:
             await self._consumer.stop()
 
-    async def delete_reply_topic(self) -> None:
+    async def delete_topics(self, topics: list[str]) -> None:
+        """Delete these topics: only ever ones the run created (`created_topics`, kept in its ledger)."""
+        if not topics:
+            return
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id="sluice-run", **self.security)
         await admin.start()
         try:
-            await admin.delete_topics([self.reply_topic])  # errors (e.g. already gone) are in the response
+            await admin.delete_topics(topics)  # errors (e.g. already gone) are in the response
         finally:
             await admin.close()
 
@@ -117,9 +146,9 @@ class LocalBackend:
         engine_thread: EngineThread | None = None,
         max_in_flight: int = 256,
     ) -> None:
-        self.worker = AsyncLLMEngine(engine, engine_thread)
+        self.async_engine = AsyncLLMEngine(engine, engine_thread)
         defaults = ServiceConfig()  # the service's admission batching, so --local runs batch the same way
-        batcher = DynamicBatcher(self.worker, defaults.batch_max_size, defaults.batch_max_wait_ms)
+        batcher = DynamicBatcher(self.async_engine, defaults.batch_max_size, defaults.batch_max_wait_ms)
         self.handler = JobHandler(batcher, model_name, default_max_tokens)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._done: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
@@ -127,13 +156,14 @@ class LocalBackend:
         self._offset = 0
 
     async def start(self) -> None:
-        self.worker.start()
+        self.async_engine.start()
 
     async def submit(self, jobs: list[tuple[str, bytes]]) -> None:
         """Start the jobs; waits while `max_in_flight` jobs are running (memory stays bounded)."""
-        for custom_id, job in jobs:
+        for _, job in jobs:
             await self._slots.acquire()
-            task = asyncio.create_task(self._run(self._record(custom_id, job)))
+            self._offset += 1  # the job's place, as the service names a job by where it was consumed
+            task = asyncio.create_task(self._run(job, int(time.time() * 1000), f"local/0/{self._offset}"))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -153,42 +183,28 @@ class LocalBackend:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.worker.stop()
+        await self.async_engine.stop()
 
-    async def _run(self, record: ConsumerRecord) -> None:
+    async def _run(self, job: bytes, timestamp_ms: int, ref: str) -> None:
         try:
-            outcome = await self.handler.handle(record)
+            outcome = await self.handler.handle(job, [], timestamp_ms, ref)
             self._done.put_nowait((outcome.result.custom_id, encode_result(outcome.result)))
         finally:
             self._slots.release()
 
-    def _record(self, custom_id: str, job: bytes) -> ConsumerRecord:
-        """The job as the record the service would have consumed (the handler reads only these fields)."""
-        self._offset += 1
-        return ConsumerRecord(
-            topic="local",
-            partition=0,
-            offset=self._offset,
-            timestamp=int(time.time() * 1000),
-            timestamp_type=0,
-            key=custom_id.encode(),
-            value=job,
-            checksum=None,
-            serialized_key_size=len(custom_id),
-            serialized_value_size=len(job),
-            headers=(),
-        )
 
-
-async def _partitions(bootstrap: str, topic: str, security: KafkaClientOptions) -> list[TopicPartition]:
+async def _partitions(
+    bootstrap: str, topic: str, security: KafkaClientOptions, attempts: int
+) -> list[TopicPartition]:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="sluice-run", **security)
     await admin.start()
     try:
-        for _ in range(50):  # a topic just created may take a moment to reach the metadata
+        for attempt in range(attempts):
             (description,) = await admin.describe_topics([topic])
             if not description.get("error_code") and (partitions := description.get("partitions")):
                 return [TopicPartition(topic, p["partition"]) for p in partitions]
-            await asyncio.sleep(0.1)
+            if attempt + 1 < attempts:
+                await asyncio.sleep(0.1)
     finally:
         await admin.close()
-    raise RuntimeError(f"topic {topic!r} has no partitions")
+    raise MissingTopicError(f"topic {topic!r} has no partitions")

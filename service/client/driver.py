@@ -16,9 +16,11 @@ from typing import Any, Protocol
 
 import msgspec
 
-from service.runs.ledger import RunLedger
-from service.runs.outputs import read_result
-from service.runs.progress import RunProgress
+from schemas.batch import BatchRequestEnvelope, BatchResponseLine
+from schemas.codec import decode_result, encode_job
+from service.client.ledger import RunLedger
+from service.client.progress import RunProgress
+from service.client.results import read_result
 
 POST_CHUNK = 256  # jobs posted (and recorded in the ledger) together
 
@@ -27,7 +29,7 @@ POST_CHUNK = 256  # jobs posted (and recorded in the ledger) together
 class WorkItem:
     key: str  # the row's identity in the output
     row_id: Any  # what the output names the row by
-    job: dict[str, Any] | None  # the OpenAI Batch input line; its custom_id is set when posted
+    job: BatchRequestEnvelope | None  # the OpenAI Batch input line; its custom_id is set when posted
     error: tuple[str, str] | None = (
         None  # (code, message): the row cannot become a job, it gets an error line
     )
@@ -42,7 +44,7 @@ class Output(Protocol):
     done: set[str]
     errors: dict[str, str]
 
-    def add(self, records: list[dict[str, Any]]) -> None: ...
+    def add(self, records: list[Any]) -> None: ...
 
 
 @dataclass(slots=True)
@@ -65,8 +67,8 @@ class RunDriver:
         output: Output,
         ledger: RunLedger,
         backend: Backend,
-        result_record: Callable[[str, Any, dict[str, Any]], dict[str, Any]],
-        failure_record: Callable[[str, Any, str, str], dict[str, Any]],
+        result_record: Callable[[str, Any, BatchResponseLine], Any],
+        failure_record: Callable[[str, Any, str, str], Any],
         progress: RunProgress,
         idle_timeout: float,
     ) -> None:
@@ -116,7 +118,7 @@ class RunDriver:
             attempt = self.ledger.attempts[item.key] + 1
             custom_id = self.ledger.custom_id(item.key, attempt)
             self._expected[custom_id] = (item.key, item.row_id)  # before posting: its answer may be quick
-            chunk.append((custom_id, msgspec.json.encode({**item.job, "custom_id": custom_id})))
+            chunk.append((custom_id, encode_job(msgspec.structs.replace(item.job, custom_id=custom_id))))
             attempts.append((item.key, attempt))
             if len(chunk) >= POST_CHUNK:
                 await self._submit(chunk, attempts)
@@ -140,10 +142,8 @@ class RunDriver:
                     continue  # a duplicate, or the answer to a job superseded by a retry
                 key, row_id = entry
                 try:
-                    result = msgspec.json.decode(value)
-                    if not isinstance(result, dict):
-                        raise ValueError("not a JSON object")
-                except (msgspec.DecodeError, ValueError) as e:
+                    result = decode_result(value)
+                except msgspec.DecodeError as e:  # not a result line
                     records.append(self.failure_record(key, row_id, "invalid_result", str(e)))
                     continue
                 records.append(self.result_record(key, row_id, result))
@@ -158,7 +158,7 @@ class RunDriver:
             if self._expected and time.monotonic() - last_answer > self.idle_timeout:
                 return
 
-    def _write(self, records: list[dict[str, Any]], tokens: int) -> None:
+    def _write(self, records: list[Any], tokens: int) -> None:
         errors_before = len(self.output.errors)
         self.output.add(records)
         self.stats.written += len(records)

@@ -14,6 +14,9 @@ from typing import Any
 
 import msgspec
 
+from schemas.batch import BatchRequestEnvelope
+from schemas.codec import JobDecodeError, decode_job_envelope, peek_custom_id
+
 FORMATS = ("jsonl", "csv", "parquet")
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
@@ -75,19 +78,8 @@ def check_unique_keys(keys: Iterator[str]) -> int:
 class BatchLine:
     number: int  # 0-based line number among the non-blank lines
     custom_id: str  # the line's custom_id, or `line-<number>` when it has none
-    job: dict[str, Any] | None  # custom_id, method, url and the body kept as raw JSON
+    job: BatchRequestEnvelope | None  # the line with its body kept as raw JSON
     error: str | None = None
-
-
-class _BatchEnvelope(msgspec.Struct, kw_only=True):
-    custom_id: str
-    method: str = "POST"
-    url: str
-    body: msgspec.Raw
-
-
-class _CustomId(msgspec.Struct):
-    custom_id: str | None = None
 
 
 def read_batch_lines(path: Path) -> Iterator[BatchLine]:
@@ -96,18 +88,12 @@ def read_batch_lines(path: Path) -> Iterator[BatchLine]:
         raise InputError(f"input file {path} does not exist")
     for number, raw in _numbered_lines(path):
         try:
-            env = msgspec.json.decode(raw, type=_BatchEnvelope)
-            job = {"custom_id": env.custom_id, "method": env.method, "url": env.url, "body": env.body}
-            yield BatchLine(number, env.custom_id, job)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            yield BatchLine(number, _peek_custom_id(raw) or f"line-{number}", None, f"line {number + 1}: {e}")
-
-
-def _peek_custom_id(raw: bytes) -> str | None:
-    try:
-        return msgspec.json.decode(raw, type=_CustomId).custom_id
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+            job = decode_job_envelope(raw)
+        except JobDecodeError as e:
+            custom_id = peek_custom_id(raw) or f"line-{number}"
+            yield BatchLine(number, custom_id, None, f"line {number + 1}: {e.message}")
+        else:
+            yield BatchLine(number, job.custom_id, job)
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:

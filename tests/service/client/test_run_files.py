@@ -15,19 +15,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from service.runs.driver import RunDriver, WorkItem
-from service.runs.inputs import InputError, check_unique_keys, read_batch_lines, read_rows
-from service.runs.ledger import LedgerError, RunLedger
-from service.runs.outputs import (
-    BatchOutput,
-    LabelOutput,
-    OutputError,
-    label_record,
-    read_result,
-    token_logprobs,
+from schemas.batch import BatchResponse, BatchResponseLine
+from schemas.codec import decode_job, encode_job, encode_result
+from schemas.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    SluiceExtension,
+    TextCompletion,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
 )
-from service.runs.progress import RunProgress, summary
-from service.runs.templates import JobSpec, PromptTemplate, TemplateError
+from service.client.driver import RunDriver, WorkItem
+from service.client.inputs import InputError, check_unique_keys, read_batch_lines, read_rows
+from service.client.ledger import LedgerError, RunLedger
+from service.client.outputs import BatchOutput, LabelOutput, OutputError, label_record
+from service.client.progress import RunProgress, summary
+from service.client.results import read_result, token_logprobs
+from service.client.templates import JobSpec, PromptTemplate, TemplateError
+from service.translate import to_error_line
 
 
 def test_jsonl_rows_keep_their_id_and_a_bad_line_becomes_an_error_row(tmp_path):
@@ -80,7 +90,7 @@ def test_batch_lines_keep_the_body_as_is_and_report_a_broken_line(tmp_path):
         '{"custom_id": "q3", "url": "/v1/completions"}\n'
     )
     lines = list(read_batch_lines(path))
-    assert bytes(lines[0].job["body"]) == b'{"prompt": "x", "weird": [1.5]}'
+    assert bytes(lines[0].job.body) == b'{"prompt": "x", "weird": [1.5]}'
     assert lines[1].custom_id == "line-1" and "line 2" in lines[1].error
     assert lines[2].custom_id == "q3" and "body" in lines[2].error
 
@@ -103,26 +113,32 @@ def test_a_template_that_does_not_parse_is_refused_at_once():
 
 
 def test_choices_go_as_vllm_structured_outputs():
-    job = JobSpec(model="m", max_tokens=4, choices=["yes", "no"], chat=True, system="Be brief.").job(
-        "r/1", "Q"
-    )
-    assert job["url"] == "/v1/chat/completions"
-    assert job["body"]["structured_outputs"] == {"choice": ["yes", "no"]}
-    assert job["body"]["messages"][0] == {"role": "system", "content": "Be brief."}
-    assert job["body"]["temperature"] == 0.0
+    spec = JobSpec(model="m", max_tokens=4, choices=["yes", "no"], chat=True, system="Be brief.")
+    job = decode_job(encode_job(spec.job("r/1", "Q")))  # what the service reads
+    assert (job.custom_id, job.url) == ("r/1", "/v1/chat/completions")
+    assert job.body.structured_outputs.choice == ["yes", "no"]
+    assert (job.body.messages[0].role, job.body.messages[0].content) == ("system", "Be brief.")
+    assert job.body.temperature == 0.0
 
 
-def _ok(text, probabilities=None, tokens=2):
-    sluice = {"schema_version": 1} | ({"choice_probabilities": probabilities} if probabilities else {})
-    body = {"choices": [{"text": text}], "usage": {"completion_tokens": tokens}, "sluice": sluice}
-    return {"custom_id": "x", "response": {"status_code": 200, "body": body}, "error": None}
+def _ok(text, probabilities=None, tokens=2, custom_id="x", logprobs=None) -> BatchResponseLine:
+    sluice = SluiceExtension(schema_version=1, queue_ms=1.0, total_ms=2.0, choice_probabilities=probabilities)
+    choice = CompletionChoice(text=text, finish_reason="stop", logprobs=logprobs)
+    usage = Usage(prompt_tokens=3, completion_tokens=tokens, total_tokens=3 + tokens)
+    body = TextCompletion(id="cmpl-1", created=0, model="m", choices=[choice], usage=usage, sluice=sluice)
+    return _result(body, custom_id)
+
+
+def _result(body, custom_id="x") -> BatchResponseLine:
+    response = BatchResponse(status_code=200, request_id="req-1", body=body)
+    return BatchResponseLine(id="batch_req_1", custom_id=custom_id, response=response)
 
 
 def test_a_result_gives_label_probabilities_and_tokens_and_an_error_result_its_code():
     info = read_result(_ok("yes", {"yes": 0.75, "no": 0.25}))
     assert (info.text, info.probabilities, info.completion_tokens) == ("yes", {"yes": 0.75, "no": 0.25}, 2)
     assert read_result(_ok("yes")).probabilities is None
-    failed = {"custom_id": "x", "response": None, "error": {"code": "invalid_prompt", "message": "too long"}}
+    failed = to_error_line("x", "invalid_prompt", "too long")
     assert label_record(7, failed) == {
         "row_id": 7,
         "label": None,
@@ -132,13 +148,21 @@ def test_a_result_gives_label_probabilities_and_tokens_and_an_error_result_its_c
 
 
 def test_token_logprobs_read_the_same_from_both_endpoints_shapes():
-    chat = {"content": [{"token": "a", "logprob": -0.1, "top_logprobs": [{"token": "a", "logprob": -0.1}]}]}
-    completion = {"tokens": ["a"], "token_logprobs": [-0.1], "top_logprobs": [{"a": -0.1}]}
+    top = [TopLogprob(token="a", logprob=-0.1)]
+    chat_logprobs = ChatLogprobs(content=[TokenLogprob(token="a", logprob=-0.1, top_logprobs=top)])
+    chat_choice = ChatChoice(
+        message=AssistantMessage(content="a"), finish_reason="stop", logprobs=chat_logprobs
+    )
+    usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
+    chat = _result(ChatCompletion(id="chat-1", created=0, model="m", choices=[chat_choice], usage=usage))
+    completion = _ok(
+        "a", logprobs=CompletionLogprobs(tokens=["a"], token_logprobs=[-0.1], top_logprobs=[{"a": -0.1}])
+    )
     expected = [{"token": "a", "logprob": -0.1, "top": [["a", -0.1]]}]
-    for logprobs in (chat, completion):
-        result = {"response": {"status_code": 200, "body": {"choices": [{"logprobs": logprobs}]}}}
+    for result in (chat, completion):
         assert token_logprobs(result) == expected
     assert token_logprobs(_ok("x")) is None
+    assert token_logprobs(to_error_line("x", "invalid_prompt", "too long")) is None
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
@@ -177,8 +201,7 @@ def test_a_csv_output_with_other_columns_is_not_taken_over(tmp_path):
 def test_retrying_errors_removes_only_the_failed_lines(tmp_path):
     path = tmp_path / "out.jsonl"
     out = BatchOutput(path)
-    failed = {"custom_id": "b", "response": None, "error": {"code": "engine_error", "message": "boom"}}
-    out.add([_ok("a") | {"custom_id": "a"}, failed])
+    out.add([_ok("a", custom_id="a"), to_error_line("b", "engine_error", "boom", 500)])
     assert out.errors == {"b": "engine_error: boom"}
     assert out.drop_failed() == {"b"}
     assert BatchOutput(path).done == {"a"} and not BatchOutput(path).errors
@@ -200,6 +223,20 @@ def test_ledger_keeps_the_run_id_counts_posts_and_drops_a_torn_record(tmp_path):
         RunLedger.open(tmp_path / "new.run", "label", "bad/id")
 
 
+def test_ledger_remembers_the_topics_the_run_created_and_only_those(tmp_path):
+    path = tmp_path / "out.jsonl.run"
+    ledger = RunLedger.open(path, "batch", None)
+    ledger.record_created_topics([])  # the reply topic existed already: nothing to delete later
+    ledger.record_posted([("a", 1)])
+    ledger.close()
+    assert RunLedger.open(path, "batch", None).created_topics == []
+    resumed = RunLedger.open(path, "batch", None)
+    resumed.record_created_topics(["results.batch-1"])
+    resumed.close()
+    again = RunLedger.open(path, "batch", None)
+    assert again.created_topics == ["results.batch-1"] and dict(again.attempts) == {"a": 1}
+
+
 class _TwiceAnsweringBackend:
     """A double of the Kafka backend that answers every job twice, plus a stale answer from an earlier attempt."""
 
@@ -210,8 +247,8 @@ class _TwiceAnsweringBackend:
     async def submit(self, jobs):
         for custom_id, job in jobs:
             self.posted.append(custom_id)
-            text = json.loads(job)["body"]["prompt"].upper()
-            answer = json.dumps(_ok(text) | {"custom_id": custom_id}).encode()
+            text = decode_job(job).body.prompt.upper()
+            answer = encode_result(_ok(text, custom_id=custom_id))
             self._answers += [(custom_id, answer), (custom_id, answer)]
 
     async def results(self):

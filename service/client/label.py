@@ -7,12 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from service.client.command import RunFiles, add_run_arguments, execute_run
+from service.client.driver import WorkItem
+from service.client.inputs import FORMATS, input_format, read_rows
+from service.client.outputs import OUTPUT_FORMATS, LabelOutput, label_record, output_format
+from service.client.templates import JobSpec, PromptTemplate, TemplateError
 from service.config import ServiceConfig
-from service.runs.command import RunFiles, add_run_arguments, execute_run
-from service.runs.driver import WorkItem
-from service.runs.inputs import FORMATS, input_format, read_rows
-from service.runs.outputs import OUTPUT_FORMATS, LabelOutput, label_record, output_format
-from service.runs.templates import JobSpec, PromptTemplate, TemplateError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

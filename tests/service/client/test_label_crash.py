@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.service.label_helpers import run_sluice, sluice_command, sluice_env
+from tests.service.client.label_helpers import run_sluice, sluice_command, sluice_env
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 

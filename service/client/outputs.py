@@ -12,10 +12,15 @@ import csv
 import io
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
+
+from schemas.batch import BatchResponseLine
+from schemas.codec import decode_result
+from service.client.results import read_result, token_logprobs
 
 OUTPUT_FORMATS = ("jsonl", "csv")
 
@@ -31,15 +36,22 @@ def output_format(path: Path, given: str | None = None) -> str:
 
 
 class RecordFile:
-    """Records (dicts of `columns`) appended to a JSONL or CSV file, one write per batch of records."""
+    """Records appended to a JSONL or CSV file, one write per batch of records.
 
-    def __init__(self, path: Path, fmt: str, columns: list[str]) -> None:
+    A record is a dict of `columns`, or (JSONL only) a msgspec Struct; `decode_line` reads a JSONL
+    line back (default: a JSON object, as a dict).
+    """
+
+    def __init__(
+        self, path: Path, fmt: str, columns: list[str], decode_line: Callable[[bytes], Any] | None = None
+    ) -> None:
         self.path = path
         self.fmt = fmt
         self.columns = columns
+        self.decode_line = decode_line or _decode_object
         self._file: io.BufferedWriter | None = None
 
-    def load(self) -> list[dict[str, Any]]:
+    def load(self) -> list[Any]:
         """The complete records now in the file; a torn last record is cut off the file."""
         if not self.path.exists():
             return []
@@ -50,7 +62,7 @@ class RecordFile:
                 f.truncate(good)
         return records
 
-    def append(self, records: list[dict[str, Any]]) -> None:
+    def append(self, records: list[Any]) -> None:
         if not records:
             return
         if self._file is None:
@@ -62,18 +74,18 @@ class RecordFile:
         self._file.write(data)  # one write: a kill leaves whole records plus at most one torn one
         self._file.flush()
 
-    def rewrite(self, records: list[dict[str, Any]]) -> None:
+    def rewrite(self, records: list[Any]) -> None:
         """Replace the file's content atomically (write a copy, then rename it over the file)."""
         self.close()
         tmp = self.path.with_name(self.path.name + ".tmp")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        RecordFile(tmp, self.fmt, self.columns).append_and_close(records)
+        RecordFile(tmp, self.fmt, self.columns, self.decode_line).append_and_close(records)
         if not tmp.exists():
             tmp.write_bytes(b"")
         os.replace(tmp, self.path)
 
-    def append_and_close(self, records: list[dict[str, Any]]) -> None:
+    def append_and_close(self, records: list[Any]) -> None:
         self.append(records)
         self.close()
 
@@ -82,7 +94,7 @@ class RecordFile:
             self._file.close()
             self._file = None
 
-    def _encode_jsonl(self, records: list[dict[str, Any]]) -> list[bytes]:
+    def _encode_jsonl(self, records: list[Any]) -> list[bytes]:
         return [msgspec.json.encode(r) + b"\n" for r in records]
 
     def _encode_csv(self, records: list[dict[str, Any]]) -> bytes:
@@ -92,17 +104,14 @@ class RecordFile:
             writer.writerow([_csv_cell(r.get(c)) for c in self.columns])
         return buffer.getvalue().encode()
 
-    def _load_jsonl(self, data: bytes) -> tuple[list[dict[str, Any]], int]:
+    def _load_jsonl(self, data: bytes) -> tuple[list[Any], int]:
         good = data.rfind(b"\n") + 1  # a last line without its newline is torn
         records = []
         for number, line in enumerate(data[:good].split(b"\n")[:-1]):
             try:
-                record = msgspec.json.decode(line)
-            except msgspec.DecodeError as e:
-                raise OutputError(f"{self.path}: line {number + 1} is not JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise OutputError(f"{self.path}: line {number + 1} is not a JSON object")
-            records.append(record)
+                records.append(self.decode_line(line))
+            except (msgspec.DecodeError, ValueError) as e:
+                raise OutputError(f"{self.path}: line {number + 1} cannot be read ({e})") from None
         return records, good
 
     def _load_csv(self, data: bytes) -> tuple[list[dict[str, Any]], int]:
@@ -125,6 +134,13 @@ class RecordFile:
         return [dict(zip(header, row, strict=False)) for row in body], good
 
 
+def _decode_object(line: bytes) -> dict[str, Any]:
+    record = msgspec.json.decode(line)
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    return record
+
+
 def _csv_cell(value: Any) -> str:
     if value is None:
         return ""
@@ -134,9 +150,7 @@ def _csv_cell(value: Any) -> str:
 
 
 class _KeyedOutput:
-    """An output file whose records are keyed by the field KEY: which keys are done, which failed."""
-
-    KEY: str
+    """An output file whose records each have a key: which keys are done, which failed."""
 
     def __init__(self, file: RecordFile) -> None:
         self.file = file
@@ -150,12 +164,12 @@ class _KeyedOutput:
         if not self.errors:
             return set()
         failed = set(self.errors)
-        self.file.rewrite([r for r in self.file.load() if str(r.get(self.KEY)) not in failed])
+        self.file.rewrite([r for r in self.file.load() if self._key(r) not in failed])
         self.done -= failed
         self.errors = {}
         return failed
 
-    def add(self, records: list[dict[str, Any]]) -> None:
+    def add(self, records: list[Any]) -> None:
         self.file.append(records)
         for record in records:
             self._count(record)
@@ -163,21 +177,23 @@ class _KeyedOutput:
     def close(self) -> None:
         self.file.close()
 
-    def _count(self, record: dict[str, Any]) -> None:
-        key = str(record.get(self.KEY))
+    def _count(self, record: Any) -> None:
+        key = self._key(record)
         self.done.add(key)
         if (error := self._error(record)) is not None:
             self.errors[key] = error
 
-    def _error(self, record: dict[str, Any]) -> str | None:
-        return str(record["error"]) if record.get("error") else None
+    def _key(self, record: Any) -> str:
+        raise NotImplementedError
+
+    def _error(self, record: Any) -> str | None:
+        raise NotImplementedError
 
 
 class LabelOutput(_KeyedOutput):
     """`sluice label`'s output: one record per input row (row id, label, choice probabilities, error)."""
 
     COLUMNS = ("row_id", "label", "probabilities", "error")
-    KEY = "row_id"
 
     def __init__(self, path: Path, fmt: str, with_logprobs: bool = False) -> None:
         columns = [*self.COLUMNS, "logprobs"] if with_logprobs else list(self.COLUMNS)
@@ -189,9 +205,15 @@ class LabelOutput(_KeyedOutput):
         if not record.get("error"):
             self.labels[str(record.get("label") or "")] += 1
 
+    def _key(self, record: dict[str, Any]) -> str:
+        return str(record.get("row_id"))
 
-def label_record(row_id: Any, result: dict[str, Any], with_logprobs: bool = False) -> dict[str, Any]:
-    """A result line (as decoded JSON) -> the row's output record."""
+    def _error(self, record: dict[str, Any]) -> str | None:
+        return str(record["error"]) if record.get("error") else None
+
+
+def label_record(row_id: Any, result: BatchResponseLine, with_logprobs: bool = False) -> dict[str, Any]:
+    """A result line -> the row's output record."""
     info = read_result(result)
     record = {"row_id": row_id, "label": info.text, "probabilities": info.probabilities, "error": info.error}
     if with_logprobs:
@@ -199,60 +221,14 @@ def label_record(row_id: Any, result: dict[str, Any], with_logprobs: bool = Fals
     return record
 
 
-def token_logprobs(result: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """Every generated token's log-probability and its top alternatives, from either endpoint's shape:
-    `[{"token", "logprob", "top": [[token, logprob], ...]}]` (the teacher signal for distillation)."""
-    body = (result.get("response") or {}).get("body") or {}
-    choice = (body.get("choices") or [{}])[0]
-    logprobs = choice.get("logprobs")
-    if not logprobs:
-        return None
-    if "content" in logprobs:  # chat: one entry per token
-        return [
-            {
-                "token": t["token"],
-                "logprob": t["logprob"],
-                "top": [[a["token"], a["logprob"]] for a in t.get("top_logprobs") or ()],
-            }
-            for t in logprobs["content"]
-        ]
-    tops = logprobs.get("top_logprobs") or [{}] * len(logprobs["tokens"])  # completions: parallel lists
-    return [
-        {"token": token, "logprob": logprob, "top": [list(a) for a in (top or {}).items()]}
-        for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], tops, strict=False)
-    ]
-
-
-class ResultInfo(msgspec.Struct):
-    text: str | None
-    probabilities: dict[str, float] | None
-    error: str | None
-    completion_tokens: int
-
-
-def read_result(result: dict[str, Any]) -> ResultInfo:
-    """What a run needs from an OpenAI Batch output line, read leniently (any field may be missing)."""
-    response = result.get("response") or {}
-    body = response.get("body") or {}
-    error = result.get("error")
-    if error is None and response.get("status_code", 200) >= 400:
-        error = (body.get("error") or {}) | {"status_code": response.get("status_code")}
-    if error is not None:
-        return ResultInfo(None, None, f"{error.get('code')}: {error.get('message')}", 0)
-    choice = (body.get("choices") or [{}])[0]
-    text = (choice.get("message") or {}).get("content") if "message" in choice else choice.get("text")
-    sluice = body.get("sluice") or {}
-    tokens = (body.get("usage") or {}).get("completion_tokens") or 0
-    return ResultInfo(text, sluice.get("choice_probabilities"), None, tokens)
-
-
 class BatchOutput(_KeyedOutput):
     """`sluice batch`'s output: OpenAI Batch output lines, one per input line, keyed by custom_id."""
 
-    KEY = "custom_id"
-
     def __init__(self, path: Path) -> None:
-        super().__init__(RecordFile(path, "jsonl", []))
+        super().__init__(RecordFile(path, "jsonl", [], decode_line=decode_result))
 
-    def _error(self, record: dict[str, Any]) -> str | None:
+    def _key(self, record: BatchResponseLine) -> str:
+        return record.custom_id
+
+    def _error(self, record: BatchResponseLine) -> str | None:
         return read_result(record).error

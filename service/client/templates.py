@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import jinja2
+import msgspec
+
+from schemas.batch import CHAT_URL, COMPLETIONS_URL, BatchRequestEnvelope, Endpoint
 
 TemplateKind = Literal["auto", "jinja", "format"]
 
@@ -62,10 +65,10 @@ class JobSpec:
     logprobs: int | None = None  # top-K alternatives of every generated token, returned with the result
 
     @property
-    def url(self) -> str:
-        return "/v1/chat/completions" if self.chat else "/v1/completions"
+    def url(self) -> Endpoint:
+        return CHAT_URL if self.chat else COMPLETIONS_URL
 
-    def job(self, custom_id: str, prompt: str) -> dict[str, Any]:
+    def job(self, custom_id: str, prompt: str) -> BatchRequestEnvelope:
         """The OpenAI Batch input line for one rendered prompt."""
         body: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens}
         body["temperature"] = self.temperature
@@ -82,4 +85,6 @@ class JobSpec:
         if self.choices:
             # vLLM's field; the engine keeps the output to one of the choices and reports their probabilities
             body["structured_outputs"] = {"choice": list(self.choices)}
-        return {"custom_id": custom_id, "method": "POST", "url": self.url, "body": body}
+        return BatchRequestEnvelope(
+            custom_id=custom_id, url=self.url, body=msgspec.Raw(msgspec.json.encode(body))
+        )

@@ -4,6 +4,9 @@ It is what lets a resumed run wait for jobs that are still queued (the service a
 later, into the run's reply topic) instead of posting them again. A job is recorded only after
 the broker acknowledged it: a job recorded here is in Kafka. A kill between the acknowledgement
 and the record only means the job is posted once more; the output never takes a row twice.
+
+It also records the topics the run created (its reply topic, unless it existed before): only
+those are deleted when the run is complete.
 """
 
 from __future__ import annotations
@@ -21,17 +24,28 @@ class LedgerError(ValueError):
     pass
 
 
+class _CreatedTopic(msgspec.Struct, forbid_unknown_fields=True):
+    created_topic: str
+
+
+_RECORD = msgspec.json.Decoder(tuple[str | int, int] | _CreatedTopic)  # a posted job, or a created topic
+
+
 class RunLedger:
-    def __init__(self, path: Path | None, run_id: str, attempts: Counter[str]) -> None:
+    def __init__(
+        self, path: Path | None, run_id: str, attempts: Counter[str], created_topics: list[str] | None = None
+    ) -> None:
         self.path = path
         self.run_id = run_id
         self.attempts = attempts  # row key -> the attempt number of its latest posted job
+        self.created_topics = created_topics or []  # topics this run created, to delete when complete
         self._file = None
 
     @classmethod
     def open(cls, path: Path, kind: str, run_id: str | None) -> RunLedger:
         """The existing ledger (its run id must match `run_id` if one is given), else a new one."""
         attempts: Counter[str] = Counter()
+        created_topics: list[str] = []
         if path.exists():
             data = path.read_bytes()
             good = data.rfind(b"\n") + 1  # a kill may tear the last record; it is dropped
@@ -39,8 +53,11 @@ class RunLedger:
             try:
                 header = msgspec.json.decode(lines[0]) if lines else {}
                 for line in lines[1:]:
-                    key, attempt = msgspec.json.decode(line)
-                    attempts[str(key)] = max(attempts[str(key)], int(attempt))
+                    match _RECORD.decode(line):
+                        case _CreatedTopic(created_topic=topic):
+                            created_topics.append(topic)
+                        case (key, attempt):
+                            attempts[str(key)] = max(attempts[str(key)], attempt)
             except (msgspec.DecodeError, ValueError, TypeError) as e:
                 raise LedgerError(f"{path} is damaged ({e}); remove it to resume by posting again") from None
             if header.get("kind") != kind or not header.get("run_id"):
@@ -52,7 +69,7 @@ class RunLedger:
                 )
             with open(path, "r+b") as f:
                 f.truncate(good)
-            return cls(path, header["run_id"], attempts)
+            return cls(path, header["run_id"], attempts, created_topics)
         if run_id is None:
             run_id = f"{kind}-{_random_suffix()}"
         if not RUN_ID.match(run_id):
@@ -74,11 +91,19 @@ class RunLedger:
             return
         for key, attempt in posted:
             self.attempts[key] = max(self.attempts[key], attempt)
-        if self.path is None:
+        self._append([[key, attempt] for key, attempt in posted])
+
+    def record_created_topics(self, topics: list[str]) -> None:
+        """Topics the run has just created: the run deletes them, and no others, once complete."""
+        self.created_topics += [t for t in topics if t not in self.created_topics]
+        self._append([_CreatedTopic(t) for t in topics])
+
+    def _append(self, records: list) -> None:
+        if self.path is None or not records:
             return
         if self._file is None:
             self._file = open(self.path, "ab")  # noqa: SIM115 (kept open for the whole run)
-        self._file.write(b"".join(msgspec.json.encode([key, attempt]) + b"\n" for key, attempt in posted))
+        self._file.write(b"".join(msgspec.json.encode(r) + b"\n" for r in records))
         self._file.flush()
 
     def close(self) -> None:

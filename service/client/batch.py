@@ -14,11 +14,12 @@ from typing import Any
 
 import msgspec
 
+from schemas.batch import BatchResponseLine
+from service.client.command import RunFiles, add_run_arguments, execute_run
+from service.client.driver import WorkItem
+from service.client.inputs import read_batch_lines
+from service.client.outputs import BatchOutput
 from service.config import ServiceConfig
-from service.runs.command import RunFiles, add_run_arguments, execute_run
-from service.runs.driver import WorkItem
-from service.runs.inputs import read_batch_lines
-from service.runs.outputs import BatchOutput
 from service.translate import to_error_line
 
 
@@ -41,12 +42,12 @@ async def run_batch(args: argparse.Namespace, config: ServiceConfig) -> int:
         output,
         args.output.with_name(args.output.name + ".run"),
         items,
-        lambda key, row_id, result: {**result, "custom_id": key},
+        lambda key, row_id, result: msgspec.structs.replace(result, custom_id=key),
         _failure_record,
         lambda: None,
     )
     return await execute_run(run, args, config)
 
 
-def _failure_record(key: str, row_id: Any, code: str, message: str) -> dict[str, Any]:
-    return msgspec.to_builtins(to_error_line(key, code, message))
+def _failure_record(key: str, row_id: Any, code: str, message: str) -> BatchResponseLine:
+    return to_error_line(key, code, message)

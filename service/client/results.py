@@ -1,0 +1,74 @@
+"""What a client reads from a result line (decoded by schemas.codec.decode_result): the generated
+text, the choice probabilities, the error, the token count and the token log-probabilities."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from schemas.batch import BatchResponseLine
+from schemas.openai import (
+    ChatChoice,
+    ChatCompletion,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    ErrorBody,
+    TextCompletion,
+)
+
+
+class ResultInfo(msgspec.Struct):
+    text: str | None
+    probabilities: dict[str, float] | None
+    error: str | None
+    completion_tokens: int
+
+
+def read_result(result: BatchResponseLine) -> ResultInfo:
+    """What a run needs from a result line: the text, the choice probabilities, the error, the token count."""
+    error = result.error
+    if error is None and result.response is not None and isinstance(result.response.body, ErrorBody):
+        error = result.response.body.error  # the status says it failed; the top-level error is unset
+    if error is not None:
+        return ResultInfo(None, None, f"{error.code}: {error.message}", 0)
+    if (body := _completion(result)) is None:
+        return ResultInfo(None, None, None, 0)
+    match body.choices[0] if body.choices else None:
+        case ChatChoice(message=message):
+            text = message.content
+        case CompletionChoice(text=text):
+            pass
+        case _:
+            text = None
+    probabilities = body.sluice.choice_probabilities if body.sluice is not None else None
+    return ResultInfo(text, probabilities, None, body.usage.completion_tokens)
+
+
+def token_logprobs(result: BatchResponseLine) -> list[dict[str, Any]] | None:
+    """Every generated token's log-probability and its top alternatives, from either endpoint's shape:
+    `[{"token", "logprob", "top": [[token, logprob], ...]}]` (the teacher signal for distillation)."""
+    body = _completion(result)
+    match body.choices[0].logprobs if body is not None and body.choices else None:
+        case ChatLogprobs(content=tokens):  # chat: one entry per token
+            return [
+                {
+                    "token": t.token,
+                    "logprob": t.logprob,
+                    "top": [[a.token, a.logprob] for a in t.top_logprobs],
+                }
+                for t in tokens
+            ]
+        case CompletionLogprobs() as logprobs:  # completions: parallel lists
+            tops = logprobs.top_logprobs or [{}] * len(logprobs.tokens)
+            return [
+                {"token": token, "logprob": logprob, "top": [list(a) for a in (top or {}).items()]}
+                for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, tops, strict=False)
+            ]
+    return None
+
+
+def _completion(result: BatchResponseLine) -> ChatCompletion | TextCompletion | None:
+    body = result.response.body if result.response is not None else None
+    return body if isinstance(body, ChatCompletion | TextCompletion) else None
