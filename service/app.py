@@ -1,5 +1,14 @@
 """Service: wires consumer, job handler, async engine and publisher; runs until told to stop.
 
+A job's way, each stage one module:
+
+    JobConsumer.fetch           a record of a jobs topic (backpressure pauses the partitions)
+    -> JobHandler.handle        bytes -> schemas/ job -> translate -> (prompt ids, SamplingParams)
+    -> DynamicBatcher           admitted with the burst it came in; the engine's thread steps it
+    -> AsyncLLMEngine.wait      the engine's RequestOutput -> translate -> result line
+    -> ResultPublisher / TransactionalDelivery   the result (and a dead letter for an error)
+    -> JobConsumer.done         the partition's watermark moves; offsets commit behind it
+
 Every consumed record ends as exactly one of: a result, an error result plus a dead letter, or
 uncommitted (redone by the partition's next owner).
 """
