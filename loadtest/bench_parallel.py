@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from engine.demo_models import ensure_checkpoint  # noqa: E402
-from loadtest.bench_engine import Row, Workload, run_sluice, standard_workload  # noqa: E402
+from loadtest.bench_engine import run_sluice  # noqa: E402
+from loadtest.workloads import Row, Workload, standard_workload  # noqa: E402
 
 
 def parse_layout(text: str) -> tuple[int, int]:

@@ -19,7 +19,7 @@ tests=$?
 
 # Llama-3.2-1B shapes, random weights, bfloat16; peers: Transformers static batches.
 timeout 210 "$PY" loadtest/bench_engine.py --device cuda --dtype bfloat16 --preset gpu-1b \
-  --peers static --static-batch-sizes 16 64 --decode-roofline
+  --peers static --static-batch-sizes 16 64
 bench=$?
 
 # fp8 weights, 2:4 sparse kernels, bitsandbytes CUDA kernels: quality and bytes, no timing.

@@ -1,0 +1,92 @@
+"""The physical floor of a workload on this machine: the least time any engine could take.
+
+Prefill is compute-bound: 2 FLOPs per weight per prompt token, plus causal attention, at the
+rate of a large matmul measured here. Decode is bound by memory: every decode step reads all
+the weights once, and each sequence reads its keys and values, at the copy bandwidth measured
+here (or by compute where that is slower, as in float32). The floor is the sum of the two
+phases; an engine's tokens/s over the floor's tokens/s says how much of the machine it uses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loadtest.workloads import Workload
+
+
+@dataclass(frozen=True, slots=True)
+class Machine:
+    matmul_flops_per_s: float  # a large [2048 x 2048] @ [2048 x 2048] matmul in the dtype
+    copy_bytes_per_s: float  # read + write of a 1 GiB copy
+
+
+@dataclass(frozen=True, slots=True)
+class Floor:
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_s + self.decode_s
+
+
+def measure_machine(dtype: torch.dtype, device: str = "cpu") -> Machine:
+    a = torch.randn(2048, 2048, dtype=dtype, device=device)
+    b = torch.randn(2048, 2048, dtype=dtype, device=device)
+    matmul_s = _best_of(lambda: a @ b, device)
+    src = torch.empty(2**28, dtype=torch.float32, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_s = _best_of(lambda: dst.copy_(src), device)
+    return Machine(2 * 2048**3 / matmul_s, 2 * src.numel() * src.element_size() / copy_s)
+
+
+def workload_floor(checkpoint: Path, workload: Workload, dtype: torch.dtype, machine: Machine) -> Floor:
+    """The floor of `workload` on a Llama-shaped checkpoint (sizes from its config.json)."""
+    c = json.loads((Path(checkpoint) / "config.json").read_text())
+    hidden, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
+    q_size, kv_size = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
+    layer_weights = hidden * (2 * q_size + 2 * kv_size) + 3 * hidden * c["intermediate_size"]
+    linear_weights = layers * layer_weights  # the LM head is counted apart: it runs on sampled rows only
+    item = torch.finfo(dtype).bits // 8
+    kv_bytes_per_token = 2 * layers * kv_size * item
+
+    prompt_tokens = workload.num_prompt_tokens
+    attention_flops = sum(4 * layers * q_size * len(p) ** 2 / 2 for p in workload.prompts)
+    prefill_flops = (
+        2 * linear_weights * prompt_tokens + attention_flops + 2 * vocab * hidden * len(workload.prompts)
+    )
+    prefill_s = prefill_flops / machine.matmul_flops_per_s
+
+    decode_steps = max(workload.output_lens) - 1  # the first output token comes from the prefill
+    weight_bytes = (linear_weights + vocab * hidden) * item
+    kv_read = sum(
+        (len(p) + i) * kv_bytes_per_token
+        for p, n in zip(workload.prompts, workload.output_lens, strict=True)
+        for i in range(1, n)
+    )
+    decode_tokens = workload.num_output_tokens - len(workload.prompts)  # after each request's first
+    decode_flops = 2 * (linear_weights + vocab * hidden) * decode_tokens
+    decode_s = max(
+        (decode_steps * weight_bytes + kv_read) / machine.copy_bytes_per_s,
+        decode_flops / machine.matmul_flops_per_s,
+    )
+    return Floor(prefill_s, decode_s)
+
+
+def _best_of(fn, device: str, repeats: int = 5) -> float:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best

@@ -1,0 +1,60 @@
+"""The engine benchmarks' workloads and result rows (token ids only: every engine sees the same prompts)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
+
+@dataclass(slots=True)
+class Row:
+    mode: str
+    seconds: float
+    output_tokens: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def standard_workload(vocab_size: int, num_requests: int = 64, seed: int = 0) -> Workload:
+    """Prompts of 32-512 tokens, outputs of 16-128, drawn with a fixed seed."""
+    rng = random.Random(seed)
+    prompts, output_lens = [], []
+    for _ in range(num_requests):
+        length = rng.randint(32, 512)
+        prompts.append([1] + [rng.randrange(4, vocab_size) for _ in range(length - 1)])
+        output_lens.append(rng.randint(16, 128))
+    return Workload("standard", prompts, output_lens)
+
+
+def shared_prefix_workload(
+    vocab_size: int, num_requests: int = 64, prefix_len: int = 256, seed: int = 0
+) -> Workload:
+    """A 256-token instruction shared by every prompt, 32-256 tokens of its own, 4-16 output tokens."""
+    rng = random.Random(seed)
+    instruction = [1] + [rng.randrange(4, vocab_size) for _ in range(prefix_len - 1)]
+    prompts, output_lens = [], []
+    for _ in range(num_requests):
+        own = [rng.randrange(4, vocab_size) for _ in range(rng.randint(32, 256))]
+        prompts.append(instruction + own)
+        output_lens.append(rng.randint(4, 16))
+    return Workload("shared-prefix", prompts, output_lens)
+
+
+WORKLOADS = {"standard": standard_workload, "shared-prefix": shared_prefix_workload}
