@@ -1,0 +1,93 @@
+"""Where an engine run's time goes: the standard workload under torch.profiler, by category.
+
+    .venv/bin/python loadtest/profile_engine.py --dtype bfloat16 [--num-requests 64]
+
+Prints the wall time, then the self CPU time of the profiled ops summed by category (matmul,
+attention, KV-cache writes and page gathers, sampling, elementwise and norms, the rest) and
+the wall time no op accounts for: Python, scheduling and dispatch between ops. Op times are
+summed over the profiled thread (the one that calls step()); torch's intra-op threads work
+inside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from torch.profiler import ProfilerActivity, profile
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from engine.demo_models import ensure_checkpoint  # noqa: E402
+from loadtest.workloads import WORKLOADS  # noqa: E402
+
+# first match wins: op-name fragments per category
+CATEGORIES = (
+    ("matmul", ("mm", "linear", "matmul", "bmm", "addmm", "mkldnn", "onednn")),
+    ("attention", ("scaled_dot_product", "_flash_attention", "attention")),
+    ("kv write / page gather", ("index_copy", "index_select")),
+    ("sampling", ("argmax", "topk", "softmax", "log_softmax", "sort", "exponential", "rand")),
+    (
+        "elementwise and norms",
+        ("mul", "add", "sub", "div", "rsqrt", "pow", "mean", "silu", "cat", "neg", "to", "copy"),
+    ),
+)
+
+
+def category(name: str) -> str:
+    short = name.removeprefix("aten::")
+    for label, fragments in CATEGORIES:
+        if any(f in short for f in fragments):
+            return label
+    return "other ops"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="standard", choices=sorted(WORKLOADS))
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--top", type=int, default=15, help="also list the N costliest ops")
+    args = parser.parse_args(argv)
+    folder = ensure_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
+    vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
+    workload = WORKLOADS[args.workload](vocab_size, args.num_requests)
+    engine = LLMEngine(EngineConfig(model=str(folder), dtype=args.dtype))
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
+    engine.generate([[1, 5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+    engine.generate(workload.prompts, params, use_tqdm=False)  # warm: allocator, oneDNN primitives
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        engine.generate(workload.prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+    totals: dict[str, float] = defaultdict(float)
+    by_op: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        totals[category(event.key)] += seconds
+        by_op[event.key] += seconds
+    steps = engine.stats().steps.num_steps
+    print(
+        f"{args.workload} workload, {args.dtype}: {wall:.2f} s wall (profiled), {workload.num_output_tokens / wall:.0f} output tok/s, {steps} steps"
+    )
+    print(f"| {'category':<24} | {'seconds':>8} | {'share':>6} |")
+    print(f"|{'-' * 26}|{'-' * 10}|{'-' * 8}|")
+    for label, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"| {label:<24} | {seconds:8.2f} | {seconds / wall:6.1%} |")
+    unaccounted = wall - sum(totals.values())
+    print(f"| {'between ops (Python)':<24} | {unaccounted:8.2f} | {unaccounted / wall:6.1%} |")
+    print(
+        "\ncostliest ops (self CPU s): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[: args.top])
+    )
+
+
+if __name__ == "__main__":
+    main()
