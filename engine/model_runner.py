@@ -39,7 +39,7 @@ class ModelRunner:
         self.kv_dtype = fp8_kv.kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         self.block_size = block_size
         self.layers = [m for m in model.modules() if isinstance(m, Attention)]
-        backend_impl = make_backend(backend)
+        backend_impl = make_backend(backend, compiled_decode=not config.enforce_eager)
         for layer in self.layers:
             layer.backend = backend_impl
         self.sampler = Sampler(generator=torch.Generator(device=self.device).manual_seed(config.seed))

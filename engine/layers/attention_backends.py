@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from engine.config import ATTENTION_BACKENDS
 from engine.forward_context import AttentionMetadata
+from engine.layers.paged_decode import paged_decode_attention
 from engine.quant import kv_cache as fp8_kv
 
 
@@ -73,8 +74,13 @@ def triton_available() -> bool:
     return True
 
 
-def make_backend(name: str):
-    return {"flash": FlashAttentionBackend, "triton": TritonBackend}.get(name, SdpaBackend)()
+def make_backend(name: str, compiled_decode: bool = True):
+    """The backend's object; `compiled_decode`: SDPA decodes through the compiled paged kernel."""
+    if name == "flash":
+        return FlashAttentionBackend()
+    if name == "triton":
+        return TritonBackend()
+    return SdpaBackend(compiled_decode)
 
 
 def write_kv(layer, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -91,6 +97,9 @@ def write_kv(layer, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 
 
 class SdpaBackend:
+    def __init__(self, compiled_decode: bool = True) -> None:
+        self.compiled_decode = compiled_decode
+
     def forward(
         self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata
     ) -> torch.Tensor:
@@ -127,6 +136,19 @@ class SdpaBackend:
         # q [B, H, 1, D] against keys [B, Hkv, L, D], padding masked out.
         batch = q.shape[0]
         num_blocks = -(-length // layer.k_cache.shape[1])
+        if self.compiled_decode and not fp8_kv.is_fp8(layer.k_cache):
+            out = paged_decode_attention(
+                q,
+                layer.k_cache,
+                layer.v_cache,
+                block_tables[:, :num_blocks],
+                context_lens,
+                layer.scale,
+                layer.sliding_window,
+            )
+            if out is not None:
+                return out
+            self.compiled_decode = False
         blocks = block_tables[:, :num_blocks].flatten().long()
         keys = _pages(layer, "k", blocks, batch, q.dtype)[:, :length].transpose(1, 2)
         values = _pages(layer, "v", blocks, batch, q.dtype)[:, :length].transpose(1, 2)
