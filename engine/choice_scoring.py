@@ -12,14 +12,19 @@ choice's tokens and EOS, prefilled like any prompt (so the prompt's blocks come 
 cache) but never sampled, with prompt logprobs from the first choice token on. The forks start
 once the request's own prompt is computed, so that they find it cached; the request's output
 waits here until every choice is scored.
+
+A greedy (temperature 0) choice request is not decoded at all: its own sequence only computes
+the prompt, and its answer is the most probable choice, so the label always agrees with the
+probabilities. A sampled one is decoded token by token under the choice grammar.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
-from engine.outputs import RequestOutput
+from engine.outputs import OutputLogprob, RequestOutput
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.step_plan import PromptLogprobRows
@@ -101,11 +106,27 @@ class ChoiceScorer:
 
     def _release(self, seq: Sequence) -> RequestOutput:
         request = self._requests.pop(seq)
-        scores = [math.fsum(self._logprobs.pop(scorer).values()) for scorer in request.scorers]
+        logprobs = [self._logprobs.pop(scorer) for scorer in request.scorers]
+        scores = [math.fsum(values.values()) for values in logprobs]
         output = request.output
         assert output is not None
         output.choice_probabilities = _renormalised(request.choices, scores)
+        if seq.is_prefill_only and output.finish_reason != "abort":
+            best = max(range(len(scores)), key=scores.__getitem__)
+            _answer(output, request.choices[best], request.token_ids[best], logprobs[best])
         return output
+
+
+def _answer(output: RequestOutput, choice: str, token_ids: list[int], logprobs: dict[int, float]) -> None:
+    """A greedy choice request's output: the choice, as if generated (its tokens, then EOS)."""
+    output.text = choice
+    output.token_ids = list(token_ids)
+    output.finish_reason, output.stop_reason = "stop", token_ids[-1]
+    output.metrics.first_token_time = output.metrics.finished_time = time.time()
+    if output.logprobs is not None:  # asked for: each token's own, in order (no alternatives)
+        output.logprobs = [
+            OutputLogprob(t, lp) for t, (_, lp) in zip(token_ids, sorted(logprobs.items()), strict=True)
+        ]
 
 
 def _renormalised(choices: list[str], scores: list[float]) -> dict[str, float]:
