@@ -13,6 +13,7 @@ from msgspec import Struct
 
 from schemas.batch import (
     CHAT_URL,
+    COMPLETIONS_URL,
     BatchError,
     BatchRequestEnvelope,
     BatchRequestLine,
@@ -78,9 +79,26 @@ def decode_job_envelope(data: bytes, content_type: str | None = None) -> BatchRe
     try:
         return codec.envelope.decode(data)
     except msgspec.ValidationError as e:
+        if (url := _peek_url(codec, data)) in UNSERVED_URLS:
+            raise JobDecodeError(
+                "unsupported_endpoint",
+                f"{url} is not served here; only {CHAT_URL} and {COMPLETIONS_URL}",
+                "url",
+            ) from None
         raise JobDecodeError("invalid_request", str(e)) from None
     except msgspec.DecodeError as e:
         raise JobDecodeError("invalid_encoding", f"not a valid {codec.name} job line: {e}") from None
+
+
+# endpoints of OpenAI's batch API that Sluice does not serve: refused by name, not as a bad url
+UNSERVED_URLS = ("/v1/embeddings", "/v1/responses", "/v1/moderations")
+
+
+def _peek_url(codec: _Codec, data: bytes) -> str | None:
+    try:
+        return codec.peek_url.decode(data).url
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def peek_custom_id(data: bytes, content_type: str | None = None) -> str | None:
@@ -146,6 +164,10 @@ class _CustomIdOnly(Struct):
     custom_id: str | None = None
 
 
+class _UrlOnly(Struct):
+    url: str | None = None
+
+
 class _Codec:
     def __init__(self, name: str, module) -> None:
         self.name = name
@@ -153,6 +175,7 @@ class _Codec:
         self.chat = module.Decoder(ChatCompletionRequest)
         self.completion = module.Decoder(CompletionRequest)
         self.peek = module.Decoder(_CustomIdOnly)
+        self.peek_url = module.Decoder(_UrlOnly)
         self.raw = module.Decoder()  # a body as plain objects, for the names of its fields
         self.result = module.Decoder(_RawResponseLine)
         self.completion_body = module.Decoder(ChatCompletion | TextCompletion)

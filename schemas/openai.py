@@ -243,9 +243,9 @@ class PromptTokensDetails(Struct, kw_only=True):
     cached_tokens: int  # prompt tokens whose computation the prefix cache spared
 
 
-class Usage(Struct, kw_only=True, omit_defaults=True):
+class Usage(Struct, kw_only=True):
     prompt_tokens: int
-    completion_tokens: int = 0
+    completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
 
