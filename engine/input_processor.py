@@ -92,12 +92,6 @@ class InputProcessor:
                 f"token ids {bad[:5]} of logit_bias are outside the vocabulary [0, {self.vocab_size})",
                 code="invalid_request",
             )
-        if is_greedy_choice(params) and params.logprobs:
-            raise RequestRejected(
-                "a greedy choice request is answered by scoring its choices, which gives each "
-                "token's logprob but no alternatives: ask for logprobs 0, or sample (temperature > 0)",
-                code="invalid_request",
-            )
         if params.min_tokens == 0:
             return params
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))

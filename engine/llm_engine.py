@@ -138,7 +138,10 @@ class LLMEngine:
         for seq, stop in processed.stopped:
             self.scheduler.finish(seq, "stop", stop)
         prompt_logprobs = result.prompt_logprobs.tolist() if rows is not None else []
-        outputs += self.choice_scorer.update(out, rows, prompt_logprobs)
+        prompt_top = None
+        if rows is not None and result.prompt_top_logprobs is not None:
+            prompt_top = [t.tolist() for t in result.prompt_top_logprobs]  # (ids, logprobs), [R, K] each
+        outputs += self.choice_scorer.update(out, rows, prompt_logprobs, prompt_top)
         outputs += [o for seq, output in processed.outputs if (o := self.choice_scorer.hold(seq, output))]
         for output in outputs:
             self._requests.pop(output.request_id, None)

@@ -36,6 +36,9 @@ class SamplerOutput:
     # [R] float32: the step's prompt logprobs (StepPlan.prompt_logprob_rows), in row order;
     # set by the model runner
     prompt_logprobs: torch.Tensor | None = None
+    # ([R, K] int64 ids, [R, K] float32 logprobs): each prompt logprob row's K most likely tokens,
+    # when a row's request asked for alternatives (a greedy choice's answer); set by the model runner
+    prompt_top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Sampler:

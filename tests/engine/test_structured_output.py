@@ -111,27 +111,21 @@ def test_a_greedy_choice_answers_the_choice_its_probabilities_name(engine: LLMEn
     outputs = engine.generate(
         prompts, _params(StructuredOutputs(choice=LABELS), temperature=0.0), use_tqdm=False
     )
-    eos = engine.tokenizer.eos_token_id
     for output in outputs:
         best = max(output.choice_probabilities, key=output.choice_probabilities.get)
         assert output.text == best
-        assert output.token_ids == [*engine.tokenizer.encode(best, add_special_tokens=False), eos]
-        assert (output.finish_reason, output.stop_reason) == ("stop", eos)
+        assert output.token_ids == engine.tokenizer.encode(best, add_special_tokens=False)
+        assert (output.finish_reason, output.stop_reason) == ("stop", None)  # as the grammar ends it
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_a_greedy_choice_gives_its_tokens_logprobs_summing_to_its_score(engine: LLMEngine) -> None:
-    params = _params(StructuredOutputs(choice=LABELS), temperature=0.0, logprobs=0)
+def test_a_greedy_choice_gives_its_tokens_logprobs_with_alternatives(engine: LLMEngine) -> None:
+    params = _params(StructuredOutputs(choice=LABELS), temperature=0.0, logprobs=3)
     (output,) = engine.generate(["The river is cold today"], params, use_tqdm=False)
     assert [lp.token_id for lp in output.logprobs] == output.token_ids
-    assert all(lp.top == [] and lp.logprob <= 0 for lp in output.logprobs)
-
-
-def test_a_greedy_choice_asking_for_logprob_alternatives_is_rejected(engine: LLMEngine) -> None:
-    with pytest.raises(RequestRejected, match="logprobs 0"):
-        engine.add_request(
-            "alt", "Hello", _params(StructuredOutputs(choice=LABELS), temperature=0.0, logprobs=2)
-        )
+    for lp in output.logprobs:
+        assert len(lp.top) == 3 and lp.logprob <= lp.top[0][1] + 1e-6  # the best alternative first
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
 
 
 def _spy_on_preemptions(engine: LLMEngine) -> list:
