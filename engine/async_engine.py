@@ -99,6 +99,11 @@ class AsyncLLMEngine:
         """The engine's tokenizer (thread-safe to read: the engine never changes it)."""
         return self.engine.tokenizer
 
+    @property
+    def generation_defaults(self) -> dict[str, float | int]:
+        """The checkpoint's sampling defaults (generation_config.json), by SamplingParams field."""
+        return self.engine.generation_defaults
+
     def stats(self) -> EngineStats:
         """The engine's monitoring snapshot (LLMEngine.stats)."""
         return self.engine.stats()

@@ -48,3 +48,32 @@ def load_tokenizer(folder: str | Path):
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # transformers raises many types here; the message is what matters
         raise ModelLoadError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+
+
+# generation_config.json keys that are sampling defaults, and the SamplingParams field each sets
+_GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def load_generation_defaults(folder: str | Path) -> dict[str, float | int]:
+    """The checkpoint's sampling defaults from generation_config.json, by SamplingParams field name
+    (vLLM's reading: temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens); a
+    request's own values override them. Empty when the file is missing or names none."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+    return {
+        field: config[key]
+        for key, field in _GENERATION_DEFAULTS.items()
+        if isinstance(config.get(key), int | float) and not isinstance(config.get(key), bool)
+    }

@@ -12,14 +12,19 @@ choice's tokens and EOS, prefilled like any prompt (so the prompt's blocks come 
 cache) but never sampled, with prompt logprobs from the first choice token on. The forks start
 once the request's own prompt is computed, so that they find it cached; the request's output
 waits here until every choice is scored.
+
+A greedy (temperature 0) choice request is not decoded at all: its own sequence only computes
+the prompt, and its answer is the most probable choice, so the label always agrees with the
+probabilities. A sampled one is decoded token by token under the choice grammar.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
-from engine.outputs import RequestOutput
+from engine.outputs import OutputLogprob, RequestOutput
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.step_plan import PromptLogprobRows
@@ -48,20 +53,31 @@ class ChoiceScorer:
         # each scoring sequence's logprobs by token position: a recomputed position (after a
         # preemption) overwrites its value instead of counting twice
         self._logprobs: dict[Sequence, dict[int, float]] = {}
+        # a greedy choice's alternatives at each position, where its request asked for logprobs
+        self._top: dict[Sequence, dict[int, list[tuple[int, float]]]] = {}
 
     def add(self, seq: Sequence, choices: list[str], token_ids: list[list[int]]) -> None:
         """Score these choices (`token_ids`: each one's tokens with EOS) for the request `seq`."""
         self._requests[seq] = _Choices(choices, token_ids)
 
     def update(
-        self, out: SchedulerOutput, rows: PromptLogprobRows | None, logprobs: list[float]
+        self,
+        out: SchedulerOutput,
+        rows: PromptLogprobRows | None,
+        logprobs: list[float],
+        top: tuple[list[list[int]], list[list[float]]] | None = None,
     ) -> list[RequestOutput]:
-        """After a step: record its prompt logprobs, fork the scorers of requests whose prompt is
-        now computed, and return the held outputs whose choices are now all scored."""
+        """After a step: record its prompt logprobs (and alternatives, `top`: [R, K] ids and
+        logprobs), fork the scorers of requests whose prompt is now computed, and return the
+        held outputs whose choices are now all scored."""
         if rows is not None:
-            for (scorer, position), logprob in zip(rows.owners, logprobs, strict=True):
+            for row, ((scorer, position), logprob) in enumerate(zip(rows.owners, logprobs, strict=True)):
                 if scorer in self._logprobs:
                     self._logprobs[scorer][position] = logprob
+                    if top is not None and (k := scorer.params.logprobs):
+                        self._top.setdefault(scorer, {})[position] = list(
+                            zip(top[0][row][:k], top[1][row][:k], strict=True)
+                        )
         for seq in out.seqs:
             request = self._requests.get(seq)
             if (
@@ -88,6 +104,7 @@ class ChoiceScorer:
             return [], None
         for scorer in request.scorers:
             self._logprobs.pop(scorer, None)
+            self._top.pop(scorer, None)
         return [s for s in request.scorers if not s.is_finished], request.output
 
     def _fork(self, seq: Sequence, request: _Choices) -> None:
@@ -101,11 +118,37 @@ class ChoiceScorer:
 
     def _release(self, seq: Sequence) -> RequestOutput:
         request = self._requests.pop(seq)
-        scores = [math.fsum(self._logprobs.pop(scorer).values()) for scorer in request.scorers]
+        logprobs = [self._logprobs.pop(scorer) for scorer in request.scorers]
+        tops = [self._top.pop(scorer, {}) for scorer in request.scorers]
+        scores = [math.fsum(values.values()) for values in logprobs]
         output = request.output
         assert output is not None
         output.choice_probabilities = _renormalised(request.choices, scores)
+        if seq.is_prefill_only and output.finish_reason != "abort":
+            best = max(range(len(scores)), key=scores.__getitem__)
+            _answer(output, request.choices[best], request.token_ids[best], logprobs[best], tops[best])
         return output
+
+
+def _answer(
+    output: RequestOutput,
+    choice: str,
+    token_ids: list[int],
+    logprobs: dict[int, float],
+    top: dict[int, list[tuple[int, float]]],
+) -> None:
+    """A greedy choice request's output: the choice, as if decoded under its grammar (its tokens;
+    the grammar ends there, so EOS is never generated). `token_ids`: the choice's, then EOS."""
+    token_ids = token_ids[:-1]
+    output.text = choice
+    output.token_ids = list(token_ids)
+    output.finish_reason, output.stop_reason = "stop", None
+    output.metrics.first_token_time = output.metrics.finished_time = time.time()
+    if output.logprobs is not None:  # asked for: each token's own, in order, with its alternatives
+        positions = sorted(logprobs)[: len(token_ids)]
+        output.logprobs = [
+            OutputLogprob(t, logprobs[p], top.get(p, [])) for t, p in zip(token_ids, positions, strict=True)
+        ]
 
 
 def _renormalised(choices: list[str], scores: list[float]) -> dict[str, float]:

@@ -7,6 +7,7 @@ a `choice` request's choices; every refusal names what is wrong.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
@@ -49,6 +50,7 @@ class InputProcessor:
         self.max_model_len = max_model_len
         self.num_kv_blocks = num_kv_blocks
         self.block_size = block_size
+        self.eos_token_ids = eos_token_ids
         self.grammars = GrammarCompiler(tokenizer, vocab_size, set(eos_token_ids))
         # the EOS that ends each choice when it is scored
         self.choice_eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos_token_ids)
@@ -58,9 +60,13 @@ class InputProcessor:
     ) -> ProcessedRequest:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(token_ids)
+        params = self._resolve(params)
         spec = params.structured_outputs
         max_tokens = params.max_tokens
-        if spec is not None and spec.choice is not None:
+        if is_greedy_choice(params):
+            # scored, not decoded: its answer is the most probable choice (ChoiceScorer)
+            max_tokens = 0
+        elif spec is not None and spec.choice is not None:
             # room for any choice in any tokenisation (every token but EOS holds at least one
             # byte), so that a choice is never cut short: the output is always one of them
             longest = max(len(choice.encode()) for choice in spec.choice)
@@ -69,14 +75,28 @@ class InputProcessor:
         self._check_fits(len(token_ids), max_tokens)
         seq = Sequence(request_id, token_ids, params, max_tokens, priority)
         choice_token_ids = None
-        if spec is not None:
+        if spec is not None and not seq.is_prefill_only:
             try:
                 seq.grammar = self.grammars.matcher(spec)
             except InvalidStructuredOutput as e:
                 raise RequestRejected(str(e), code="invalid_structured_output") from None
-            if spec.choice is not None:
-                choice_token_ids = self._choice_token_ids(len(token_ids), spec.choice)
+        if spec is not None and spec.choice is not None:
+            choice_token_ids = self._choice_token_ids(len(token_ids), spec.choice)
         return ProcessedRequest(seq, choice_token_ids)
+
+    def _resolve(self, params: SamplingParams) -> SamplingParams:
+        """The params with what only the engine knows filled in; refuses token ids outside the vocabulary."""
+        bad = [t for t in (params.logit_bias or {}) if t >= self.vocab_size]
+        if bad:
+            raise RequestRejected(
+                f"token ids {bad[:5]} of logit_bias are outside the vocabulary [0, {self.vocab_size})",
+                code="invalid_request",
+            )
+        if params.min_tokens == 0:
+            return params
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
+        in_vocab = frozenset(t for t in stop_ids if t < self.vocab_size)  # others are never sampled
+        return dataclasses.replace(params, min_tokens_stop_ids=in_vocab)
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -114,3 +134,9 @@ class InputProcessor:
             )
         self._check_fits(longest, 0)
         return token_ids
+
+
+def is_greedy_choice(params: SamplingParams) -> bool:
+    """A greedy `choice` request: answered by scoring every choice, without decoding."""
+    spec = params.structured_outputs
+    return params.is_greedy and spec is not None and spec.choice is not None

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.block_manager import BlockManager
-from engine.checkpoint import check_checkpoint_folder, load_tokenizer
+from engine.checkpoint import check_checkpoint_folder, load_generation_defaults, load_tokenizer
 from engine.choice_scoring import ChoiceScorer
 from engine.config import EngineConfig
 from engine.cuda_graphs import can_capture
@@ -46,6 +46,8 @@ class LLMEngine:
         self.config = config
         hf_config = check_checkpoint_folder(config.model)
         self.tokenizer = load_tokenizer(config.model)
+        # generation_config.json's sampling defaults, by SamplingParams field (for front ends to apply)
+        self.generation_defaults = load_generation_defaults(config.model)
         device = torch.device(config.device)
         runtime = resolve_runtime(config)
         self.attention_backend, self.block_size = runtime.attention_backend, runtime.block_size
@@ -136,7 +138,10 @@ class LLMEngine:
         for seq, stop in processed.stopped:
             self.scheduler.finish(seq, "stop", stop)
         prompt_logprobs = result.prompt_logprobs.tolist() if rows is not None else []
-        outputs += self.choice_scorer.update(out, rows, prompt_logprobs)
+        prompt_top = None
+        if rows is not None and result.prompt_top_logprobs is not None:
+            prompt_top = [t.tolist() for t in result.prompt_top_logprobs]  # (ids, logprobs), [R, K] each
+        outputs += self.choice_scorer.update(out, rows, prompt_logprobs, prompt_top)
         outputs += [o for seq, output in processed.outputs if (o := self.choice_scorer.hold(seq, output))]
         for output in outputs:
             self._requests.pop(output.request_id, None)

@@ -129,10 +129,16 @@ class ModelRunner:
         if not state.is_sampling_rank:
             return None
         rows = plan.prompt_logprob_rows
-        prompt_logprobs = self._prompt_logprobs(torch.cat(hiddens), *rows) if rows is not None else None
+        prompt_logprobs = prompt_top = None
+        if rows is not None:
+            prompt_logprobs, prompt_top = self._prompt_logprobs(
+                torch.cat(hiddens), *rows, plan.prompt_logprob_top
+            )
         if not logits:
             no_tokens = torch.empty(0, dtype=torch.int64, device=self.device)
-            return None if prompt_logprobs is None else SamplerOutput(no_tokens, None, prompt_logprobs)
+            if prompt_logprobs is None:
+                return None
+            return SamplerOutput(no_tokens, None, prompt_logprobs, prompt_top)
         logits = torch.cat(logits).float()  # [N, V]
         batch = SamplingBatch.build(
             plan.sampling_params,
@@ -143,7 +149,7 @@ class ModelRunner:
             token_bitmask=plan.token_bitmask,
         )
         result = self.sampler(logits, batch)
-        result.prompt_logprobs = prompt_logprobs
+        result.prompt_logprobs, result.prompt_top_logprobs = prompt_logprobs, prompt_top
         return result
 
     @torch.inference_mode()
@@ -154,11 +160,16 @@ class ModelRunner:
             hidden = self.model(input_ids, positions)
         return self.model.compute_logits(hidden)
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, rows: list[int], targets: list[int]) -> torch.Tensor:
-        """[R] float32: the log-probability of each target token given the hidden state at its row."""
+    def _prompt_logprobs(self, hidden: torch.Tensor, rows: list[int], targets: list[int], num_top: int = 0):
+        """[R] float32: the log-probability of each target token given the hidden state at its row;
+        with num_top > 0 also each row's num_top most likely tokens ([R, K] ids, [R, K] logprobs)."""
         rows_tensor = torch.tensor(rows, device=self.device)
         logprobs = self.model.compute_logits(hidden[rows_tensor]).float().log_softmax(dim=-1)
-        return logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None]).squeeze(1)
+        chosen = logprobs.gather(1, torch.tensor(targets, device=self.device)[:, None]).squeeze(1)
+        if not num_top:
+            return chosen, None
+        values, ids = logprobs.topk(num_top, dim=-1)
+        return chosen, (ids, values)
 
     def num_parameters(self) -> int:
         """Elements of this rank's share of the weights (a tied tensor counts once)."""

@@ -57,13 +57,15 @@ class OutputProcessor:
         # completed by the last token max_tokens allows still counts as a stop
         if not stop_strings or seq.finish_reason not in (None, "length"):
             return None
+        if seq.num_output_tokens < seq.params.min_tokens:
+            return None
         # Checked every token, so a new occurrence ends in the newest token's text: decoding a
         # tail window is enough, and keeps the check O(1) per token instead of O(output).
         # The window's first characters may decode differently than mid-text (a dropped
         # leading space, a split UTF-8 sequence); at twice the longest stop string plus 8
         # tokens they lie well before any occurrence that reaches the newest token.
         window = 2 * max(map(len, stop_strings)) + 8
-        text = self._decode(seq.output_token_ids[-window:])
+        text = self._decode(seq.output_token_ids[-window:], seq.params.skip_special_tokens)
         return next((stop for stop in stop_strings if stop in text), None)
 
     def _output(self, seq: Sequence, stop_string: str | None) -> RequestOutput:
@@ -71,10 +73,13 @@ class OutputProcessor:
             ("stop", stop_string) if stop_string else (seq.finish_reason, seq.stop_reason)
         )
         output_ids = seq.output_token_ids
-        # the stop token is not text
-        text = self._decode(output_ids[:-1] if isinstance(stop_reason, int) else output_ids)
+        params = seq.params
+        # the stop token is not text (unless asked for: then it is, as vLLM does)
+        is_stop_token = isinstance(stop_reason, int) and not params.include_stop_str_in_output
+        text = self._decode(output_ids[:-1] if is_stop_token else output_ids, params.skip_special_tokens)
         if stop_string:
-            text = text[: text.find(stop_string)]
+            end = text.find(stop_string)
+            text = text[: end + len(stop_string) if params.include_stop_str_in_output else end]
         metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, time.time(), seq.num_preemptions)
         return RequestOutput(
             request_id=seq.request_id,
@@ -85,6 +90,7 @@ class OutputProcessor:
             metrics=metrics,
             stop_reason=stop_reason,
             logprobs=self._logprobs.pop(seq, None),
+            num_cached_tokens=seq.num_cached_tokens or 0,
         )
 
     def _record_logprobs(
@@ -100,5 +106,5 @@ class OutputProcessor:
             top = list(zip(top_ids[row][:k], top_values[row][:k], strict=True))
             record.append(OutputLogprob(token_ids[row], sampled[row], top))
 
-    def _decode(self, token_ids: list[int]) -> str:
-        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+    def _decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)

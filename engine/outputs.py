@@ -27,13 +27,14 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated tokens, the stop token included if one ended the request
-    text: str  # generated text, stop string and special tokens excluded
+    text: str  # generated text; stop string and special tokens excluded unless the params include them
     finish_reason: str | None  # "stop" | "length" | "abort"; None while running
     metrics: RequestMetrics
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[OutputLogprob] | None = None  # one per generated token, when asked for
     # a `choice` structured output's probability of each choice, renormalised over the choices
     choice_probabilities: dict[str, float] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     @property
     def is_finished(self) -> bool:

@@ -36,6 +36,9 @@ class SamplerOutput:
     # [R] float32: the step's prompt logprobs (StepPlan.prompt_logprob_rows), in row order;
     # set by the model runner
     prompt_logprobs: torch.Tensor | None = None
+    # ([R, K] int64 ids, [R, K] float32 logprobs): each prompt logprob row's K most likely tokens,
+    # when a row's request asked for alternatives (a greedy choice's answer); set by the model runner
+    prompt_top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Sampler:
@@ -51,6 +54,8 @@ class Sampler:
         raw_logits = logits
         if batch.token_bitmask is not None:
             logits = _apply_token_bitmask(logits, batch.token_bitmask)
+        if batch.logit_bias is not None:
+            logits = _apply_logit_bias(logits, *batch.logit_bias)
         logits = _apply_penalties(logits, batch)
         if batch.all_greedy:
             sampled = logits.argmax(dim=-1)
@@ -120,6 +125,11 @@ def _apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.T
     bits = torch.arange(32, device=bitmask.device, dtype=torch.int32)
     allowed = ((bitmask[:, :, None] >> bits) & 1).bool().view(n, -1)[:, :vocab_size]
     return logits.masked_fill(~allowed, float("-inf"))
+
+
+def _apply_logit_bias(logits: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    # out of place; index: [B] into the flattened [N, V] logits, values: [B] (-inf holds a token back)
+    return logits.flatten().index_add(0, index, values).view_as(logits)
 
 
 def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -47,6 +47,9 @@ class SamplingBatch:
     seen_mask: torch.Tensor | None  # [N, V] bool: in prompt or output; repetition rows only
     token_bitmask: torch.Tensor | None  # [N, ceil(V / 32)] int32: allowed tokens (structured output)
     output_counts: torch.Tensor | None  # [N, V] float32: output token counts; presence/freq rows
+    # logit_bias and min_tokens' held-back stop tokens, sparse over the flattened [N, V] logits:
+    # (flat index row * V + token [B] int64, value to add [B] float32, -inf for a held-back token)
+    logit_bias: tuple[torch.Tensor, torch.Tensor] | None
     all_greedy: bool
     any_greedy: bool
     any_unseeded: bool  # some sampled row draws from the engine-wide generator
@@ -80,6 +83,7 @@ class SamplingBatch:
             top_p_rows=_to_device([i for i in sampled if ps[i].top_p < 1.0], torch.int64, device),
             **_penalty_tensors(ps, prompt_token_ids_list, output_token_ids_list, device, vocab_size),
             token_bitmask=None if token_bitmask is None else _host_to_device(token_bitmask, device),
+            logit_bias=_logit_bias(ps, output_token_ids_list, device, vocab_size),
             all_greedy=not sampled,
             any_greedy=len(sampled) < len(ps),
             any_unseeded=len(seeded) < len(sampled),
@@ -123,6 +127,23 @@ def _penalty_tensors(
         output_counts.index_add_(0, flat, torch.ones(flat.shape, device=device))
         output_counts = output_counts.view(n, vocab_size)
     return {"seen_mask": seen_mask, "output_counts": output_counts}
+
+
+def _logit_bias(
+    ps: Sequence[SamplingParams], outputs: Sequence[Sequence[int]], device: torch.device, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    index: list[int] = []
+    values: list[float] = []
+    for row, p in enumerate(ps):
+        if p.logit_bias:
+            index += [row * vocab_size + t for t in p.logit_bias]
+            values += p.logit_bias.values()
+        if p.min_tokens_stop_ids and len(outputs[row]) < p.min_tokens:
+            index += [row * vocab_size + t for t in p.min_tokens_stop_ids]
+            values += [float("-inf")] * len(p.min_tokens_stop_ids)
+    if not index:
+        return None
+    return _to_device(index, torch.int64, device), _to_device(values, torch.float32, device)
 
 
 def _flat_token_index(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias: [-100, 100]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +66,28 @@ class SamplingParams:
     # 0: only the sampled token's own logprob
     logprobs: int | None = None
     structured_outputs: StructuredOutputs | None = None  # constrains what may be generated
+    min_tokens: int = 0  # no EOS, stop token or stop string ends the output before this many tokens
+    # token id -> added to its logit before sampling (penalties and temperature come after);
+    # -100 all but bans a token, +100 all but forces it
+    logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True  # special tokens (EOS, chat markers) are left out of the text
+    include_stop_str_in_output: bool = False  # the stop string (or stop token's text) ends the text
+    # EOS and stop token ids that min_tokens holds back: set by the engine when it takes the
+    # request (InputProcessor), since the EOS ids are the model's
+    min_tokens_stop_ids: frozenset[int] = field(default=frozenset(), repr=False)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+        for token_id, bias in (self.logit_bias or {}).items():
+            if not isinstance(token_id, int) or token_id < 0:
+                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token_id!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -158,6 +158,8 @@ class Scheduler:
                 self._unadmit(seq)
                 return
             self.block_manager.count_admission(seq, num_reused)
+            if seq.num_cached_tokens is None:  # first admission: what the prefix cache gave its prompt
+                seq.num_cached_tokens = num_reused
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -173,6 +175,9 @@ class Scheduler:
         if seq.grammar is not None and (stop := _advance_grammar(seq, token_id, self.eos_token_ids)):
             return stop
         params = seq.params
+        if seq.num_output_tokens < params.min_tokens:
+            # min_tokens: no stop before it (the sampler also holds its stop tokens back)
+            return ("length", None) if seq.num_output_tokens >= seq.max_tokens else None
         if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
             return "stop", token_id
         if seq.num_output_tokens >= seq.max_tokens:

@@ -42,6 +42,7 @@ class Sequence:
         self.first_token_time: float | None = None
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
+        self.num_cached_tokens: int | None = None  # prompt tokens the prefix cache gave at first admission
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # prefix-cache hashes of its full blocks, memoised
         self.grammar = None  # llguidance matcher of a structured output: what may come next

@@ -30,6 +30,7 @@ class PromptLogprobRows:
     rows: list[int] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
     owners: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, token position)
+    num_top: int = 0  # alternatives per row: the most a row's request asked for (a greedy choice's logprobs)
 
     @classmethod
     def of(cls, out: SchedulerOutput) -> PromptLogprobRows | None:
@@ -37,6 +38,7 @@ class PromptLogprobRows:
         offset = 0
         for seq, num_new in zip(out.seqs, out.num_new_tokens, strict=True):
             if seq.prompt_logprobs_from is not None:
+                rows.num_top = max(rows.num_top, seq.params.logprobs or 0)
                 start = seq.num_computed_tokens
                 for position in range(max(start, seq.prompt_logprobs_from - 1), start + num_new):
                     if position + 1 < seq.num_tokens:
@@ -62,6 +64,7 @@ class StepPlan:
     token_bitmask: torch.Tensor | None = None
     # prompt logprobs this step computes: (rows of the step's flat hidden states, target tokens)
     prompt_logprob_rows: tuple[list[int], list[int]] | None = None
+    prompt_logprob_top: int = 0  # alternatives per prompt logprob row (PromptLogprobRows.num_top)
 
     @classmethod
     def build(
@@ -81,6 +84,7 @@ class StepPlan:
         plan.token_bitmask = token_bitmask(grammars, vocab_size)
         if prompt_logprobs is not None:
             plan.prompt_logprob_rows = (prompt_logprobs.rows, prompt_logprobs.targets)
+            plan.prompt_logprob_top = prompt_logprobs.num_top
         return plan
 
     @property

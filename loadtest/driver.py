@@ -190,8 +190,10 @@ async def _read_results(consumer: AIOKafkaConsumer, waiting: dict) -> None:
 def _record_result(job: Job, record) -> None:
     line = json.loads(record.value)
     job.finished = record.timestamp / 1000
-    if line.get("error"):
-        job.error = line["error"].get("code", "error")
+    response = line.get("response") or {}
+    if line.get("error") or response.get("status_code", 500) >= 400:  # either place a failure is kept
+        error = line.get("error") or (response.get("body") or {}).get("error") or {}
+        job.error = error.get("code") or "error"
         return
     body = line["response"]["body"]
     job.output_tokens = body["usage"]["completion_tokens"]

@@ -3,9 +3,11 @@
 Input:  {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}
 Output: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
 
-A failed job keeps OpenAI's shape: `response.status_code` >= 400 with `{"error": {...}}` as its
-body (what OpenAI writes for a rejected request), and the top-level `error` set to
-`{"code", "message"}` (what `vllm run-batch` writes), so readers of either find the reason.
+A failed job keeps OpenAI's shape: a request refused as an HTTP request would be has
+`response.status_code` >= 400 with `{"error": {"message", "type", "param", "code"}}` as its body
+and `error: null`; a failure that is not an HTTP error (bytes that are no job line at all, a
+deadline that passed: OpenAI's `batch_expired`) has `response: null` and the top-level
+`error: {"code", "message"}`.
 """
 
 from __future__ import annotations
@@ -62,4 +64,15 @@ class BatchResponseLine(Struct, kw_only=True):
 
     @property
     def is_error(self) -> bool:
-        return self.error is not None
+        return self.failure is not None
+
+    @property
+    def failure(self) -> BatchError | None:
+        """Why the job failed, from either place a result line keeps it; None for a success."""
+        if self.error is not None:
+            return self.error
+        response = self.response
+        if response is not None and response.status_code >= 400 and isinstance(response.body, ErrorBody):
+            detail = response.body.error
+            return BatchError(code=detail.code or detail.type, message=detail.message)
+        return None

@@ -13,12 +13,14 @@ from msgspec import Struct
 
 from schemas.batch import (
     CHAT_URL,
+    COMPLETIONS_URL,
     BatchError,
     BatchRequestEnvelope,
     BatchRequestLine,
     BatchResponse,
     BatchResponseLine,
 )
+from schemas.fields import unknown_body_fields
 from schemas.openai import ChatCompletion, ChatCompletionRequest, CompletionRequest, ErrorBody, TextCompletion
 
 JSON = "application/json"
@@ -27,12 +29,14 @@ ContentType = Literal["application/json", "application/msgpack"]
 
 
 class JobDecodeError(ValueError):
-    """A job that cannot become a request. `code` is stable (for dashboards); `message` says why."""
+    """A job that cannot become a request. `code` is stable (for dashboards); `message` says why;
+    `param` names the body field at fault, where there is one (OpenAI's error `param`)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.param = param
 
 
 def normalize_content_type(value: str | None) -> ContentType:
@@ -42,15 +46,30 @@ def normalize_content_type(value: str | None) -> ContentType:
     return JSON
 
 
-def decode_job(data: bytes, content_type: str | None = None) -> BatchRequestLine:
-    """Decode one job, choosing the body type by `url`. Raises JobDecodeError with the reason."""
+def decode_job(
+    data: bytes, content_type: str | None = None, unknown_fields: Literal["ignore", "reject"] = "ignore"
+) -> BatchRequestLine:
+    """Decode one job, choosing the body type by `url`. Raises JobDecodeError with the reason.
+
+    unknown_fields="reject": a body field (at any depth) that no request schema declares is
+    an error (`unsupported_parameter`, its path as `param`), as OpenAI answers one."""
     codec = _CODECS[normalize_content_type(content_type)]
     envelope = decode_job_envelope(data, content_type)
+    body_type = ChatCompletionRequest if envelope.url == CHAT_URL else CompletionRequest
     body_decoder = codec.chat if envelope.url == CHAT_URL else codec.completion
     try:
         body = body_decoder.decode(envelope.body)
     except msgspec.ValidationError as e:
-        raise JobDecodeError("invalid_request", _under_body(str(e))) from None
+        message = _under_body(str(e))
+        raise JobDecodeError("invalid_request", message, _param_of(message)) from None
+    if unknown_fields == "reject" and (
+        unknown := unknown_body_fields(codec.raw.decode(envelope.body), body_type)
+    ):
+        raise JobDecodeError(
+            "unsupported_parameter",
+            f"unknown field `{unknown[0]}` (this service refuses fields it does not know rather than ignore them)",
+            unknown[0],
+        )
     return BatchRequestLine(custom_id=envelope.custom_id, method=envelope.method, url=envelope.url, body=body)
 
 
@@ -60,9 +79,26 @@ def decode_job_envelope(data: bytes, content_type: str | None = None) -> BatchRe
     try:
         return codec.envelope.decode(data)
     except msgspec.ValidationError as e:
+        if (url := _peek_url(codec, data)) in UNSERVED_URLS:
+            raise JobDecodeError(
+                "unsupported_endpoint",
+                f"{url} is not served here; only {CHAT_URL} and {COMPLETIONS_URL}",
+                "url",
+            ) from None
         raise JobDecodeError("invalid_request", str(e)) from None
     except msgspec.DecodeError as e:
         raise JobDecodeError("invalid_encoding", f"not a valid {codec.name} job line: {e}") from None
+
+
+# endpoints of OpenAI's batch API that Sluice does not serve: refused by name, not as a bad url
+UNSERVED_URLS = ("/v1/embeddings", "/v1/responses", "/v1/moderations")
+
+
+def _peek_url(codec: _Codec, data: bytes) -> str | None:
+    try:
+        return codec.peek_url.decode(data).url
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def peek_custom_id(data: bytes, content_type: str | None = None) -> str | None:
@@ -99,6 +135,12 @@ def decode_result(data: bytes, content_type: str | None = None) -> BatchResponse
     return BatchResponseLine(id=raw.id, custom_id=raw.custom_id, response=response, error=raw.error)
 
 
+def _param_of(message: str) -> str | None:
+    """`$.body.messages[0].role` in a msgspec message -> `messages[0].role`."""
+    _, sep, path = message.rpartition(" - at `$.body")
+    return path.rstrip("`").lstrip(".") or None if sep else None
+
+
 def _under_body(message: str) -> str:
     """msgspec reports paths from the body's root; the job's reader needs `$.body...`."""
     head, sep, path = message.rpartition(" - at `$")
@@ -122,6 +164,10 @@ class _CustomIdOnly(Struct):
     custom_id: str | None = None
 
 
+class _UrlOnly(Struct):
+    url: str | None = None
+
+
 class _Codec:
     def __init__(self, name: str, module) -> None:
         self.name = name
@@ -129,6 +175,8 @@ class _Codec:
         self.chat = module.Decoder(ChatCompletionRequest)
         self.completion = module.Decoder(CompletionRequest)
         self.peek = module.Decoder(_CustomIdOnly)
+        self.peek_url = module.Decoder(_UrlOnly)
+        self.raw = module.Decoder()  # a body as plain objects, for the names of its fields
         self.result = module.Decoder(_RawResponseLine)
         self.completion_body = module.Decoder(ChatCompletion | TextCompletion)
         self.error_body = module.Decoder(ErrorBody)

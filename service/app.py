@@ -54,7 +54,12 @@ class Service:
             self.async_engine, config.batch_max_size, config.batch_max_wait_ms, on_flush=self._admitted
         )
         self.handler = JobHandler(
-            self.batcher, config.served_model_name, config.default_max_tokens, self.backpressure
+            self.batcher,
+            config.served_model_name,
+            config.default_max_tokens,
+            self.backpressure,
+            config.model_aliases,
+            config.unknown_fields,
         )
         self.kafka_security = client_options(config)  # SASL/TLS settings of every Kafka client below
         self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id, self.kafka_security)
@@ -179,7 +184,7 @@ class Service:
         m = self.metrics
         m.latency.observe(max(0.0, time.time() - record.timestamp / 1000))
         if outcome.is_error:
-            m.jobs_failed.labels(outcome.result.error.code).inc()
+            m.jobs_failed.labels(outcome.result.failure.code).inc()
             m.dead_letters.inc()
         else:
             m.jobs_completed.inc()
@@ -225,7 +230,7 @@ class Service:
             self._engine_died(e)
             return
         if span is not None:
-            self.tracer.end_job(span, outcome.result.error.code if outcome.is_error else None)
+            self.tracer.end_job(span, outcome.result.failure.code if outcome.is_error else None)
 
     def _engine_died(self, error: EngineDeadError) -> None:
         if self.engine_failure is None:
@@ -256,7 +261,11 @@ class Service:
                 await self.publisher.publish(r.topic, r.key, r.value, r.headers)
         if outcome.is_error:
             log.warning(
-                "job %s/%d/%d failed: %s", record.topic, record.partition, record.offset, outcome.result.error
+                "job %s/%d/%d failed: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                outcome.result.failure,
             )
         if span is not None:
             self.tracer.record_publish(span, publish_start)

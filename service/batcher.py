@@ -47,6 +47,10 @@ class DynamicBatcher:
     def tokenizer(self):
         return self.async_engine.tokenizer
 
+    @property
+    def generation_defaults(self) -> dict[str, float | int]:
+        return self.async_engine.generation_defaults
+
     async def generate(
         self,
         request_id: str,

@@ -68,6 +68,10 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     model_name: str = ""  # the `model` reported in results; default: the model folder's name
     demo_preset: Literal["tiny", "small"] = "tiny"  # the demo model built when engine.model is empty
     default_max_tokens: Annotated[int, Meta(ge=1)] = 256  # when a job sets neither max_tokens field
+    model_aliases: list[str] = msgspec.field(default_factory=list)  # other names a job's `model` may give
+    # a job body field no request schema declares: "reject" (an error result naming it, as OpenAI
+    # does) or "ignore" (vLLM's leniency, for producers written against it)
+    unknown_fields: Literal["reject", "ignore"] = "reject"
     # EngineConfig (engine/config.py, where each option is explained and checked): the [engine] TOML
     # table, SLUICE_ENGINE_<FIELD> variables; an empty `model` means the built-in demo model
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)

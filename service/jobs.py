@@ -20,7 +20,14 @@ from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
 from service.backpressure import Backpressure
 from service.batcher import DynamicBatcher
-from service.translate import TranslationError, to_engine_request, to_error_line, to_result_line
+from service.translate import (
+    TranslationError,
+    check_model,
+    to_engine_request,
+    to_error_line,
+    to_failure_line,
+    to_result_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +51,16 @@ class JobHandler:
         model_name: str,
         default_max_tokens: int,
         backpressure: Backpressure | None = None,
+        model_aliases: Sequence[str] = (),
+        unknown_fields: str = "reject",
     ) -> None:
+        """`model_aliases`: other names a job's `model` may give; `unknown_fields`: "reject" (a
+        body field no schema declares is an error, as OpenAI does) or "ignore" (vLLM's leniency)."""
         self._batcher = batcher
         self._backpressure = backpressure or Backpressure(max_jobs=2**31, max_tokens=2**62)
         self._model_name = model_name
+        self._served_names = frozenset([model_name, *model_aliases])
+        self._unknown_fields = unknown_fields
         self._default_max_tokens = default_max_tokens
 
     async def handle(
@@ -73,12 +86,15 @@ class JobHandler:
         deadline = _header_deadline(header_values)
         try:
             result, output = await self._run(value, content_type, timestamp_ms, ref, deadline, tag)
-        except DeadlineExceeded as e:
-            result = to_error_line(custom_id, "deadline_exceeded", str(e), 408)
+        except DeadlineExceeded as e:  # not an HTTP error: OpenAI's batch_expired has this shape
+            result = to_failure_line(custom_id, "deadline_exceeded", str(e))
         except JobDecodeError as e:
-            result = to_error_line(custom_id, e.code, e.message)
+            if e.code == "invalid_encoding":  # not a request line at all
+                result = to_failure_line(custom_id, e.code, e.message)
+            else:
+                result = to_error_line(custom_id, e.code, e.message, param=e.param)
         except TranslationError as e:
-            result = to_error_line(custom_id, e.code, e.message, e.status_code)
+            result = to_error_line(custom_id, e.code, e.message, e.status_code, e.param)
         except (
             RequestRejected
         ) as e:  # code: invalid_prompt, or invalid_structured_output for a bad schema/regex
@@ -94,11 +110,15 @@ class JobHandler:
         self, value: bytes, content_type: str, timestamp_ms: int, ref: str, deadline: float | None, tag
     ) -> tuple[BatchResponseLine, RequestOutput]:
         _check_deadline(deadline, "before decoding")
-        job = decode_job(value, content_type)
+        job = decode_job(value, content_type, self._unknown_fields)
+        check_model(job, self._served_names)
         if job.body.sluice_deadline_ms is not None:
             deadline = min(deadline or math.inf, job.body.sluice_deadline_ms / 1000)
         _check_deadline(deadline, "before inference")
-        request = to_engine_request(job, self._batcher.tokenizer, self._default_max_tokens)
+        batcher = self._batcher
+        request = to_engine_request(
+            job, batcher.tokenizer, self._default_max_tokens, batcher.generation_defaults
+        )
         # Unique per delivery: a redelivered record is a new engine request.
         request_id = f"{ref}/{uuid.uuid4().hex[:8]}"
         generation = self._batcher.generate(

@@ -36,7 +36,7 @@ def outcome_records(
 
 def _dead_letter_headers(record: ConsumerRecord, outcome: Outcome) -> Headers:
     """The original headers plus where the record came from and why it failed."""
-    error = outcome.result.error
+    error = outcome.result.failure
     assert error is not None
     return [
         *(record.headers or ()),

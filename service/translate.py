@@ -1,17 +1,18 @@
 """The one place where the wire format meets the engine.
 
-wire request -> (prompt token ids, SamplingParams); engine output -> wire result line.
+wire request -> (prompt token ids, SamplingParams); engine output -> wire result line. Every
+request field is honoured here or refused by name (service/fields.py holds the table).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from engine import RequestOutput, SamplingParams, StructuredOutputs
 from schemas.batch import (
-    CHAT_URL,
     SCHEMA_VERSION,
     BatchError,
     BatchRequestLine,
@@ -27,21 +28,27 @@ from schemas.openai import (
     CompletionRequest,
     ErrorBody,
     ErrorDetail,
+    PromptTokensDetails,
     SluiceExtension,
     TextCompletion,
     Usage,
 )
+from service.fields import UnsupportedParameter, check_fields
 from service.logprobs import chat_logprobs, completion_logprobs
+from service.prompts import PromptError
+from service.prompts import prompt_token_ids as prompt_token_ids_of
 
 
 class TranslationError(ValueError):
-    """A decodable job this service cannot run as asked. `code` goes into the error result."""
+    """A decodable job this service cannot run as asked. `code` goes into the error result;
+    `param` names the body field at fault (OpenAI's error `param`), where there is one."""
 
-    def __init__(self, code: str, message: str, status_code: int = 400) -> None:
+    def __init__(self, code: str, message: str, status_code: int = 400, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status_code = status_code
+        self.param = param
 
 
 @dataclass(slots=True)
@@ -51,18 +58,48 @@ class EngineRequest:
     priority: int = 0  # lower runs first (vLLM's convention)
 
 
-def to_engine_request(job: BatchRequestLine, tokenizer, default_max_tokens: int) -> EngineRequest:
+def check_model(job: BatchRequestLine, served_names: Collection[str]) -> None:
+    """The job's `model` must be the served model's name or an alias; empty means the served model."""
+    model = job.body.model
+    if model and model not in served_names:
+        names = ", ".join(sorted(served_names))
+        raise TranslationError(
+            "model_not_found",
+            f"the model `{model}` does not exist here; this service serves {names}",
+            404,
+            "model",
+        )
+
+
+def to_engine_request(
+    job: BatchRequestLine,
+    tokenizer,
+    default_max_tokens: int,
+    generation_defaults: Mapping[str, float | int] | None = None,
+) -> EngineRequest:
+    """The job as the engine's prompt and SamplingParams. Refuses any field it cannot honour, by name.
+
+    generation_defaults: the checkpoint's sampling defaults (generation_config.json, by
+    SamplingParams field); a field the job sets wins, then these, then OpenAI's defaults."""
     body = job.body
-    prompt_token_ids = _prompt_token_ids(body, tokenizer)
+    try:
+        check_fields(body)
+        prompt_token_ids = prompt_token_ids_of(body, tokenizer)
+    except UnsupportedParameter as e:
+        raise TranslationError("unsupported_parameter", e.message, param=e.param) from None
+    except PromptError as e:
+        raise TranslationError(e.code, e.message, param=e.param) from None
+    _check_combinations(body)
     structured_outputs = _structured_outputs(body)
+    defaults = dict(generation_defaults or {})
     try:
         params = SamplingParams(
-            max_tokens=body.output_limit or default_max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=-1 if body.top_k in (None, 0) else body.top_k,
-            min_p=body.min_p or 0.0,
-            repetition_penalty=body.repetition_penalty or 1.0,
+            max_tokens=body.output_limit or int(defaults.get("max_tokens") or default_max_tokens),
+            temperature=_pick(body.temperature, defaults, "temperature", 1.0),
+            top_p=_pick(body.top_p, defaults, "top_p", 1.0),
+            top_k=_top_k(_pick(body.top_k, defaults, "top_k", -1)),
+            min_p=_pick(body.min_p, defaults, "min_p", 0.0),
+            repetition_penalty=_pick(body.repetition_penalty, defaults, "repetition_penalty", 1.0),
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             seed=body.seed,
@@ -71,50 +108,67 @@ def to_engine_request(job: BatchRequestLine, tokenizer, default_max_tokens: int)
             ignore_eos=body.ignore_eos,
             logprobs=body.num_top_logprobs,
             structured_outputs=structured_outputs,
+            min_tokens=body.min_tokens,
+            logit_bias=_logit_bias(body.logit_bias),
+            skip_special_tokens=body.skip_special_tokens,
+            include_stop_str_in_output=body.include_stop_str_in_output,
         )
     except ValueError as e:
         raise TranslationError("invalid_request", str(e)) from None
+    _check_greedy_choice(body, params)
     return EngineRequest(prompt_token_ids, params, body.priority)
 
 
 def to_result_line(
     job: BatchRequestLine, output: RequestOutput, model_name: str, enqueued_time: float, tokenizer=None
 ) -> BatchResponseLine:
-    """A finished engine output as an OpenAI Batch output line, with Sluice's timings."""
+    """A finished engine output as an OpenAI Batch output line, with Sluice's timings.
+
+    An output the engine aborted is not an answer: it becomes a 500 error result."""
+    if output.finish_reason == "abort":
+        return to_error_line(job.custom_id, "engine_error", "the engine aborted the request", 500)
+    num_prompt, num_output = len(output.prompt_token_ids), len(output.token_ids)
     usage = Usage(
-        prompt_tokens=len(output.prompt_token_ids),
-        completion_tokens=len(output.token_ids),
-        total_tokens=len(output.prompt_token_ids) + len(output.token_ids),
+        prompt_tokens=num_prompt,
+        completion_tokens=num_output,
+        total_tokens=num_prompt + num_output,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=output.num_cached_tokens),
     )
     # Both endpoints' bodies differ only in their id prefix and the shape of a choice.
     common = dict(
         created=int(time.time()), model=model_name, usage=usage, sluice=_extension(output, enqueued_time)
     )
-    has_logprobs = output.logprobs is not None
-    if job.url == CHAT_URL:
+    body = job.body
+    as_ids = bool(body.return_tokens_as_token_ids)
+    logprobs = output.logprobs
+    if isinstance(body, ChatCompletionRequest):
         choice = ChatChoice(
-            message=AssistantMessage(content=output.text),
+            message=AssistantMessage(content=_chat_echo(body) + output.text),
             finish_reason=output.finish_reason,
-            logprobs=chat_logprobs(output.logprobs, tokenizer) if has_logprobs else None,
+            logprobs=chat_logprobs(logprobs, tokenizer, as_ids) if logprobs is not None else None,
+            stop_reason=output.stop_reason,
         )
-        body = ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", choices=[choice], **common)
+        response_body = ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", choices=[choice], **common)
     else:
+        echo = _completion_echo(body, output, tokenizer)
         choice = CompletionChoice(
-            text=output.text,
+            text=echo + output.text,
             finish_reason=output.finish_reason,
-            logprobs=completion_logprobs(output.logprobs, tokenizer) if has_logprobs else None,
+            logprobs=completion_logprobs(logprobs, tokenizer, as_ids) if logprobs is not None else None,
+            stop_reason=output.stop_reason,
         )
-        body = TextCompletion(id=f"cmpl-{uuid.uuid4().hex}", choices=[choice], **common)
-    request_id = f"req-{uuid.uuid4().hex}"
+        response_body = TextCompletion(id=f"cmpl-{uuid.uuid4().hex}", choices=[choice], **common)
     return BatchResponseLine(
         id=f"batch_req_{uuid.uuid4().hex}",
         custom_id=job.custom_id,
-        response=BatchResponse(status_code=200, request_id=request_id, body=body),
+        response=BatchResponse(status_code=200, request_id=f"req-{uuid.uuid4().hex}", body=response_body),
     )
 
 
-def to_error_line(custom_id: str, code: str, message: str, status_code: int = 400) -> BatchResponseLine:
-    """A failed job: OpenAI's error body under its status code, and the top-level error."""
+def to_error_line(
+    custom_id: str, code: str, message: str, status_code: int = 400, param: str | None = None
+) -> BatchResponseLine:
+    """A job refused as an HTTP request would be: OpenAI's error body under its status code."""
     error_type = "invalid_request_error" if status_code < 500 else "server_error"
     return BatchResponseLine(
         id=f"batch_req_{uuid.uuid4().hex}",
@@ -122,38 +176,97 @@ def to_error_line(custom_id: str, code: str, message: str, status_code: int = 40
         response=BatchResponse(
             status_code=status_code,
             request_id=f"req-{uuid.uuid4().hex}",
-            body=ErrorBody(error=ErrorDetail(message=message, type=error_type, code=code)),
+            body=ErrorBody(error=ErrorDetail(message=message, type=error_type, param=param, code=code)),
         ),
+    )
+
+
+def to_failure_line(custom_id: str, code: str, message: str) -> BatchResponseLine:
+    """A failure that is no HTTP error (bytes that are no job line, a deadline that passed, as
+    OpenAI's `batch_expired`): no response, the top-level `error`."""
+    return BatchResponseLine(
+        id=f"batch_req_{uuid.uuid4().hex}",
+        custom_id=custom_id,
+        response=None,
         error=BatchError(code=code, message=message),
     )
 
 
-def _prompt_token_ids(body: ChatCompletionRequest | CompletionRequest, tokenizer) -> list[int]:
-    if isinstance(body, CompletionRequest):
-        if isinstance(body.prompt, list):
-            return list(body.prompt)
-        return tokenizer.encode(body.prompt)
-    if not tokenizer.chat_template:
-        raise TranslationError("unsupported_endpoint", "this model has no chat template; use /v1/completions")
-    messages = [{"role": m.role, "content": m.text} for m in body.messages]
+def _pick(value, defaults: Mapping[str, float | int], name: str, fallback):
+    return value if value is not None else defaults.get(name, fallback)
+
+
+def _top_k(value: int) -> int:
+    return -1 if value in (None, 0) else value
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
     try:
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as e:  # a template may reject a role order; its message says which
-        raise TranslationError("invalid_request", f"the chat template rejected the messages: {e}") from None
-    # The rendered template already holds the BOS token where the model wants one.
-    return tokenizer.encode(rendered, add_special_tokens=False)
+        return {int(token_id): value for token_id, value in bias.items()}
+    except ValueError:
+        raise TranslationError(
+            "invalid_request", "logit_bias keys must be token ids (integers as strings)", param="logit_bias"
+        ) from None
+
+
+def _check_combinations(body: ChatCompletionRequest | CompletionRequest) -> None:
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise TranslationError(
+                "invalid_request", "top_logprobs needs logprobs: true", param="top_logprobs"
+            )
+    elif body.echo and body.logprobs is not None:
+        raise TranslationError(
+            "unsupported_parameter",
+            "echo with logprobs (the prompt's logprobs) is not supported; echo alone is",
+            param="echo",
+        )
+
+
+# fields that shape token-by-token decoding, which a greedy choice skips (it is scored)
+_DECODING_FIELDS = {
+    "logit_bias": None,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "min_tokens": 0,
+}
+
+
+def _check_greedy_choice(body, params: SamplingParams) -> None:
+    spec = params.structured_outputs
+    if not params.is_greedy or spec is None or spec.choice is None:
+        return
+    for name, neutral in _DECODING_FIELDS.items():
+        if getattr(params, name) not in (neutral, None):
+            raise TranslationError(
+                "unsupported_parameter",
+                f"`{name}` does not apply to a greedy choice job, whose answer is its most probable "
+                "choice (scored, not decoded); drop it or sample (temperature > 0)",
+                param=name,
+            )
+
+
+def _chat_echo(body: ChatCompletionRequest) -> str:
+    """vLLM's chat echo: a final assistant message (a prefill) comes before the new content."""
+    last = body.messages[-1]
+    return last.text if body.echo and last.role == "assistant" else ""
+
+
+def _completion_echo(body: CompletionRequest, output: RequestOutput, tokenizer) -> str:
+    if not body.echo:
+        return ""
+    if isinstance(body.prompt, str) and body.truncate_prompt_tokens is None:
+        return body.prompt
+    return tokenizer.decode(output.prompt_token_ids, skip_special_tokens=body.skip_special_tokens)
 
 
 def _structured_outputs(body: ChatCompletionRequest | CompletionRequest) -> StructuredOutputs | None:
     """The one output constraint of vLLM's or OpenAI's fields; two at once is an error, not a guess."""
     given: list[tuple[str, dict]] = []  # (the field as the request spelled it, StructuredOutputs kwargs)
     if (so := body.structured_outputs) is not None:
-        for name in ("grammar", "structural_tag"):
-            if getattr(so, name) is not None:
-                raise TranslationError(
-                    "unsupported_parameter",
-                    f"structured_outputs.{name} is not supported; use choice, regex or json",
-                )
         given += [
             (f"structured_outputs.{name}", {name: getattr(so, name)}) for name in ("choice", "regex", "json")
         ]

@@ -116,9 +116,12 @@ def _to_cpu(output: SamplerOutput | None) -> SamplerOutput | None:
         logprobs = SampledLogprobs(
             logprobs.sampled_logprobs.cpu(), logprobs.top_token_ids.cpu(), logprobs.top_logprobs.cpu()
         )
-    prompt_logprobs = output.prompt_logprobs
+    prompt_logprobs, prompt_top = output.prompt_logprobs, output.prompt_top_logprobs
     return SamplerOutput(
-        output.sampled_token_ids.cpu(), logprobs, None if prompt_logprobs is None else prompt_logprobs.cpu()
+        output.sampled_token_ids.cpu(),
+        logprobs,
+        None if prompt_logprobs is None else prompt_logprobs.cpu(),
+        None if prompt_top is None else (prompt_top[0].cpu(), prompt_top[1].cpu()),
     )
 
 

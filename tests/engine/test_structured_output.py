@@ -94,7 +94,9 @@ def test_choice_probabilities_are_the_same_with_prefix_caching_on_and_off_and_un
     for options in ({"enable_prefix_caching": False}, {}, tiny_pool):
         engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), **options))
         preempted = _spy_on_preemptions(engine)
-        outputs = engine.generate([prompt] * 4, _params(spec, temperature=0.0, max_tokens=12), use_tqdm=False)
+        # sampled with a seed: decoded token by token (a greedy choice is only scored)
+        params = _params(spec, temperature=1.0, seed=7, max_tokens=12)
+        outputs = engine.generate([prompt] * 4, params, use_tqdm=False)
         results.append([(o.text, o.choice_probabilities) for o in outputs])
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert {seq.parent is not None for seq in preempted} == {True, False}  # in the tiny pool, both kinds
@@ -102,6 +104,28 @@ def test_choice_probabilities_are_the_same_with_prefix_caching_on_and_off_and_un
         for (text, probs), (ref_text, ref_probs) in zip(text_and_probs, results[0], strict=True):
             assert text == ref_text
             assert [probs[c] for c in LABELS] == pytest.approx([ref_probs[c] for c in LABELS], rel=1e-4)
+
+
+def test_a_greedy_choice_answers_the_choice_its_probabilities_name(engine: LLMEngine) -> None:
+    prompts = [*PROMPTS, "Sentiment of: the soup was cold. Answer:", "I loved it", "Terrible, awful"]
+    outputs = engine.generate(
+        prompts, _params(StructuredOutputs(choice=LABELS), temperature=0.0), use_tqdm=False
+    )
+    for output in outputs:
+        best = max(output.choice_probabilities, key=output.choice_probabilities.get)
+        assert output.text == best
+        assert output.token_ids == engine.tokenizer.encode(best, add_special_tokens=False)
+        assert (output.finish_reason, output.stop_reason) == ("stop", None)  # as the grammar ends it
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_greedy_choice_gives_its_tokens_logprobs_with_alternatives(engine: LLMEngine) -> None:
+    params = _params(StructuredOutputs(choice=LABELS), temperature=0.0, logprobs=3)
+    (output,) = engine.generate(["The river is cold today"], params, use_tqdm=False)
+    assert [lp.token_id for lp in output.logprobs] == output.token_ids
+    for lp in output.logprobs:
+        assert len(lp.top) == 3 and lp.logprob <= lp.top[0][1] + 1e-6  # the best alternative first
+        assert [v for _, v in lp.top] == sorted((v for _, v in lp.top), reverse=True)
 
 
 def _spy_on_preemptions(engine: LLMEngine) -> list:

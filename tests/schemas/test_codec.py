@@ -101,10 +101,10 @@ def test_old_minimal_payload_decodes_with_defaults() -> None:
     assert (body.output_limit, body.num_top_logprobs, body.ignore_eos) == (None, None, False)
 
 
-def test_message_content_parts_join_their_text_parts() -> None:
-    parts = [{"type": "text", "text": "a"}, {"type": "image_url"}, {"type": "text", "text": "b"}]
+def test_message_content_text_parts_join_with_newlines_as_vllm_does() -> None:
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
     job = decode_job(_line(_chat_job(messages=[{"role": "user", "content": parts}])))
-    assert job.body.messages[0].text == "ab"
+    assert job.body.messages[0].text == "a\nb"
 
 
 MSGPACK_NAMES = [
@@ -153,10 +153,10 @@ def test_msgpack_job_read_as_json_is_invalid_encoding() -> None:
         (b'{"custom_id": "a", "url": "/v1/embeddings", "body": {}}', "invalid_request", "$.url"),
         (_line(_chat_job(messages=[])), "invalid_request", "$.body.messages"),
         (_line(_chat_job(temperature=9)), "invalid_request", "$.body.temperature"),
-        (_line(_completion_job(n=2)), "invalid_request", "$.body.n"),
+        (_line(_completion_job(n=0)), "invalid_request", "$.body.n"),
         (_line(_completion_job(max_tokens=0)), "invalid_request", "$.body.max_tokens"),
     ],
-    ids=["truncated", "array", "no-body", "unknown-url", "empty-messages", "temp-9", "n-2", "max-tokens-0"],
+    ids=["truncated", "array", "no-body", "unknown-url", "empty-messages", "temp-9", "n-0", "max-tokens-0"],
 )
 def test_bad_job_raises_job_decode_error_with_stable_code_naming_the_field(
     data: bytes, code: str, names: str

@@ -80,15 +80,18 @@ async def test_posted_jobs_come_back_as_openai_batch_result_lines(kafka, service
     assert packed.response.body.choices[0].text == completion.response.body.choices[0].text
 
     broken = decode_result(results["broken"].value)
-    assert broken.response.status_code == 400 and broken.error.code == "invalid_request"
-    assert "$.body.n" in broken.error.message
+    assert broken.response.status_code == 400 and broken.error is None  # kept in the response only
+    assert (broken.response.body.error.code, broken.response.body.error.param) == (
+        "unsupported_parameter",
+        "n",
+    )
     too_long = decode_result(results["too-long"].value)
-    assert too_long.error.code == "invalid_prompt" and "tokens" in too_long.error.message
+    assert too_long.failure.code == "invalid_prompt" and "tokens" in too_long.failure.message
     garbage = next(r for key, r in results.items() if key.startswith(f"{service_config.jobs_topics[0]}/"))
-    assert decode_result(garbage.value).error.code == "invalid_encoding"
+    assert decode_result(garbage.value).error.code == "invalid_encoding"  # no request: no response
 
     reasons = {dict(r.headers)["sluice-error-code"] for r in dead}
-    assert reasons == {b"invalid_request", b"invalid_encoding", b"invalid_prompt"}
+    assert reasons == {b"unsupported_parameter", b"invalid_encoding", b"invalid_prompt"}
     assert all(dict(r.headers)["sluice-source-topic"] == service_config.jobs_topics[0].encode() for r in dead)
     assert b"\x00 not a job at all" in {r.value for r in dead}
 
@@ -146,7 +149,7 @@ async def test_jobs_past_their_deadline_get_deadline_exceeded_without_inference(
         dead = await kafka.read(service_config.dlq_topic, 2)
     for custom_id in ("late-header", "late-body"):
         result = decode_result(results[custom_id].value)
-        assert result.response.status_code == 408 and result.error.code == "deadline_exceeded", custom_id
+        assert result.response is None and result.error.code == "deadline_exceeded", custom_id
         assert "it was not run" in result.error.message
     assert decode_result(results["in-time"].value).error is None
     assert {dict(r.headers)["sluice-error-code"] for r in dead} == {b"deadline_exceeded"}

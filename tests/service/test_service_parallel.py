@@ -21,7 +21,7 @@ JOB = {
     "custom_id": "tp-1",
     "method": "POST",
     "url": "/v1/completions",
-    "body": {"model": "demo", "prompt": "Hello there", "max_tokens": 8},
+    "body": {"prompt": "Hello there", "max_tokens": 8},  # no model: the served one (a tiny-seed0 folder)
 }
 
 

@@ -79,8 +79,8 @@ async def test_an_invalid_regex_schema_or_two_constraints_is_an_error_result_not
     outcome = await _handle(handler, {"prompt": "Hello", **constraint})
     assert outcome.is_error
     assert outcome.result.response.status_code == 400
-    assert outcome.result.error.code == code
-    assert message in outcome.result.error.message
+    assert outcome.result.failure.code == code
+    assert message in outcome.result.failure.message
     # the engine is still serving
     assert not (await _handle(handler, {"prompt": "Hello", "max_tokens": 2})).is_error
 

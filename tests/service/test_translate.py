@@ -12,7 +12,13 @@ from engine import RequestMetrics, RequestOutput, SamplingParams, StructuredOutp
 from schemas.batch import CHAT_URL, COMPLETIONS_URL, BatchRequestLine
 from schemas.codec import decode_result, encode_result
 from schemas.openai import ChatCompletion, ChatCompletionRequest, CompletionRequest, TextCompletion
-from service.translate import TranslationError, to_engine_request, to_error_line, to_result_line
+from service.translate import (
+    TranslationError,
+    to_engine_request,
+    to_error_line,
+    to_failure_line,
+    to_result_line,
+)
 
 DEFAULT_MAX = 77
 
@@ -51,10 +57,20 @@ def test_chat_job_becomes_the_chat_template_rendering_with_one_bos(tokenizer) ->
     assert tokenizer.decode(request.prompt_token_ids).endswith("<|assistant|>\n")
 
 
-def test_chat_content_parts_render_as_their_joined_text(tokenizer) -> None:
-    parts = [{"type": "text", "text": "hi "}, {"type": "image_url"}, {"type": "text", "text": "there"}]
+def test_chat_content_text_parts_render_joined_with_newlines(tokenizer) -> None:
+    parts = [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]
     as_parts = to_engine_request(_chat(messages=[{"role": "user", "content": parts}]), tokenizer, DEFAULT_MAX)
-    assert as_parts.prompt_token_ids == to_engine_request(_chat(), tokenizer, DEFAULT_MAX).prompt_token_ids
+    as_text = to_engine_request(
+        _chat(messages=[{"role": "user", "content": "hi\nthere"}]), tokenizer, DEFAULT_MAX
+    )
+    assert as_parts.prompt_token_ids == as_text.prompt_token_ids
+
+
+def test_a_non_text_content_part_is_refused_by_its_position(tokenizer) -> None:
+    parts = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x"}}]
+    with pytest.raises(TranslationError) as info:
+        to_engine_request(_chat(messages=[{"role": "user", "content": parts}]), tokenizer, DEFAULT_MAX)
+    assert (info.value.code, info.value.param) == ("unsupported_parameter", "messages[0].content[1]")
 
 
 def test_chat_role_the_template_rejects_is_an_invalid_request(tokenizer) -> None:
@@ -235,11 +251,10 @@ def test_conflicting_or_malformed_constraints_are_a_400_naming_the_problem(
         (_chat(), None),
         (_chat(logprobs=True), 0),
         (_chat(logprobs=True, top_logprobs=3), 3),
-        (_chat(logprobs=False, top_logprobs=3), None),
         (_completion(logprobs=0), 0),
         (_completion(logprobs=5), 5),
     ],
-    ids=["none", "chat", "chat-top-3", "chat-top-without-logprobs", "completion-0", "completion-5"],
+    ids=["none", "chat", "chat-top-3", "completion-0", "completion-5"],
 )
 def test_logprobs_fields_map_to_the_number_of_alternatives(tokenizer, job, expected) -> None:
     assert _params(job, tokenizer).logprobs == expected
@@ -293,7 +308,7 @@ def test_chat_result_line_is_a_200_chat_completion_with_usage_and_timings() -> N
     assert timings.total_ms == pytest.approx(750, abs=1)
 
 
-@pytest.mark.parametrize("finish_reason", ["stop", "length", "abort"])
+@pytest.mark.parametrize("finish_reason", ["stop", "length"])
 def test_completion_result_line_passes_text_and_finish_reason_through(finish_reason: str) -> None:
     output = _output(prompt_len=2, tokens=(5, 6, 7, 8), text=" world", finish_reason=finish_reason)
     line = to_result_line(_completion(), output, "m", enqueued_time=output.metrics.arrival_time)
@@ -329,21 +344,20 @@ def test_result_line_encodes_as_openai_json_and_round_trips() -> None:
     assert decode_result(data) == line
 
 
-def test_error_line_is_a_400_with_the_code_in_body_and_top_level() -> None:
-    line = to_error_line("c9", "unsupported_parameter", "logprobs are not supported yet")
+def test_error_line_is_a_400_with_openais_error_body_and_no_top_level_error() -> None:
+    line = to_error_line("c9", "unsupported_parameter", "`suffix` is not supported", param="suffix")
     assert line.custom_id == "c9"
     assert line.is_error
+    assert line.error is None  # OpenAI and vLLM keep an HTTP error in the response only
     assert line.response.status_code == 400
     detail = line.response.body.error
-    assert (detail.code, detail.type, detail.message) == (
+    assert (detail.code, detail.type, detail.param, detail.message) == (
         "unsupported_parameter",
         "invalid_request_error",
-        "logprobs are not supported yet",
+        "suffix",
+        "`suffix` is not supported",
     )
-    assert (line.error.code, line.error.message) == (
-        "unsupported_parameter",
-        "logprobs are not supported yet",
-    )
+    assert (line.failure.code, line.failure.message) == ("unsupported_parameter", "`suffix` is not supported")
     assert decode_result(encode_result(line)) == line
 
 
@@ -351,4 +365,18 @@ def test_error_line_with_status_500_is_a_server_error() -> None:
     line = to_error_line("c9", "engine_failed", "boom", status_code=500)
     assert line.response.status_code == 500
     assert line.response.body.error.type == "server_error"
-    assert line.response.body.error.code == line.error.code == "engine_failed"
+    assert line.response.body.error.code == line.failure.code == "engine_failed"
+
+
+def test_failure_line_has_no_response_and_the_top_level_error() -> None:
+    line = to_failure_line("c9", "deadline_exceeded", "too late")
+    assert line.response is None
+    assert (line.error.code, line.error.message) == ("deadline_exceeded", "too late")
+    assert line.is_error
+    assert decode_result(encode_result(line)) == line
+
+
+def test_an_aborted_output_becomes_a_500_error_not_a_200_with_finish_reason_abort() -> None:
+    line = to_result_line(_completion(), _output(finish_reason="abort"), "m", time.time())
+    assert line.response.status_code == 500
+    assert line.failure.code == "engine_error"

@@ -118,10 +118,10 @@ async def test_batch_file_round_trip_with_invalid_lines_through_kafka_and_local(
     assert set(lines) == {"c1", "c2", "c3", "line-3"}
     assert lines["c1"]["response"]["body"]["object"] == "text_completion" and lines["c1"]["error"] is None
     assert lines["c2"]["response"]["body"]["object"] == "chat.completion"
-    assert (
-        lines["c3"]["error"]["code"] == "invalid_request" and "temperature" in lines["c3"]["error"]["message"]
-    )
-    assert lines["line-3"]["error"]["code"] == "invalid_request"
+    c3_error = lines["c3"]["response"]["body"]["error"]  # an HTTP error: in the response, as OpenAI's
+    assert lines["c3"]["error"] is None and lines["c3"]["response"]["status_code"] == 400
+    assert c3_error["code"] == "invalid_request" and "temperature" in c3_error["message"]
+    assert lines["line-3"]["response"]["body"]["error"]["code"] == "invalid_request"
     assert lines["line-3"]["response"]["status_code"] == 400
 
     local = await run_sluice(
@@ -131,7 +131,7 @@ async def test_batch_file_round_trip_with_invalid_lines_through_kafka_and_local(
     local_lines = _by(_jsonl(tmp_path / "local.jsonl"), "custom_id")
     assert local_lines["c1"]["response"]["body"]["choices"] == lines["c1"]["response"]["body"]["choices"]
     assert local_lines["c2"]["response"]["body"]["choices"] == lines["c2"]["response"]["body"]["choices"]
-    assert local_lines["c3"]["error"] == lines["c3"]["error"]
+    assert local_lines["c3"]["response"]["body"] == lines["c3"]["response"]["body"]
 
 
 async def test_choice_labels_are_one_of_the_choices_with_probabilities_summing_to_one(

@@ -1,0 +1,190 @@
+"""OpenAI's batch output line as JSON Schema, written from the API reference (platform.openai.com/docs/
+api-reference: "The request output object" of the Batch API, "The chat completion object", "The
+completion object", and the error body every endpoint returns with a 4xx/5xx status).
+
+Extra properties are allowed where OpenAI's own objects carry more than the reference lists
+(`system_fingerprint`, `service_tier`) and for the extensions vLLM and Sluice add (`stop_reason`,
+`body.sluice`); everything the reference names is checked: required fields, types and enums.
+"""
+
+from __future__ import annotations
+
+_INT = {"type": "integer"}
+_STR = {"type": "string"}
+_BYTES = {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0, "maximum": 255}}
+
+USAGE = {
+    "type": "object",
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "properties": {
+        "prompt_tokens": _INT,
+        "completion_tokens": _INT,
+        "total_tokens": _INT,
+        "prompt_tokens_details": {
+            "type": ["object", "null"],
+            "properties": {"cached_tokens": _INT, "audio_tokens": _INT},
+        },
+    },
+}
+
+TOP_LOGPROB = {
+    "type": "object",
+    "required": ["token", "logprob", "bytes"],
+    "properties": {"token": _STR, "logprob": {"type": "number"}, "bytes": _BYTES},
+}
+
+CHAT_LOGPROBS = {
+    "type": ["object", "null"],
+    "required": ["content"],
+    "properties": {
+        "content": {
+            "type": ["array", "null"],
+            "items": {
+                "type": "object",
+                "required": ["token", "logprob", "bytes", "top_logprobs"],
+                "properties": {
+                    **TOP_LOGPROB["properties"],
+                    "top_logprobs": {"type": "array", "items": TOP_LOGPROB},
+                },
+            },
+        },
+        "refusal": {"type": ["array", "null"]},
+    },
+}
+
+TOOL_CALL = {
+    "type": "object",
+    "required": ["id", "type", "function"],
+    "properties": {
+        "id": _STR,
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name", "arguments"],
+            "properties": {"name": _STR, "arguments": _STR},
+        },
+    },
+}
+
+CHAT_COMPLETION = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": _STR,
+        "object": {"const": "chat.completion"},
+        "created": _INT,
+        "model": _STR,
+        "usage": USAGE,
+        "choices": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["index", "message", "finish_reason", "logprobs"],
+                "properties": {
+                    "index": _INT,
+                    "finish_reason": {
+                        "enum": ["stop", "length", "tool_calls", "content_filter", "function_call"]
+                    },
+                    "logprobs": CHAT_LOGPROBS,
+                    "message": {
+                        "type": "object",
+                        "required": ["role", "content"],
+                        "properties": {
+                            "role": {"const": "assistant"},
+                            "content": {"type": ["string", "null"]},
+                            "refusal": {"type": ["string", "null"]},
+                            "tool_calls": {"type": "array", "items": TOOL_CALL},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+TEXT_COMPLETION = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": _STR,
+        "object": {"const": "text_completion"},
+        "created": _INT,
+        "model": _STR,
+        "usage": USAGE,
+        "choices": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["index", "text", "finish_reason", "logprobs"],
+                "properties": {
+                    "index": _INT,
+                    "text": _STR,
+                    "finish_reason": {"enum": ["stop", "length", "content_filter"]},
+                    "logprobs": {
+                        "type": ["object", "null"],
+                        "properties": {
+                            "tokens": {"type": "array", "items": _STR},
+                            "token_logprobs": {"type": "array", "items": {"type": ["number", "null"]}},
+                            "top_logprobs": {
+                                "type": ["array", "null"],
+                                "items": {
+                                    "type": ["object", "null"],
+                                    "additionalProperties": {"type": "number"},
+                                },
+                            },
+                            "text_offset": {"type": "array", "items": _INT},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+ERROR_BODY = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": _STR,
+                "type": _STR,
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+# the line; its `response.body` is checked against one of the bodies above (by url and status)
+BATCH_OUTPUT_LINE = {
+    "type": "object",
+    "required": ["id", "custom_id", "response", "error"],
+    "properties": {
+        "id": _STR,
+        "custom_id": _STR,
+        "response": {
+            "type": ["object", "null"],
+            "required": ["status_code", "request_id", "body"],
+            "properties": {"status_code": _INT, "request_id": _STR, "body": {"type": "object"}},
+        },
+        "error": {
+            "type": ["object", "null"],
+            "required": ["code", "message"],
+            "properties": {"code": _STR, "message": _STR},
+        },
+    },
+    # a line is either an HTTP response (error null) or a failure that is not one (response null)
+    "oneOf": [
+        {"properties": {"response": {"type": "object"}, "error": {"type": "null"}}},
+        {"properties": {"response": {"type": "null"}, "error": {"type": "object"}}},
+    ],
+}
+
+
+def body_schema(url: str, status_code: int) -> dict:
+    if status_code >= 400:
+        return ERROR_BODY
+    return CHAT_COMPLETION if url == "/v1/chat/completions" else TEXT_COMPLETION

@@ -1,0 +1,141 @@
+"""Conformance: OpenAI-format batch files through `sluice batch --local` and through Kafka; every
+output line validates against OpenAI's batch output schema (tests/service/openai_batch_schema.py).
+
+The file holds chat and completion jobs (plain, logprobs, stop strings, echo, a greedy choice,
+logit_bias), refused ones (a refused field, an unknown field, another model, an embeddings job)
+and a line that is no JSON. Tools and embeddings are refused by name (not implemented).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from tests.service.client.label_helpers import run_sluice, sluice_env
+from tests.service.openai_batch_schema import BATCH_OUTPUT_LINE, body_schema
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is the river cold?"}]
+
+
+def _job(custom_id: str, url: str, body: dict) -> dict:
+    base = {"model": "tiny", "max_tokens": 5, "temperature": 0}
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": {**base, **body}}
+
+
+# custom_id -> (job, the status its result must have)
+JOBS = {
+    "chat": (_job("chat", CHAT, {"messages": MESSAGES}), 200),
+    "chat-logprobs": (
+        _job("chat-logprobs", CHAT, {"messages": MESSAGES, "logprobs": True, "top_logprobs": 2}),
+        200,
+    ),
+    "chat-choice": (_job("chat-choice", CHAT, {"messages": MESSAGES, "guided_choice": ["yes", "no"]}), 200),
+    "chat-prefill": (
+        _job(
+            "chat-prefill",
+            CHAT,
+            {
+                "messages": [*MESSAGES, {"role": "assistant", "content": "Yes,"}],
+                "add_generation_prompt": False,
+                "continue_final_message": True,
+                "echo": True,
+            },
+        ),
+        200,
+    ),
+    "completion": (_job("completion", COMPLETIONS, {"prompt": "The river is"}), 200),
+    "completion-logprobs": (
+        _job("completion-logprobs", COMPLETIONS, {"prompt": [5, 6, 7], "logprobs": 2, "max_tokens": 3}),
+        200,
+    ),
+    "completion-stop": (
+        _job(
+            "completion-stop",
+            COMPLETIONS,
+            {"prompt": "Once upon", "stop": [" "], "include_stop_str_in_output": True, "min_tokens": 1},
+        ),
+        200,
+    ),
+    "completion-echo": (_job("completion-echo", COMPLETIONS, {"prompt": "Hello", "echo": True}), 200),
+    "completion-bias": (
+        _job("completion-bias", COMPLETIONS, {"prompt": "Hello", "logit_bias": {"9": 50}}),
+        200,
+    ),
+    "refused-field": (_job("refused-field", CHAT, {"messages": MESSAGES, "n": 2}), 400),
+    "unknown-field": (_job("unknown-field", COMPLETIONS, {"prompt": "x", "frobnicate": True}), 400),
+    "tools": (
+        _job(
+            "tools", CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}
+        ),
+        400,
+    ),
+    "other-model": (_job("other-model", COMPLETIONS, {"prompt": "x", "model": "gpt-4o-mini"}), 404),
+    "embeddings": (
+        {"custom_id": "embeddings", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+        400,
+    ),
+}
+
+
+def _check_lines(lines: list[dict], jobs: dict) -> None:
+    """Every line validates against OpenAI's schema (its body by url and status) and has the expected status."""
+    for line in lines:
+        jsonschema.validate(line, BATCH_OUTPUT_LINE)
+        job, status = jobs[line["custom_id"]]
+        response = line["response"]
+        assert response is not None and response["status_code"] == status, line
+        jsonschema.validate(response["body"], body_schema(job["url"], status))
+    assert {line["custom_id"] for line in lines} == set(jobs)
+
+
+def _batch_file(tmp_path, jobs: dict) -> str:
+    path = tmp_path / "batch.jsonl"
+    path.write_text("".join(json.dumps(job) + "\n" for job, _ in jobs.values()) + "{not json\n")
+    return str(path)
+
+
+@pytest.mark.slow
+async def test_a_batch_file_through_sluice_batch_local_conforms_to_openais_output_schema(
+    service_config, tmp_path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    done = await run_sluice(
+        "batch",
+        _batch_file(tmp_path, JOBS),
+        str(out),
+        "--local",
+        "--no-progress",
+        env=sluice_env(service_config),
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(raw) for raw in out.read_text().splitlines()]
+    bad_line = [line for line in lines if line["custom_id"] == "line-14"]
+    assert len(bad_line) == 1  # the line that is no JSON: answered too
+    jobs = {**JOBS, "line-14": ({"url": COMPLETIONS}, 400)}
+    _check_lines(lines, jobs)
+    by_id = {line["custom_id"]: line for line in lines}
+    choice = by_id["chat-choice"]["response"]["body"]
+    probabilities = choice["sluice"]["choice_probabilities"]
+    assert choice["choices"][0]["message"]["content"] == max(probabilities, key=probabilities.get)
+    assert by_id["chat-prefill"]["response"]["body"]["choices"][0]["message"]["content"].startswith("Yes,")
+
+
+@pytest.mark.kafka
+async def test_jobs_through_kafka_conform_to_openais_output_schema(
+    kafka, service_config, run_service
+) -> None:
+    topic = service_config.jobs_topics[0]
+    await kafka.post(topic, [(cid.encode(), json.dumps(job).encode(), []) for cid, (job, _) in JOBS.items()])
+    await kafka.post(topic, [(b"garbage", b"{not json", [])])
+    async with run_service(service_config):
+        records = await kafka.read(service_config.results_topic, len(JOBS) + 1)
+    lines = [json.loads(record.value) for record in records]
+    garbage = [line for line in lines if line["custom_id"] not in JOBS]
+    assert len(garbage) == 1 and garbage[0]["response"] is None  # no request, no response
+    assert garbage[0]["error"]["code"] == "invalid_encoding"
+    jsonschema.validate(garbage[0], BATCH_OUTPUT_LINE)
+    _check_lines([line for line in lines if line["custom_id"] in JOBS], JOBS)
