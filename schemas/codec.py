@@ -48,29 +48,24 @@ def decode_job(data: bytes, content_type: str | None = None) -> BatchRequestLine
     envelope = decode_job_envelope(data, content_type)
     body_decoder = codec.chat if envelope.url == CHAT_URL else codec.completion
     try:
-        body = body_decoder.decode(envelope.body)
-    except msgspec.ValidationError as e:
-        raise JobDecodeError("invalid_request", _under_body(str(e))) from None
+        body = _decode(body_decoder, envelope.body, codec.name)
+    except JobDecodeError as e:
+        raise JobDecodeError(e.code, _under_body(e.message)) from None
     return BatchRequestLine(custom_id=envelope.custom_id, method=envelope.method, url=envelope.url, body=body)
 
 
 def decode_job_envelope(data: bytes, content_type: str | None = None) -> BatchRequestEnvelope:
     """Decode one job's envelope, its body left as raw bytes. Raises JobDecodeError with the reason."""
     codec = _CODECS[normalize_content_type(content_type)]
-    try:
-        return codec.envelope.decode(data)
-    except msgspec.ValidationError as e:
-        raise JobDecodeError("invalid_request", str(e)) from None
-    except msgspec.DecodeError as e:
-        raise JobDecodeError("invalid_encoding", f"not a valid {codec.name} job line: {e}") from None
+    return _decode(codec.envelope, data, codec.name)
 
 
 def peek_custom_id(data: bytes, content_type: str | None = None) -> str | None:
     """The job's custom_id if one can be read at all: lets a broken job's error keep its id."""
     codec = _CODECS[normalize_content_type(content_type)]
     try:
-        return codec.peek.decode(data).custom_id
-    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _decode(codec.peek, data, codec.name).custom_id
+    except JobDecodeError:
         return None
 
 
@@ -97,6 +92,22 @@ def decode_result(data: bytes, content_type: str | None = None) -> BatchResponse
             body=body_decoder.decode(raw.response.body),
         )
     return BatchResponseLine(id=raw.id, custom_id=raw.custom_id, response=response, error=raw.error)
+
+
+def _decode(decoder, data: bytes, codec_name: str):
+    """`decoder.decode(data)`; whatever the bytes, a failure is a JobDecodeError that says why."""
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as e:
+        raise JobDecodeError("invalid_request", str(e)) from None
+    except msgspec.DecodeError as e:
+        raise JobDecodeError("invalid_encoding", f"not a valid {codec_name} job line: {e}") from None
+    except UnicodeDecodeError as e:
+        raise JobDecodeError("invalid_encoding", f"a string of the job is not valid UTF-8: {e}") from None
+    except RecursionError:
+        raise JobDecodeError("invalid_request", "the job is nested too deeply to decode") from None
+    except (ValueError, OverflowError) as e:  # anything else msgspec may refuse
+        raise JobDecodeError("invalid_encoding", f"not a valid {codec_name} job line: {e}") from None
 
 
 def _under_body(message: str) -> str:

@@ -120,29 +120,31 @@ class Service:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume and process jobs until `stop` is set (or the engine dies); pause past the high-water mark."""
         self._stop = stop
-        backpressure = self.backpressure
         while not stop.is_set():
-            action = backpressure.update()
-            if backpressure.is_paused:
-                self.consumer.pause()  # every time: partitions assigned meanwhile must pause too
-            if action is not None:
-                log.info(
-                    "%s consuming: %d jobs, %d tokens in flight",
-                    action,
-                    backpressure.jobs,
-                    backpressure.tokens,
-                )
-                if action == "resume":
-                    self.consumer.resume()
-            # Keep polling while paused: the group drops a member that stops polling.
-            for record in await self.consumer.fetch(
-                max_records=max(1, backpressure.free_jobs), timeout_ms=100
-            ):
-                backpressure.add(jobs=1)
-                self.metrics.jobs_consumed.labels(record.topic).inc()
-                task = asyncio.create_task(self._process(record))
-                self._tasks[task] = TopicPartition(record.topic, record.partition)
-                task.add_done_callback(self._forget_task)
+            try:
+                await self._consume_once()
+            except Exception:  # a bug in one round must not end the consume loop
+                log.exception("consuming failed; going on in 1s")
+                await asyncio.sleep(1.0)
+
+    async def _consume_once(self) -> None:
+        backpressure = self.backpressure
+        action = backpressure.update()
+        if backpressure.is_paused:
+            self.consumer.pause()  # every time: partitions assigned meanwhile must pause too
+        if action is not None:
+            log.info(
+                "%s consuming: %d jobs, %d tokens in flight", action, backpressure.jobs, backpressure.tokens
+            )
+            if action == "resume":
+                self.consumer.resume()
+        # Keep polling while paused: the group drops a member that stops polling.
+        for record in await self.consumer.fetch(max_records=max(1, backpressure.free_jobs), timeout_ms=100):
+            backpressure.add(jobs=1)
+            self.metrics.jobs_consumed.labels(record.topic).inc()
+            task = asyncio.create_task(self._process(record))
+            self._tasks[task] = TopicPartition(record.topic, record.partition)
+            task.add_done_callback(self._forget_task)
 
     async def stop(self) -> None:
         """Finish in-flight jobs (up to drain_timeout_s), commit, and close everything."""

@@ -24,6 +24,8 @@ from service.translate import TranslationError, to_engine_request, to_error_line
 
 log = logging.getLogger(__name__)
 
+_MAX_TIME_MS = 2**53  # past any real date, and still exact as a float
+
 
 @dataclass(slots=True)
 class Outcome:
@@ -68,10 +70,11 @@ class JobHandler:
         header_values = header_dict(headers)
         content_type = normalize_content_type(header_values.get("content-type"))
         reply_to = header_values.get("reply_to") or header_values.get("reply-to") or None
-        custom_id = peek_custom_id(value, content_type) or ref
+        custom_id = peek_custom_id(value, content_type) or ref  # never raises
         output = None
-        deadline = _header_deadline(header_values)
         try:
+            check_header_keys(headers)
+            deadline = _header_deadline(header_values)
             result, output = await self._run(value, content_type, timestamp_ms, ref, deadline, tag)
         except DeadlineExceeded as e:
             result = to_error_line(custom_id, "deadline_exceeded", str(e), 408)
@@ -79,9 +82,7 @@ class JobHandler:
             result = to_error_line(custom_id, e.code, e.message)
         except TranslationError as e:
             result = to_error_line(custom_id, e.code, e.message, e.status_code)
-        except (
-            RequestRejected
-        ) as e:  # code: invalid_prompt, or invalid_structured_output for a bad schema/regex
+        except RequestRejected as e:  # invalid_prompt; invalid_structured_output: a bad schema/regex
             result = to_error_line(custom_id, e.code, str(e))
         except EngineDeadError:
             raise  # not the job's fault: no result, the job stays uncommitted and is redone elsewhere
@@ -129,12 +130,20 @@ class DeadlineExceeded(Exception):
 
 
 def _header_deadline(headers: dict[str, str]) -> float | None:
-    """The `sluice-deadline-ms` header (Unix time in milliseconds) in seconds; None if absent or unreadable."""
+    """The `sluice-deadline-ms` header (Unix time in milliseconds) in seconds; None if absent."""
     raw = headers.get("sluice-deadline-ms")
-    try:
-        return int(raw) / 1000 if raw else None
-    except ValueError:
+    if not raw:
         return None
+    try:
+        deadline_ms = int(raw)
+    except ValueError:
+        deadline_ms = -1
+    if not 0 <= deadline_ms < _MAX_TIME_MS:
+        raise JobDecodeError(
+            "invalid_request",
+            f"the sluice-deadline-ms header must be Unix time in milliseconds, got {excerpt(raw)!r}",
+        )
+    return deadline_ms / 1000
 
 
 def _check_deadline(deadline: float | None, when: str) -> None:
@@ -150,3 +159,32 @@ def header_dict(headers: Sequence[tuple[str, bytes | None]] | None) -> dict[str,
         if value is not None:
             out[key.lower()] = value.decode("utf-8", "replace")
     return out
+
+
+def check_header_keys(headers: Sequence[tuple[str, bytes | None]] | None) -> None:
+    """JobDecodeError(invalid_encoding) when a header key is not UTF-8."""
+    if bad := undecodable_header_keys(headers):
+        keys = ", ".join(excerpt(repr(key)) for key in bad[:3])
+        raise JobDecodeError("invalid_encoding", f"header keys are not valid UTF-8: {keys}")
+
+
+def undecodable_header_keys(headers: Sequence[tuple[str, bytes | None]] | None) -> list[bytes]:
+    """The raw bytes of each header key that is not UTF-8 (service/lenient_records.py reads
+    such a key with `surrogateescape`: lone surrogates, which no valid UTF-8 decodes to)."""
+    return [key.encode("utf-8", "surrogateescape") for key, _ in headers or () if _has_surrogates(key)]
+
+
+def printable_key(key: str) -> str:
+    """A header key as a producer can write it again: bytes that are not UTF-8 as `\\xff` escapes."""
+    if not _has_surrogates(key):
+        return key
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def excerpt(text: str, limit: int = 64) -> str:
+    """`text`, cut to `limit` characters for an error message."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _has_surrogates(text: str) -> bool:
+    return not text.isascii() and any("\udc80" <= ch <= "\udcff" for ch in text)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from aiokafka.structs import ConsumerRecord
 
 from schemas.codec import encode_result
-from service.jobs import Outcome
+from service.jobs import Outcome, printable_key
 from service.publisher import Headers
 from service.transactions import OutRecord
 
@@ -35,11 +35,12 @@ def outcome_records(
 
 
 def _dead_letter_headers(record: ConsumerRecord, outcome: Outcome) -> Headers:
-    """The original headers plus where the record came from and why it failed."""
+    """The original headers (a key that is not UTF-8 in `\\xff` escapes) plus where the record
+    came from and why it failed."""
     error = outcome.result.error
     assert error is not None
     return [
-        *(record.headers or ()),
+        *((printable_key(key), value) for key, value in record.headers or ()),
         ("sluice-error-code", error.code.encode()),
         ("sluice-error-message", error.message.encode()),
         ("sluice-source-topic", record.topic.encode()),
