@@ -27,17 +27,23 @@ from service.backpressure import Backpressure
 from service.batcher import Admission, DynamicBatcher
 from service.config import ServiceConfig
 from service.consumer import JobConsumer
+from service.delivery import OutcomeDelivery
 from service.http import HealthServer
 from service.jobs import JobHandler, Outcome
 from service.kafka_security import check_login, client_options
+from service.limits import job_limits
 from service.metrics import ServiceMetrics
 from service.publisher import ResultPublisher
-from service.records import outcome_records, record_ref
-from service.topics import ensure_topics
+from service.records import record_ref
+from service.routing import ReplyTopics
+from service.shutdown import bounded
+from service.topics import ensure_topics, max_message_bytes
 from service.tracing import JobTracer, traceparent_headers
 from service.transactions import TransactionalDelivery
 
 log = logging.getLogger(__name__)
+
+_REQUEST_HEADROOM = 65_536  # a produce request holds a result plus the request's own framing
 
 
 class Service:
@@ -54,10 +60,24 @@ class Service:
             self.async_engine, config.batch_max_size, config.batch_max_wait_ms, on_flush=self._admitted
         )
         self.handler = JobHandler(
-            self.batcher, config.served_model_name, config.default_max_tokens, self.backpressure
+            self.batcher,
+            config.served_model_name,
+            config.default_max_tokens,
+            self.backpressure,
+            limits=job_limits(config, engine.max_model_len),
+            reply_topics=ReplyTopics(
+                config.reply_topics,
+                config.results_topic,
+                reserved=[*config.jobs_topics, config.dlq_topic, config.traces_topic],
+            ),
         )
         self.kafka_security = client_options(config)  # SASL/TLS settings of every Kafka client below
-        self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id, self.kafka_security)
+        self.publisher = ResultPublisher(
+            config.kafka_bootstrap,
+            config.client_id,
+            self.kafka_security,
+            max_request_size=config.max_result_bytes + _REQUEST_HEADROOM,
+        )
         # exactly_once: results wait for their partition's next transaction instead of the publisher
         self.transactions: TransactionalDelivery | None = None
         if config.delivery == "exactly_once":
@@ -68,6 +88,9 @@ class Service:
                 config.transactional_id_prefix,
                 security=self.kafka_security,
             )
+        self.delivery = OutcomeDelivery(
+            self.publisher, self.transactions, config.results_topic, config.dlq_topic, config.max_result_bytes
+        )
         self.consumer = JobConsumer(
             config.kafka_bootstrap,
             config.jobs_topics,
@@ -101,6 +124,10 @@ class Service:
             await ensure_topics(
                 c.kafka_bootstrap, topics, c.topic_partitions, c.topic_replication, self.kafka_security
             )
+        limits = await max_message_bytes(
+            c.kafka_bootstrap, [c.results_topic, c.dlq_topic], self.kafka_security
+        )
+        self.delivery.fit_topics(limits)
         self.async_engine.start()
         await self.publisher.start()
         if c.traces_enabled:
@@ -158,11 +185,12 @@ class Service:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.consumer.stop()  # the last commit (exactly_once: the last transactions)
         if self.transactions is not None:
-            await self.transactions.stop()
+            await bounded(self.transactions.stop(), "closing the transactional producers")
         if self.tracer is not None:
-            await asyncio.to_thread(self.tracer.shutdown)  # exports the last spans (through the loop)
+            # exports the last spans (through the loop)
+            await bounded(asyncio.to_thread(self.tracer.shutdown), "exporting the last spans")
             await asyncio.sleep(0.05)
-        await self.publisher.stop()
+        await bounded(self.publisher.stop(), "flushing the publisher")
         await self.async_engine.stop()
         await self.http.stop()
         log.info("stopped after %d results (%d errors)", *self.metrics.jobs_answered)
@@ -226,8 +254,19 @@ class Service:
                 self.tracer.end_job(span, "engine_dead")
             self._engine_died(e)
             return
+        except Exception as e:  # a fault of Sluice's own: the job still gets an error result
+            log.exception("job %s failed in the service", record_ref(record))
+            outcome = await self._deliver_internal_error(record, e)
         if span is not None:
-            self.tracer.end_job(span, outcome.result.error.code if outcome.is_error else None)
+            code = "internal_error" if outcome is None else outcome.result.error and outcome.result.error.code
+            self.tracer.end_job(span, code)
+
+    async def _deliver_internal_error(self, record: ConsumerRecord, error: Exception) -> Outcome | None:
+        outcome = await self.delivery.deliver_internal_error(record, error)
+        if outcome is not None:
+            self._count(record, outcome)
+            self.consumer.done(record)
+        return outcome
 
     def _engine_died(self, error: EngineDeadError) -> None:
         if self.engine_failure is None:
@@ -247,15 +286,8 @@ class Service:
             trace_headers = traceparent_headers(span)  # same trace as the job's producer, this job's span
         else:
             trace_headers = [(k, v) for k, v in record.headers or () if k.lower() == "traceparent"]
-        out = outcome_records(
-            record, outcome, trace_headers, self.config.results_topic, self.config.dlq_topic
-        )
         publish_start = time.time_ns()
-        if self.transactions is not None:
-            self.transactions.stage(TopicPartition(record.topic, record.partition), record.offset, out)
-        else:
-            for r in out:
-                await self.publisher.publish(r.topic, r.key, r.value, r.headers)
+        outcome = await self.delivery.deliver(record, outcome, trace_headers)
         if outcome.is_error:
             log.warning(
                 "job %s/%d/%d failed: %s", record.topic, record.partition, record.offset, outcome.result.error

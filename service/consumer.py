@@ -22,6 +22,7 @@ from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 from service import lenient_records
 from service.kafka_security import KafkaClientOptions
 from service.offsets import OffsetTracker
+from service.shutdown import bounded
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,8 @@ class JobConsumer:
             self._commit_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._commit_task
-        await self.commit()
-        await self._consumer.stop()
+        await bounded(self.commit(), "the last commit")
+        await bounded(self._consumer.stop(), "leaving the consumer group")
 
     async def fetch(self, max_records: int, timeout_ms: int = 200) -> list[ConsumerRecord]:
         """Up to `max_records` new records; each is tracked as in flight until done().

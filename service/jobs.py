@@ -8,11 +8,13 @@ timestamp, not as a Kafka record: the service and `sluice label --local` both ha
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from engine import EngineDeadError, RequestOutput, RequestRejected
@@ -20,6 +22,8 @@ from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
 from service.backpressure import Backpressure
 from service.batcher import DynamicBatcher
+from service.limits import JobLimits, check_job_size, check_limits, check_prompt_tokens
+from service.routing import ReplyTopics
 from service.translate import TranslationError, to_engine_request, to_error_line, to_result_line
 
 log = logging.getLogger(__name__)
@@ -46,11 +50,22 @@ class JobHandler:
         model_name: str,
         default_max_tokens: int,
         backpressure: Backpressure | None = None,
+        limits: JobLimits | None = None,
+        reply_topics: ReplyTopics | None = None,
     ) -> None:
+        """`limits`: what a job may ask for; `reply_topics`: where its `reply_to` may send its
+        result (None: anywhere, for callers that publish nothing, as `sluice label --local`)."""
         self._batcher = batcher
         self._backpressure = backpressure or Backpressure(max_jobs=2**31, max_tokens=2**62)
         self._model_name = model_name
         self._default_max_tokens = default_max_tokens
+        self._limits = limits or JobLimits()
+        self._reply_topics = reply_topics
+        # Tokenising and templating a long prompt (and building a long result) take a while: they
+        # run on a thread of their own, with a tokenizer of their own (a tokenizer switches its
+        # special-token handling per call, so it must not be shared with the engine's thread).
+        self._tokenizer = copy.deepcopy(batcher.tokenizer)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sluice-tokenize")
 
     async def handle(
         self,
@@ -71,41 +86,48 @@ class JobHandler:
         content_type = normalize_content_type(header_values.get("content-type"))
         reply_to = header_values.get("reply_to") or header_values.get("reply-to") or None
         custom_id = peek_custom_id(value, content_type) or ref  # never raises
+        refusal = None
+        if reply_to is not None and self._reply_topics is not None:
+            refusal = self._reply_topics.refusal(reply_to)
         output = None
         try:
             check_header_keys(headers)
+            if refusal is not None:
+                raise TranslationError("invalid_reply_to", refusal, param="reply_to")
+            check_job_size(value, self._limits)
             deadline = _header_deadline(header_values)
             result, output = await self._run(value, content_type, timestamp_ms, ref, deadline, tag)
-        except DeadlineExceeded as e:
-            result = to_error_line(custom_id, "deadline_exceeded", str(e), 408)
-        except JobDecodeError as e:
-            result = to_error_line(custom_id, e.code, e.message)
-        except TranslationError as e:
-            result = to_error_line(custom_id, e.code, e.message, e.status_code)
-        except RequestRejected as e:  # invalid_prompt; invalid_structured_output: a bad schema/regex
-            result = to_error_line(custom_id, e.code, str(e))
-        except EngineDeadError:
-            raise  # not the job's fault: no result, the job stays uncommitted and is redone elsewhere
         except Exception as e:
-            log.exception("job %s failed in the engine", ref)
-            result = to_error_line(custom_id, "engine_error", f"{type(e).__name__}: {e}", 500)
-        return Outcome(result, content_type, reply_to, output)
+            result = _error_line(custom_id, ref, e)
+        # a refused reply_to's error result goes to the results topic
+        return Outcome(result, content_type, None if refusal else reply_to, output)
 
     async def _run(
         self, value: bytes, content_type: str, timestamp_ms: int, ref: str, deadline: float | None, tag
     ) -> tuple[BatchResponseLine, RequestOutput]:
         _check_deadline(deadline, "before decoding")
         job = decode_job(value, content_type)
+        check_limits(job, self._limits, self._default_max_tokens)
         if job.body.sluice_deadline_ms is not None:
             deadline = min(deadline or math.inf, job.body.sluice_deadline_ms / 1000)
         _check_deadline(deadline, "before inference")
-        request = to_engine_request(job, self._batcher.tokenizer, self._default_max_tokens)
+        request = await self._off_loop(
+            to_engine_request,
+            job,
+            self._tokenizer,
+            self._default_max_tokens,
+            self._limits.allow_special_tokens,
+        )
+        num_prompt_tokens = len(request.prompt_token_ids)
+        check_prompt_tokens(num_prompt_tokens, self._limits)
+        _check_deadline(deadline, "after tokenising")
         # Unique per delivery: a redelivered record is a new engine request.
         request_id = f"{ref}/{uuid.uuid4().hex[:8]}"
         generation = self._batcher.generate(
             request_id, request.prompt_token_ids, request.params, request.priority, tag=tag
         )
-        tokens = len(request.prompt_token_ids) + request.params.max_tokens  # what it may hold in the KV cache
+        # what it may hold in the KV cache: the engine clips max_tokens to the model's length
+        tokens = num_prompt_tokens + self._limits.output_tokens(request.params.max_tokens, num_prompt_tokens)
         self._backpressure.add(tokens=tokens)
         try:
             # Past the deadline the awaiting task is cancelled, which aborts the request in the engine.
@@ -115,14 +137,32 @@ class JobHandler:
             raise DeadlineExceeded("the deadline passed during inference; the request was aborted") from None
         finally:
             self._backpressure.remove(tokens=tokens)
-        line = to_result_line(
-            job,
-            output,
-            self._model_name,
-            enqueued_time=timestamp_ms / 1000,
-            tokenizer=self._batcher.tokenizer,
+        enqueued_time = timestamp_ms / 1000
+        line = await self._off_loop(
+            to_result_line, job, output, self._model_name, enqueued_time, self._tokenizer
         )
         return line, output
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _error_line(custom_id: str, ref: str, error: Exception) -> BatchResponseLine:
+    """The error result for a job that failed with `error`; EngineDeadError is re-raised: not the
+    job's fault, the job stays uncommitted and is redone elsewhere."""
+    match error:
+        case DeadlineExceeded():
+            return to_error_line(custom_id, "deadline_exceeded", str(error), 408)
+        case JobDecodeError():
+            return to_error_line(custom_id, error.code, error.message)
+        case TranslationError():
+            return to_error_line(custom_id, error.code, error.message, error.status_code, error.param)
+        case RequestRejected():  # invalid_prompt; invalid_structured_output: a bad schema/regex
+            return to_error_line(custom_id, error.code, str(error))
+        case EngineDeadError():
+            raise error
+    log.error("job %s failed in the engine", ref, exc_info=error)
+    return to_error_line(custom_id, "engine_error", f"{type(error).__name__}: {error}", 500)
 
 
 class DeadlineExceeded(Exception):

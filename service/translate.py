@@ -5,6 +5,7 @@ wire request -> (prompt token ids, SamplingParams); engine output -> wire result
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -37,11 +38,12 @@ from service.logprobs import chat_logprobs, completion_logprobs
 class TranslationError(ValueError):
     """A decodable job this service cannot run as asked. `code` goes into the error result."""
 
-    def __init__(self, code: str, message: str, status_code: int = 400) -> None:
+    def __init__(self, code: str, message: str, status_code: int = 400, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status_code = status_code
+        self.param = param  # the request field at fault, when there is one
 
 
 @dataclass(slots=True)
@@ -51,9 +53,13 @@ class EngineRequest:
     priority: int = 0  # lower runs first (vLLM's convention)
 
 
-def to_engine_request(job: BatchRequestLine, tokenizer, default_max_tokens: int) -> EngineRequest:
+def to_engine_request(
+    job: BatchRequestLine, tokenizer, default_max_tokens: int, allow_special_tokens: bool = False
+) -> EngineRequest:
+    """The job as the engine's request. Prompt text is the user's text: a control token it spells
+    (`</s>`, `<|eot_id|>`) is tokenised as text unless `allow_special_tokens` (trusted producers)."""
     body = job.body
-    prompt_token_ids = _prompt_token_ids(body, tokenizer)
+    prompt_token_ids = _prompt_token_ids(body, tokenizer, allow_special_tokens)
     structured_outputs = _structured_outputs(body)
     try:
         params = SamplingParams(
@@ -113,7 +119,9 @@ def to_result_line(
     )
 
 
-def to_error_line(custom_id: str, code: str, message: str, status_code: int = 400) -> BatchResponseLine:
+def to_error_line(
+    custom_id: str, code: str, message: str, status_code: int = 400, param: str | None = None
+) -> BatchResponseLine:
     """A failed job: OpenAI's error body under its status code, and the top-level error."""
     error_type = "invalid_request_error" if status_code < 500 else "server_error"
     return BatchResponseLine(
@@ -122,26 +130,75 @@ def to_error_line(custom_id: str, code: str, message: str, status_code: int = 40
         response=BatchResponse(
             status_code=status_code,
             request_id=f"req-{uuid.uuid4().hex}",
-            body=ErrorBody(error=ErrorDetail(message=message, type=error_type, code=code)),
+            body=ErrorBody(error=ErrorDetail(message=message, type=error_type, param=param, code=code)),
         ),
         error=BatchError(code=code, message=message),
     )
 
 
-def _prompt_token_ids(body: ChatCompletionRequest | CompletionRequest, tokenizer) -> list[int]:
+def _prompt_token_ids(
+    body: ChatCompletionRequest | CompletionRequest, tokenizer, allow_special: bool
+) -> list[int]:
     if isinstance(body, CompletionRequest):
         if isinstance(body.prompt, list):
             return list(body.prompt)
-        return tokenizer.encode(body.prompt)
+        return tokenizer.encode(body.prompt, split_special_tokens=not allow_special)
     if not tokenizer.chat_template:
         raise TranslationError("unsupported_endpoint", "this model has no chat template; use /v1/completions")
     messages = [{"role": m.role, "content": m.text} for m in body.messages]
+    rendered = _render_chat(tokenizer, messages)
+    if allow_special or not _spells_special_token([m["content"] for m in messages], tokenizer):
+        # The rendered template already holds the BOS token where the model wants one.
+        return tokenizer.encode(rendered, add_special_tokens=False)
+    return _encode_contents_as_text(rendered, messages, tokenizer)
+
+
+def _render_chat(tokenizer, messages: list[dict]) -> str:
     try:
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # a template may reject a role order; its message says which
         raise TranslationError("invalid_request", f"the chat template rejected the messages: {e}") from None
-    # The rendered template already holds the BOS token where the model wants one.
-    return tokenizer.encode(rendered, add_special_tokens=False)
+
+
+def _spells_special_token(texts: list[str], tokenizer) -> bool:
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    specials.update(tokenizer.all_special_tokens)
+    return any(special in text for text in texts for special in specials if special)
+
+
+def _encode_contents_as_text(rendered: str, messages: list[dict], tokenizer) -> list[int]:
+    """The rendered chat with the template's own text (and control tokens) as the template wrote
+    it, and each message's content with its special-token spellings as plain text.
+
+    A rendering with a marker for each content says which parts of `rendered` are the template's;
+    the parts between them must be the contents (verbatim, or trimmed as some templates do)."""
+    marked = _render_chat(tokenizer, [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)])
+    parts = re.split("\ue000([0-9]+)\ue001", marked)  # template text, content index, template text, ...
+    ids = tokenizer.encode(parts[0], add_special_tokens=False)
+    pos = len(parts[0])
+    if not rendered.startswith(parts[0]):
+        raise _template_changes_content()
+    for index, template_text in zip(parts[1::2], parts[2::2], strict=True):
+        content = messages[int(index)]["content"]
+        text = next(
+            (t for t in (content, content.strip()) if rendered.startswith(t + template_text, pos)), None
+        )
+        if text is None:
+            raise _template_changes_content()
+        ids += tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+        ids += tokenizer.encode(template_text, add_special_tokens=False)
+        pos += len(text) + len(template_text)
+    if pos != len(rendered):
+        raise _template_changes_content()
+    return ids
+
+
+def _template_changes_content() -> TranslationError:
+    return TranslationError(
+        "invalid_request",
+        "the chat template changes a message's text, so its special-token spellings cannot be kept as "
+        "text; remove them, or ask the operator for allow_special_tokens",
+    )
 
 
 def _structured_outputs(body: ChatCompletionRequest | CompletionRequest) -> StructuredOutputs | None:
