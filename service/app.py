@@ -34,7 +34,7 @@ from service.kafka_security import check_login, client_options
 from service.limits import job_limits
 from service.metrics import ServiceMetrics
 from service.publisher import ResultPublisher
-from service.records import record_ref
+from service.records import job_timestamp_ms, record_ref
 from service.routing import ReplyTopics
 from service.shutdown import bounded
 from service.topics import ensure_topics, max_message_bytes
@@ -205,9 +205,9 @@ class Service:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _count(self, record: ConsumerRecord, outcome: Outcome) -> None:
+    def _count(self, record: ConsumerRecord, timestamp_ms: int, outcome: Outcome) -> None:
         m = self.metrics
-        m.latency.observe(max(0.0, time.time() - record.timestamp / 1000))
+        m.latency.observe(max(0.0, time.time() - timestamp_ms / 1000))
         if outcome.is_error:
             m.jobs_failed.labels(outcome.result.error.code).inc()
             m.dead_letters.inc()
@@ -216,7 +216,7 @@ class Service:
         if (out := outcome.output) is not None:
             m.prompt_tokens.inc(len(out.prompt_token_ids))
             m.output_tokens.inc(len(out.token_ids))
-            m.queue_wait.observe(max(0.0, out.metrics.arrival_time - record.timestamp / 1000))
+            m.queue_wait.observe(max(0.0, out.metrics.arrival_time - timestamp_ms / 1000))
             if (ttft := _seconds(out.metrics.first_token_time, out.metrics.arrival_time)) is not None:
                 m.ttft.observe(ttft)
 
@@ -240,9 +240,10 @@ class Service:
         self.backpressure.remove(jobs=1)
 
     async def _process(self, record: ConsumerRecord) -> None:
-        span = self.tracer.start_job(record) if self.tracer else None
+        timestamp_ms = job_timestamp_ms(record, int(time.time() * 1000))
+        span = self.tracer.start_job(record, timestamp_ms) if self.tracer else None
         try:
-            outcome = await self._handle_and_publish(record, span)
+            outcome = await self._handle_and_publish(record, timestamp_ms, span)
         except asyncio.CancelledError:
             if span is not None:
                 self.tracer.end_job(span, "aborted")
@@ -256,15 +257,17 @@ class Service:
             return
         except Exception as e:  # a fault of Sluice's own: the job still gets an error result
             log.exception("job %s failed in the service", record_ref(record))
-            outcome = await self._deliver_internal_error(record, e)
+            outcome = await self._deliver_internal_error(record, timestamp_ms, e)
         if span is not None:
             code = "internal_error" if outcome is None else outcome.result.error and outcome.result.error.code
             self.tracer.end_job(span, code)
 
-    async def _deliver_internal_error(self, record: ConsumerRecord, error: Exception) -> Outcome | None:
+    async def _deliver_internal_error(
+        self, record: ConsumerRecord, timestamp_ms: int, error: Exception
+    ) -> Outcome | None:
         outcome = await self.delivery.deliver_internal_error(record, error)
         if outcome is not None:
-            self._count(record, outcome)
+            self._count(record, timestamp_ms, outcome)
             self.consumer.done(record)
         return outcome
 
@@ -275,9 +278,9 @@ class Service:
         if self._stop is not None:
             self._stop.set()
 
-    async def _handle_and_publish(self, record: ConsumerRecord, span) -> Outcome:
+    async def _handle_and_publish(self, record: ConsumerRecord, timestamp_ms: int, span) -> Outcome:
         outcome = await self.handler.handle(
-            record.value or b"", record.headers, record.timestamp, record_ref(record), tag=span
+            record.value or b"", record.headers, timestamp_ms, record_ref(record), tag=span
         )
         if span is not None:
             if outcome.output is not None:
@@ -294,7 +297,7 @@ class Service:
             )
         if span is not None:
             self.tracer.record_publish(span, publish_start)
-        self._count(record, outcome)
+        self._count(record, timestamp_ms, outcome)
         self.consumer.done(record)
         return outcome
 

@@ -19,8 +19,22 @@ from service.publisher import Headers
 from service.transactions import OutRecord
 from service.translate import to_error_line
 
+MAX_JOB_AGE_MS = 7 * 24 * 3600 * 1000  # older timestamps are not believed (Kafka's default retention)
+MAX_CLOCK_SKEW_MS = 60_000  # nor timestamps further ahead of this host's clock
+_LOG_APPEND_TIME = 1
 _RECORD_OVERHEAD = 128  # bytes a record takes beyond its key, value and headers (generously)
 _MAX_ERROR_MESSAGE = 1000  # characters of the error message in a dead letter's header
+
+
+def job_timestamp_ms(record: ConsumerRecord, now_ms: int) -> int:
+    """When the job was produced, for its queue time, latency metrics and span: the record's
+    timestamp when it is plausible, else `now_ms` (when it was consumed). Producers set
+    CreateTime as they like (negative, 1970, next year); a broker's LogAppendTime is trusted."""
+    if record.timestamp_type == _LOG_APPEND_TIME:
+        return record.timestamp
+    if now_ms - MAX_JOB_AGE_MS <= record.timestamp <= now_ms + MAX_CLOCK_SKEW_MS:
+        return record.timestamp
+    return now_ms
 
 
 def record_ref(record: ConsumerRecord) -> str:
