@@ -257,19 +257,15 @@ class Service:
             return
         except Exception as e:  # a fault of Sluice's own: the job still gets an error result
             log.exception("job %s failed in the service", record_ref(record))
-            outcome = await self._deliver_internal_error(record, timestamp_ms, e)
-        if span is not None:
-            code = "internal_error" if outcome is None else outcome.result.error and outcome.result.error.code
-            self.tracer.end_job(span, code)
-
-    async def _deliver_internal_error(
-        self, record: ConsumerRecord, timestamp_ms: int, error: Exception
-    ) -> Outcome | None:
-        outcome = await self.delivery.deliver_internal_error(record, error)
-        if outcome is not None:
+            outcome = await self.delivery.deliver_internal_error(record, e)
+            if outcome is None:  # not even that: left uncommitted, its next owner redoes it
+                if span is not None:
+                    self.tracer.end_job(span, "internal_error")
+                return
             self._count(record, timestamp_ms, outcome)
             self.consumer.done(record)
-        return outcome
+        if span is not None:
+            self.tracer.end_job(span, outcome.result.error.code if outcome.is_error else None)
 
     def _engine_died(self, error: EngineDeadError) -> None:
         if self.engine_failure is None:

@@ -136,3 +136,23 @@ async def _create_topic(kafka, name: str, configs: dict[str, str]) -> None:
         await admin.create_topics([NewTopic(name, 2, 1, topic_configs=configs)])
     finally:
         await admin.close()
+
+
+async def test_a_fault_of_the_service_itself_gives_an_internal_error_result_and_moves_on(
+    kafka, service_config, run_service, monkeypatch
+):
+    c = service_config
+    async with run_service(c) as service:
+
+        async def broken(*args, **kwargs):
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(service.handler, "handle", broken)
+        await kafka.post(c.jobs_topics[0], [(b"victim", job("victim"), [])])
+        (result,) = await kafka.read(c.results_topic, 1)
+        (dead,) = await kafka.read(c.dlq_topic, 1)
+        await wait_for_commits(kafka, c.group_id, c.jobs_topics[0])
+    line = decode_result(result.value)
+    assert (line.error.code, line.response.status_code) == ("internal_error", 500)
+    assert line.error.message == "RuntimeError: a bug"
+    assert dict(dead.headers)["sluice-error-code"] == b"internal_error"
