@@ -88,8 +88,12 @@ class Service:
                 config.transactional_id_prefix,
                 security=self.kafka_security,
             )
+        # exactly_once: the transactional producers keep aiokafka's 1 MiB max_request_size
+        max_result_bytes = (
+            config.max_result_bytes if self.transactions is None else min(config.max_result_bytes, 1_000_000)
+        )
         self.delivery = OutcomeDelivery(
-            self.publisher, self.transactions, config.results_topic, config.dlq_topic, config.max_result_bytes
+            self.publisher, self.transactions, config.results_topic, config.dlq_topic, max_result_bytes
         )
         self.consumer = JobConsumer(
             config.kafka_bootstrap,
