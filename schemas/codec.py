@@ -58,10 +58,10 @@ def decode_job(
     body_type = ChatCompletionRequest if envelope.url == CHAT_URL else CompletionRequest
     body_decoder = codec.chat if envelope.url == CHAT_URL else codec.completion
     try:
-        body = body_decoder.decode(envelope.body)
-    except msgspec.ValidationError as e:
-        message = _under_body(str(e))
-        raise JobDecodeError("invalid_request", message, _param_of(message)) from None
+        body = _decode(body_decoder, envelope.body, codec.name)
+    except JobDecodeError as e:
+        message = _under_body(e.message)
+        raise JobDecodeError(e.code, message, _param_of(message)) from None
     if unknown_fields == "reject" and (
         unknown := unknown_body_fields(codec.raw.decode(envelope.body), body_type)
     ):
@@ -77,17 +77,15 @@ def decode_job_envelope(data: bytes, content_type: str | None = None) -> BatchRe
     """Decode one job's envelope, its body left as raw bytes. Raises JobDecodeError with the reason."""
     codec = _CODECS[normalize_content_type(content_type)]
     try:
-        return codec.envelope.decode(data)
-    except msgspec.ValidationError as e:
-        if (url := _peek_url(codec, data)) in UNSERVED_URLS:
+        return _decode(codec.envelope, data, codec.name)
+    except JobDecodeError as e:
+        if e.code == "invalid_request" and (url := _peek_url(codec, data)) in UNSERVED_URLS:
             raise JobDecodeError(
                 "unsupported_endpoint",
                 f"{url} is not served here; only {CHAT_URL} and {COMPLETIONS_URL}",
                 "url",
             ) from None
-        raise JobDecodeError("invalid_request", str(e)) from None
-    except msgspec.DecodeError as e:
-        raise JobDecodeError("invalid_encoding", f"not a valid {codec.name} job line: {e}") from None
+        raise
 
 
 # endpoints of OpenAI's batch API that Sluice does not serve: refused by name, not as a bad url
@@ -96,8 +94,8 @@ UNSERVED_URLS = ("/v1/embeddings", "/v1/responses", "/v1/moderations")
 
 def _peek_url(codec: _Codec, data: bytes) -> str | None:
     try:
-        return codec.peek_url.decode(data).url
-    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _decode(codec.peek_url, data, codec.name).url
+    except JobDecodeError:
         return None
 
 
@@ -105,8 +103,8 @@ def peek_custom_id(data: bytes, content_type: str | None = None) -> str | None:
     """The job's custom_id if one can be read at all: lets a broken job's error keep its id."""
     codec = _CODECS[normalize_content_type(content_type)]
     try:
-        return codec.peek.decode(data).custom_id
-    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _decode(codec.peek, data, codec.name).custom_id
+    except JobDecodeError:
         return None
 
 
@@ -139,6 +137,22 @@ def _param_of(message: str) -> str | None:
     """`$.body.messages[0].role` in a msgspec message -> `messages[0].role`."""
     _, sep, path = message.rpartition(" - at `$.body")
     return path.rstrip("`").lstrip(".") or None if sep else None
+
+
+def _decode(decoder, data: bytes, codec_name: str):
+    """`decoder.decode(data)`; whatever the bytes, a failure is a JobDecodeError that says why."""
+    try:
+        return decoder.decode(data)
+    except msgspec.ValidationError as e:
+        raise JobDecodeError("invalid_request", str(e)) from None
+    except msgspec.DecodeError as e:
+        raise JobDecodeError("invalid_encoding", f"not a valid {codec_name} job line: {e}") from None
+    except UnicodeDecodeError as e:
+        raise JobDecodeError("invalid_encoding", f"a string of the job is not valid UTF-8: {e}") from None
+    except RecursionError:
+        raise JobDecodeError("invalid_request", "the job is nested too deeply to decode") from None
+    except (ValueError, OverflowError) as e:  # anything else msgspec may refuse
+        raise JobDecodeError("invalid_encoding", f"not a valid {codec_name} job line: {e}") from None
 
 
 def _under_body(message: str) -> str:

@@ -27,17 +27,23 @@ from service.backpressure import Backpressure
 from service.batcher import Admission, DynamicBatcher
 from service.config import ServiceConfig
 from service.consumer import JobConsumer
+from service.delivery import OutcomeDelivery
 from service.http import HealthServer
 from service.jobs import JobHandler, Outcome
 from service.kafka_security import check_login, client_options
+from service.limits import job_limits
 from service.metrics import ServiceMetrics
 from service.publisher import ResultPublisher
-from service.records import outcome_records, record_ref
-from service.topics import ensure_topics
+from service.records import job_timestamp_ms, record_ref
+from service.routing import ReplyTopics
+from service.shutdown import bounded
+from service.topics import ensure_topics, max_message_bytes
 from service.tracing import JobTracer, traceparent_headers
 from service.transactions import TransactionalDelivery
 
 log = logging.getLogger(__name__)
+
+_REQUEST_HEADROOM = 65_536  # a produce request holds a result plus the request's own framing
 
 
 class Service:
@@ -58,11 +64,22 @@ class Service:
             config.served_model_name,
             config.default_max_tokens,
             self.backpressure,
-            config.model_aliases,
-            config.unknown_fields,
+            model_aliases=config.model_aliases,
+            unknown_fields=config.unknown_fields,
+            limits=job_limits(config, engine.max_model_len),
+            reply_topics=ReplyTopics(
+                config.reply_topics,
+                config.results_topic,
+                reserved=[*config.jobs_topics, config.dlq_topic, config.traces_topic],
+            ),
         )
         self.kafka_security = client_options(config)  # SASL/TLS settings of every Kafka client below
-        self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id, self.kafka_security)
+        self.publisher = ResultPublisher(
+            config.kafka_bootstrap,
+            config.client_id,
+            self.kafka_security,
+            max_request_size=config.max_result_bytes + _REQUEST_HEADROOM,
+        )
         # exactly_once: results wait for their partition's next transaction instead of the publisher
         self.transactions: TransactionalDelivery | None = None
         if config.delivery == "exactly_once":
@@ -73,6 +90,13 @@ class Service:
                 config.transactional_id_prefix,
                 security=self.kafka_security,
             )
+        # exactly_once: the transactional producers keep aiokafka's 1 MiB max_request_size
+        max_result_bytes = (
+            config.max_result_bytes if self.transactions is None else min(config.max_result_bytes, 1_000_000)
+        )
+        self.delivery = OutcomeDelivery(
+            self.publisher, self.transactions, config.results_topic, config.dlq_topic, max_result_bytes
+        )
         self.consumer = JobConsumer(
             config.kafka_bootstrap,
             config.jobs_topics,
@@ -106,6 +130,10 @@ class Service:
             await ensure_topics(
                 c.kafka_bootstrap, topics, c.topic_partitions, c.topic_replication, self.kafka_security
             )
+        limits = await max_message_bytes(
+            c.kafka_bootstrap, [c.results_topic, c.dlq_topic], self.kafka_security
+        )
+        self.delivery.fit_topics(limits)
         self.async_engine.start()
         await self.publisher.start()
         if c.traces_enabled:
@@ -125,29 +153,31 @@ class Service:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume and process jobs until `stop` is set (or the engine dies); pause past the high-water mark."""
         self._stop = stop
-        backpressure = self.backpressure
         while not stop.is_set():
-            action = backpressure.update()
-            if backpressure.is_paused:
-                self.consumer.pause()  # every time: partitions assigned meanwhile must pause too
-            if action is not None:
-                log.info(
-                    "%s consuming: %d jobs, %d tokens in flight",
-                    action,
-                    backpressure.jobs,
-                    backpressure.tokens,
-                )
-                if action == "resume":
-                    self.consumer.resume()
-            # Keep polling while paused: the group drops a member that stops polling.
-            for record in await self.consumer.fetch(
-                max_records=max(1, backpressure.free_jobs), timeout_ms=100
-            ):
-                backpressure.add(jobs=1)
-                self.metrics.jobs_consumed.labels(record.topic).inc()
-                task = asyncio.create_task(self._process(record))
-                self._tasks[task] = TopicPartition(record.topic, record.partition)
-                task.add_done_callback(self._forget_task)
+            try:
+                await self._consume_once()
+            except Exception:  # a bug in one round must not end the consume loop
+                log.exception("consuming failed; going on in 1s")
+                await asyncio.sleep(1.0)
+
+    async def _consume_once(self) -> None:
+        backpressure = self.backpressure
+        action = backpressure.update()
+        if backpressure.is_paused:
+            self.consumer.pause()  # every time: partitions assigned meanwhile must pause too
+        if action is not None:
+            log.info(
+                "%s consuming: %d jobs, %d tokens in flight", action, backpressure.jobs, backpressure.tokens
+            )
+            if action == "resume":
+                self.consumer.resume()
+        # Keep polling while paused: the group drops a member that stops polling.
+        for record in await self.consumer.fetch(max_records=max(1, backpressure.free_jobs), timeout_ms=100):
+            backpressure.add(jobs=1)
+            self.metrics.jobs_consumed.labels(record.topic).inc()
+            task = asyncio.create_task(self._process(record))
+            self._tasks[task] = TopicPartition(record.topic, record.partition)
+            task.add_done_callback(self._forget_task)
 
     async def stop(self) -> None:
         """Finish in-flight jobs (up to drain_timeout_s), commit, and close everything."""
@@ -161,11 +191,12 @@ class Service:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.consumer.stop()  # the last commit (exactly_once: the last transactions)
         if self.transactions is not None:
-            await self.transactions.stop()
+            await bounded(self.transactions.stop(), "closing the transactional producers")
         if self.tracer is not None:
-            await asyncio.to_thread(self.tracer.shutdown)  # exports the last spans (through the loop)
+            # exports the last spans (through the loop)
+            await bounded(asyncio.to_thread(self.tracer.shutdown), "exporting the last spans")
             await asyncio.sleep(0.05)
-        await self.publisher.stop()
+        await bounded(self.publisher.stop(), "flushing the publisher")
         await self.async_engine.stop()
         await self.http.stop()
         log.info("stopped after %d results (%d errors)", *self.metrics.jobs_answered)
@@ -180,9 +211,9 @@ class Service:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _count(self, record: ConsumerRecord, outcome: Outcome) -> None:
+    def _count(self, record: ConsumerRecord, timestamp_ms: int, outcome: Outcome) -> None:
         m = self.metrics
-        m.latency.observe(max(0.0, time.time() - record.timestamp / 1000))
+        m.latency.observe(max(0.0, time.time() - timestamp_ms / 1000))
         if outcome.is_error:
             m.jobs_failed.labels(outcome.result.failure.code).inc()
             m.dead_letters.inc()
@@ -191,7 +222,7 @@ class Service:
         if (out := outcome.output) is not None:
             m.prompt_tokens.inc(len(out.prompt_token_ids))
             m.output_tokens.inc(len(out.token_ids))
-            m.queue_wait.observe(max(0.0, out.metrics.arrival_time - record.timestamp / 1000))
+            m.queue_wait.observe(max(0.0, out.metrics.arrival_time - timestamp_ms / 1000))
             if (ttft := _seconds(out.metrics.first_token_time, out.metrics.arrival_time)) is not None:
                 m.ttft.observe(ttft)
 
@@ -215,9 +246,10 @@ class Service:
         self.backpressure.remove(jobs=1)
 
     async def _process(self, record: ConsumerRecord) -> None:
-        span = self.tracer.start_job(record) if self.tracer else None
+        timestamp_ms = job_timestamp_ms(record, int(time.time() * 1000))
+        span = self.tracer.start_job(record, timestamp_ms) if self.tracer else None
         try:
-            outcome = await self._handle_and_publish(record, span)
+            outcome = await self._handle_and_publish(record, timestamp_ms, span)
         except asyncio.CancelledError:
             if span is not None:
                 self.tracer.end_job(span, "aborted")
@@ -229,6 +261,15 @@ class Service:
                 self.tracer.end_job(span, "engine_dead")
             self._engine_died(e)
             return
+        except Exception as e:  # a fault of Sluice's own: the job still gets an error result
+            log.exception("job %s failed in the service", record_ref(record))
+            outcome = await self.delivery.deliver_internal_error(record, e)
+            if outcome is None:  # not even that: left uncommitted, its next owner redoes it
+                if span is not None:
+                    self.tracer.end_job(span, "internal_error")
+                return
+            self._count(record, timestamp_ms, outcome)
+            self.consumer.done(record)
         if span is not None:
             self.tracer.end_job(span, outcome.result.failure.code if outcome.is_error else None)
 
@@ -239,9 +280,9 @@ class Service:
         if self._stop is not None:
             self._stop.set()
 
-    async def _handle_and_publish(self, record: ConsumerRecord, span) -> Outcome:
+    async def _handle_and_publish(self, record: ConsumerRecord, timestamp_ms: int, span) -> Outcome:
         outcome = await self.handler.handle(
-            record.value or b"", record.headers, record.timestamp, record_ref(record), tag=span
+            record.value or b"", record.headers, timestamp_ms, record_ref(record), tag=span
         )
         if span is not None:
             if outcome.output is not None:
@@ -250,15 +291,8 @@ class Service:
             trace_headers = traceparent_headers(span)  # same trace as the job's producer, this job's span
         else:
             trace_headers = [(k, v) for k, v in record.headers or () if k.lower() == "traceparent"]
-        out = outcome_records(
-            record, outcome, trace_headers, self.config.results_topic, self.config.dlq_topic
-        )
         publish_start = time.time_ns()
-        if self.transactions is not None:
-            self.transactions.stage(TopicPartition(record.topic, record.partition), record.offset, out)
-        else:
-            for r in out:
-                await self.publisher.publish(r.topic, r.key, r.value, r.headers)
+        outcome = await self.delivery.deliver(record, outcome, trace_headers)
         if outcome.is_error:
             log.warning(
                 "job %s/%d/%d failed: %s",
@@ -269,7 +303,7 @@ class Service:
             )
         if span is not None:
             self.tracer.record_publish(span, publish_start)
-        self._count(record, outcome)
+        self._count(record, timestamp_ms, outcome)
         self.consumer.done(record)
         return outcome
 

@@ -12,6 +12,7 @@ Documented in docs/configuration.md.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
@@ -37,6 +38,9 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
         default_factory=lambda: ["sluice.jobs"]
     )
     results_topic: str = "sluice.results"  # a job's `reply_to` header overrides it
+    # the regular expression a job's `reply_to` must fully match; empty: results_topic and
+    # `<results_topic>.<anything>` (service/routing.py); the jobs, DLQ and traces topics never match
+    reply_topics: str = ""
     dlq_topic: str = "sluice.dlq"  # dead letters: the original record plus the reason in headers
     traces_topic: str = "sluice.traces"  # OTLP protobuf spans, one ExportTraceServiceRequest per record
     traces_enabled: bool = True
@@ -84,6 +88,17 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     )
     resume_fraction: Annotated[float, Meta(gt=0, lt=1)] = 0.5  # resume below this share of both limits
     drain_timeout_s: Annotated[float, Meta(ge=0)] = 30.0  # on shutdown, wait this long for in-flight jobs
+    # What one job may ask for (service/limits.py), checked before any work is done for it
+    max_job_bytes: Annotated[int, Meta(ge=1)] = 1_048_576  # a job record's value
+    max_prompt_tokens: Annotated[int, Meta(ge=0)] = 0  # 0: what the model takes (max_model_len - 1)
+    max_stop_strings: Annotated[int, Meta(ge=0)] = 16
+    max_stop_string_chars: Annotated[int, Meta(ge=1)] = 256  # each stop string
+    max_stop_token_ids: Annotated[int, Meta(ge=0)] = 64
+    max_choices: Annotated[int, Meta(ge=1)] = 256  # a `choice` constraint's choices
+    max_logprob_tokens: Annotated[int, Meta(ge=1)] = 16_384  # max_tokens x (top logprobs + 1)
+    # a result (or dead letter) larger than this is replaced by a `result_too_large` error result
+    max_result_bytes: Annotated[int, Meta(ge=1024)] = 1_000_000
+    allow_special_tokens: bool = False  # prompt text may spell control tokens (trusted producers only)
     # HTTP: /metrics (Prometheus), /healthz (liveness), /readyz (readiness)
     http_host: str = "0.0.0.0"
     http_port: Annotated[int, Meta(ge=0, le=65535)] = 9464  # 0: any free port
@@ -94,8 +109,9 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         try:
             kafka_security.check(self)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+            re.compile(self.reply_topics)
+        except (ValueError, re.error) as e:
+            raise ConfigError(str(e) if isinstance(e, ValueError) else f"reply_topics: {e}") from None
 
     @property
     def served_model_name(self) -> str:

@@ -19,8 +19,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
+from service import lenient_records
 from service.kafka_security import KafkaClientOptions
 from service.offsets import OffsetTracker
+from service.shutdown import bounded
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class JobConsumer:
         security: KafkaClientOptions | None = None,
         sink: OffsetSink | None = None,
     ):
+        lenient_records.install()  # a batch with a non-UTF-8 header key still reads
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             **(security or {}),
@@ -64,6 +67,7 @@ class JobConsumer:
         self._commit_interval = commit_interval_ms / 1000
         self._commit_task: asyncio.Task | None = None
         self._commit_lock = asyncio.Lock()
+        self._fetch_failures = 0  # consecutive failed fetches: how long to wait before the next
         self._sink: OffsetSink = sink or _ConsumerCommits(self._consumer)
         # Called with the revoked partitions before their final commit: the owner of in-flight
         # jobs stops them there, so nothing is published for a partition after it left.
@@ -80,12 +84,24 @@ class JobConsumer:
             self._commit_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._commit_task
-        await self.commit()
-        await self._consumer.stop()
+        await bounded(self.commit(), "the last commit")
+        await bounded(self._consumer.stop(), "leaving the consumer group")
 
     async def fetch(self, max_records: int, timeout_ms: int = 200) -> list[ConsumerRecord]:
-        """Up to `max_records` new records; each is tracked as in flight until done()."""
-        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        """Up to `max_records` new records; each is tracked as in flight until done().
+
+        Never raises: a failed fetch (a broker error, a refused authorisation, a record the
+        client cannot parse) is logged and gives no records; the next fetch, a little later, retries.
+        """
+        try:
+            batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        except Exception as e:
+            self._fetch_failures += 1
+            delay = min(0.1 * 2**self._fetch_failures, 5.0)
+            log.warning("fetching jobs failed (%s: %s); retrying in %.1fs", type(e).__name__, e, delay)
+            await asyncio.sleep(delay)
+            return []
+        self._fetch_failures = 0
         records = [r for rs in batches.values() for r in rs]
         for r in records:
             self._tracker.track(TopicPartition(r.topic, r.partition), r.offset)
@@ -130,7 +146,10 @@ class JobConsumer:
     async def _commit_periodically(self) -> None:
         while True:
             await asyncio.sleep(self._commit_interval)
-            await self.commit()
+            try:
+                await self.commit()
+            except Exception:  # the next interval retries: a commit task that died would commit nothing again
+                log.exception("committing offsets failed; retrying in %.1fs", self._commit_interval)
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         if self.on_revoke is not None:

@@ -2,6 +2,9 @@
 
 Liveness: the event loop answers and the engine thread is alive. Readiness: the service has
 started consuming. Anything else is 404. No framework: three GET routes do not need one.
+A client gets REQUEST_TIMEOUT_S for its whole request and MAX_HEADER_LINES header lines, and at
+most MAX_CONNECTIONS are served at once (more are closed at once): slow or many clients cannot
+hold the event loop's sockets and memory.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+REQUEST_TIMEOUT_S = 5.0  # to read the request line and headers, and to send the answer
+MAX_HEADER_LINES = 100
+MAX_CONNECTIONS = 32
 
 
 class HealthServer:
@@ -31,6 +37,7 @@ class HealthServer:
             "/readyz": lambda: _status(is_ready()),
         }
         self._server: asyncio.Server | None = None
+        self._num_connections = 0
 
     @property
     def port(self) -> int:
@@ -47,26 +54,36 @@ class HealthServer:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._num_connections += 1
         try:
-            request_line = await asyncio.wait_for(reader.readline(), timeout=5)
-            while (await asyncio.wait_for(reader.readline(), timeout=5)) not in (b"\r\n", b"\n", b""):
-                pass  # headers: nothing here needs them
-            method, path, *_ = request_line.decode("latin-1").split() or ["", ""]
-            route = self._routes.get(path.split("?")[0])
-            if route is None:
-                status, content_type, body = 404, "text/plain", b"not found\n"
-            elif method != "GET":
-                status, content_type, body = 405, "text/plain", b"GET only\n"
-            else:
-                status, content_type, body = route()
-            head = f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
-            head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            writer.write(head.encode() + body)
-            await writer.drain()
+            if self._num_connections <= MAX_CONNECTIONS:
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                    await self._answer(reader, writer)
         except (TimeoutError, ConnectionError, ValueError):
-            pass  # a client that sends garbage or goes away gets nothing
+            pass  # a client that sends garbage, is too slow or goes away gets nothing
         finally:
+            self._num_connections -= 1
             writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request_line = await reader.readline()
+        for _ in range(MAX_HEADER_LINES + 1):
+            if await reader.readline() in (b"\r\n", b"\n", b""):
+                break  # headers: nothing here needs them
+        else:
+            raise ValueError("too many header lines")
+        method, path, *_ = request_line.decode("latin-1").split() or ["", ""]
+        route = self._routes.get(path.split("?")[0])
+        if route is None:
+            status, content_type, body = 404, "text/plain", b"not found\n"
+        elif method != "GET":
+            status, content_type, body = 405, "text/plain", b"GET only\n"
+        else:
+            status, content_type, body = route()
+        head = f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+        head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        writer.write(head.encode() + body)
+        await writer.drain()
 
 
 def _status(ok: bool) -> tuple[int, str, bytes]:

@@ -8,11 +8,13 @@ timestamp, not as a Kafka record: the service and `sluice label --local` both ha
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from engine import EngineDeadError, RequestOutput, RequestRejected
@@ -20,6 +22,8 @@ from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
 from service.backpressure import Backpressure
 from service.batcher import DynamicBatcher
+from service.limits import JobLimits, check_job_size, check_limits, check_prompt_tokens
+from service.routing import ReplyTopics
 from service.translate import (
     TranslationError,
     check_model,
@@ -30,6 +34,8 @@ from service.translate import (
 )
 
 log = logging.getLogger(__name__)
+
+_MAX_TIME_MS = 2**53  # past any real date, and still exact as a float
 
 
 @dataclass(slots=True)
@@ -53,15 +59,26 @@ class JobHandler:
         backpressure: Backpressure | None = None,
         model_aliases: Sequence[str] = (),
         unknown_fields: str = "reject",
+        limits: JobLimits | None = None,
+        reply_topics: ReplyTopics | None = None,
     ) -> None:
         """`model_aliases`: other names a job's `model` may give; `unknown_fields`: "reject" (a
-        body field no schema declares is an error, as OpenAI does) or "ignore" (vLLM's leniency)."""
+        body field no schema declares is an error, as OpenAI does) or "ignore" (vLLM's leniency);
+        `limits`: what a job may ask for; `reply_topics`: where its `reply_to` may send its result
+        (None: anywhere, for callers that publish nothing, as `sluice label --local`)."""
         self._batcher = batcher
         self._backpressure = backpressure or Backpressure(max_jobs=2**31, max_tokens=2**62)
         self._model_name = model_name
         self._served_names = frozenset([model_name, *model_aliases])
         self._unknown_fields = unknown_fields
         self._default_max_tokens = default_max_tokens
+        self._limits = limits or JobLimits()
+        self._reply_topics = reply_topics
+        # Tokenising and templating a long prompt (and building a long result) take a while: they
+        # run on a thread of their own, with a tokenizer of their own (a tokenizer switches its
+        # special-token handling per call, so it must not be shared with the engine's thread).
+        self._tokenizer = copy.deepcopy(batcher.tokenizer)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sluice-tokenize")
 
     async def handle(
         self,
@@ -81,30 +98,22 @@ class JobHandler:
         header_values = header_dict(headers)
         content_type = normalize_content_type(header_values.get("content-type"))
         reply_to = header_values.get("reply_to") or header_values.get("reply-to") or None
-        custom_id = peek_custom_id(value, content_type) or ref
+        custom_id = peek_custom_id(value, content_type) or ref  # never raises
+        refusal = None
+        if reply_to is not None and self._reply_topics is not None:
+            refusal = self._reply_topics.refusal(reply_to)
         output = None
-        deadline = _header_deadline(header_values)
         try:
+            check_header_keys(headers)
+            if refusal is not None:
+                raise TranslationError("invalid_reply_to", refusal, param="reply_to")
+            check_job_size(value, self._limits)
+            deadline = _header_deadline(header_values)
             result, output = await self._run(value, content_type, timestamp_ms, ref, deadline, tag)
-        except DeadlineExceeded as e:  # not an HTTP error: OpenAI's batch_expired has this shape
-            result = to_failure_line(custom_id, "deadline_exceeded", str(e))
-        except JobDecodeError as e:
-            if e.code == "invalid_encoding":  # not a request line at all
-                result = to_failure_line(custom_id, e.code, e.message)
-            else:
-                result = to_error_line(custom_id, e.code, e.message, param=e.param)
-        except TranslationError as e:
-            result = to_error_line(custom_id, e.code, e.message, e.status_code, e.param)
-        except (
-            RequestRejected
-        ) as e:  # code: invalid_prompt, or invalid_structured_output for a bad schema/regex
-            result = to_error_line(custom_id, e.code, str(e))
-        except EngineDeadError:
-            raise  # not the job's fault: no result, the job stays uncommitted and is redone elsewhere
         except Exception as e:
-            log.exception("job %s failed in the engine", ref)
-            result = to_error_line(custom_id, "engine_error", f"{type(e).__name__}: {e}", 500)
-        return Outcome(result, content_type, reply_to, output)
+            result = _error_line(custom_id, ref, e)
+        # a refused reply_to's error result goes to the results topic
+        return Outcome(result, content_type, None if refusal else reply_to, output)
 
     async def _run(
         self, value: bytes, content_type: str, timestamp_ms: int, ref: str, deadline: float | None, tag
@@ -112,19 +121,28 @@ class JobHandler:
         _check_deadline(deadline, "before decoding")
         job = decode_job(value, content_type, self._unknown_fields)
         check_model(job, self._served_names)
+        check_limits(job, self._limits, self._default_max_tokens)
         if job.body.sluice_deadline_ms is not None:
             deadline = min(deadline or math.inf, job.body.sluice_deadline_ms / 1000)
         _check_deadline(deadline, "before inference")
-        batcher = self._batcher
-        request = to_engine_request(
-            job, batcher.tokenizer, self._default_max_tokens, batcher.generation_defaults
+        request = await self._off_loop(
+            to_engine_request,
+            job,
+            self._tokenizer,
+            self._default_max_tokens,
+            self._batcher.generation_defaults,
+            self._limits.allow_special_tokens,
         )
+        num_prompt_tokens = len(request.prompt_token_ids)
+        check_prompt_tokens(num_prompt_tokens, self._limits)
+        _check_deadline(deadline, "after tokenising")
         # Unique per delivery: a redelivered record is a new engine request.
         request_id = f"{ref}/{uuid.uuid4().hex[:8]}"
         generation = self._batcher.generate(
             request_id, request.prompt_token_ids, request.params, request.priority, tag=tag
         )
-        tokens = len(request.prompt_token_ids) + request.params.max_tokens  # what it may hold in the KV cache
+        # what it may hold in the KV cache: the engine clips max_tokens to the model's length
+        tokens = num_prompt_tokens + self._limits.output_tokens(request.params.max_tokens, num_prompt_tokens)
         self._backpressure.add(tokens=tokens)
         try:
             # Past the deadline the awaiting task is cancelled, which aborts the request in the engine.
@@ -134,14 +152,34 @@ class JobHandler:
             raise DeadlineExceeded("the deadline passed during inference; the request was aborted") from None
         finally:
             self._backpressure.remove(tokens=tokens)
-        line = to_result_line(
-            job,
-            output,
-            self._model_name,
-            enqueued_time=timestamp_ms / 1000,
-            tokenizer=self._batcher.tokenizer,
+        enqueued_time = timestamp_ms / 1000
+        line = await self._off_loop(
+            to_result_line, job, output, self._model_name, enqueued_time, self._tokenizer
         )
         return line, output
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _error_line(custom_id: str, ref: str, error: Exception) -> BatchResponseLine:
+    """The error result for a job that failed with `error`; EngineDeadError is re-raised: not the
+    job's fault, the job stays uncommitted and is redone elsewhere."""
+    match error:
+        case DeadlineExceeded():  # not an HTTP error: OpenAI's batch_expired has this shape
+            return to_failure_line(custom_id, "deadline_exceeded", str(error))
+        case JobDecodeError() if error.code == "invalid_encoding":  # not a request line at all
+            return to_failure_line(custom_id, error.code, error.message)
+        case JobDecodeError():
+            return to_error_line(custom_id, error.code, error.message, param=error.param)
+        case TranslationError():
+            return to_error_line(custom_id, error.code, error.message, error.status_code, error.param)
+        case RequestRejected():  # invalid_prompt; invalid_structured_output: a bad schema/regex
+            return to_error_line(custom_id, error.code, str(error))
+        case EngineDeadError():
+            raise error
+    log.error("job %s failed in the engine", ref, exc_info=error)
+    return to_error_line(custom_id, "engine_error", f"{type(error).__name__}: {error}", 500)
 
 
 class DeadlineExceeded(Exception):
@@ -149,12 +187,20 @@ class DeadlineExceeded(Exception):
 
 
 def _header_deadline(headers: dict[str, str]) -> float | None:
-    """The `sluice-deadline-ms` header (Unix time in milliseconds) in seconds; None if absent or unreadable."""
+    """The `sluice-deadline-ms` header (Unix time in milliseconds) in seconds; None if absent."""
     raw = headers.get("sluice-deadline-ms")
-    try:
-        return int(raw) / 1000 if raw else None
-    except ValueError:
+    if not raw:
         return None
+    try:
+        deadline_ms = int(raw)
+    except ValueError:
+        deadline_ms = -1
+    if not 0 <= deadline_ms < _MAX_TIME_MS:
+        raise JobDecodeError(
+            "invalid_request",
+            f"the sluice-deadline-ms header must be Unix time in milliseconds, got {excerpt(raw)!r}",
+        )
+    return deadline_ms / 1000
 
 
 def _check_deadline(deadline: float | None, when: str) -> None:
@@ -170,3 +216,32 @@ def header_dict(headers: Sequence[tuple[str, bytes | None]] | None) -> dict[str,
         if value is not None:
             out[key.lower()] = value.decode("utf-8", "replace")
     return out
+
+
+def check_header_keys(headers: Sequence[tuple[str, bytes | None]] | None) -> None:
+    """JobDecodeError(invalid_encoding) when a header key is not UTF-8."""
+    if bad := undecodable_header_keys(headers):
+        keys = ", ".join(excerpt(repr(key)) for key in bad[:3])
+        raise JobDecodeError("invalid_encoding", f"header keys are not valid UTF-8: {keys}")
+
+
+def undecodable_header_keys(headers: Sequence[tuple[str, bytes | None]] | None) -> list[bytes]:
+    """The raw bytes of each header key that is not UTF-8 (service/lenient_records.py reads
+    such a key with `surrogateescape`: lone surrogates, which no valid UTF-8 decodes to)."""
+    return [key.encode("utf-8", "surrogateescape") for key, _ in headers or () if _has_surrogates(key)]
+
+
+def printable_key(key: str) -> str:
+    """A header key as a producer can write it again: bytes that are not UTF-8 as `\\xff` escapes."""
+    if not _has_surrogates(key):
+        return key
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def excerpt(text: str, limit: int = 64) -> str:
+    """`text`, cut to `limit` characters for an error message."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _has_surrogates(text: str) -> bool:
+    return not text.isascii() and any("\udc80" <= ch <= "\udcff" for ch in text)

@@ -2,7 +2,9 @@
 
 The producer is idempotent with acks=all, so a retried send never doubles a result within one
 producer session. publish() returns only once the broker has acknowledged the record: only then
-may the job's offset count as done.
+may the job's offset count as done. A send the broker refuses for good (too large, a topic that
+is not there or not ours to write) raises PublishRefused where the caller can do something else
+with the job (a `refusable` send: a job's own reply topic); otherwise it is retried.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ import asyncio
 import logging
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    RecordTooLargeError,
+    UnknownTopicOrPartitionError,
+)
 
 from service.kafka_security import KafkaClientOptions
 
@@ -20,9 +29,28 @@ log = logging.getLogger(__name__)
 Headers = list[tuple[str, bytes]]
 
 
+class PublishRefused(Exception):
+    """The broker refused a record for good: retrying the same record cannot succeed."""
+
+    def __init__(self, topic: str, error: Exception) -> None:
+        super().__init__(f"the broker refused a record for {topic}: {type(error).__name__}: {error}")
+        self.topic = topic
+        self.error = error
+
+    @property
+    def is_too_large(self) -> bool:
+        return isinstance(self.error, MessageSizeTooLargeError | RecordTooLargeError)
+
+
 class ResultPublisher:
-    def __init__(self, bootstrap: str, client_id: str, security: KafkaClientOptions | None = None) -> None:
-        self._producer = AIOKafkaProducer(
+    def __init__(
+        self,
+        bootstrap: str,
+        client_id: str,
+        security: KafkaClientOptions | None = None,
+        max_request_size: int = 1_048_576,
+    ) -> None:
+        self._options = dict(
             bootstrap_servers=bootstrap,
             **(security or {}),
             client_id=f"{client_id}-results",
@@ -30,7 +58,14 @@ class ResultPublisher:
             enable_idempotence=True,
             linger_ms=5,  # results of one engine step leave in one request
             request_timeout_ms=30_000,
+            max_request_size=max_request_size,
         )
+        self._producer = AIOKafkaProducer(**self._options)
+        # An idempotent producer numbers its batches per partition; a batch the broker refuses
+        # for good leaves a gap that fails every later batch (OutOfOrderSequenceNumber), so the
+        # producer is replaced then: a new producer id, numbering from zero.
+        self._generation = 0
+        self._replacing = asyncio.Lock()
         self._stopping = False
         self._pending: set[asyncio.Future] = set()  # best-effort sends not yet queued
 
@@ -56,20 +91,78 @@ class ResultPublisher:
         if not task.cancelled() and task.exception() is not None:
             log.debug("best-effort send failed: %s", task.exception())
 
-    async def publish(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> None:
+    async def check_topic(self, topic: str) -> None:
+        """PublishRefused unless the broker knows `topic` and lets this client describe it (it
+        waits for the topic's metadata, up to the request timeout; a broker that auto-creates
+        topics creates it then)."""
+        try:
+            await self._producer.partitions_for(topic)
+        except KafkaError as e:
+            raise PublishRefused(topic, e) from None
+
+    async def publish(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers, refusable: bool = False
+    ) -> None:
         """Send and wait for the broker's acknowledgement, retrying broker errors until it comes.
 
         Giving up would leave the job's offset forever unfinished, so a broker outage only
         delays results; shutdown (stop()) is the only way out, and then the job is redone.
+        Raises PublishRefused for a record too large for the broker, and, when `refusable`,
+        for any error that retrying cannot fix (the topic is missing, invalid or not ours).
         """
         delay = 0.2
         while True:
+            generation = self._generation
             try:
                 await self._producer.send_and_wait(topic, value=value, key=key, headers=headers)
                 return
             except KafkaError as e:
                 if self._stopping:
                     raise
+                if isinstance(e, OutOfOrderSequenceNumber) or not e.retriable:
+                    await self._replace_producer(generation, e)
+                if isinstance(e, MessageSizeTooLargeError | RecordTooLargeError) or (
+                    refusable and _is_final(e)
+                ):
+                    raise PublishRefused(topic, e) from None
                 log.warning("publishing to %s failed (%s); retrying in %.1fs", topic, e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _replace_producer(self, generation: int, error: KafkaError) -> None:
+        """A new producer, unless another caller replaced generation `generation` already. The old
+        one is stopped in the background: its pending sends fail and are retried on the new one."""
+        async with self._replacing:
+            if generation != self._generation or self._stopping:
+                return
+            log.warning("the broker refused a record (%s): starting a new producer", error)
+            new = AIOKafkaProducer(**self._options)
+            delay = 0.2
+            while True:
+                try:
+                    await new.start()
+                    break
+                except KafkaError as e:  # the broker is down: as publish() does, wait for it
+                    log.warning("starting a new producer failed (%s); retrying in %.1fs", e, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            old, self._producer = self._producer, new
+            self._generation += 1
+        task = asyncio.ensure_future(_stop_quietly(old))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+
+async def _stop_quietly(producer: AIOKafkaProducer) -> None:
+    try:
+        await producer.stop()
+    except Exception as e:  # its sends have failed already; nothing left to save
+        log.debug("stopping a replaced producer: %s", e)
+
+
+def _is_final(error: KafkaError) -> bool:
+    """Retrying cannot fix it. A missing topic counts (aiokafka already waited for it); a
+    timeout does not (the broker may be down for a while)."""
+    if isinstance(error, UnknownTopicOrPartitionError):
+        return True
+    return not error.retriable and not isinstance(error, KafkaTimeoutError)

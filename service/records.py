@@ -2,17 +2,39 @@
 
 A job's outcome publishes its result line (to the job's reply_to topic, else the results topic;
 in the job's own content type) and, when the job failed, a dead letter: the job's own key and
-bytes with its headers plus where it came from and why it failed.
+bytes with its headers plus where it came from and why it failed. Every record fits in
+`max_bytes`: a result that does not becomes a `result_too_large` error result, and a dead letter
+that does not leaves out the job's bytes, then its headers (`sluice-dropped` says what went).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from aiokafka.structs import ConsumerRecord
 
 from schemas.codec import encode_result
-from service.jobs import Outcome
+from service.jobs import Outcome, excerpt, printable_key
 from service.publisher import Headers
 from service.transactions import OutRecord
+from service.translate import to_error_line
+
+MAX_JOB_AGE_MS = 7 * 24 * 3600 * 1000  # older timestamps are not believed (Kafka's default retention)
+MAX_CLOCK_SKEW_MS = 60_000  # nor timestamps further ahead of this host's clock
+_LOG_APPEND_TIME = 1
+_RECORD_OVERHEAD = 128  # bytes a record takes beyond its key, value and headers (generously)
+_MAX_ERROR_MESSAGE = 1000  # characters of the error message in a dead letter's header
+
+
+def job_timestamp_ms(record: ConsumerRecord, now_ms: int) -> int:
+    """When the job was produced, for its queue time, latency metrics and span: the record's
+    timestamp when it is plausible, else `now_ms` (when it was consumed). Producers set
+    CreateTime as they like (negative, 1970, next year); a broker's LogAppendTime is trusted."""
+    if record.timestamp_type == _LOG_APPEND_TIME:
+        return record.timestamp
+    if now_ms - MAX_JOB_AGE_MS <= record.timestamp <= now_ms + MAX_CLOCK_SKEW_MS:
+        return record.timestamp
+    return now_ms
 
 
 def record_ref(record: ConsumerRecord) -> str:
@@ -21,28 +43,67 @@ def record_ref(record: ConsumerRecord) -> str:
 
 
 def outcome_records(
-    record: ConsumerRecord, outcome: Outcome, trace_headers: Headers, results_topic: str, dlq_topic: str
-) -> list[OutRecord]:
-    """The result record (with `trace_headers`), then the dead letter if the job failed."""
+    record: ConsumerRecord,
+    outcome: Outcome,
+    trace_headers: Headers,
+    results_topic: str,
+    dlq_topic: str,
+    max_bytes: int,
+) -> tuple[Outcome, list[OutRecord]]:
+    """The outcome as published (a too large result replaced by its error) and its records: the
+    result record (with `trace_headers`), then the dead letter if the job failed."""
+    result = _result_record(outcome, trace_headers, results_topic)
+    if (size := record_size(result)) > max_bytes:
+        message = f"the result has {size} bytes; results may have at most {max_bytes}"
+        outcome = error_outcome(outcome, "result_too_large", message)
+        result = _result_record(outcome, trace_headers, results_topic)
+    out = [result]
+    if outcome.is_error:
+        out.append(_dead_letter(record, outcome, dlq_topic, max_bytes))
+    return outcome, out
+
+
+def error_outcome(outcome: Outcome, code: str, message: str) -> Outcome:
+    """`outcome` turned into an error result for the results topic (its reply_to is dropped),
+    with the custom_id cut short if even the error would be too large."""
+    custom_id = outcome.result.custom_id
+    if len(custom_id) > 1024:
+        custom_id = f"{custom_id[:256]}... (custom_id cut from {len(custom_id)} characters)"
+    result = to_error_line(custom_id, code, message)
+    return dataclasses.replace(outcome, result=result, reply_to=None)
+
+
+def record_size(record: OutRecord) -> int:
+    headers = sum(len(k.encode()) + len(v or b"") for k, v in record.headers)
+    return len(record.key or b"") + len(record.value) + headers + _RECORD_OVERHEAD
+
+
+def _result_record(outcome: Outcome, trace_headers: Headers, results_topic: str) -> OutRecord:
     headers: Headers = [("content-type", outcome.content_type.encode()), *trace_headers]
     value = encode_result(outcome.result, outcome.content_type)
-    out = [OutRecord(outcome.reply_to or results_topic, outcome.result.custom_id.encode(), value, headers)]
-    if outcome.is_error:
-        out.append(
-            OutRecord(dlq_topic, record.key, record.value or b"", _dead_letter_headers(record, outcome))
-        )
-    return out
+    return OutRecord(outcome.reply_to or results_topic, outcome.result.custom_id.encode(), value, headers)
 
 
-def _dead_letter_headers(record: ConsumerRecord, outcome: Outcome) -> Headers:
-    """The original headers plus where the record came from and why it failed."""
+def _dead_letter(record: ConsumerRecord, outcome: Outcome, dlq_topic: str, max_bytes: int) -> OutRecord:
+    """The job's key, bytes and headers (a key that is not UTF-8 in `\\xff` escapes) plus where
+    the record came from and why it failed; what does not fit in `max_bytes` is left out."""
     error = outcome.result.failure
     assert error is not None
-    return [
-        *(record.headers or ()),
+    reason: Headers = [
         ("sluice-error-code", error.code.encode()),
-        ("sluice-error-message", error.message.encode()),
+        ("sluice-error-message", excerpt(error.message, _MAX_ERROR_MESSAGE).encode()),
         ("sluice-source-topic", record.topic.encode()),
         ("sluice-source-partition", str(record.partition).encode()),
         ("sluice-source-offset", str(record.offset).encode()),
     ]
+    original = [(printable_key(key), value) for key, value in record.headers or ()]
+    letter = OutRecord(dlq_topic, record.key, record.value or b"", [*original, *reason])
+    if record_size(letter) > max_bytes:
+        dropped = f"value ({len(record.value or b'')} bytes)"
+        letter = OutRecord(
+            dlq_topic, record.key, b"", [*original, *reason, ("sluice-dropped", dropped.encode())]
+        )
+    if record_size(letter) > max_bytes:
+        dropped = f"value ({len(record.value or b'')} bytes), key and headers"
+        letter = OutRecord(dlq_topic, None, b"", [*reason, ("sluice-dropped", dropped.encode())])
+    return letter

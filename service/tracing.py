@@ -36,7 +36,11 @@ class KafkaSpanExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
-            self._send(encode_spans(spans).SerializeToString())
+            data = encode_spans(spans).SerializeToString()
+        except Exception:  # a span protobuf cannot hold (a time out of range): the others still go
+            data = encode_spans([s for s in spans if _encodes(s)]).SerializeToString()
+        try:
+            self._send(data)
         except Exception:  # traces are best effort: a job never fails for its spans
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
@@ -70,14 +74,15 @@ class JobTracer:
         """Export what is pending, then stop."""
         self._provider.shutdown()
 
-    def start_job(self, record: ConsumerRecord) -> trace.Span:
-        """The job's span, started at the record's Kafka timestamp, child of its producer's context."""
+    def start_job(self, record: ConsumerRecord, start_ms: int) -> trace.Span:
+        """The job's span, started at `start_ms` (the record's timestamp, if plausible), child of
+        its producer's context."""
         parent = _extract(record.headers)
         return self._tracer.start_span(
             f"{record.topic} process",
             context=parent,
             kind=SpanKind.CONSUMER,
-            start_time=record.timestamp * 1_000_000,
+            start_time=start_ms * 1_000_000,
             attributes={
                 "messaging.system": "kafka",
                 "messaging.destination.name": record.topic,
@@ -153,6 +158,14 @@ def traceparent_headers(span: trace.Span) -> list[tuple[str, bytes]]:
 def _extract(headers) -> Context:
     carrier = {k.lower(): v.decode("latin-1") for k, v in headers or () if v is not None}
     return _PROPAGATOR.extract(carrier)
+
+
+def _encodes(span: ReadableSpan) -> bool:
+    try:
+        encode_spans([span]).SerializeToString()
+    except Exception:
+        return False
+    return True
 
 
 def _ns(seconds: float) -> int:

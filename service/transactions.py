@@ -110,8 +110,10 @@ class TransactionalDelivery:
             producer = await self._producer(tp)
             # Commits on success; on an error aborts, unless the producer is fenced (fatal).
             async with producer.transaction():
-                for r in records:
-                    await producer.send(r.topic, value=r.value, key=r.key, headers=r.headers)
+                sent = [
+                    await producer.send(r.topic, value=r.value, key=r.key, headers=r.headers) for r in records
+                ]
+                await asyncio.gather(*sent)  # a record the broker refused aborts the transaction
                 await producer.send_offsets_to_transaction({tp: offset}, self._group_id)
         except ProducerFenced:
             # Another instance owns the partition now and redoes these jobs.

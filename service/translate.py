@@ -48,7 +48,7 @@ class TranslationError(ValueError):
         self.code = code
         self.message = message
         self.status_code = status_code
-        self.param = param
+        self.param = param  # the request field at fault, when there is one
 
 
 @dataclass(slots=True)
@@ -76,15 +76,18 @@ def to_engine_request(
     tokenizer,
     default_max_tokens: int,
     generation_defaults: Mapping[str, float | int] | None = None,
+    allow_special_tokens: bool = False,
 ) -> EngineRequest:
     """The job as the engine's prompt and SamplingParams. Refuses any field it cannot honour, by name.
 
     generation_defaults: the checkpoint's sampling defaults (generation_config.json, by
-    SamplingParams field); a field the job sets wins, then these, then OpenAI's defaults."""
+    SamplingParams field); a field the job sets wins, then these, then OpenAI's defaults.
+    Prompt text is the user's text: a control token it spells (`</s>`, `<|eot_id|>`) is
+    tokenised as text unless `allow_special_tokens` (trusted producers)."""
     body = job.body
     try:
         check_fields(body)
-        prompt_token_ids = prompt_token_ids_of(body, tokenizer)
+        prompt_token_ids = prompt_token_ids_of(body, tokenizer, allow_special_tokens)
     except UnsupportedParameter as e:
         raise TranslationError("unsupported_parameter", e.message, param=e.param) from None
     except PromptError as e:

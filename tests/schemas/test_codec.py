@@ -150,13 +150,28 @@ def test_msgpack_job_read_as_json_is_invalid_encoding() -> None:
         (b'{"custom_id": "a", "url": "/v1/chat/compl', "invalid_encoding", "JSON"),
         (b'[{"custom_id": "a"}]', "invalid_request", "object"),
         (b'{"custom_id": "a", "url": "/v1/chat/completions"}', "invalid_request", "`body`"),
-        (b'{"custom_id": "a", "url": "/v1/embeddings", "body": {}}', "invalid_request", "$.url"),
+        (b'{"custom_id": "a", "url": "/v1/unknown", "body": {}}', "invalid_request", "$.url"),
+        (
+            b'{"custom_id": "a", "url": "/v1/moderations", "body": {}}',
+            "unsupported_endpoint",
+            "/v1/moderations",
+        ),
         (_line(_chat_job(messages=[])), "invalid_request", "$.body.messages"),
         (_line(_chat_job(temperature=9)), "invalid_request", "$.body.temperature"),
         (_line(_completion_job(n=0)), "invalid_request", "$.body.n"),
         (_line(_completion_job(max_tokens=0)), "invalid_request", "$.body.max_tokens"),
     ],
-    ids=["truncated", "array", "no-body", "unknown-url", "empty-messages", "temp-9", "n-0", "max-tokens-0"],
+    ids=[
+        "truncated",
+        "array",
+        "no-body",
+        "unknown-url",
+        "unserved-url",
+        "empty-messages",
+        "temp-9",
+        "n-0",
+        "max-tokens-0",
+    ],
 )
 def test_bad_job_raises_job_decode_error_with_stable_code_naming_the_field(
     data: bytes, code: str, names: str
@@ -284,7 +299,13 @@ def test_chat_result_json_has_openai_field_names() -> None:
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
     assert body["choices"][0]["finish_reason"] == "stop"
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    # vLLM's way: prompt_tokens_details is null where no cached-token count was given
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 3,
+        "total_tokens": 8,
+        "prompt_tokens_details": None,
+    }
     assert body["sluice"] == {
         "schema_version": 1,
         "queue_ms": 1.5,

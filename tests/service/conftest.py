@@ -78,10 +78,7 @@ class KafkaClient:
         )
         await consumer.start()
         try:
-            partitions = consumer.partitions_for_topic(topic) or set()
-            if not partitions:
-                await consumer.topics()
-                partitions = consumer.partitions_for_topic(topic) or set()
+            partitions = await _partitions(consumer, topic)
             return {p: await consumer.committed(TopicPartition(topic, p)) for p in sorted(partitions)}
         finally:
             await consumer.stop()
@@ -90,11 +87,16 @@ class KafkaClient:
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **self.security)
         await consumer.start()
         try:
-            await consumer.topics()
-            tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+            tps = [TopicPartition(topic, p) for p in await _partitions(consumer, topic)]
             return {tp.partition: o for tp, o in (await consumer.end_offsets(tps)).items()}
         finally:
             await consumer.stop()
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    """The topic's partitions. consumer.topics() fills a metadata copy of its own, not the one
+    partitions_for_topic() reads, so this asks the client for the topic's metadata itself."""
+    return set(await consumer._client._wait_on_metadata(topic))
 
 
 @pytest.fixture

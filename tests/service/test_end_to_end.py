@@ -113,10 +113,8 @@ async def test_offsets_are_committed_once_results_are_acknowledged(kafka, servic
     assert sorted(r.key.decode() for r in results) == sorted([*(f"c{i}" for i in range(6)), "after-restart"])
 
 
-async def test_reply_to_header_routes_the_result_to_that_topic(
-    kafka, service_config, run_service, topic_prefix
-):
-    reply_topic = f"{topic_prefix}.replies"
+async def test_reply_to_header_routes_the_result_to_that_topic(kafka, service_config, run_service):
+    reply_topic = f"{service_config.results_topic}.replies"  # reply_topics' default allows it
     key, value, _ = _job(CHAT_JOB)
     await kafka.post(service_config.jobs_topics[0], [(key, value, [("reply_to", reply_topic.encode())])])
     async with run_service(service_config):

@@ -1,0 +1,125 @@
+"""OutcomeDelivery: a job's outcome records onto Kafka, whatever the broker says about them.
+
+at_least_once: published now, each acknowledged before the job counts as done; exactly_once:
+staged for the partition's next transaction (service/transactions.py). Records that the broker
+can never take do not stop the partition: a result too large for it, or one whose reply topic is
+missing or not ours to write, becomes an error result on the results topic plus a dead letter.
+Records for the configured topics are retried until the broker takes them (an outage only
+delays them; nothing is lost).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from schemas.codec import JSON
+from service.jobs import Outcome
+from service.publisher import Headers, PublishRefused, ResultPublisher
+from service.records import error_outcome, outcome_records, record_ref
+from service.transactions import OutRecord, TransactionalDelivery
+from service.translate import to_error_line
+
+log = logging.getLogger(__name__)
+
+_BATCH_OVERHEAD = 512  # bytes a record batch of one record takes beyond the record
+_REFUSED_MAX_BYTES = 16_384  # after a size refusal, the error result and dead letter must be small
+
+
+class OutcomeDelivery:
+    def __init__(
+        self,
+        publisher: ResultPublisher,
+        transactions: TransactionalDelivery | None,
+        results_topic: str,
+        dlq_topic: str,
+        max_result_bytes: int,
+    ) -> None:
+        self._publisher = publisher
+        self._transactions = transactions
+        self._results_topic = results_topic
+        self._dlq_topic = dlq_topic
+        self._max_bytes = max_result_bytes
+
+    def fit_topics(self, max_message_bytes: dict[str, int]) -> None:
+        """Keep records below what the results and dead-letter topics take (`max.message.bytes`):
+        the broker refusing a record costs the publisher its producer (see ResultPublisher)."""
+        limits = [
+            v - _BATCH_OVERHEAD
+            for t, v in max_message_bytes.items()
+            if t in (self._results_topic, self._dlq_topic)
+        ]
+        if limits and min(limits) < self._max_bytes:
+            self._max_bytes = min(limits)
+            log.info(
+                "results and dead letters kept below %d bytes (the topics' max.message.bytes)",
+                self._max_bytes,
+            )
+
+    async def deliver(self, record: ConsumerRecord, outcome: Outcome, trace_headers: Headers) -> Outcome:
+        """Publish or stage the outcome's records; returns the outcome as delivered (an error
+        result where the broker refused the job's own result)."""
+        if outcome.reply_to is not None:
+            try:
+                await self._publisher.check_topic(outcome.reply_to)
+            except PublishRefused as e:
+                outcome = _refused(outcome, e)
+        outcome, out = self._records(record, outcome, trace_headers, self._max_bytes)
+        if self._transactions is not None:
+            self._transactions.stage(TopicPartition(record.topic, record.partition), record.offset, out)
+            return outcome
+        try:
+            await self._publish(out, result_refusable=outcome.reply_to is not None)
+        except PublishRefused as e:  # nothing of this outcome is published yet
+            outcome = _refused(outcome, e)
+            budget = _REFUSED_MAX_BYTES if e.is_too_large else self._max_bytes
+            outcome, out = self._records(record, outcome, trace_headers, budget)
+            await self._publish(out, result_refusable=False)
+        return outcome
+
+    async def deliver_internal_error(self, record: ConsumerRecord, error: Exception) -> Outcome | None:
+        """An `internal_error` result for a job that a fault of Sluice's own stopped; None when
+        even that cannot be delivered (the job stays uncommitted: its next owner redoes it)."""
+        result = to_error_line(record_ref(record), "internal_error", f"{type(error).__name__}: {error}", 500)
+        try:
+            return await self.deliver(record, Outcome(result, JSON, None), [])
+        except Exception:
+            log.exception("job %s: its error result could not be delivered either", record_ref(record))
+            return None
+
+    def _records(
+        self, record: ConsumerRecord, outcome: Outcome, trace_headers: Headers, max_bytes: int
+    ) -> tuple[Outcome, list[OutRecord]]:
+        return outcome_records(
+            record, outcome, trace_headers, self._results_topic, self._dlq_topic, max_bytes
+        )
+
+    async def _publish(self, out: list[OutRecord], result_refusable: bool) -> None:
+        """The result first: a refused result leaves nothing published. A dead letter, or a
+        result for the results topic, the broker refuses only for its size."""
+        for i, r in enumerate(out):
+            try:
+                await self._publisher.publish(
+                    r.topic, r.key, r.value, r.headers, refusable=result_refusable and i == 0
+                )
+            except PublishRefused as e:
+                if i == 0:
+                    raise
+                log.error("dead letter to %s refused (%s); sent without the job's bytes", r.topic, e)
+                reason = [(k, v) for k, v in r.headers if k.startswith("sluice-")]
+                small = OutRecord(
+                    r.topic, None, b"", [*reason, ("sluice-dropped", b"value, key and headers")]
+                )
+                await self._publisher.publish(small.topic, small.key, small.value, small.headers)
+
+
+def _refused(outcome: Outcome, refusal: PublishRefused) -> Outcome:
+    if refusal.is_too_large:
+        code, message = "result_too_large", f"the broker refused the result as too large ({refusal.error})"
+    else:
+        code, message = "invalid_reply_to", f"the result could not go to its reply_to: {refusal}"
+    if (error := outcome.result.failure) is not None:
+        message += f"; the job itself had failed: {error.code}: {error.message}"
+    return error_outcome(outcome, code, message)

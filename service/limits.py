@@ -1,0 +1,98 @@
+"""JobLimits: what one job may ask for, checked before any work is done for it.
+
+A job is untrusted input: without bounds one record could hold the engine thread on a million
+stop strings, fill the result topic's size limit with logprobs, or keep the tokenizer busy for
+seconds. Each limit has a ServiceConfig option of the same name (docs/configuration.md); a job
+past one gets an error result naming the field and the limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from schemas.batch import BatchRequestLine
+from schemas.openai import ChatCompletionRequest, CompletionRequest
+from service.translate import TranslationError
+
+
+@dataclass(slots=True, frozen=True)
+class JobLimits:
+    max_job_bytes: int = 1_048_576  # a record's value; larger: job_too_large (413)
+    max_prompt_tokens: int = 0  # 0: what the model takes (max_model_len - 1)
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256  # each stop string
+    max_stop_token_ids: int = 64
+    max_choices: int = 256  # a `choice` constraint's choices (each is scored: one prefill per choice)
+    max_logprob_tokens: int = 16_384  # max_tokens x (top_logprobs + 1), for jobs asking for logprobs
+    allow_special_tokens: bool = False  # prompt text may spell control tokens (`</s>`, `<|eot_id|>`)
+    max_model_len: int | None = None  # the engine's: prompt + output tokens
+
+    def prompt_token_limit(self) -> int | None:
+        """The most prompt tokens a job may have; None: no limit known."""
+        model_limit = None if self.max_model_len is None else self.max_model_len - 1
+        if self.max_prompt_tokens and model_limit is not None:
+            return min(self.max_prompt_tokens, model_limit)
+        return self.max_prompt_tokens or model_limit
+
+    def output_tokens(self, max_tokens: int, num_prompt_tokens: int) -> int:
+        """`max_tokens` as the engine will run it: no more than the model's length leaves."""
+        if self.max_model_len is None:
+            return max_tokens
+        return max(1, min(max_tokens, self.max_model_len - num_prompt_tokens))
+
+
+def job_limits(config, max_model_len: int | None) -> JobLimits:
+    """The limits a ServiceConfig sets, for an engine whose sequences hold `max_model_len` tokens."""
+    fields = {
+        name: getattr(config, name) for name in JobLimits.__dataclass_fields__ if name != "max_model_len"
+    }
+    return JobLimits(**fields, max_model_len=max_model_len)
+
+
+def check_job_size(value: bytes, limits: JobLimits) -> None:
+    if len(value) > limits.max_job_bytes:
+        raise TranslationError(
+            "job_too_large",
+            f"the job has {len(value)} bytes; this service takes at most {limits.max_job_bytes}",
+            413,
+        )
+
+
+def check_limits(job: BatchRequestLine, limits: JobLimits, default_max_tokens: int) -> None:
+    """TranslationError(limit_exceeded, param=the field) for the first limit the job passes."""
+    body = job.body
+    stops = body.stop_strings
+    _check(len(stops), limits.max_stop_strings, "stop", "stop strings")
+    _check(
+        max(map(len, stops), default=0), limits.max_stop_string_chars, "stop", "characters per stop string"
+    )
+    _check(len(body.stop_token_ids or ()), limits.max_stop_token_ids, "stop_token_ids", "ids")
+    for param, choices in _choice_lists(body):
+        _check(len(choices), limits.max_choices, param, "choices")
+    if isinstance(body, CompletionRequest) and isinstance(body.prompt, list):
+        check_prompt_tokens(len(body.prompt), limits)
+    if (top := body.num_top_logprobs) is not None:
+        max_tokens = limits.output_tokens(body.output_limit or default_max_tokens, 1)
+        volume = max_tokens * (top + 1)
+        _check(volume, limits.max_logprob_tokens, "logprobs", "logprobs in all (max_tokens x (top + 1))")
+
+
+def check_prompt_tokens(num_tokens: int, limits: JobLimits) -> None:
+    limit = limits.prompt_token_limit()
+    if limit is not None and num_tokens > limit:
+        raise TranslationError(
+            "invalid_prompt", f"the prompt has {num_tokens} tokens; this service takes at most {limit}"
+        )
+
+
+def _choice_lists(body: ChatCompletionRequest | CompletionRequest) -> list[tuple[str, list[str]]]:
+    lists = [("guided_choice", body.guided_choice)]
+    if body.structured_outputs is not None:
+        lists.append(("structured_outputs.choice", body.structured_outputs.choice))
+    return [(param, choices) for param, choices in lists if choices is not None]
+
+
+def _check(value: int, limit: int, param: str, what: str) -> None:
+    if value > limit:
+        message = f"{param}: this service takes at most {limit} {what}, got {value}"
+        raise TranslationError("limit_exceeded", message, param=param)

@@ -1,0 +1,42 @@
+"""`python -m service` as a process: a record whose header key is not UTF-8 no longer kills it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+import pytest
+
+from tests.service.hostile import RawRecord, post_raw
+from tests.service.processes import service_env, start_service, submit_job, wait_for_line
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+JOB = {"custom_id": "after-the-bad-key", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 2}}
+
+
+def test_a_header_key_that_is_not_utf8_is_dead_lettered_and_the_process_keeps_serving(
+    kafka, kafka_bootstrap, topic_prefix, tiny_checkpoint, tmp_path
+):
+    env = service_env(kafka_bootstrap, topic_prefix, engine={"model": str(tiny_checkpoint)})
+    log_path = tmp_path / "service.log"
+    service = start_service(env, log_path)
+    try:
+        wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
+        bad = RawRecord(json.dumps({**JOB, "custom_id": "bad-key"}).encode(), headers=[(b"\xc3\x28", b"v")])
+        asyncio.run(post_raw(kafka_bootstrap, f"{topic_prefix}.jobs", 0, [bad]))
+        submit = submit_job(env, JOB)
+        assert submit.returncode == 0, submit.stderr.decode()
+        assert json.loads(submit.stdout)["custom_id"] == "after-the-bad-key"
+        (dead,) = asyncio.run(kafka.read(f"{topic_prefix}.dlq", 1))
+        assert dict(dead.headers)["sluice-error-code"] == b"invalid_encoding"
+        assert service.poll() is None
+
+        service.send_signal(signal.SIGINT)
+        assert service.wait(timeout=60) == 0
+        assert "stopped after 2 results (1 errors)" in log_path.read_text()
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
