@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16", "float16")
+MODEL_DTYPES = ("auto", *DTYPES)  # "auto": engine.runtime.resolve_dtype
 ATTENTION_BACKENDS = ("auto", "flash", "triton", "sdpa")
 QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
@@ -19,7 +20,8 @@ class EngineConfig:
     # a Hugging Face checkpoint folder: config.json, *.safetensors, tokenizer files (checked when the
     # engine loads it, engine/checkpoint.py); the service builds a demo model when it is empty
     model: str = ""
-    dtype: str = "float32"
+    # "auto": bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), float32 elsewhere
+    dtype: str = "auto"
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
     max_model_len: int | None = None  # prompt + output tokens; None: the model's own limit
     seed: int = 0  # for requests that carry no seed of their own
@@ -54,8 +56,8 @@ class EngineConfig:
     distributed_timeout_s: float = 300.0  # a collective waiting longer than this fails the step
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise EngineConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in MODEL_DTYPES:
+            raise EngineConfigError(f"dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise EngineConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:

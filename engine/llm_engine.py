@@ -31,7 +31,7 @@ from engine.input_processor import InputProcessor, RequestRejected
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.quant import make_plan
-from engine.runtime import resolve_runtime
+from engine.runtime import resolve_dtype, resolve_runtime
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -43,6 +43,7 @@ __all__ = ["LLMEngine", "RequestRejected"]
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        config = resolve_dtype(config)  # every rank gets the concrete dtype
         self.config = config
         hf_config = check_checkpoint_folder(config.model)
         self.tokenizer = load_tokenizer(config.model)

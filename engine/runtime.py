@@ -2,11 +2,13 @@
 
 The engine's rank 0 (LLMEngine) and a rank started on another machine
 (`python -m engine.distributed`) both call `resolve_runtime(config)`, so the same options
-give the same attention backend and KV block size on every rank.
+give the same attention backend and KV block size on every rank; `resolve_dtype` turns
+dtype "auto" into the dtype this machine computes best in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -39,3 +41,18 @@ def resolve_runtime(config: EngineConfig) -> Runtime:
             f"FlashAttention needs block_size to be a multiple of {FLASH_PAGE_SIZE}, got {block_size}"
         )
     return Runtime(backend, block_size)
+
+
+def resolve_dtype(config: EngineConfig) -> EngineConfig:
+    """The config with dtype "auto" resolved: bfloat16 on CUDA and on CPUs with native bf16
+    arithmetic (AVX512-BF16 or AMX tiles), float32 elsewhere (emulated bf16 is slower)."""
+    if config.dtype != "auto":
+        return config
+    return dataclasses.replace(config, dtype="bfloat16" if has_native_bf16(config.device) else "float32")
+
+
+def has_native_bf16(device: str) -> bool:
+    if device.startswith("cuda"):
+        return True
+    cpu = torch.cpu
+    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())

@@ -21,7 +21,7 @@ from pathlib import Path
 from engine.config import EngineConfig, EngineConfigError
 from engine.distributed import parallel_state as ps
 from engine.distributed.worker import join_and_load, serve
-from engine.runtime import resolve_runtime
+from engine.runtime import resolve_dtype, resolve_runtime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     try:
-        config = EngineConfig(**json.loads(Path(args.config).read_text()))
+        config = resolve_dtype(EngineConfig(**json.loads(Path(args.config).read_text())))
         # the backend and block size rank 0 derives from the same options (checked on joining)
         runtime = resolve_runtime(config)
         rank, local_rank, world_size = (_env_int(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))

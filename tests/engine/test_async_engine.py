@@ -13,7 +13,7 @@ from tests.engine.async_requests import generate
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(tiny_checkpoint), max_model_len=64))
+    return LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint), max_model_len=64))
 
 
 async def test_concurrent_requests_each_get_their_own_result(engine):

@@ -51,7 +51,7 @@ def test_pruned_folder_is_a_checkpoint_with_a_marker_and_2to4_projections(tiny_c
 
 
 def test_pruned_checkpoint_loads_dense_on_cpu_and_generates(pruned_checkpoint):
-    engine = LLMEngine(EngineConfig(model=str(pruned_checkpoint), kv_cache_memory_gib=0.05))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(pruned_checkpoint), kv_cache_memory_gib=0.05))
     layers = engine.runner.model.model.layers
     assert layers[0].mlp.down_proj.quant_method.name == "sparse24"
     assert layers[0].mlp.down_proj.is_sparse24 is False  # CPU: dense kernels, same product
@@ -70,7 +70,7 @@ def test_a_marked_checkpoint_whose_weights_are_not_2to4_is_refused(tiny_checkpoi
     config["sluice_sparsity"] = {"format": "2:4", "method": "magnitude", "skip_modules": []}
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="marked 2:4-pruned but this layer's weight is not 2:4 sparse"):
-        LLMEngine(EngineConfig(model=str(folder), kv_cache_memory_gib=0.05))
+        LLMEngine(EngineConfig(dtype="float32", model=str(folder), kv_cache_memory_gib=0.05))
 
 
 def test_cli_refuses_an_existing_output_folder(tiny_checkpoint, tmp_path, capsys):

@@ -68,7 +68,7 @@ def _greedy_all(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
 )
 def test_greedy_output_matches_transformers_for_a_mixed_batch(checkpoint, expected, options):
     prompts, reference = expected
-    engine = LLMEngine(EngineConfig(model=str(checkpoint), **options))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(checkpoint), **options))
     assert _greedy_all(engine, prompts) == reference
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
@@ -76,7 +76,9 @@ def test_greedy_output_matches_transformers_for_a_mixed_batch(checkpoint, expect
 def test_preemption_actually_happens_with_a_tiny_kv_budget(checkpoint, expected):
     prompts, reference = expected
     engine = LLMEngine(
-        EngineConfig(model=str(checkpoint), num_kv_blocks=24, block_size=4, max_num_batched_tokens=32)
+        EngineConfig(
+            dtype="float32", model=str(checkpoint), num_kv_blocks=24, block_size=4, max_num_batched_tokens=32
+        )
     )
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outputs = engine.generate(prompts, params, use_tqdm=False)

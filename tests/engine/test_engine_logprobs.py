@@ -11,7 +11,7 @@ from engine import EngineConfig, LLMEngine, SamplingParams
 
 
 def test_greedy_logprobs_are_the_raw_model_distribution_and_only_where_asked(tiny_checkpoint):
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), max_model_len=64))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint), max_model_len=64))
     asked = SamplingParams(temperature=0.0, max_tokens=3, logprobs=2, ignore_eos=True)
     silent = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     with_logprobs, without = engine.generate([[1, 5, 6], [1, 7]], [asked, silent], use_tqdm=False)

@@ -28,16 +28,22 @@ def test_float32_greedy_on_cuda_matches_transformers_on_cpu(tiny_checkpoint):
                 ids, do_sample=False, max_new_tokens=10, min_new_tokens=10, pad_token_id=0
             )
             expected.append(out[0, len(prompt) :].tolist())
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cuda", attention_backend="sdpa"))
+    engine = LLMEngine(
+        EngineConfig(dtype="float32", model=str(tiny_checkpoint), device="cuda", attention_backend="sdpa")
+    )
     assert _greedy(engine) == expected
 
 
 def test_kv_pool_is_sized_from_the_gpu_memory_budget(tiny_checkpoint):
-    small = LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cuda", gpu_memory_utilization=0.3))
+    small = LLMEngine(
+        EngineConfig(dtype="float32", model=str(tiny_checkpoint), device="cuda", gpu_memory_utilization=0.3)
+    )
     small_blocks = small.block_manager.num_blocks
     del small
     torch.cuda.empty_cache()
-    large = LLMEngine(EngineConfig(model=str(tiny_checkpoint), device="cuda", gpu_memory_utilization=0.6))
+    large = LLMEngine(
+        EngineConfig(dtype="float32", model=str(tiny_checkpoint), device="cuda", gpu_memory_utilization=0.6)
+    )
     assert 0 < small_blocks < large.block_manager.num_blocks
 
 

@@ -29,7 +29,12 @@ TEXT = Path(__file__).resolve().parents[2] / "loadtest" / "data" / "coriolanus.t
 def _engine(folder, **options) -> LLMEngine:
     # A fixed small pool: several engines share the GPU in this module.
     config = EngineConfig(
-        model=str(folder), device="cuda", attention_backend="sdpa", num_kv_blocks=64, **options
+        dtype="float32",
+        model=str(folder),
+        device="cuda",
+        attention_backend="sdpa",
+        num_kv_blocks=64,
+        **options,
     )
     return LLMEngine(config)
 

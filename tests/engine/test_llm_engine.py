@@ -16,12 +16,12 @@ PROMPTS = ["Hello", "The river", "The river is cold today, and many people went 
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint: Path) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(tiny_checkpoint)))
+    return LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint)))
 
 
 @pytest.fixture(scope="module")
 def short_engine(tiny_checkpoint: Path) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(tiny_checkpoint), max_model_len=32))
+    return LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint), max_model_len=32))
 
 
 def _greedy(max_tokens: int, **kw) -> SamplingParams:
@@ -230,7 +230,7 @@ def test_invalid_json_in_config_names_the_file(tmp_path: Path) -> None:
 def test_folder_without_safetensors_names_the_folder(tiny_checkpoint: Path, tmp_path: Path) -> None:
     shutil.copy(tiny_checkpoint / "config.json", tmp_path / "config.json")
     with pytest.raises(ModelLoadError, match="safetensors") as info:
-        LLMEngine(EngineConfig(model=str(tmp_path)))
+        LLMEngine(EngineConfig(dtype="float32", model=str(tmp_path)))
     assert str(tmp_path) in str(info.value)
 
 
@@ -240,7 +240,7 @@ def test_corrupt_safetensors_raises_model_load_error_naming_the_file(
     folder = _copy(tiny_checkpoint, tmp_path)
     (folder / "model.safetensors").write_bytes(b"\x00garbage" * 100)
     with pytest.raises(ModelLoadError, match="not a readable safetensors file") as info:
-        LLMEngine(EngineConfig(model=str(folder)))
+        LLMEngine(EngineConfig(dtype="float32", model=str(folder)))
     assert str(folder / "model.safetensors") in str(info.value)
 
 
@@ -258,7 +258,7 @@ def test_engine_config_rejects_an_unknown_dtype(tiny_checkpoint: Path) -> None:
 def test_engine_rejects_a_missing_folder(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(ModelLoadError, match=r"model folder .*nowhere.* does not exist"):
-        LLMEngine(EngineConfig(model=str(missing)))
+        LLMEngine(EngineConfig(dtype="float32", model=str(missing)))
 
 
 def test_engine_rejects_an_empty_model_option() -> None:

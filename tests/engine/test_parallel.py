@@ -59,13 +59,13 @@ class Layout:
 def layout(request, model_cache):
     preset, tp, pp = request.param
     checkpoint = ensure_checkpoint(model_cache, preset=preset)
-    with LLMEngine(EngineConfig(model=str(checkpoint), **SMALL_KV)) as single:
+    with LLMEngine(EngineConfig(dtype="float32", model=str(checkpoint), **SMALL_KV)) as single:
         prompts = _prompts(single.vocab_size)
         reference = [o.token_ids for o in _greedy(single, prompts)]
         single_process_params = single.executor.num_parameters_per_rank[0]
         single_logprobs = [o.logprobs for o in single.generate(prompts[:3], LOGPROBS, use_tqdm=False)]
     config = EngineConfig(
-        model=str(checkpoint), tensor_parallel_size=tp, pipeline_parallel_size=pp, **SMALL_KV
+        dtype="float32", model=str(checkpoint), tensor_parallel_size=tp, pipeline_parallel_size=pp, **SMALL_KV
     )
     with LLMEngine(config) as engine:
         yield Layout(engine, prompts, reference, single_process_params, single_logprobs)

@@ -39,7 +39,9 @@ def _prompts(n: int) -> list[list[int]]:
 
 
 def test_killed_worker_fails_the_next_step_naming_its_rank(tiny_checkpoint):
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), tensor_parallel_size=2, **SMALL_KV))
+    engine = LLMEngine(
+        EngineConfig(dtype="float32", model=str(tiny_checkpoint), tensor_parallel_size=2, **SMALL_KV)
+    )
     try:
         for i, prompt in enumerate(_prompts(4)):
             engine.add_request(f"r{i}", prompt, LONG)
@@ -60,7 +62,9 @@ def test_killed_worker_fails_the_next_step_naming_its_rank(tiny_checkpoint):
 
 def test_last_stage_killed_mid_generation_fails_it_naming_the_rank(tiny_checkpoint):
     # pipeline: rank 0 waits on the last stage (rank 1) for the sampled tokens when it dies
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), pipeline_parallel_size=2, **SMALL_KV))
+    engine = LLMEngine(
+        EngineConfig(dtype="float32", model=str(tiny_checkpoint), pipeline_parallel_size=2, **SMALL_KV)
+    )
     pid = engine.executor.worker_pids[1]
     killed_at = []
 
@@ -81,7 +85,9 @@ def test_last_stage_killed_mid_generation_fails_it_naming_the_rank(tiny_checkpoi
 
 
 def test_workers_ignore_ctrl_c_and_closing_the_engine_reaps_them(tiny_checkpoint):
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), tensor_parallel_size=2, **SMALL_KV))
+    engine = LLMEngine(
+        EngineConfig(dtype="float32", model=str(tiny_checkpoint), tensor_parallel_size=2, **SMALL_KV)
+    )
     pids = list(engine.executor.worker_pids.values())
     for pid in pids:  # a terminal's Ctrl-C reaches the whole process group; the engine decides
         os.kill(pid, signal.SIGINT)
@@ -122,7 +128,7 @@ import sys, time
 from engine import EngineConfig, LLMEngine
 
 if __name__ == "__main__":
-    engine = LLMEngine(EngineConfig(model=sys.argv[1], tensor_parallel_size=2, num_kv_blocks=256))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=sys.argv[1], tensor_parallel_size=2, num_kv_blocks=256))
     print(*engine.executor.worker_pids.values(), flush=True)
     time.sleep(600)
 """
@@ -138,7 +144,9 @@ def _is_running(pid: int) -> bool:
 
 
 async def test_async_engine_fails_every_request_and_stops_when_a_worker_dies(tiny_checkpoint):
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), tensor_parallel_size=2, **SMALL_KV))
+    engine = LLMEngine(
+        EngineConfig(dtype="float32", model=str(tiny_checkpoint), tensor_parallel_size=2, **SMALL_KV)
+    )
     async_engine = AsyncLLMEngine(engine)
     async_engine.start()
     try:
@@ -157,7 +165,9 @@ async def test_async_engine_fails_every_request_and_stops_when_a_worker_dies(tin
 
 
 def test_a_step_that_fails_on_rank_0_stops_the_workers_and_the_engine(tiny_checkpoint, monkeypatch):
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), tensor_parallel_size=2, **SMALL_KV))
+    engine = LLMEngine(
+        EngineConfig(dtype="float32", model=str(tiny_checkpoint), tensor_parallel_size=2, **SMALL_KV)
+    )
     pids = list(engine.executor.worker_pids.values())
 
     def broken_forward(*args, **kwargs):
@@ -181,7 +191,7 @@ def test_a_checkpoint_that_cannot_load_fails_start_up_with_its_own_error(tiny_ch
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": 344}))
     with pytest.raises(ModelLoadError, match=r"mlp\.(gate|up|down)_proj\.weight' has shape"):
-        LLMEngine(EngineConfig(model=str(broken), tensor_parallel_size=2, **SMALL_KV))
+        LLMEngine(EngineConfig(dtype="float32", model=str(broken), tensor_parallel_size=2, **SMALL_KV))
     assert not _spawned_children()  # the worker that failed alike is reaped
 
 

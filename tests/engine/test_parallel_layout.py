@@ -25,13 +25,13 @@ from engine.step_plan import StepPlan
 )
 def test_a_layout_the_model_cannot_take_is_refused_naming_the_option(tiny_checkpoint, options, message):
     with pytest.raises(EngineConfigError, match=message):
-        LLMEngine(EngineConfig(model=str(tiny_checkpoint), **options))
+        LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint), **options))
 
 
 @pytest.mark.parametrize("name", ["tensor_parallel_size", "pipeline_parallel_size"])
 def test_parallel_sizes_must_be_positive(tiny_checkpoint, name):
     with pytest.raises(EngineConfigError, match=f"{name} must be a positive integer"):
-        EngineConfig(model=str(tiny_checkpoint), **{name: 0})
+        EngineConfig(dtype="float32", model=str(tiny_checkpoint), **{name: 0})
 
 
 def test_stages_are_contiguous_and_cover_every_layer_once():

@@ -66,7 +66,7 @@ def test_a_rank_launched_from_the_environment_serves_the_engine(tiny_checkpoint,
     finally:
         remote.kill()
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    single = LLMEngine(EngineConfig(model=str(tiny_checkpoint), num_kv_blocks=64))
+    single = LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint), num_kv_blocks=64))
     assert parallel == [o.token_ids for o in single.generate(prompts, params, use_tqdm=False)]
 
 

@@ -39,7 +39,11 @@ def _greedy_all(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
 def test_outputs_are_identical_with_prefix_caching_on_and_off(tiny_checkpoint: Path, options: dict) -> None:
     results, engines = {}, {}
     for caching in (False, True):
-        engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), enable_prefix_caching=caching, **options))
+        engine = LLMEngine(
+            EngineConfig(
+                dtype="float32", model=str(tiny_checkpoint), enable_prefix_caching=caching, **options
+            )
+        )
         prompts = _prompts(engine.vocab_size)
         # twice: the second round finds every prompt's full blocks in the cache
         results[caching] = _greedy_all(engine, prompts) + _greedy_all(engine, prompts)
@@ -54,7 +58,13 @@ def test_outputs_are_identical_with_prefix_caching_on_and_off(tiny_checkpoint: P
 
 def test_preemption_happens_with_caching_on_in_the_small_pool(tiny_checkpoint: Path) -> None:
     engine = LLMEngine(
-        EngineConfig(model=str(tiny_checkpoint), num_kv_blocks=40, block_size=4, max_num_batched_tokens=32)
+        EngineConfig(
+            dtype="float32",
+            model=str(tiny_checkpoint),
+            num_kv_blocks=40,
+            block_size=4,
+            max_num_batched_tokens=32,
+        )
     )
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outputs = engine.generate(_prompts(engine.vocab_size), params, use_tqdm=False)
@@ -62,7 +72,7 @@ def test_preemption_happens_with_caching_on_in_the_small_pool(tiny_checkpoint: P
 
 
 def test_a_repeated_prompt_reuses_all_its_full_blocks(tiny_checkpoint: Path) -> None:
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), block_size=16))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint), block_size=16))
     prompt = _prompts(engine.vocab_size, n=1)[0][:33]  # 2 full blocks + 1 token
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     first = engine.generate([prompt], params, use_tqdm=False)[0]
@@ -75,7 +85,7 @@ def test_a_repeated_prompt_reuses_all_its_full_blocks(tiny_checkpoint: Path) -> 
 
 
 def test_aborting_requests_that_share_cached_blocks_gives_every_block_back(tiny_checkpoint: Path) -> None:
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), num_kv_blocks=64))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint), num_kv_blocks=64))
     prompts = _prompts(engine.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     engine.generate(prompts[:1], params, use_tqdm=False)  # caches the shared prefix
@@ -94,7 +104,7 @@ def test_aborting_requests_that_share_cached_blocks_gives_every_block_back(tiny_
 
 def test_a_burst_of_prompts_sharing_a_prefix_computes_the_prefix_once(tiny_checkpoint: Path) -> None:
     # all four arrive together: the first computes the shared blocks, the others wait one step for them
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), block_size=16))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint), block_size=16))
     prompts = _prompts(engine.vocab_size, n=4)  # a 40-token shared prefix: 2 full blocks
     outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
     assert engine.stats().prefix_cache_hit_tokens == 3 * 32

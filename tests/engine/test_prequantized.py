@@ -42,7 +42,7 @@ def _save_prequantised(src: Path, dst: Path, mode: str) -> Path:
 
 
 def _engine(folder: Path, **options) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(folder), kv_cache_memory_gib=0.05, **options))
+    return LLMEngine(EngineConfig(dtype="float32", model=str(folder), kv_cache_memory_gib=0.05, **options))
 
 
 def _greedy(engine: LLMEngine) -> list[list[int]]:

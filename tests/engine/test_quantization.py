@@ -38,7 +38,9 @@ BOUNDS = {
 
 
 def _engine(checkpoint: Path, **options) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(checkpoint), kv_cache_memory_gib=0.05, **options))
+    return LLMEngine(
+        EngineConfig(dtype="float32", model=str(checkpoint), kv_cache_memory_gib=0.05, **options)
+    )
 
 
 def _eval_ids(engine: LLMEngine) -> list[int]:
@@ -137,7 +139,7 @@ def test_fp8_kv_cache_is_refused_with_the_flash_backend(tiny_checkpoint):
 )
 def test_bad_quantisation_options_are_refused_by_name(tiny_checkpoint, options, message):
     with pytest.raises(EngineConfigError, match=message):
-        EngineConfig(model=str(tiny_checkpoint), **options)
+        EngineConfig(dtype="float32", model=str(tiny_checkpoint), **options)
 
 
 def test_fp8_per_channel_quantisation_round_trips_within_e4m3_precision():

@@ -69,7 +69,7 @@ def test_the_scheduler_does_not_stop_on_eos_before_min_tokens() -> None:
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint: Path) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(tiny_checkpoint)))
+    return LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint)))
 
 
 def test_the_engine_gives_at_least_min_tokens_even_when_eos_is_forced(engine: LLMEngine) -> None:

@@ -12,11 +12,38 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import EngineConfig, EngineConfigError, LLMEngine
+from engine import EngineConfig, EngineConfigError, LLMEngine, runtime
 from engine import llm_engine as llm_engine_module
 from engine.distributed import __main__ as remote_rank
 from engine.layers import attention_backends
-from engine.runtime import Runtime, resolve_runtime
+from engine.runtime import Runtime, resolve_dtype, resolve_runtime
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [(True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")],
+)
+def test_dtype_auto_is_bfloat16_where_the_cpu_computes_it_natively(
+    tiny_checkpoint, monkeypatch, avx512_bf16, amx, expected
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_dtype(EngineConfig(model=str(tiny_checkpoint))).dtype == expected
+
+
+def test_dtype_auto_is_bfloat16_on_cuda_and_a_named_dtype_stays(tiny_checkpoint, monkeypatch) -> None:
+    monkeypatch.setattr(runtime, "has_native_bf16", lambda device: False)
+    assert resolve_dtype(EngineConfig(model=str(tiny_checkpoint), dtype="float16")).dtype == "float16"
+    monkeypatch.undo()
+    cuda = EngineConfig(model=str(tiny_checkpoint), device="cuda")
+    assert resolve_dtype(cuda).dtype == "bfloat16"
+    assert EngineConfig(model=str(tiny_checkpoint)).dtype == "auto"  # the default
+
+
+def test_an_engine_runs_in_the_resolved_dtype(tiny_checkpoint) -> None:
+    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), max_model_len=64))
+    assert engine.config.dtype == resolve_dtype(EngineConfig(model=str(tiny_checkpoint))).dtype != "auto"
+    assert engine.runner.dtype == getattr(torch, engine.config.dtype)
 
 
 class _Captured(Exception):

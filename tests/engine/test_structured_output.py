@@ -24,7 +24,7 @@ LABELS = ["positive", "negative", "pos", "neutral"]  # "pos" is a prefix of "pos
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint: Path) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(tiny_checkpoint)))
+    return LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint)))
 
 
 def _params(spec: StructuredOutputs, **kw) -> SamplingParams:
@@ -92,7 +92,7 @@ def test_choice_probabilities_are_the_same_with_prefix_caching_on_and_off_and_un
     tiny_pool = {"num_kv_blocks": 8, "block_size": 4, "max_num_batched_tokens": 4}
     results = []
     for options in ({"enable_prefix_caching": False}, {}, tiny_pool):
-        engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), **options))
+        engine = LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint), **options))
         preempted = _spy_on_preemptions(engine)
         # sampled with a seed: decoded token by token (a greedy choice is only scored)
         params = _params(spec, temperature=1.0, seed=7, max_tokens=12)

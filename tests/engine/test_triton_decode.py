@@ -71,14 +71,16 @@ def test_padded_decode_graph_path_with_the_triton_backend_gives_the_sdpa_engine_
     out = _run_interpreted(
         f"""
         from engine import EngineConfig, LLMEngine, SamplingParams
-        engine = LLMEngine(EngineConfig(model={str(tiny_checkpoint)!r}, attention_backend="triton", max_model_len=128, max_num_seqs=8))
+        engine = LLMEngine(EngineConfig(dtype="float32", model={str(tiny_checkpoint)!r}, attention_backend="triton", max_model_len=128, max_num_seqs=8))
         engine.runner.enable_decode_graphs(engine.max_model_len, use_graphs=False)
         params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
         prompts = [[1, 17, 99, 4, 250], [1, *range(10, 50)], [1, 8]]
         print([o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)])
         """
     )
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), attention_backend="sdpa", max_model_len=128))
+    engine = LLMEngine(
+        EngineConfig(dtype="float32", model=str(tiny_checkpoint), attention_backend="sdpa", max_model_len=128)
+    )
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     prompts = [[1, 17, 99, 4, 250], [1, *range(10, 50)], [1, 8]]
     expected = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
@@ -99,7 +101,11 @@ def test_cuda_graph_decode_matches_eager_decode_on_cuda(tiny_checkpoint):
     for eager in (True, False):
         engine = LLMEngine(
             EngineConfig(
-                model=str(tiny_checkpoint), device="cuda", attention_backend="triton", enforce_eager=eager
+                dtype="float32",
+                model=str(tiny_checkpoint),
+                device="cuda",
+                attention_backend="triton",
+                enforce_eager=eager,
             )
         )
         assert (engine.runner.decode_graphs is None) == eager

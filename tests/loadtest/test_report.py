@@ -103,7 +103,9 @@ async def test_open_and_closed_loop_runs_write_a_report_whose_charts_render_in_c
     assert len(run.samples) >= 4  # /metrics was sampled during the run
 
     sent = [j for j in run.jobs if j.sent is not None]
-    engine_config = EngineConfig(model=str(tiny_checkpoint), max_model_len=256, kv_cache_memory_gib=0.25)
+    engine_config = EngineConfig(
+        dtype="float32", model=str(tiny_checkpoint), max_model_len=256, kv_cache_memory_gib=0.25
+    )
     run.offline_tokens_per_s = offline_tokens_per_s(engine_config, sent)
     rows = summary(run)
     assert rows["jobs sent"] == rows["results"] == str(len(run.jobs))

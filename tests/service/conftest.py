@@ -115,7 +115,7 @@ def service_config(kafka_bootstrap, topic_prefix, tiny_checkpoint) -> ServiceCon
         group_id=f"{topic_prefix}-group",
         topic_partitions=2,
         commit_interval_ms=100,
-        engine=EngineConfig(model=str(tiny_checkpoint)),
+        engine=EngineConfig(dtype="float32", model=str(tiny_checkpoint)),
         model_name="tiny",
         default_max_tokens=8,
         http_host="127.0.0.1",
@@ -125,7 +125,7 @@ def service_config(kafka_bootstrap, topic_prefix, tiny_checkpoint) -> ServiceCon
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_checkpoint) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(tiny_checkpoint), max_model_len=256))
+    return LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint), max_model_len=256))
 
 
 @contextlib.asynccontextmanager

@@ -28,7 +28,7 @@ def test_empty_environment_gives_the_documented_defaults() -> None:
     )
     assert (config.group_id, config.client_id, config.create_topics) == ("sluice", "sluice", True)
     assert (config.topic_partitions, config.topic_replication, config.commit_interval_ms) == (4, 1, 500)
-    assert (config.engine.model, config.demo_preset, config.engine.dtype) == ("", "tiny", "float32")
+    assert (config.engine.model, config.demo_preset, config.engine.dtype) == ("", "tiny", "auto")
     assert (config.engine.max_model_len, config.default_max_tokens) == (None, 256)
     assert (config.max_in_flight, config.drain_timeout_s) == (64, 30.0)
     assert config.build_dir == str(REPO_ROOT / "build")
@@ -189,7 +189,7 @@ def test_unknown_key_in_the_engine_table_is_a_config_error_naming_the_key(tmp_pa
 def test_engine_options_no_longer_go_by_their_old_service_names(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="dtype"):
         load_config(_toml(tmp_path, 'dtype = "bfloat16"\n'))  # belongs in [engine]
-    assert load_config({"SLUICE_DTYPE": "bfloat16"}).engine.dtype == "float32"  # not a variable Sluice reads
+    assert load_config({"SLUICE_DTYPE": "bfloat16"}).engine.dtype == "auto"  # not a variable Sluice reads
 
 
 # Every EngineConfig field is an engine option of the service: a new field is reachable from the

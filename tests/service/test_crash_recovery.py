@@ -30,7 +30,7 @@ async def test_killing_an_instance_mid_burst_leaves_every_job_answered(
         for i in ids
     ]
     survivor_config = msgspec.structs.replace(c, topic_partitions=4)
-    survivor_engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), max_model_len=256))
+    survivor_engine = LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint), max_model_len=256))
     victim = None
     try:
         async with run_service(survivor_config, engine=survivor_engine):  # creates the 4-partition topics

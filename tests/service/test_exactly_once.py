@@ -128,7 +128,9 @@ async def test_killing_an_instance_mid_burst_still_gives_each_job_one_committed_
     log_path = tmp_path / "victim.log"
     victim = None
     try:
-        survivor_engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), max_model_len=256))
+        survivor_engine = LLMEngine(
+            EngineConfig(dtype="float32", model=str(tiny_checkpoint), max_model_len=256)
+        )
         async with run_service(c, engine=survivor_engine):  # creates the 4-partition topics
             victim = start_service(env, log_path)
             await wait_until(lambda: "partitions assigned" in log_path.read_text(), victim, log_path)

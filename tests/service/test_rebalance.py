@@ -61,7 +61,7 @@ async def test_a_second_instance_joining_mid_burst_leaves_every_job_answered(
             for i in ids
         ],
     )
-    second_engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), max_model_len=256))
+    second_engine = LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint), max_model_len=256))
     async with run_service(service_config):
         await asyncio.sleep(1.0)  # the first instance owns both partitions and has jobs in flight
         async with run_service(service_config, engine=second_engine):
