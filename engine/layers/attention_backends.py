@@ -14,6 +14,11 @@ written into their slots first, then each sequence attends over its whole contex
 - "flash": the flash-attn package's varlen kernel reading the paged cache in place (and its
   split-KV decode kernel for decode-only steps). FlashAttention-2 needs pages of a multiple
   of 256 tokens, which EngineConfig arranges.
+
+Soft-capped attention logits (Gemma 2): SDPA's fused kernels cannot cap, so those layers take
+the explicit path (engine.layers.attention.explicit_attention) in "sdpa" and in "triton"'s
+prompt steps; the Triton kernel caps in its loop; flash-attn caps with its `softcap` argument
+(flash-attn >= 2.6; an older one refuses such a model when the backend is bound).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 
 from engine.config import ATTENTION_BACKENDS
 from engine.forward_context import AttentionMetadata
+from engine.layers.attention import explicit_attention
 from engine.quant import kv_cache as fp8_kv
 
 
@@ -65,6 +71,14 @@ def flash_attn_available() -> bool:
     return True
 
 
+def flash_attn_has_softcap() -> bool:
+    """flash-attn's kernels take `softcap` from version 2.6 on."""
+    import flash_attn
+
+    major, minor = (int(part) for part in flash_attn.__version__.split(".")[:2])
+    return (major, minor) >= (2, 6)
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -105,7 +119,7 @@ class SdpaBackend:
                 keys, values = k[start:end], v[start:end]
             else:
                 keys, values = _gather(layer, md.block_tables[i], context_len)
-            out[start:end] = _attend(q[start:end], keys, values, layer.scale, layer.sliding_window)
+            out[start:end] = _attend(q[start:end], keys, values, layer)
             start = end
         return out
 
@@ -135,14 +149,18 @@ class SdpaBackend:
         mask = positions.unsqueeze(0) < lens
         if layer.sliding_window is not None:
             mask &= positions.unsqueeze(0) >= lens - layer.sliding_window
-        out = F.scaled_dot_product_attention(
-            q.view(batch, 1, *q.shape[1:]).transpose(1, 2),
-            keys,
-            values,
-            attn_mask=mask.view(batch, 1, 1, length),
-            scale=layer.scale,
-            enable_gqa=q.shape[1] != keys.shape[1],
-        )
+        queries, mask = q.view(batch, 1, *q.shape[1:]).transpose(1, 2), mask.view(batch, 1, 1, length)
+        if layer.logits_soft_cap:
+            out = explicit_attention(queries, keys, values, mask, layer.scale, layer.logits_soft_cap)
+        else:
+            out = F.scaled_dot_product_attention(
+                queries,
+                keys,
+                values,
+                attn_mask=mask,
+                scale=layer.scale,
+                enable_gqa=q.shape[1] != keys.shape[1],
+            )
         return out.transpose(1, 2).reshape(q.shape)
 
 
@@ -160,10 +178,20 @@ class TritonBackend(SdpaBackend):
             md.context_lens_tensor,
             layer.scale,
             layer.sliding_window,
+            layer.logits_soft_cap,
         )
 
 
 class FlashAttentionBackend:
+    def check_layer(self, layer) -> None:
+        """Refuse a layer flash-attn cannot run: soft-capped logits need flash-attn >= 2.6."""
+        if layer.logits_soft_cap and not flash_attn_has_softcap():
+            raise ValueError(
+                "attention_backend 'flash' cannot soft-cap attention logits (the model's "
+                "attn_logit_softcapping) with this flash-attn: it needs flash-attn >= 2.6; "
+                "use attention_backend 'triton' or 'sdpa'"
+            )
+
     def forward(
         self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata
     ) -> torch.Tensor:
@@ -171,6 +199,7 @@ class FlashAttentionBackend:
 
         write_kv(layer, k, v, md.slot_mapping)
         window = (-1, -1) if layer.sliding_window is None else (layer.sliding_window - 1, 0)
+        softcap = layer.logits_soft_cap or 0.0  # 0: none
         if md.is_decode_only:
             out = flash_attn_with_kvcache(
                 q.unsqueeze(1),
@@ -181,6 +210,7 @@ class FlashAttentionBackend:
                 softmax_scale=layer.scale,
                 causal=True,
                 window_size=window,
+                softcap=softcap,
             )
             return out.squeeze(1)
         # Causal masking is aligned bottom-right, so a chunk attends to its cached context too.
@@ -195,6 +225,7 @@ class FlashAttentionBackend:
             softmax_scale=layer.scale,
             causal=True,
             window_size=window,
+            softcap=softcap,
             block_table=md.block_tables,
         )
 
@@ -226,25 +257,27 @@ def _pages(layer, which: str, blocks: torch.Tensor, batch: int, dtype: torch.dty
     return pages.view(batch, -1, *cache.shape[2:])
 
 
-def _attend(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, sliding_window: int | None
-) -> torch.Tensor:
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer) -> torch.Tensor:
     """q [Q, H, D] are the last Q of L positions; keys/values [L, Hkv, D]; causal (+ window)."""
     num_queries, length = q.shape[0], keys.shape[0]
+    sliding_window, soft_cap = layer.sliding_window, layer.logits_soft_cap
     mask = None
-    if num_queries != length or (sliding_window is not None and sliding_window < length):
+    if soft_cap or num_queries != length or (sliding_window is not None and sliding_window < length):
         query_pos = torch.arange(length - num_queries, length, device=q.device).unsqueeze(1)
         key_pos = torch.arange(length, device=q.device).unsqueeze(0)
         mask = key_pos <= query_pos
         if sliding_window is not None:
             mask &= key_pos > query_pos - sliding_window
+    q, keys, values = q.transpose(0, 1), keys.to(q.dtype).transpose(0, 1), values.to(q.dtype).transpose(0, 1)
+    if soft_cap:
+        return explicit_attention(q, keys, values, mask, layer.scale, soft_cap).transpose(0, 1)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        keys.to(q.dtype).transpose(0, 1),
-        values.to(q.dtype).transpose(0, 1),
+        q,
+        keys,
+        values,
         attn_mask=mask,
         is_causal=mask is None,
-        scale=scale,
-        enable_gqa=q.shape[1] != keys.shape[1],
+        scale=layer.scale,
+        enable_gqa=q.shape[0] != keys.shape[0],
     )
     return out.transpose(0, 1)
