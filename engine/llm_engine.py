@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.block_manager import BlockManager
-from engine.checkpoint import check_checkpoint_folder, load_tokenizer
+from engine.checkpoint import check_checkpoint_folder, load_tokenizer, max_context_len
 from engine.choice_scoring import ChoiceScorer
 from engine.config import EngineConfig
 from engine.cuda_graphs import can_capture
@@ -54,7 +54,7 @@ class LLMEngine:
         )  # refuses a compression mode that cannot run here, before loading
         check_parallel_layout(config, hf_config)
         self.vocab_size: int = hf_config["vocab_size"]
-        model_limit = hf_config.get("max_position_embeddings") or 2048
+        model_limit = max_context_len(hf_config)
         self.max_model_len = min(config.max_model_len or model_limit, model_limit)
         eos_token_ids = _eos_token_ids(hf_config, self.tokenizer)
         # tensor/pipeline parallel: worker processes for the other ranks; this process is rank 0
