@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.layers.rotary import config_context_len
 from engine.models import MODEL_REGISTRY
 
 SUPPORTED_ARCHITECTURES = tuple(MODEL_REGISTRY)
@@ -50,12 +49,6 @@ def check_checkpoint_folder(folder: str | Path) -> dict:
     if isinstance(text_config, dict):
         config = {**text_config, **{k: v for k, v in config.items() if k != "text_config"}}
     return config
-
-
-def max_context_len(config: dict) -> int:
-    """The longest prompt + output the model takes: max_position_embeddings, or more for the
-    RoPE scalings that extend it (YaRN, dynamic NTK; engine.layers.rotary.rope_context_len)."""
-    return config_context_len(config)
 
 
 def load_tokenizer(folder: str | Path):

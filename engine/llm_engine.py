@@ -21,13 +21,14 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.block_manager import BlockManager
-from engine.checkpoint import check_checkpoint_folder, load_tokenizer, max_context_len
+from engine.checkpoint import check_checkpoint_folder, load_tokenizer
 from engine.choice_scoring import ChoiceScorer
 from engine.config import EngineConfig
 from engine.cuda_graphs import can_capture
 from engine.distributed.executor import MultiprocExecutor, UniprocExecutor
 from engine.distributed.layout import check_parallel_layout
 from engine.input_processor import InputProcessor, RequestRejected
+from engine.models import max_context_len
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.quant import make_plan

@@ -124,6 +124,8 @@ class SdpaBackend:
         return out
 
     def _decode(self, layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        if layer.logits_soft_cap:  # SDPA cannot cap: the explicit path, on the same padded groups
+            return _soft_capped_decode(layer, q, md)
         # Padded batches of sequences with similar context lengths (md.decode_groups): padding
         # costs gather and attention work, and contexts in one step can differ tenfold.
         if len(md.decode_groups) <= 1:
@@ -149,18 +151,14 @@ class SdpaBackend:
         mask = positions.unsqueeze(0) < lens
         if layer.sliding_window is not None:
             mask &= positions.unsqueeze(0) >= lens - layer.sliding_window
-        queries, mask = q.view(batch, 1, *q.shape[1:]).transpose(1, 2), mask.view(batch, 1, 1, length)
-        if layer.logits_soft_cap:
-            out = explicit_attention(queries, keys, values, mask, layer.scale, layer.logits_soft_cap)
-        else:
-            out = F.scaled_dot_product_attention(
-                queries,
-                keys,
-                values,
-                attn_mask=mask,
-                scale=layer.scale,
-                enable_gqa=q.shape[1] != keys.shape[1],
-            )
+        out = F.scaled_dot_product_attention(
+            q.view(batch, 1, *q.shape[1:]).transpose(1, 2),
+            keys,
+            values,
+            attn_mask=mask.view(batch, 1, 1, length),
+            scale=layer.scale,
+            enable_gqa=q.shape[1] != keys.shape[1],
+        )
         return out.transpose(1, 2).reshape(q.shape)
 
 
@@ -255,6 +253,29 @@ def _pages(layer, which: str, blocks: torch.Tensor, batch: int, dtype: torch.dty
         pages = cache.index_select(0, blocks)
         pages = pages if dtype is None else pages.to(dtype)
     return pages.view(batch, -1, *cache.shape[2:])
+
+
+def _soft_capped_decode(layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+    """Decode rows [B, H, D] of a soft-capped layer: each group of md.decode_groups (or all rows)
+    gathered and padded as SdpaBackend._decode_group does, then explicit attention."""
+    groups = md.decode_groups if len(md.decode_groups) > 1 else [(slice(None), md.max_context_len)]
+    out = torch.empty_like(q)
+    for rows, length in groups:
+        block_tables, lens = md.block_tables[rows], md.context_lens_tensor[rows].to(q.device).unsqueeze(1)
+        batch = block_tables.shape[0]
+        blocks = block_tables[:, : -(-length // layer.k_cache.shape[1])].flatten().long()
+        keys = _pages(layer, "k", blocks, batch, q.dtype)[:, :length].transpose(1, 2)  # [b, Hkv, L, D]
+        values = _pages(layer, "v", blocks, batch, q.dtype)[:, :length].transpose(1, 2)
+        positions = torch.arange(length, device=q.device).unsqueeze(0)
+        mask = positions < lens  # [b, L]
+        if layer.sliding_window is not None:
+            mask &= positions >= lens - layer.sliding_window
+        queries = q[rows].unsqueeze(2)  # [b, H, 1, D]
+        attended = explicit_attention(
+            queries, keys, values, mask.view(batch, 1, 1, length), layer.scale, layer.logits_soft_cap
+        )
+        out[rows] = attended.squeeze(2)
+    return out
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer) -> torch.Tensor:

@@ -12,6 +12,8 @@ import pkgutil
 
 from torch import nn
 
+from engine.layers.rotary import config_context_len
+
 
 def _collect() -> dict[str, type[nn.Module]]:
     registry: dict[str, type[nn.Module]] = {}
@@ -36,3 +38,10 @@ def model_class_for(architectures: list[str] | None) -> type[nn.Module]:
         f"architecture {architectures or 'unspecified'} is not supported; "
         f"supported: {', '.join(MODEL_REGISTRY)}"
     )
+
+
+def max_context_len(config: dict) -> int:
+    """The longest prompt + output a checkpoint takes, from its config.json's contents:
+    max_position_embeddings, or more for the RoPE scalings that extend it (YaRN, dynamic NTK;
+    engine.layers.rotary.rope_context_len)."""
+    return config_context_len(config)

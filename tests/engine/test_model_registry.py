@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import EngineConfig, LLMEngine
-from engine.checkpoint import check_checkpoint_folder, max_context_len
+from engine.checkpoint import check_checkpoint_folder
 from engine.demo_models import ensure_checkpoint
 from engine.demo_presets import ARCHITECTURES, PRESETS
 from engine.layers import attention_backends
 from engine.layers.attention import Attention
 from engine.layers.rotary import RotaryEmbedding, rope_context_len, rope_parameters_from_config
-from engine.models import MODEL_REGISTRY
+from engine.models import MODEL_REGISTRY, max_context_len
 from engine.weights import WeightLoadError, build_model
 
 REPO = Path(__file__).resolve().parents[2]
