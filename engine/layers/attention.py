@@ -6,7 +6,8 @@ attention is plain causal attention with no cache: the reference path used by nu
 
 A layer may soft-cap its attention logits (Gemma 2: cap * tanh(scores / cap) before the
 softmax). PyTorch's fused SDPA kernels cannot, so soft-capped layers take an explicit
-matmul-softmax-matmul path (`explicit_attention`) wherever SDPA would run.
+matmul-softmax-matmul path (engine.layers.attention_backends.explicit_attention) wherever SDPA
+would run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_context import get_attention_metadata
+from engine.layers.attention_backends import explicit_attention
 
 
 class Attention(nn.Module):
@@ -88,27 +90,3 @@ def causal_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[0] != k.shape[0]
     )
     return out.transpose(0, 1)
-
-
-def explicit_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor,
-    scale: float,
-    logits_soft_cap: float | None,
-) -> torch.Tensor:
-    """q [..., H, Q, D], k/v [..., Hkv, L, D], mask [..., Q, L] (True: attend) -> [..., H, Q, D].
-
-    Transformers' eager attention, operation for operation: scores in q's dtype, soft-capped,
-    masked, softmax in float32.
-    """
-    group = q.shape[-3] // k.shape[-3]
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
-    scores = torch.matmul(q, k.transpose(-1, -2).to(q.dtype)) * scale
-    if logits_soft_cap:
-        scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v.to(q.dtype))

@@ -16,7 +16,7 @@ written into their slots first, then each sequence attends over its whole contex
   of 256 tokens, which EngineConfig arranges.
 
 Soft-capped attention logits (Gemma 2): SDPA's fused kernels cannot cap, so those layers take
-the explicit path (engine.layers.attention.explicit_attention) in "sdpa" and in "triton"'s
+the explicit path (explicit_attention, below) in "sdpa" and in "triton"'s
 prompt steps; the Triton kernel caps in its loop; flash-attn caps with its `softcap` argument
 (flash-attn >= 2.6; an older one refuses such a model when the backend is bound).
 """
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from engine.config import ATTENTION_BACKENDS
 from engine.forward_context import AttentionMetadata
-from engine.layers.attention import explicit_attention
 from engine.quant import kv_cache as fp8_kv
 
 
@@ -226,6 +225,30 @@ class FlashAttentionBackend:
             softcap=softcap,
             block_table=md.block_tables,
         )
+
+
+def explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:
+    """q [..., H, Q, D], k/v [..., Hkv, L, D], mask [..., Q, L] (True: attend) -> [..., H, Q, D].
+
+    Transformers' eager attention, operation for operation: scores in q's dtype, soft-capped,
+    masked, softmax in float32.
+    """
+    group = q.shape[-3] // k.shape[-3]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q, k.transpose(-1, -2).to(q.dtype)) * scale
+    if logits_soft_cap:
+        scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v.to(q.dtype))
 
 
 def _gather(layer, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
