@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+from engine.models import MODEL_REGISTRY
+
+SUPPORTED_ARCHITECTURES = tuple(MODEL_REGISTRY)
 
 
 class ModelLoadError(RuntimeError):
@@ -13,7 +15,12 @@ class ModelLoadError(RuntimeError):
 
 
 def check_checkpoint_folder(folder: str | Path) -> dict:
-    """Validate the folder's layout before any heavy loading; returns config.json's contents."""
+    """Validate the folder's layout before any heavy loading; returns config.json's contents.
+
+    For a multimodal wrapper (Gemma3ForConditionalGeneration) the contents are its language
+    model's: `text_config`'s fields, under the wrapper's own top-level ones (architectures,
+    quantization_config, eos_token_id, ...).
+    """
     if not str(folder):
         raise ModelLoadError("no model folder given (the engine option `model` is empty)")
     folder = Path(folder)
@@ -38,6 +45,9 @@ def check_checkpoint_folder(folder: str | Path) -> dict:
         raise ModelLoadError(f"{folder}: no *.safetensors weight files")
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise ModelLoadError(f"{folder}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    text_config = config.get("text_config")
+    if isinstance(text_config, dict):
+        config = {**text_config, **{k: v for k, v in config.items() if k != "text_config"}}
     return config
 
 

@@ -1,4 +1,4 @@
-"""Build small Llama-family checkpoints locally, deterministically, for tests and demos.
+"""Build small checkpoints of every family the engine serves, locally and deterministically.
 
 No model hub is reachable from where Sluice is built and tested, yet the engine
 must be exercised through exactly the path users take: a Hugging Face checkpoint
@@ -7,123 +7,27 @@ This module manufactures such folders from a seed: random weights plus a
 byte-level BPE tokenizer trained on a built-in corpus. The same seed always
 gives byte-identical files, so tests can compare outputs across runs.
 
-``tiny`` (~5M parameters) is for unit tests; ``small`` (~125M) is for benchmarks. The other
-``tiny-*`` presets cover the rest of the Llama family the engine serves: Mistral's sliding
-window, Qwen2's q/k/v biases, multi-query attention with tied embeddings, Llama 3 rope scaling.
+``tiny`` (~5M parameters) is for unit tests; ``small`` (~125M) is for benchmarks; the
+``tiny-*`` presets cover each family and its options (engine/demo_presets.py lists them).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import os
 import shutil
 import uuid
 from pathlib import Path
 
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import PreTrainedModel
 
+from engine.demo_presets import ARCHITECTURES, PRESETS, Preset
 from engine.demo_tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 
+__all__ = ["PRESETS", "build_checkpoint", "ensure_checkpoint"]
 
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """Architecture of a generated checkpoint; maps onto the config class's kwargs."""
-
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    intermediate_size: int
-    vocab_size: int
-    max_position_embeddings: int
-    # Above Llama's 0.02 default: at 0.02 random logits are near-uniform and greedy
-    # decoding collapses into one- or two-token loops, hiding KV-cache/batching bugs.
-    initializer_range: float = 0.05
-    architecture: str = "LlamaForCausalLM"  # a key of _ARCHITECTURES
-    # Further config fields (sliding window, biases, tying, rope scaling); override defaults.
-    options: dict[str, object] = dataclasses.field(default_factory=dict)
-    # Transformers initialises norm weights to 1 and biases to 0, so a norm or bias loaded
-    # into the wrong place would not change the logits; random values make it show.
-    random_norms_and_biases: bool = False
-
-    def config_kwargs(self) -> dict[str, object]:
-        shape = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_CONFIG}
-        return {**shape, **self.options}
-
-
-_NOT_CONFIG = ("architecture", "options", "random_norms_and_biases")
-
-_TINY = Preset(256, 4, 8, 2, 688, 4096, 2048)
-
-PRESETS: dict[str, Preset] = {
-    "tiny": _TINY,
-    "small": Preset(768, 12, 12, 4, 2048, 32000, 4096),
-    # Llama-3.2-1B's shapes (our 32k tokenizer): the GPU benchmark's checkpoint, built on the GPU machine.
-    "gpu-1b": Preset(2048, 16, 32, 8, 8192, 32000, 4096),
-    # sliding_window 16 < a 40-token test prompt, so the window masks something.
-    "tiny-mistral": dataclasses.replace(
-        _TINY,
-        architecture="MistralForCausalLM",
-        options={"sliding_window": 16},
-        random_norms_and_biases=True,
-    ),
-    # q/k/v biases are implied by Qwen2; layers >= max_window_layers (2, 3) slide, 0 and 1 do not.
-    "tiny-qwen2": dataclasses.replace(
-        _TINY,
-        architecture="Qwen2ForCausalLM",
-        options={
-            "tie_word_embeddings": True,
-            "use_sliding_window": True,
-            "sliding_window": 16,
-            "max_window_layers": 2,
-        },
-        random_norms_and_biases=True,
-    ),
-    "tiny-mqa": dataclasses.replace(
-        _TINY,
-        num_key_value_heads=1,
-        options={"tie_word_embeddings": True, "attention_bias": False},
-        random_norms_and_biases=True,
-    ),
-    # original_max_position_embeddings 64: wavelengths < 16 kept, > 64 divided by 8, between
-    # smoothed, so all three llama3 branches touch this head_dim's 16 frequencies. MHA, and
-    # attention_bias/mlp_bias to cover the biases Llama allows.
-    "tiny-llama3": dataclasses.replace(
-        _TINY,
-        num_key_value_heads=8,
-        options={
-            "rope_parameters": {
-                "rope_type": "llama3",
-                "rope_theta": 10000.0,
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64,
-            },
-            "attention_bias": True,
-            "mlp_bias": True,
-        },
-        random_norms_and_biases=True,
-    ),
-}
-
-_ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
-    "LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM),
-    "MistralForCausalLM": (MistralConfig, MistralForCausalLM),
-    "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM),
-}
 
 # Files whose presence means a published folder is complete (publication is atomic);
 # plus the weights: one model.safetensors, or the index of a sharded checkpoint.
@@ -230,7 +134,7 @@ def _is_complete(folder: Path) -> bool:
 
 
 def _init_model(spec: Preset, seed: int, dtype: torch.dtype) -> PreTrainedModel:
-    config_class, model_class = _ARCHITECTURES[spec.architecture]
+    config_class, model_class = ARCHITECTURES[spec.architecture]
     defaults = {
         "rms_norm_eps": 1e-5,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
@@ -254,9 +158,14 @@ def _randomize_norms_and_biases(model: PreTrainedModel, std: float) -> None:
     # Continues the seeded generator, so the values are a function of the seed too.
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
-            param.normal_(1.0, 0.2)
+            # Gemma's norms scale by (1 + weight): centred on 0 they scale by about 1 too
+            param.normal_(0.0 if _is_one_centred_norm(model) else 1.0, 0.2)
         elif name.endswith(".bias"):
             param.normal_(0.0, std)
+
+
+def _is_one_centred_norm(model: PreTrainedModel) -> bool:
+    return model.config.model_type.startswith("gemma")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from engine.cuda_graphs import can_capture
 from engine.distributed.executor import MultiprocExecutor, UniprocExecutor
 from engine.distributed.layout import check_parallel_layout
 from engine.input_processor import InputProcessor, RequestRejected
+from engine.models import max_context_len
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.quant import make_plan
@@ -57,7 +58,7 @@ class LLMEngine:
         )  # refuses a compression mode that cannot run here, before loading
         check_parallel_layout(config, hf_config)
         self.vocab_size: int = hf_config["vocab_size"]
-        model_limit = hf_config.get("max_position_embeddings") or 2048
+        model_limit = max_context_len(hf_config)
         self.max_model_len = min(config.max_model_len or model_limit, model_limit)
         eos_token_ids = _eos_token_ids(hf_config, self.tokenizer)
         # tensor/pipeline parallel: worker processes for the other ranks; this process is rank 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -74,12 +75,15 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
 
     Reads `model.safetensors`, or else the shards listed in `model.safetensors.index.json`.
     Raises WeightLoadError unless each parameter (each shard of a packed one) was filled
-    and each tensor was used; the model is then partly loaded and must not be used.
+    and each tensor was used or is one the model's family ignores (its
+    `ignored_checkpoint_tensors`); the model is then partly loaded and must not be used.
     """
     folder = Path(folder)
     params = dict(model.named_parameters())  # tied weights appear once, under embed_tokens
     mapping = getattr(model, "packed_modules_mapping", {})
     tied = bool(getattr(model, "tie_word_embeddings", False))
+    ignored = [re.compile(pattern) for pattern in getattr(model, "ignored_checkpoint_tensors", ())]
+    checkpoint_name = getattr(model, "checkpoint_name", lambda name: name)  # a wrapper's prefixes
     claimers = checkpoint_tensor_claimers(model)  # layers of a pre-quantised checkpoint
     is_other_stage_weight = getattr(model, "is_other_stage_weight", lambda name: False)  # pipeline stages
     seen: set[str] = set()
@@ -87,18 +91,21 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
     for path in _checkpoint_files(folder):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                    if _is_ignored(name, tied) or is_other_stage_weight(name):
+                for file_name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                    name = checkpoint_name(file_name)
+                    if _is_ignored(name, ignored, tied) or is_other_stage_weight(name):
                         continue
                     param_name, shard_id = _param_name(name, mapping)
-                    if param_name not in params and _claim(claimers, param_name, shard_id, f, path, name):
+                    if param_name not in params and _claim(
+                        claimers, param_name, shard_id, f, path, file_name
+                    ):
                         seen.add(name)
                         continue
                     if param_name not in params:
-                        unknown.append(f"{name} ({path.name})")
+                        unknown.append(f"{file_name} ({path.name})")
                         continue
-                    tensor = _checkpoint_tensor(f, name, params[param_name])
-                    _copy(params[param_name], tensor, shard_id, path, name)
+                    tensor = _checkpoint_tensor(f, file_name, params[param_name])
+                    _copy(params[param_name], tensor, shard_id, path, file_name)
                     seen.add(name)
         except (OSError, SafetensorError) as e:
             raise WeightLoadError(f"{path}: not a readable safetensors file ({e})") from None
@@ -139,10 +146,9 @@ def _checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
-def _is_ignored(name: str, tied: bool) -> bool:
-    # rotary_emb.inv_freq (older checkpoints): recomputed from the config, never loaded.
+def _is_ignored(name: str, ignored: list[re.Pattern], tied: bool) -> bool:
     # lm_head.weight of a tied model: the head is the embedding, loaded from embed_tokens.
-    return "rotary_emb." in name or (tied and name == "lm_head.weight")
+    return (tied and name == "lm_head.weight") or any(pattern.search(name) for pattern in ignored)
 
 
 def _param_name(name: str, mapping: dict) -> tuple[str, object]:
@@ -164,18 +170,30 @@ def _checkpoint_tensor(f, name: str, param: nn.Parameter):
 
 
 class _CheckpointSlice:
-    """A checkpoint tensor not read yet: `narrow` reads only the part it returns."""
+    """A checkpoint tensor not read yet: `narrow` reads only the part it returns.
 
-    def __init__(self, lazy_slice) -> None:
+    `rows` narrows dim 0 without reading: a fused checkpoint tensor (Phi-3's qkv_proj) is
+    split into its projections this way before each rank reads its part of each.
+    """
+
+    def __init__(self, lazy_slice, row_start: int = 0, num_rows: int | None = None) -> None:
         self._slice = lazy_slice
-        self.shape = torch.Size(lazy_slice.get_shape())
+        shape = list(lazy_slice.get_shape())
+        self._row_start = row_start
+        shape[0] = shape[0] - row_start if num_rows is None else num_rows
+        self.shape = torch.Size(shape)
 
     def dim(self) -> int:
         return len(self.shape)
 
+    def rows(self, start: int, length: int) -> _CheckpointSlice:
+        return _CheckpointSlice(self._slice, self._row_start + start, length)
+
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
         index = [slice(None)] * self.dim()
-        index[dim] = slice(start, start + length)
+        index[0] = slice(self._row_start, self._row_start + self.shape[0])
+        offset = self._row_start if dim == 0 else 0
+        index[dim] = slice(offset + start, offset + start + length)
         return self._slice[tuple(index)]
 
 

@@ -14,6 +14,11 @@ written into their slots first, then each sequence attends over its whole contex
 - "flash": the flash-attn package's varlen kernel reading the paged cache in place (and its
   split-KV decode kernel for decode-only steps). FlashAttention-2 needs pages of a multiple
   of 256 tokens, which EngineConfig arranges.
+
+Soft-capped attention logits (Gemma 2): SDPA's fused kernels cannot cap, so those layers take
+the explicit path (explicit_attention, below) in "sdpa" and in "triton"'s
+prompt steps; the Triton kernel caps in its loop; flash-attn caps with its `softcap` argument
+(flash-attn >= 2.6; an older one refuses such a model when the backend is bound).
 """
 
 from __future__ import annotations
@@ -66,6 +71,14 @@ def flash_attn_available() -> bool:
     return True
 
 
+def flash_attn_has_softcap() -> bool:
+    """flash-attn's kernels take `softcap` from version 2.6 on."""
+    import flash_attn
+
+    major, minor = (int(part) for part in flash_attn.__version__.split(".")[:2])
+    return (major, minor) >= (2, 6)
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -114,11 +127,13 @@ class SdpaBackend:
                 keys, values = k[start:end], v[start:end]
             else:
                 keys, values = _gather(layer, md.block_tables[i], context_len)
-            out[start:end] = _attend(q[start:end], keys, values, layer.scale, layer.sliding_window)
+            out[start:end] = _attend(q[start:end], keys, values, layer)
             start = end
         return out
 
     def _decode(self, layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        if layer.logits_soft_cap:  # SDPA cannot cap: the explicit path, on the same padded groups
+            return _soft_capped_decode(layer, q, md)
         # Padded batches of sequences with similar context lengths (md.decode_groups): padding
         # costs gather and attention work, and contexts in one step can differ tenfold.
         if len(md.decode_groups) <= 1:
@@ -182,10 +197,20 @@ class TritonBackend(SdpaBackend):
             md.context_lens_tensor,
             layer.scale,
             layer.sliding_window,
+            layer.logits_soft_cap,
         )
 
 
 class FlashAttentionBackend:
+    def check_layer(self, layer) -> None:
+        """Refuse a layer flash-attn cannot run: soft-capped logits need flash-attn >= 2.6."""
+        if layer.logits_soft_cap and not flash_attn_has_softcap():
+            raise ValueError(
+                "attention_backend 'flash' cannot soft-cap attention logits (the model's "
+                "attn_logit_softcapping) with this flash-attn: it needs flash-attn >= 2.6; "
+                "use attention_backend 'triton' or 'sdpa'"
+            )
+
     def forward(
         self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata
     ) -> torch.Tensor:
@@ -193,6 +218,7 @@ class FlashAttentionBackend:
 
         write_kv(layer, k, v, md.slot_mapping)
         window = (-1, -1) if layer.sliding_window is None else (layer.sliding_window - 1, 0)
+        softcap = layer.logits_soft_cap or 0.0  # 0: none
         if md.is_decode_only:
             out = flash_attn_with_kvcache(
                 q.unsqueeze(1),
@@ -203,6 +229,7 @@ class FlashAttentionBackend:
                 softmax_scale=layer.scale,
                 causal=True,
                 window_size=window,
+                softcap=softcap,
             )
             return out.squeeze(1)
         # Causal masking is aligned bottom-right, so a chunk attends to its cached context too.
@@ -217,8 +244,33 @@ class FlashAttentionBackend:
             softmax_scale=layer.scale,
             causal=True,
             window_size=window,
+            softcap=softcap,
             block_table=md.block_tables,
         )
+
+
+def explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:
+    """q [..., H, Q, D], k/v [..., Hkv, L, D], mask [..., Q, L] (True: attend) -> [..., H, Q, D].
+
+    Transformers' eager attention, operation for operation: scores in q's dtype, soft-capped,
+    masked, softmax in float32.
+    """
+    group = q.shape[-3] // k.shape[-3]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q, k.transpose(-1, -2).to(q.dtype)) * scale
+    if logits_soft_cap:
+        scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v.to(q.dtype))
 
 
 def _gather(layer, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,25 +300,50 @@ def _pages(layer, which: str, blocks: torch.Tensor, batch: int, dtype: torch.dty
     return pages.view(batch, -1, *cache.shape[2:])
 
 
-def _attend(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, sliding_window: int | None
-) -> torch.Tensor:
+def _soft_capped_decode(layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+    """Decode rows [B, H, D] of a soft-capped layer: each group of md.decode_groups (or all rows)
+    gathered and padded as SdpaBackend._decode_group does, then explicit attention."""
+    groups = md.decode_groups if len(md.decode_groups) > 1 else [(slice(None), md.max_context_len)]
+    out = torch.empty_like(q)
+    for rows, length in groups:
+        block_tables, lens = md.block_tables[rows], md.context_lens_tensor[rows].to(q.device).unsqueeze(1)
+        batch = block_tables.shape[0]
+        blocks = block_tables[:, : -(-length // layer.k_cache.shape[1])].flatten().long()
+        keys = _pages(layer, "k", blocks, batch, q.dtype)[:, :length].transpose(1, 2)  # [b, Hkv, L, D]
+        values = _pages(layer, "v", blocks, batch, q.dtype)[:, :length].transpose(1, 2)
+        positions = torch.arange(length, device=q.device).unsqueeze(0)
+        mask = positions < lens  # [b, L]
+        if layer.sliding_window is not None:
+            mask &= positions >= lens - layer.sliding_window
+        queries = q[rows].unsqueeze(2)  # [b, H, 1, D]
+        attended = explicit_attention(
+            queries, keys, values, mask.view(batch, 1, 1, length), layer.scale, layer.logits_soft_cap
+        )
+        out[rows] = attended.squeeze(2)
+    return out
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer) -> torch.Tensor:
     """q [Q, H, D] are the last Q of L positions; keys/values [L, Hkv, D]; causal (+ window)."""
     num_queries, length = q.shape[0], keys.shape[0]
+    sliding_window, soft_cap = layer.sliding_window, layer.logits_soft_cap
     mask = None
-    if num_queries != length or (sliding_window is not None and sliding_window < length):
+    if soft_cap or num_queries != length or (sliding_window is not None and sliding_window < length):
         query_pos = torch.arange(length - num_queries, length, device=q.device).unsqueeze(1)
         key_pos = torch.arange(length, device=q.device).unsqueeze(0)
         mask = key_pos <= query_pos
         if sliding_window is not None:
             mask &= key_pos > query_pos - sliding_window
+    q, keys, values = q.transpose(0, 1), keys.to(q.dtype).transpose(0, 1), values.to(q.dtype).transpose(0, 1)
+    if soft_cap:
+        return explicit_attention(q, keys, values, mask, layer.scale, soft_cap).transpose(0, 1)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        keys.to(q.dtype).transpose(0, 1),
-        values.to(q.dtype).transpose(0, 1),
+        q,
+        keys,
+        values,
         attn_mask=mask,
         is_causal=mask is None,
-        scale=scale,
-        enable_gqa=q.shape[1] != keys.shape[1],
+        scale=layer.scale,
+        enable_gqa=q.shape[0] != keys.shape[0],
     )
     return out.transpose(0, 1)

@@ -70,14 +70,22 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of the same input in one matmul (gate_up: ids 0, 1).
 
     Each rank's W is [its slice of shard 0; its slice of shard 1; ...], so the output splits
-    back into the projections locally without communication.
+    back into the projections locally without communication. A checkpoint tensor that is
+    already fused (shard id None: Phi-3's gate_up_proj) is split into the shards first.
     """
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | None = None
+    ) -> None:
+        if shard_id is None:  # the fused tensor [shard 0; shard 1; ...]
+            _check_rows(loaded_weight, sum(self.output_sizes), param.shape[1:])
+            for i, size in enumerate(self.output_sizes):
+                self.weight_loader(param, _rows(loaded_weight, sum(self.output_sizes[:i]), size), i)
+            return
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
         param_slice = param.data.narrow(0, offset, size)
@@ -92,7 +100,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections fused (shard ids "q", "k", "v"); heads split across ranks.
 
     When there are fewer KV heads than ranks (MQA, small GQA), each KV head is replicated on
-    tp_size // total_num_kv_heads consecutive ranks.
+    tp_size // total_num_kv_heads consecutive ranks. A checkpoint tensor that is already fused
+    (shard id None: Phi-3's qkv_proj, [q; k; v]) is split into q, k and v first.
     """
 
     def __init__(
@@ -110,13 +119,26 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             _check_divisible(tp_size, total_num_kv_heads, "tp_size")
         self.head_dim = head_dim
+        self.total_num_heads, self.total_num_kv_heads = total_num_heads, total_num_kv_heads
         self.num_heads = total_num_heads // tp_size
         self.num_kv_heads = max(1, total_num_kv_heads // tp_size)
         self.num_kv_head_replicas = max(1, tp_size // total_num_kv_heads)
         output_size = (total_num_heads + 2 * self.num_kv_heads * tp_size) * head_dim
         super().__init__(hidden_size, output_size, bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None
+    ) -> None:
+        if shard_id is None:  # the fused tensor [q; k; v] of every head
+            q_total, kv_total = self.total_num_heads * self.head_dim, self.total_num_kv_heads * self.head_dim
+            _check_rows(loaded_weight, q_total + 2 * kv_total, param.shape[1:])
+            for part, start, size in (
+                ("q", 0, q_total),
+                ("k", q_total, kv_total),
+                ("v", q_total + kv_total, kv_total),
+            ):
+                self.weight_loader(param, _rows(loaded_weight, start, size), part)
+            return
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         if shard_id == "q":
@@ -169,6 +191,19 @@ def _copy_shard(
         raise ValueError(f"has shape {tuple(loaded_weight.shape)}, expected {tuple(expected)}")
     size = param_slice.size(dim)
     param_slice.copy_(loaded_weight.narrow(dim, index * size, size))
+
+
+def _rows(loaded_weight, start: int, length: int):
+    """Rows [start, start + length) of a checkpoint tensor, unread if it is not read yet."""
+    if hasattr(loaded_weight, "rows"):  # engine.weights' lazy checkpoint slice
+        return loaded_weight.rows(start, length)
+    return loaded_weight.narrow(0, start, length)
+
+
+def _check_rows(loaded_weight, num_rows: int, other_dims: torch.Size) -> None:
+    expected = (num_rows, *other_dims)
+    if tuple(loaded_weight.shape) != expected:
+        raise ValueError(f"has shape {tuple(loaded_weight.shape)}, expected {expected}")
 
 
 def _check_divisible(numerator: int, denominator: int, what: str) -> None:

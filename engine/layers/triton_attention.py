@@ -29,6 +29,7 @@ def _paged_decode_kernel(
     context_lens_ptr,
     scale,
     window,  # attend to at most this many most recent positions; <= 0: no window
+    soft_cap,  # with HAS_SOFT_CAP: scores become soft_cap * tanh(scores / soft_cap) (Gemma 2)
     stride_qb,
     stride_qh,
     stride_ob,
@@ -41,6 +42,7 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
+    HAS_SOFT_CAP: tl.constexpr,
 ):
     row = tl.program_id(0)
     head = tl.program_id(1)
@@ -62,7 +64,11 @@ def _paged_decode_kernel(
         offsets = page * stride_cb + slots[:, None] * stride_cs + kv_head * stride_ch + d[None, :]
         mask = valid[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        scores = tl.sum(k * q[None, :], axis=1)
+        if HAS_SOFT_CAP:
+            # tanh(x) = 1 - 2 / (exp(2x) + 1): exact at both ends (exp overflows to inf: 1)
+            scores = soft_cap * (1.0 - 2.0 / (tl.exp(2.0 * scores / soft_cap) + 1.0))
+        scores = tl.where(valid, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new)
@@ -82,6 +88,7 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """q [B, H, D] (one new token per sequence, already in the cache) against each sequence's
     first context_lens[b] cached positions; caches [num_blocks, block_size, Hkv, D];
@@ -103,6 +110,7 @@ def paged_decode_attention(
         context_lens,
         scale,
         sliding_window or 0,
+        float(logits_soft_cap or 0.0),
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -115,5 +123,6 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim,
         D_PAD=triton.next_power_of_2(head_dim),
+        HAS_SOFT_CAP=bool(logits_soft_cap),
     )
     return out

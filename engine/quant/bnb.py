@@ -110,6 +110,10 @@ class BnbPrequantizedLinearMethod(LinearMethod):
         layer.register_parameter("weight", None)
 
     def load_checkpoint_tensor(self, layer: nn.Module, suffix: str, shard_id, tensor: torch.Tensor) -> None:
+        if shard_id is None and None not in layer.bnb_rows and not any(layer.bnb_checkpoint.values()):
+            # the checkpoint holds the fused projection as one tensor (Phi-3's qkv_proj): one module
+            layer.bnb_rows = {None: sum(layer.bnb_rows.values())}
+            layer.bnb_checkpoint = {None: {}}
         if shard_id not in layer.bnb_checkpoint:
             raise ValueError(f"has no place in this layer (shard {shard_id!r})")
         layer.bnb_checkpoint[shard_id][suffix] = tensor

@@ -32,8 +32,10 @@ def checkpoint(request, model_cache):
 
 @pytest.fixture(scope="module")
 def expected(checkpoint) -> tuple[list[list[int]], list[list[int]]]:
-    """Each prompt generated alone by Transformers, greedily, EOS ignored."""
+    """Each prompt generated alone by Transformers, greedily, EOS an ordinary token (as with
+    ignore_eos; min_new_tokens would forbid it instead)."""
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
     prompts = _prompts(model.config.vocab_size)
     outputs = []
     with torch.no_grad():
@@ -44,7 +46,6 @@ def expected(checkpoint) -> tuple[list[list[int]], list[list[int]]]:
                 attention_mask=torch.ones_like(ids),
                 do_sample=False,
                 max_new_tokens=MAX_TOKENS,
-                min_new_tokens=MAX_TOKENS,
                 pad_token_id=0,
             )
             outputs.append(generated[0, len(prompt) :].tolist())

@@ -60,6 +60,27 @@ def test_bfloat16_engine_serves_a_batch_with_every_backend(tiny_checkpoint):
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+def test_soft_capped_gemma2_gives_the_cpu_tokens_with_every_cuda_backend(model_cache):
+    # attention soft-caps and sliding windows: SDPA's explicit path, the Triton kernel, flash-attn
+    from engine.demo_models import ensure_checkpoint
+
+    folder = str(ensure_checkpoint(model_cache, preset="tiny-gemma2"))
+    expected = _greedy(LLMEngine(EngineConfig(model=folder, kv_cache_memory_gib=0.05)))
+    for backend in ["sdpa", "triton"]:  # float32: the same tokens
+        engine = LLMEngine(EngineConfig(model=folder, device="cuda", attention_backend=backend))
+        assert _greedy(engine) == expected, backend
+    if _has_flash():  # bfloat16 only: close to SDPA's logits, through the paged cache
+        from engine.quant.quality import teacher_forced_logits
+
+        logits = {}
+        for backend in ["sdpa", "flash"]:
+            engine = LLMEngine(
+                EngineConfig(model=folder, device="cuda", dtype="bfloat16", attention_backend=backend)
+            )
+            logits[backend] = teacher_forced_logits(engine, PROMPTS[1], window=len(PROMPTS[1]) - 1, chunk=16)
+        torch.testing.assert_close(logits["flash"], logits["sdpa"], rtol=0.05, atol=0.05)
+
+
 def _has_flash() -> bool:
     from engine.layers.attention_backends import flash_attn_available
 

@@ -169,9 +169,12 @@ def test_rope_reads_transformers_4_and_5_config_styles_alike() -> None:
     assert torch.equal(*caches)
 
 
-@pytest.mark.parametrize("rope_type", ["dynamic", "yarn"])
+@pytest.mark.parametrize("rope_type", ["proportional", "mrope"])
 def test_unsupported_rope_type_is_named(rope_type: str) -> None:
-    config = SimpleNamespace(rope_parameters={"rope_type": rope_type, "rope_theta": 1e4, "factor": 2.0})
+    config = SimpleNamespace(
+        rope_parameters={"rope_type": rope_type, "rope_theta": 1e4, "factor": 2.0},
+        max_position_embeddings=256,
+    )
     with pytest.raises(ValueError, match=rope_type):
         RotaryEmbedding(32, 256, rope_parameters_from_config(config))
 

@@ -45,9 +45,10 @@ def test_kernel_matches_the_sdpa_decode_path(block_size):
         S, N, H, Hkv, D = {block_size}, 32, 8, 2, 40  # GQA, a head size that is not a power of two
         lens = [1, S - 1, S, 3 * S + 5, 5 * S]
         tables = torch.randperm(N)[: 5 * 5].view(5, 5).to(torch.int32)
-        for window in (None, S + 3):
+        for window, cap in ((None, None), (S + 3, None), (S + 3, 0.5)):  # 0.5: tanh saturates often
             layer = SimpleNamespace(
-                k_cache=torch.randn(N, S, Hkv, D), v_cache=torch.randn(N, S, Hkv, D), scale=0.2, sliding_window=window
+                k_cache=torch.randn(N, S, Hkv, D), v_cache=torch.randn(N, S, Hkv, D), scale=0.2,
+                sliding_window=window, logits_soft_cap=cap,
             )
             q = torch.randn(len(lens), H, D)
             ctx = torch.tensor(lens, dtype=torch.int32)
@@ -57,12 +58,12 @@ def test_kernel_matches_the_sdpa_decode_path(block_size):
                 max_context_len=max(lens), is_decode_only=True, decode_groups=group_by_length(lens, "cpu"),
             )
             expected = SdpaBackend()._decode(layer, q, md)
-            got = paged_decode_attention(q, layer.k_cache, layer.v_cache, tables, ctx, 0.2, window)
+            got = paged_decode_attention(q, layer.k_cache, layer.v_cache, tables, ctx, 0.2, window, cap)
             print(window, (got - expected).abs().max().item())
         """
     )
     errors = [float(line.split()[1]) for line in out.splitlines()]
-    assert len(errors) == 2 and max(errors) < 1e-5, out
+    assert len(errors) == 3 and max(errors) < 1e-5, out
 
 
 def test_padded_decode_graph_path_with_the_triton_backend_gives_the_sdpa_engine_s_tokens(tiny_checkpoint):

@@ -1,0 +1,272 @@
+"""The architectures engine.demo_models can build: one Preset per checkpoint, and its config.
+
+``tiny`` (~5M parameters) is for unit tests; ``small`` (~125M) is for benchmarks. The other
+``tiny-*`` presets cover every family the engine serves (engine.models) and the options that
+change its numerics: sliding windows, biases, tied embeddings, MQA, RoPE scalings, q/k norms,
+soft-caps, fused projections, partial rotary, a multimodal wrapper. Most are deliberately
+smaller than ``tiny`` (hidden size 64, a 512-token vocabulary) to keep the tests fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3Config,
+    Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    SiglipVisionConfig,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Architecture of a generated checkpoint; maps onto the config class's kwargs."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    # Above Llama's 0.02 default: at 0.02 random logits are near-uniform and greedy
+    # decoding collapses into one- or two-token loops, hiding KV-cache/batching bugs.
+    initializer_range: float = 0.05
+    architecture: str = "LlamaForCausalLM"  # a key of ARCHITECTURES
+    # Further config fields (sliding window, biases, tying, rope scaling); override defaults.
+    options: dict[str, object] = dataclasses.field(default_factory=dict)
+    # Transformers initialises norm weights to 1 and biases to 0, so a norm or bias loaded
+    # into the wrong place would not change the logits; random values make it show.
+    random_norms_and_biases: bool = False
+
+    def config_kwargs(self) -> dict[str, object]:
+        shape = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_CONFIG}
+        return {**shape, **self.options}
+
+
+_NOT_CONFIG = ("architecture", "options", "random_norms_and_biases")
+
+_TINY = Preset(256, 4, 8, 2, 688, 4096, 2048)
+# hidden 64, 4 heads of 16, 2 KV heads; 512 tokens
+_MINI = Preset(64, 4, 4, 2, 128, 512, 256, random_norms_and_biases=True)
+# Gemma 3's local/global pattern at 4 layers, each type with its own RoPE
+_GEMMA3_LAYERS = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+_GEMMA3_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+}
+
+
+def _longrope(rotary_dim: int) -> dict[str, object]:
+    half = rotary_dim // 2
+    return {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0 + 0.05 * i for i in range(half)],
+        "long_factor": [1.0 + 0.5 * i for i in range(half)],
+    }
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": _TINY,
+    "small": Preset(768, 12, 12, 4, 2048, 32000, 4096),
+    # Llama-3.2-1B's shapes (our 32k tokenizer): the GPU benchmark's checkpoint, built on the GPU machine.
+    "gpu-1b": Preset(2048, 16, 32, 8, 8192, 32000, 4096),
+    # sliding_window 16 < a 40-token test prompt, so the window masks something.
+    "tiny-mistral": dataclasses.replace(
+        _TINY,
+        architecture="MistralForCausalLM",
+        options={"sliding_window": 16},
+        random_norms_and_biases=True,
+    ),
+    # q/k/v biases are implied by Qwen2; layers >= max_window_layers (2, 3) slide, 0 and 1 do not.
+    "tiny-qwen2": dataclasses.replace(
+        _TINY,
+        architecture="Qwen2ForCausalLM",
+        options={
+            "tie_word_embeddings": True,
+            "use_sliding_window": True,
+            "sliding_window": 16,
+            "max_window_layers": 2,
+        },
+        random_norms_and_biases=True,
+    ),
+    "tiny-mqa": dataclasses.replace(
+        _TINY,
+        num_key_value_heads=1,
+        options={"tie_word_embeddings": True, "attention_bias": False},
+        random_norms_and_biases=True,
+    ),
+    # original_max_position_embeddings 64: wavelengths < 16 kept, > 64 divided by 8, between
+    # smoothed, so all three llama3 branches touch this head_dim's 16 frequencies. MHA, and
+    # attention_bias/mlp_bias to cover the biases Llama allows.
+    "tiny-llama3": dataclasses.replace(
+        _TINY,
+        num_key_value_heads=8,
+        options={
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "attention_bias": True,
+            "mlp_bias": True,
+        },
+        random_norms_and_biases=True,
+    ),
+    # Dynamic NTK past max_position_embeddings 64: the test's 64-token prompt decodes past it.
+    "tiny-llama-dynamic": dataclasses.replace(
+        _MINI,
+        max_position_embeddings=64,
+        options={"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
+    ),
+    # GQA, head_dim 32 (not hidden / heads), untied, no biases.
+    "tiny-qwen3": dataclasses.replace(_MINI, architecture="Qwen3ForCausalLM", options={"head_dim": 32}),
+    # MQA, tied, attention biases, YaRN (context 4 x 64), layers >= 2 slide over 16 tokens.
+    "tiny-qwen3-yarn": dataclasses.replace(
+        _MINI,
+        architecture="Qwen3ForCausalLM",
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        options={
+            "tie_word_embeddings": True,
+            "attention_bias": True,
+            "use_sliding_window": True,
+            "sliding_window": 16,
+            "max_window_layers": 2,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
+    # Local layers (0, 2) slide over 8 tokens; both soft-caps small enough to bite (random
+    # weights give small logits); query_pre_attn_scalar 2 is not head_dim 16.
+    "tiny-gemma2": dataclasses.replace(
+        _MINI,
+        architecture="Gemma2ForCausalLM",
+        options={
+            "head_dim": 16,
+            "sliding_window": 8,
+            "query_pre_attn_scalar": 2,
+            "attn_logit_softcapping": 0.5,
+            "final_logit_softcapping": 2.0,
+            "tie_word_embeddings": True,
+        },
+    ),
+    # MQA, untied, no soft-caps, attention biases.
+    "tiny-gemma2-mqa": dataclasses.replace(
+        _MINI,
+        architecture="Gemma2ForCausalLM",
+        num_key_value_heads=1,
+        options={
+            "head_dim": 16,
+            "sliding_window": 8,
+            "query_pre_attn_scalar": 16,
+            "attn_logit_softcapping": None,
+            "final_logit_softcapping": None,
+            "attention_bias": True,
+        },
+    ),
+    # Local/global layers with their own RoPE (linear-scaled global), q/k norms, final soft-cap.
+    "tiny-gemma3": dataclasses.replace(
+        _MINI,
+        architecture="Gemma3ForCausalLM",
+        options={
+            "head_dim": 16,
+            "sliding_window": 8,
+            "layer_types": _GEMMA3_LAYERS,
+            "rope_parameters": _GEMMA3_ROPE,
+            "query_pre_attn_scalar": 16,
+            "final_logit_softcapping": 2.0,
+            "tie_word_embeddings": True,
+        },
+    ),
+    # The multimodal wrapper (a tiny SigLIP tower): the engine loads its language model.
+    "tiny-gemma3-mm": dataclasses.replace(
+        _MINI,
+        architecture="Gemma3ForConditionalGeneration",
+        num_key_value_heads=1,
+        options={
+            "head_dim": 16,
+            "sliding_window": 8,
+            "layer_types": _GEMMA3_LAYERS,
+            "rope_parameters": _GEMMA3_ROPE,
+            "query_pre_attn_scalar": 16,
+            "tie_word_embeddings": True,
+        },
+    ),
+    # Phi-3-128k style: fused qkv/gate_up, LongRoPE (context 256; long factors from 96 tokens
+    # on, past the test sequences: see engine.layers.rotary), a window of 48.
+    "tiny-phi3": dataclasses.replace(
+        _MINI,
+        architecture="Phi3ForCausalLM",
+        options={
+            "original_max_position_embeddings": 96,
+            "sliding_window": 48,
+            "rope_parameters": _longrope(16),
+        },
+    ),
+    # Phi-4-mini style: partial rotary (12 of 16 dims), tied, MQA, LongRoPE.
+    "tiny-phi4-mini": dataclasses.replace(
+        _MINI,
+        architecture="Phi3ForCausalLM",
+        num_key_value_heads=1,
+        options={
+            "original_max_position_embeddings": 96,
+            "partial_rotary_factor": 0.75,
+            "tie_word_embeddings": True,
+            "rope_parameters": {**_longrope(12), "partial_rotary_factor": 0.75},
+        },
+    ),
+}
+
+
+def _gemma3_multimodal_config(**kwargs) -> Gemma3Config:
+    # The top level names the architecture; the rest is the language model's.
+    architectures = kwargs.pop("architectures")
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    text = Gemma3TextConfig(**kwargs)
+    return Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, architectures=architectures
+    )
+
+
+ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM),
+    "MistralForCausalLM": (MistralConfig, MistralForCausalLM),
+    "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM),
+    "Qwen3ForCausalLM": (Qwen3Config, Qwen3ForCausalLM),
+    "Gemma2ForCausalLM": (Gemma2Config, Gemma2ForCausalLM),
+    "Gemma3ForCausalLM": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "Gemma3ForConditionalGeneration": (_gemma3_multimodal_config, Gemma3ForConditionalGeneration),
+    "Phi3ForCausalLM": (Phi3Config, Phi3ForCausalLM),
+}
