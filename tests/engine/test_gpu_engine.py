@@ -65,9 +65,11 @@ def test_soft_capped_gemma2_gives_the_cpu_tokens_with_every_cuda_backend(model_c
     from engine.demo_models import ensure_checkpoint
 
     folder = str(ensure_checkpoint(model_cache, preset="tiny-gemma2"))
-    expected = _greedy(LLMEngine(EngineConfig(model=folder, kv_cache_memory_gib=0.05)))
+    expected = _greedy(LLMEngine(EngineConfig(dtype="float32", model=folder, kv_cache_memory_gib=0.05)))
     for backend in ["sdpa", "triton"]:  # float32: the same tokens
-        engine = LLMEngine(EngineConfig(model=folder, device="cuda", attention_backend=backend))
+        engine = LLMEngine(
+            EngineConfig(dtype="float32", model=folder, device="cuda", attention_backend=backend)
+        )
         assert _greedy(engine) == expected, backend
     if _has_flash():  # bfloat16 only: close to SDPA's logits, through the paged cache
         from engine.quant.quality import teacher_forced_logits

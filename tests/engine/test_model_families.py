@@ -63,7 +63,7 @@ def test_logits_match_transformers_at_every_position(family):
     prompt = family.prompts[3]  # 40 tokens: past every sliding window
     with torch.inference_mode():
         theirs = family.reference(torch.tensor([prompt])).logits[0]
-    engine = LLMEngine(EngineConfig(model=str(family.folder), **SMALL_POOL))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(family.folder), **SMALL_POOL))
     model = engine.runner.model
     with torch.inference_mode():
         ours = model.compute_logits(model(torch.tensor(prompt), torch.arange(len(prompt))))
@@ -85,7 +85,7 @@ def test_bfloat16_gemma_logits_equal_transformers(model_cache, preset):
 
 
 def test_greedy_tokens_match_generate_under_preemption_and_chunked_prefill(family):
-    engine = LLMEngine(EngineConfig(model=str(family.folder), **SMALL_KV))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(family.folder), **SMALL_KV))
     outputs = engine.generate(family.prompts, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in outputs] == family.expected
     assert sum(o.metrics.num_preemptions for o in outputs) > 0
@@ -94,7 +94,7 @@ def test_greedy_tokens_match_generate_under_preemption_and_chunked_prefill(famil
 
 
 def test_choice_request_answers_one_of_its_choices(family):
-    engine = LLMEngine(EngineConfig(model=str(family.folder), **SMALL_POOL))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(family.folder), **SMALL_POOL))
     params = SamplingParams(
         temperature=0.0, max_tokens=8, structured_outputs=StructuredOutputs(choice=["yes", "no", "maybe"])
     )
@@ -120,8 +120,8 @@ def test_choice_request_answers_one_of_its_choices(family):
 def test_compressed_family_stays_close_to_float32(model_cache, preset, options, min_agreement, max_kl):
     folder = ensure_checkpoint(model_cache, preset=preset)
     ids = _prompts(512, seed=1, lengths=[200])[0]
-    reference = _all_logits(LLMEngine(EngineConfig(model=str(folder), **SMALL_POOL)), ids)
-    compressed = LLMEngine(EngineConfig(model=str(folder), **SMALL_POOL, **options))
+    reference = _all_logits(LLMEngine(EngineConfig(dtype="float32", model=str(folder), **SMALL_POOL)), ids)
+    compressed = LLMEngine(EngineConfig(dtype="float32", model=str(folder), **SMALL_POOL, **options))
     report = compare(reference, _all_logits(compressed, ids), torch.tensor(ids[1:]))
     assert report.greedy_agreement >= min_agreement, report
     assert report.kl_divergence <= max_kl, report
@@ -134,8 +134,8 @@ def test_prequantised_phi3_with_fused_projections_equals_quantising_at_load(mode
 
     source = ensure_checkpoint(model_cache, preset="tiny-phi3")
     folder = _save_prequantised(source, tmp_path / "prequantised", "int8")
-    at_load = LLMEngine(EngineConfig(model=str(source), quantization="int8", **SMALL_POOL))
-    prequantised = LLMEngine(EngineConfig(model=str(folder), **SMALL_POOL))
+    at_load = LLMEngine(EngineConfig(dtype="float32", model=str(source), quantization="int8", **SMALL_POOL))
+    prequantised = LLMEngine(EngineConfig(dtype="float32", model=str(folder), **SMALL_POOL))
     layer = prequantised.runner.model.model.layers[0].self_attn.qkv_proj
     assert len(layer.bnb_shards) == 1  # the checkpoint's one fused projection
     prompts = _prompts(512, lengths=[5, 40])

@@ -173,7 +173,9 @@ def test_yarn_and_dynamic_ntk_extend_the_context(model_cache, preset, context):
     # YaRN: original_max_position_embeddings (64) x factor 4; dynamic: max_position_embeddings
     # (64) x factor 2; LongRoPE and linear: max_position_embeddings as it stands.
     engine = LLMEngine(
-        EngineConfig(model=str(ensure_checkpoint(model_cache, preset)), kv_cache_memory_gib=0.05)
+        EngineConfig(
+            dtype="float32", model=str(ensure_checkpoint(model_cache, preset)), kv_cache_memory_gib=0.05
+        )
     )
     assert engine.max_model_len == context
 

@@ -34,9 +34,11 @@ def test_parallel_engine_gives_one_process_s_tokens(model_cache, preset, tp, pp)
     folder = str(ensure_checkpoint(model_cache, preset=preset))
     rng = random.Random(0)
     prompts = [[1] + [rng.randrange(4, 512) for _ in range(n - 1)] for n in [1, 3, 17, 40, 5, 64, 9, 33]]
-    with LLMEngine(EngineConfig(model=folder, **SMALL_KV)) as single:
+    with LLMEngine(EngineConfig(dtype="float32", model=folder, **SMALL_KV)) as single:
         expected = [o.token_ids for o in single.generate(prompts, GREEDY, use_tqdm=False)]
-    config = EngineConfig(model=folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, **SMALL_KV)
+    config = EngineConfig(
+        dtype="float32", model=folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, **SMALL_KV
+    )
     with LLMEngine(config) as engine:
         outputs = engine.generate(prompts, GREEDY, use_tqdm=False)
         assert [o.token_ids for o in outputs] == expected

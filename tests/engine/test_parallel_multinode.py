@@ -27,7 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-OPTIONS = {"tensor_parallel_size": 2, "num_kv_blocks": 64}
+OPTIONS = {"tensor_parallel_size": 2, "num_kv_blocks": 64, "dtype": "float32"}
 
 
 def _launch_rank_1(options: dict, tmp_path: Path, monkeypatch) -> subprocess.Popen:
