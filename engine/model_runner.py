@@ -20,6 +20,7 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import parallel_state as ps
 from engine.forward_context import AttentionMetadata, attention_metadata, group_by_length
+from engine.layers import paged_decode
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
 from engine.quant import kv_cache as fp8_kv
@@ -73,6 +74,7 @@ class ModelRunner:
         for i, layer in enumerate(self.layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
         self.num_blocks = num_blocks
+        self._warm_up_decode_kernel()
         log.info(
             "KV cache: %d blocks of %d tokens, %s (%.2f GiB)",
             num_blocks,
@@ -81,6 +83,16 @@ class ModelRunner:
             num_blocks * self.kv_bytes_per_block / 2**30,
         )
         return num_blocks
+
+    def _warm_up_decode_kernel(self) -> None:
+        # compile the SDPA backend's decode kernel now, on this cache: no step waits for it
+        backend = self.layers[0].backend
+        if getattr(backend, "compiled_decode", False):
+            layer = self.layers[0]
+            compiled = self.kv_dtype == self.dtype and paged_decode.warm_up(
+                (layer.num_heads, layer.head_dim), layer.k_cache, layer.v_cache
+            )
+            backend.compiled_decode = compiled
 
     def enable_decode_graphs(self, max_model_len: int, use_graphs: bool = True) -> None:
         """Capture decode steps as CUDA graphs (after allocate_kv_cache); use_graphs=False runs the
