@@ -84,6 +84,11 @@ class InputProcessor:
             choice_token_ids = self._choice_token_ids(len(token_ids), spec.choice)
         return ProcessedRequest(seq, choice_token_ids)
 
+    def fork_grammar(self, seq: Sequence):
+        """A fresh grammar matcher for a sequence forked from a request (None: unconstrained)."""
+        spec = seq.params.structured_outputs
+        return None if spec is None or seq.is_prefill_only else self.grammars.matcher(spec)
+
     def _resolve(self, params: SamplingParams) -> SamplingParams:
         """The params with what only the engine knows filled in; refuses token ids outside the vocabulary."""
         bad = [t for t in (params.logit_bias or {}) if t >= self.vocab_size]

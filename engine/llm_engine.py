@@ -7,6 +7,7 @@ One step, each arrow one way (nothing later calls back into an earlier stage):
     -> scheduler.update_from_output()   appends tokens; EOS, stop tokens, max_tokens and
                                 grammars finish sequences, which free their blocks
     -> output_processor.process()   text, stop strings, logprobs -> RequestOutputs
+    -> parallel_sampler         forks the samples of n/best_of > 1 requests, gathers their outputs
     -> choice_scorer            scores `choice` requests and holds their outputs until done
 
 Requests join (InputProcessor: tokenise and check) and leave between any two steps.
@@ -30,6 +31,7 @@ from engine.distributed.layout import check_parallel_layout
 from engine.input_processor import InputProcessor, RequestRejected
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
+from engine.parallel_sampling import ParallelSampler
 from engine.quant import make_plan
 from engine.runtime import resolve_runtime
 from engine.sampling_params import SamplingParams
@@ -88,6 +90,7 @@ class LLMEngine:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.choice_scorer = ChoiceScorer(self.scheduler)
+        self.parallel_sampler = ParallelSampler(self.scheduler, self.input_processor.fork_grammar)
         self._step_totals = StepTotals()
         self._requests: dict[str, Sequence] = {}  # unfinished requests (their own sequences)
         self._aborted: list[RequestOutput] = []  # aborted between steps, reported by the next step()
@@ -102,6 +105,7 @@ class LLMEngine:
         seq = request.seq
         if request.choice_token_ids is not None:
             self.choice_scorer.add(seq, params.structured_outputs.choice, request.choice_token_ids)
+        self.parallel_sampler.add(seq)
         self.output_processor.add(seq)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
@@ -112,9 +116,12 @@ class LLMEngine:
         if seq is None:
             return False
         scorers, held = self.choice_scorer.abort(seq)
-        for s in [seq, *scorers]:
+        samples = self.parallel_sampler.abort(seq)
+        for s in [seq, *scorers, *samples]:
             if not s.is_finished:
                 self.scheduler.finish(s, "abort")
+        for s in samples:
+            self.output_processor.abort(s)  # forgets what it recorded for them
         if held is not None:  # its text was done, its choices were being scored
             held.finish_reason = "abort"
         self._aborted.append(held or self.output_processor.abort(seq))
@@ -141,8 +148,11 @@ class LLMEngine:
         prompt_top = None
         if rows is not None and result.prompt_top_logprobs is not None:
             prompt_top = [t.tolist() for t in result.prompt_top_logprobs]  # (ids, logprobs), [R, K] each
+        for fork in self.parallel_sampler.update(out):
+            self.output_processor.add(fork)
         outputs += self.choice_scorer.update(out, rows, prompt_logprobs, prompt_top)
-        outputs += [o for seq, output in processed.outputs if (o := self.choice_scorer.hold(seq, output))]
+        gathered = [g for seq, output in processed.outputs if (g := self.parallel_sampler.hold(seq, output))]
+        outputs += [o for seq, output in gathered if (o := self.choice_scorer.hold(seq, output))]
         for output in outputs:
             self._requests.pop(output.request_id, None)
         return outputs

@@ -51,7 +51,12 @@ FIELD_RULES: tuple[FieldRule, ...] = (
     ),
     FieldRule("temperature", "honoured", "default: generation_config.json's, else 1"),
     FieldRule("top_p", "honoured", "default: generation_config.json's, else 1"),
-    FieldRule("n", "refused", "only 1 (one choice per job)", accepts=_default(1)),
+    FieldRule(
+        "n",
+        "honoured",
+        "parallel samples sharing the prompt's KV blocks; seeded: sample i uses seed + i; "
+        "greedy (temperature 0) takes only 1, as vLLM",
+    ),
     FieldRule("stop", "honoured"),
     FieldRule("seed", "honoured"),
     FieldRule("presence_penalty", "honoured"),
@@ -75,7 +80,11 @@ FIELD_RULES: tuple[FieldRule, ...] = (
     FieldRule("prompt_cache_key", "no effect", "the prefix cache needs no key"),
     FieldRule("prompt_cache_retention", "no effect"),
     # vLLM's extra fields, both endpoints
-    FieldRule("best_of", "refused", "only 1", accepts=_default(1)),
+    FieldRule(
+        "best_of",
+        "honoured",
+        "samples best_of (>= n), returns the n with the highest cumulative logprob; greedy takes only 1",
+    ),
     FieldRule("use_beam_search", "refused", "only false", accepts=_default(False)),
     FieldRule("length_penalty", "refused", "only 1 (beam search only)", accepts=_default(1, 1.0)),
     FieldRule(

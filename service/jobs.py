@@ -124,7 +124,8 @@ class JobHandler:
         generation = self._batcher.generate(
             request_id, request.prompt_token_ids, request.params, request.priority, tag=tag
         )
-        tokens = len(request.prompt_token_ids) + request.params.max_tokens  # what it may hold in the KV cache
+        # what it may hold in the KV cache: the prompt once (its samples share it), each sample's output
+        tokens = len(request.prompt_token_ids) + request.params.num_samples * request.params.max_tokens
         self._backpressure.add(tokens=tokens)
         try:
             # Past the deadline the awaiting task is cancelled, which aborts the request in the engine.

@@ -2,7 +2,7 @@
 output line validates against OpenAI's batch output schema (tests/service/openai_batch_schema.py).
 
 The file holds chat and completion jobs (plain, logprobs, stop strings, echo, a greedy choice,
-logit_bias), refused ones (a refused field, an unknown field, another model, an embeddings job)
+logit_bias, n and best_of), refused ones (a refused field, an unknown field, another model, an embeddings job)
 and a line that is no JSON. Tools and embeddings are refused by name (not implemented).
 """
 
@@ -65,7 +65,17 @@ JOBS = {
         _job("completion-bias", COMPLETIONS, {"prompt": "Hello", "logit_bias": {"9": 50}}),
         200,
     ),
-    "refused-field": (_job("refused-field", CHAT, {"messages": MESSAGES, "n": 2}), 400),
+    "chat-n": (_job("chat-n", CHAT, {"messages": MESSAGES, "n": 2, "temperature": 1, "seed": 4}), 200),
+    "completion-best-of": (
+        _job(
+            "completion-best-of",
+            COMPLETIONS,
+            {"prompt": "The river is", "n": 2, "best_of": 3, "temperature": 1, "logprobs": 1},
+        ),
+        200,
+    ),
+    "greedy-n": (_job("greedy-n", COMPLETIONS, {"prompt": "x", "n": 2}), 400),
+    "refused-field": (_job("refused-field", CHAT, {"messages": MESSAGES, "use_beam_search": True}), 400),
     "unknown-field": (_job("unknown-field", COMPLETIONS, {"prompt": "x", "frobnicate": True}), 400),
     "tools": (
         _job(
@@ -113,15 +123,18 @@ async def test_a_batch_file_through_sluice_batch_local_conforms_to_openais_outpu
     )
     assert done.returncode == 0, done.stderr
     lines = [json.loads(raw) for raw in out.read_text().splitlines()]
-    bad_line = [line for line in lines if line["custom_id"] == "line-14"]
+    bad_id = f"line-{len(JOBS)}"
+    bad_line = [line for line in lines if line["custom_id"] == bad_id]
     assert len(bad_line) == 1  # the line that is no JSON: answered too
-    jobs = {**JOBS, "line-14": ({"url": COMPLETIONS}, 400)}
+    jobs = {**JOBS, bad_id: ({"url": COMPLETIONS}, 400)}
     _check_lines(lines, jobs)
     by_id = {line["custom_id"]: line for line in lines}
     choice = by_id["chat-choice"]["response"]["body"]
     probabilities = choice["sluice"]["choice_probabilities"]
     assert choice["choices"][0]["message"]["content"] == max(probabilities, key=probabilities.get)
     assert by_id["chat-prefill"]["response"]["body"]["choices"][0]["message"]["content"].startswith("Yes,")
+    for custom_id in ("chat-n", "completion-best-of"):
+        assert [c["index"] for c in by_id[custom_id]["response"]["body"]["choices"]] == [0, 1]
 
 
 @pytest.mark.kafka

@@ -29,10 +29,8 @@ MESSAGES = [{"role": "user", "content": "Hello"}]
 
 # a value other than the default for each refused field (or refused value of a field)
 REFUSED_VALUES = {
-    "n": 2,
     "stream": True,
     "stream_options": {"include_usage": True},
-    "best_of": 3,
     "use_beam_search": True,
     "length_penalty": 0.5,
     "guided_grammar": "root ::= 'a'",
