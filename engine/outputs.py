@@ -39,6 +39,7 @@ class RequestOutput:
     # n > 1 (or best_of > 1): the returned samples, by choice index; the request's own fields are
     # samples[0]'s. None for a request with one sample.
     samples: list[RequestOutput] | None = None
+    embedding: list[float] | None = None  # a pooling request's pooled final hidden state (raw)
 
     @property
     def is_finished(self) -> bool:
