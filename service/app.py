@@ -60,6 +60,7 @@ class Service:
             self.backpressure,
             config.model_aliases,
             config.unknown_fields,
+            config.embedding_pooling,
         )
         self.kafka_security = client_options(config)  # SASL/TLS settings of every Kafka client below
         self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id, self.kafka_security)

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from schemas.embeddings import EmbeddingRequest
 from schemas.openai import ChatCompletionRequest, CompletionRequest
 
-Endpoint = Literal["both", "chat", "completions"]
+Endpoint = Literal["both", "chat", "completions", "embeddings"]  # both: chat and completions
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +175,24 @@ FIELD_RULES: tuple[FieldRule, ...] = (
     FieldRule("prompt", "honoured", "text or token ids (one prompt per job)", "completions"),
     FieldRule("suffix", "refused", endpoint="completions"),
     FieldRule("prompt_embeds", "refused", endpoint="completions"),
+    # embeddings (none of the rows above apply to them)
+    FieldRule(
+        "input",
+        "honoured",
+        "a string, strings, token ids or token-id lists; each one embedded on its own",
+        "embeddings",
+    ),
+    FieldRule("model", "honoured", "as for chat and completions", "embeddings"),
+    FieldRule("encoding_format", "honoured", "`float` or `base64` (little-endian float32)", "embeddings"),
+    FieldRule("dimensions", "honoured", "the first `dimensions` components, renormalised", "embeddings"),
+    FieldRule("user", "no effect", endpoint="embeddings"),
+    FieldRule("truncate_prompt_tokens", "honoured", "keeps each input's last k tokens", "embeddings"),
+    FieldRule("add_special_tokens", "honoured", "default: true", "embeddings"),
+    FieldRule("priority", "honoured", "lower runs first", "embeddings"),
+    FieldRule("request_id", "no effect", "Sluice names its requests itself", "embeddings"),
+    FieldRule(
+        "sluice_deadline_ms", "honoured", "Sluice's: Unix ms after which the job is not run", "embeddings"
+    ),
 )
 
 # message fields: besides role, content, name, tool_calls and tool_call_id, read only to be refused
@@ -231,5 +250,7 @@ def _check_messages(body: ChatCompletionRequest) -> None:
 
 def rules_for(body_type: type) -> list[FieldRule]:
     """The rules of one endpoint's body type (the table's rows that apply to it)."""
+    if body_type is EmbeddingRequest:
+        return [rule for rule in FIELD_RULES if rule.endpoint == "embeddings"]
     endpoint = "chat" if body_type is ChatCompletionRequest else "completions"
     return [rule for rule in FIELD_RULES if rule.endpoint in ("both", endpoint)]

@@ -16,10 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine import EngineDeadError, RequestOutput, RequestRejected
+from engine.pooling import PoolingParams
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
+from schemas.embeddings import EmbeddingRequest
 from service.backpressure import Backpressure
 from service.batcher import DynamicBatcher
+from service.embeddings import embed, embedding_inputs, to_embedding_line
 from service.translate import (
     TranslationError,
     check_model,
@@ -53,6 +56,7 @@ class JobHandler:
         backpressure: Backpressure | None = None,
         model_aliases: Sequence[str] = (),
         unknown_fields: str = "reject",
+        embedding_pooling: str = "last",
     ) -> None:
         """`model_aliases`: other names a job's `model` may give; `unknown_fields`: "reject" (a
         body field no schema declares is an error, as OpenAI does) or "ignore" (vLLM's leniency)."""
@@ -62,6 +66,7 @@ class JobHandler:
         self._served_names = frozenset([model_name, *model_aliases])
         self._unknown_fields = unknown_fields
         self._default_max_tokens = default_max_tokens
+        self._pooling = PoolingParams(embedding_pooling)  # of /v1/embeddings jobs
 
     async def handle(
         self,
@@ -115,6 +120,8 @@ class JobHandler:
         if job.body.sluice_deadline_ms is not None:
             deadline = min(deadline or math.inf, job.body.sluice_deadline_ms / 1000)
         _check_deadline(deadline, "before inference")
+        if isinstance(job.body, EmbeddingRequest):
+            return await self._embed(job, ref, deadline, tag)
         batcher = self._batcher
         request = to_engine_request(
             job, batcher.tokenizer, self._default_max_tokens, batcher.generation_defaults
@@ -143,6 +150,28 @@ class JobHandler:
             tokenizer=self._batcher.tokenizer,
         )
         return line, output
+
+    async def _embed(
+        self, job, ref: str, deadline: float | None, tag
+    ) -> tuple[BatchResponseLine, RequestOutput]:
+        inputs = embedding_inputs(job.body, self._batcher.tokenizer)
+        tokens = sum(map(len, inputs))
+        self._backpressure.add(tokens=tokens)
+        try:
+            timeout = None if deadline is None else deadline - time.time()
+            request_id = f"{ref}/{uuid.uuid4().hex[:8]}"
+            outputs = await embed(
+                self._batcher, request_id, inputs, self._pooling, job.body.priority, timeout, tag
+            )
+        except TimeoutError:
+            raise DeadlineExceeded("the deadline passed during inference; the request was aborted") from None
+        finally:
+            self._backpressure.remove(tokens=tokens)
+        if any(out.finish_reason == "abort" for out in outputs):
+            return to_error_line(
+                job.custom_id, "engine_error", "the engine aborted the request", 500
+            ), outputs[0]
+        return to_embedding_line(job, outputs, self._model_name), outputs[0]
 
 
 class DeadlineExceeded(Exception):

@@ -150,7 +150,7 @@ def test_msgpack_job_read_as_json_is_invalid_encoding() -> None:
         (b'{"custom_id": "a", "url": "/v1/chat/compl', "invalid_encoding", "JSON"),
         (b'[{"custom_id": "a"}]', "invalid_request", "object"),
         (b'{"custom_id": "a", "url": "/v1/chat/completions"}', "invalid_request", "`body`"),
-        (b'{"custom_id": "a", "url": "/v1/embeddings", "body": {}}', "invalid_request", "$.url"),
+        (b'{"custom_id": "a", "url": "/v1/audio/speech", "body": {}}', "invalid_request", "$.url"),
         (_line(_chat_job(messages=[])), "invalid_request", "$.body.messages"),
         (_line(_chat_job(temperature=9)), "invalid_request", "$.body.temperature"),
         (_line(_completion_job(n=0)), "invalid_request", "$.body.n"),

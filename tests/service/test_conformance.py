@@ -2,8 +2,9 @@
 output line validates against OpenAI's batch output schema (tests/service/openai_batch_schema.py).
 
 The file holds chat and completion jobs (plain, logprobs, stop strings, echo, a greedy choice,
-logit_bias, n and best_of), refused ones (a refused field, an unknown field, another model, an embeddings job)
-and a line that is no JSON. Tools and embeddings are refused by name (not implemented).
+logit_bias, n and best_of), embeddings (floats, and base64 with dimensions), refused ones (a refused
+field, an unknown field, another model, tools) and a line that is no JSON. Tools are refused by name
+(not implemented).
 """
 
 from __future__ import annotations
@@ -85,8 +86,22 @@ JOBS = {
     ),
     "other-model": (_job("other-model", COMPLETIONS, {"prompt": "x", "model": "gpt-4o-mini"}), 404),
     "embeddings": (
-        {"custom_id": "embeddings", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
-        400,
+        {
+            "custom_id": "embeddings",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"input": ["x", "yz"]},
+        },
+        200,
+    ),
+    "embeddings-base64": (
+        {
+            "custom_id": "embeddings-base64",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "tiny", "input": [[5, 6, 7]], "dimensions": 8, "encoding_format": "base64"},
+        },
+        200,
     ),
 }
 
