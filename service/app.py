@@ -61,6 +61,7 @@ class Service:
             config.model_aliases,
             config.unknown_fields,
             config.embedding_pooling,
+            config.tool_call_parser,
         )
         self.kafka_security = client_options(config)  # SASL/TLS settings of every Kafka client below
         self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id, self.kafka_security)

@@ -11,23 +11,16 @@ from schemas.openai import (
     CompletionRequest,
 )
 from service.logprobs import chat_logprobs, completion_logprobs
+from service.tools import parser_for, tool_calls_of, tool_mode
 
 
-def result_choices(body, output: RequestOutput, samples: list[RequestOutput], tokenizer) -> list:
+def result_choices(
+    body, output: RequestOutput, samples: list[RequestOutput], tokenizer, tool_call_parser: str = "auto"
+) -> list:
     """One choice per returned sample, by index (chat messages or completion texts)."""
     as_ids = bool(body.return_tokens_as_token_ids)
     if isinstance(body, ChatCompletionRequest):
-        echo = _chat_echo(body)
-        return [
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content=echo + s.text),
-                finish_reason=s.finish_reason,
-                logprobs=None if s.logprobs is None else chat_logprobs(s.logprobs, tokenizer, as_ids),
-                stop_reason=s.stop_reason,
-            )
-            for i, s in enumerate(samples)
-        ]
+        return [_chat_choice(body, i, s, tokenizer, tool_call_parser, as_ids) for i, s in enumerate(samples)]
     echo = _completion_echo(body, output, tokenizer)
     return [
         CompletionChoice(
@@ -53,3 +46,28 @@ def _completion_echo(body: CompletionRequest, output: RequestOutput, tokenizer) 
     if isinstance(body.prompt, str) and body.truncate_prompt_tokens is None:
         return body.prompt
     return tokenizer.decode(output.prompt_token_ids, skip_special_tokens=body.skip_special_tokens)
+
+
+def _chat_choice(
+    body: ChatCompletionRequest, index: int, sample: RequestOutput, tokenizer, parser: str, as_ids
+):
+    content, tool_calls = _tool_calls(body, sample.text, tokenizer, parser)
+    if tool_calls:
+        message = AssistantMessage(content=content, tool_calls=tool_calls)
+    else:
+        message = AssistantMessage(content=_chat_echo(body) + sample.text)
+    # OpenAI: "tool_calls" when the model chose to call; "stop" when a named function was forced
+    called = tool_calls and tool_mode(body) in ("auto", "required")
+    return ChatChoice(
+        index=index,
+        message=message,
+        finish_reason="tool_calls" if called else sample.finish_reason,
+        logprobs=None if sample.logprobs is None else chat_logprobs(sample.logprobs, tokenizer, as_ids),
+        stop_reason=sample.stop_reason,
+    )
+
+
+def _tool_calls(body: ChatCompletionRequest, text: str, tokenizer, configured: str):
+    """(content, tool calls) of one sample's text under the job's tool_choice."""
+    parser = parser_for(configured, body.chat_template or getattr(tokenizer, "chat_template", None))
+    return tool_calls_of(text, tool_mode(body), parser, body.parallel_tool_calls is not False)

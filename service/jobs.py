@@ -57,6 +57,7 @@ class JobHandler:
         model_aliases: Sequence[str] = (),
         unknown_fields: str = "reject",
         embedding_pooling: str = "last",
+        tool_call_parser: str = "auto",
     ) -> None:
         """`model_aliases`: other names a job's `model` may give; `unknown_fields`: "reject" (a
         body field no schema declares is an error, as OpenAI does) or "ignore" (vLLM's leniency)."""
@@ -67,6 +68,7 @@ class JobHandler:
         self._unknown_fields = unknown_fields
         self._default_max_tokens = default_max_tokens
         self._pooling = PoolingParams(embedding_pooling)  # of /v1/embeddings jobs
+        self._tool_call_parser = tool_call_parser
 
     async def handle(
         self,
@@ -148,6 +150,7 @@ class JobHandler:
             self._model_name,
             enqueued_time=timestamp_ms / 1000,
             tokenizer=self._batcher.tokenizer,
+            tool_call_parser=self._tool_call_parser,
         )
         return line, output
 

@@ -34,6 +34,7 @@ from service.choices import result_choices
 from service.fields import UnsupportedParameter, check_fields
 from service.prompts import PromptError
 from service.prompts import prompt_token_ids as prompt_token_ids_of
+from service.tools import ToolError, tool_constraint
 
 
 class TranslationError(ValueError):
@@ -87,7 +88,10 @@ def to_engine_request(
     except PromptError as e:
         raise TranslationError(e.code, e.message, param=e.param) from None
     _check_combinations(body)
-    structured_outputs = _structured_outputs(body)
+    try:
+        structured_outputs = tool_constraint(body, _structured_outputs(body))
+    except ToolError as e:
+        raise TranslationError("invalid_request", e.message, param=e.param) from None
     defaults = dict(generation_defaults or {})
     temperature = _pick(body.temperature, defaults, "temperature", 1.0)
     _check_samples(body, temperature)
@@ -121,7 +125,12 @@ def to_engine_request(
 
 
 def to_result_line(
-    job: BatchRequestLine, output: RequestOutput, model_name: str, enqueued_time: float, tokenizer=None
+    job: BatchRequestLine,
+    output: RequestOutput,
+    model_name: str,
+    enqueued_time: float,
+    tokenizer=None,
+    tool_call_parser: str = "auto",
 ) -> BatchResponseLine:
     """A finished engine output as an OpenAI Batch output line, with Sluice's timings.
 
@@ -142,7 +151,7 @@ def to_result_line(
         created=int(time.time()), model=model_name, usage=usage, sluice=_extension(output, enqueued_time)
     )
     body = job.body
-    choices = result_choices(body, output, samples, tokenizer)
+    choices = result_choices(body, output, samples, tokenizer, tool_call_parser)
     if isinstance(body, ChatCompletionRequest):
         response_body = ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", choices=choices, **common)
     else:

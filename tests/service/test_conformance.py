@@ -2,9 +2,8 @@
 output line validates against OpenAI's batch output schema (tests/service/openai_batch_schema.py).
 
 The file holds chat and completion jobs (plain, logprobs, stop strings, echo, a greedy choice,
-logit_bias, n and best_of), embeddings (floats, and base64 with dimensions), refused ones (a refused
-field, an unknown field, another model, tools) and a line that is no JSON. Tools are refused by name
-(not implemented).
+logit_bias, n and best_of), embeddings (floats, and base64 with dimensions), a required tool call, refused ones (a refused
+field, an unknown field, another model) and a line that is no JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +19,14 @@ from tests.service.openai_batch_schema import BATCH_OUTPUT_LINE, body_schema
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is the river cold?"}]
+
+
+TOOL_PARAMETERS = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}},
+    "required": ["ok"],
+    "additionalProperties": False,
+}
 
 
 def _job(custom_id: str, url: str, body: dict) -> dict:
@@ -80,9 +87,19 @@ JOBS = {
     "unknown-field": (_job("unknown-field", COMPLETIONS, {"prompt": "x", "frobnicate": True}), 400),
     "tools": (
         _job(
-            "tools", CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}
+            "tools",
+            CHAT,
+            {
+                "messages": MESSAGES,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": TOOL_PARAMETERS}}],
+                "tool_choice": "required",
+                "parallel_tool_calls": False,
+                "temperature": 1,
+                "seed": 3,
+                "max_tokens": 60,
+            },
         ),
-        400,
+        200,
     ),
     "other-model": (_job("other-model", COMPLETIONS, {"prompt": "x", "model": "gpt-4o-mini"}), 404),
     "embeddings": (
@@ -148,6 +165,12 @@ async def test_a_batch_file_through_sluice_batch_local_conforms_to_openais_outpu
     probabilities = choice["sluice"]["choice_probabilities"]
     assert choice["choices"][0]["message"]["content"] == max(probabilities, key=probabilities.get)
     assert by_id["chat-prefill"]["response"]["body"]["choices"][0]["message"]["content"].startswith("Yes,")
+    tools = by_id["tools"]["response"]["body"]["choices"][0]
+    assert (
+        tools["finish_reason"] == "tool_calls"
+        and tools["message"]["tool_calls"][0]["function"]["name"] == "f"
+    )
+    assert [d["index"] for d in by_id["embeddings"]["response"]["body"]["data"]] == [0, 1]
     for custom_id in ("chat-n", "completion-best-of"):
         assert [c["index"] for c in by_id[custom_id]["response"]["body"]["choices"]] == [0, 1]
 

@@ -82,3 +82,17 @@ async def test_dimensions_cut_the_vector_then_renormalise_it_and_base64_carries_
 async def test_bad_embedding_jobs_are_a_400_naming_the_field(handle, body, param) -> None:
     response = await handle(body)
     assert (response.status_code, response.body.error.param) == (400, param)
+
+
+async def test_embedding_pooling_mean_pools_every_position(tiny_engine, handle) -> None:
+    engine = AsyncLLMEngine(tiny_engine)
+    engine.start()
+    batcher = DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1)
+    mean = JobHandler(batcher, "tiny", 8, embedding_pooling="mean")
+    job = json.dumps({"custom_id": "m", "url": "/v1/embeddings", "body": {"input": [5, 6, 7]}}).encode()
+    outcome = await mean.handle(job, [], int(time.time() * 1000), "jobs/0/2")
+    await engine.stop()
+    last = (await handle({"input": [5, 6, 7]})).body.data[0].embedding
+    vector = outcome.result.response.body.data[0].embedding
+    assert math.fsum(x * x for x in vector) == pytest.approx(1.0)
+    assert vector != pytest.approx(last, abs=1e-3)

@@ -47,8 +47,6 @@ REFUSED_VALUES = {
     "cache_salt": "salt",
     "kv_transfer_params": {"a": 1},
     "vllm_xargs": {"a": 1},
-    "tools": [{"type": "function", "function": {"name": "f"}}],
-    "tool_choice": "auto",
     "functions": [{"name": "f"}],
     "function_call": "auto",
     "modalities": ["text", "audio"],
