@@ -10,7 +10,8 @@ prefix cache). `mean`: the mean over every prompt position, so a mean-pooling se
 nothing from the prefix cache (`Sequence.first_logits_position` is 0) and a recompute after
 preemption starts its sum again. The vector is raw; normalising is the front end's.
 
-Pipeline parallelism is refused: the last stage, not rank 0, holds the hidden states.
+Pipeline parallelism is refused: the last stage, not rank 0, holds the hidden states; tensor
+parallel ranks all hold them whole, and rank 0 pools.
 """
 
 from __future__ import annotations
