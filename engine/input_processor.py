@@ -84,6 +84,24 @@ class InputProcessor:
             choice_token_ids = self._choice_token_ids(len(token_ids), spec.choice)
         return ProcessedRequest(seq, choice_token_ids)
 
+    def process_pooling(
+        self, request_id: str, prompt: str | list[int], pooling: str, priority: int
+    ) -> Sequence:
+        """A pooling request's sequence: prefill only, its hidden states pooled (engine/pooling.py)."""
+        if self.config.pipeline_parallel_size > 1:
+            raise RequestRejected("pooling (embedding) requests need pipeline_parallel_size 1")
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(token_ids, for_generation=False)
+        self._check_fits(len(token_ids), 0)
+        seq = Sequence(request_id, token_ids, SamplingParams(max_tokens=1, temperature=0.0), 0, priority)
+        seq.pooling = pooling
+        return seq
+
+    def fork_grammar(self, seq: Sequence):
+        """A fresh grammar matcher for a sequence forked from a request (None: unconstrained)."""
+        spec = seq.params.structured_outputs
+        return None if spec is None or seq.is_prefill_only else self.grammars.matcher(spec)
+
     def _resolve(self, params: SamplingParams) -> SamplingParams:
         """The params with what only the engine knows filled in; refuses token ids outside the vocabulary."""
         bad = [t for t in (params.logit_bias or {}) if t >= self.vocab_size]
@@ -98,10 +116,14 @@ class InputProcessor:
         in_vocab = frozenset(t for t in stop_ids if t < self.vocab_size)  # others are never sampled
         return dataclasses.replace(params, min_tokens_stop_ids=in_vocab)
 
-    def _check_prompt(self, token_ids: list[int]) -> None:
+    def _check_prompt(self, token_ids: list[int], for_generation: bool = True) -> None:
         if not token_ids:
             raise RequestRejected("the prompt is empty")
-        if len(token_ids) >= self.max_model_len:
+        if len(token_ids) > self.max_model_len - for_generation:
+            if not for_generation:
+                raise RequestRejected(
+                    f"the input has {len(token_ids)} tokens; this model takes at most {self.max_model_len}"
+                )
             raise RequestRejected(
                 f"the prompt has {len(token_ids)} tokens; this model takes at most "
                 f"{self.max_model_len - 1} so that one token can be generated"

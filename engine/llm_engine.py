@@ -7,7 +7,9 @@ One step, each arrow one way (nothing later calls back into an earlier stage):
     -> scheduler.update_from_output()   appends tokens; EOS, stop tokens, max_tokens and
                                 grammars finish sequences, which free their blocks
     -> output_processor.process()   text, stop strings, logprobs -> RequestOutputs
+    -> parallel_sampler         forks the samples of n/best_of > 1 requests, gathers their outputs
     -> choice_scorer            scores `choice` requests and holds their outputs until done
+    -> pooler                   pooling (embedding) requests: their pooled hidden states
 
 Requests join (InputProcessor: tokenise and check) and leave between any two steps.
 """
@@ -31,6 +33,8 @@ from engine.input_processor import InputProcessor, RequestRejected
 from engine.models import max_context_len
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
+from engine.parallel_sampling import ParallelSampler
+from engine.pooling import Pooler, PoolingParams, PoolingRows
 from engine.quant import make_plan
 from engine.runtime import resolve_dtype, resolve_runtime
 from engine.sampling_params import SamplingParams
@@ -90,20 +94,34 @@ class LLMEngine:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.choice_scorer = ChoiceScorer(self.scheduler)
+        self.pooler = Pooler()
+        self.parallel_sampler = ParallelSampler(self.scheduler, self.input_processor.fork_grammar)
         self._step_totals = StepTotals()
         self._requests: dict[str, Sequence] = {}  # unfinished requests (their own sequences)
         self._aborted: list[RequestOutput] = []  # aborted between steps, reported by the next step()
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | PoolingParams,
+        priority: int = 0,
     ) -> None:
-        """Queue a request; it runs from the next step on. Raises RequestRejected if it cannot run."""
+        """Queue a request; it runs from the next step on. Raises RequestRejected if it cannot run.
+        PoolingParams: an embedding request (its output's `embedding`; engine/pooling.py)."""
         if request_id in self._requests:
             raise RequestRejected(f"request id {request_id!r} is already running")
+        if isinstance(params, PoolingParams):
+            seq = self.input_processor.process_pooling(request_id, prompt, params.pooling, priority)
+            self.output_processor.add(seq)
+            self._requests[request_id] = seq
+            self.scheduler.add(seq)
+            return
         request = self.input_processor.process(request_id, prompt, params, priority)
         seq = request.seq
         if request.choice_token_ids is not None:
             self.choice_scorer.add(seq, params.structured_outputs.choice, request.choice_token_ids)
+        self.parallel_sampler.add(seq)
         self.output_processor.add(seq)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
@@ -114,9 +132,13 @@ class LLMEngine:
         if seq is None:
             return False
         scorers, held = self.choice_scorer.abort(seq)
-        for s in [seq, *scorers]:
+        samples = self.parallel_sampler.abort(seq)
+        for s in [seq, *scorers, *samples]:
             if not s.is_finished:
                 self.scheduler.finish(s, "abort")
+        for s in samples:
+            self.output_processor.abort(s)  # forgets what it recorded for them
+        self.pooler.abort(seq)
         if held is not None:  # its text was done, its choices were being scored
             held.finish_reason = "abort"
         self._aborted.append(held or self.output_processor.abort(seq))
@@ -130,7 +152,11 @@ class LLMEngine:
             return outputs
         self._step_totals.record(out)
         rows = PromptLogprobRows.of(out)
-        result = self.executor.execute(StepPlan.build(out, self.vocab_size, rows))
+        pooling_rows = PoolingRows.of(out)
+        plan = StepPlan.build(out, self.vocab_size, rows)
+        plan.pooling_rows = pooling_rows.rows if pooling_rows is not None else None
+        result = self.executor.execute(plan)
+        self.pooler.update(pooling_rows, result.pooled_hidden if result is not None else None)
         token_ids = result.sampled_token_ids.tolist() if result is not None else []  # the step's one sync
         finished = self.scheduler.update_from_output(out, token_ids)
         sampling = out.sampling_seqs
@@ -143,8 +169,15 @@ class LLMEngine:
         prompt_top = None
         if rows is not None and result.prompt_top_logprobs is not None:
             prompt_top = [t.tolist() for t in result.prompt_top_logprobs]  # (ids, logprobs), [R, K] each
+        for fork in self.parallel_sampler.update(out):
+            self.output_processor.add(fork)
         outputs += self.choice_scorer.update(out, rows, prompt_logprobs, prompt_top)
-        outputs += [o for seq, output in processed.outputs if (o := self.choice_scorer.hold(seq, output))]
+        gathered = [g for seq, output in processed.outputs if (g := self.parallel_sampler.hold(seq, output))]
+        outputs += [
+            self.pooler.hold(seq, o)
+            for seq, output in gathered
+            if (o := self.choice_scorer.hold(seq, output))
+        ]
         for output in outputs:
             self._requests.pop(output.request_id, None)
         return outputs

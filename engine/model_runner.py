@@ -132,7 +132,7 @@ class ModelRunner:
             if not state.is_last_stage:
                 pending.extend(ps.send_to_next_stage(list(result)))  # (hidden, residual)
                 continue
-            if plan.prompt_logprob_rows is not None:
+            if plan.prompt_logprob_rows is not None or plan.pooling_rows is not None:
                 hiddens.append(result)
             if logits_indices.numel():
                 logits.append(self.model.compute_logits(result[logits_indices]))
@@ -146,11 +146,14 @@ class ModelRunner:
             prompt_logprobs, prompt_top = self._prompt_logprobs(
                 torch.cat(hiddens), *rows, plan.prompt_logprob_top
             )
+        pooled = None
+        if plan.pooling_rows is not None:
+            pooled = torch.cat(hiddens)[torch.tensor(plan.pooling_rows, device=self.device)].float()
         if not logits:
             no_tokens = torch.empty(0, dtype=torch.int64, device=self.device)
-            if prompt_logprobs is None:
+            if prompt_logprobs is None and pooled is None:
                 return None
-            return SamplerOutput(no_tokens, None, prompt_logprobs, prompt_top)
+            return SamplerOutput(no_tokens, None, prompt_logprobs, prompt_top, pooled)
         logits = torch.cat(logits).float()  # [N, V]
         batch = SamplingBatch.build(
             plan.sampling_params,
@@ -162,6 +165,7 @@ class ModelRunner:
         )
         result = self.sampler(logits, batch)
         result.prompt_logprobs, result.prompt_top_logprobs = prompt_logprobs, prompt_top
+        result.pooled_hidden = pooled
         return result
 
     @torch.inference_mode()

@@ -44,7 +44,12 @@ class OutputProcessor:
         stops = {seq: stop for seq in sampling if (stop := self._stop_string(seq)) is not None}
         stopped = [(seq, stop) for seq, stop in stops.items() if not seq.is_finished]
         ended = [*finished, *(seq for seq, _ in stopped)]
-        outputs = [(seq, self._output(seq, stops.get(seq))) for seq in ended if seq.parent is None]
+        # a request's own sequences and its parallel samples (forks that decode); not scoring forks
+        outputs = [
+            (seq, self._output(seq, stops.get(seq)))
+            for seq in ended
+            if seq.parent is None or not seq.is_prefill_only
+        ]
         return ProcessedStep(outputs, stopped)
 
     def abort(self, seq: Sequence) -> RequestOutput:

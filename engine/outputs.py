@@ -35,6 +35,11 @@ class RequestOutput:
     # a `choice` structured output's probability of each choice, renormalised over the choices
     choice_probabilities: dict[str, float] | None = None
     num_cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs, where recorded
+    # n > 1 (or best_of > 1): the returned samples, by choice index; the request's own fields are
+    # samples[0]'s. None for a request with one sample.
+    samples: list[RequestOutput] | None = None
+    embedding: list[float] | None = None  # a pooling request's pooled final hidden state (raw)
 
     @property
     def is_finished(self) -> bool:

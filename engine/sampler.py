@@ -39,6 +39,8 @@ class SamplerOutput:
     # ([R, K] int64 ids, [R, K] float32 logprobs): each prompt logprob row's K most likely tokens,
     # when a row's request asked for alternatives (a greedy choice's answer); set by the model runner
     prompt_top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
+    # [P, H] float32: the final hidden states at StepPlan.pooling_rows; set by the model runner
+    pooled_hidden: torch.Tensor | None = None
 
 
 class Sampler:

@@ -51,6 +51,8 @@ class StructuredOutputs:
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 16
+    n: int = 1  # samples returned (parallel samples of one prompt; see engine/parallel_sampling.py)
+    best_of: int | None = None  # samples drawn (>= n); the n with the highest cumulative logprob return
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: no top-k cut
@@ -88,6 +90,10 @@ class SamplingParams:
                 raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token_id!r}")
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of must be >= n, got n={self.n} and best_of={self.best_of}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -98,8 +104,17 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.is_greedy and self.num_samples > 1:
+            # vLLM's rule: greedy samples would all be the same
+            name = "n" if self.best_of is None else "best_of"
+            raise ValueError(f"{name} must be 1 when using greedy sampling, got {self.num_samples}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}")
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences sampled for the request: best_of, else n."""
+        return self.best_of if self.best_of is not None else self.n
 
     @property
     def is_greedy(self) -> bool:

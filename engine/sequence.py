@@ -52,6 +52,9 @@ class Sequence:
         # The request's own sequence this one was forked from (a choice's scoring sequence);
         # None for a request's own sequence.
         self.parent: Sequence | None = None
+        self.pooling: str | None = (
+            None  # a pooling (embedding) request's: "last" | "mean" (engine/pooling.py)
+        )
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -89,6 +92,8 @@ class Sequence:
         """The first position whose logits this sequence needs: it is computed, never taken from the prefix cache."""
         if self.prompt_logprobs_from is not None:
             return self.prompt_logprobs_from - 1
+        if self.pooling == "mean":  # every position's hidden state
+            return 0
         return self.num_tokens - 1
 
     @property

@@ -65,6 +65,8 @@ class StepPlan:
     # prompt logprobs this step computes: (rows of the step's flat hidden states, target tokens)
     prompt_logprob_rows: tuple[list[int], list[int]] | None = None
     prompt_logprob_top: int = 0  # alternatives per prompt logprob row (PromptLogprobRows.num_top)
+    # rows of the step's flat final hidden states that pooling requests need (engine/pooling.py)
+    pooling_rows: list[int] | None = None
 
     @classmethod
     def build(
@@ -100,6 +102,7 @@ class StepPlan:
             output_token_ids=[],
             token_bitmask=None,
             prompt_logprob_rows=None,
+            pooling_rows=None,
         )
 
     def split(self, num_micro_batches: int) -> list[StepPlan]:

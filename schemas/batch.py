@@ -1,6 +1,6 @@
 """OpenAI Batch API lines: a job is one input line, a result one output line.
 
-Input:  {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}
+Input:  {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings", "body"}
 Output: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
 
 A failed job keeps OpenAI's shape: a request refused as an HTTP request would be has
@@ -16,13 +16,15 @@ from typing import Literal
 
 from msgspec import Raw, Struct
 
+from schemas.embeddings import EmbeddingRequest, EmbeddingResponse
 from schemas.openai import ChatCompletion, ChatCompletionRequest, CompletionRequest, ErrorBody, TextCompletion
 
 SCHEMA_VERSION = 1  # bumped only with a change readers must know about; fields are only added
 
-Endpoint = Literal["/v1/chat/completions", "/v1/completions"]
+Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
 CHAT_URL: Endpoint = "/v1/chat/completions"
 COMPLETIONS_URL: Endpoint = "/v1/completions"
+EMBEDDINGS_URL: Endpoint = "/v1/embeddings"
 
 
 class BatchRequestLine(Struct, kw_only=True):
@@ -31,7 +33,7 @@ class BatchRequestLine(Struct, kw_only=True):
     custom_id: str
     method: Literal["POST"] = "POST"
     url: Endpoint
-    body: ChatCompletionRequest | CompletionRequest  # chosen by `url` in the decoder
+    body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest  # chosen by `url` in the decoder
 
 
 class BatchRequestEnvelope(Struct, kw_only=True):
@@ -51,7 +53,7 @@ class BatchError(Struct, kw_only=True):
 class BatchResponse(Struct, kw_only=True):
     status_code: int
     request_id: str
-    body: ChatCompletion | TextCompletion | ErrorBody
+    body: ChatCompletion | TextCompletion | EmbeddingResponse | ErrorBody
 
 
 class BatchResponseLine(Struct, kw_only=True):

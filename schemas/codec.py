@@ -14,12 +14,14 @@ from msgspec import Struct
 from schemas.batch import (
     CHAT_URL,
     COMPLETIONS_URL,
+    EMBEDDINGS_URL,
     BatchError,
     BatchRequestEnvelope,
     BatchRequestLine,
     BatchResponse,
     BatchResponseLine,
 )
+from schemas.embeddings import EmbeddingRequest, EmbeddingResponse
 from schemas.fields import unknown_body_fields
 from schemas.openai import ChatCompletion, ChatCompletionRequest, CompletionRequest, ErrorBody, TextCompletion
 
@@ -55,8 +57,8 @@ def decode_job(
     an error (`unsupported_parameter`, its path as `param`), as OpenAI answers one."""
     codec = _CODECS[normalize_content_type(content_type)]
     envelope = decode_job_envelope(data, content_type)
-    body_type = ChatCompletionRequest if envelope.url == CHAT_URL else CompletionRequest
-    body_decoder = codec.chat if envelope.url == CHAT_URL else codec.completion
+    body_type = _BODY_TYPES[envelope.url]
+    body_decoder = codec.bodies[envelope.url]
     try:
         body = _decode(body_decoder, envelope.body, codec.name)
     except JobDecodeError as e:
@@ -82,14 +84,19 @@ def decode_job_envelope(data: bytes, content_type: str | None = None) -> BatchRe
         if e.code == "invalid_request" and (url := _peek_url(codec, data)) in UNSERVED_URLS:
             raise JobDecodeError(
                 "unsupported_endpoint",
-                f"{url} is not served here; only {CHAT_URL} and {COMPLETIONS_URL}",
+                f"{url} is not served here; only {CHAT_URL}, {COMPLETIONS_URL} and {EMBEDDINGS_URL}",
                 "url",
             ) from None
         raise
 
 
 # endpoints of OpenAI's batch API that Sluice does not serve: refused by name, not as a bad url
-UNSERVED_URLS = ("/v1/embeddings", "/v1/responses", "/v1/moderations")
+UNSERVED_URLS = ("/v1/responses", "/v1/moderations")
+_BODY_TYPES = {
+    CHAT_URL: ChatCompletionRequest,
+    COMPLETIONS_URL: CompletionRequest,
+    EMBEDDINGS_URL: EmbeddingRequest,
+}
 
 
 def _peek_url(codec: _Codec, data: bytes) -> str | None:
@@ -186,13 +193,12 @@ class _Codec:
     def __init__(self, name: str, module) -> None:
         self.name = name
         self.envelope = module.Decoder(BatchRequestEnvelope)
-        self.chat = module.Decoder(ChatCompletionRequest)
-        self.completion = module.Decoder(CompletionRequest)
+        self.bodies = {url: module.Decoder(body_type) for url, body_type in _BODY_TYPES.items()}
         self.peek = module.Decoder(_CustomIdOnly)
         self.peek_url = module.Decoder(_UrlOnly)
         self.raw = module.Decoder()  # a body as plain objects, for the names of its fields
         self.result = module.Decoder(_RawResponseLine)
-        self.completion_body = module.Decoder(ChatCompletion | TextCompletion)
+        self.completion_body = module.Decoder(ChatCompletion | TextCompletion | EmbeddingResponse)
         self.error_body = module.Decoder(ErrorBody)
         self.encoder = module.Encoder()
 

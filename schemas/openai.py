@@ -144,7 +144,7 @@ class _SamplingFields(Struct, kw_only=True, omit_defaults=True):
     prompt_cache_key: Any = None
     prompt_cache_retention: Any = None
     # vLLM's extra sampling fields
-    best_of: Any = None
+    best_of: PositiveInt | None = None
     use_beam_search: Any = None
     length_penalty: Any = None
     structured_outputs: StructuredOutputsRequest | None = None

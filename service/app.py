@@ -72,6 +72,8 @@ class Service:
                 config.results_topic,
                 reserved=[*config.jobs_topics, config.dlq_topic, config.traces_topic],
             ),
+            embedding_pooling=config.embedding_pooling,
+            tool_call_parser=config.tool_call_parser,
         )
         self.kafka_security = client_options(config)  # SASL/TLS settings of every Kafka client below
         self.publisher = ResultPublisher(
@@ -221,7 +223,7 @@ class Service:
             m.jobs_completed.inc()
         if (out := outcome.output) is not None:
             m.prompt_tokens.inc(len(out.prompt_token_ids))
-            m.output_tokens.inc(len(out.token_ids))
+            m.output_tokens.inc(sum(len(s.token_ids) for s in out.samples or [out]))  # every choice's
             m.queue_wait.observe(max(0.0, out.metrics.arrival_time - timestamp_ms / 1000))
             if (ttft := _seconds(out.metrics.first_token_time, out.metrics.arrival_time)) is not None:
                 m.ttft.observe(ttft)

@@ -76,6 +76,10 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     # a job body field no request schema declares: "reject" (an error result naming it, as OpenAI
     # does) or "ignore" (vLLM's leniency, for producers written against it)
     unknown_fields: Literal["reject", "ignore"] = "reject"
+    # how /v1/embeddings jobs pool the final hidden states: the last token's, or their mean
+    embedding_pooling: Literal["last", "mean"] = "last"
+    # the format of chat tool calls in the output; auto: hermes if the chat template mentions <tool_call>
+    tool_call_parser: Literal["auto", "hermes", "llama3_json"] = "auto"
     # EngineConfig (engine/config.py, where each option is explained and checked): the [engine] TOML
     # table, SLUICE_ENGINE_<FIELD> variables; an empty `model` means the built-in demo model
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from schemas.embeddings import EmbeddingRequest
 from schemas.openai import ChatCompletionRequest, CompletionRequest
 
-Endpoint = Literal["both", "chat", "completions"]
+Endpoint = Literal["both", "chat", "completions", "embeddings"]  # both: chat and completions
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,12 @@ FIELD_RULES: tuple[FieldRule, ...] = (
     ),
     FieldRule("temperature", "honoured", "default: generation_config.json's, else 1"),
     FieldRule("top_p", "honoured", "default: generation_config.json's, else 1"),
-    FieldRule("n", "refused", "only 1 (one choice per job)", accepts=_default(1)),
+    FieldRule(
+        "n",
+        "honoured",
+        "parallel samples sharing the prompt's KV blocks; seeded: sample i uses seed + i; "
+        "greedy (temperature 0) takes only 1, as vLLM",
+    ),
     FieldRule("stop", "honoured"),
     FieldRule("seed", "honoured"),
     FieldRule("presence_penalty", "honoured"),
@@ -75,7 +81,11 @@ FIELD_RULES: tuple[FieldRule, ...] = (
     FieldRule("prompt_cache_key", "no effect", "the prefix cache needs no key"),
     FieldRule("prompt_cache_retention", "no effect"),
     # vLLM's extra fields, both endpoints
-    FieldRule("best_of", "refused", "only 1", accepts=_default(1)),
+    FieldRule(
+        "best_of",
+        "honoured",
+        "samples best_of (>= n), returns the n with the highest cumulative logprob; greedy takes only 1",
+    ),
     FieldRule("use_beam_search", "refused", "only false", accepts=_default(False)),
     FieldRule("length_penalty", "refused", "only 1 (beam search only)", accepts=_default(1, 1.0)),
     FieldRule(
@@ -129,13 +139,17 @@ FIELD_RULES: tuple[FieldRule, ...] = (
     FieldRule("top_logprobs", "honoured", "needs `logprobs: true`", "chat"),
     FieldRule(
         "tools",
-        "refused",
-        "not implemented: tool calls are neither rendered nor parsed",
+        "honoured",
+        "rendered by the chat template; calls parsed by `tool_call_parser` (hermes, llama3_json)",
         "chat",
-        accepts=lambda value: not value,
     ),
-    FieldRule("tool_choice", "refused", "only `none` (no tools)", "chat", accepts=_default("none")),
-    FieldRule("parallel_tool_calls", "no effect", "without tools (which are refused)", "chat"),
+    FieldRule(
+        "tool_choice",
+        "honoured",
+        "`none`, `auto` (parsed), `required` and a named function (both constrained by a JSON schema)",
+        "chat",
+    ),
+    FieldRule("parallel_tool_calls", "honoured", "false: at most one call", "chat"),
     FieldRule("add_generation_prompt", "honoured", endpoint="chat"),
     FieldRule("continue_final_message", "honoured", "the last message is continued, not closed", "chat"),
     FieldRule("chat_template", "honoured", "a Jinja chat template for this job", "chat"),
@@ -165,6 +179,24 @@ FIELD_RULES: tuple[FieldRule, ...] = (
     FieldRule("prompt", "honoured", "text or token ids (one prompt per job)", "completions"),
     FieldRule("suffix", "refused", endpoint="completions"),
     FieldRule("prompt_embeds", "refused", endpoint="completions"),
+    # embeddings (none of the rows above apply to them)
+    FieldRule(
+        "input",
+        "honoured",
+        "a string, strings, token ids or token-id lists; each one embedded on its own",
+        "embeddings",
+    ),
+    FieldRule("model", "honoured", "as for chat and completions", "embeddings"),
+    FieldRule("encoding_format", "honoured", "`float` or `base64` (little-endian float32)", "embeddings"),
+    FieldRule("dimensions", "honoured", "the first `dimensions` components, renormalised", "embeddings"),
+    FieldRule("user", "no effect", endpoint="embeddings"),
+    FieldRule("truncate_prompt_tokens", "honoured", "keeps each input's last k tokens", "embeddings"),
+    FieldRule("add_special_tokens", "honoured", "default: true", "embeddings"),
+    FieldRule("priority", "honoured", "lower runs first", "embeddings"),
+    FieldRule("request_id", "no effect", "Sluice names its requests itself", "embeddings"),
+    FieldRule(
+        "sluice_deadline_ms", "honoured", "Sluice's: Unix ms after which the job is not run", "embeddings"
+    ),
 )
 
 # message fields: besides role, content, name, tool_calls and tool_call_id, read only to be refused
@@ -222,5 +254,7 @@ def _check_messages(body: ChatCompletionRequest) -> None:
 
 def rules_for(body_type: type) -> list[FieldRule]:
     """The rules of one endpoint's body type (the table's rows that apply to it)."""
+    if body_type is EmbeddingRequest:
+        return [rule for rule in FIELD_RULES if rule.endpoint == "embeddings"]
     endpoint = "chat" if body_type is ChatCompletionRequest else "completions"
     return [rule for rule in FIELD_RULES if rule.endpoint in ("both", endpoint)]

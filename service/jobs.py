@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import math
 import time
@@ -18,10 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from engine import EngineDeadError, RequestOutput, RequestRejected
+from engine.pooling import PoolingParams
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
+from schemas.embeddings import EmbeddingRequest
 from service.backpressure import Backpressure
 from service.batcher import DynamicBatcher
+from service.embeddings import embed, embedding_inputs, to_embedding_line
 from service.limits import JobLimits, check_job_size, check_limits, check_prompt_tokens
 from service.routing import ReplyTopics
 from service.translate import (
@@ -61,6 +65,8 @@ class JobHandler:
         unknown_fields: str = "reject",
         limits: JobLimits | None = None,
         reply_topics: ReplyTopics | None = None,
+        embedding_pooling: str = "last",
+        tool_call_parser: str = "auto",
     ) -> None:
         """`model_aliases`: other names a job's `model` may give; `unknown_fields`: "reject" (a
         body field no schema declares is an error, as OpenAI does) or "ignore" (vLLM's leniency);
@@ -79,6 +85,8 @@ class JobHandler:
         # special-token handling per call, so it must not be shared with the engine's thread).
         self._tokenizer = copy.deepcopy(batcher.tokenizer)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sluice-tokenize")
+        self._pooling = PoolingParams(embedding_pooling)  # of /v1/embeddings jobs
+        self._tool_call_parser = tool_call_parser
 
     async def handle(
         self,
@@ -121,10 +129,12 @@ class JobHandler:
         _check_deadline(deadline, "before decoding")
         job = decode_job(value, content_type, self._unknown_fields)
         check_model(job, self._served_names)
-        check_limits(job, self._limits, self._default_max_tokens)
         if job.body.sluice_deadline_ms is not None:
             deadline = min(deadline or math.inf, job.body.sluice_deadline_ms / 1000)
         _check_deadline(deadline, "before inference")
+        if isinstance(job.body, EmbeddingRequest):
+            return await self._embed(job, ref, deadline, tag)
+        check_limits(job, self._limits, self._default_max_tokens)
         request = await self._off_loop(
             to_engine_request,
             job,
@@ -141,8 +151,10 @@ class JobHandler:
         generation = self._batcher.generate(
             request_id, request.prompt_token_ids, request.params, request.priority, tag=tag
         )
-        # what it may hold in the KV cache: the engine clips max_tokens to the model's length
-        tokens = num_prompt_tokens + self._limits.output_tokens(request.params.max_tokens, num_prompt_tokens)
+        # what it may hold in the KV cache: the prompt once (its samples share it), each sample's
+        # output as the engine clips max_tokens to the model's length
+        output_tokens = self._limits.output_tokens(request.params.max_tokens, num_prompt_tokens)
+        tokens = num_prompt_tokens + request.params.num_samples * output_tokens
         self._backpressure.add(tokens=tokens)
         try:
             # Past the deadline the awaiting task is cancelled, which aborts the request in the engine.
@@ -154,9 +166,38 @@ class JobHandler:
             self._backpressure.remove(tokens=tokens)
         enqueued_time = timestamp_ms / 1000
         line = await self._off_loop(
-            to_result_line, job, output, self._model_name, enqueued_time, self._tokenizer
+            functools.partial(to_result_line, tool_call_parser=self._tool_call_parser),
+            job,
+            output,
+            self._model_name,
+            enqueued_time,
+            self._tokenizer,
         )
         return line, output
+
+    async def _embed(
+        self, job, ref: str, deadline: float | None, tag
+    ) -> tuple[BatchResponseLine, RequestOutput]:
+        inputs = await self._off_loop(embedding_inputs, job.body, self._tokenizer)
+        for ids in inputs:
+            check_prompt_tokens(len(ids), self._limits)
+        tokens = sum(map(len, inputs))
+        self._backpressure.add(tokens=tokens)
+        try:
+            timeout = None if deadline is None else deadline - time.time()
+            request_id = f"{ref}/{uuid.uuid4().hex[:8]}"
+            outputs = await embed(
+                self._batcher, request_id, inputs, self._pooling, job.body.priority, timeout, tag
+            )
+        except TimeoutError:
+            raise DeadlineExceeded("the deadline passed during inference; the request was aborted") from None
+        finally:
+            self._backpressure.remove(tokens=tokens)
+        if any(out.finish_reason == "abort" for out in outputs):
+            return to_error_line(
+                job.custom_id, "engine_error", "the engine aborted the request", 500
+            ), outputs[0]
+        return to_embedding_line(job, outputs, self._model_name), outputs[0]
 
     async def _off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

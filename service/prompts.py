@@ -14,6 +14,8 @@ import json
 import re
 from typing import Any
 
+import msgspec
+
 from schemas.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 
@@ -68,6 +70,7 @@ def render_chat(body: ChatCompletionRequest, tokenizer, messages: list[dict] | N
         return tokenizer.apply_chat_template(
             messages,
             documents=body.documents,
+            tools=[msgspec.to_builtins(tool) for tool in body.tools] if body.tools else None,
             chat_template=body.chat_template,
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,

@@ -20,11 +20,8 @@ from schemas.batch import (
     BatchResponseLine,
 )
 from schemas.openai import (
-    AssistantMessage,
-    ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
-    CompletionChoice,
     CompletionRequest,
     ErrorBody,
     ErrorDetail,
@@ -33,10 +30,11 @@ from schemas.openai import (
     TextCompletion,
     Usage,
 )
+from service.choices import result_choices
 from service.fields import UnsupportedParameter, check_fields
-from service.logprobs import chat_logprobs, completion_logprobs
 from service.prompts import PromptError
 from service.prompts import prompt_token_ids as prompt_token_ids_of
+from service.tools import ToolError, tool_constraint
 
 
 class TranslationError(ValueError):
@@ -93,12 +91,19 @@ def to_engine_request(
     except PromptError as e:
         raise TranslationError(e.code, e.message, param=e.param) from None
     _check_combinations(body)
-    structured_outputs = _structured_outputs(body)
+    try:
+        structured_outputs = tool_constraint(body, _structured_outputs(body))
+    except ToolError as e:
+        raise TranslationError("invalid_request", e.message, param=e.param) from None
     defaults = dict(generation_defaults or {})
+    temperature = _pick(body.temperature, defaults, "temperature", 1.0)
+    _check_samples(body, temperature)
     try:
         params = SamplingParams(
             max_tokens=body.output_limit or int(defaults.get("max_tokens") or default_max_tokens),
-            temperature=_pick(body.temperature, defaults, "temperature", 1.0),
+            n=body.n,
+            best_of=body.best_of,
+            temperature=temperature,
             top_p=_pick(body.top_p, defaults, "top_p", 1.0),
             top_k=_top_k(_pick(body.top_k, defaults, "top_k", -1)),
             min_p=_pick(body.min_p, defaults, "min_p", 0.0),
@@ -123,14 +128,21 @@ def to_engine_request(
 
 
 def to_result_line(
-    job: BatchRequestLine, output: RequestOutput, model_name: str, enqueued_time: float, tokenizer=None
+    job: BatchRequestLine,
+    output: RequestOutput,
+    model_name: str,
+    enqueued_time: float,
+    tokenizer=None,
+    tool_call_parser: str = "auto",
 ) -> BatchResponseLine:
     """A finished engine output as an OpenAI Batch output line, with Sluice's timings.
 
     An output the engine aborted is not an answer: it becomes a 500 error result."""
     if output.finish_reason == "abort":
         return to_error_line(job.custom_id, "engine_error", "the engine aborted the request", 500)
-    num_prompt, num_output = len(output.prompt_token_ids), len(output.token_ids)
+    samples = output.samples or [output]
+    # every returned sample's tokens (as vLLM counts them); the prompt once
+    num_prompt, num_output = len(output.prompt_token_ids), sum(len(s.token_ids) for s in samples)
     usage = Usage(
         prompt_tokens=num_prompt,
         completion_tokens=num_output,
@@ -142,25 +154,11 @@ def to_result_line(
         created=int(time.time()), model=model_name, usage=usage, sluice=_extension(output, enqueued_time)
     )
     body = job.body
-    as_ids = bool(body.return_tokens_as_token_ids)
-    logprobs = output.logprobs
+    choices = result_choices(body, output, samples, tokenizer, tool_call_parser)
     if isinstance(body, ChatCompletionRequest):
-        choice = ChatChoice(
-            message=AssistantMessage(content=_chat_echo(body) + output.text),
-            finish_reason=output.finish_reason,
-            logprobs=chat_logprobs(logprobs, tokenizer, as_ids) if logprobs is not None else None,
-            stop_reason=output.stop_reason,
-        )
-        response_body = ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", choices=[choice], **common)
+        response_body = ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", choices=choices, **common)
     else:
-        echo = _completion_echo(body, output, tokenizer)
-        choice = CompletionChoice(
-            text=echo + output.text,
-            finish_reason=output.finish_reason,
-            logprobs=completion_logprobs(logprobs, tokenizer, as_ids) if logprobs is not None else None,
-            stop_reason=output.stop_reason,
-        )
-        response_body = TextCompletion(id=f"cmpl-{uuid.uuid4().hex}", choices=[choice], **common)
+        response_body = TextCompletion(id=f"cmpl-{uuid.uuid4().hex}", choices=choices, **common)
     return BatchResponseLine(
         id=f"batch_req_{uuid.uuid4().hex}",
         custom_id=job.custom_id,
@@ -214,6 +212,20 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
         ) from None
 
 
+def _check_samples(body: ChatCompletionRequest | CompletionRequest, temperature: float) -> None:
+    """vLLM's rules for n and best_of, with the field named."""
+    n, best_of = body.n, body.best_of
+    if best_of is not None and best_of < n:
+        raise TranslationError(
+            "invalid_request", f"best_of must be >= n, got n={n} and best_of={best_of}", param="best_of"
+        )
+    if temperature == 0 and (best_of or n) > 1:
+        name = "n" if best_of is None else "best_of"
+        raise TranslationError(
+            "invalid_request", f"{name} must be 1 when using greedy sampling, got {best_of or n}", param=name
+        )
+
+
 def _check_combinations(body: ChatCompletionRequest | CompletionRequest) -> None:
     if isinstance(body, ChatCompletionRequest):
         if body.top_logprobs is not None and not body.logprobs:
@@ -250,20 +262,6 @@ def _check_greedy_choice(body, params: SamplingParams) -> None:
                 "choice (scored, not decoded); drop it or sample (temperature > 0)",
                 param=name,
             )
-
-
-def _chat_echo(body: ChatCompletionRequest) -> str:
-    """vLLM's chat echo: a final assistant message (a prefill) comes before the new content."""
-    last = body.messages[-1]
-    return last.text if body.echo and last.role == "assistant" else ""
-
-
-def _completion_echo(body: CompletionRequest, output: RequestOutput, tokenizer) -> str:
-    if not body.echo:
-        return ""
-    if isinstance(body.prompt, str) and body.truncate_prompt_tokens is None:
-        return body.prompt
-    return tokenizer.decode(output.prompt_token_ids, skip_special_tokens=body.skip_special_tokens)
 
 
 def _structured_outputs(body: ChatCompletionRequest | CompletionRequest) -> StructuredOutputs | None:

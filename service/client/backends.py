@@ -147,12 +147,21 @@ class LocalBackend:
         max_in_flight: int = 256,
         model_aliases: list[str] | tuple[str, ...] = (),
         unknown_fields: str = "reject",
+        embedding_pooling: str = "last",
+        tool_call_parser: str = "auto",
     ) -> None:
         self.async_engine = AsyncLLMEngine(engine, engine_thread)
         defaults = ServiceConfig()  # the service's admission batching, so --local runs batch the same way
         batcher = DynamicBatcher(self.async_engine, defaults.batch_max_size, defaults.batch_max_wait_ms)
         self.handler = JobHandler(
-            batcher, model_name, default_max_tokens, None, model_aliases, unknown_fields
+            batcher,
+            model_name,
+            default_max_tokens,
+            None,
+            model_aliases,
+            unknown_fields,
+            embedding_pooling,
+            tool_call_parser,
         )
         self._slots = asyncio.Semaphore(max_in_flight)
         self._done: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()

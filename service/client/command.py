@@ -183,6 +183,8 @@ async def _make_backend(args: argparse.Namespace, config: ServiceConfig, ledger:
             engine_thread,
             model_aliases=config.model_aliases,
             unknown_fields=config.unknown_fields,
+            embedding_pooling=config.embedding_pooling,
+            tool_call_parser=config.tool_call_parser,
         )
     else:
         backend = KafkaBackend(

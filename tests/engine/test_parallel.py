@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine import AsyncLLMEngine, EngineConfig, LLMEngine, SamplingParams
+from engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestRejected, SamplingParams
 from engine.demo_models import ensure_checkpoint
+from engine.pooling import PoolingParams
 from tests.engine.async_requests import generate
 
 MAX_TOKENS = 12
@@ -53,6 +54,7 @@ class Layout:
     reference: list[list[int]]  # greedy tokens of each prompt
     single_process_params: int
     single_logprobs: list  # of the first three prompts under LOGPROBS
+    single_embedding: list[float]  # the first prompt's, mean-pooled
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)
@@ -64,11 +66,12 @@ def layout(request, model_cache):
         reference = [o.token_ids for o in _greedy(single, prompts)]
         single_process_params = single.executor.num_parameters_per_rank[0]
         single_logprobs = [o.logprobs for o in single.generate(prompts[:3], LOGPROBS, use_tqdm=False)]
+        (pooled,) = single.generate(prompts[:1], PoolingParams("mean"), use_tqdm=False)
     config = EngineConfig(
         dtype="float32", model=str(checkpoint), tensor_parallel_size=tp, pipeline_parallel_size=pp, **SMALL_KV
     )
     with LLMEngine(config) as engine:
-        yield Layout(engine, prompts, reference, single_process_params, single_logprobs)
+        yield Layout(engine, prompts, reference, single_process_params, single_logprobs, pooled.embedding)
 
 
 def test_greedy_output_matches_one_process_with_preemption(layout):
@@ -114,6 +117,20 @@ def test_logprobs_come_back_from_the_sampling_rank(layout):
         assert [[tid for tid, _ in t.top] for t in got] == [[tid for tid, _ in t.top] for t in expected]
         # the ranks sum partial products in another order: equal up to float32 rounding
         assert [t.logprob for t in got] == pytest.approx([t.logprob for t in expected], abs=1e-4)
+
+
+def test_pooling_on_tensor_parallel_ranks_equals_one_process(layout):
+    if layout.engine.config.pipeline_parallel_size > 1:
+        pytest.skip("pipeline parallel engines refuse pooling requests")
+    (got,) = layout.engine.generate(layout.prompts[:1], PoolingParams("mean"), use_tqdm=False)
+    assert got.embedding == pytest.approx(layout.single_embedding, abs=1e-4)
+
+
+def test_pipeline_stages_refuse_pooling_requests(layout):
+    if layout.engine.config.pipeline_parallel_size == 1:
+        pytest.skip("one pipeline stage pools")
+    with pytest.raises(RequestRejected, match="pipeline_parallel_size 1"):
+        layout.engine.add_request("pool", layout.prompts[0], PoolingParams())
 
 
 def test_a_second_parallel_engine_in_the_same_process_is_refused(layout):

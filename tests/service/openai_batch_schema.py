@@ -158,6 +158,34 @@ ERROR_BODY = {
     },
 }
 
+# CreateEmbeddingResponse (API reference: Embeddings > The embedding object)
+EMBEDDING_RESPONSE = {
+    "type": "object",
+    "required": ["object", "data", "model", "usage"],
+    "properties": {
+        "object": {"const": "list"},
+        "model": _STR,
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["object", "index", "embedding"],
+                "properties": {
+                    "object": {"const": "embedding"},
+                    "index": _INT,
+                    # floats, or a base64 string with encoding_format "base64"
+                    "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}}, _STR]},
+                },
+            },
+        },
+        "usage": {
+            "type": "object",
+            "required": ["prompt_tokens", "total_tokens"],
+            "properties": {"prompt_tokens": _INT, "total_tokens": _INT},
+        },
+    },
+}
+
 # the line; its `response.body` is checked against one of the bodies above (by url and status)
 BATCH_OUTPUT_LINE = {
     "type": "object",
@@ -187,4 +215,6 @@ BATCH_OUTPUT_LINE = {
 def body_schema(url: str, status_code: int) -> dict:
     if status_code >= 400:
         return ERROR_BODY
+    if url == "/v1/embeddings":
+        return EMBEDDING_RESPONSE
     return CHAT_COMPLETION if url == "/v1/chat/completions" else TEXT_COMPLETION

@@ -2,8 +2,8 @@
 output line validates against OpenAI's batch output schema (tests/service/openai_batch_schema.py).
 
 The file holds chat and completion jobs (plain, logprobs, stop strings, echo, a greedy choice,
-logit_bias), refused ones (a refused field, an unknown field, another model, an embeddings job)
-and a line that is no JSON. Tools and embeddings are refused by name (not implemented).
+logit_bias, n and best_of), embeddings (floats, and base64 with dimensions), a required tool call, refused ones (a refused
+field, an unknown field, another model) and a line that is no JSON.
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ from tests.service.openai_batch_schema import BATCH_OUTPUT_LINE, body_schema
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is the river cold?"}]
+
+
+TOOL_PARAMETERS = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}},
+    "required": ["ok"],
+    "additionalProperties": False,
+}
 
 
 def _job(custom_id: str, url: str, body: dict) -> dict:
@@ -65,18 +73,52 @@ JOBS = {
         _job("completion-bias", COMPLETIONS, {"prompt": "Hello", "logit_bias": {"9": 50}}),
         200,
     ),
-    "refused-field": (_job("refused-field", CHAT, {"messages": MESSAGES, "n": 2}), 400),
+    "chat-n": (_job("chat-n", CHAT, {"messages": MESSAGES, "n": 2, "temperature": 1, "seed": 4}), 200),
+    "completion-best-of": (
+        _job(
+            "completion-best-of",
+            COMPLETIONS,
+            {"prompt": "The river is", "n": 2, "best_of": 3, "temperature": 1, "logprobs": 1},
+        ),
+        200,
+    ),
+    "greedy-n": (_job("greedy-n", COMPLETIONS, {"prompt": "x", "n": 2}), 400),
+    "refused-field": (_job("refused-field", CHAT, {"messages": MESSAGES, "use_beam_search": True}), 400),
     "unknown-field": (_job("unknown-field", COMPLETIONS, {"prompt": "x", "frobnicate": True}), 400),
     "tools": (
         _job(
-            "tools", CHAT, {"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}
+            "tools",
+            CHAT,
+            {
+                "messages": MESSAGES,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": TOOL_PARAMETERS}}],
+                "tool_choice": "required",
+                "parallel_tool_calls": False,
+                "temperature": 1,
+                "seed": 3,
+                "max_tokens": 60,
+            },
         ),
-        400,
+        200,
     ),
     "other-model": (_job("other-model", COMPLETIONS, {"prompt": "x", "model": "gpt-4o-mini"}), 404),
     "embeddings": (
-        {"custom_id": "embeddings", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
-        400,
+        {
+            "custom_id": "embeddings",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"input": ["x", "yz"]},
+        },
+        200,
+    ),
+    "embeddings-base64": (
+        {
+            "custom_id": "embeddings-base64",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "tiny", "input": [[5, 6, 7]], "dimensions": 8, "encoding_format": "base64"},
+        },
+        200,
     ),
 }
 
@@ -113,15 +155,24 @@ async def test_a_batch_file_through_sluice_batch_local_conforms_to_openais_outpu
     )
     assert done.returncode == 0, done.stderr
     lines = [json.loads(raw) for raw in out.read_text().splitlines()]
-    bad_line = [line for line in lines if line["custom_id"] == "line-14"]
+    bad_id = f"line-{len(JOBS)}"
+    bad_line = [line for line in lines if line["custom_id"] == bad_id]
     assert len(bad_line) == 1  # the line that is no JSON: answered too
-    jobs = {**JOBS, "line-14": ({"url": COMPLETIONS}, 400)}
+    jobs = {**JOBS, bad_id: ({"url": COMPLETIONS}, 400)}
     _check_lines(lines, jobs)
     by_id = {line["custom_id"]: line for line in lines}
     choice = by_id["chat-choice"]["response"]["body"]
     probabilities = choice["sluice"]["choice_probabilities"]
     assert choice["choices"][0]["message"]["content"] == max(probabilities, key=probabilities.get)
     assert by_id["chat-prefill"]["response"]["body"]["choices"][0]["message"]["content"].startswith("Yes,")
+    tools = by_id["tools"]["response"]["body"]["choices"][0]
+    assert (
+        tools["finish_reason"] == "tool_calls"
+        and tools["message"]["tool_calls"][0]["function"]["name"] == "f"
+    )
+    assert [d["index"] for d in by_id["embeddings"]["response"]["body"]["data"]] == [0, 1]
+    for custom_id in ("chat-n", "completion-best-of"):
+        assert [c["index"] for c in by_id[custom_id]["response"]["body"]["choices"]] == [0, 1]
 
 
 @pytest.mark.kafka

@@ -46,7 +46,7 @@ async def test_posted_jobs_come_back_as_openai_batch_result_lines(kafka, service
             (b"msgpack-1", msgspec.msgpack.encode(msgpack_job), [("content-type", b"application/msgpack")]),
             (
                 b"broken",
-                b'{"custom_id": "broken", "url": "/v1/completions", "body": {"prompt": "x", "n": 3}}',
+                b'{"custom_id": "broken", "url": "/v1/completions", "body": {"prompt": "x", "use_beam_search": true}}',
                 [],
             ),
             (None, b"\x00 not a job at all", []),
@@ -83,7 +83,7 @@ async def test_posted_jobs_come_back_as_openai_batch_result_lines(kafka, service
     assert broken.response.status_code == 400 and broken.error is None  # kept in the response only
     assert (broken.response.body.error.code, broken.response.body.error.param) == (
         "unsupported_parameter",
-        "n",
+        "use_beam_search",
     )
     too_long = decode_result(results["too-long"].value)
     assert too_long.failure.code == "invalid_prompt" and "tokens" in too_long.failure.message

@@ -1,0 +1,73 @@
+"""The choices of a result line: one per returned sample, by index, as chat messages or completion texts."""
+
+from __future__ import annotations
+
+from engine import RequestOutput
+from schemas.openai import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    CompletionChoice,
+    CompletionRequest,
+)
+from service.logprobs import chat_logprobs, completion_logprobs
+from service.tools import parser_for, tool_calls_of, tool_mode
+
+
+def result_choices(
+    body, output: RequestOutput, samples: list[RequestOutput], tokenizer, tool_call_parser: str = "auto"
+) -> list:
+    """One choice per returned sample, by index (chat messages or completion texts)."""
+    as_ids = bool(body.return_tokens_as_token_ids)
+    if isinstance(body, ChatCompletionRequest):
+        return [_chat_choice(body, i, s, tokenizer, tool_call_parser, as_ids) for i, s in enumerate(samples)]
+    echo = _completion_echo(body, output, tokenizer)
+    return [
+        CompletionChoice(
+            index=i,
+            text=echo + s.text,
+            finish_reason=s.finish_reason,
+            logprobs=None if s.logprobs is None else completion_logprobs(s.logprobs, tokenizer, as_ids),
+            stop_reason=s.stop_reason,
+        )
+        for i, s in enumerate(samples)
+    ]
+
+
+def _chat_echo(body: ChatCompletionRequest) -> str:
+    """vLLM's chat echo: a final assistant message (a prefill) comes before the new content."""
+    last = body.messages[-1]
+    return last.text if body.echo and last.role == "assistant" else ""
+
+
+def _completion_echo(body: CompletionRequest, output: RequestOutput, tokenizer) -> str:
+    if not body.echo:
+        return ""
+    if isinstance(body.prompt, str) and body.truncate_prompt_tokens is None:
+        return body.prompt
+    return tokenizer.decode(output.prompt_token_ids, skip_special_tokens=body.skip_special_tokens)
+
+
+def _chat_choice(
+    body: ChatCompletionRequest, index: int, sample: RequestOutput, tokenizer, parser: str, as_ids
+):
+    content, tool_calls = _tool_calls(body, sample.text, tokenizer, parser)
+    if tool_calls:
+        message = AssistantMessage(content=content, tool_calls=tool_calls)
+    else:
+        message = AssistantMessage(content=_chat_echo(body) + sample.text)
+    # OpenAI: "tool_calls" when the model chose to call; "stop" when a named function was forced
+    called = tool_calls and tool_mode(body) in ("auto", "required")
+    return ChatChoice(
+        index=index,
+        message=message,
+        finish_reason="tool_calls" if called else sample.finish_reason,
+        logprobs=None if sample.logprobs is None else chat_logprobs(sample.logprobs, tokenizer, as_ids),
+        stop_reason=sample.stop_reason,
+    )
+
+
+def _tool_calls(body: ChatCompletionRequest, text: str, tokenizer, configured: str):
+    """(content, tool calls) of one sample's text under the job's tool_choice."""
+    parser = parser_for(configured, body.chat_template or getattr(tokenizer, "chat_template", None))
+    return tool_calls_of(text, tool_mode(body), parser, body.parallel_tool_calls is not False)

@@ -1,0 +1,139 @@
+"""Tool calling: tools rendered by the chat template, calls parsed (hermes, llama3_json), and
+`tool_choice` "required" or a named function enforced by a JSON schema (tiny engine, JobHandler)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from engine import RequestMetrics, RequestOutput
+from engine.async_engine import AsyncLLMEngine
+from schemas.batch import BatchRequestLine
+from schemas.codec import decode_job
+from service.batcher import DynamicBatcher
+from service.jobs import JobHandler
+from service.prompts import render_chat
+from service.tools import parser_for, tool_calls_of
+from service.translate import to_result_line
+
+CITY = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": CITY}},
+    {"type": "function", "function": {"name": "get_time", "parameters": CITY}},
+]
+MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def _chat_job(**body) -> BatchRequestLine:
+    line = {"custom_id": "t", "url": "/v1/chat/completions", "body": {"messages": MESSAGES, **body}}
+    return decode_job(json.dumps(line).encode())
+
+
+@pytest.fixture
+async def handle(tiny_engine):
+    engine = AsyncLLMEngine(tiny_engine)
+    engine.start()
+    handler = JobHandler(DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), "tiny", 8)
+
+    async def run(body: dict):
+        job = {"custom_id": "t", "url": "/v1/chat/completions", "body": {"messages": MESSAGES, **body}}
+        outcome = await handler.handle(json.dumps(job).encode(), [], int(time.time() * 1000), "jobs/0/1")
+        return outcome.result.response
+
+    yield run
+    await engine.stop()
+
+
+def test_hermes_calls_are_parsed_with_the_text_before_them_as_content() -> None:
+    text = 'Let me check.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call><tool_call>{"name": "g", "arguments": {}}</tool_call>'
+    content, calls = tool_calls_of(text, "auto", "hermes")
+    assert content == "Let me check."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("f", {"a": 1}),
+        ("g", {}),
+    ]
+    assert all(c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
+
+
+def test_llama3_json_calls_are_parsed_after_the_python_tag_and_between_semicolons() -> None:
+    text = '<|python_tag|>{"name": "f", "parameters": {"a": 1}}; {"name": "g", "parameters": {"b": "x"}}'
+    content, calls = tool_calls_of(text, "auto", "llama3_json")
+    assert content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("f", {"a": 1}),
+        ("g", {"b": "x"}),
+    ]
+
+
+def test_text_that_is_no_call_stays_the_answer_and_parallel_false_keeps_one_call() -> None:
+    assert tool_calls_of('{"name": "f", "parameters": ', "auto", "llama3_json") == (
+        '{"name": "f", "parameters": ',
+        [],
+    )
+    assert tool_calls_of("<tool_call>not json</tool_call>", "auto", "hermes")[1] == []
+    assert tool_calls_of('{"name": "f"}', "none", "llama3_json") == ('{"name": "f"}', [])
+    _, calls = tool_calls_of('{"name": "f"}; {"name": "g"}', "auto", "llama3_json", parallel=False)
+    assert [c.function.name for c in calls] == ["f"]
+
+
+def test_the_parser_is_detected_from_the_chat_template_unless_configured() -> None:
+    assert parser_for("auto", "{{ '<tool_call>' }}") == "hermes"
+    assert parser_for("auto", "{{ messages }}") == "llama3_json"
+    assert parser_for("hermes", None) == "hermes"
+
+
+def test_tools_are_passed_to_the_chat_template(tiny_engine) -> None:
+    template = "{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
+    rendered = render_chat(_chat_job(tools=TOOLS, chat_template=template).body, tiny_engine.tokenizer)
+    assert rendered == "[get_weather][get_time]Weather in Paris?"
+
+
+def test_an_auto_result_with_calls_has_tool_calls_and_finish_reason_tool_calls() -> None:
+    text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    output = RequestOutput("r", [1, 2], [5, 6], text, "stop", RequestMetrics(time.time()))
+    line = to_result_line(_chat_job(tools=TOOLS), output, "tiny", time.time(), tool_call_parser="hermes")
+    choice = line.response.body.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.tool_calls[0].function.name == "get_weather"
+
+
+async def test_a_named_tool_choice_answers_that_functions_arguments(handle) -> None:
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    response = await handle({"tools": TOOLS, "tool_choice": choice, "max_tokens": 60, "seed": 1})
+    (call,) = response.body.choices[0].message.tool_calls
+    assert call.function.name == "get_time"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
+    assert response.body.choices[0].finish_reason == "stop"  # as OpenAI answers a forced call
+
+
+async def test_tool_choice_required_answers_at_least_one_call_of_a_given_tool(handle) -> None:
+    response = await handle(
+        {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 80, "seed": 2}
+    )
+    choice = response.body.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name in ("get_weather", "get_time")
+    assert set(json.loads(call.function.arguments)) == {"city"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"tool_choice": "required"},
+        {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        {"tools": TOOLS, "tool_choice": "sometimes"},
+        {"tools": TOOLS, "tool_choice": "required", "guided_regex": "a+"},
+    ],
+    ids=["no-tools", "unknown-function", "bad-value", "two-constraints"],
+)
+async def test_a_tool_choice_that_cannot_be_honoured_is_a_400_naming_it(handle, body) -> None:
+    response = await handle(body)
+    assert (response.status_code, response.body.error.param) == (400, "tool_choice")
