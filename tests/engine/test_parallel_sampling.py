@@ -16,7 +16,9 @@ PROMPT = list(range(4, 4 + 40))  # two full 16-token blocks and a partial one
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint: Path) -> LLMEngine:
-    return LLMEngine(EngineConfig(model=str(tiny_checkpoint), block_size=16, num_kv_blocks=64))
+    return LLMEngine(
+        EngineConfig(dtype="float32", model=str(tiny_checkpoint), block_size=16, num_kv_blocks=64)
+    )
 
 
 def _one(engine: LLMEngine, params: SamplingParams):

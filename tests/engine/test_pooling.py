@@ -36,7 +36,7 @@ def _embed(engine: LLMEngine, pooling: str, with_generation: bool = False) -> li
 
 @pytest.mark.parametrize("options", [{}, {"max_num_batched_tokens": 16}], ids=["whole", "chunked"])
 def test_pooled_vectors_equal_transformers_last_hidden_layer(tiny_checkpoint, reference, options) -> None:
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), **options))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint), **options))
     last = _embed(engine, "last", with_generation=True)
     mean = _embed(engine, "mean")  # after the prompts are cached: mean pooling must not use the cache
     for i, hidden in enumerate(reference):
@@ -47,7 +47,7 @@ def test_pooled_vectors_equal_transformers_last_hidden_layer(tiny_checkpoint, re
 
 
 def test_an_embedding_request_finishes_without_generating(tiny_checkpoint) -> None:
-    engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint)))
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint)))
     engine.add_request("e", PROMPTS[1], PoolingParams())
     (out,) = engine.step()
     assert (out.token_ids, out.finish_reason, len(out.embedding)) == (
