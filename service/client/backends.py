@@ -157,11 +157,10 @@ class LocalBackend:
             batcher,
             model_name,
             default_max_tokens,
-            None,
-            model_aliases,
-            unknown_fields,
-            embedding_pooling,
-            tool_call_parser,
+            model_aliases=model_aliases,
+            unknown_fields=unknown_fields,
+            embedding_pooling=embedding_pooling,
+            tool_call_parser=tool_call_parser,
         )
         self._slots = asyncio.Semaphore(max_in_flight)
         self._done: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()

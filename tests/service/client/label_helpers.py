@@ -21,6 +21,7 @@ def sluice_env(config: ServiceConfig) -> dict[str, str]:
         "SLUICE_TRACES_TOPIC": config.traces_topic,
         "SLUICE_GROUP_ID": config.group_id,
         "SLUICE_ENGINE_MODEL": config.engine.model,
+        "SLUICE_ENGINE_DTYPE": config.engine.dtype,
         "SLUICE_MODEL_NAME": config.model_name,
         "SLUICE_HTTP_HOST": "127.0.0.1",
         "SLUICE_HTTP_PORT": "0",
