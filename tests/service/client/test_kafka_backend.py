@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from service.client.backends import KafkaBackend, MissingTopicError
@@ -58,6 +59,9 @@ async def test_results_of_aborted_transactions_are_never_read(kafka_bootstrap, t
     await producer.start()
     try:
         await _send_in_transaction(producer, topic, b"before-start", commit=True)  # before start(): not read
+        # The coordinator writes the commit marker after commit_transaction() returns; until it lands
+        # the committed end (the LSO) is still before the record, and start() would begin there.
+        await _wait_for_committed_end(kafka_bootstrap, topic, 2)  # the record and its marker
         await backend.start()
         await _send_in_transaction(producer, topic, b"aborted", commit=False)
         await _send_in_transaction(producer, topic, b"committed", commit=True)
@@ -65,6 +69,19 @@ async def test_results_of_aborted_transactions_are_never_read(kafka_bootstrap, t
     finally:
         await producer.stop()
         await backend.stop()
+
+
+async def _wait_for_committed_end(bootstrap: str, topic: str, offset: int, timeout: float = 30) -> None:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
+    await consumer.start()
+    try:
+        partition = TopicPartition(topic, 0)
+        deadline = time.monotonic() + timeout
+        while (await consumer.end_offsets([partition]))[partition] < offset:
+            assert time.monotonic() < deadline, f"{topic}'s committed end never reached {offset}"
+            await asyncio.sleep(0.05)
+    finally:
+        await consumer.stop()
 
 
 async def _send_in_transaction(producer: AIOKafkaProducer, topic: str, key: bytes, commit: bool) -> None:
