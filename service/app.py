@@ -135,12 +135,12 @@ class Service:
                 if action == "resume":
                     self.consumer.resume()
             # Keep polling while paused: the group drops a member that stops polling.
-            for record in await self.consumer.fetch(
+            for record, generation in await self.consumer.fetch(
                 max_records=max(1, backpressure.free_jobs), timeout_ms=100
             ):
                 backpressure.add(jobs=1)
                 self.metrics.jobs_consumed.labels(record.topic).inc()
-                task = asyncio.create_task(self._process(record))
+                task = asyncio.create_task(self._process(record, generation))
                 self._tasks[task] = TopicPartition(record.topic, record.partition)
                 task.add_done_callback(self._forget_task)
 
@@ -209,10 +209,11 @@ class Service:
         self._tasks.pop(task, None)
         self.backpressure.remove(jobs=1)
 
-    async def _process(self, record: ConsumerRecord) -> None:
+    async def _process(self, record: ConsumerRecord, generation: int) -> None:
+        """`generation`: the assignment of the record's partition it was consumed under (JobConsumer.fetch)."""
         span = self.tracer.start_job(record) if self.tracer else None
         try:
-            outcome = await self._handle_and_publish(record, span)
+            outcome = await self._handle_and_publish(record, generation, span)
         except asyncio.CancelledError:
             if span is not None:
                 self.tracer.end_job(span, "aborted")
@@ -234,7 +235,7 @@ class Service:
         if self._stop is not None:
             self._stop.set()
 
-    async def _handle_and_publish(self, record: ConsumerRecord, span) -> Outcome:
+    async def _handle_and_publish(self, record: ConsumerRecord, generation: int, span) -> Outcome:
         outcome = await self.handler.handle(
             record.value or b"", record.headers, record.timestamp, record_ref(record), tag=span
         )
@@ -250,6 +251,12 @@ class Service:
         )
         publish_start = time.time_ns()
         if self.transactions is not None:
+            if not self.consumer.is_current(record, generation):
+                # Its partition was revoked (or restarted) and maybe assigned here again since: that
+                # assignment redoes it from the committed offset. Only a job that outlived its abort
+                # gets here; staging it could publish its result twice.
+                log.warning("job %s outlived its partition's assignment: dropped", record_ref(record))
+                return outcome
             self.transactions.stage(TopicPartition(record.topic, record.partition), record.offset, out)
         else:
             for r in out:
@@ -261,7 +268,7 @@ class Service:
         if span is not None:
             self.tracer.record_publish(span, publish_start)
         self._count(record, outcome)
-        self.consumer.done(record)
+        self.consumer.done(record, generation)
         return outcome
 
 
