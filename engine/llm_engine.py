@@ -74,6 +74,7 @@ class LLMEngine:
             config.max_num_batched_tokens,
             config.enable_chunked_prefill,
             eos_token_ids,
+            config.priority_aging_steps,
         )
         self.input_processor = InputProcessor(
             config,
