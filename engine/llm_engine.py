@@ -25,7 +25,7 @@ from engine.checkpoint import check_checkpoint_folder, load_tokenizer
 from engine.choice_scoring import ChoiceScorer
 from engine.config import EngineConfig
 from engine.cuda_graphs import can_capture
-from engine.distributed.executor import MultiprocExecutor, UniprocExecutor
+from engine.distributed.executor import EngineDeadError, MultiprocExecutor, UniprocExecutor
 from engine.distributed.layout import check_parallel_layout
 from engine.input_processor import InputProcessor, RequestRejected
 from engine.output_processor import OutputProcessor
@@ -127,8 +127,17 @@ class LLMEngine:
             return outputs
         self._step_totals.record(out)
         rows = PromptLogprobRows.of(out)
-        result = self.executor.execute(StepPlan.build(out, self.vocab_size, rows))
-        token_ids = result.sampled_token_ids.tolist() if result is not None else []  # the step's one sync
+        try:
+            result = self.executor.execute(StepPlan.build(out, self.vocab_size, rows))
+            token_ids = result.sampled_token_ids.tolist() if result is not None else []  # the step's one sync
+        except EngineDeadError:
+            raise
+        except Exception as e:
+            # The model run failed (out of memory, a device hiccup) before anything of the step was
+            # applied: its sequences go back to the queue, to be recomputed by a later step.
+            self.scheduler.requeue(out.seqs)
+            self._aborted = outputs + self._aborted  # still to be reported
+            raise StepFailed(sorted({seq.request_id for seq in out.seqs}), e) from e
         finished = self.scheduler.update_from_output(out, token_ids)
         sampling = out.sampling_seqs
         processed = self.output_processor.process(
@@ -193,6 +202,15 @@ class LLMEngine:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class StepFailed(RuntimeError):
+    """step()'s model run raised `cause`; the step's requests are queued again (nothing was lost)."""
+
+    def __init__(self, request_ids: list[str], cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids = request_ids  # the requests the failed step ran
+        self.cause = cause
 
 
 def _eos_token_ids(hf_config: dict, tokenizer) -> frozenset[int]:

@@ -114,6 +114,15 @@ class Scheduler:
                 finished.append(seq)
         return finished
 
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Put the sequences of a step whose model run failed back in the queue: their blocks are
+        freed and they are recomputed from their tokens, as if preempted (nothing of the step was
+        applied: update_from_output never ran)."""
+        for seq in seqs:
+            if seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+                self._preempt(seq)
+
     def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         """Take a sequence out of the batch for good; its blocks return to the pool."""
         if seq.status is SequenceStatus.RUNNING:
