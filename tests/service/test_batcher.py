@@ -9,6 +9,7 @@ import pytest
 
 from engine import AsyncLLMEngine, SamplingParams
 from service.batcher import DynamicBatcher
+from tests.engine.async_requests import generate
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
@@ -38,7 +39,7 @@ async def test_jobs_arriving_together_go_to_the_engine_as_one_batch_after_the_wa
     outputs = await asyncio.gather(*(batcher.generate(f"r{i}", [1, 7 + i, 9], GREEDY) for i in range(5)))
     assert [ids for _, ids in flushes] == [["r0", "r1", "r2", "r3", "r4"]]
     assert flushes[0][0] - started >= 0.045  # held for the maximum wait: nothing more came
-    expected = [await async_engine.generate(f"direct-{i}", [1, 7 + i, 9], GREEDY) for i in range(5)]
+    expected = [await generate(async_engine, f"direct-{i}", [1, 7 + i, 9], GREEDY) for i in range(5)]
     assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
 
 
