@@ -57,7 +57,10 @@ class Service:
             self.batcher, config.served_model_name, config.default_max_tokens, self.backpressure
         )
         self.kafka_security = client_options(config)  # SASL/TLS settings of every Kafka client below
-        self.publisher = ResultPublisher(config.kafka_bootstrap, config.client_id, self.kafka_security)
+        configured = {config.results_topic, config.dlq_topic, config.traces_topic}  # reply topics come and go
+        self.publisher = ResultPublisher(
+            config.kafka_bootstrap, config.client_id, self.kafka_security, configured
+        )
         # exactly_once: results wait for their partition's next transaction instead of the publisher
         self.transactions: TransactionalDelivery | None = None
         if config.delivery == "exactly_once":
@@ -67,6 +70,7 @@ class Service:
                 config.client_id,
                 config.transactional_id_prefix,
                 security=self.kafka_security,
+                keep_topics=configured,
             )
         self.consumer = JobConsumer(
             config.kafka_bootstrap,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from service.kafka_security import KafkaClientOptions
+from service.topics import RecentTopics
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,13 @@ Headers = list[tuple[str, bytes]]
 
 
 class ResultPublisher:
-    def __init__(self, bootstrap: str, client_id: str, security: KafkaClientOptions | None = None) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        client_id: str,
+        security: KafkaClientOptions | None = None,
+        keep_topics: Iterable[str] = (),  # the configured topics; others (reply topics) are dropped when idle
+    ) -> None:
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
             **(security or {}),
@@ -33,6 +41,7 @@ class ResultPublisher:
         )
         self._stopping = False
         self._pending: set[asyncio.Future] = set()  # best-effort sends not yet queued
+        self._recent = RecentTopics(set(keep_topics))
 
     async def start(self) -> None:
         await self._producer.start()
@@ -47,6 +56,7 @@ class ResultPublisher:
         """Best effort, no acknowledgement awaited (traces): queued now, sent with the next batch."""
         if self._stopping:
             return
+        self._recent.sent(topic)
         task = asyncio.ensure_future(self._producer.send(topic, value=value))
         self._pending.add(task)
         task.add_done_callback(self._sent)
@@ -66,6 +76,8 @@ class ResultPublisher:
         while True:
             try:
                 await self._producer.send_and_wait(topic, value=value, key=key, headers=headers)
+                self._recent.sent(topic)
+                self._recent.prune(self._producer)
                 return
             except KafkaError as e:
                 if self._stopping:

@@ -26,13 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from service.publisher import Headers
+from service.topics import RecentTopics
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class TransactionalDelivery:
         transactional_id_prefix: str,
         security: dict | None = None,  # SASL/TLS client options (service.kafka_security)
         producer_factory: Callable[..., AIOKafkaProducer] = AIOKafkaProducer,
+        keep_topics: Iterable[str] = (),  # the configured topics; others (reply topics) are dropped when idle
     ) -> None:
         self._bootstrap = bootstrap
         self._group_id = group_id
@@ -77,6 +79,8 @@ class TransactionalDelivery:
         ] = {}  # the last offset each transaction here committed
         self._restarts: dict[TopicPartition, float] = {}  # partitions to restart, and from when on
         self._staged: dict[TopicPartition, dict[int, list[OutRecord]]] = {}
+        self._keep_topics = set(keep_topics)
+        self._recent: dict[TopicPartition, RecentTopics] = {}  # what each partition's producer sent to lately
         self.num_transactions = 0
 
     def transactional_id(self, tp: TopicPartition) -> str:
@@ -168,6 +172,10 @@ class TransactionalDelivery:
             # restarted from its committed offset rather than these records sent again.
             await self._give_up(tp, f"transaction failed ({e}); restarting from the committed offset", 0.0)
             return False
+        recent = self._recent.setdefault(tp, RecentTopics(self._keep_topics))
+        for r in records:
+            recent.sent(r.topic)
+        recent.prune(producer)
         for o in offsets:
             del staged[o]
         self._floor[tp] = self._committed_here[tp] = offset
@@ -204,6 +212,7 @@ class TransactionalDelivery:
             return True
 
     async def _close(self, tp: TopicPartition) -> None:
+        self._recent.pop(tp, None)
         producer = self._producers.pop(tp, None)
         if producer is not None:
             await _stop(producer, tp)
