@@ -126,6 +126,8 @@ class Service:
         self._stop = stop
         backpressure = self.backpressure
         while not stop.is_set():
+            if self.transactions is not None:
+                backpressure.staged = self.transactions.num_staged()  # results held for a transaction
             action = backpressure.update()
             if backpressure.is_paused:
                 self.consumer.pause()  # every time: partitions assigned meanwhile must pause too
@@ -204,6 +206,9 @@ class Service:
         m.engine(self.async_engine.stats)
         m.gauge("sluice_jobs_in_flight", "Jobs consumed, not yet published", lambda: bp.jobs)
         m.gauge("sluice_tokens_in_flight", "Prompt + requested output tokens in flight", lambda: bp.tokens)
+        m.gauge(
+            "sluice_results_staged", "Exactly-once: results waiting for their transaction", lambda: bp.staged
+        )
         m.gauge(
             "sluice_consumer_paused", "1 while backpressure pauses the partitions", lambda: int(bp.is_paused)
         )
