@@ -25,8 +25,10 @@ async def ensure_topics(
     partitions: int,
     replication: int,
     security: KafkaClientOptions | None = None,
+    configs: dict[str, str] | None = None,
 ) -> list[str]:
-    """Create each missing topic; returns the names it created. Existing topics are left as they are."""
+    """Create each missing topic (with topic `configs`, e.g. retention.ms); returns the names it
+    created. Existing topics are left as they are."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="sluice-admin", **(security or {}))
     await admin.start()
     try:
@@ -34,7 +36,9 @@ async def ensure_topics(
         missing = [n for n in dict.fromkeys(names) if n not in existing]
         if not missing:
             return []
-        response = await admin.create_topics([NewTopic(n, partitions, replication) for n in missing])
+        response = await admin.create_topics(
+            [NewTopic(n, partitions, replication, topic_configs=configs or {}) for n in missing]
+        )
         created = []
         for topic, code, message in response.topic_errors:
             if code == 0:
