@@ -208,6 +208,9 @@ class TransactionalDelivery:
                 self._restarts[tp] = time.monotonic()
                 await _stop(producer, tp)
                 return False
+            except BaseException:  # cancelled (shutdown): no producer left behind
+                await _stop(producer, tp)
+                raise
             self._producers[tp] = producer
             return True
 
