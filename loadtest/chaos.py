@@ -20,93 +20,18 @@ import argparse
 import asyncio
 import json
 import logging
-import re
 import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
 from engine.demo_models import ensure_checkpoint
 from loadtest.chaos_cluster import REPO, ChaosBroker, Instance, ResultsReader
+from loadtest.chaos_report import MODES, WARM_S, Report, Settings, handbacks
 from service.topics import ensure_topics
-
-MODES = ("exactly_once", "at_least_once")
-
-
-@dataclass
-class Settings:
-    delivery: str
-    jobs: int = 3000
-    scenario: str = "full"  # "full" or "short"
-    bootstrap: str | None = None  # a broker to use (never killed); None: the run's own
-    partitions: int = 4
-    max_tokens: int = 64  # per job: with max_in_flight, what keeps the flow going while things break
-    max_in_flight: int = 64  # per instance
-    commit_interval_ms: int = 200
-    timeout_s: float = 1200
-
-    @classmethod
-    def short(cls, delivery: str, bootstrap: str | None = None) -> Settings:
-        """`make test`'s: a few hundred small jobs, slow enough to be in flight when partitions move."""
-        return cls(delivery, 250, "short", bootstrap, max_tokens=48, max_in_flight=16, timeout_s=240)
-
-
-@dataclass
-class Report:
-    settings: Settings
-    answered: int = 0  # distinct custom_ids read
-    lost: int = 0
-    duplicated: int = 0  # custom_ids read more than once
-    extra_copies: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-    events: list[tuple[float, str]] = field(default_factory=list)
-    memory: list[tuple[float, int, dict[str, float]]] = field(default_factory=list)  # (t, answered, MB)
-    # duplicated custom_ids: (partition, offset) of each copy
-    examples: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
-    # partitions revoked and assigned straight back to the same process: (instance, how many, jobs aborted)
-    handbacks: list[tuple[str, int, int]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        once = self.settings.delivery != "exactly_once" or self.duplicated == 0
-        return self.lost == 0 and once and not self.errors
-
-    def summary(self) -> str:
-        s = self.settings
-        lines = [
-            f"{s.delivery}: {s.jobs} jobs, {s.scenario} scenario, {self.seconds:.0f} s: answered {self.answered},"
-            f" lost {self.lost}, duplicated {self.duplicated} ({self.extra_copies} extra copies),"
-            f" error results {sum(self.errors.values())} -> {'PASS' if self.ok else 'FAIL'}"
-        ]
-        lines += [f"  {t:6.1f}s  {what}" for t, what in self.events]
-        lines += [f"  duplicate {k}: (partition, offset) {v}" for k, v in list(self.examples.items())[:5]]
-        lines += [
-            f"  {name}: {n} partitions revoked and handed straight back, {aborted} jobs in flight aborted"
-            for name, n, aborted in self.handbacks
-        ]
-        lines.append("  memory (RSS MB per instance) over time:")
-        step = max(1, len(self.memory) // 20)
-        for t, answered, rss in self.memory[::step] + self.memory[-1:]:
-            cells = "  ".join(f"{name} {mb:5.0f}" for name, mb in sorted(rss.items()))
-            lines.append(f"  {t:6.1f}s {answered:6d} answered  {cells}")
-        for name, (low, high) in sorted(self.memory_range().items()):
-            lines.append(f"  {name}: {low:.0f}-{high:.0f} MB once warm")
-        return "\n".join(lines)
-
-    def memory_range(self) -> dict[str, tuple[float, float]]:
-        """Per instance: lowest and highest RSS once 10% of the jobs are answered."""
-        out: dict[str, tuple[float, float]] = {}
-        for _, answered, rss in self.memory:
-            if answered >= self.settings.jobs / 10:
-                for name, mb in rss.items():
-                    low, high = out.get(name, (mb, mb))
-                    out[name] = (min(low, mb), max(high, mb))
-        return out
 
 
 class _Run:
@@ -207,25 +132,9 @@ async def _verdict(r: _Run) -> Report:
     for instance in r.instances:
         for log_path in sorted(r.workdir.glob(f"{instance.name}-*.log")):
             rep.handbacks += [
-                (log_path.stem, n, a) for n, a in _handbacks(log_path.read_text(errors="replace"))
+                (log_path.stem, n, a) for n, a in handbacks(log_path.read_text(errors="replace"))
             ]
     return rep
-
-
-def _handbacks(log: str) -> list[tuple[int, int]]:
-    """Per rebalance of one instance's log that gave it back partitions it had: (how many, jobs aborted)."""
-    out, revoked, aborted = [], set(), 0
-    for line in log.splitlines():
-        if "partitions revoked: " in line:
-            revoked, aborted = set(line.split("partitions revoked: ")[1].split(", ")), 0
-        elif (m := re.search(r"aborting (\d+) in-flight jobs", line)) and revoked:
-            aborted += int(m.group(1))
-        elif "partitions assigned: " in line and revoked:
-            back = revoked & set(line.split("partitions assigned: ")[1].split(", "))
-            if back:
-                out.append((len(back), aborted))
-            revoked = set()
-    return out
 
 
 async def _post(r: _Run) -> None:
@@ -245,9 +154,16 @@ async def _post(r: _Run) -> None:
 
 
 async def _sample_memory(r: _Run) -> None:
+    """Every 2 s each instance's RSS; a process counts as warm (model loaded) WARM_S after its start."""
+    warm = r.report.memory_warm
     while True:
         rss = {i.name: mb for i in r.instances if (mb := i.rss_mb()) is not None}
         r.report.memory.append((time.monotonic() - r.t0, r.answered, rss))
+        for i in r.instances:
+            if i.name in rss and time.monotonic() - i.started_at >= WARM_S:
+                key, mb = f"{i.name} (start {i.starts})", rss[i.name]
+                low, high = warm.get(key, (mb, mb))
+                warm[key] = (min(low, mb), max(high, mb))
         await asyncio.sleep(2)
 
 

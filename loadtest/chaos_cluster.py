@@ -74,10 +74,12 @@ class Instance:
     log_dir: Path
     process: subprocess.Popen | None = None
     starts: int = 0
+    started_at: float = 0.0  # time.monotonic() of the latest start
     log_path: Path = field(init=False)
 
     def start(self) -> None:
         self.starts += 1
+        self.started_at = time.monotonic()
         self.log_path = self.log_dir / f"{self.name}-{self.starts}.log"
         env = {**self.env, "SLUICE_HTTP_PORT": str(_free_port())}
         with open(self.log_path, "w") as log:
