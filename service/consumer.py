@@ -164,8 +164,11 @@ class JobConsumer:
     async def _commit_periodically(self) -> None:
         while True:
             await asyncio.sleep(self._commit_interval)
-            await self.commit()
-            await self._restart_due()
+            try:
+                await self.commit()
+                await self._restart_due()
+            except Exception:  # a bug, not the broker (sinks handle KafkaError): commits must go on
+                log.exception("committing failed; retrying at the next interval")
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         async with self._lifecycle:
@@ -206,7 +209,7 @@ class JobConsumer:
                 committed[tp] = await self._read_committed(tp)
             except KafkaError as e:
                 log.warning("%s: reading its committed offset failed (%s); retrying", _describe([tp]), e)
-        offsets = self._sink.starts_at(committed)
+        offsets = self._sink.starts_at({tp: o for tp, o in committed.items() if tp in self.assignment})
         for tp, offset in offsets.items():
             self._consumer.seek(tp, offset)
             self._tracker.start(tp, offset)
