@@ -133,6 +133,8 @@ class LLMEngine:
         except EngineDeadError:
             raise
         except Exception as e:
+            if self.config.world_size > 1:
+                raise  # ranks may have parted ways mid-step: rerunning it could hang a collective
             # The model run failed (out of memory, a device hiccup) before anything of the step was
             # applied: its sequences go back to the queue, to be recomputed by a later step.
             self.scheduler.requeue(out.seqs)
