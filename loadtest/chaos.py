@@ -7,8 +7,8 @@ the group scales; then a read_committed reader counts every custom_id.
 The full scenario, by share of jobs answered: 10% kill -9 instance-1 (restarted 3 s later, as a
 supervisor would), 25% kill -9 instance-2 (the same), 40% kill -9 the broker (restarted 5 s
 later), 55% scale 2 -> 3 instances, 70% scale 3 -> 1 (SIGTERM: drain and leave). The short one
-(`make test`) kill -9s instance-1 and restarts it 3 s later: the survivor's partitions are revoked
-and handed straight back, twice. All jobs are posted at the start: a backlog of many times what
+(`make test`) kill -9s instance-1 and restarts it once instance-2 has taken over its partitions:
+instance-2's partitions are revoked and handed straight back to it, twice, with jobs in flight. All jobs are posted at the start: a backlog of many times what
 the instances may hold in flight. exactly_once passes with every custom_id read once, at_least_once
 with none missing. Without --bootstrap the run has a broker of its own (loadtest/chaos_cluster.py),
 the only one it may kill; logs stay in build/chaos/.
@@ -192,14 +192,26 @@ def _instance_env(r: _Run, name: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", **{f"SLUICE_{k}": v for k, v in settings.items()}}
 
 
-async def _kill_and_restart(r: _Run, index: int) -> None:
+async def _kill_and_restart(r: _Run, index: int, after_takeover: bool = False) -> None:
+    """kill -9 an instance and start it again 3 s later; `after_takeover`: only once the others
+    have taken over its partitions (a rebalance of their own, then a second one when it is back)."""
     instance = r.instances[index]
     await instance.wait_for_log("partitions assigned")  # it was at work
+    others = [i for i in r.instances if i is not instance and i.is_running]
+    seen = {i.name: i.log_text().count("partitions assigned: ") for i in others}
     instance.kill()
     await asyncio.sleep(3)
+    while after_takeover and not any(_holds_all(r, i, seen[i.name]) for i in others):
+        await r.reader.poll(200)
     instance.start()
     r.note(f"{instance.name} restarted")
     await instance.wait_for_log("partitions assigned", timeout=180)
+
+
+def _holds_all(r: _Run, instance: Instance, assignments_before: int) -> bool:
+    """A later assignment of `instance` has every partition of the jobs topic."""
+    lines = [line for line in instance.log_text().splitlines() if "partitions assigned: " in line]
+    return any(line.count(f"{r.prefix}.jobs[") == r.s.partitions for line in lines[assignments_before:])
 
 
 async def _kill_broker(r: _Run) -> None:
@@ -229,7 +241,13 @@ SCENARIOS: dict[str, list[tuple[float, str, Action]]] = {
         (0.55, "scale 2 -> 3 instances", _scale_up),
         (0.70, "scale 3 -> 1 instance (SIGTERM)", _scale_down),
     ],
-    "short": [(0.05, "kill -9 instance-1, restart in 3 s", lambda r: _kill_and_restart(r, 0))],
+    "short": [
+        (
+            0.05,
+            "kill -9 instance-1, restart once instance-2 holds every partition",
+            lambda r: _kill_and_restart(r, 0, after_takeover=True),
+        )
+    ],
 }
 
 
