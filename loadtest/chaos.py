@@ -8,9 +8,10 @@ The full scenario, by share of jobs answered: 10% kill -9 instance-1 (restarted 
 supervisor would), 25% kill -9 instance-2 (the same), 40% kill -9 the broker (restarted 5 s
 later), 55% scale 2 -> 3 instances, 70% scale 3 -> 1 (SIGTERM: drain and leave). The short one
 (`make test`) kill -9s instance-1 and restarts it once instance-2 has taken over its partitions:
-instance-2's partitions are revoked and handed straight back to it, twice, with jobs in flight. All jobs are posted at the start: a backlog of many times what
-the instances may hold in flight. exactly_once passes with every custom_id read once, at_least_once
-with none missing. Without --bootstrap the run has a broker of its own (loadtest/chaos_cluster.py),
+instance-2's partitions are revoked and handed straight back to it, twice, with jobs in flight
+(its jobs are posted at 8/s, faster than one instance answers them). The full scenario posts all jobs at the start: a backlog
+of many times what the instances may hold in flight. exactly_once passes with every custom_id
+read once, at_least_once with none missing. Without --bootstrap the run has a broker of its own (loadtest/chaos_cluster.py),
 the only one it may kill; logs stay in build/chaos/.
 """
 
@@ -44,6 +45,7 @@ class _Run:
         self.reader = ResultsReader(bootstrap, f"{self.prefix}.results", settings.partitions)
         self.t0 = time.monotonic()
         self.checkpoint: Path | None = None  # the tiny demo model the instances run
+        self.t_posting = 0.0  # when posting began
 
     def note(self, what: str) -> None:
         self.report.events.append((time.monotonic() - self.t0, what))
@@ -92,15 +94,20 @@ async def _run(r: _Run) -> Report:
     sampler = asyncio.create_task(_sample_memory(r))
     try:
         await asyncio.gather(*(r.new_instance().wait_for_log("partitions assigned") for _ in range(2)))
-        await _post(r)
-        backlog = s.jobs / (2 * s.max_in_flight)
-        r.note(f"2 instances consuming; posted {s.jobs} jobs ({backlog:.0f}x what they hold in flight)")
+        posting = asyncio.create_task(_post(r))
+        if s.post_rate is None:
+            await posting
+            backlog = s.jobs / (2 * s.max_in_flight)
+            r.note(f"2 instances consuming; posted {s.jobs} jobs ({backlog:.0f}x what they hold in flight)")
+        else:
+            r.note(f"2 instances consuming; posting {s.jobs} jobs at {s.post_rate:g}/s")
         for at, what, action in SCENARIOS[s.scenario]:
             if not await r.until(lambda at=at: r.answered >= at * s.jobs, s.timeout_s):
                 r.note(f"timed out before: {what}")
                 break
             r.note(what)
             await action(r)
+        await posting
         done = await r.until(lambda: r.answered >= s.jobs, s.timeout_s - (time.monotonic() - r.t0))
         r.note("every job answered" if done else f"timed out with {r.answered} of {s.jobs} answered")
         await asyncio.gather(*(i.stop() for i in r.instances))
@@ -140,9 +147,12 @@ async def _verdict(r: _Run) -> Report:
 async def _post(r: _Run) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=r.bootstrap, acks="all", linger_ms=20)
     await producer.start()
+    r.t_posting = time.monotonic()
     try:
         sends = []
         for i, custom_id in enumerate(r.ids):
+            if r.s.post_rate is not None:
+                await asyncio.sleep(max(0.0, r.t_posting + i / r.s.post_rate - time.monotonic()))
             body = {"prompt": f"Job {i}: the river", "max_tokens": r.s.max_tokens, "ignore_eos": True}
             line = {"custom_id": custom_id, "url": "/v1/completions", "body": {**body, "temperature": 0}}
             sends.append(
@@ -261,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bootstrap", help="use this broker (it is not killed); default: a broker of its own"
     )
-    parser.add_argument("--max-tokens", type=int, help="per job; default: 64 (full), 32 (short)")
+    parser.add_argument("--max-tokens", type=int, help="per job; default: 64 (full), 128 (short)")
     parser.add_argument("--max-in-flight", type=int, help="per instance; default: 64 (full), 16 (short)")
     parser.add_argument("--timeout", type=float, help="seconds per delivery mode")
     args = parser.parse_args(argv)

@@ -20,11 +20,15 @@ class Settings:
     max_in_flight: int = 64  # per instance
     commit_interval_ms: int = 200
     timeout_s: float = 1200
+    post_rate: float | None = None  # jobs/s posted while things break; None: all at once (a backlog)
 
     @classmethod
     def short(cls, delivery: str, bootstrap: str | None = None) -> Settings:
-        """`make test`'s: a few hundred small jobs, slow enough to be in flight when partitions move."""
-        return cls(delivery, 250, "short", bootstrap, max_tokens=48, max_in_flight=16, timeout_s=240)
+        """`make test`'s: a few hundred jobs posted over 30 s, faster than one instance answers them,
+        so that partitions move with jobs in flight and more waiting, however fast the machine."""
+        return cls(
+            delivery, 250, "short", bootstrap, max_tokens=128, max_in_flight=16, timeout_s=240, post_rate=8
+        )
 
 
 @dataclass
