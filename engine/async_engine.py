@@ -6,7 +6,9 @@ engine thread blocks only when it has nothing to run. Pass the EngineThread that
 engine so that one thread runs all of its torch calls (engine/engine_thread.py says why);
 without one the engine gets a thread of its own. If the engine dies for good (a parallel
 engine's worker process is gone: EngineDeadError) the thread fails every request and ends: `is_running` turns
-False, and later requests fail at once with the same error.
+False, and later requests fail at once with the same error. A step whose model run fails (out of
+memory: StepFailed) has its requests queued again and is retried after a pause, up to
+MAX_STEP_RETRIES times in a row; only then are that step's requests failed, and the others go on.
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 
 from engine.distributed.executor import EngineDeadError
 from engine.engine_thread import EngineThread
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, StepFailed
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.stats import EngineStats
 
 log = logging.getLogger(__name__)
+
+MAX_STEP_RETRIES = 3  # failed steps in a row before the failing step's requests are failed
+STEP_RETRY_DELAY_S = 0.2  # the first pause after a failed step; doubled for each further one
 
 
 class AsyncLLMEngine:
@@ -38,6 +44,7 @@ class AsyncLLMEngine:
         self._step_loop: concurrent.futures.Future | None = None  # done when _run returns
         self._dead: EngineDeadError | None = None  # why the engine can run nothing more
         self._dead_lock = threading.Lock()  # orders a request's enqueue against the thread's end
+        self._failed_steps = 0  # failed steps in a row
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -120,13 +127,41 @@ class AsyncLLMEngine:
                 log.error("the engine is gone: %s", e)
                 self._end(e)
                 return
+            except StepFailed as e:
+                self._retry_or_fail(e)
+                continue
             except Exception as e:
                 log.exception("engine step failed; failing its requests")
                 self._fail_all(e)
                 continue
+            self._failed_steps = 0
             for output in outputs:
                 self._resolve(output.request_id, output)
         self._fail_all(RuntimeError("the engine stopped"))
+
+    def _retry_or_fail(self, failure: StepFailed) -> None:
+        self._failed_steps += 1
+        if self._failed_steps > MAX_STEP_RETRIES:
+            log.error(
+                "engine step failed %d times in a row (%s): failing its requests",
+                MAX_STEP_RETRIES + 1,
+                failure,
+            )
+            for request_id in failure.request_ids:
+                self.engine.abort(request_id)
+                self._resolve(request_id, failure.cause)
+            self._failed_steps = 0
+            return
+        delay = STEP_RETRY_DELAY_S * 2 ** (self._failed_steps - 1)
+        log.warning(
+            "engine step failed (%s): its %d requests are queued again; retry %d of %d in %.1fs",
+            failure,
+            len(failure.request_ids),
+            self._failed_steps,
+            MAX_STEP_RETRIES,
+            delay,
+        )
+        time.sleep(delay)  # the engine thread's own pause: a device short of memory may recover
 
     def _end(self, error: Exception) -> None:
         with self._dead_lock:

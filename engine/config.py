@@ -29,6 +29,9 @@ class EngineConfig:
     max_num_seqs: int = 128  # sequences in one step
     max_num_batched_tokens: int = 2048  # tokens computed in one step (the per-step budget)
     enable_chunked_prefill: bool = True  # long prompts share steps with running decodes
+    # A waiting request gains one priority level per this many steps, so that urgent requests
+    # delay it by at most (its priority - theirs) * this many steps; 0: strict priority, no aging
+    priority_aging_steps: int = 100
     # reuse the KV blocks of a prompt prefix an earlier request computed (same outputs either way)
     enable_prefix_caching: bool = True
     # Paged KV cache
@@ -84,6 +87,10 @@ class EngineConfig:
             )
         _check_positive(self, "max_num_seqs", "max_num_batched_tokens")
         _check_positive(self, "block_size", "num_kv_blocks", optional=True)
+        if not isinstance(self.priority_aging_steps, int) or self.priority_aging_steps < 0:
+            raise EngineConfigError(
+                f"priority_aging_steps must be an integer >= 0, got {self.priority_aging_steps!r}"
+            )
         _check_positive(self, "tensor_parallel_size", "pipeline_parallel_size")
         if self.distributed_timeout_s <= 0:
             raise EngineConfigError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")

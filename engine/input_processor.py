@@ -15,6 +15,8 @@ from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.structured_output import GrammarCompiler, InvalidStructuredOutput
 
+MAX_PRIORITY = 1000  # priorities lie in [-MAX_PRIORITY, MAX_PRIORITY], so that aging bounds every wait
+
 
 class RequestRejected(ValueError):
     """The request cannot run on this engine (too long, bad token ids); nothing was queued.
@@ -58,6 +60,11 @@ class InputProcessor:
     def process(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, priority: int
     ) -> ProcessedRequest:
+        if not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+            raise RequestRejected(
+                f"priority must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {priority}",
+                code="invalid_request",
+            )
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(token_ids)
         params = self._resolve(params)

@@ -27,7 +27,7 @@ from engine.checkpoint import check_checkpoint_folder, load_generation_defaults,
 from engine.choice_scoring import ChoiceScorer
 from engine.config import EngineConfig
 from engine.cuda_graphs import can_capture
-from engine.distributed.executor import MultiprocExecutor, UniprocExecutor
+from engine.distributed.executor import EngineDeadError, MultiprocExecutor, UniprocExecutor
 from engine.distributed.layout import check_parallel_layout
 from engine.input_processor import InputProcessor, RequestRejected
 from engine.models import max_context_len
@@ -82,6 +82,7 @@ class LLMEngine:
             config.max_num_batched_tokens,
             config.enable_chunked_prefill,
             eos_token_ids,
+            config.priority_aging_steps,
         )
         self.input_processor = InputProcessor(
             config,
@@ -155,9 +156,21 @@ class LLMEngine:
         pooling_rows = PoolingRows.of(out)
         plan = StepPlan.build(out, self.vocab_size, rows)
         plan.pooling_rows = pooling_rows.rows if pooling_rows is not None else None
-        result = self.executor.execute(plan)
+        try:
+            result = self.executor.execute(plan)
+            token_ids = result.sampled_token_ids.tolist() if result is not None else []  # the step's one sync
+        except EngineDeadError:
+            raise
+        except Exception as e:
+            if self.config.world_size > 1:
+                raise  # ranks may have parted ways mid-step: rerunning it could hang a collective
+            # The model run failed (out of memory, a device hiccup) before anything of the step was
+            # applied: its sequences go back to the queue, to be recomputed by a later step (a
+            # pooling request restarts its sums when its prompt is recomputed from the start).
+            self.scheduler.requeue(out.seqs)
+            self._aborted = outputs + self._aborted  # still to be reported
+            raise StepFailed(sorted({seq.request_id for seq in out.seqs}), e) from e
         self.pooler.update(pooling_rows, result.pooled_hidden if result is not None else None)
-        token_ids = result.sampled_token_ids.tolist() if result is not None else []  # the step's one sync
         finished = self.scheduler.update_from_output(out, token_ids)
         sampling = out.sampling_seqs
         processed = self.output_processor.process(
@@ -232,6 +245,15 @@ class LLMEngine:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class StepFailed(RuntimeError):
+    """step()'s model run raised `cause`; the step's requests are queued again (nothing was lost)."""
+
+    def __init__(self, request_ids: list[str], cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids = request_ids  # the requests the failed step ran
+        self.cause = cause
 
 
 def _eos_token_ids(hf_config: dict, tokenizer) -> frozenset[int]:

@@ -8,6 +8,9 @@ from typing import Any
 
 MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias: [-100, 100]
+# Temperatures below this are greedy: dividing float32 logits by less overflows them to inf (NaN
+# probabilities), and a temperature that rounds to 0.0 in float32 would be sampled at 1.0 (vLLM's eps).
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +56,7 @@ class SamplingParams:
     max_tokens: int = 16
     n: int = 1  # samples returned (parallel samples of one prompt; see engine/parallel_sampling.py)
     best_of: int | None = None  # samples drawn (>= n); the n with the highest cumulative logprob return
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE, made 0): greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: no top-k cut
     min_p: float = 0.0
@@ -94,8 +97,10 @@ class SamplingParams:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.best_of is not None and self.best_of < self.n:
             raise ValueError(f"best_of must be >= n, got n={self.n} and best_of={self.best_of}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature < GREEDY_TEMPERATURE:
+            self.temperature = 0.0
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:

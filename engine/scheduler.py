@@ -3,7 +3,11 @@
 Every step gets a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`).
 Running sequences go first, oldest first: a decode takes one token, a prompt being prefilled
 in chunks takes what the budget leaves. Waiting sequences are then admitted in (priority,
-arrival) order while budget, cap and blocks allow. When blocks run out, the newest running
+arrival) order while budget, cap and blocks allow. With `priority_aging_steps` a waiting sequence
+gains one priority level per that many steps since it first queued, so that a stream of urgent
+requests delays the others by a bounded number of steps instead of forever: its effective
+priority at step t is `priority - (t - arrival_step) / aging`, and since every waiting sequence
+ages alike, ordering by `priority * aging + arrival_step` is the same order, fixed at add(). When blocks run out, the newest running
 sequence is preempted: its blocks are freed and it is recomputed from its tokens later.
 With prefix caching, a sequence admitted from the queue first takes the cached blocks of its
 longest cached prefix and is then scheduled like a chunk of prefill with existing context;
@@ -58,18 +62,23 @@ class Scheduler:
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool,
         eos_token_ids: frozenset[int] = frozenset(),
+        priority_aging_steps: int = 0,  # steps a waiting sequence takes to gain a priority level; 0: never
     ) -> None:
         self.block_manager = block_manager
+        self.priority_aging_steps = priority_aging_steps
+        self.num_steps = 0  # schedule() calls so far: the clock that waiting sequences age by
         self.eos_token_ids = eos_token_ids
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
-        self.waiting: list[Sequence] = []  # sorted by (priority, seq_id)
+        self.waiting: list[Sequence] = []  # sorted by _queue_key
         self.running: list[Sequence] = []  # admission order: the newest is preempted first
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        bisect.insort(self.waiting, seq, key=_queue_key)
+        if seq.arrival_step is None:  # a preempted sequence keeps the age it had
+            seq.arrival_step = self.num_steps
+        bisect.insort(self.waiting, seq, key=self._queue_key)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -79,6 +88,7 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def schedule(self) -> SchedulerOutput:
+        self.num_steps += 1
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.max_num_batched_tokens)
         if not out.preempted:  # blocks are short: admitting more would only preempt again
@@ -103,6 +113,15 @@ class Scheduler:
                 self.finish(seq, *stop)
                 finished.append(seq)
         return finished
+
+    def requeue(self, seqs: list[Sequence]) -> None:
+        """Put the sequences of a step whose model run failed back in the queue: their blocks are
+        freed and they are recomputed from their tokens, as if preempted (nothing of the step was
+        applied: update_from_output never ran)."""
+        for seq in seqs:
+            if seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+                self._preempt(seq)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
         """Take a sequence out of the batch for good; its blocks return to the pool."""
@@ -191,6 +210,11 @@ class Scheduler:
         reaches_end = seq.num_computed_tokens + num_new == seq.num_tokens
         out.is_sampling.append(reaches_end and not seq.is_prefill_only)
 
+    def _queue_key(self, seq: Sequence) -> tuple[int, int]:
+        if self.priority_aging_steps:
+            return (seq.priority * self.priority_aging_steps + seq.arrival_step, seq.seq_id)
+        return (seq.priority, seq.seq_id)
+
     def _unadmit(self, seq: Sequence) -> None:
         # A waiting sequence holds no blocks: the cached prefix it just took goes back (evictable,
         # not lost), so that blocks never sit with a sequence that cannot run.
@@ -203,10 +227,6 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.add(seq)
-
-
-def _queue_key(seq: Sequence) -> tuple[int, int]:
-    return (seq.priority, seq.seq_id)
 
 
 def _advance_grammar(seq: Sequence, token_id: int, eos_token_ids: frozenset[int]):

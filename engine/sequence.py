@@ -39,6 +39,7 @@ class Sequence:
         self.max_tokens = max_tokens  # params.max_tokens clipped to the model's length limit; 0: prefill only
         self.priority = priority  # lower runs first; FCFS among equals
         self.arrival_time = time.time()
+        self.arrival_step: int | None = None  # the scheduler step it first queued at (priority aging)
         self.first_token_time: float | None = None
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0

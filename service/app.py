@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -76,11 +77,13 @@ class Service:
             tool_call_parser=config.tool_call_parser,
         )
         self.kafka_security = client_options(config)  # SASL/TLS settings of every Kafka client below
+        configured = {config.results_topic, config.dlq_topic, config.traces_topic}  # reply topics come and go
         self.publisher = ResultPublisher(
             config.kafka_bootstrap,
             config.client_id,
             self.kafka_security,
             max_request_size=config.max_result_bytes + _REQUEST_HEADROOM,
+            keep_topics=configured,
         )
         # exactly_once: results wait for their partition's next transaction instead of the publisher
         self.transactions: TransactionalDelivery | None = None
@@ -91,6 +94,7 @@ class Service:
                 config.client_id,
                 config.transactional_id_prefix,
                 security=self.kafka_security,
+                keep_topics=configured,
             )
         # exactly_once: the transactional producers keep aiokafka's 1 MiB max_request_size
         max_result_bytes = (
@@ -164,6 +168,8 @@ class Service:
 
     async def _consume_once(self) -> None:
         backpressure = self.backpressure
+        if self.transactions is not None:
+            backpressure.staged = self.transactions.num_staged()  # results held for a transaction
         action = backpressure.update()
         if backpressure.is_paused:
             self.consumer.pause()  # every time: partitions assigned meanwhile must pause too
@@ -174,10 +180,11 @@ class Service:
             if action == "resume":
                 self.consumer.resume()
         # Keep polling while paused: the group drops a member that stops polling.
-        for record in await self.consumer.fetch(max_records=max(1, backpressure.free_jobs), timeout_ms=100):
+        fetched = await self.consumer.fetch(max_records=max(1, backpressure.free_jobs), timeout_ms=100)
+        for record, generation in fetched:
             backpressure.add(jobs=1)
             self.metrics.jobs_consumed.labels(record.topic).inc()
-            task = asyncio.create_task(self._process(record))
+            task = asyncio.create_task(self._process(record, generation))
             self._tasks[task] = TopicPartition(record.topic, record.partition)
             task.add_done_callback(self._forget_task)
 
@@ -239,6 +246,9 @@ class Service:
         m.gauge("sluice_jobs_in_flight", "Jobs consumed, not yet published", lambda: bp.jobs)
         m.gauge("sluice_tokens_in_flight", "Prompt + requested output tokens in flight", lambda: bp.tokens)
         m.gauge(
+            "sluice_results_staged", "Exactly-once: results waiting for their transaction", lambda: bp.staged
+        )
+        m.gauge(
             "sluice_consumer_paused", "1 while backpressure pauses the partitions", lambda: int(bp.is_paused)
         )
         m.gauge("sluice_consumer_lag", "Records of assigned partitions not yet done", self.consumer.lag)
@@ -247,11 +257,12 @@ class Service:
         self._tasks.pop(task, None)
         self.backpressure.remove(jobs=1)
 
-    async def _process(self, record: ConsumerRecord) -> None:
+    async def _process(self, record: ConsumerRecord, generation: int) -> None:
+        """`generation`: the assignment of the record's partition it was consumed under (JobConsumer.fetch)."""
         timestamp_ms = job_timestamp_ms(record, int(time.time() * 1000))
         span = self.tracer.start_job(record, timestamp_ms) if self.tracer else None
         try:
-            outcome = await self._handle_and_publish(record, timestamp_ms, span)
+            outcome = await self._handle_and_publish(record, generation, timestamp_ms, span)
         except asyncio.CancelledError:
             if span is not None:
                 self.tracer.end_job(span, "aborted")
@@ -265,15 +276,21 @@ class Service:
             return
         except Exception as e:  # a fault of Sluice's own: the job still gets an error result
             log.exception("job %s failed in the service", record_ref(record))
-            outcome = await self.delivery.deliver_internal_error(record, e)
+            outcome = await self.delivery.deliver_internal_error(
+                record, e, self._is_current(record, generation)
+            )
             if outcome is None:  # not even that: left uncommitted, its next owner redoes it
                 if span is not None:
                     self.tracer.end_job(span, "internal_error")
                 return
             self._count(record, timestamp_ms, outcome)
-            self.consumer.done(record)
+            self.consumer.done(record, generation)
         if span is not None:
             self.tracer.end_job(span, outcome.result.failure.code if outcome.is_error else None)
+
+    def _is_current(self, record: ConsumerRecord, generation: int) -> Callable[[], bool]:
+        """Whether the record's partition is still in the assignment the job was consumed under."""
+        return lambda: self.consumer.is_current(record, generation)
 
     def _engine_died(self, error: EngineDeadError) -> None:
         if self.engine_failure is None:
@@ -282,7 +299,9 @@ class Service:
         if self._stop is not None:
             self._stop.set()
 
-    async def _handle_and_publish(self, record: ConsumerRecord, timestamp_ms: int, span) -> Outcome:
+    async def _handle_and_publish(
+        self, record: ConsumerRecord, generation: int, timestamp_ms: int, span
+    ) -> Outcome:
         outcome = await self.handler.handle(
             record.value or b"", record.headers, timestamp_ms, record_ref(record), tag=span
         )
@@ -294,7 +313,16 @@ class Service:
         else:
             trace_headers = [(k, v) for k, v in record.headers or () if k.lower() == "traceparent"]
         publish_start = time.time_ns()
-        outcome = await self.delivery.deliver(record, outcome, trace_headers)
+        delivered = await self.delivery.deliver(
+            record, outcome, trace_headers, self._is_current(record, generation)
+        )
+        if delivered is None:
+            # Its partition was revoked (or restarted) and maybe assigned here again since: that
+            # assignment redoes it from the committed offset. Only a job that outlived its abort
+            # gets here; staging it could publish its result twice.
+            log.warning("job %s outlived its partition's assignment: dropped", record_ref(record))
+            return outcome
+        outcome = delivered
         if outcome.is_error:
             log.warning(
                 "job %s/%d/%d failed: %s",
@@ -306,7 +334,7 @@ class Service:
         if span is not None:
             self.tracer.record_publish(span, publish_start)
         self._count(record, timestamp_ms, outcome)
-        self.consumer.done(record)
+        self.consumer.done(record, generation)
         return outcome
 
 

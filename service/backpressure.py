@@ -1,7 +1,10 @@
 """Backpressure: when to stop fetching jobs and when to start again (pure logic).
 
-In-flight work is counted in jobs and in tokens (prompt + requested output). Past either
-high-water mark the consumer pauses its partitions; it resumes only once both are below their
+In-flight work is counted in jobs and in tokens (prompt + requested output). Under exactly-once a
+finished job's result waits in memory for its partition's next transaction (staged): those count
+as jobs too, so that a slow job holding its partition's watermark, or transactions that keep
+failing, cannot pile up results without bound. Past either high-water mark the consumer pauses its
+partitions; it resumes only once both are below their
 low-water marks. The gap between the marks keeps it from flapping on every finished job, and
 the marks bound memory whatever the backlog in Kafka.
 """
@@ -18,6 +21,7 @@ class Backpressure:
     resume_fraction: float = 0.5  # low-water marks, as a fraction of the high-water marks
     jobs: int = 0
     tokens: int = 0
+    staged: int = 0  # exactly-once: results staged for a transaction (set from outside, not add/remove)
     is_paused: bool = False
     peak_jobs: int = 0  # the most jobs ever in flight at once
 
@@ -32,12 +36,12 @@ class Backpressure:
 
     @property
     def is_over_high_water(self) -> bool:
-        return self.jobs >= self.max_jobs or self.tokens >= self.max_tokens
+        return self.jobs + self.staged >= self.max_jobs or self.tokens >= self.max_tokens
 
     @property
     def is_under_low_water(self) -> bool:
         return (
-            self.jobs <= self.max_jobs * self.resume_fraction
+            self.jobs + self.staged <= self.max_jobs * self.resume_fraction
             and self.tokens <= self.max_tokens * self.resume_fraction
         )
 
@@ -53,4 +57,4 @@ class Backpressure:
 
     @property
     def free_jobs(self) -> int:
-        return max(0, self.max_jobs - self.jobs)
+        return max(0, self.max_jobs - self.jobs - self.staged)

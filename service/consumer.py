@@ -5,6 +5,13 @@ commits run every `commit_interval_ms`, when partitions are revoked, and at shut
 commits is an OffsetSink: the consumer itself (at-least-once: "done" means the result is
 acknowledged by the broker) or a transactional producer (exactly-once: "done" means the result
 is staged, and the sink publishes it and commits its offset in one transaction).
+
+Exactly-once starts a partition in three steps, and consumes none of it until they are done:
+the sink fences the previous owner (whose last transaction may still move the committed
+offset), the consumer reads the committed offset afresh and seeks there, then resumes it. A
+partition whose producer failed is restarted the same way (its in-flight jobs are aborted).
+Each record is consumed under its partition's current assignment (a generation): a job of an
+earlier one, finishing late, counts for nothing (done() and Service's stage check it).
 """
 
 from __future__ import annotations
@@ -31,12 +38,23 @@ class OffsetSink(Protocol):
     """Where committable offsets go; returns the offsets it committed."""
 
     # True when the sink's assigned() may change what is committed (fencing a previous owner's
-    # transaction): the consumer then starts the partitions from a fresh read of the commits.
+    # transaction): the consumer then starts the partitions from a fresh read of the commits,
+    # holding them (paused) until then.
     refetch_committed: bool
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> dict[TopicPartition, int]: ...
 
-    async def assigned(self, partitions: set[TopicPartition]) -> None: ...
+    async def assigned(self, partitions: set[TopicPartition]) -> set[TopicPartition]:
+        """Make ready to commit for the partitions; returns those that are (refetch_committed only)."""
+        ...
+
+    def starts_at(self, committed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Where to consume the started partitions from, given their committed offsets."""
+        ...
+
+    def restarts(self) -> set[TopicPartition]:
+        """Partitions it cannot commit for until they are started again."""
+        ...
 
     async def revoked(self, partitions: set[TopicPartition]) -> None: ...
 
@@ -68,6 +86,9 @@ class JobConsumer:
         self._commit_task: asyncio.Task | None = None
         self._commit_lock = asyncio.Lock()
         self._fetch_failures = 0  # consecutive failed fetches: how long to wait before the next
+        self._lifecycle = asyncio.Lock()  # rebalances and restarts, one at a time
+        self._held: set[TopicPartition] = set()  # assigned, paused until started (exactly-once)
+        self._is_paused = False  # backpressure's pause(): resume() ends it
         self._sink: OffsetSink = sink or _ConsumerCommits(self._consumer)
         # Called with the revoked partitions before their final commit: the owner of in-flight
         # jobs stops them there, so nothing is published for a partition after it left.
@@ -87,8 +108,10 @@ class JobConsumer:
         await bounded(self.commit(), "the last commit")
         await bounded(self._consumer.stop(), "leaving the consumer group")
 
-    async def fetch(self, max_records: int, timeout_ms: int = 200) -> list[ConsumerRecord]:
-        """Up to `max_records` new records; each is tracked as in flight until done().
+    async def fetch(self, max_records: int, timeout_ms: int = 200) -> list[tuple[ConsumerRecord, int]]:
+        """Up to `max_records` new records, each with the generation of its partition's assignment
+        (for done()); each is tracked as in flight until done(). A record this assignment has
+        consumed already is not returned again.
 
         Never raises: a failed fetch (a broker error, a refused authorisation, a record the
         client cannot parse) is logged and gives no records; the next fetch, a little later, retries.
@@ -102,17 +125,23 @@ class JobConsumer:
             await asyncio.sleep(delay)
             return []
         self._fetch_failures = 0
-        records = [r for rs in batches.values() for r in rs]
-        for r in records:
-            self._tracker.track(TopicPartition(r.topic, r.partition), r.offset)
-        return records
+        out = []
+        for tp, records in batches.items():
+            if self._sink.refetch_committed and self._tracker.generation(tp) is None:
+                continue  # not started: it is consumed from its committed offset once it is
+            for r in records:
+                if (generation := self._tracker.track(tp, r.offset)) is not None:
+                    out.append((r, generation))
+        return out
 
     def pause(self) -> None:
         """Stop fetching from every assigned partition (fetch() still polls, keeping the membership)."""
+        self._is_paused = True
         self._consumer.pause(*self._consumer.assignment())
 
     def resume(self) -> None:
-        self._consumer.resume(*self._consumer.assignment())
+        self._is_paused = False
+        self._consumer.resume(*(self._consumer.assignment() - self._held))
 
     @property
     def assignment(self) -> set[TopicPartition]:
@@ -127,9 +156,14 @@ class JobConsumer:
                 total += max(0, end - mark)
         return total
 
-    def done(self, record: ConsumerRecord) -> None:
-        """The record's outcome is acknowledged by the broker: its offset may be committed."""
-        self._tracker.done(TopicPartition(record.topic, record.partition), record.offset)
+    def done(self, record: ConsumerRecord, generation: int) -> None:
+        """The record's outcome is acknowledged by the broker (at-least-once) or staged (exactly-once):
+        its offset may be committed, if its partition is still in the assignment it was fetched in."""
+        self._tracker.done(TopicPartition(record.topic, record.partition), record.offset, generation)
+
+    def is_current(self, record: ConsumerRecord, generation: int) -> bool:
+        """The record's partition is still in the assignment the record was consumed under."""
+        return self._tracker.generation(TopicPartition(record.topic, record.partition)) == generation
 
     async def commit(self, partitions: set[TopicPartition] | None = None) -> None:
         async with self._commit_lock:
@@ -148,20 +182,68 @@ class JobConsumer:
             await asyncio.sleep(self._commit_interval)
             try:
                 await self.commit()
-            except Exception:  # the next interval retries: a commit task that died would commit nothing again
+                await self._restart_due()
+            except Exception:  # a bug, not the broker (sinks handle KafkaError): commits must go on
                 log.exception("committing offsets failed; retrying in %.1fs", self._commit_interval)
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        if self.on_revoke is not None:
-            await self.on_revoke(revoked)
-        await self.commit(revoked)  # what finished before; the aborted jobs stay uncommitted
-        self._tracker.forget(revoked)
-        await self._sink.revoked(revoked)
+        async with self._lifecycle:
+            if self.on_revoke is not None:
+                await self.on_revoke(revoked)
+            await self.commit(revoked)  # what finished before; the aborted jobs stay uncommitted
+            self._tracker.forget(revoked)
+            self._held -= revoked
+            await self._sink.revoked(revoked)
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._sink.assigned(assigned)
         if self._sink.refetch_committed:
-            await self._consumer.seek_to_committed(*assigned)
+            self._hold(assigned)  # now, before any await: not a record until they are started
+            async with self._lifecycle:
+                await self._start(assigned)
+
+    async def _restart_due(self) -> None:
+        """Start again partitions held back or given up by the sink: abort their jobs, fence, re-read."""
+        async with self._lifecycle:
+            partitions = (self._held | self._sink.restarts()) & self.assignment
+            if not partitions:
+                return
+            log.info("restarting %s from the committed offsets", _describe(partitions))
+            self._hold(partitions)
+            if self.on_revoke is not None:
+                await self.on_revoke(partitions)
+            self._tracker.forget(partitions)
+            await self._sink.revoked(partitions)
+            await self._start(partitions)
+
+    async def _start(self, partitions: set[TopicPartition]) -> None:
+        """Hold the partitions until the sink has fenced their previous owner, then consume each
+        from its committed offset, read now. Those that fail stay held; the commit loop retries."""
+        self._hold(partitions)
+        committed = {}
+        for tp in await self._sink.assigned(partitions):
+            try:
+                committed[tp] = await self._read_committed(tp)
+            except KafkaError as e:
+                log.warning("%s: reading its committed offset failed (%s); retrying", _describe([tp]), e)
+        offsets = self._sink.starts_at({tp: o for tp, o in committed.items() if tp in self.assignment})
+        for tp, offset in offsets.items():
+            self._consumer.seek(tp, offset)
+            self._tracker.start(tp, offset)
+        self._held -= set(offsets)
+        if not self._is_paused:
+            self._consumer.resume(*offsets)
+        if offsets:
+            log.info("consuming %s", _describe(offsets))
+
+    def _hold(self, partitions: set[TopicPartition]) -> None:
+        self._held |= partitions
+        self._consumer.pause(*partitions)
+
+    async def _read_committed(self, tp: TopicPartition) -> int:
+        offset = await self._consumer.committed(tp)
+        if offset is None:  # nothing committed yet: auto_offset_reset="earliest"
+            offset = (await self._consumer.beginning_offsets([tp]))[tp]
+        return offset
 
 
 class _ConsumerCommits:
@@ -181,8 +263,14 @@ class _ConsumerCommits:
             return {}
         return offsets
 
-    async def assigned(self, partitions: set[TopicPartition]) -> None:
-        pass
+    async def assigned(self, partitions: set[TopicPartition]) -> set[TopicPartition]:
+        return partitions
+
+    def starts_at(self, committed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        return committed
+
+    def restarts(self) -> set[TopicPartition]:
+        return set()
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         pass

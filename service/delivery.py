@@ -11,6 +11,7 @@ delays them; nothing is lost).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -58,9 +59,17 @@ class OutcomeDelivery:
                 self._max_bytes,
             )
 
-    async def deliver(self, record: ConsumerRecord, outcome: Outcome, trace_headers: Headers) -> Outcome:
+    async def deliver(
+        self,
+        record: ConsumerRecord,
+        outcome: Outcome,
+        trace_headers: Headers,
+        is_current: Callable[[], bool] = lambda: True,
+    ) -> Outcome | None:
         """Publish or stage the outcome's records; returns the outcome as delivered (an error
-        result where the broker refused the job's own result)."""
+        result where the broker refused the job's own result). exactly_once: None, nothing staged,
+        when `is_current()` says the job's partition assignment ended while it ran (checked just
+        before staging, after the last await)."""
         if outcome.reply_to is not None:
             try:
                 await self._publisher.check_topic(outcome.reply_to)
@@ -68,6 +77,8 @@ class OutcomeDelivery:
                 outcome = _refused(outcome, e)
         outcome, out = self._records(record, outcome, trace_headers, self._max_bytes)
         if self._transactions is not None:
+            if not is_current():
+                return None
             self._transactions.stage(TopicPartition(record.topic, record.partition), record.offset, out)
             return outcome
         try:
@@ -79,12 +90,15 @@ class OutcomeDelivery:
             await self._publish(out, result_refusable=False)
         return outcome
 
-    async def deliver_internal_error(self, record: ConsumerRecord, error: Exception) -> Outcome | None:
+    async def deliver_internal_error(
+        self, record: ConsumerRecord, error: Exception, is_current: Callable[[], bool] = lambda: True
+    ) -> Outcome | None:
         """An `internal_error` result for a job that a fault of Sluice's own stopped; None when
-        even that cannot be delivered (the job stays uncommitted: its next owner redoes it)."""
+        even that cannot be delivered, or is not delivered (see deliver): the job stays
+        uncommitted, its next owner redoes it."""
         result = to_error_line(record_ref(record), "internal_error", f"{type(error).__name__}: {error}", 500)
         try:
-            return await self.deliver(record, Outcome(result, JSON, None), [])
+            return await self.deliver(record, Outcome(result, JSON, None), [], is_current)
         except Exception:
             log.exception("job %s: its error result could not be delivered either", record_ref(record))
             return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -23,6 +24,7 @@ from aiokafka.errors import (
 )
 
 from service.kafka_security import KafkaClientOptions
+from service.topics import RecentTopics
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class ResultPublisher:
         client_id: str,
         security: KafkaClientOptions | None = None,
         max_request_size: int = 1_048_576,
+        keep_topics: Iterable[str] = (),  # the configured topics; others (reply topics) are dropped when idle
     ) -> None:
         self._options = dict(
             bootstrap_servers=bootstrap,
@@ -68,6 +71,7 @@ class ResultPublisher:
         self._replacing = asyncio.Lock()
         self._stopping = False
         self._pending: set[asyncio.Future] = set()  # best-effort sends not yet queued
+        self._recent = RecentTopics(set(keep_topics))
 
     async def start(self) -> None:
         await self._producer.start()
@@ -82,6 +86,7 @@ class ResultPublisher:
         """Best effort, no acknowledgement awaited (traces): queued now, sent with the next batch."""
         if self._stopping:
             return
+        self._recent.sent(topic)
         task = asyncio.ensure_future(self._producer.send(topic, value=value))
         self._pending.add(task)
         task.add_done_callback(self._sent)
@@ -115,6 +120,8 @@ class ResultPublisher:
             generation = self._generation
             try:
                 await self._producer.send_and_wait(topic, value=value, key=key, headers=headers)
+                self._recent.sent(topic)
+                self._recent.prune(self._producer)
                 return
             except KafkaError as e:
                 if self._stopping:

@@ -1,8 +1,12 @@
-"""Creates the service's topics when they are missing; reads the record size each topic takes."""
+"""Creates the service's topics when they are missing, reads the record size each topic takes, and
+keeps producers from tracking topics they no longer use."""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
+from typing import ClassVar
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -23,8 +27,10 @@ async def ensure_topics(
     partitions: int,
     replication: int,
     security: KafkaClientOptions | None = None,
+    configs: dict[str, str] | None = None,
 ) -> list[str]:
-    """Create each missing topic; returns the names it created. Existing topics are left as they are."""
+    """Create each missing topic (with topic `configs`, e.g. retention.ms); returns the names it
+    created. Existing topics are left as they are."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="sluice-admin", **(security or {}))
     await admin.start()
     try:
@@ -32,7 +38,9 @@ async def ensure_topics(
         missing = [n for n in dict.fromkeys(names) if n not in existing]
         if not missing:
             return []
-        response = await admin.create_topics([NewTopic(n, partitions, replication) for n in missing])
+        response = await admin.create_topics(
+            [NewTopic(n, partitions, replication, topic_configs=configs or {}) for n in missing]
+        )
         created = []
         for topic, code, message in response.topic_errors:
             if code == 0:
@@ -68,3 +76,66 @@ async def max_message_bytes(
                 if name == "max.message.bytes" and value is not None:
                     limits[topic] = int(value)
     return limits
+
+
+REPLY_TOPIC_IDLE_S = 60.0  # a topic no job was answered into for this long is dropped from metadata requests
+
+
+class RecentTopics:
+    """Keeps a producer asking the cluster only for the topics it sent to lately.
+
+    An aiokafka producer refreshes the metadata of every topic it ever sent to, for good: a job's
+    reply topic that its run has since deleted would be asked for, and logged as missing at
+    ERROR, for as long as the service runs. A topic not sent to for REPLY_TOPIC_IDLE_S is dropped
+    from the producer's metadata requests (`keep` never is); a later send adds it back. Until
+    then aiokafka's "not found in cluster metadata" for it is expected, and logged at DEBUG.
+    """
+
+    def __init__(self, keep: set[str], idle_s: float | None = None) -> None:
+        self._keep = set(keep)
+        self._idle_s = REPLY_TOPIC_IDLE_S if idle_s is None else idle_s
+        self._last_sent: dict[str, float] = {}
+        self._next_check = 0.0
+        _MissingReplyTopics.install()
+
+    def sent(self, topic: str) -> None:
+        if topic not in self._keep and topic not in self._last_sent:
+            _MissingReplyTopics.tracked[topic] += 1
+        self._last_sent[topic] = time.monotonic()
+
+    def prune(self, producer) -> None:
+        """Drop the idle topics from `producer`'s metadata requests (checks at most every few seconds)."""
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + min(5.0, self._idle_s)
+        idle = [t for t, at in self._last_sent.items() if now - at > self._idle_s and t not in self._keep]
+        if not idle:
+            return
+        for topic in idle:
+            del self._last_sent[topic]
+            _MissingReplyTopics.tracked[topic] -= 1
+            if _MissingReplyTopics.tracked[topic] <= 0:
+                del _MissingReplyTopics.tracked[topic]
+        # set_topics with no new topic only narrows what the next refresh asks for
+        producer.client.set_topics(self._keep | set(self._last_sent))
+        log.debug("no longer tracking the metadata of %s", ", ".join(idle))
+
+
+class _MissingReplyTopics(logging.Filter):
+    """aiokafka.cluster's ERROR for a reply topic a producer still tracks: its run deleted it."""
+
+    tracked: ClassVar[Counter[str]] = Counter()  # reply topics some RecentTopics still tracks
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls._installed:
+            logging.getLogger("aiokafka.cluster").addFilter(cls())
+            cls._installed = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Topic %s not found in cluster metadata" and record.args[0] in self.tracked:
+            log.debug("reply topic %s is gone (its run deleted it)", record.args[0])
+            return False
+        return True

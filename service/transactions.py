@@ -8,8 +8,14 @@ result exactly when the job's offset is committed, and never twice.
 
 aiokafka predates KIP-447 (fencing by consumer-group generation), so zombies are fenced the
 older way: one transactional id per input partition, `<prefix>.<topic>.<partition>`. Whoever
-is assigned a partition starts a producer with its id, which fences the previous owner (its
-open transaction is aborted, its later commits fail), then re-reads the committed offset.
+is assigned a partition starts a producer with its id and waits for its producer id, which
+fences the previous owner (its open transaction is aborted, one it was committing finishes
+first, its later commits fail); only then does the consumer read the committed offset and start
+the partition there (starts_at). A producer is started only that way: a commit that fails, or
+whose outcome is unknown (the broker died as it answered), drops what is staged and asks for the
+partition to be restarted (restarts()): fenced again, re-read, redone from what the broker
+committed. Re-creating the producer on the spot would fence whoever owns the partition now and
+resend records that may already be committed.
 
 Transactions cost a round trip or two each, so they run per commit interval, not per job;
 results reach read_committed readers up to one interval later than at-least-once results.
@@ -19,15 +25,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from service.publisher import Headers
+from service.topics import RecentTopics
 
 log = logging.getLogger(__name__)
+
+FENCE_TIMEOUT_S = 30.0  # a partition's producer not started by then (broker down): retried later
+FENCED_RESTART_S = 10.0  # a fenced partition the group has not moved by then is restarted here
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,6 +62,7 @@ class TransactionalDelivery:
         transactional_id_prefix: str,
         security: dict | None = None,  # SASL/TLS client options (service.kafka_security)
         producer_factory: Callable[..., AIOKafkaProducer] = AIOKafkaProducer,
+        keep_topics: Iterable[str] = (),  # the configured topics; others (reply topics) are dropped when idle
     ) -> None:
         self._bootstrap = bootstrap
         self._group_id = group_id
@@ -58,35 +70,70 @@ class TransactionalDelivery:
         self._prefix = transactional_id_prefix or group_id
         self._new_producer = producer_factory
         self._security = security or {}
-        self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        self._producers: dict[TopicPartition, AIOKafkaProducer] = {}  # the partitions it commits for
         # One start at a time per partition: two producers with one transactional id fence each other.
         self._starting: dict[TopicPartition, asyncio.Lock] = {}
-        # Fenced partitions: a newer owner holds them; nothing more is staged or committed for them
-        # until they are assigned here again (the group revokes them at the next rebalance).
-        self._lost: set[TopicPartition] = set()
+        self._floor: dict[TopicPartition, int] = {}  # the committed offset: nothing below it is staged
+        self._committed_here: dict[
+            TopicPartition, int
+        ] = {}  # the last offset each transaction here committed
+        self._restarts: dict[TopicPartition, float] = {}  # partitions to restart, and from when on
         self._staged: dict[TopicPartition, dict[int, list[OutRecord]]] = {}
+        self._keep_topics = set(keep_topics)
+        self._recent: dict[TopicPartition, RecentTopics] = {}  # what each partition's producer sent to lately
         self.num_transactions = 0
 
     def transactional_id(self, tp: TopicPartition) -> str:
         return f"{self._prefix}.{tp.topic}.{tp.partition}"
 
     def stage(self, tp: TopicPartition, offset: int, records: list[OutRecord]) -> None:
-        """A job's records, to be published with the commit that passes its offset."""
-        if tp not in self._lost:
-            self._staged.setdefault(tp, {})[offset] = records
+        """A job's records, to be published with the commit that passes its offset. Refused for a
+        partition it does not commit for now, and below the partition's committed offset (a job
+        that was already answered, whose result would be published a second time)."""
+        if tp not in self._producers:
+            return  # revoked, fenced or restarting: the partition's next start redoes the job
+        if offset < self._floor.get(tp, 0):
+            log.warning(
+                "%s: a result at offset %d, below the committed %d, refused",
+                _name(tp),
+                offset,
+                self._floor[tp],
+            )
+            return
+        self._staged.setdefault(tp, {})[offset] = records
 
     def num_staged(self) -> int:
         return sum(len(s) for s in self._staged.values())
 
-    async def assigned(self, partitions: set[TopicPartition]) -> None:
-        """Start each partition's producer: this fences the partition's previous owner."""
-        self._lost -= partitions
-        await asyncio.gather(*(self._producer(tp) for tp in partitions))
+    async def assigned(self, partitions: set[TopicPartition]) -> set[TopicPartition]:
+        """Start each partition's producer and wait for its producer id: this fences the
+        partition's previous owner. Returns the partitions started; the others are in restarts()."""
+        partitions = set(partitions)
+        for tp in partitions:
+            self._restarts.pop(tp, None)
+            self._staged.pop(tp, None)
+            self._floor.pop(tp, None)
+        started = await asyncio.gather(*(self._start(tp) for tp in partitions))
+        return {tp for tp, ok in zip(partitions, started, strict=True) if ok}
+
+    def starts_at(self, committed: dict[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """Where to consume the started partitions from: their committed offsets, read after the
+        fence, or what this process itself committed last if that is further (a read that raced
+        the markers of its own last transaction)."""
+        offsets = {tp: max(o, self._committed_here.get(tp, o)) for tp, o in committed.items()}
+        self._floor.update(offsets)
+        return offsets
+
+    def restarts(self) -> set[TopicPartition]:
+        """Partitions whose producer failed or was fenced: to be fenced, re-read and redone (assigned())."""
+        now = time.monotonic()
+        return {tp for tp, when in self._restarts.items() if when <= now}
 
     async def revoked(self, partitions: set[TopicPartition]) -> None:
         """The partitions' last commit is done: drop what is left (the next owner redoes it)."""
-        self._lost -= partitions
         for tp in partitions:
+            self._restarts.pop(tp, None)
+            self._floor.pop(tp, None)
             dropped = self._staged.pop(tp, {})
             if dropped:
                 log.info("%s: %d staged results dropped with the partition", _name(tp), len(dropped))
@@ -101,13 +148,13 @@ class TransactionalDelivery:
             await self._close(tp)
 
     async def _commit_partition(self, tp: TopicPartition, offset: int) -> bool:
-        if tp in self._lost:
-            return False  # its offsets are the newer owner's to commit
+        producer = self._producers.get(tp)
+        if producer is None:
+            return False  # not started (yet), or given up: a restart redoes its jobs
         staged = self._staged.get(tp, {})
         offsets = sorted(o for o in staged if o < offset)
         records = [r for o in offsets for r in staged[o]]
         try:
-            producer = await self._producer(tp)
             # Commits on success; on an error aborts, unless the producer is fenced (fatal).
             async with producer.transaction():
                 sent = [
@@ -116,29 +163,36 @@ class TransactionalDelivery:
                 await asyncio.gather(*sent)  # a record the broker refused aborts the transaction
                 await producer.send_offsets_to_transaction({tp: offset}, self._group_id)
         except ProducerFenced:
-            # Another instance owns the partition now and redoes these jobs.
-            log.warning("%s: fenced by a newer owner; %d staged results dropped", _name(tp), len(offsets))
-            self._lost.add(tp)
-            self._staged.pop(tp, None)
-            await self._close(tp)
+            # Another instance owns the partition now and redoes these jobs. Should the group still
+            # say it is ours once it has had time to rebalance, it is restarted (fenced back).
+            await self._give_up(
+                tp, f"fenced by a newer owner; {len(offsets)} staged results dropped", FENCED_RESTART_S
+            )
             return False
         except KafkaError as e:
-            # The transaction is aborted (or the producer unusable): keep the records, retry next time.
-            log.warning("%s: transaction failed (%s); retrying at the next commit", _name(tp), e)
-            await self._close(tp)
+            # Aborted, or committed with the reply lost: only the broker knows, so the partition is
+            # restarted from its committed offset rather than these records sent again.
+            await self._give_up(tp, f"transaction failed ({e}); restarting from the committed offset", 0.0)
             return False
+        recent = self._recent.setdefault(tp, RecentTopics(self._keep_topics))
+        for r in records:
+            recent.sent(r.topic)
+        recent.prune(producer)
         for o in offsets:
             del staged[o]
+        self._floor[tp] = self._committed_here[tp] = offset
         self.num_transactions += 1
         return True
 
-    async def _producer(self, tp: TopicPartition) -> AIOKafkaProducer:
-        async with self._starting.setdefault(tp, asyncio.Lock()):
-            return await self._start_producer(tp)
+    async def _give_up(self, tp: TopicPartition, why: str, restart_after_s: float) -> None:
+        log.warning("%s: %s", _name(tp), why)
+        self._staged.pop(tp, None)
+        self._restarts[tp] = time.monotonic() + restart_after_s
+        await self._close(tp)
 
-    async def _start_producer(self, tp: TopicPartition) -> AIOKafkaProducer:
-        producer = self._producers.get(tp)
-        if producer is None:
+    async def _start(self, tp: TopicPartition) -> bool:
+        async with self._starting.setdefault(tp, asyncio.Lock()):
+            await self._close(tp)
             producer = self._new_producer(
                 bootstrap_servers=self._bootstrap,
                 client_id=f"{self._client_id}-txn",
@@ -147,17 +201,39 @@ class TransactionalDelivery:
                 acks="all",
                 **self._security,
             )
-            await producer.start()  # InitProducerId: fences older producers with this id
+            try:
+                # start() returns before InitProducerId; an empty transaction waits for the producer
+                # id, i.e. for the fence (and for a previous transaction to finish), sending nothing.
+                await asyncio.wait_for(_fence(producer), FENCE_TIMEOUT_S)
+            except (KafkaError, TimeoutError) as e:
+                log.warning("%s: starting its producer failed (%s); retrying", _name(tp), e or "timeout")
+                self._restarts[tp] = time.monotonic()
+                await _stop(producer, tp)
+                return False
+            except BaseException:  # cancelled (shutdown): no producer left behind
+                await _stop(producer, tp)
+                raise
             self._producers[tp] = producer
-        return producer
+            return True
 
     async def _close(self, tp: TopicPartition) -> None:
+        self._recent.pop(tp, None)
         producer = self._producers.pop(tp, None)
         if producer is not None:
-            try:
-                await producer.stop()
-            except KafkaError as e:
-                log.debug("%s: closing the producer: %s", _name(tp), e)
+            await _stop(producer, tp)
+
+
+async def _fence(producer: AIOKafkaProducer) -> None:
+    await producer.start()
+    async with producer.transaction():
+        pass
+
+
+async def _stop(producer: AIOKafkaProducer, tp: TopicPartition) -> None:
+    try:
+        await producer.stop()
+    except KafkaError as e:
+        log.debug("%s: closing the producer: %s", _name(tp), e)
 
 
 def _name(tp: TopicPartition) -> str:

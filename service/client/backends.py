@@ -18,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from engine import AsyncLLMEngine, EngineThread, LLMEngine
 from schemas.codec import encode_result
 from service.batcher import DynamicBatcher
+from service.client.reply_topics import REPLY_TOPIC_CONFIGS
 from service.config import ServiceConfig
 from service.jobs import JobHandler
 from service.kafka_security import KafkaClientOptions
@@ -68,7 +69,7 @@ class KafkaBackend:
         """Raises MissingTopicError when the service's results topic does not exist (reply_to=False)."""
         if self.reply_to:
             self.created_topics = await ensure_topics(
-                self.bootstrap, [self.results_topic], 1, self.replication, self.security
+                self.bootstrap, [self.results_topic], 1, self.replication, self.security, REPLY_TOPIC_CONFIGS
             )
         attempts = 50 if self.reply_to else 1  # a topic just created may take a moment to be seen
         partitions = await _partitions(self.bootstrap, self.results_topic, self.security, attempts)

@@ -17,6 +17,7 @@ from service.client.driver import RunDriver, RunStats, WorkItem
 from service.client.inputs import check_unique_keys
 from service.client.ledger import RunLedger
 from service.client.progress import RunProgress, summary
+from service.client.reply_topics import REPLY_RETENTION_MS, sweep_abandoned
 from service.config import ServiceConfig
 from service.kafka_security import client_options
 
@@ -113,6 +114,8 @@ async def _drive(
 ) -> RunStats:
     backend = await _make_backend(args, config, ledger)
     try:
+        if isinstance(backend, KafkaBackend):
+            await _sweep(backend, config)
         await backend.start()
     except BaseException:
         await backend.stop()
@@ -125,6 +128,7 @@ async def _drive(
         output, ledger, backend, run.result_record, run.failure_record, progress, args.idle_timeout
     )
     driver.expect_waiting(run.items(), waiting)
+    stats = None
     try:
         stats = await driver.run(run.items(), waiting)
     finally:
@@ -132,11 +136,35 @@ async def _drive(
         output.close()
         ledger.close()
         await backend.stop()
+        if isinstance(backend, KafkaBackend):  # also after Ctrl-C: the topic must not outlive its use
+            await end_reply_topic(backend, ledger, output.done, stats is not None and stats.is_complete)
     if stats.is_complete:  # the output alone records the run now
-        if isinstance(backend, KafkaBackend):
-            await backend.delete_topics(ledger.created_topics)
         ledger.remove()
     return stats
+
+
+async def end_reply_topic(
+    backend: KafkaBackend, ledger: RunLedger, done: set[str], is_complete: bool
+) -> None:
+    """Delete the reply topic the run created once no answer can come for it: the run is complete,
+    or it stopped early with no posted job unanswered. Otherwise say that it stays, and until when."""
+    unanswered = {key for key, n in ledger.attempts.items() if n} - done
+    if is_complete or not unanswered:
+        await backend.delete_topics(ledger.created_topics)
+    elif ledger.created_topics:
+        days = REPLY_RETENTION_MS / 86_400_000
+        print(
+            f"sluice: the reply topic {backend.results_topic} stays for the {len(unanswered)} unanswered "
+            f"jobs: rerun the same command to collect them; uncollected, their answers expire after "
+            f"{days:g} days and a later run deletes the topic",
+            file=sys.stderr,
+        )
+
+
+async def _sweep(backend: KafkaBackend, config: ServiceConfig) -> None:
+    swept = await sweep_abandoned(backend.bootstrap, config.results_topic, backend.security)
+    if swept:
+        print(f"sluice: deleted {len(swept)} abandoned reply topics: {', '.join(swept)}", file=sys.stderr)
 
 
 async def _remove_leftovers(run: RunFiles, args: argparse.Namespace, config: ServiceConfig) -> None:

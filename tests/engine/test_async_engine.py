@@ -6,8 +6,10 @@ import asyncio
 import threading
 
 import pytest
+import torch
 
 from engine import AsyncLLMEngine, EngineConfig, EngineThread, LLMEngine, RequestRejected, SamplingParams
+from engine.async_engine import MAX_STEP_RETRIES
 from tests.engine.async_requests import generate
 
 
@@ -110,3 +112,59 @@ async def test_the_step_loop_runs_on_the_engine_thread_it_is_given_which_outlive
     finally:
         del engine.step
         engine_thread.close()
+
+
+class _FailingModelRuns:
+    """The engine's executor with its first `times` model runs raising (as out of memory would)."""
+
+    def __init__(self, engine: LLMEngine, times: int) -> None:
+        self.engine, self.times, self.calls = engine, times, 0
+        self._execute = engine.executor.execute
+
+    def __enter__(self):
+        def execute(plan):
+            self.calls += 1
+            if self.calls <= self.times:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self._execute(plan)
+
+        self.engine.executor.execute = execute
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        del self.engine.executor.execute
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+async def _generate_all(engine: LLMEngine, prompts: list[list[int]]) -> list:
+    async_engine = AsyncLLMEngine(engine)
+    async_engine.start()
+    try:
+        return await asyncio.gather(
+            *(generate(async_engine, f"r{i}", p, GREEDY) for i, p in enumerate(prompts)),
+            return_exceptions=True,
+        )
+    finally:
+        await async_engine.stop()
+
+
+async def test_a_step_that_runs_out_of_memory_is_retried_and_its_requests_finish_unchanged(engine):
+    prompts = [[1, 10 + i, 20] for i in range(3)]
+    expected = await _generate_all(engine, prompts)
+    with _FailingModelRuns(engine, times=2) as failing:
+        outputs = await _generate_all(engine, prompts)
+    assert failing.calls > 2
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+async def test_a_step_that_keeps_failing_fails_its_own_requests_after_the_retries(engine, monkeypatch):
+    monkeypatch.setattr("engine.async_engine.STEP_RETRY_DELAY_S", 0.01)
+    with _FailingModelRuns(engine, times=1 + MAX_STEP_RETRIES) as failing:
+        (output,) = await _generate_all(engine, [[1, 2, 3]])
+    assert isinstance(output, torch.OutOfMemoryError)
+    assert failing.calls == 1 + MAX_STEP_RETRIES
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -63,6 +63,23 @@ def test_greedy_ignores_the_generator_state() -> None:
     assert picks == {int(torch.argmax(logits))}
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-38, 1e-8])
+def test_a_temperature_too_small_for_float32_is_greedy(temperature: float) -> None:
+    """Below 1e-5 a temperature would overflow float32 logits (NaN) or round to 0.0 and be sampled
+    at 1.0: such rows take the argmax, beside sampled rows too."""
+    assert SamplingParams(temperature=temperature).is_greedy
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(3))
+    params = [SamplingParams(temperature=t) for t in (temperature, 1.0, temperature, 1.0)]
+    for seed in range(10):
+        picks = _sample(logits, params, seed)
+        assert [picks[0], picks[2]] == [int(logits[0].argmax()), int(logits[2].argmax())]
+
+
+def test_a_nan_temperature_is_refused() -> None:
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingParams(temperature=float("nan"))
+
+
 def test_greedy_rows_take_the_argmax_in_a_batch_with_sampled_rows() -> None:
     logits = torch.randn(6, V, generator=torch.Generator().manual_seed(2))
     params = [SamplingParams(temperature=t) for t in (0.0, 1.0, 0.0, 2.0, 0.0, 0.5)]

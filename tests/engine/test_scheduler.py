@@ -24,9 +24,16 @@ def _make_seq(num_prompt_tokens: int, max_tokens: int = 16, priority: int = 0) -
 
 
 def _make_scheduler(
-    num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8, budget: int = 32, chunked: bool = True
+    num_blocks: int = 64,
+    block_size: int = 4,
+    max_num_seqs: int = 8,
+    budget: int = 32,
+    chunked: bool = True,
+    aging: int = 0,
 ) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, block_size), max_num_seqs, budget, chunked)
+    return Scheduler(
+        BlockManager(num_blocks, block_size), max_num_seqs, budget, chunked, priority_aging_steps=aging
+    )
 
 
 def _next_token(tokens: list[int]) -> int:
@@ -294,6 +301,7 @@ class _Workload(NamedTuple):
     max_num_seqs: int
     chunked: bool
     aborts: list[tuple[int, int]]  # (step, index of the sequence)
+    aging: int = 0  # priority_aging_steps
 
 
 @st.composite
@@ -309,7 +317,8 @@ def _workloads(draw: st.DrawFn) -> _Workload:
     unchunked_budget = st.integers(longest, longest + 2) | st.integers(longest, max(32, longest))
     budget = draw(st.integers(1, 32) if chunked else unchunked_budget)
     aborts = draw(st.lists(st.tuples(st.integers(0, 60), st.integers(0, len(seqs) - 1)), max_size=3))
-    return _Workload(seqs, block_size, num_blocks, budget, draw(st.integers(1, 8)), chunked, aborts)
+    aging = draw(st.sampled_from([0, 1, 3]))
+    return _Workload(seqs, block_size, num_blocks, budget, draw(st.integers(1, 8)), chunked, aborts, aging)
 
 
 # Found by hypothesis: without chunked prefill the 27-token prompt is preempted with 30 tokens, over the budget.
@@ -320,7 +329,7 @@ _LIVELOCK = _Workload([(1, 4, 0, 1), (1, 5, 0, 0), (27, 4, 0, 1)], 4, 10, 29, 3,
 @given(_workloads())
 @example(_LIVELOCK)
 def test_every_workload_finishes_with_full_outputs_and_returns_every_block(w: _Workload) -> None:
-    scheduler = _make_scheduler(w.num_blocks, w.block_size, w.max_num_seqs, w.budget, w.chunked)
+    scheduler = _make_scheduler(w.num_blocks, w.block_size, w.max_num_seqs, w.budget, w.chunked, w.aging)
     seqs = [_make_seq(p, max_tokens=m, priority=prio) for p, m, prio, _ in w.seqs]
     arrivals = [arrival for *_, arrival in w.seqs]
     # Each step admits into an empty batch or advances the oldest running sequence, which is never preempted.

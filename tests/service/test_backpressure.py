@@ -24,6 +24,15 @@ def test_pauses_at_the_job_limit_and_resumes_only_below_the_low_water_mark():
     assert bp.update() == "resume"
 
 
+def test_results_staged_for_a_transaction_count_as_jobs_in_flight():
+    bp = Backpressure(max_jobs=4, max_tokens=1000)
+    bp.add(jobs=1)
+    bp.staged = 3  # finished, held in memory until their partition's transaction
+    assert bp.update() == "pause" and bp.free_jobs == 0
+    bp.staged = 1
+    assert bp.update() == "resume"
+
+
 def test_tokens_alone_can_pause():
     bp = Backpressure(max_jobs=100, max_tokens=1000)
     bp.add(jobs=1, tokens=1200)

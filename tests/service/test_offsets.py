@@ -130,6 +130,37 @@ def test_a_forgotten_partition_starts_afresh_when_assigned_again() -> None:
     assert tracker.watermark(P0) == 2
 
 
+def test_a_job_of_an_earlier_assignment_does_not_move_the_new_one() -> None:
+    tracker = OffsetTracker()
+    old = tracker.track(P0, 5)
+    tracker.forget([P0])  # revoked, and assigned here again
+    new = tracker.track(P0, 5)
+    assert new != old
+    tracker.done(P0, 5, old)  # the job consumed before the revoke finishes late
+    assert tracker.watermark(P0) == 5
+    tracker.done(P0, 5, new)
+    assert tracker.watermark(P0) == 6
+
+
+def test_a_record_consumed_twice_in_one_assignment_is_tracked_once() -> None:
+    tracker = OffsetTracker()
+    generation = tracker.track(P0, 3)
+    assert tracker.track(P0, 4) == generation
+    assert tracker.track(P0, 3) is None  # a seek back delivers it again
+    tracker.done(P0, 3, generation)
+    tracker.done(P0, 4, generation)
+    assert tracker.watermark(P0) == 5 and tracker.num_in_flight(P0) == 0
+
+
+def test_a_started_partition_refuses_records_below_its_committed_offset() -> None:
+    tracker = OffsetTracker()
+    tracker.start(P0, 10)
+    assert tracker.committable() == {}  # 10 is what is committed already
+    assert tracker.track(P0, 9) is None
+    assert tracker.track(P0, 10) == tracker.generation(P0)
+    assert tracker.watermark(P0) == 10
+
+
 class WatermarkMachine(RuleBasedStateMachine):
     """Random interleavings of track (increasing offsets with gaps) and done, over two partitions."""
 

@@ -1,0 +1,53 @@
+"""Reply topics come and go with the runs that name them: the service stops asking for a topic
+it no longer answers into, so a run that deleted its topic leaves no trace in the service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import msgspec
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+
+from service.topics import ensure_topics
+
+pytestmark = pytest.mark.kafka
+
+BODY = {"prompt": "The river", "max_tokens": 2, "temperature": 0}
+
+
+def _job(custom_id: str, reply_to: str | None = None) -> tuple[bytes, bytes, list]:
+    value = json.dumps({"custom_id": custom_id, "url": "/v1/completions", "body": BODY}).encode()
+    return custom_id.encode(), value, [("reply_to", reply_to.encode())] if reply_to else []
+
+
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+async def test_a_deleted_reply_topic_is_not_asked_for_once_it_is_idle(
+    delivery, kafka, kafka_bootstrap, service_config, run_service, caplog, monkeypatch
+):
+    monkeypatch.setattr("service.topics.REPLY_TOPIC_IDLE_S", 0.5)
+    config = msgspec.structs.replace(service_config, delivery=delivery)
+    jobs, finished_run, next_run = (
+        config.jobs_topics[0],
+        f"{config.results_topic}.run-1",
+        f"{config.results_topic}.run-2",
+    )
+    isolation = "read_committed" if delivery == "exactly_once" else "read_uncommitted"
+    await ensure_topics(kafka_bootstrap, [finished_run, next_run], 1, 1)
+    caplog.set_level(logging.ERROR, logger="aiokafka")
+    async with run_service(config):
+        await kafka.post(jobs, [_job("a", finished_run)])
+        await kafka.read(finished_run, 1)
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        await admin.delete_topics([finished_run])  # the run is complete: its command deletes the topic
+        await admin.close()
+        await asyncio.sleep(1.0)  # some time later (REPLY_TOPIC_IDLE_S), an answer into the results topic...
+        await kafka.post(jobs, [_job("b")])
+        await kafka.read(config.results_topic, 1)
+        await kafka.post(jobs, [_job("c"), _job("d", next_run)])  # ...and a new run's first job
+        answered = [r.key for r in await kafka.read_all(next_run, isolation_level=isolation)]
+    assert answered == [b"d"]
+    assert [r.message for r in caplog.records if finished_run in r.getMessage()] == []
