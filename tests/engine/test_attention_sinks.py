@@ -10,9 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine import EngineConfig
+from engine.demo_models import ensure_checkpoint
 from engine.layers import attention_backends
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import FlashAttentionBackend, select_backend
+from engine.runtime import resolve_runtime
 from tests.engine.test_triton_decode import _run_interpreted
 
 
@@ -65,3 +68,10 @@ def test_auto_backend_never_picks_flash_for_a_model_with_sinks(monkeypatch):
     monkeypatch.setattr(attention_backends, "triton_available", lambda: True)
     assert select_backend("auto", torch.device("cuda")) == "flash"
     assert select_backend("auto", torch.device("cuda"), has_sinks=True) == "triton"
+
+
+def test_engine_options_asking_flash_for_gpt_oss_are_refused_before_loading(model_cache):
+    folder = str(ensure_checkpoint(model_cache, preset="tiny-gpt-oss"))
+    config = EngineConfig(model=folder, device="cuda", attention_backend="flash", block_size=256)
+    with pytest.raises(ValueError, match="attention_backend 'flash' cannot run attention sinks"):
+        resolve_runtime(config)
