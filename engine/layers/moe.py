@@ -191,8 +191,8 @@ def _grouped_linear(
     out = hidden.new_empty(hidden.shape[0], weight.shape[1])
     start = 0
     for expert, count in enumerate(counts.tolist()):  # one host sync per call
-        if count:
-            out[start : start + count] = hidden[start : start + count] @ weight[expert].T
+        if count:  # written in place: a row slice of `out` is contiguous
+            torch.mm(hidden[start : start + count], weight[expert].T, out=out[start : start + count])
             start += count
     return out
 

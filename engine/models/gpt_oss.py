@@ -64,6 +64,8 @@ class GptOssExperts(FusedMoE):
         if param is self.gate_up_proj or param is self.down_proj:
             _check_dims(loaded, 3)
             loaded = loaded.transpose(1, 2)  # [E, in, out] -> [E, out, in]
+        elif param is self.gate_up_proj_bias:
+            _check_dims(loaded, 2)
         if param is self.gate_up_proj or param is self.gate_up_proj_bias:
             loaded = _deinterleave(loaded)
         super().weight_loader(param, loaded)
