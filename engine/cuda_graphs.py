@@ -35,6 +35,12 @@ def can_capture(device: torch.device, attention_backend: str, quantization: str,
     )
 
 
+def is_capturable(model: torch.nn.Module) -> bool:
+    """Whether the model's decode step can be replayed as a graph: not with mixture-of-experts
+    layers, whose per-expert matmuls read the token counts on the host (engine.layers.moe)."""
+    return not any(getattr(module, "is_moe_experts", False) for module in model.modules())
+
+
 def capture_sizes(max_batch_size: int) -> list[int]:
     sizes = [s for s in (1, 2, 4, 8) if s < max_batch_size] + list(range(16, max_batch_size, 16))
     return [*sizes, max_batch_size]

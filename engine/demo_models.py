@@ -160,8 +160,10 @@ def _randomize_norms_and_biases(model: PreTrainedModel, std: float) -> None:
         if name.endswith("norm.weight"):
             # Gemma's norms scale by (1 + weight): centred on 0 they scale by about 1 too
             param.normal_(0.0 if _is_one_centred_norm(model) else 1.0, 0.2)
-        elif name.endswith(".bias"):
+        elif name.endswith((".bias", "_bias")):  # "_bias": GPT-OSS's stacked expert biases
             param.normal_(0.0, std)
+        elif name.endswith(".sinks"):  # GPT-OSS's attention sinks: large enough to matter
+            param.normal_(0.0, 1.0)
 
 
 def _is_one_centred_norm(model: PreTrainedModel) -> bool:

@@ -18,10 +18,14 @@ from transformers import (
     Gemma3ForCausalLM,
     Gemma3ForConditionalGeneration,
     Gemma3TextConfig,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     PretrainedConfig,
@@ -30,6 +34,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     SiglipVisionConfig,
 )
 
@@ -65,6 +71,8 @@ _NOT_CONFIG = ("architecture", "options", "random_norms_and_biases")
 _TINY = Preset(256, 4, 8, 2, 688, 4096, 2048)
 # hidden 64, 4 heads of 16, 2 KV heads; 512 tokens
 _MINI = Preset(64, 4, 4, 2, 128, 512, 256, random_norms_and_biases=True)
+_MOE = dataclasses.replace(_MINI, num_hidden_layers=2, intermediate_size=32)
+_MOE_QWEN3 = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
 # Gemma 3's local/global pattern at 4 layers, each type with its own RoPE
 _GEMMA3_LAYERS = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 _GEMMA3_ROPE = {
@@ -240,6 +248,54 @@ PRESETS: dict[str, Preset] = {
             "rope_parameters": {**_longrope(12), "partial_rotary_factor": 0.75},
         },
     ),
+    # Mixture of experts (2 layers, 8 experts of intermediate size 32): Mixtral top-2
+    # renormalised with a 16-token window; Qwen3-MoE top-2 not renormalised, layer 1 dense
+    # (mlp_only_layers); GPT-OSS top-4 with router and expert biases, sinks, a clamped SwiGLU
+    # whose limit bites, local (8-token) and global layers and YaRN past 64 tokens.
+    "tiny-mixtral": dataclasses.replace(
+        _MOE,
+        architecture="MixtralForCausalLM",
+        options={"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": 16},
+    ),
+    "tiny-qwen3-moe": dataclasses.replace(
+        _MOE,
+        architecture="Qwen3MoeForCausalLM",
+        options={
+            **_MOE_QWEN3,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [1],
+            "head_dim": 32,
+        },
+    ),
+    # loadtest/bench_moe.py: `tiny`'s shapes with 8 experts of half its MLP, top-2: the same
+    # active parameters per token as `tiny`, four times its MLP parameters in all.
+    "bench-mixtral": dataclasses.replace(
+        _TINY,
+        architecture="MixtralForCausalLM",
+        intermediate_size=344,
+        options={"num_local_experts": 8, "num_experts_per_tok": 2},
+    ),
+    "tiny-gpt-oss": dataclasses.replace(
+        _MOE,
+        architecture="GptOssForCausalLM",
+        max_position_embeddings=256,
+        options={
+            "num_local_experts": 8,
+            "num_experts_per_tok": 4,
+            "head_dim": 16,
+            "sliding_window": 8,
+            "swiglu_limit": 0.3,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+            },
+        },
+    ),
 }
 
 
@@ -269,4 +325,7 @@ ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] =
     "Gemma3ForCausalLM": (Gemma3TextConfig, Gemma3ForCausalLM),
     "Gemma3ForConditionalGeneration": (_gemma3_multimodal_config, Gemma3ForConditionalGeneration),
     "Phi3ForCausalLM": (Phi3Config, Phi3ForCausalLM),
+    "MixtralForCausalLM": (MixtralConfig, MixtralForCausalLM),
+    "Qwen3MoeForCausalLM": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+    "GptOssForCausalLM": (GptOssConfig, GptOssForCausalLM),
 }

@@ -26,7 +26,7 @@ from engine.block_manager import BlockManager
 from engine.checkpoint import check_checkpoint_folder, load_generation_defaults, load_tokenizer
 from engine.choice_scoring import ChoiceScorer
 from engine.config import EngineConfig
-from engine.cuda_graphs import can_capture
+from engine.cuda_graphs import can_capture, is_capturable
 from engine.distributed.executor import EngineDeadError, MultiprocExecutor, UniprocExecutor
 from engine.distributed.layout import check_parallel_layout
 from engine.input_processor import InputProcessor, RequestRejected
@@ -69,8 +69,10 @@ class LLMEngine:
         executor_class = MultiprocExecutor if config.world_size > 1 else UniprocExecutor
         self.executor = executor_class(config, self.attention_backend, self.block_size)
         self.runner = self.executor.runner  # rank 0's
-        if not config.enforce_eager and can_capture(
-            device, self.attention_backend, config.quantization, config.world_size
+        if (
+            not config.enforce_eager
+            and can_capture(device, self.attention_backend, config.quantization, config.world_size)
+            and is_capturable(self.runner.model)
         ):
             self.runner.enable_decode_graphs(self.max_model_len)
         self.block_manager = BlockManager(

@@ -9,12 +9,15 @@ dtype "auto" into the dtype this machine computes best in.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from engine.config import EngineConfig, EngineConfigError
 from engine.layers.attention_backends import select_backend
+from engine.models import MODEL_REGISTRY
 
 FLASH_PAGE_SIZE = 256  # FlashAttention-2 reads pages of a multiple of this many tokens
 DEFAULT_BLOCK_SIZE = 16
@@ -33,7 +36,8 @@ def resolve_runtime(config: EngineConfig) -> Runtime:
     Looks at which packages are installed, not at the device itself.
     """
     device = torch.device(config.device.split(":")[0])  # the type only: ranks use different indices
-    backend = select_backend(config.attention_backend, device, config.kv_cache_dtype)
+    has_sinks = _model_has_attention_sinks(config.model)
+    backend = select_backend(config.attention_backend, device, config.kv_cache_dtype, has_sinks)
     default_block_size = FLASH_PAGE_SIZE if backend == "flash" else DEFAULT_BLOCK_SIZE
     block_size = config.block_size or default_block_size
     if backend == "flash" and block_size % FLASH_PAGE_SIZE:
@@ -56,3 +60,14 @@ def has_native_bf16(device: str) -> bool:
         return True
     cpu = torch.cpu
     return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+
+
+def _model_has_attention_sinks(folder: str) -> bool:
+    """Whether the checkpoint's architecture has attention sinks (GPT-OSS), which flash-attn
+    cannot run; False where config.json cannot be read (loading reports that)."""
+    try:
+        architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return False
+    classes = [MODEL_REGISTRY[name] for name in architectures or [] if name in MODEL_REGISTRY]
+    return bool(classes) and bool(getattr(classes[0], "has_attention_sinks", False))

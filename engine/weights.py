@@ -86,6 +86,8 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
     checkpoint_name = getattr(model, "checkpoint_name", lambda name: name)  # a wrapper's prefixes
     claimers = checkpoint_tensor_claimers(model)  # layers of a pre-quantised checkpoint
     is_other_stage_weight = getattr(model, "is_other_stage_weight", lambda name: False)  # pipeline stages
+    # mixture of experts: per-expert tensors -> (stacked parameter, shard id); None for the rest
+    expert_tensor = getattr(model, "expert_tensor", lambda name: None)
     seen: set[str] = set()
     unknown: list[str] = []
     for path in _checkpoint_files(folder):
@@ -95,7 +97,7 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
                     name = checkpoint_name(file_name)
                     if _is_ignored(name, ignored, tied) or is_other_stage_weight(name):
                         continue
-                    param_name, shard_id = _param_name(name, mapping)
+                    param_name, shard_id = expert_tensor(name) or _param_name(name, mapping)
                     if param_name not in params and _claim(
                         claimers, param_name, shard_id, f, path, file_name
                     ):
@@ -109,7 +111,8 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
                     seen.add(name)
         except (OSError, SafetensorError) as e:
             raise WeightLoadError(f"{path}: not a readable safetensors file ({e})") from None
-    _check_complete(folder, params, mapping, seen, unknown)
+    expert_sources = getattr(model, "expert_sources", lambda param_name: None)
+    _check_complete(folder, params, mapping, expert_sources, seen, unknown)
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
@@ -216,10 +219,15 @@ def _claim(claimers: dict, param_name: str, shard_id, f, path: Path, name: str) 
 
 
 def _check_complete(
-    folder: Path, params: dict[str, nn.Parameter], mapping: dict, seen: set[str], unknown: list[str]
+    folder: Path,
+    params: dict[str, nn.Parameter],
+    mapping: dict,
+    expert_sources,
+    seen: set[str],
+    unknown: list[str],
 ) -> None:
     problems = []
-    missing = sorted(_expected_names(params, mapping) - seen)
+    missing = sorted(_expected_names(params, mapping, expert_sources) - seen)
     if missing:
         listed = ", ".join(missing[:_MAX_LISTED]) + (", ..." if len(missing) > _MAX_LISTED else "")
         problems.append(f"checkpoint lacks {len(missing)} tensor(s) the model needs: {listed}")
@@ -231,13 +239,18 @@ def _check_complete(
         raise WeightLoadError(f"{folder}: {'; '.join(problems)}")
 
 
-def _expected_names(params: dict[str, nn.Parameter], mapping: dict) -> set[str]:
-    """The HF tensor names that fill `params`: a packed parameter needs each of its sources."""
+def _expected_names(params: dict[str, nn.Parameter], mapping: dict, expert_sources) -> set[str]:
+    """The HF tensor names that fill `params`: a packed parameter needs each of its sources, a
+    stacked expert parameter each expert's tensors (the model's `expert_sources`)."""
     sources: dict[str, list[str]] = {}
     for source, (packed, _) in mapping.items():
         sources.setdefault(packed, []).append(source)
     names = set()
     for param_name in params:
+        experts = expert_sources(param_name)
+        if experts is not None:
+            names.update(experts)
+            continue
         parts = param_name.split(".")
         hits = [i for i, part in enumerate(parts) if part in sources]
         if not hits:

@@ -7,7 +7,8 @@ attention is plain causal attention with no cache: the reference path used by nu
 A layer may soft-cap its attention logits (Gemma 2: cap * tanh(scores / cap) before the
 softmax). PyTorch's fused SDPA kernels cannot, so soft-capped layers take an explicit
 matmul-softmax-matmul path (engine.layers.attention_backends.explicit_attention) wherever SDPA
-would run.
+would run. So do layers with attention sinks (GPT-OSS: a learned logit per head that joins the
+softmax's denominator and attends to nothing).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ class Attention(nn.Module):
         num_kv_heads: int,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        sinks: torch.Tensor | None = None,  # [num_heads] sink logits (GPT-OSS); the owner loads them
     ) -> None:
         super().__init__()
+        self.sinks = sinks
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scale = scale
@@ -62,7 +65,9 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         metadata = get_attention_metadata()
         if metadata is None or self._backend is None:
-            return causal_attention(q, k, v, self.scale, self.sliding_window, self.logits_soft_cap)
+            return causal_attention(
+                q, k, v, self.scale, self.sliding_window, self.logits_soft_cap, self.sinks
+            )
         return self._backend.forward(self, q, k, v, metadata)
 
 
@@ -73,19 +78,21 @@ def causal_attention(
     scale: float,
     sliding_window: int | None,
     logits_soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One sequence, no cache. q [T, H, D], k/v [T, Hkv, D] -> [T, H, D]."""
     length = q.shape[0]
     mask = None
-    if logits_soft_cap or (sliding_window is not None and sliding_window < length):
+    explicit = bool(logits_soft_cap) or sinks is not None
+    if explicit or (sliding_window is not None and sliding_window < length):
         pos = torch.arange(length, device=q.device)
         diff = pos[:, None] - pos[None, :]
         mask = diff >= 0
         if sliding_window is not None:
             mask &= diff < sliding_window
     q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
-    if logits_soft_cap:
-        return explicit_attention(q, k, v, mask, scale, logits_soft_cap).transpose(0, 1)
+    if explicit:
+        return explicit_attention(q, k, v, mask, scale, logits_soft_cap, sinks).transpose(0, 1)
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[0] != k.shape[0]
     )

@@ -19,6 +19,12 @@ Soft-capped attention logits (Gemma 2): SDPA's fused kernels cannot cap, so thos
 the explicit path (explicit_attention, below) in "sdpa" and in "triton"'s
 prompt steps; the Triton kernel caps in its loop; flash-attn caps with its `softcap` argument
 (flash-attn >= 2.6; an older one refuses such a model when the backend is bound).
+
+Attention sinks (GPT-OSS: a learned logit per head in the softmax's denominator): "sdpa" runs
+those layers on the explicit path (prompt steps and decode steps alike); "triton" likewise for
+prompt steps, and its decode kernel adds the sink to the softmax's denominator; "flash"
+refuses such a model when the backend is bound (flash-attn 2 has no sinks), and "auto" does
+not choose it for one (select_backend's `has_sinks`).
 """
 
 from __future__ import annotations
@@ -32,11 +38,19 @@ from engine.layers.paged_decode import paged_decode_attention
 from engine.quant import kv_cache as fp8_kv
 
 
-def select_backend(name: str, device: torch.device, kv_cache_dtype: str = "auto") -> str:
-    """Resolve "auto": on CUDA flash-attn when importable, else the Triton decode kernel when
-    Triton is importable, else SDPA; SDPA on CPU and with an fp8 KV cache (which only SDPA reads)."""
+def select_backend(
+    name: str, device: torch.device, kv_cache_dtype: str = "auto", has_sinks: bool = False
+) -> str:
+    """Resolve "auto": on CUDA flash-attn when importable (not for a model with attention sinks),
+    else the Triton decode kernel when Triton is importable, else SDPA; SDPA on CPU and with an
+    fp8 KV cache (which only SDPA reads)."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    if name == "flash" and has_sinks:
+        raise ValueError(
+            "attention_backend 'flash' cannot run attention sinks (the model's per-head `sinks`, "
+            "GPT-OSS): flash-attn 2 has no sink logits; use attention_backend 'triton' or 'sdpa'"
+        )
     if name == "flash":
         if kv_cache_dtype == "fp8":
             raise ValueError(
@@ -59,7 +73,9 @@ def select_backend(name: str, device: torch.device, kv_cache_dtype: str = "auto"
     if name == "auto":
         if device.type != "cuda" or kv_cache_dtype == "fp8":
             return "sdpa"
-        return "flash" if flash_attn_available() else "triton" if triton_available() else "sdpa"
+        if flash_attn_available() and not has_sinks:
+            return "flash"
+        return "triton" if triton_available() else "sdpa"
     return name
 
 
@@ -132,8 +148,9 @@ class SdpaBackend:
         return out
 
     def _decode(self, layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        if layer.logits_soft_cap:  # SDPA cannot cap: the explicit path, on the same padded groups
-            return _soft_capped_decode(layer, q, md)
+        if layer.logits_soft_cap or _sinks(layer) is not None:
+            # SDPA can neither cap nor add sinks: the explicit path, on the same padded groups
+            return _explicit_decode(layer, q, md)
         # Padded batches of sequences with similar context lengths (md.decode_groups): padding
         # costs gather and attention work, and contexts in one step can differ tenfold.
         if len(md.decode_groups) <= 1:
@@ -198,6 +215,7 @@ class TritonBackend(SdpaBackend):
             layer.scale,
             layer.sliding_window,
             layer.logits_soft_cap,
+            _sinks(layer),
         )
 
 
@@ -209,6 +227,11 @@ class FlashAttentionBackend:
                 "attention_backend 'flash' cannot soft-cap attention logits (the model's "
                 "attn_logit_softcapping) with this flash-attn: it needs flash-attn >= 2.6; "
                 "use attention_backend 'triton' or 'sdpa'"
+            )
+        if layer.sinks is not None:
+            raise ValueError(
+                "attention_backend 'flash' cannot run attention sinks (the model's per-head "
+                "`sinks`, GPT-OSS): flash-attn 2 has no sink logits; use attention_backend 'triton' or 'sdpa'"
             )
 
     def forward(
@@ -256,11 +279,13 @@ def explicit_attention(
     mask: torch.Tensor,
     scale: float,
     logits_soft_cap: float | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [..., H, Q, D], k/v [..., Hkv, L, D], mask [..., Q, L] (True: attend) -> [..., H, Q, D].
 
     Transformers' eager attention, operation for operation: scores in q's dtype, soft-capped,
-    masked, softmax in float32.
+    masked, softmax in float32. sinks [H]: one more logit per head in the softmax (GPT-OSS),
+    dropped after it.
     """
     group = q.shape[-3] // k.shape[-3]
     if group > 1:
@@ -269,6 +294,12 @@ def explicit_attention(
     if logits_soft_cap:
         scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
     scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+        scores = scores - scores.amax(dim=-1, keepdim=True)  # as Transformers does
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)[..., :-1].to(q.dtype)
+        return torch.matmul(probs, v.to(q.dtype))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v.to(q.dtype))
 
@@ -300,9 +331,9 @@ def _pages(layer, which: str, blocks: torch.Tensor, batch: int, dtype: torch.dty
     return pages.view(batch, -1, *cache.shape[2:])
 
 
-def _soft_capped_decode(layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-    """Decode rows [B, H, D] of a soft-capped layer: each group of md.decode_groups (or all rows)
-    gathered and padded as SdpaBackend._decode_group does, then explicit attention."""
+def _explicit_decode(layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+    """Decode rows [B, H, D] of a soft-capped layer or one with sinks: each group of
+    md.decode_groups (or all rows) gathered and padded as SdpaBackend._decode_group does, then explicit attention."""
     groups = md.decode_groups if len(md.decode_groups) > 1 else [(slice(None), md.max_context_len)]
     out = torch.empty_like(q)
     for rows, length in groups:
@@ -317,26 +348,37 @@ def _soft_capped_decode(layer, q: torch.Tensor, md: AttentionMetadata) -> torch.
             mask &= positions >= lens - layer.sliding_window
         queries = q[rows].unsqueeze(2)  # [b, H, 1, D]
         attended = explicit_attention(
-            queries, keys, values, mask.view(batch, 1, 1, length), layer.scale, layer.logits_soft_cap
+            queries,
+            keys,
+            values,
+            mask.view(batch, 1, 1, length),
+            layer.scale,
+            layer.logits_soft_cap,
+            _sinks(layer),
         )
         out[rows] = attended.squeeze(2)
     return out
+
+
+def _sinks(layer) -> torch.Tensor | None:
+    return getattr(layer, "sinks", None)  # [H] sink logits (GPT-OSS), or None
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer) -> torch.Tensor:
     """q [Q, H, D] are the last Q of L positions; keys/values [L, Hkv, D]; causal (+ window)."""
     num_queries, length = q.shape[0], keys.shape[0]
     sliding_window, soft_cap = layer.sliding_window, layer.logits_soft_cap
+    explicit = bool(soft_cap) or _sinks(layer) is not None
     mask = None
-    if soft_cap or num_queries != length or (sliding_window is not None and sliding_window < length):
+    if explicit or num_queries != length or (sliding_window is not None and sliding_window < length):
         query_pos = torch.arange(length - num_queries, length, device=q.device).unsqueeze(1)
         key_pos = torch.arange(length, device=q.device).unsqueeze(0)
         mask = key_pos <= query_pos
         if sliding_window is not None:
             mask &= key_pos > query_pos - sliding_window
     q, keys, values = q.transpose(0, 1), keys.to(q.dtype).transpose(0, 1), values.to(q.dtype).transpose(0, 1)
-    if soft_cap:
-        return explicit_attention(q, keys, values, mask, layer.scale, soft_cap).transpose(0, 1)
+    if explicit:
+        return explicit_attention(q, keys, values, mask, layer.scale, soft_cap, _sinks(layer)).transpose(0, 1)
     out = F.scaled_dot_product_attention(
         q,
         keys,

@@ -27,6 +27,7 @@ def _paged_decode_kernel(
     v_cache_ptr,
     block_tables_ptr,
     context_lens_ptr,
+    sinks_ptr,  # with HAS_SINKS: [H] float, one more logit per head in the softmax (GPT-OSS)
     scale,
     window,  # attend to at most this many most recent positions; <= 0: no window
     soft_cap,  # with HAS_SOFT_CAP: scores become soft_cap * tanh(scores / soft_cap) (Gemma 2)
@@ -43,6 +44,7 @@ def _paged_decode_kernel(
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     HAS_SOFT_CAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     row = tl.program_id(0)
     head = tl.program_id(1)
@@ -76,6 +78,12 @@ def _paged_decode_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
+    if HAS_SINKS:  # the sink joins the denominator and attends to nothing
+        sink = tl.load(sinks_ptr + head).to(tl.float32)
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.exp(m_i - m_new)
+        acc = acc * alpha
+        l_i = l_i * alpha + tl.exp(sink - m_new)
     out = acc / tl.where(l_i > 0, l_i, 1.0)  # an empty row (a CUDA graph's padding) gives zeros
     tl.store(out_ptr + row * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
@@ -89,10 +97,11 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [B, H, D] (one new token per sequence, already in the cache) against each sequence's
     first context_lens[b] cached positions; caches [num_blocks, block_size, Hkv, D];
-    block_tables [B, max_blocks] int32. Returns [B, H, D] in q's dtype."""
+    block_tables [B, max_blocks] int32; sinks [H] or None. Returns [B, H, D] in q's dtype."""
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and q.stride(-1) == 1
@@ -108,6 +117,7 @@ def paged_decode_attention(
         v_cache,
         block_tables,
         context_lens,
+        q if sinks is None else sinks,  # any pointer when there are none: never read
         scale,
         sliding_window or 0,
         float(logits_soft_cap or 0.0),
@@ -124,5 +134,6 @@ def paged_decode_attention(
         HEAD_DIM=head_dim,
         D_PAD=triton.next_power_of_2(head_dim),
         HAS_SOFT_CAP=bool(logits_soft_cap),
+        HAS_SINKS=sinks is not None,
     )
     return out

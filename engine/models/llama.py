@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from torch import nn
 from transformers import PretrainedConfig
 
 from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
 from engine.models.base import (
     DecoderAttention,
     DecoderForCausalLM,
@@ -27,21 +29,29 @@ class LlamaForCausalLM(DecoderForCausalLM):
     def build_model(self, config: PretrainedConfig) -> DecoderModel:
         rotaries = rotary_embeddings(config)
         windows = sliding_windows(config)
-        qkv_bias, o_bias = _attention_bias(config)
-        mlp_bias = bool(getattr(config, "mlp_bias", False))
 
         def make_layer(i: int) -> DecoderLayer:
-            attention = DecoderAttention(
-                config,
-                layer_rotary(rotaries, config, i),
-                sliding_window=windows[i],
-                qkv_bias=qkv_bias,
-                o_bias=o_bias,
-                qk_norm=self.qk_norm,
-            )
-            return DecoderLayer(config, attention, GatedMLP(config, config.hidden_act, mlp_bias))
+            attention = self.make_attention(config, layer_rotary(rotaries, config, i), windows[i])
+            return DecoderLayer(config, attention, self.make_mlp(config, i))
 
         return DecoderModel(config, make_layer)
+
+    def make_attention(
+        self, config: PretrainedConfig, rotary: RotaryEmbedding, sliding_window: int | None
+    ) -> DecoderAttention:
+        qkv_bias, o_bias = _attention_bias(config)
+        return DecoderAttention(
+            config,
+            rotary,
+            sliding_window=sliding_window,
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=self.qk_norm,
+        )
+
+    def make_mlp(self, config: PretrainedConfig, layer_index: int) -> nn.Module:
+        """Layer `layer_index`'s MLP (a mixture-of-experts family returns its sparse block)."""
+        return GatedMLP(config, config.hidden_act, bool(getattr(config, "mlp_bias", False)))
 
 
 def _attention_bias(config: PretrainedConfig) -> tuple[bool, bool]:

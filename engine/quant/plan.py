@@ -77,7 +77,8 @@ def make_plan(config, hf_config: dict, device: torch.device) -> QuantPlan:
     if plan.sparse24:  # layers the pruning tool left dense stay on the float path
         marker_skip = tuple(hf_config[SPARSITY_MARKER].get("skip_modules") or ())
         plan = replace(plan, skip_modules=plan.skip_modules + marker_skip)
-    if checkpoint is not None:
+    # MXFP4 (GPT-OSS's experts): the model dequantises those tensors itself (engine.models.gpt_oss)
+    if checkpoint is not None and checkpoint.get("quant_method") != "mxfp4":
         plan = _prequantized_plan(plan, checkpoint, config.bnb_4bit_compute_dtype, model_dtype)
     if plan.mode == "fp8":
         try:
@@ -88,7 +89,15 @@ def make_plan(config, hf_config: dict, device: torch.device) -> QuantPlan:
 
 
 def prepare_model(model: nn.Module, plan: QuantPlan) -> None:
-    """Before loading: pre-quantised layers get their method, which replaces the float weight."""
+    """Before loading: pre-quantised layers get their method, which replaces the float weight.
+    Refuses a mixture-of-experts model: its stacked experts have no quantised method yet, and
+    quantising only its dense layers would not be what was asked for."""
+    if plan.is_active and any(getattr(m, "is_moe_experts", False) for m in model.modules()):
+        what = f"quantization {plan.mode!r}" if plan.mode != "none" else "a 2:4-pruned checkpoint"
+        raise QuantizationError(
+            f"{what} is not supported for mixture-of-experts models ({type(model).__name__}): "
+            "the experts' stacked weights cannot be quantised yet; use quantization 'none'"
+        )
     if not plan.prequantized:
         return
     for _, layer in _targets(model, plan):

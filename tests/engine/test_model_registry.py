@@ -43,9 +43,11 @@ def test_every_registered_architecture_has_a_test_checkpoint():
 
 def test_unsupported_architecture_is_refused_with_the_supported_list(model_cache, tmp_path):
     folder = _edit_config(
-        ensure_checkpoint(model_cache, "tiny-qwen3"), tmp_path, {"architectures": ["GptOssForCausalLM"]}
+        ensure_checkpoint(model_cache, "tiny-qwen3"), tmp_path, {"architectures": ["DeepseekV3ForCausalLM"]}
     )
-    with pytest.raises(Exception, match=r"GptOssForCausalLM.*supported: .*Gemma3ForConditionalGeneration"):
+    with pytest.raises(
+        Exception, match=r"DeepseekV3ForCausalLM.*supported: .*Gemma3ForConditionalGeneration"
+    ):
         check_checkpoint_folder(folder)
 
 

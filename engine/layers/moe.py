@@ -1,0 +1,213 @@
+"""Mixture-of-experts: a router picks top-k experts per token; the experts' weights are stacked.
+
+FusedMoE holds every expert of a layer in two stacked parameters (Transformers' in-memory
+names and layout): gate_up_proj [E, 2 * I, H] (each expert's [gate; up] rows) and down_proj
+[E, H, I], with optional biases gate_up_proj_bias [E, 2 * I] and down_proj_bias [E, H].
+
+The fused computation groups tokens by expert instead of looping over tokens: the T * k
+(token, expert) pairs are sorted by expert id, each expert's tokens form one contiguous slice,
+one grouped matmul (torch._grouped_mm on CUDA where this PyTorch has it, else one matmul
+per non-empty expert) runs each slice against its expert, and the weighted results are
+scatter-added back to their tokens.
+
+Tensor parallelism splits every expert's intermediate dim I across ranks (gate and up by
+rows, down by columns, as MergedColumnParallelLinear and RowParallelLinear do): each rank's
+output is a partial sum, all-reduced at the end. down_proj's bias is added by rank 0 only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from engine.layers.linear import ReplicatedLinear, _check_divisible, _copy_shard
+from engine.layers.tp import all_reduce, get_tp_rank, get_tp_size
+
+# gate_up [N, 2 * I] = [gate | up] -> [N, I]
+ExpertActivation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def select_experts(
+    router_logits: torch.Tensor, top_k: int, *, renormalize: bool, softmax_after_top_k: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64).
+
+    Softmax over all experts in float32, then the top k (renormalised to sum to 1 if asked:
+    Mixtral, Qwen3-MoE's norm_topk_prob); or, softmax_after_top_k, the top k logits and a
+    softmax over just them (GPT-OSS).
+    """
+    if softmax_after_top_k:
+        values, ids = torch.topk(router_logits, top_k, dim=-1)
+        return torch.softmax(values.float(), dim=-1), ids
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class FusedMoE(nn.Module):
+    """The experts of one layer, stacked; forward(x, weights, ids) -> [T, H] (all-reduced)."""
+
+    is_moe_experts = True  # engine.quant refuses to quantise a model holding these
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: ExpertActivation,
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        _check_divisible(intermediate_size, self.tp_size, "the experts' intermediate size")
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size  # all ranks'
+        size = intermediate_size // self.tp_size  # this rank's
+        self.activation = activation
+        self.gate_up_proj = _parameter(self, num_experts, 2 * size, hidden_size)
+        self.down_proj = _parameter(self, num_experts, hidden_size, size)
+        self.gate_up_proj_bias = _parameter(self, num_experts, 2 * size) if bias else None
+        self.down_proj_bias = _parameter(self, num_experts, hidden_size) if bias else None
+        # torch._grouped_mm: None uses it on CUDA only (on CPU, measured slower than one matmul
+        # per expert: loadtest/RESULTS.md); False: one matmul per expert everywhere
+        self.use_grouped_mm: bool | None = None
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        """Shard ids: None, the stacked tensor in our layout; e (an expert), that expert's
+        down_proj [H, I]; (e, 0) / (e, 1), its gate / up projection [I, H]."""
+        if param is self.down_proj_bias:  # replicated
+            _copy_shard(param.data, loaded_weight, dim=0, index=0, num_shards=1)
+        elif param is self.down_proj:  # columns split
+            if shard_id is not None:
+                _check_expert(shard_id, self.num_experts)
+            target = param.data if shard_id is None else param.data[shard_id]
+            _copy_shard(target, loaded_weight, target.dim() - 1, self.tp_rank, self.tp_size)
+        elif shard_id is None:  # stacked [E, 2I, ...] = [E, [gate; up], ...]: each half's rows split
+            full = self.intermediate_size
+            _check_shape(loaded_weight, (param.shape[0], 2 * full, *param.shape[2:]))
+            for half in (0, 1):
+                self._load_half(param.data, loaded_weight.narrow(1, half * full, full), half, dim=1)
+        else:
+            expert, half = shard_id
+            _check_expert(expert, self.num_experts)
+            self._load_half(param.data[expert], loaded_weight, half, dim=0)
+
+    def _load_half(self, target: torch.Tensor, loaded: torch.Tensor, half: int, dim: int) -> None:
+        size = target.shape[dim] // 2
+        _copy_shard(target.narrow(dim, half * size, size), loaded, dim, self.tp_rank, self.tp_size)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        # x: [T, H]; weights, ids: [T, k] -> [T, H]
+        out = fused_experts(self, x, weights, ids)
+        return all_reduce(out)
+
+
+def fused_experts(
+    experts: FusedMoE, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """This rank's share of the experts' weighted sum, tokens grouped by expert (no all-reduce)."""
+    num_tokens, top_k = ids.shape
+    flat_ids = ids.flatten()  # [T * k]
+    order = flat_ids.argsort(stable=True)  # pairs sorted by expert; a token's pairs keep their order
+    token_of = order // top_k  # [T * k]: the token of each sorted pair
+    sorted_ids = flat_ids[order]
+    counts = torch.bincount(flat_ids, minlength=experts.num_experts)  # [E]
+    hidden = x[token_of]  # [T * k, H], grouped by expert
+    gate_up = _grouped_linear(experts, hidden, experts.gate_up_proj, counts)  # [T * k, 2 I]
+    if experts.gate_up_proj_bias is not None:
+        gate_up = gate_up + experts.gate_up_proj_bias[sorted_ids]
+    down = _grouped_linear(experts, experts.activation(gate_up), experts.down_proj, counts)  # [T * k, H]
+    if experts.down_proj_bias is not None and experts.tp_rank == 0:
+        down = down + experts.down_proj_bias[sorted_ids]
+    down = down * weights.flatten()[order].unsqueeze(1).to(down.dtype)
+    out = torch.zeros(num_tokens, x.shape[1], dtype=x.dtype, device=x.device)
+    return out.index_add_(0, token_of, down.to(x.dtype))
+
+
+def looped_experts(
+    experts: FusedMoE, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """The same sum with a loop over experts, each gathering its tokens by mask (Transformers'
+    eager way): the reference and the benchmark's baseline."""
+    out = torch.zeros_like(x)
+    for expert in ids.unique().tolist():
+        token, slot = torch.where(ids == expert)
+        gate_up = x[token] @ experts.gate_up_proj[expert].T
+        if experts.gate_up_proj_bias is not None:
+            gate_up = gate_up + experts.gate_up_proj_bias[expert]
+        down = experts.activation(gate_up) @ experts.down_proj[expert].T
+        if experts.down_proj_bias is not None and experts.tp_rank == 0:
+            down = down + experts.down_proj_bias[expert]
+        out.index_add_(0, token, down * weights[token, slot, None].to(down.dtype))
+    return out
+
+
+class SparseMoeBlock(nn.Module):
+    """Router (`gate`: [E, H] logits, optional bias) and its experts: the MLP of an MoE layer."""
+
+    def __init__(
+        self,
+        experts: FusedMoE,
+        top_k: int,
+        hidden_size: int,
+        *,
+        renormalize: bool,
+        softmax_after_top_k: bool = False,
+        router_bias: bool = False,
+    ):
+        super().__init__()
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.softmax_after_top_k = softmax_after_top_k
+        self.gate = ReplicatedLinear(hidden_size, experts.num_experts, router_bias)
+        self.experts = experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, H] -> [T, H]
+        weights, ids = select_experts(
+            self.gate(x),
+            self.top_k,
+            renormalize=self.renormalize,
+            softmax_after_top_k=self.softmax_after_top_k,
+        )
+        return self.experts(x, weights, ids)
+
+
+def _grouped_linear(
+    experts: FusedMoE, hidden: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """hidden [N, in] grouped by expert (counts [E]) times each group's weight[e].T -> [N, out]."""
+    use_grouped_mm = hidden.is_cuda if experts.use_grouped_mm is None else experts.use_grouped_mm
+    if use_grouped_mm and hasattr(torch, "_grouped_mm") and hidden.shape[0]:
+        try:
+            offsets = counts.cumsum(0).to(torch.int32)
+            return torch._grouped_mm(hidden, weight.transpose(1, 2), offs=offsets)
+        except RuntimeError:  # this device or dtype has no grouped kernel: per-expert matmuls
+            experts.use_grouped_mm = False
+    out = hidden.new_empty(hidden.shape[0], weight.shape[1])
+    start = 0
+    for expert, count in enumerate(counts.tolist()):  # one host sync per call
+        if count:  # written in place: a row slice of `out` is contiguous
+            torch.mm(hidden[start : start + count], weight[expert].T, out=out[start : start + count])
+            start += count
+    return out
+
+
+def _parameter(layer: FusedMoE, *shape: int) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(*shape), requires_grad=False)
+    param.weight_loader = layer.weight_loader
+    return param
+
+
+def _check_shape(loaded_weight, expected: tuple) -> None:
+    if tuple(loaded_weight.shape) != tuple(expected):
+        raise ValueError(f"has shape {tuple(loaded_weight.shape)}, expected {tuple(expected)}")
+
+
+def _check_expert(expert: int, num_experts: int) -> None:
+    if not 0 <= expert < num_experts:
+        raise ValueError(f"is expert {expert}, but the model has {num_experts} experts")

@@ -1,0 +1,142 @@
+"""Mixture of experts on CPU: the grouped expert computation against a loop over experts, and a
+small MoE model against a dense one with the same active parameters per token.
+
+1. Layer: engine.layers.moe's FusedMoE on random weights, three ways on the same tokens and
+   routing: `grouped-mm` (tokens sorted by expert, torch._grouped_mm), `matmul-per-expert`
+   (the same sorted slices, one matmul per expert) and `loop` (Transformers' eager way: a mask
+   per expert gathers its tokens; engine.layers.moe.looped_experts). Shapes: Mixtral-like (8
+   experts, top-2) and Qwen3-MoE-like (64 experts, top-8), hidden size 512, at a decode batch
+   (16 tokens) and a prompt chunk (256 tokens).
+2. Model: output tokens/s of `bench-mixtral` (tiny's shapes, 8 experts of half tiny's MLP,
+   top-2) against `tiny` (dense): equal active parameters, four times the MLP weights.
+
+Variants alternate within each round in one process, so a shared, loaded machine slows them
+alike; the tables give each variant's best round (load only adds time) and, for the layer,
+the median too, with the ratio of best rounds to the baseline.
+
+    .venv/bin/python loadtest/bench_moe.py              # both parts, one thread (~6 min on a loaded machine)
+    .venv/bin/python loadtest/bench_moe.py --rounds 1   # a quick check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from engine.demo_models import ensure_checkpoint  # noqa: E402
+from engine.layers.activation import ActAndMul  # noqa: E402
+from engine.layers.moe import FusedMoE, fused_experts, looped_experts, select_experts  # noqa: E402
+
+MODELS = REPO_ROOT / "build" / "models"
+# name -> (experts, top-k, hidden, expert intermediate size)
+LAYER_SHAPES = {"mixtral-like": (8, 2, 512, 896), "qwen3-moe-like": (64, 8, 512, 192)}
+TOKEN_COUNTS = (16, 256)
+
+
+def time_alternating(
+    variants: dict[str, Callable[[], object]], rounds: int, repeat: int
+) -> dict[str, tuple[float, float]]:
+    """(best, median) seconds per call of each variant over the rounds; each round runs every
+    variant `repeat` times, the variants taking turns, so that a burst of load from elsewhere
+    hits them alike. Load only ever adds time: the best round is the steadier estimate."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            for _ in range(repeat):
+                fn()
+            samples[name].append((time.perf_counter() - start) / repeat)
+    return {name: (min(values), statistics.median(values)) for name, values in samples.items()}
+
+
+def layer_rows(rounds: int) -> list[tuple]:
+    rows = []
+    for shape, (num_experts, top_k, hidden, intermediate) in LAYER_SHAPES.items():
+        torch.manual_seed(0)
+        experts = FusedMoE(num_experts, hidden, intermediate, ActAndMul("silu"))
+        for param in experts.parameters():
+            param.data.normal_(0.0, 0.02)
+        for num_tokens in TOKEN_COUNTS:
+            x = torch.randn(num_tokens, hidden)
+            weights, ids = select_experts(torch.randn(num_tokens, num_experts), top_k, renormalize=True)
+            variants = _layer_variants(experts, x, weights, ids)
+            with torch.inference_mode():
+                times = time_alternating(variants, rounds, repeat=max(1, 64 // num_tokens))
+            for name, (best, median) in times.items():
+                rows.append((shape, num_tokens, name, best * 1e3, median * 1e3, times["loop"][0] / best))
+    return rows
+
+
+def model_rows(rounds: int) -> list[tuple]:
+    prompts = [[1] + [(i * 37 + j * 11) % 4000 + 4 for j in range(63)] for i in range(16)]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    engines = {
+        name: LLMEngine(EngineConfig(dtype="float32", model=str(ensure_checkpoint(MODELS, preset=name))))
+        for name in ("tiny", "bench-mixtral")
+    }
+    variants = {
+        name: lambda e=engine: e.generate(prompts, params, use_tqdm=False) for name, engine in engines.items()
+    }
+    times = time_alternating(variants, rounds, repeat=1)
+    output_tokens = len(prompts) * params.max_tokens
+    rows = []
+    for name, engine in engines.items():
+        total = sum(p.numel() for p in engine.runner.model.parameters())
+        best = times[name][0]
+        rows.append((name, total / 1e6, output_tokens / best, times["tiny"][0] / best))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15, help="layer rounds (the model part: a fifth)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared, oversubscribed machine two OpenMP threads "
+        "wait on each other at every small op, which swamps what is measured)",
+    )
+    parser.add_argument("--skip-model", action="store_true", help="the layer table only")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {args.rounds} rounds")
+    print(
+        "\n| shape | tokens | variant | best ms / call | median ms | best vs loop |\n|---|---|---|---|---|---|"
+    )
+    for shape, tokens, name, best, median, ratio in layer_rows(args.rounds):
+        print(f"| {shape} | {tokens} | {name} | {best:.2f} | {median:.2f} | {ratio:.2f}x |")
+    if args.skip_model:
+        return
+    print("\n| model | parameters (M) | output tokens/s (best round) | vs dense |\n|---|---|---|---|")
+    for name, millions, tokens_per_s, ratio in model_rows(max(1, args.rounds // 5)):
+        print(f"| {name} | {millions:.1f} | {tokens_per_s:.0f} | {ratio:.2f}x |")
+
+
+def _layer_variants(experts: FusedMoE, x, weights, ids) -> dict[str, Callable[[], object]]:
+    return {
+        "loop": lambda: looped_experts(experts, x, weights, ids),
+        "grouped-mm": lambda: _grouped(experts, x, weights, ids, True),
+        "matmul-per-expert": lambda: _grouped(experts, x, weights, ids, False),
+    }
+
+
+def _grouped(experts: FusedMoE, x, weights, ids, use_grouped_mm: bool) -> torch.Tensor:
+    experts.use_grouped_mm = use_grouped_mm
+    return fused_experts(experts, x, weights, ids)
+
+
+if __name__ == "__main__":
+    main()

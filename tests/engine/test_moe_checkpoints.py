@@ -1,0 +1,87 @@
+"""MoE checkpoints as published: GPT-OSS's MXFP4 experts, and tensor-parallel expert shards.
+
+A pre-quantised GPT-OSS folder is built the way real ones are stored: each expert tensor as
+`*_blocks` (e2m1 pairs) and `*_scales` (e8m0 per 32 values), quantization_config
+quant_method "mxfp4". The engine dequantises it at load; Transformers runs the same weights
+dequantised (a dense folder) as the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from engine import EngineConfig, LLMEngine
+from engine.demo_models import ensure_checkpoint
+from engine.quant import mxfp4
+from engine.weights import WeightLoadError
+from tests.engine.test_model_families import GREEDY, SMALL_KV, SMALL_POOL, _generate, _prompts
+
+EXPERT_TENSORS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def test_mxfp4_gpt_oss_folder_gives_transformers_tokens_on_its_dequantised_weights(model_cache, tmp_path):
+    packed, dense = _mxfp4_and_dequantised(ensure_checkpoint(model_cache, preset="tiny-gpt-oss"), tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    prompts = _prompts(512, lengths=[3, 40, 17])
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(packed), **SMALL_POOL))
+    outputs = engine.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outputs] == [_generate(reference, p) for p in prompts]
+
+
+def test_mxfp4_folder_missing_a_scales_tensor_names_it(model_cache, tmp_path):
+    packed, _ = _mxfp4_and_dequantised(ensure_checkpoint(model_cache, preset="tiny-gpt-oss"), tmp_path)
+    tensors = load_file(packed / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.down_proj_scales"]
+    save_file(tensors, packed / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        WeightLoadError, match=r"lacks 1 tensor\(s\).*layers\.1\.mlp\.experts\.down_proj_scales"
+    ):
+        LLMEngine(EngineConfig(dtype="float32", model=str(packed), **SMALL_POOL))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny-mixtral", "mxfp4-gpt-oss"])
+def test_tensor_parallel_experts_give_one_process_s_tokens(model_cache, tmp_path, preset):
+    if preset == "mxfp4-gpt-oss":  # sinks split by head, MXFP4 experts split after dequantising
+        folder, _ = _mxfp4_and_dequantised(ensure_checkpoint(model_cache, preset="tiny-gpt-oss"), tmp_path)
+    else:
+        folder = ensure_checkpoint(model_cache, preset=preset)
+    prompts = _prompts(512)
+    with LLMEngine(EngineConfig(dtype="float32", model=str(folder), **SMALL_KV)) as single:
+        expected = [o.token_ids for o in single.generate(prompts, GREEDY, use_tqdm=False)]
+    config = EngineConfig(dtype="float32", model=str(folder), tensor_parallel_size=2, **SMALL_KV)
+    with LLMEngine(config) as engine:
+        outputs = engine.generate(prompts, GREEDY, use_tqdm=False)
+        assert [o.token_ids for o in outputs] == expected
+        assert sum(o.metrics.num_preemptions for o in outputs) > 0
+
+
+def _mxfp4_and_dequantised(source: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(the MXFP4 folder, a dense folder holding exactly the weights it dequantises to)."""
+    packed, dense = tmp_path / "mxfp4", tmp_path / "dequantised"
+    shutil.copytree(source, packed)
+    shutil.copytree(source, dense)
+    tensors = load_file(source / "model.safetensors")
+    packed_tensors, dense_tensors = dict(tensors), dict(tensors)
+    for name, weight in tensors.items():
+        if name.endswith(EXPERT_TENSORS):  # [E, in, out]; stored as [E, out, in / 32, 16]
+            blocks, scales = mxfp4.quantize(weight.transpose(1, 2).contiguous())
+            del packed_tensors[name]
+            packed_tensors[f"{name}_blocks"], packed_tensors[f"{name}_scales"] = blocks, scales
+            dense_tensors[name] = mxfp4.dequantize(blocks, scales).transpose(1, 2).contiguous()
+    save_file(packed_tensors, packed / "model.safetensors", metadata={"format": "pt"})
+    save_file(dense_tensors, dense / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((packed / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["self_attn", "router"],
+    }
+    (packed / "config.json").write_text(json.dumps(config, indent=2))
+    return packed, dense
