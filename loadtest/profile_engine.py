@@ -1,6 +1,6 @@
 """Where an engine run's time goes: the standard workload under torch.profiler, by category.
 
-    .venv/bin/python loadtest/profile_engine.py --dtype bfloat16 [--num-requests 64]
+    .venv/bin/python loadtest/profile_engine.py --dtype bfloat16 [--num-requests 64] [--ops]
 
 Prints the wall time, then the self CPU time of the profiled ops summed by category (matmul,
 attention, KV-cache writes and page gathers, sampling, elementwise and norms, the rest) and
@@ -30,7 +30,18 @@ from loadtest.workloads import WORKLOADS  # noqa: E402
 # first match wins: op-name fragments per category
 CATEGORIES = (
     ("matmul", ("mm", "linear", "matmul", "bmm", "addmm", "mkldnn", "onednn")),
-    ("attention", ("scaled_dot_product", "_flash_attention", "attention")),
+    # the compiled graphs: the paged decode kernel (engine/layers/paged_decode.py), its guards
+    (
+        "attention",
+        (
+            "scaled_dot_product",
+            "_flash_attention",
+            "attention",
+            "CompiledFxGraph",
+            "Torch-Compiled",
+            "Dynamo",
+        ),
+    ),
     ("kv write / page gather", ("index_copy", "index_select")),
     ("sampling", ("argmax", "topk", "softmax", "log_softmax", "sort", "exponential", "rand")),
     (
@@ -38,6 +49,10 @@ CATEGORIES = (
         ("mul", "add", "sub", "div", "rsqrt", "pow", "mean", "silu", "cat", "neg", "to", "copy"),
     ),
 )
+
+
+# ops a step repeats per layer or per group of rows (counted by --ops)
+INDEX_OPS = ("aten::index", "aten::index_put_", "aten::index_select", "aten::index_copy_", "aten::_to_copy")
 
 
 def category(name: str) -> str:
@@ -55,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--top", type=int, default=15, help="also list the N costliest ops")
+    parser.add_argument("--ops", action="store_true", help="also count ops: in all, and per index op")
     args = parser.parse_args(argv)
     folder = ensure_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
     vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
@@ -69,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
         wall = time.perf_counter() - start
     totals: dict[str, float] = defaultdict(float)
     by_op: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
     for event in prof.key_averages():
+        counts[event.key] += event.count
         seconds = event.self_cpu_time_total / 1e6
         totals[category(event.key)] += seconds
         by_op[event.key] += seconds
@@ -87,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         "\ncostliest ops (self CPU s): "
         + ", ".join(f"{k} {v:.2f}" for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])[: args.top])
     )
+    if args.ops:
+        print(f"\nops in all: {sum(counts.values())}; " + ", ".join(f"{k} {counts[k]}" for k in INDEX_OPS))
 
 
 if __name__ == "__main__":

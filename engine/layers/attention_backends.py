@@ -155,12 +155,16 @@ class SdpaBackend:
         # costs gather and attention work, and contexts in one step can differ tenfold.
         if len(md.decode_groups) <= 1:
             return self._decode_group(layer, q, md.block_tables, md.context_lens_tensor, md.max_context_len)
-        out = torch.empty_like(q)
-        for rows, max_len in md.decode_groups:
-            out[rows] = self._decode_group(
-                layer, q[rows], md.block_tables[rows], md.context_lens_tensor[rows], max_len
-            )
-        return out
+        if md.decode_group_inputs is None:
+            md.decode_group_inputs = decode_group_inputs(md, layer.k_cache.shape[1])
+        order, groups = md.decode_group_inputs
+        # one gather of the queries in group order and one scatter back, whatever the group count
+        queries = q.index_select(0, order).split([tables.shape[0] for tables, _, _ in groups])
+        outs = [
+            self._decode_group(layer, rows, tables, lens, max_len)
+            for rows, (tables, lens, max_len) in zip(queries, groups, strict=True)
+        ]
+        return torch.empty_like(q).index_copy_(0, order, torch.cat(outs))
 
     def _decode_group(
         self, layer, q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, length: int
@@ -302,6 +306,18 @@ def explicit_attention(
         return torch.matmul(probs, v.to(q.dtype))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v.to(q.dtype))
+
+
+def decode_group_inputs(md: AttentionMetadata, block_size: int):
+    """The layer-independent inputs of md.decode_groups, once per step: (the rows in group order
+    [B] int64, and per group its block tables cut to its longest context [b, n] (contiguous),
+    its context lengths [b] and that longest context)."""
+    order = torch.cat([rows for rows, _ in md.decode_groups])
+    groups = []
+    for rows, max_len in md.decode_groups:
+        tables = md.block_tables[rows][:, : -(-max_len // block_size)].contiguous()
+        groups.append((tables, md.context_lens_tensor[rows], max_len))
+    return order, groups
 
 
 def _gather(layer, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,15 +39,30 @@ class RotaryEmbedding(nn.Module):
         # Not in the checkpoint: rebuilt from the config, so not persistent. [P, rotary_dim] float32
         cache = _cos_sin_cache(self.rotary_dim, max_positions, rope_parameters)
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self._last = None  # (positions, dtype, (cos, sin)) of the last call
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T]; q [T, H, D], k [T, Hkv, D] -> rotated q, k (same shapes and dtype)."""
+        cos, sin = self._cos_sin(positions, q.dtype)
+        return self._rotate_heads(q, cos, sin), self._rotate_heads(k, cos, sin)
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Every layer of a forward passes the same positions tensor: gather and cast once. The
+        # key holds the tensor itself (so its id is not reused); the model forgets it at the start
+        # of each forward (forget_positions), so a buffer rewritten in place is read afresh.
+        cached = self._last
+        if cached is not None and cached[0] is positions and cached[1] == dtype:
+            return cached[2]
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, rotary_dim/2] each
         # transformers casts cos/sin to the activations' dtype before rotating; so do we.
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        return self._rotate_heads(q, cos, sin), self._rotate_heads(k, cos, sin)
+        self._last = (positions, dtype, (cos.to(dtype), sin.to(dtype)))
+        return self._last[2]
+
+    def forget_positions(self) -> None:
+        """Drop the cos/sin kept from the last call (DecoderModel calls it before each forward)."""
+        self._last = None
 
     def _rotate_heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.rotary_dim == self.head_dim:

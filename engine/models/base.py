@@ -156,6 +156,10 @@ class DecoderModel(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = norm_class(config.hidden_size, config.rms_norm_eps) if self.is_last_stage else None
+        # the layers' RotaryEmbeddings (shared between layers), told to forget before each forward
+        self.rotaries = list(
+            {id(m): m for m in self.layers.modules() if isinstance(m, RotaryEmbedding)}.values()
+        )
 
     def forward(
         self,
@@ -163,6 +167,8 @@ class DecoderModel(nn.Module):
         positions: torch.Tensor,
         intermediate: list[torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        for rotary in self.rotaries:
+            rotary.forget_positions()
         if self.is_first_stage:
             hidden_states, residual = self.embed_tokens(input_ids), None
             if self.embed_scale is not None:
