@@ -7,6 +7,7 @@ Layers read it instead of receiving it through every forward(): the model's sign
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +34,14 @@ class AttentionMetadata:
     decode_group_inputs: object | None = None
 
 
-_current: AttentionMetadata | None = None
+class _StepMetadata(threading.local):
+    """Per thread: two engines stepping in one process (tests, a service beside a benchmark) each
+    see their own step's metadata, never the other's."""
+
+    current: AttentionMetadata | None = None
+
+
+_step = _StepMetadata()
 
 
 def group_by_length(context_lens: list[int], device, max_groups: int = 4, min_group: int = 8):
@@ -50,14 +58,13 @@ def group_by_length(context_lens: list[int], device, max_groups: int = 4, min_gr
 
 def get_attention_metadata() -> AttentionMetadata | None:
     """The running step's metadata; None outside a model-runner step (plain causal attention)."""
-    return _current
+    return _step.current
 
 
 @contextlib.contextmanager
 def attention_metadata(metadata: AttentionMetadata | None):
-    global _current
-    previous, _current = _current, metadata
+    previous, _step.current = _step.current, metadata
     try:
         yield
     finally:
-        _current = previous
+        _step.current = previous
