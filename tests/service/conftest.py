@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from engine import EngineConfig, LLMEngine
 from service.app import Service
 from service.config import ServiceConfig
+from tests.service.running import running
 
 
 class KafkaClient:
@@ -83,6 +84,14 @@ class KafkaClient:
         finally:
             await consumer.stop()
 
+    async def topic_names(self) -> set[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, **self.security)
+        await admin.start()
+        try:
+            return set(await admin.list_topics())
+        finally:
+            await admin.close()
+
     async def end_offsets(self, topic: str) -> dict[int, int]:
         consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **self.security)
         await consumer.start()
@@ -131,16 +140,8 @@ def tiny_engine(tiny_checkpoint) -> LLMEngine:
 @contextlib.asynccontextmanager
 async def running_service(config: ServiceConfig, engine: LLMEngine):
     """A Service consuming in the background; stopped (drained and committed) on exit."""
-    service = Service(config, engine)
-    await service.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    try:
+    async with running(Service(config, engine)) as service:
         yield service
-    finally:
-        stop.set()
-        await task
-        await service.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ outcome is unknown is never sent twice."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections import Counter
 
@@ -17,6 +16,7 @@ from aiokafka.errors import KafkaConnectionError
 from service.app import Service
 from service.topics import ensure_topics
 from service.transactions import OutRecord, TransactionalDelivery
+from tests.service.running import running
 
 pytestmark = pytest.mark.kafka
 
@@ -33,19 +33,6 @@ def _jobs(ids: list[str]) -> list[tuple[bytes, bytes, list]]:
 async def _committed_keys(kafka, topic: str) -> Counter:
     records = await kafka.read_all(topic, quiet=1.5, isolation_level="read_committed")
     return Counter(r.key.decode() for r in records)
-
-
-@contextlib.asynccontextmanager
-async def _running(service: Service):
-    await service.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    try:
-        yield service
-    finally:
-        stop.set()
-        await task
-        await service.stop()
 
 
 async def test_a_partition_is_consumed_only_from_the_offset_committed_after_its_fence(
@@ -80,7 +67,7 @@ async def test_a_partition_is_consumed_only_from_the_offset_committed_after_its_
 
     service.transactions._new_producer = SlowToFence
     try:
-        async with _running(service):
+        async with running(service):
             while tp not in service.consumer.assignment:
                 await asyncio.sleep(0.1)
             await asyncio.sleep(1.5)  # long enough to consume all ten jobs, were it allowed to
@@ -120,7 +107,7 @@ async def test_a_partition_revoked_and_handed_straight_back_answers_each_job_onc
     other_member = AIOKafkaConsumer(
         config.dlq_topic, bootstrap_servers=kafka_bootstrap, group_id=config.group_id
     )
-    async with _running(service):
+    async with running(service):
         await kafka.post(jobs, _jobs(ids[:15]))
         while not await _committed_keys(kafka, results):  # at work, with jobs in flight
             await asyncio.sleep(0.2)

@@ -7,7 +7,6 @@ import time
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from service.client.backends import KafkaBackend, MissingTopicError
 from service.topics import ensure_topics
@@ -41,14 +40,16 @@ async def test_a_reply_topic_that_already_existed_is_not_counted_as_created(kafk
             await backend.stop()
 
 
-async def test_the_service_results_topic_must_exist_and_is_never_created(kafka_bootstrap, topic_prefix):
+async def test_the_service_results_topic_must_exist_and_is_never_created(
+    kafka, kafka_bootstrap, topic_prefix
+):
     backend = KafkaBackend(kafka_bootstrap, f"{topic_prefix}.jobs", f"{topic_prefix}.results", reply_to=False)
     try:
         with pytest.raises(MissingTopicError):
             await backend.start()
     finally:
         await backend.stop()
-    assert f"{topic_prefix}.results" not in await _topics(kafka_bootstrap)
+    assert f"{topic_prefix}.results" not in await kafka.topic_names()
 
 
 async def test_results_of_aborted_transactions_are_never_read(kafka_bootstrap, topic_prefix):
@@ -88,12 +89,3 @@ async def _send_in_transaction(producer: AIOKafkaProducer, topic: str, key: byte
     await producer.begin_transaction()
     await producer.send_and_wait(topic, key=key, value=b"{}")
     await (producer.commit_transaction() if commit else producer.abort_transaction())
-
-
-async def _topics(bootstrap: str) -> set[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        return set(await admin.list_topics())
-    finally:
-        await admin.close()

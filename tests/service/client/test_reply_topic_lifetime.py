@@ -20,15 +20,6 @@ from service.topics import ensure_topics
 pytestmark = pytest.mark.kafka
 
 
-async def _topics(bootstrap: str) -> set[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        return set(await admin.list_topics())
-    finally:
-        await admin.close()
-
-
 async def _answer(bootstrap: str, topic: str, expire: bool = False) -> None:
     """One answer into `topic`; `expire`: then drop it, as retention does once it is old enough."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
@@ -43,7 +34,7 @@ async def _answer(bootstrap: str, topic: str, expire: bool = False) -> None:
 
 
 async def test_only_default_named_reply_topics_whose_answers_all_expired_are_swept(
-    kafka_bootstrap, topic_prefix
+    kafka, kafka_bootstrap, topic_prefix
 ):
     results = f"{topic_prefix}.results"
 
@@ -61,7 +52,7 @@ async def test_only_default_named_reply_topics_whose_answers_all_expired_are_swe
     await _answer(kafka_bootstrap, in_use)
     await _answer(kafka_bootstrap, named, expire=True)  # --run-id/--reply-topic names: never swept
     assert await sweep_abandoned(kafka_bootstrap, results, {}) == [abandoned]
-    topics = await _topics(kafka_bootstrap)
+    topics = await kafka.topic_names()
     assert abandoned not in topics and {fresh, in_use, named} <= topics
 
 
@@ -91,7 +82,7 @@ async def test_a_run_creates_its_reply_topic_with_a_retention(kafka_bootstrap, t
     ],
 )
 async def test_a_run_that_stops_early_keeps_its_reply_topic_only_while_jobs_await_answers(
-    kafka_bootstrap, topic_prefix, posted, answered, kept, capsys
+    kafka, kafka_bootstrap, topic_prefix, posted, answered, kept, capsys
 ):
     topic = f"{topic_prefix}.results.label-0123456789ab"
     backend = KafkaBackend(kafka_bootstrap, f"{topic_prefix}.jobs", topic, reply_to=True)
@@ -99,5 +90,5 @@ async def test_a_run_that_stops_early_keeps_its_reply_topic_only_while_jobs_awai
     await backend.stop()
     ledger = RunLedger(None, "label-0123456789ab", Counter(posted), list(backend.created_topics))
     await end_reply_topic(backend, ledger, answered, is_complete=False)
-    assert (topic in await _topics(kafka_bootstrap)) == kept
+    assert (topic in await kafka.topic_names()) == kept
     assert ("stays for the 1 unanswered jobs" in capsys.readouterr().err) == kept
