@@ -10,7 +10,7 @@ STAMP := $(VENV)/.sluice-installed
 KAFKA := deploy/kafka/kafka.sh
 PYTEST_ARGS ?= -v
 
-.PHONY: run test venv lint browser kafka-up kafka-down kafka-status clean
+.PHONY: run test venv lint browser kafka-up kafka-down kafka-status observe observe-down clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,14 @@ test: venv browser
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# Sluice, Jaeger v2 (built from source into build/jaeger on first use) and Prometheus (Debian's
+# package) as processes beside the local broker: docs/observability.md#make-observe.
+observe: venv
+	@deploy/observe/observe.sh up
+
+observe-down:
+	@deploy/observe/observe.sh down
 
 kafka-up:
 	@$(KAFKA) start
