@@ -38,7 +38,8 @@ up() {
   jaeger=$("$ROOT/deploy/observe/build-jaeger.sh")
   "$ROOT/deploy/observe/install-prometheus.sh"
   if [ -z "${SLUICE_KAFKA_BOOTSTRAP:-}" ]; then
-    "$ROOT/deploy/kafka/kafka.sh" start
+    # A broker already on the port (this checkout's, or another's) is used as it is.
+    (: </dev/tcp/127.0.0.1/"${KAFKA_PORT:-19092}") 2>/dev/null || "$ROOT/deploy/kafka/kafka.sh" start
     SLUICE_KAFKA_BOOTSTRAP=127.0.0.1:${KAFKA_PORT:-19092}
   fi
   export SLUICE_KAFKA_BOOTSTRAP
@@ -104,11 +105,21 @@ down() {
     running "$name" || { rm -f "$DIR/$name.pid"; continue; }
     pid=$(cat "$DIR/$name.pid")
     kill -TERM -- "-$pid" 2>/dev/null || true
-    for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    for _ in $(seq "$(grace_halfseconds "$name")"); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     kill -KILL -- "-$pid" 2>/dev/null || true
     rm -f "$DIR/$name.pid"
     echo "observe: stopped $name"
   done
+}
+
+# Sluice gets its drain time to finish in-flight jobs; Jaeger's storage is in memory, lost on stop
+# anyway, and its Kafka receiver takes ~12 s to leave its group: it gets 2 s.
+grace_halfseconds() {
+  case $1 in
+    sluice) local drain=${SLUICE_DRAIN_TIMEOUT_S:-30}; echo $((2 * ${drain%%.*} + 10)) ;;
+    jaeger) echo 4 ;;
+    *) echo 20 ;;
+  esac
 }
 
 status() {
