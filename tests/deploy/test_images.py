@@ -31,6 +31,7 @@ KAFKA_PORT = 39092
 BOOTSTRAP = f"127.0.0.1:{KAFKA_PORT}"
 SLUICE_PORTS = (39465, 39466)
 NUM_JOBS = 80
+SLUICE_SOURCES = [R / name for name in ("pyproject.toml", "README.md", "engine", "schemas", "service")]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,6 @@ def images() -> dict[str, str]:
     kafka_sources = [
         R / "deploy" / "kafka" / name for name in ("Dockerfile", "entrypoint.sh", "log4j2.properties")
     ]
-    sluice_sources = [R / name for name in ("pyproject.toml", "README.md", "engine", "schemas", "service")]
     return {
         "kafka": podman.build(
             "sluice-kafka",
@@ -53,7 +53,7 @@ def images() -> dict[str, str]:
             "sluice-cpu",
             R / "deploy" / "Dockerfile.cpu",
             R,
-            [R / "deploy" / "Dockerfile.cpu", *sluice_sources],
+            [R / "deploy" / "Dockerfile.cpu", *SLUICE_SOURCES],
             build_args={"TORCH_INDEX": "https://pypi.org/simple"},
             base_arg="PYTHON_IMAGE",
         ),
@@ -100,6 +100,20 @@ def test_two_sluice_containers_answer_every_job_when_one_is_killed_mid_burst(ima
     answered = _answered(client, f"{prefix}.results", {j["custom_id"] for j in jobs}, timeout=240)
     assert answered == {j["custom_id"] for j in jobs}
     assert podman.podman("inspect", "-f", "{{.State.Running}}", sluices[1]).stdout.strip() == "true"
+
+
+def test_cuda_image_builds_with_torch_built_for_cuda(images):
+    """Built on the Debian base, not run as a service: there is no GPU here."""
+    tag = podman.build(
+        "sluice-cuda",
+        R / "deploy" / "Dockerfile",
+        R,
+        [R / "deploy" / "Dockerfile", *SLUICE_SOURCES],
+        base_arg="CUDA_IMAGE",
+    )
+    probe = "import torch, service; print(torch.version.cuda)"
+    result = podman.podman("run", "--rm", *podman.ULIMITS, "--entrypoint", "python3", tag, "-c", probe)
+    assert result.stdout.strip(), result.stderr  # a CUDA build of torch: its CUDA version
 
 
 def _sluice_env(prefix: str, port: int) -> list[str]:
