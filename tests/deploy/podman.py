@@ -106,7 +106,15 @@ def build(
         raise RuntimeError(
             f"podman build of {name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         )
+    _remove_other_tags(name, keep=tag)
     return tag
+
+
+def _remove_other_tags(name: str, keep: str) -> None:
+    """Older builds of the image (several GB each with PyTorch): only the newest is kept."""
+    listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}", f"localhost/{name}", check=False)
+    for old in set(listed.stdout.split()) - {keep}:
+        podman("rmi", old, check=False)
 
 
 def _content_hash(dockerfile: Path, sources: list[Path], args: dict[str, str]) -> str:
