@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,7 +22,18 @@ BUILD = REPO_ROOT / "build" / "containers"
 BASE_IMAGE = "localhost/sluice-base:bookworm"
 GLOBAL = ["--runtime", "runc", "--cgroup-manager", "cgroupfs"]
 ULIMITS = ["--ulimit", "nofile=16384:16384", "--ulimit", "nproc=4096:4096"]  # under the host's hard limits
-PACKAGES = ["podman", "runc", "debootstrap", "podman-compose", "uidmap", "slirp4netns", "fuse-overlayfs"]
+GO_IMAGE = "localhost/sluice-go:host"
+# golang-github-containernetworking-plugin-dnsname: compose services find each other by name.
+PACKAGES = [
+    "podman",
+    "runc",
+    "debootstrap",
+    "podman-compose",
+    "uidmap",
+    "slirp4netns",
+    "fuse-overlayfs",
+    "golang-github-containernetworking-plugin-dnsname",
+]
 
 
 def podman(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
@@ -32,7 +44,8 @@ def podman(*args: str, timeout: float = 600, check: bool = True) -> subprocess.C
 
 def ensure_tools() -> None:
     """Debian's podman, runc, debootstrap and podman-compose, installed once."""
-    if all(shutil.which(tool) for tool in ("podman", "runc", "debootstrap", "podman-compose")):
+    tools = ("podman", "runc", "debootstrap", "podman-compose")
+    if all(shutil.which(tool) for tool in tools) and Path("/usr/lib/cni/dnsname").exists():
         return
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -68,6 +81,32 @@ def ensure_base_image() -> str:
     return BASE_IMAGE
 
 
+def ensure_go_image() -> str:
+    """The host's Go toolchain (/usr/local/go) on the debootstrap base: the golang image of a
+    Dockerfile's build stage, as no registry is reachable."""
+    if podman("image", "exists", GO_IMAGE, check=False).returncode == 0:
+        return GO_IMAGE
+    goroot = Path(shutil.which("go") or "/usr/local/go/bin/go").resolve().parents[1]
+    containerfile = BUILD / "go" / "Containerfile"
+    containerfile.parent.mkdir(parents=True, exist_ok=True)
+    containerfile.write_text(
+        f"FROM {ensure_base_image()}\nCOPY --from=goroot . /usr/local/go\n"
+        "ENV PATH=/usr/local/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+    )
+    podman(
+        "build",
+        "--build-context",
+        f"goroot={goroot}",
+        "-f",
+        str(containerfile),
+        "-t",
+        GO_IMAGE,
+        str(containerfile.parent),
+        timeout=600,
+    )
+    return GO_IMAGE
+
+
 def build(
     name: str,
     dockerfile: Path,
@@ -76,6 +115,7 @@ def build(
     build_args: dict[str, str] | None = None,
     build_contexts: dict[str, Path] | None = None,
     base_arg: str = "BASE_IMAGE",
+    volumes: list[str] | None = None,
     timeout: float = 1800,
 ) -> str:
     """`podman build` on the debootstrap base, tagged by a hash of the Dockerfile, the build arguments
@@ -96,6 +136,8 @@ def build(
         "-f",
         str(dockerfile),
     ]
+    for volume in volumes or []:
+        command += ["-v", volume]
     command += ["--build-arg", "PIP_CERT=/run/host-ca.pem"]
     for key, value in args.items():
         command += ["--build-arg", f"{key}={value}"]
@@ -128,3 +170,95 @@ def _content_hash(dockerfile: Path, sources: list[Path], args: dict[str, str]) -
             digest.update(str(path.relative_to(source.parent)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+# The project's images, as deploy/compose.yaml builds them, on the debootstrap base.
+SLUICE_SOURCES = [
+    REPO_ROOT / name for name in ("pyproject.toml", "README.md", "engine", "schemas", "service")
+]
+DEPLOY = REPO_ROOT / "deploy"
+
+
+def kafka_image() -> str:
+    sources = [DEPLOY / "kafka" / name for name in ("Dockerfile", "entrypoint.sh", "log4j2.properties")]
+    libs = {"kafka-libs": kafka_libs()}
+    return build(
+        "sluice-kafka", DEPLOY / "kafka" / "Dockerfile", DEPLOY / "kafka", sources, build_contexts=libs
+    )
+
+
+def sluice_cpu_image() -> str:
+    # download.pytorch.org is not reachable here: PyPI's torch wheel (CUDA build, runs on CPU).
+    return build(
+        "sluice-cpu",
+        DEPLOY / "Dockerfile.cpu",
+        REPO_ROOT,
+        [DEPLOY / "Dockerfile.cpu", *SLUICE_SOURCES],
+        build_args={"TORCH_INDEX": "https://pypi.org/simple"},
+        base_arg="PYTHON_IMAGE",
+    )
+
+
+def jaeger_image() -> str:
+    """Jaeger's Go stage on the host's Go toolchain, with the host's module and build caches
+    mounted: the modules deploy/observe/build-jaeger.sh already fetched are not fetched again."""
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    caches = subprocess.run([go, "env", "GOMODCACHE", "GOCACHE"], capture_output=True, text=True, check=True)
+    modcache, gocache = caches.stdout.split()
+    return build(
+        "sluice-jaeger",
+        DEPLOY / "jaeger" / "Dockerfile",
+        DEPLOY / "jaeger",
+        [DEPLOY / "jaeger"],
+        build_args={"GO_IMAGE": ensure_go_image(), "CA_CERT": "/run/host-ca.pem"},
+        volumes=[f"{modcache}:/root/go/pkg/mod", f"{gocache}:/root/.cache/go-build"],
+    )
+
+
+def prometheus_image() -> str:
+    return build(
+        "sluice-prometheus",
+        DEPLOY / "prometheus" / "Dockerfile",
+        DEPLOY / "prometheus",
+        [DEPLOY / "prometheus"],
+    )
+
+
+def kafka_libs() -> Path:
+    """The jars deploy/kafka/kafka.sh fetches from Maven Central (fetched here if missing)."""
+    version = re.search(r"<kafka.version>(.+)</kafka.version>", (DEPLOY / "kafka" / "pom.xml").read_text())[1]
+    libs = REPO_ROOT / "build" / "kafka" / f"libs-{version}"
+    if not (libs / ".complete").exists():
+        subprocess.run([str(DEPLOY / "kafka" / "kafka.sh"), "fetch"], check=True, timeout=900)
+    return libs
+
+
+def compose(
+    project: str, env: dict[str, str], *args: str, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """podman-compose on deploy/compose.yaml with this machine's podman flags."""
+    command = [
+        "podman-compose",
+        f"--podman-args={' '.join(GLOBAL)}",
+        f"--podman-run-args={' '.join(ULIMITS)}",
+        "-f",
+        str(DEPLOY / "compose.yaml"),
+        "-p",
+        project,
+        *args,
+    ]
+    return subprocess.run(
+        command, env={**os.environ, **env}, cwd=DEPLOY, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def remove_project(project: str) -> None:
+    """Whatever of a compose project is left: containers (with their anonymous volumes), then its
+    network (podman-compose 1.0.3 leaves it) and named volumes."""
+    label = f"label=io.podman.compose.project={project}"
+    for kind in ("container", "network", "volume"):
+        listed = podman(
+            kind, "ls", "-q", "--filter", label, *(["-a"] if kind == "container" else []), check=False
+        )
+        for item in listed.stdout.split():
+            podman(kind, "rm", "-f", *(["-v"] if kind == "container" else []), item, check=False)

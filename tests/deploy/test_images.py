@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-import subprocess
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -31,33 +28,12 @@ KAFKA_PORT = 39092
 BOOTSTRAP = f"127.0.0.1:{KAFKA_PORT}"
 SLUICE_PORTS = (39465, 39466)
 NUM_JOBS = 80
-SLUICE_SOURCES = [R / name for name in ("pyproject.toml", "README.md", "engine", "schemas", "service")]
 
 
 @pytest.fixture(scope="module")
 def images() -> dict[str, str]:
     podman.ensure_tools()
-    kafka_sources = [
-        R / "deploy" / "kafka" / name for name in ("Dockerfile", "entrypoint.sh", "log4j2.properties")
-    ]
-    return {
-        "kafka": podman.build(
-            "sluice-kafka",
-            R / "deploy" / "kafka" / "Dockerfile",
-            R / "deploy" / "kafka",
-            kafka_sources,
-            build_contexts={"kafka-libs": _kafka_libs()},
-        ),
-        # download.pytorch.org is not reachable here: PyPI's torch wheel (CUDA build, runs on CPU).
-        "sluice": podman.build(
-            "sluice-cpu",
-            R / "deploy" / "Dockerfile.cpu",
-            R,
-            [R / "deploy" / "Dockerfile.cpu", *SLUICE_SOURCES],
-            build_args={"TORCH_INDEX": "https://pypi.org/simple"},
-            base_arg="PYTHON_IMAGE",
-        ),
-    }
+    return {"kafka": podman.kafka_image(), "sluice": podman.sluice_cpu_image()}
 
 
 @pytest.fixture
@@ -74,7 +50,7 @@ def containers():
 
     yield run
     for name in reversed(names):
-        podman.podman("rm", "-f", "-t", "5", name, check=False)
+        podman.podman("rm", "-f", "-v", "-t", "5", name, check=False)
 
 
 def test_two_sluice_containers_answer_every_job_when_one_is_killed_mid_burst(images, containers):
@@ -108,7 +84,7 @@ def test_cuda_image_builds_with_torch_built_for_cuda(images):
         "sluice-cuda",
         R / "deploy" / "Dockerfile",
         R,
-        [R / "deploy" / "Dockerfile", *SLUICE_SOURCES],
+        [R / "deploy" / "Dockerfile", *podman.SLUICE_SOURCES],
         base_arg="CUDA_IMAGE",
     )
     probe = "import torch, service; print(torch.version.cuda)"
@@ -178,12 +154,3 @@ def _wait_http(url: str, timeout: float) -> None:
         except OSError:
             time.sleep(1)
     pytest.fail(f"{url} did not answer within {timeout}s")
-
-
-def _kafka_libs() -> Path:
-    """The jars deploy/kafka/kafka.sh fetches from Maven Central (fetched here if missing)."""
-    version = re.search(r"<kafka.version>(.+)</kafka.version>", (R / "deploy/kafka/pom.xml").read_text())[1]
-    libs = R / "build" / "kafka" / f"libs-{version}"
-    if not (libs / ".complete").exists():
-        subprocess.run([str(R / "deploy" / "kafka" / "kafka.sh"), "fetch"], check=True, timeout=900)
-    return libs
