@@ -10,7 +10,8 @@
 # Settings (environment): SLUICE_KAFKA_BOOTSTRAP (default: the local broker of deploy/kafka/kafka.sh,
 # started if it is not running), every SLUICE_* option of the service, OBSERVE_DIR (logs, pids,
 # generated config; default build/observe), JAEGER_UI_PORT (36686), PROMETHEUS_PORT (39090),
-# SLUICE_HTTP_PORT (39464), OBSERVE_READY_TIMEOUT_S (300: the first run builds Jaeger).
+# SLUICE_HTTP_PORT (39464), OBSERVE_READY_TIMEOUT_S (300: the first run builds Jaeger), JAEGER_UI_ASSETS
+# (default: the newest UI deploy/observe/build-jaeger-ui.sh built; none: Jaeger's placeholder page).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DIR=${OBSERVE_DIR:-$ROOT/build/observe}
@@ -52,6 +53,7 @@ up() {
     JAEGER_QUERY_HTTP=127.0.0.1:$JAEGER_UI_PORT \
     JAEGER_QUERY_GRPC=127.0.0.1:${JAEGER_GRPC_PORT:-$((JAEGER_UI_PORT - 1))} \
     JAEGER_HEALTH_HTTP=127.0.0.1:${JAEGER_HEALTH_PORT:-$((JAEGER_UI_PORT + 1))} \
+    JAEGER_UI_ASSETS=${JAEGER_UI_ASSETS:-$(ui_assets)} \
     start jaeger "$jaeger" --config "$ROOT/deploy/jaeger/config.yaml"
   write_prometheus_config
   start prometheus prometheus --config.file="$DIR/prometheus.yml" \
@@ -62,6 +64,14 @@ up() {
   echo "Jaeger UI   http://127.0.0.1:$JAEGER_UI_PORT (service ${SLUICE_SERVICE_NAME:-sluice})"
   echo "Prometheus  http://127.0.0.1:$PROMETHEUS_PORT (rules: deploy/prometheus/rules.yml)"
   echo "Sluice      http://$SLUICE_HTTP_HOST:$SLUICE_HTTP_PORT/metrics, Kafka $SLUICE_KAFKA_BOOTSTRAP"
+}
+
+# Jaeger's UI where deploy/observe/build-jaeger-ui.sh built it; otherwise Jaeger's placeholder page.
+ui_assets() {
+  local built
+  built=$(ls -d "$ROOT"/build/jaeger-ui/v*/ 2>/dev/null | sort -V | tail -1)
+  [ -n "$built" ] && [ -f "$built/index.html" ] && echo "${built%/}"
+  return 0
 }
 
 # Prometheus reads no environment in its config: written here, with the rules file's full path.

@@ -5,7 +5,11 @@ Prometheus's HTTP APIs."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -138,3 +142,40 @@ def promql(stack: ObserveStack, expr: str) -> list[dict]:
     assert body["status"] == "success", (expr, body)
     assert body["data"]["resultType"] == "vector", (expr, body["data"]["resultType"])
     return [{"metric": r["metric"], "value": float(r["value"][1])} for r in body["data"]["result"]]
+
+
+def chromium(url: str, *flags: str, timeout: float = 120) -> str:
+    """Headless Chromium (`make browser`) on the page with `flags` (--screenshot=..., --dump-dom):
+    its stdout. A profile and a process group of its own, killed whole on a timeout."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "headless Chromium is needed: `make browser` installs it (Debian package chromium)"
+    with tempfile.TemporaryDirectory() as profile, tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",  # the tests may run as root
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                "--window-size=1400,900",
+                "--virtual-time-budget=20000",  # the page's own API calls finish before the capture
+                *flags,
+                url,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+        stderr.seek(0)
+        assert process.returncode == 0, stderr.read()[-2000:]
+    return out
