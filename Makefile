@@ -10,7 +10,7 @@ STAMP := $(VENV)/.sluice-installed
 KAFKA := deploy/kafka/kafka.sh
 PYTEST_ARGS ?= -v
 
-.PHONY: run test venv lint browser kafka-up kafka-down kafka-status clean
+.PHONY: run test venv lint browser kafka-up kafka-down kafka-status observe observe-down observe-tools clean
 
 venv: $(STAMP)
 
@@ -37,7 +37,7 @@ browser:
 
 # Starts the broker if it is not running, runs lint and the whole suite, stops the broker it
 # started (also on failure or Ctrl-C), and exits with the suite's code.
-test: venv browser
+test: venv browser observe-tools
 	@started=0; \
 	if ! $(KAFKA) status >/dev/null 2>&1; then $(KAFKA) start || exit 1; started=1; fi; \
 	trap '[ $$started = 1 ] && $(KAFKA) stop' EXIT; \
@@ -48,6 +48,22 @@ test: venv browser
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# Sluice, Jaeger v2 (built from source into build/jaeger on first use) and Prometheus (Debian's
+# package) as processes beside the local broker: docs/observability.md#make-observe.
+observe: venv
+	@deploy/observe/observe.sh up
+
+# What tests/deploy/test_observe.py needs, built or installed before the suite starts (once). Jaeger's
+# UI is optional: where it cannot be built (no npm, no github.com) its one test is skipped.
+observe-tools:
+	@deploy/observe/build-jaeger.sh >/dev/null
+	@deploy/observe/install-prometheus.sh
+	@mkdir -p build && deploy/observe/build-jaeger-ui.sh >/dev/null 2>build/jaeger-ui.log \
+	  || echo "note: Jaeger's UI not built (build/jaeger-ui.log): its screenshot test is skipped" >&2
+
+observe-down:
+	@deploy/observe/observe.sh down
 
 kafka-up:
 	@$(KAFKA) start

@@ -115,6 +115,8 @@ class Service:
         self._tasks: dict[asyncio.Task, TopicPartition] = {}  # in-flight jobs and their partitions
         self.tracer: JobTracer | None = None
         self.metrics = ServiceMetrics()
+        for topic in config.jobs_topics:  # at 0 from the first scrape: rate() then sees the first jobs
+            self.metrics.jobs_consumed.labels(topic)
         self._register_gauges()
         self._ready = False
         self.http = HealthServer(

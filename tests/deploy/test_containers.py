@@ -109,61 +109,58 @@ def _compose_validator() -> jsonschema.Draft201909Validator:
     return jsonschema.Draft201909Validator(schema)  # the draft the schema names in $schema
 
 
-def _compose() -> dict:
-    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+def _compose(name: str = "compose.yaml") -> dict:
+    return yaml.safe_load((DEPLOY / name).read_text())
 
 
 def test_compose_file_is_valid_against_the_compose_specification_schema():
     _compose_validator().validate(_compose())  # raises with the offending path and value
+    _compose_validator().validate(_compose("compose.grafana.yaml"))
 
 
 def test_compose_schema_check_rejects_a_broken_file():
     broken = _compose()
-    broken["services"]["sluice"]["depends_on"] = {"kafka": {"condition": "when_ready"}}
+    broken["services"]["sluice-1"]["depends_on"] = {"kafka": {"condition": "when_ready"}}
     with pytest.raises(jsonschema.ValidationError):
         _compose_validator().validate(broken)
 
 
-def test_compose_stack_has_every_part_and_every_file_it_uses_exists():
+def test_compose_stack_builds_every_image_from_the_repository():
     services = _compose()["services"]
-    assert {"kafka", "sluice", "otel-collector", "jaeger", "prometheus", "grafana"} <= set(services)
+    assert set(services) == {"kafka", "sluice-1", "sluice-2", "jaeger", "prometheus"}
     for name, service in services.items():
-        for volume in service.get("volumes", []):
-            source = volume.split(":")[0]
-            if source.startswith("."):
-                assert (DEPLOY / source).exists(), f"{name} mounts {source}, which does not exist"
+        build = service["build"]  # no image from a registry: each is built here
+        assert (DEPLOY / build["context"] / build.get("dockerfile", "Dockerfile")).is_file(), name
         for dependency in service.get("depends_on", {}):
             assert dependency in services, f"{name} depends on unknown service {dependency}"
-    build = services["sluice"]["build"]
-    assert (DEPLOY / build["context"] / build["dockerfile"]).is_file()
+    pinned = re.search(r"<kafka.version>(.+)</kafka.version>", (DEPLOY / "kafka" / "pom.xml").read_text())[1]
+    kafka = services["kafka"]
+    assert kafka["build"]["additional_contexts"]["kafka-libs"] == f"../build/kafka/libs-{pinned}"
+    assert kafka["image"].endswith(f":{pinned}")
 
 
-def test_compose_services_agree_on_topics_ports_and_the_kafka_version():
+def test_compose_services_agree_on_topics_ports_and_brokers():
     services = _compose()["services"]
-    sluice_env = services["sluice"]["environment"]
-    assert set(sluice_env) <= SERVICE_ENV
-    assert float(services["sluice"]["stop_grace_period"].rstrip("s")) > float(
-        sluice_env["SLUICE_DRAIN_TIMEOUT_S"]
-    )
+    sluices = [services["sluice-1"], services["sluice-2"]]
+    sluice_env = sluices[0]["environment"]
+    assert set(sluice_env) <= SERVICE_ENV and sluices[1]["environment"] == sluice_env
+    assert float(sluices[0]["stop_grace_period"].rstrip("s")) > float(sluice_env["SLUICE_DRAIN_TIMEOUT_S"])
     defaults = ServiceConfig()
-    collector = yaml.safe_load((DEPLOY / "otel-collector" / "config.yaml").read_text())
-    receiver = collector["receivers"]["kafka"]
-    assert receiver["traces"]["topic"] == defaults.traces_topic
+    jaeger = yaml.safe_load((DEPLOY / "jaeger" / "config.yaml").read_text())
+    receiver = jaeger["receivers"]["kafka"]
+    assert receiver["traces"]["topic"].endswith(f":-{defaults.traces_topic}}}")  # ${env:...:-default}
     assert receiver["traces"]["encoding"] == "otlp_proto"  # what tracing.py writes
-    assert receiver["brokers"] == [sluice_env["SLUICE_KAFKA_BOOTSTRAP"]]
-    assert collector["service"]["pipelines"]["traces"]["receivers"] == ["kafka"]
-    exporter = collector["exporters"][collector["service"]["pipelines"]["traces"]["exporters"][0]]
-    assert exporter["endpoint"].split(":")[0] in services  # Jaeger, inside the stack
+    assert services["jaeger"]["environment"]["JAEGER_KAFKA_BROKERS"] == sluice_env["SLUICE_KAFKA_BOOTSTRAP"]
+    assert jaeger["service"]["pipelines"]["traces"]["receivers"] == ["kafka"]
     prometheus = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     (job,) = prometheus["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
-    assert job["static_configs"][0]["targets"] == [f"sluice:{defaults.http_port}"]
-    pinned = re.search(r"<kafka.version>(.+)</kafka.version>", (DEPLOY / "kafka" / "pom.xml").read_text())
-    assert services["kafka"]["image"] == f"apache/kafka:{pinned.group(1)}"
+    assert job["static_configs"][0]["targets"] == [f"sluice-{i}:{defaults.http_port}" for i in (1, 2)]
 
 
 def test_grafana_is_provisioned_with_the_prometheus_source_and_the_sluice_dashboard():
-    grafana = _compose()["services"]["grafana"]
+    grafana = _compose("compose.grafana.yaml")["services"]["grafana"]
+    assert grafana["depends_on"] == ["prometheus"]  # the service of compose.yaml it is added to
     mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in grafana["volumes"])
     assert mounts["./grafana/sluice.json"].startswith("/var/lib/grafana/dashboards/")
     provisioning = DEPLOY / "grafana" / "provisioning"
