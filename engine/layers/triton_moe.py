@@ -7,8 +7,8 @@ single expert, whose id the block reads from `block_expert`. One program compute
 the token for the first projection, the pair itself for the second), multiplies them by its
 expert's slice of the stacked weight, adds the expert's bias, multiplies the router weight if
 asked, and writes each row back to its pair's row. Padding slots hold an out-of-range pair id
-and are neither read nor written. No host sync: the grid has an upper bound of blocks, and
-blocks past the last expert's run exit at once.
+and are neither read nor written. Written to need no host sync (not yet checked on a GPU):
+the grid has an upper bound of blocks, and blocks past the last expert's run exit at once.
 
 Used by FusedMoE on CUDA (engine.layers.moe); on CPU tensors it runs only under Triton's
 interpreter (TRITON_INTERPRET=1, set before triton is imported), which the tests use.
@@ -95,7 +95,10 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
     flat = ids.flatten()
     num_pairs = flat.numel()
     num_blocks = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m)
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    # [E]; not bincount, which reads the largest id on the host
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat)
+    )
     blocks = (counts + block_m - 1) // block_m  # [E]: blocks per expert
     block_end = blocks.cumsum(0)  # [E]
     order = flat.argsort(stable=True)  # pair ids grouped by expert
