@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 # The GPU tests need only torch and transformers (no Kafka, no hypothesis).
 timeout 180 "$PY" -m pytest -p no:cacheprovider -o addopts="" -q -m gpu \
   tests/engine/test_gpu_engine.py tests/engine/test_attention_backends.py tests/engine/test_sampler.py \
-  tests/engine/test_triton_decode.py \
+  tests/engine/test_triton_decode.py tests/engine/test_triton_moe.py \
   tests/engine/test_gpu_quantization.py
 tests=$?
 

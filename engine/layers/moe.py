@@ -9,6 +9,8 @@ The fused computation groups tokens by expert instead of looping over tokens: th
 one grouped matmul (torch._grouped_mm on CUDA where this PyTorch has it, else one matmul
 per non-empty expert) runs each slice against its expert, and the weighted results are
 scatter-added back to their tokens.
+On CUDA, where triton imports, forward runs both projections in the grouped-GEMM Triton
+kernel of engine.layers.triton_moe instead (use_triton = False turns it off).
 
 Tensor parallelism splits every expert's intermediate dim I across ranks (gate and up by
 rows, down by columns, as MergedColumnParallelLinear and RowParallelLinear do): each rank's
@@ -75,6 +77,9 @@ class FusedMoE(nn.Module):
         # torch._grouped_mm: None uses it on CUDA only (on CPU, measured slower than one matmul
         # per expert: loadtest/RESULTS.md); False: one matmul per expert everywhere
         self.use_grouped_mm: bool | None = None
+        # the grouped-GEMM Triton kernel (engine.layers.triton_moe) for both projections: None
+        # uses it on CUDA where triton imports; False: fused_experts everywhere
+        self.use_triton: bool | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         """Shard ids: None, the stacked tensor in our layout; e (an expert), that expert's
@@ -102,7 +107,12 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights, ids: [T, k] -> [T, H]
-        out = fused_experts(self, x, weights, ids)
+        if self.use_triton is not False and x.is_cuda and _triton_available():
+            from engine.layers.triton_moe import triton_fused_experts
+
+            out = triton_fused_experts(self, x, weights, ids)
+        else:
+            out = fused_experts(self, x, weights, ids)
         return all_reduce(out)
 
 
@@ -195,6 +205,14 @@ def _grouped_linear(
             torch.mm(hidden[start : start + count], weight[expert].T, out=out[start : start + count])
             start += count
     return out
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _parameter(layer: FusedMoE, *shape: int) -> nn.Parameter:
