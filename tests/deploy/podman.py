@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -143,12 +144,14 @@ def build(
         command += ["--build-arg", f"{key}={value}"]
     for key, path in (build_contexts or {}).items():
         command += ["--build-context", f"{key}={path.resolve()}"]
+    started = int(time.time())
     result = podman(*command, "-t", tag, str(context), timeout=timeout, check=False)
     if result.returncode != 0:
         raise RuntimeError(
             f"podman build of {name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         )
     _remove_other_tags(name, keep=tag)
+    _remove_stale_stages(before=started)
     return tag
 
 
@@ -157,6 +160,13 @@ def _remove_other_tags(name: str, keep: str) -> None:
     listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}", f"localhost/{name}", check=False)
     for old in set(listed.stdout.split()) - {keep}:
         podman("rmi", old, check=False)
+
+
+def _remove_stale_stages(before: int) -> None:
+    """Untagged images (build stages, former builds) older than this build: a build stage of an
+    image with PyTorch is several GB, and each change of Sluice's code leaves one behind; those of
+    the build just made stay, as the layer cache of the next one."""
+    podman("image", "prune", "-f", "--filter", f"until={before}", check=False)
 
 
 def _content_hash(dockerfile: Path, sources: list[Path], args: dict[str, str]) -> str:
