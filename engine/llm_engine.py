@@ -62,6 +62,7 @@ class LLMEngine:
         )  # refuses a compression mode that cannot run here, before loading
         check_parallel_layout(config, hf_config)
         self.vocab_size: int = hf_config["vocab_size"]
+        self.architectures: tuple[str, ...] = tuple(hf_config.get("architectures") or ())
         model_limit = max_context_len(hf_config)
         self.max_model_len = min(config.max_model_len or model_limit, model_limit)
         eos_token_ids = _eos_token_ids(hf_config, self.tokenizer)

@@ -284,6 +284,10 @@ class AssistantMessage(Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
     content: str | None = None  # null when the turn is only tool calls
     tool_calls: list[ToolCall] | UnsetType = UNSET  # written only when the model called tools
+    # the reasoning, apart from the answer (a reasoning parser's): vLLM's name and its newer one;
+    # written only where a parser found some
+    reasoning_content: str | UnsetType = UNSET
+    reasoning: str | UnsetType = UNSET
 
 
 # "abort" is never written any more (an aborted request gets an error result); results from

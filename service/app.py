@@ -35,6 +35,7 @@ from service.kafka_security import check_login, client_options
 from service.limits import job_limits
 from service.metrics import ServiceMetrics
 from service.publisher import ResultPublisher
+from service.reasoning import resolve_reasoning_parser
 from service.records import job_timestamp_ms, record_ref
 from service.routing import ReplyTopics
 from service.shutdown import bounded
@@ -75,6 +76,9 @@ class Service:
             ),
             embedding_pooling=config.embedding_pooling,
             tool_call_parser=config.tool_call_parser,
+            reasoning_parser=resolve_reasoning_parser(
+                config.reasoning_parser, getattr(engine, "architectures", ())
+            ),
         )
         self.kafka_security = client_options(config)  # SASL/TLS settings of every Kafka client below
         configured = {config.results_topic, config.dlq_topic, config.traces_topic}  # reply topics come and go

@@ -11,16 +11,23 @@ from schemas.openai import (
     CompletionRequest,
 )
 from service.logprobs import chat_logprobs, completion_logprobs
+from service.reasoning import split_reasoning
 from service.tools import parser_for, tool_calls_of, tool_mode
 
 
 def result_choices(
-    body, output: RequestOutput, samples: list[RequestOutput], tokenizer, tool_call_parser: str = "auto"
+    body,
+    output: RequestOutput,
+    samples: list[RequestOutput],
+    tokenizer,
+    tool_call_parser: str = "auto",
+    reasoning_parser: str = "none",
 ) -> list:
     """One choice per returned sample, by index (chat messages or completion texts)."""
     as_ids = bool(body.return_tokens_as_token_ids)
     if isinstance(body, ChatCompletionRequest):
-        return [_chat_choice(body, i, s, tokenizer, tool_call_parser, as_ids) for i, s in enumerate(samples)]
+        parsers = (tool_call_parser, reasoning_parser)
+        return [_chat_choice(body, i, s, tokenizer, parsers, as_ids) for i, s in enumerate(samples)]
     echo = _completion_echo(body, output, tokenizer)
     return [
         CompletionChoice(
@@ -49,13 +56,18 @@ def _completion_echo(body: CompletionRequest, output: RequestOutput, tokenizer) 
 
 
 def _chat_choice(
-    body: ChatCompletionRequest, index: int, sample: RequestOutput, tokenizer, parser: str, as_ids
+    body: ChatCompletionRequest, index: int, sample: RequestOutput, tokenizer, parsers: tuple, as_ids
 ):
-    content, tool_calls = _tool_calls(body, sample.text, tokenizer, parser)
+    tool_call_parser, reasoning_parser = parsers
+    reasoning, text = split_reasoning(sample.text, reasoning_parser, sample.finish_reason == "length")
+    content, tool_calls = _tool_calls(body, text or "", tokenizer, tool_call_parser)
     if tool_calls:
         message = AssistantMessage(content=content, tool_calls=tool_calls)
     else:
-        message = AssistantMessage(content=_chat_echo(body) + sample.text)
+        echo = _chat_echo(body)
+        message = AssistantMessage(content=None if text is None and not echo else echo + (text or ""))
+    if reasoning is not None and body.include_reasoning is not False:
+        message.reasoning_content = message.reasoning = reasoning
     # OpenAI: "tool_calls" when the model chose to call; "stop" when a named function was forced
     called = tool_calls and tool_mode(body) in ("auto", "required")
     return ChatChoice(

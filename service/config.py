@@ -80,6 +80,8 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     embedding_pooling: Literal["last", "mean"] = "last"
     # the format of chat tool calls in the output; auto: hermes if the chat template mentions <tool_call>
     tool_call_parser: Literal["auto", "hermes", "llama3_json"] = "auto"
+    # how a chat output's reasoning is split from its answer; auto: harmony for GPT-OSS, else none
+    reasoning_parser: Literal["auto", "none", "harmony", "deepseek_r1"] = "auto"
     # EngineConfig (engine/config.py, where each option is explained and checked): the [engine] TOML
     # table, SLUICE_ENGINE_<FIELD> variables; an empty `model` means the built-in demo model
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)

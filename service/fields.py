@@ -169,10 +169,11 @@ FIELD_RULES: tuple[FieldRule, ...] = (
     FieldRule("verbosity", "refused", endpoint="chat"),
     FieldRule(
         "include_reasoning",
-        "refused",
-        "only true (no reasoning parser: the text holds it)",
+        "honoured",
+        "false: the reasoning a `reasoning_parser` split off is dropped; true (default): returned as "
+        "`message.reasoning_content` and `message.reasoning`",
         "chat",
-        accepts=_default(True),
+        accepts=lambda value: value is None or isinstance(value, bool),
     ),
     FieldRule("mm_processor_kwargs", "refused", endpoint="chat"),
     # completions only

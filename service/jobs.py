@@ -67,6 +67,7 @@ class JobHandler:
         reply_topics: ReplyTopics | None = None,
         embedding_pooling: str = "last",
         tool_call_parser: str = "auto",
+        reasoning_parser: str = "none",
     ) -> None:
         """`model_aliases`: other names a job's `model` may give; `unknown_fields`: "reject" (a
         body field no schema declares is an error, as OpenAI does) or "ignore" (vLLM's leniency);
@@ -87,6 +88,7 @@ class JobHandler:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sluice-tokenize")
         self._pooling = PoolingParams(embedding_pooling)  # of /v1/embeddings jobs
         self._tool_call_parser = tool_call_parser
+        self._reasoning_parser = reasoning_parser  # resolved: none, harmony or deepseek_r1
 
     async def handle(
         self,
@@ -142,6 +144,7 @@ class JobHandler:
             self._default_max_tokens,
             self._batcher.generation_defaults,
             self._limits.allow_special_tokens,
+            self._reasoning_parser,
         )
         num_prompt_tokens = len(request.prompt_token_ids)
         check_prompt_tokens(num_prompt_tokens, self._limits)
@@ -166,7 +169,11 @@ class JobHandler:
             self._backpressure.remove(tokens=tokens)
         enqueued_time = timestamp_ms / 1000
         line = await self._off_loop(
-            functools.partial(to_result_line, tool_call_parser=self._tool_call_parser),
+            functools.partial(
+                to_result_line,
+                tool_call_parser=self._tool_call_parser,
+                reasoning_parser=self._reasoning_parser,
+            ),
             job,
             output,
             self._model_name,

@@ -75,13 +75,15 @@ def to_engine_request(
     default_max_tokens: int,
     generation_defaults: Mapping[str, float | int] | None = None,
     allow_special_tokens: bool = False,
+    reasoning_parser: str = "none",
 ) -> EngineRequest:
     """The job as the engine's prompt and SamplingParams. Refuses any field it cannot honour, by name.
 
     generation_defaults: the checkpoint's sampling defaults (generation_config.json, by
     SamplingParams field); a field the job sets wins, then these, then OpenAI's defaults.
     Prompt text is the user's text: a control token it spells (`</s>`, `<|eot_id|>`) is
-    tokenised as text unless `allow_special_tokens` (trusted producers)."""
+    tokenised as text unless `allow_special_tokens` (trusted producers). A harmony chat job's
+    output keeps its special tokens: they are the channel tags the reasoning parser splits on."""
     body = job.body
     try:
         check_fields(body)
@@ -118,7 +120,7 @@ def to_engine_request(
             structured_outputs=structured_outputs,
             min_tokens=body.min_tokens,
             logit_bias=_logit_bias(body.logit_bias),
-            skip_special_tokens=body.skip_special_tokens,
+            skip_special_tokens=body.skip_special_tokens and not _keeps_tags(body, reasoning_parser),
             include_stop_str_in_output=body.include_stop_str_in_output,
         )
     except ValueError as e:
@@ -134,6 +136,7 @@ def to_result_line(
     enqueued_time: float,
     tokenizer=None,
     tool_call_parser: str = "auto",
+    reasoning_parser: str = "none",
 ) -> BatchResponseLine:
     """A finished engine output as an OpenAI Batch output line, with Sluice's timings.
 
@@ -154,7 +157,7 @@ def to_result_line(
         created=int(time.time()), model=model_name, usage=usage, sluice=_extension(output, enqueued_time)
     )
     body = job.body
-    choices = result_choices(body, output, samples, tokenizer, tool_call_parser)
+    choices = result_choices(body, output, samples, tokenizer, tool_call_parser, reasoning_parser)
     if isinstance(body, ChatCompletionRequest):
         response_body = ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", choices=choices, **common)
     else:
@@ -195,6 +198,10 @@ def to_failure_line(custom_id: str, code: str, message: str) -> BatchResponseLin
 
 def _pick(value, defaults: Mapping[str, float | int], name: str, fallback):
     return value if value is not None else defaults.get(name, fallback)
+
+
+def _keeps_tags(body: ChatCompletionRequest | CompletionRequest, reasoning_parser: str) -> bool:
+    return reasoning_parser == "harmony" and isinstance(body, ChatCompletionRequest)
 
 
 def _top_k(value: int) -> int:

@@ -22,6 +22,7 @@ from service.client.reply_topics import REPLY_TOPIC_CONFIGS
 from service.config import ServiceConfig
 from service.jobs import JobHandler
 from service.kafka_security import KafkaClientOptions
+from service.reasoning import resolve_reasoning_parser
 from service.topics import ensure_topics
 
 Results = AsyncIterator[list[tuple[str, bytes]]]  # batches of (custom_id, result line), maybe empty
@@ -150,6 +151,7 @@ class LocalBackend:
         unknown_fields: str = "reject",
         embedding_pooling: str = "last",
         tool_call_parser: str = "auto",
+        reasoning_parser: str = "auto",
     ) -> None:
         self.async_engine = AsyncLLMEngine(engine, engine_thread)
         defaults = ServiceConfig()  # the service's admission batching, so --local runs batch the same way
@@ -162,6 +164,7 @@ class LocalBackend:
             unknown_fields=unknown_fields,
             embedding_pooling=embedding_pooling,
             tool_call_parser=tool_call_parser,
+            reasoning_parser=resolve_reasoning_parser(reasoning_parser, getattr(engine, "architectures", ())),
         )
         self._slots = asyncio.Semaphore(max_in_flight)
         self._done: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()

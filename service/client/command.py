@@ -213,6 +213,7 @@ async def _make_backend(args: argparse.Namespace, config: ServiceConfig, ledger:
             unknown_fields=config.unknown_fields,
             embedding_pooling=config.embedding_pooling,
             tool_call_parser=config.tool_call_parser,
+            reasoning_parser=config.reasoning_parser,
         )
     else:
         backend = KafkaBackend(

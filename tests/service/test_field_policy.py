@@ -55,7 +55,7 @@ REFUSED_VALUES = {
     "web_search_options": {},
     "reasoning_effort": "low",
     "verbosity": "low",
-    "include_reasoning": False,
+    "include_reasoning": "no",  # a boolean or nothing
     "mm_processor_kwargs": {"a": 1},
     "suffix": "tail",
     "prompt_embeds": "AAAA",
