@@ -51,6 +51,7 @@ class QuantizedExpertsMethod:
             experts.register_parameter(name, None)
             setattr(experts, f"{name}_experts", nn.ModuleList(linears))
         experts.quant_method = self
+        experts.use_triton = False  # a grouped-GEMM kernel over the stacked float weights cannot run these
 
     def out_features(self, experts: nn.Module, name: str) -> int:
         return getattr(experts, f"{name}_experts")[0].out_features
