@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 timeout 180 "$PY" -m pytest -p no:cacheprovider -o addopts="" -q -m gpu \
   tests/engine/test_gpu_engine.py tests/engine/test_attention_backends.py tests/engine/test_sampler.py \
   tests/engine/test_triton_decode.py tests/engine/test_triton_moe.py \
-  tests/engine/test_gpu_quantization.py
+  tests/engine/test_gpu_quantization.py tests/engine/test_moe_quantization.py
 tests=$?
 
 # Llama-3.2-1B shapes, random weights, bfloat16; peers: Transformers static batches.

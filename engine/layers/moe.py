@@ -53,7 +53,7 @@ def select_experts(
 class FusedMoE(nn.Module):
     """The experts of one layer, stacked; forward(x, weights, ids) -> [T, H] (all-reduced)."""
 
-    is_moe_experts = True  # engine.quant refuses to quantise a model holding these
+    is_moe_experts = True  # engine.quant quantises these per expert (engine.quant.experts)
 
     def __init__(
         self,
@@ -80,6 +80,8 @@ class FusedMoE(nn.Module):
         # the grouped-GEMM Triton kernel (engine.layers.triton_moe) for both projections: None
         # uses it on CUDA where triton imports; False: fused_experts everywhere
         self.use_triton: bool | None = None
+        # engine.quant.experts: set when the experts are quantised (the stacked weights are then None)
+        self.quant_method = None
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         """Shard ids: None, the stacked tensor in our layout; e (an expert), that expert's
@@ -127,10 +129,10 @@ def fused_experts(
     sorted_ids = flat_ids[order]
     counts = torch.bincount(flat_ids, minlength=experts.num_experts)  # [E]
     hidden = x[token_of]  # [T * k, H], grouped by expert
-    gate_up = _grouped_linear(experts, hidden, experts.gate_up_proj, counts)  # [T * k, 2 I]
+    gate_up = _grouped_linear(experts, hidden, "gate_up_proj", counts)  # [T * k, 2 I]
     if experts.gate_up_proj_bias is not None:
         gate_up = gate_up + experts.gate_up_proj_bias[sorted_ids]
-    down = _grouped_linear(experts, experts.activation(gate_up), experts.down_proj, counts)  # [T * k, H]
+    down = _grouped_linear(experts, experts.activation(gate_up), "down_proj", counts)  # [T * k, H]
     if experts.down_proj_bias is not None and experts.tp_rank == 0:
         down = down + experts.down_proj_bias[sorted_ids]
     down = down * weights.flatten()[order].unsqueeze(1).to(down.dtype)
@@ -174,6 +176,7 @@ class SparseMoeBlock(nn.Module):
         self.renormalize = renormalize
         self.softmax_after_top_k = softmax_after_top_k
         self.gate = ReplicatedLinear(hidden_size, experts.num_experts, router_bias)
+        self.gate.is_router = True  # engine.quant keeps it float (as vLLM does): it picks the experts
         self.experts = experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,10 +190,11 @@ class SparseMoeBlock(nn.Module):
         return self.experts(x, weights, ids)
 
 
-def _grouped_linear(
-    experts: FusedMoE, hidden: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor
-) -> torch.Tensor:
+def _grouped_linear(experts: FusedMoE, hidden: torch.Tensor, name: str, counts: torch.Tensor) -> torch.Tensor:
     """hidden [N, in] grouped by expert (counts [E]) times each group's weight[e].T -> [N, out]."""
+    if experts.quant_method is not None:
+        return _quantized_grouped_linear(experts, hidden, name, counts)
+    weight = getattr(experts, name)
     use_grouped_mm = hidden.is_cuda if experts.use_grouped_mm is None else experts.use_grouped_mm
     if use_grouped_mm and hasattr(torch, "_grouped_mm") and hidden.shape[0]:
         try:
@@ -213,6 +217,20 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _quantized_grouped_linear(
+    experts: FusedMoE, hidden: torch.Tensor, name: str, counts: torch.Tensor
+) -> torch.Tensor:
+    # each non-empty expert's slice through its own quantised projection (engine.quant.experts)
+    method = experts.quant_method
+    out = hidden.new_empty(hidden.shape[0], method.out_features(experts, name))
+    start = 0
+    for expert, count in enumerate(counts.tolist()):
+        if count:
+            out[start : start + count] = method.apply(experts, name, expert, hidden[start : start + count])
+            start += count
+    return out
 
 
 def _parameter(layer: FusedMoE, *shape: int) -> nn.Parameter:

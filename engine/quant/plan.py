@@ -18,12 +18,14 @@ from torch import nn
 
 from engine.quant.base import UNQUANTIZED, LinearMethod
 from engine.quant.bnb import Bnb4bitLinearMethod, BnbInt8LinearMethod, BnbPrequantizedLinearMethod
+from engine.quant.experts import QuantizedExpertsMethod, is_moe_experts
 from engine.quant.fp8 import Fp8LinearMethod, check_fp8_supported
 from engine.quant.sparse24 import Sparse24LinearMethod
 
 log = logging.getLogger(__name__)
 
 SPARSITY_MARKER = "sluice_sparsity"  # config.json key written by engine.compress
+MOE_MODES = ("int8", "nf4", "fp4")  # what a mixture-of-experts model's experts can be quantised with
 
 
 class QuantizationError(ValueError):
@@ -90,14 +92,10 @@ def make_plan(config, hf_config: dict, device: torch.device) -> QuantPlan:
 
 def prepare_model(model: nn.Module, plan: QuantPlan) -> None:
     """Before loading: pre-quantised layers get their method, which replaces the float weight.
-    Refuses a mixture-of-experts model: its stacked experts have no quantised method yet, and
-    quantising only its dense layers would not be what was asked for."""
-    if plan.is_active and any(getattr(m, "is_moe_experts", False) for m in model.modules()):
-        what = f"quantization {plan.mode!r}" if plan.mode != "none" else "a 2:4-pruned checkpoint"
-        raise QuantizationError(
-            f"{what} is not supported for mixture-of-experts models ({type(model).__name__}): "
-            "the experts' stacked weights cannot be quantised yet; use quantization 'none'"
-        )
+    A mixture-of-experts model takes bitsandbytes int8/nf4/fp4 (its experts quantised per expert,
+    engine.quant.experts); anything else for it is refused by name rather than left float."""
+    if plan.is_active and any(is_moe_experts(m) for m in model.modules()):
+        _check_moe_supported(model, plan)
     if not plan.prequantized:
         return
     for _, layer in _targets(model, plan):
@@ -136,6 +134,8 @@ def finalize_model(model: nn.Module, plan: QuantPlan, device: torch.device) -> N
         if layer.quant_method is UNQUANTIZED:
             layer.quant_method = plan.make_method()
         layer.quant_method.process_weights_after_loading(layer)
+    for _, experts in _expert_targets(model, plan):
+        QuantizedExpertsMethod(plan.make_method()).process_weights_after_loading(experts)
     model.to(device)
     for _, layer in targets:
         on_device = getattr(layer.quant_method, "on_device", None)
@@ -149,7 +149,7 @@ def model_weight_bytes(model: nn.Module) -> int:
     total, seen = 0, set()
     linear_prefixes = []
     for name, module in model.named_modules():
-        if _is_linear(module):
+        if _is_linear(module):  # quantised experts' ExpertLinear layers included
             total += module.quant_method.weight_bytes(module)
             if module.bias is not None:
                 total += module.bias.numel() * module.bias.element_size()
@@ -162,6 +162,33 @@ def model_weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def _check_moe_supported(model: nn.Module, plan: QuantPlan) -> None:
+    if plan.mode in MOE_MODES and not plan.prequantized and not plan.sparse24:
+        return
+    if plan.prequantized:
+        what = f"a pre-quantised bitsandbytes ({plan.mode}) checkpoint"
+    elif plan.sparse24:
+        what = "a 2:4-pruned checkpoint"
+    else:
+        what = f"quantization {plan.mode!r}"
+    raise QuantizationError(
+        f"{what} is not supported for mixture-of-experts models ({type(model).__name__}): its experts "
+        f"can be quantised at load time with {', '.join(MOE_MODES)} only"
+    )
+
+
+def _expert_targets(model: nn.Module, plan: QuantPlan) -> list[tuple[str, nn.Module]]:
+    """Every FusedMoE not skipped (by the same name matching as linear layers), float until now."""
+    if plan.mode not in MOE_MODES:
+        return []
+    skip = set(plan.skip_modules)
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if is_moe_experts(m) and m.quant_method is None and not any(f".{s}." in f".{name}." for s in skip)
+    ]
+
+
 def _targets(model: nn.Module, plan: QuantPlan) -> list[tuple[str, nn.Module]]:
     """Every linear layer not skipped; the embedding and lm_head are not linear layers and never targets."""
     if not plan.is_active:
@@ -171,7 +198,9 @@ def _targets(model: nn.Module, plan: QuantPlan) -> list[tuple[str, nn.Module]]:
     return [
         (name, m)
         for name, m in model.named_modules()
-        if _is_linear(m) and not any(f".{s}." in f".{name}." for s in skip)
+        if _is_linear(m)
+        and not getattr(m, "is_router", False)  # an MoE router stays float
+        and not any(f".{s}." in f".{name}." for s in skip)
     ]
 
 

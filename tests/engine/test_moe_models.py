@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM
 from engine import EngineConfig, LLMEngine
 from engine.cuda_graphs import is_capturable
 from engine.demo_models import ensure_checkpoint
-from engine.quant.plan import QuantizationError
 from engine.weights import build_model
 from tests.engine.test_model_families import GREEDY, SMALL_KV, SMALL_POOL, _generate, _prompts
 
@@ -54,13 +53,3 @@ def test_moe_models_decode_eagerly_not_as_cuda_graphs(model_cache):
     moe = build_model(ensure_checkpoint(model_cache, preset="tiny-mixtral"), torch.float32, "cpu")
     dense = build_model(ensure_checkpoint(model_cache, preset="tiny-qwen3"), torch.float32, "cpu")
     assert not is_capturable(moe) and is_capturable(dense)
-
-
-@pytest.mark.parametrize("quantization", ["int8", "nf4"])
-def test_quantising_an_moe_model_is_refused_by_name(model_cache, quantization):
-    folder = ensure_checkpoint(model_cache, preset="tiny-mixtral")
-    with pytest.raises(
-        QuantizationError,
-        match=f"quantization '{quantization}' is not supported for mixture-of-experts models",
-    ):
-        LLMEngine(EngineConfig(dtype="float32", model=str(folder), quantization=quantization, **SMALL_POOL))
