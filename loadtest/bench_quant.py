@@ -40,13 +40,13 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench_engine import run_sluice, standard_workload  # noqa: E402
-
 from engine import EngineConfig, LLMEngine  # noqa: E402
 from engine.compress import prune_checkpoint  # noqa: E402
 from engine.demo_models import ensure_checkpoint  # noqa: E402
 from engine.quant import QuantizationError, model_weight_bytes  # noqa: E402
 from engine.quant.quality import compare, targets_for, teacher_forced_logits  # noqa: E402
+from loadtest.bench_engine import run_sluice  # noqa: E402
+from loadtest.workloads import standard_workload  # noqa: E402
 
 TEXT = REPO_ROOT / "loadtest" / "data" / "coriolanus.txt"
 MODELS = REPO_ROOT / "build" / "models"

@@ -32,7 +32,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
 from engine import EngineConfig, EngineThread, LLMEngine  # noqa: E402
 from engine.demo_models import ensure_checkpoint  # noqa: E402
-from loadtest.bench_engine import Workload, run_sluice, standard_workload  # noqa: E402
+from loadtest.bench_engine import run_sluice  # noqa: E402
+from loadtest.workloads import Workload, standard_workload  # noqa: E402
 from service.app import Service  # noqa: E402
 from service.config import ServiceConfig  # noqa: E402
 
