@@ -6,7 +6,7 @@
 #   bash loadtest/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # keeps wheels carried to the machine importable
 PY=${PYTHON:-python}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
