@@ -23,6 +23,7 @@ from engine.forward_context import AttentionMetadata, attention_metadata, group_
 from engine.layers import paged_decode
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
+from engine.layers.rotary import RotaryEmbedding
 from engine.quant import kv_cache as fp8_kv
 from engine.sampler import Sampler, SamplerOutput
 from engine.sampling_batch import SamplingBatch
@@ -237,6 +238,12 @@ class ModelRunner:
             return self._blocks_that_fit_cuda()
         return int(self.config.kv_cache_memory_gib * 2**30) // self.kv_bytes_per_block
 
+    def _profile_positions(self, tokens: int) -> torch.Tensor:
+        """Positions for the profiling forward: within every RoPE table (a model whose context is
+        shorter than the token budget would gather past its table: a device-side assert on CUDA)."""
+        tables = [m.cos_sin_cache.shape[0] for m in self.model.modules() if isinstance(m, RotaryEmbedding)]
+        return torch.arange(tokens, device=self.device) % min(tables, default=tokens)
+
     def _blocks_that_fit_cuda(self) -> int:
         # Profile a full-budget forward, then give the KV cache what the utilisation target leaves.
         torch.cuda.empty_cache()
@@ -252,7 +259,7 @@ class ModelRunner:
                 if state.is_first_stage
                 else [torch.zeros(shape, dtype=self.dtype, device=self.device)] * 2
             )
-            hidden = self.model(dummy, torch.arange(tokens, device=self.device), intermediate)
+            hidden = self.model(dummy, self._profile_positions(tokens), intermediate)
             if state.is_last_stage:
                 self.model.compute_logits(hidden[-self.config.max_num_seqs :])
         torch.cuda.synchronize(self.device)

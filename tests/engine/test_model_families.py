@@ -169,3 +169,15 @@ def _generate(reference, prompt: list[int]) -> list[int]:
 def _all_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
     """Logits [len(ids) - 1, V] predicting ids[1:], through the engine's paged KV cache."""
     return teacher_forced_logits(engine, ids, window=len(ids) - 1)
+
+
+def test_the_profiling_forward_keeps_positions_inside_a_short_models_rope_table(model_cache):
+    # CUDA sizes the KV cache after a forward of the whole token budget; tiny-gemma2's context is
+    # shorter than that budget, and a position past its RoPE table is a device-side assert there.
+    folder = ensure_checkpoint(model_cache, preset="tiny-gemma2")
+    engine = LLMEngine(EngineConfig(dtype="float32", model=str(folder), kv_cache_memory_gib=0.05))
+    table = min(m.cos_sin_cache.shape[0] for m in engine.runner.model.modules() if hasattr(m, "cos_sin_cache"))
+    budget = engine.config.max_num_batched_tokens
+    assert budget > table  # the case that failed on the H200
+    positions = engine.runner._profile_positions(budget)
+    assert positions.shape == (budget,) and int(positions.max()) < table
