@@ -28,13 +28,10 @@ TEXT = Path(__file__).resolve().parents[2] / "loadtest" / "data" / "coriolanus.t
 
 def _engine(folder, **options) -> LLMEngine:
     # A fixed small pool: several engines share the GPU in this module.
+    # float32 unless the test names a dtype (fp8 weights run in bfloat16)
+    options = {"dtype": "float32", **options}
     config = EngineConfig(
-        dtype="float32",
-        model=str(folder),
-        device="cuda",
-        attention_backend="sdpa",
-        num_kv_blocks=64,
-        **options,
+        model=str(folder), device="cuda", attention_backend="sdpa", num_kv_blocks=64, **options
     )
     return LLMEngine(config)
 
