@@ -134,7 +134,7 @@ def test_compose_stack_answers_every_job_when_one_sluice_is_killed_mid_burst(pro
 
 
 def _job(custom_id: str, i: int) -> dict:
-    body = {"prompt": f"request {i}", "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+    body = {"prompt": f"request {i}", "max_tokens": 128, "temperature": 0, "ignore_eos": True}
     return {"custom_id": custom_id, "url": "/v1/completions", "body": body}
 
 
