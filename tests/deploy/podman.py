@@ -144,13 +144,15 @@ def build(
         command += ["--build-arg", f"{key}={value}"]
     for key, path in (build_contexts or {}).items():
         command += ["--build-context", f"{key}={path.resolve()}"]
+    # Older builds go first: each final image with PyTorch is ~6.6 GB, and a build beside the old
+    # ones ran out of disk (the layer cache of the build stage is untagged and stays).
+    _remove_other_tags(name, keep=tag)
     started = int(time.time())
     result = podman(*command, "-t", tag, str(context), timeout=timeout, check=False)
     if result.returncode != 0:
         raise RuntimeError(
             f"podman build of {name} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
         )
-    _remove_other_tags(name, keep=tag)
     _remove_stale_stages(before=started)
     return tag
 

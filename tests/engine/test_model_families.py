@@ -176,7 +176,9 @@ def test_the_profiling_forward_keeps_positions_inside_a_short_models_rope_table(
     # shorter than that budget, and a position past its RoPE table is a device-side assert there.
     folder = ensure_checkpoint(model_cache, preset="tiny-gemma2")
     engine = LLMEngine(EngineConfig(dtype="float32", model=str(folder), kv_cache_memory_gib=0.05))
-    table = min(m.cos_sin_cache.shape[0] for m in engine.runner.model.modules() if hasattr(m, "cos_sin_cache"))
+    table = min(
+        m.cos_sin_cache.shape[0] for m in engine.runner.model.modules() if hasattr(m, "cos_sin_cache")
+    )
     budget = engine.config.max_num_batched_tokens
     assert budget > table  # the case that failed on the H200
     positions = engine.runner._profile_positions(budget)
