@@ -17,7 +17,8 @@ from typing import Literal
 from msgspec import Raw, Struct
 
 from schemas.embeddings import EmbeddingRequest, EmbeddingResponse
-from schemas.openai import ChatCompletion, ChatCompletionRequest, CompletionRequest, ErrorBody, TextCompletion
+from schemas.openai import ChatCompletionRequest, CompletionRequest
+from schemas.responses import ChatCompletion, ErrorBody, TextCompletion
 
 SCHEMA_VERSION = 1  # bumped only with a change readers must know about; fields are only added
 

@@ -23,7 +23,8 @@ from schemas.batch import (
 )
 from schemas.embeddings import EmbeddingRequest, EmbeddingResponse
 from schemas.fields import unknown_body_fields
-from schemas.openai import ChatCompletion, ChatCompletionRequest, CompletionRequest, ErrorBody, TextCompletion
+from schemas.openai import ChatCompletionRequest, CompletionRequest
+from schemas.responses import ChatCompletion, ErrorBody, TextCompletion
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"

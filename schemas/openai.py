@@ -1,18 +1,39 @@
-"""OpenAI request and response bodies, with vLLM's extra sampling fields where vLLM has one.
+"""OpenAI request bodies, with vLLM's extra sampling fields where vLLM has one.
 
 Field names and meanings follow OpenAI's `/v1/chat/completions` and `/v1/completions`, so
 existing batch files decode unchanged. Unknown fields are ignored here (msgspec's default), so
 an old consumer still reads a newer producer's jobs; whether the service then refuses them is
 its policy (service/fields.py, `unknown_fields`). A new field gets a default; no field is ever
-renamed or reused.
+renamed or reused. The response bodies are in schemas/responses.py.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import msgspec
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import Meta, Struct
+
+# ToolCall is both: an earlier assistant turn's call here, a parsed call in a result. The response
+# types are importable from here too, as they were before schemas/responses.py held them.
+from schemas.responses import (  # noqa: F401
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    ErrorBody,
+    ErrorDetail,
+    FinishReason,
+    PromptTokensDetails,
+    SluiceExtension,
+    TextCompletion,
+    TokenLogprob,
+    ToolCall,
+    ToolCallFunction,
+    TopLogprob,
+    Usage,
+)
 
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
@@ -31,19 +52,6 @@ class ContentPart(Struct, kw_only=True, omit_defaults=True):
     input_audio: Any = None
     file: Any = None
     refusal: Any = None
-
-
-class ToolCallFunction(Struct, kw_only=True):
-    name: str
-    arguments: str  # JSON text of the arguments, as OpenAI sends it
-
-
-class ToolCall(Struct, kw_only=True):
-    """A tool call of an earlier assistant turn (input), or one parsed from the output (result)."""
-
-    id: str
-    type: Literal["function"] = "function"
-    function: ToolCallFunction
 
 
 class ChatMessage(Struct, kw_only=True, omit_defaults=True):
@@ -179,6 +187,10 @@ class _SamplingFields(Struct, kw_only=True, omit_defaults=True):
     cache_salt: Any = None
     kv_transfer_params: Any = None
     vllm_xargs: Any = None
+    # vLLM's repetitive-pattern stop (newer vLLM): read so that it is refused, not dropped
+    max_repetition_pattern_size: Any = None
+    min_repetition_pattern_size: Any = None
+    repetition_min_count: Any = None
     # Sluice's extension: Unix time in milliseconds after which the job is not worth running
     sluice_deadline_ms: NonNegativeInt | None = None
 
@@ -237,113 +249,3 @@ class CompletionRequest(_SamplingFields, kw_only=True, omit_defaults=True):
     @property
     def num_top_logprobs(self) -> int | None:
         return self.logprobs
-
-
-class PromptTokensDetails(Struct, kw_only=True):
-    cached_tokens: int  # prompt tokens whose computation the prefix cache spared
-
-
-class Usage(Struct, kw_only=True):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails | None = None
-
-
-class SluiceExtension(Struct, kw_only=True, omit_defaults=True):
-    """Sluice's extension of a response body (`body.sluice`): where the time went, and choice probabilities."""
-
-    schema_version: int
-    queue_ms: float  # from the job's Kafka timestamp to admission into the engine
-    ttft_ms: float | None = None  # admission to first generated token
-    total_ms: float  # from the job's Kafka timestamp to the result being ready
-    engine: str = ""
-    # a `choice` constraint's probability of each choice (the model's probability of the choice's
-    # tokens and EOS after the prompt, renormalised over the choices); absent without one
-    choice_probabilities: dict[str, float] | None = None
-
-
-class TopLogprob(Struct, kw_only=True):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class TokenLogprob(Struct, kw_only=True):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-    top_logprobs: list[TopLogprob] = msgspec.field(default_factory=list)
-
-
-class ChatLogprobs(Struct, kw_only=True):
-    content: list[TokenLogprob]
-
-
-class AssistantMessage(Struct, kw_only=True):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None  # null when the turn is only tool calls
-    tool_calls: list[ToolCall] | UnsetType = UNSET  # written only when the model called tools
-    # the reasoning, apart from the answer (a reasoning parser's): vLLM's name and its newer one;
-    # written only where a parser found some
-    reasoning_content: str | UnsetType = UNSET
-    reasoning: str | UnsetType = UNSET
-
-
-# "abort" is never written any more (an aborted request gets an error result); results from
-# before still decode
-FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "abort"]
-
-
-class ChatChoice(Struct, kw_only=True):
-    index: int = 0
-    message: AssistantMessage
-    finish_reason: FinishReason | None
-    logprobs: ChatLogprobs | None = None
-    stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it
-
-
-class ChatCompletion(Struct, kw_only=True, tag_field="object", tag="chat.completion"):
-    id: str
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    sluice: SluiceExtension | None = None
-
-
-class CompletionLogprobs(Struct, kw_only=True):
-    tokens: list[str]
-    token_logprobs: list[float | None]  # None: the first prompt token of an echoed prompt
-    top_logprobs: list[dict[str, float] | None] | None = None
-    text_offset: list[int] = msgspec.field(default_factory=list)
-
-
-class CompletionChoice(Struct, kw_only=True):
-    index: int = 0
-    text: str
-    finish_reason: FinishReason | None
-    logprobs: CompletionLogprobs | None = None
-    stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it
-
-
-class TextCompletion(Struct, kw_only=True, tag_field="object", tag="text_completion"):
-    id: str
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-    sluice: SluiceExtension | None = None
-
-
-class ErrorDetail(Struct, kw_only=True):
-    message: str
-    type: str = "invalid_request_error"
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorBody(Struct, kw_only=True):
-    """The body OpenAI returns with a failed request's status code."""
-
-    error: ErrorDetail

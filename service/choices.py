@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 from engine import RequestOutput
-from schemas.openai import (
-    AssistantMessage,
-    ChatChoice,
-    ChatCompletionRequest,
-    CompletionChoice,
-    CompletionRequest,
-)
+from schemas.openai import ChatCompletionRequest, CompletionRequest
+from schemas.responses import AssistantMessage, ChatChoice, CompletionChoice
 from service.logprobs import chat_logprobs, completion_logprobs
 from service.reasoning import split_reasoning
 from service.tools import parser_for, tool_calls_of, tool_mode

@@ -17,7 +17,7 @@ import uuid
 from engine import RequestOutput
 from schemas.batch import BatchRequestLine, BatchResponse, BatchResponseLine
 from schemas.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
-from service.translate import TranslationError
+from service.fields import TranslationError
 
 MAX_INPUTS = 2048  # OpenAI's limit on the inputs of one embeddings request
 

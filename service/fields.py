@@ -3,8 +3,8 @@
 A field is `honoured` (it does what OpenAI or vLLM says it does), `no effect` (metadata that
 does not change the answer: accepted and documented as such), or `refused`: a job that sets it
 to anything but its default gets a 400 error result, `unsupported_parameter`, that names it
-(`param`). Never ignored. docs/wire-format.md carries this table (a test keeps them equal);
-fields no schema declares are unknown, refused by default (`unknown_fields`, schemas/codec.py).
+(`param`). Never ignored. docs/wire-format.md carries this table row for row (a test keeps them
+equal); fields no schema declares are unknown, refused by default (`unknown_fields`, schemas/codec.py).
 """
 
 from __future__ import annotations
@@ -19,12 +19,31 @@ from schemas.openai import ChatCompletionRequest, CompletionRequest
 Endpoint = Literal["both", "chat", "completions", "embeddings"]  # both: chat and completions
 
 
+class TranslationError(ValueError):
+    """A decodable job this service cannot run as asked. `code` goes into the error result;
+    `param` names the body field at fault (OpenAI's error `param`), where there is one."""
+
+    def __init__(self, code: str, message: str, status_code: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status_code = status_code
+        self.param = param  # the request field at fault, when there is one
+
+
+class UnsupportedParameter(TranslationError):
+    """A field the policy refuses (or a refused part of an honoured one), named by its path."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__("unsupported_parameter", message, param=param)
+
+
 @dataclass(frozen=True, slots=True)
 class FieldRule:
     name: str
+    endpoint: Endpoint
     status: Literal["honoured", "no effect", "refused"]
     note: str = ""
-    endpoint: Endpoint = "both"
     # refused fields, and honoured ones with values refused: the values that are fine
     accepts: Callable[[Any], bool] | None = None
 
@@ -33,172 +52,140 @@ class FieldRule:
             return not self.accepts(value)
         return self.status == "refused" and value is not None
 
+    @property
+    def markdown(self) -> str:
+        """The rule as a row of docs/wire-format.md's table."""
+        return f"| `{self.name}` | {self.endpoint} | {self.status} | {self.note} |".replace("|  |", "| |")
+
 
 def _default(*values: Any) -> Callable[[Any], bool]:
     return lambda value: value is None or value in values
 
 
-FIELD_RULES: tuple[FieldRule, ...] = (
-    # OpenAI, both endpoints
-    FieldRule(
-        "model",
-        "honoured",
-        "the served model name or an alias (`model_aliases`); empty: the served model; otherwise a 404 `model_not_found`",
-    ),
-    FieldRule(
-        "max_tokens",
-        "honoured",
-        "default: generation_config.json's `max_new_tokens`, else `default_max_tokens`",
-    ),
-    FieldRule("temperature", "honoured", "default: generation_config.json's, else 1"),
-    FieldRule("top_p", "honoured", "default: generation_config.json's, else 1"),
-    FieldRule(
-        "n",
-        "honoured",
-        "parallel samples sharing the prompt's KV blocks; seeded: sample i uses seed + i; "
-        "greedy (temperature 0) takes only 1, as vLLM",
-    ),
-    FieldRule("stop", "honoured"),
-    FieldRule("seed", "honoured"),
-    FieldRule("presence_penalty", "honoured"),
-    FieldRule("frequency_penalty", "honoured"),
-    FieldRule("logit_bias", "honoured", "token id (as a string) -> bias in [-100, 100], added to the logits"),
-    FieldRule(
-        "response_format", "honoured", "`text`, `json_object`, `json_schema`; `structural_tag` refused"
-    ),
-    FieldRule(
-        "echo",
-        "honoured",
-        "completions: the prompt before the text (refused with `logprobs`); chat: a final assistant message before the new content",
-    ),
-    FieldRule("stream", "refused", "only false: results are whole lines", accepts=_default(False)),
-    FieldRule("stream_options", "refused"),
-    FieldRule("user", "no effect", "OpenAI's end-user id for abuse monitoring"),
-    FieldRule("metadata", "no effect"),
-    FieldRule("store", "no effect"),
-    FieldRule("service_tier", "no effect"),
-    FieldRule("safety_identifier", "no effect"),
-    FieldRule("prompt_cache_key", "no effect", "the prefix cache needs no key"),
-    FieldRule("prompt_cache_retention", "no effect"),
-    # vLLM's extra fields, both endpoints
-    FieldRule(
-        "best_of",
-        "honoured",
-        "samples best_of (>= n), returns the n with the highest cumulative logprob; greedy takes only 1",
-    ),
-    FieldRule("use_beam_search", "refused", "only false", accepts=_default(False)),
-    FieldRule("length_penalty", "refused", "only 1 (beam search only)", accepts=_default(1, 1.0)),
-    FieldRule(
-        "structured_outputs",
-        "honoured",
-        "`choice`, `regex`, `json`, `json_object`; `grammar`, `structural_tag` and the backend options refused",
-    ),
-    FieldRule("guided_choice", "honoured"),
-    FieldRule("guided_regex", "honoured"),
-    FieldRule("guided_json", "honoured"),
-    FieldRule("guided_grammar", "refused"),
-    FieldRule("structural_tag", "refused"),
-    FieldRule("guided_decoding_backend", "refused"),
-    FieldRule("guided_whitespace_pattern", "refused"),
-    FieldRule("top_k", "honoured", "default: generation_config.json's, else off"),
-    FieldRule("min_p", "honoured", "default: generation_config.json's, else 0"),
-    FieldRule("repetition_penalty", "honoured", "default: generation_config.json's, else 1"),
-    FieldRule("ignore_eos", "honoured"),
-    FieldRule("min_tokens", "honoured", "EOS and stop tokens held back, stop strings not checked before it"),
-    FieldRule("skip_special_tokens", "honoured"),
-    FieldRule("spaces_between_special_tokens", "refused", "only true", accepts=_default(True)),
-    FieldRule("include_stop_str_in_output", "honoured"),
-    FieldRule("truncate_prompt_tokens", "honoured", "keeps the prompt's last k tokens"),
-    FieldRule(
-        "add_special_tokens",
-        "honoured",
-        "default: false for chat (the template has them), true for completions",
-    ),
-    FieldRule("return_tokens_as_token_ids", "honoured", "logprob tokens as `token_id:N`"),
-    FieldRule("priority", "honoured", "lower runs first"),
-    FieldRule("stop_token_ids", "honoured"),
-    FieldRule("request_id", "no effect", "Sluice names its requests itself"),
-    FieldRule("prompt_logprobs", "refused"),
-    FieldRule("allowed_token_ids", "refused"),
-    FieldRule("bad_words", "refused", accepts=lambda value: not value),
-    FieldRule("logits_processors", "refused"),
-    FieldRule("return_token_ids", "refused", accepts=_default(False)),
-    FieldRule("cache_salt", "refused"),
-    FieldRule("kv_transfer_params", "refused"),
-    FieldRule("vllm_xargs", "refused"),
-    FieldRule("sluice_deadline_ms", "honoured", "Sluice's: Unix ms after which the job is not run"),
-    # chat only
-    FieldRule(
-        "messages",
-        "honoured",
-        "text content (parts joined with newlines), `name`, assistant `tool_calls`, tool `tool_call_id`; other part types refused",
-        "chat",
-    ),
-    FieldRule("max_completion_tokens", "honoured", endpoint="chat"),
-    FieldRule("logprobs", "honoured", "chat: true/false; completions: the number of alternatives"),
-    FieldRule("top_logprobs", "honoured", "needs `logprobs: true`", "chat"),
-    FieldRule(
-        "tools",
-        "honoured",
-        "rendered by the chat template; calls parsed by `tool_call_parser` (hermes, llama3_json)",
-        "chat",
-    ),
-    FieldRule(
-        "tool_choice",
-        "honoured",
-        "`none`, `auto` (parsed), `required` and a named function (both constrained by a JSON schema)",
-        "chat",
-    ),
-    FieldRule("parallel_tool_calls", "honoured", "false: at most one call", "chat"),
-    FieldRule("add_generation_prompt", "honoured", endpoint="chat"),
-    FieldRule("continue_final_message", "honoured", "the last message is continued, not closed", "chat"),
-    FieldRule("chat_template", "honoured", "a Jinja chat template for this job", "chat"),
-    FieldRule(
-        "chat_template_kwargs", "honoured", "extra variables for the template, e.g. `enable_thinking`", "chat"
-    ),
-    FieldRule("documents", "honoured", "passed to the chat template", "chat"),
-    FieldRule("functions", "refused", endpoint="chat"),
-    FieldRule("function_call", "refused", endpoint="chat"),
-    FieldRule(
-        "modalities", "refused", 'only `["text"]`', "chat", accepts=lambda value: value in (None, ["text"])
-    ),
-    FieldRule("audio", "refused", endpoint="chat"),
-    FieldRule("prediction", "refused", endpoint="chat"),
-    FieldRule("web_search_options", "refused", endpoint="chat"),
-    FieldRule("reasoning_effort", "refused", endpoint="chat"),
-    FieldRule("verbosity", "refused", endpoint="chat"),
-    FieldRule(
-        "include_reasoning",
-        "honoured",
-        "false: the reasoning a `reasoning_parser` split off is dropped; true (default): returned as "
-        "`message.reasoning_content` and `message.reasoning`",
-        "chat",
-        accepts=lambda value: value is None or isinstance(value, bool),
-    ),
-    FieldRule("mm_processor_kwargs", "refused", endpoint="chat"),
-    # completions only
-    FieldRule("prompt", "honoured", "text or token ids (one prompt per job)", "completions"),
-    FieldRule("suffix", "refused", endpoint="completions"),
-    FieldRule("prompt_embeds", "refused", endpoint="completions"),
-    # embeddings (none of the rows above apply to them)
-    FieldRule(
-        "input",
-        "honoured",
-        "a string, strings, token ids or token-id lists; each one embedded on its own",
-        "embeddings",
-    ),
-    FieldRule("model", "honoured", "as for chat and completions", "embeddings"),
-    FieldRule("encoding_format", "honoured", "`float` or `base64` (little-endian float32)", "embeddings"),
-    FieldRule("dimensions", "honoured", "the first `dimensions` components, renormalised", "embeddings"),
-    FieldRule("user", "no effect", endpoint="embeddings"),
-    FieldRule("truncate_prompt_tokens", "honoured", "keeps each input's last k tokens", "embeddings"),
-    FieldRule("add_special_tokens", "honoured", "default: true", "embeddings"),
-    FieldRule("priority", "honoured", "lower runs first", "embeddings"),
-    FieldRule("request_id", "no effect", "Sluice names its requests itself", "embeddings"),
-    FieldRule(
-        "sluice_deadline_ms", "honoured", "Sluice's: Unix ms after which the job is not run", "embeddings"
-    ),
-)
+# field | endpoint | status | note: the table of docs/wire-format.md, row for row
+_TABLE = """
+| `model` | both | honoured | the served model name or an alias (`model_aliases`); empty: the served model; otherwise a 404 `model_not_found` |
+| `max_tokens` | both | honoured | default: generation_config.json's `max_new_tokens`, else `default_max_tokens` |
+| `temperature` | both | honoured | default: generation_config.json's, else 1 |
+| `top_p` | both | honoured | default: generation_config.json's, else 1 |
+| `n` | both | honoured | parallel samples sharing the prompt's KV blocks; seeded: sample i uses seed + i; greedy (temperature 0) takes only 1, as vLLM |
+| `stop` | both | honoured | |
+| `seed` | both | honoured | |
+| `presence_penalty` | both | honoured | |
+| `frequency_penalty` | both | honoured | |
+| `logit_bias` | both | honoured | token id (as a string) -> bias in [-100, 100], added to the logits |
+| `response_format` | both | honoured | `text`, `json_object`, `json_schema`; `structural_tag` refused |
+| `echo` | both | honoured | completions: the prompt before the text (refused with `logprobs`); chat: a final assistant message before the new content |
+| `stream` | both | refused | only false: results are whole lines |
+| `stream_options` | both | refused | |
+| `user` | both | no effect | OpenAI's end-user id for abuse monitoring |
+| `metadata` | both | no effect | |
+| `store` | both | no effect | |
+| `service_tier` | both | no effect | |
+| `safety_identifier` | both | no effect | |
+| `prompt_cache_key` | both | no effect | the prefix cache needs no key |
+| `prompt_cache_retention` | both | no effect | |
+| `best_of` | both | honoured | samples best_of (>= n), returns the n with the highest cumulative logprob; greedy takes only 1 |
+| `use_beam_search` | both | refused | only false |
+| `length_penalty` | both | refused | only 1 (beam search only) |
+| `structured_outputs` | both | honoured | `choice`, `regex`, `json`, `json_object`; `grammar`, `structural_tag` and the backend options refused |
+| `guided_choice` | both | honoured | |
+| `guided_regex` | both | honoured | |
+| `guided_json` | both | honoured | |
+| `guided_grammar` | both | refused | |
+| `structural_tag` | both | refused | |
+| `guided_decoding_backend` | both | refused | |
+| `guided_whitespace_pattern` | both | refused | |
+| `top_k` | both | honoured | default: generation_config.json's, else off |
+| `min_p` | both | honoured | default: generation_config.json's, else 0 |
+| `repetition_penalty` | both | honoured | default: generation_config.json's, else 1 |
+| `ignore_eos` | both | honoured | |
+| `min_tokens` | both | honoured | EOS and stop tokens held back, stop strings not checked before it |
+| `skip_special_tokens` | both | honoured | |
+| `spaces_between_special_tokens` | both | refused | only true |
+| `include_stop_str_in_output` | both | honoured | |
+| `truncate_prompt_tokens` | both | honoured | keeps the prompt's last k tokens |
+| `add_special_tokens` | both | honoured | default: false for chat (the template has them), true for completions |
+| `return_tokens_as_token_ids` | both | honoured | logprob tokens as `token_id:N` |
+| `priority` | both | honoured | an integer in [-1000, 1000], lower runs first; a waiting job gains a level every `priority_aging_steps` engine steps |
+| `stop_token_ids` | both | honoured | |
+| `request_id` | both | no effect | Sluice names its requests itself |
+| `prompt_logprobs` | both | refused | |
+| `allowed_token_ids` | both | refused | |
+| `bad_words` | both | refused | |
+| `logits_processors` | both | refused | |
+| `return_token_ids` | both | refused | |
+| `cache_salt` | both | refused | |
+| `kv_transfer_params` | both | refused | |
+| `vllm_xargs` | both | refused | |
+| `max_repetition_pattern_size` | both | refused | only 0 (vLLM's repetitive-pattern stop) |
+| `min_repetition_pattern_size` | both | refused | only 0 (vLLM's repetitive-pattern stop) |
+| `repetition_min_count` | both | refused | only 0 (vLLM's repetitive-pattern stop) |
+| `sluice_deadline_ms` | both | honoured | Sluice's: Unix ms after which the job is not run |
+| `messages` | chat | honoured | text content (parts joined with newlines), `name`, assistant `tool_calls`, tool `tool_call_id`; other part types refused |
+| `max_completion_tokens` | chat | honoured | |
+| `logprobs` | both | honoured | chat: true/false; completions: the number of alternatives |
+| `top_logprobs` | chat | honoured | needs `logprobs: true` |
+| `tools` | chat | honoured | rendered by the chat template; calls parsed by `tool_call_parser` (hermes, llama3_json) |
+| `tool_choice` | chat | honoured | `none`, `auto` (parsed), `required` and a named function (both constrained by a JSON schema) |
+| `parallel_tool_calls` | chat | honoured | false: at most one call |
+| `add_generation_prompt` | chat | honoured | |
+| `continue_final_message` | chat | honoured | the last message is continued, not closed |
+| `chat_template` | chat | honoured | a Jinja chat template for this job |
+| `chat_template_kwargs` | chat | honoured | extra variables for the template, e.g. `enable_thinking` |
+| `documents` | chat | honoured | passed to the chat template |
+| `functions` | chat | refused | |
+| `function_call` | chat | refused | |
+| `modalities` | chat | refused | only `["text"]` |
+| `audio` | chat | refused | |
+| `prediction` | chat | refused | |
+| `web_search_options` | chat | refused | |
+| `reasoning_effort` | chat | refused | |
+| `verbosity` | chat | refused | |
+| `include_reasoning` | chat | honoured | false: the reasoning a `reasoning_parser` split off is dropped; true (default): returned as `message.reasoning_content` and `message.reasoning` |
+| `mm_processor_kwargs` | chat | refused | |
+| `prompt` | completions | honoured | text or token ids (one prompt per job) |
+| `suffix` | completions | refused | |
+| `prompt_embeds` | completions | refused | |
+| `input` | embeddings | honoured | a string, strings, token ids or token-id lists; each one embedded on its own |
+| `model` | embeddings | honoured | as for chat and completions |
+| `encoding_format` | embeddings | honoured | `float` or `base64` (little-endian float32) |
+| `dimensions` | embeddings | honoured | the first `dimensions` components, renormalised |
+| `user` | embeddings | no effect | |
+| `truncate_prompt_tokens` | embeddings | honoured | keeps each input's last k tokens |
+| `add_special_tokens` | embeddings | honoured | default: true |
+| `priority` | embeddings | honoured | lower runs first |
+| `request_id` | embeddings | no effect | Sluice names its requests itself |
+| `sluice_deadline_ms` | embeddings | honoured | Sluice's: Unix ms after which the job is not run |
+"""
+
+# the values a refused field may still have (its default), and the values an honoured field refuses
+_ACCEPTS: dict[str, Callable[[Any], bool]] = {
+    "stream": _default(False),
+    "use_beam_search": _default(False),
+    "length_penalty": _default(1, 1.0),
+    "spaces_between_special_tokens": _default(True),
+    "bad_words": lambda value: not value,
+    "return_token_ids": _default(False),
+    "max_repetition_pattern_size": _default(0),
+    "min_repetition_pattern_size": _default(0),
+    "repetition_min_count": _default(0),
+    "modalities": lambda value: value in (None, ["text"]),
+    "include_reasoning": lambda value: value is None or isinstance(value, bool),
+}
+
+
+def _parse(table: str) -> tuple[FieldRule, ...]:
+    rules = []
+    for row in table.strip().splitlines():
+        name, endpoint, status, note = (cell.strip() for cell in row.strip()[1:-1].split("|", 3))
+        name = name.strip("`")
+        accepts = _ACCEPTS.get(name) if endpoint != "embeddings" else None
+        rules.append(FieldRule(name, endpoint, status, note, accepts))
+    return tuple(rules)
+
+
+FIELD_RULES: tuple[FieldRule, ...] = _parse(_TABLE)
 
 # message fields: besides role, content, name, tool_calls and tool_call_id, read only to be refused
 REFUSED_MESSAGE_FIELDS = ("refusal", "audio", "function_call", "reasoning_content")
@@ -210,13 +197,6 @@ REFUSED_STRUCTURED_OUTPUTS = (
     "disable_additional_properties",
     "whitespace_pattern",
 )
-
-
-class UnsupportedParameter(ValueError):
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-        self.message = message
 
 
 def check_fields(body: ChatCompletionRequest | CompletionRequest) -> None:

@@ -13,7 +13,7 @@ import functools
 import re
 
 from engine import OutputLogprob
-from schemas.openai import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+from schemas.responses import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
 
 
 def chat_logprobs(logprobs: list[OutputLogprob], tokenizer, as_token_ids: bool = False) -> ChatLogprobs:

@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from schemas.batch import BatchResponseLine
-from schemas.openai import (
+from schemas.responses import (
     ChatChoice,
     ChatCompletion,
     ChatLogprobs,

@@ -27,14 +27,12 @@ from schemas.codec import (
     normalize_content_type,
     peek_custom_id,
 )
-from schemas.openai import (
+from schemas.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
+from schemas.responses import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
-    ChatCompletionRequest,
-    ChatMessage,
     CompletionChoice,
-    CompletionRequest,
     ErrorBody,
     ErrorDetail,
     SluiceExtension,
@@ -276,7 +274,6 @@ def _error_result() -> BatchResponseLine:
         id="batch_req_3",
         custom_id="c3",
         response=BatchResponse(status_code=400, request_id="req-3", body=body),
-        error=BatchError(code="invalid_request", message="bad temperature"),
     )
 
 
@@ -287,7 +284,7 @@ def test_result_round_trips_through_encode_and_decode(make, content_type: str) -
     decoded = decode_result(encode_result(line, content_type), content_type)
     assert decoded == line
     assert type(decoded.response.body) is type(line.response.body)
-    assert decoded.is_error == (line.error is not None)
+    assert decoded.is_error == (make is _error_result)
 
 
 def test_chat_result_json_has_openai_field_names() -> None:
@@ -324,12 +321,15 @@ def test_text_completion_result_json_has_openai_field_names() -> None:
     assert body["choices"][0]["finish_reason"] == "length"
 
 
-def test_error_result_json_carries_the_code_in_body_and_top_level() -> None:
+def test_an_http_error_result_keeps_its_error_in_the_body_only() -> None:
     obj = json.loads(encode_result(_error_result()))
     assert obj["response"]["status_code"] == 400
     assert obj["response"]["body"]["error"]["code"] == "invalid_request"
     assert obj["response"]["body"]["error"]["type"] == "invalid_request_error"
-    assert obj["error"] == {"code": "invalid_request", "message": "bad temperature"}
+    assert obj["error"] is None  # one place, as OpenAI and vLLM write it
+    assert decode_result(encode_result(_error_result())).failure == BatchError(
+        code="invalid_request", message="bad temperature"
+    )
 
 
 # --- properties ---------------------------------------------------------------------------

@@ -47,6 +47,9 @@ REFUSED_VALUES = {
     "cache_salt": "salt",
     "kv_transfer_params": {"a": 1},
     "vllm_xargs": {"a": 1},
+    "max_repetition_pattern_size": 4,
+    "min_repetition_pattern_size": 2,
+    "repetition_min_count": 3,
     "functions": [{"name": "f"}],
     "function_call": "auto",
     "modalities": ["text", "audio"],
@@ -201,15 +204,9 @@ async def test_fields_with_no_effect_are_accepted(handle) -> None:
     assert (await handle(CHAT, body)).response.status_code == 200
 
 
-def test_the_wire_format_page_carries_the_field_table() -> None:
-    rows = re.findall(
-        r"^\| `([a-z_]+)` \| (chat|completions|both|embeddings) \| (honoured|refused|no effect) \|",
-        DOCS.read_text(),
-        re.M,
-    )
-    documented = {(name, endpoint, status) for name, endpoint, status in rows}
-    assert len(rows) == len(documented)
-    assert documented == {(r.name, r.endpoint, r.status) for r in FIELD_RULES}
+def test_the_wire_format_page_carries_the_field_table_row_for_row() -> None:
+    rows = re.findall(r"^\| `[a-z_]+` \| (?:chat|completions|both|embeddings) \| .*$", DOCS.read_text(), re.M)
+    assert rows == [rule.markdown for rule in FIELD_RULES]
 
 
 def test_a_refusal_round_trips_through_the_result_codec() -> None:

@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 from engine import RequestMetrics, RequestOutput, SamplingParams, StructuredOutputs
 from schemas.batch import CHAT_URL, COMPLETIONS_URL, BatchRequestLine
 from schemas.codec import decode_result, encode_result
-from schemas.openai import ChatCompletion, ChatCompletionRequest, CompletionRequest, TextCompletion
+from schemas.openai import ChatCompletionRequest, CompletionRequest
+from schemas.responses import ChatCompletion, TextCompletion
 from service.translate import (
     TranslationError,
     to_engine_request,

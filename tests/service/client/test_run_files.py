@@ -17,7 +17,7 @@ import pytest
 
 from schemas.batch import BatchResponse, BatchResponseLine
 from schemas.codec import decode_job, encode_job, encode_result
-from schemas.openai import (
+from schemas.responses import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
