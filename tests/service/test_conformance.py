@@ -1,9 +1,11 @@
-"""Conformance: OpenAI-format batch files through `sluice batch --local` and through Kafka; every
-output line validates against OpenAI's batch output schema (tests/service/openai_batch_schema.py).
+"""Conformance: an OpenAI-format batch file through `sluice batch --local`, through `sluice batch`
+and Kafka, and its jobs as records straight on the jobs topic; every output line validates against
+OpenAI's batch output schema (tests/service/openai_batch_schema.py) and carries vLLM's extras.
 
 The file holds chat and completion jobs (plain, logprobs, stop strings, echo, a greedy choice,
-logit_bias, n and best_of), embeddings (floats, and base64 with dimensions), a required tool call, refused ones (a refused
-field, an unknown field, another model) and a line that is no JSON.
+logit_bias, n and best_of), embeddings (floats, and base64 with dimensions), a required tool call,
+a tool-call history with `tool_choice: auto`, refused ones (a refused field, an unknown field,
+another model) and a line that is no JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ TOOL_PARAMETERS = {
     "required": ["ok"],
     "additionalProperties": False,
 }
+
+
+TOOL_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }}</tool_call>{% endfor %}"
+    "{% endfor %}<|assistant|>"
+)
+TOOL_CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"ok": true}'}}
 
 
 def _job(custom_id: str, url: str, body: dict) -> dict:
@@ -101,6 +111,26 @@ JOBS = {
         ),
         200,
     ),
+    "tools-history": (
+        _job(
+            "tools-history",
+            CHAT,
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "Is it"}, {"type": "text", "text": "ok?"}],
+                    },
+                    {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+                    {"role": "tool", "content": '{"ok": true}', "tool_call_id": "call_1"},
+                ],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": TOOL_PARAMETERS}}],
+                "tool_choice": "auto",
+                "chat_template": TOOL_TEMPLATE,  # the tiny model's own template has no tool role
+            },
+        ),
+        200,
+    ),
     "other-model": (_job("other-model", COMPLETIONS, {"prompt": "x", "model": "gpt-4o-mini"}), 404),
     "embeddings": (
         {
@@ -131,7 +161,15 @@ def _check_lines(lines: list[dict], jobs: dict) -> None:
         response = line["response"]
         assert response is not None and response["status_code"] == status, line
         jsonschema.validate(response["body"], body_schema(job["url"], status))
+        if status == 200 and job["url"] != "/v1/embeddings":
+            _check_vllm_extras(response["body"])
     assert {line["custom_id"] for line in lines} == set(jobs)
+
+
+def _check_vllm_extras(body: dict) -> None:
+    """vLLM's extras of a completion: each choice's `stop_reason`, the prompt's `cached_tokens`."""
+    assert all("stop_reason" in choice for choice in body["choices"]), body
+    assert isinstance(body["usage"]["prompt_tokens_details"]["cached_tokens"], int), body
 
 
 def _batch_file(tmp_path, jobs: dict) -> str:
@@ -140,39 +178,51 @@ def _batch_file(tmp_path, jobs: dict) -> str:
     return str(path)
 
 
+def _check_batch_output(out) -> None:
+    """`sluice batch`'s output file: a line per job (and one for the line that is no JSON), each
+    conforming, with the answers the jobs asked for."""
+    lines = [json.loads(raw) for raw in out.read_text().splitlines()]
+    bad_id = f"line-{len(JOBS)}"
+    assert len([line for line in lines if line["custom_id"] == bad_id]) == 1  # the line that is no JSON
+    _check_lines(lines, {**JOBS, bad_id: ({"url": COMPLETIONS}, 400)})
+    by_id = {line["custom_id"]: line["response"]["body"] for line in lines}
+    probabilities = by_id["chat-choice"]["sluice"]["choice_probabilities"]
+    assert by_id["chat-choice"]["choices"][0]["message"]["content"] == max(
+        probabilities, key=probabilities.get
+    )
+    assert by_id["chat-prefill"]["choices"][0]["message"]["content"].startswith("Yes,")
+    tools = by_id["tools"]["choices"][0]
+    assert (
+        tools["finish_reason"] == "tool_calls"
+        and tools["message"]["tool_calls"][0]["function"]["name"] == "f"
+    )
+    assert [d["index"] for d in by_id["embeddings"]["data"]] == [0, 1]
+    for custom_id in ("chat-n", "completion-best-of"):
+        assert [c["index"] for c in by_id[custom_id]["choices"]] == [0, 1]
+
+
 @pytest.mark.slow
 async def test_a_batch_file_through_sluice_batch_local_conforms_to_openais_output_schema(
     service_config, tmp_path
 ) -> None:
     out = tmp_path / "out.jsonl"
-    done = await run_sluice(
-        "batch",
-        _batch_file(tmp_path, JOBS),
-        str(out),
-        "--local",
-        "--no-progress",
-        env=sluice_env(service_config),
-    )
+    args = ("batch", _batch_file(tmp_path, JOBS), str(out), "--local", "--no-progress")
+    done = await run_sluice(*args, env=sluice_env(service_config))
     assert done.returncode == 0, done.stderr
-    lines = [json.loads(raw) for raw in out.read_text().splitlines()]
-    bad_id = f"line-{len(JOBS)}"
-    bad_line = [line for line in lines if line["custom_id"] == bad_id]
-    assert len(bad_line) == 1  # the line that is no JSON: answered too
-    jobs = {**JOBS, bad_id: ({"url": COMPLETIONS}, 400)}
-    _check_lines(lines, jobs)
-    by_id = {line["custom_id"]: line for line in lines}
-    choice = by_id["chat-choice"]["response"]["body"]
-    probabilities = choice["sluice"]["choice_probabilities"]
-    assert choice["choices"][0]["message"]["content"] == max(probabilities, key=probabilities.get)
-    assert by_id["chat-prefill"]["response"]["body"]["choices"][0]["message"]["content"].startswith("Yes,")
-    tools = by_id["tools"]["response"]["body"]["choices"][0]
-    assert (
-        tools["finish_reason"] == "tool_calls"
-        and tools["message"]["tool_calls"][0]["function"]["name"] == "f"
-    )
-    assert [d["index"] for d in by_id["embeddings"]["response"]["body"]["data"]] == [0, 1]
-    for custom_id in ("chat-n", "completion-best-of"):
-        assert [c["index"] for c in by_id[custom_id]["response"]["body"]["choices"]] == [0, 1]
+    _check_batch_output(out)
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+async def test_a_batch_file_through_sluice_batch_and_kafka_conforms_to_openais_output_schema(
+    service_config, run_service, tmp_path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    async with run_service(service_config):
+        args = ("batch", _batch_file(tmp_path, JOBS), str(out), "--no-progress")
+        done = await run_sluice(*args, env=sluice_env(service_config))
+    assert done.returncode == 0, done.stderr
+    _check_batch_output(out)
 
 
 @pytest.mark.kafka
