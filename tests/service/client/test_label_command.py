@@ -134,7 +134,7 @@ async def test_batch_file_round_trip_with_invalid_lines_through_kafka_and_local(
     assert local_lines["c3"]["response"]["body"] == lines["c3"]["response"]["body"]
 
 
-async def test_choice_labels_are_one_of_the_choices_with_probabilities_summing_to_one(
+async def test_greedy_choice_labels_are_the_choice_their_probabilities_name_and_sum_to_one(
     service_config, tmp_path
 ):
     rows = tmp_path / "rows.jsonl"
@@ -156,3 +156,5 @@ async def test_choice_labels_are_one_of_the_choices_with_probabilities_summing_t
         assert line["label"] in {"positive", "negative", "neutral"}, line
         assert set(line["probabilities"]) == {"positive", "negative", "neutral"}
         assert math.isclose(sum(line["probabilities"].values()), 1.0, abs_tol=1e-4)
+        # the README's example once labelled every row `positive` while `neutral` had 0.998
+        assert line["label"] == max(line["probabilities"], key=line["probabilities"].get), line
