@@ -4,6 +4,7 @@ and refusals by name. (Through Kafka and `sluice batch --local`: tests/service/t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
@@ -96,3 +97,27 @@ async def test_embedding_pooling_mean_pools_every_position(tiny_engine, handle) 
     vector = outcome.result.response.body.data[0].embedding
     assert math.fsum(x * x for x in vector) == pytest.approx(1.0)
     assert vector != pytest.approx(last, abs=1e-3)
+
+
+async def test_embedding_and_generation_jobs_run_together_in_one_engine_as_each_alone(tiny_engine) -> None:
+    engine = AsyncLLMEngine(tiny_engine)
+    engine.start()
+    handler = JobHandler(DynamicBatcher(engine, max_batch_size=8, max_wait_ms=20), "tiny", 8)
+    embed = {"custom_id": "e", "url": "/v1/embeddings", "body": {"input": [TEXT, "a b"]}}
+    generate = {"custom_id": "g", "url": "/v1/completions", "body": {"prompt": TEXT, "temperature": 0}}
+
+    async def run(*jobs):
+        now = int(time.time() * 1000)
+        outcomes = await asyncio.gather(
+            *(handler.handle(json.dumps(job).encode(), [], now, f"jobs/0/{i}") for i, job in enumerate(jobs))
+        )
+        return [outcome.result.response.body for outcome in outcomes]
+
+    try:
+        together = await run(embed, generate)  # one admission batch: both in the engine at once
+        (alone_embedding,), (alone_text,) = await run(embed), await run(generate)
+    finally:
+        await engine.stop()
+    for mixed, alone in zip(together[0].data, alone_embedding.data, strict=True):
+        assert mixed.embedding == pytest.approx(alone.embedding, abs=1e-5)
+    assert together[1].choices[0].text == alone_text.choices[0].text

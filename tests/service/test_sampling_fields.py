@@ -103,12 +103,16 @@ async def test_generation_config_defaults_apply_where_the_job_sets_nothing(
     )  # the job's own win
 
 
-async def test_message_fields_documents_and_template_kwargs_reach_the_chat_template(
+async def test_message_fields_text_parts_documents_and_template_kwargs_reach_the_chat_template(
     handle, tiny_engine
 ) -> None:
     call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
     messages = [
-        {"role": "user", "content": "Hi", "name": "ann"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "you"}],
+            "name": "ann",
+        },
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "content": "cold", "tool_call_id": "call_1"},
     ]
@@ -120,7 +124,7 @@ async def test_message_fields_documents_and_template_kwargs_reach_the_chat_templ
         "max_tokens": 1,
     }
     result = await handle(body, url=CHAT)
-    rendered = "[user|ann||]Hi[assistant|||weather][tool||call_1|]cold<river>salty"  # null content: ""
+    rendered = "[user|ann||]Hi\nyou[assistant|||weather][tool||call_1|]cold<river>salty"  # null content: ""
     tokenizer = tiny_engine.tokenizer
     assert result.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
 
