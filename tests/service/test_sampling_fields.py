@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from engine import EngineConfig, LLMEngine
 from engine.async_engine import AsyncLLMEngine
 from service.batcher import DynamicBatcher
 from service.jobs import JobHandler
@@ -91,16 +92,34 @@ async def test_max_completion_tokens_truncate_prompt_tokens_and_add_special_toke
 
 
 async def test_generation_config_defaults_apply_where_the_job_sets_nothing(
-    handle, tiny_engine, monkeypatch
+    handle, tiny_checkpoint, tmp_path
 ) -> None:
     greedy = await _token_ids(handle, {"temperature": 0, "max_tokens": 4})
-    assert len(await _token_ids(handle, {"seed": 1, "max_tokens": None})) == 8  # default_max_tokens
-    # what the engine read from the checkpoint's generation_config.json
-    monkeypatch.setattr(tiny_engine, "generation_defaults", {"temperature": 0.0, "max_tokens": 4})
-    assert await _token_ids(handle, {"seed": 1, "max_tokens": None}) == greedy
-    assert (
-        len(await _token_ids(handle, {"temperature": 1.0, "seed": 1, "max_tokens": 6})) == 6
-    )  # the job's own win
+    sampled = await _token_ids(handle, {"seed": 1, "max_tokens": 4})
+    assert sampled != greedy and len(await _token_ids(handle, {"seed": 1, "max_tokens": None})) == 8
+    # the same checkpoint, with generation_config.json defaults
+    for item in tiny_checkpoint.iterdir():
+        (tmp_path / item.name).symlink_to(item)
+    (tmp_path / "generation_config.json").unlink()
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 4}))
+    engine = AsyncLLMEngine(LLMEngine(EngineConfig(dtype="float32", model=str(tmp_path), max_model_len=256)))
+    engine.start()
+    handler = JobHandler(DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), "tiny", 8)
+    body = {
+        "prompt": PROMPT,
+        "seed": 1,
+        "ignore_eos": True,
+        "logprobs": 0,
+        "return_tokens_as_token_ids": True,
+    }
+    try:
+        outcome = await handler.handle(
+            json.dumps({"custom_id": "j", "url": COMPLETIONS, "body": body}).encode(), [], 0, "jobs/0/1"
+        )
+    finally:
+        await engine.stop()
+    tokens = outcome.result.response.body.choices[0].logprobs.tokens
+    assert [int(token.removeprefix("token_id:")) for token in tokens] == greedy  # greedy, 4 tokens
 
 
 async def test_message_fields_text_parts_documents_and_template_kwargs_reach_the_chat_template(
