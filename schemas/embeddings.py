@@ -24,6 +24,10 @@ class EmbeddingRequest(Struct, kw_only=True, omit_defaults=True):
     add_special_tokens: bool = True
     priority: int = 0
     request_id: Any = None  # vLLM's own request id: no effect (Sluice names requests itself)
+    # vLLM's output options Sluice has one way of: read so that another is refused, not dropped
+    normalize: Any = None
+    embed_dtype: Any = None
+    endianness: Any = None
     # Sluice's extension: Unix time in milliseconds after which the job is not worth running
     sluice_deadline_ms: NonNegativeInt | None = None
 

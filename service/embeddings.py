@@ -17,13 +17,14 @@ import uuid
 from engine import RequestOutput
 from schemas.batch import BatchRequestLine, BatchResponse, BatchResponseLine
 from schemas.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
-from service.fields import TranslationError
+from service.fields import TranslationError, check_fields
 
 MAX_INPUTS = 2048  # OpenAI's limit on the inputs of one embeddings request
 
 
 def embedding_inputs(body: EmbeddingRequest, tokenizer) -> list[list[int]]:
-    """Each input's token ids (truncated as asked). Raises TranslationError naming `input`."""
+    """Each input's token ids (truncated as asked). Raises TranslationError naming the field."""
+    check_fields(body)
     raw = body.input
     if isinstance(raw, str) or (raw and all(isinstance(t, int) and not isinstance(t, bool) for t in raw)):
         inputs = [raw]  # one text, or one input of token ids

@@ -156,6 +156,9 @@ _TABLE = """
 | `add_special_tokens` | embeddings | honoured | default: true |
 | `priority` | embeddings | honoured | lower runs first |
 | `request_id` | embeddings | no effect | Sluice names its requests itself |
+| `normalize` | embeddings | refused | only true: every vector is unit length |
+| `embed_dtype` | embeddings | refused | only `float32` |
+| `endianness` | embeddings | refused | only `little` or `native` (base64 is little-endian float32) |
 | `sluice_deadline_ms` | embeddings | honoured | Sluice's: Unix ms after which the job is not run |
 """
 
@@ -172,6 +175,9 @@ _ACCEPTS: dict[str, Callable[[Any], bool]] = {
     "repetition_min_count": _default(0),
     "modalities": lambda value: value in (None, ["text"]),
     "include_reasoning": lambda value: value is None or isinstance(value, bool),
+    "normalize": _default(True),
+    "embed_dtype": _default("float32"),
+    "endianness": _default("little", "native"),
 }
 
 
@@ -180,8 +186,7 @@ def _parse(table: str) -> tuple[FieldRule, ...]:
     for row in table.strip().splitlines():
         name, endpoint, status, note = (cell.strip() for cell in row.strip()[1:-1].split("|", 3))
         name = name.strip("`")
-        accepts = _ACCEPTS.get(name) if endpoint != "embeddings" else None
-        rules.append(FieldRule(name, endpoint, status, note, accepts))
+        rules.append(FieldRule(name, endpoint, status, note, _ACCEPTS.get(name)))
     return tuple(rules)
 
 
@@ -199,13 +204,14 @@ REFUSED_STRUCTURED_OUTPUTS = (
 )
 
 
-def check_fields(body: ChatCompletionRequest | CompletionRequest) -> None:
+def check_fields(body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest) -> None:
     """Raises UnsupportedParameter for the first refused field the body sets."""
-    endpoint = "chat" if isinstance(body, ChatCompletionRequest) else "completions"
-    for rule in FIELD_RULES:
-        if rule.endpoint in ("both", endpoint) and rule.refuses(value := getattr(body, rule.name)):
+    for rule in rules_for(type(body)):
+        if rule.refuses(value := getattr(body, rule.name)):
             why = f": {rule.note}" if rule.note else ""
             raise UnsupportedParameter(rule.name, f"`{rule.name}` = {value!r} is not supported{why}")
+    if isinstance(body, EmbeddingRequest):
+        return
     if (so := body.structured_outputs) is not None:
         for name in REFUSED_STRUCTURED_OUTPUTS:
             if getattr(so, name) is not None:

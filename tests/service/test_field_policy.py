@@ -26,6 +26,8 @@ from service.jobs import JobHandler
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "wire-format.md"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+BODY_TYPES = {CHAT: ChatCompletionRequest, COMPLETIONS: CompletionRequest, EMBEDDINGS: EmbeddingRequest}
 MESSAGES = [{"role": "user", "content": "Hello"}]
 
 # a value other than the default for each refused field (or refused value of a field)
@@ -62,14 +64,19 @@ REFUSED_VALUES = {
     "mm_processor_kwargs": {"a": 1},
     "suffix": "tail",
     "prompt_embeds": "AAAA",
+    "normalize": False,
+    "embed_dtype": "float16",
+    "endianness": "big",
 }
 
 
 def _job(url: str, body: dict, custom_id: str = "job-1") -> bytes:
-    base = {"messages": MESSAGES} if url == CHAT else {"prompt": "Hello"}
-    return json.dumps(
-        {"custom_id": custom_id, "url": url, "body": {**base, "max_tokens": 3, **body}}
-    ).encode()
+    base = {
+        CHAT: {"messages": MESSAGES, "max_tokens": 3},
+        COMPLETIONS: {"prompt": "Hello", "max_tokens": 3},
+        EMBEDDINGS: {"input": "Hello"},
+    }[url]
+    return json.dumps({"custom_id": custom_id, "url": url, "body": {**base, **body}}).encode()
 
 
 def _handler(engine, **kwargs) -> JobHandler:
@@ -97,11 +104,10 @@ def handle(async_engine):
 
 
 def _refused(url: str) -> list[tuple[str, str]]:
-    body_type = ChatCompletionRequest if url == CHAT else CompletionRequest
-    return [(url, r.name) for r in rules_for(body_type) if r.name in REFUSED_VALUES]
+    return [(url, r.name) for r in rules_for(BODY_TYPES[url]) if r.name in REFUSED_VALUES]
 
 
-@pytest.mark.parametrize(("url", "field"), _refused(CHAT) + _refused(COMPLETIONS))
+@pytest.mark.parametrize(("url", "field"), _refused(CHAT) + _refused(COMPLETIONS) + _refused(EMBEDDINGS))
 async def test_each_refused_field_is_a_400_unsupported_parameter_naming_it(handle, url, field) -> None:
     result = await handle(url, {field: REFUSED_VALUES[field]})
     assert result.response.status_code == 400
