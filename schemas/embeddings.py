@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from msgspec import Struct
 
-from schemas.openai import NonNegativeInt, PositiveInt
+from schemas.openai import NonNegativeInt, PositiveInt, Priority
 
 
 class EmbeddingRequest(Struct, kw_only=True, omit_defaults=True):
@@ -22,7 +22,7 @@ class EmbeddingRequest(Struct, kw_only=True, omit_defaults=True):
     # vLLM's extra fields
     truncate_prompt_tokens: PositiveInt | None = None
     add_special_tokens: bool = True
-    priority: int = 0
+    priority: Priority = 0
     request_id: Any = None  # vLLM's own request id: no effect (Sluice names requests itself)
     # vLLM's output options Sluice has one way of: read so that another is refused, not dropped
     normalize: Any = None

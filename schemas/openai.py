@@ -40,6 +40,8 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+# the engine's priority levels (engine/input_processor.py MAX_PRIORITY): bounded, so that aging bounds every wait
+Priority = Annotated[int, Meta(ge=-1000, le=1000)]
 
 
 class ContentPart(Struct, kw_only=True, omit_defaults=True):
@@ -176,7 +178,7 @@ class _SamplingFields(Struct, kw_only=True, omit_defaults=True):
         None  # default: False for chat (the template has them), True for completions
     )
     return_tokens_as_token_ids: bool | None = None
-    priority: int = 0
+    priority: Priority = 0
     stop_token_ids: list[NonNegativeInt] | None = None
     request_id: Any = None  # vLLM's own request id: no effect (Sluice names requests itself)
     prompt_logprobs: Any = None

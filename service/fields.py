@@ -154,7 +154,7 @@ _TABLE = """
 | `user` | embeddings | no effect | |
 | `truncate_prompt_tokens` | embeddings | honoured | keeps each input's last k tokens |
 | `add_special_tokens` | embeddings | honoured | default: true |
-| `priority` | embeddings | honoured | lower runs first |
+| `priority` | embeddings | honoured | an integer in [-1000, 1000], lower runs first |
 | `request_id` | embeddings | no effect | Sluice names its requests itself |
 | `normalize` | embeddings | refused | only true: every vector is unit length |
 | `embed_dtype` | embeddings | refused | only `float32` |

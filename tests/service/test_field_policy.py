@@ -194,6 +194,13 @@ async def test_another_model_is_a_404_model_not_found(handle) -> None:
     assert (error.code, error.param, error.type) == ("model_not_found", "model", "invalid_request_error")
 
 
+@pytest.mark.parametrize("url", [CHAT, COMPLETIONS, EMBEDDINGS])
+@pytest.mark.parametrize("priority", [-1001, 1001, 2**70])
+async def test_a_priority_outside_the_engines_levels_is_a_400_naming_it(handle, url, priority) -> None:
+    result = await handle(url, {"priority": priority})
+    assert (result.response.status_code, result.response.body.error.param) == (400, "priority")
+
+
 async def test_top_logprobs_without_logprobs_is_refused_not_ignored(handle) -> None:
     result = await handle(CHAT, {"top_logprobs": 3})
     assert (result.response.status_code, result.response.body.error.param) == (400, "top_logprobs")
