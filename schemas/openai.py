@@ -42,6 +42,8 @@ Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 # the engine's priority levels (engine/input_processor.py MAX_PRIORITY): bounded, so that aging bounds every wait
 Priority = Annotated[int, Meta(ge=-1000, le=1000)]
+# parallel samples of one job: OpenAI's bound on `n`, so that one job cannot ask for a million
+NumSamples = Annotated[int, Meta(ge=1, le=128)]
 
 
 class ContentPart(Struct, kw_only=True, omit_defaults=True):
@@ -135,7 +137,7 @@ class _SamplingFields(Struct, kw_only=True, omit_defaults=True):
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
-    n: PositiveInt = 1
+    n: NumSamples = 1
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: Penalty | None = None
@@ -154,7 +156,7 @@ class _SamplingFields(Struct, kw_only=True, omit_defaults=True):
     prompt_cache_key: Any = None
     prompt_cache_retention: Any = None
     # vLLM's extra sampling fields
-    best_of: PositiveInt | None = None
+    best_of: NumSamples | None = None
     use_beam_search: Any = None
     length_penalty: Any = None
     structured_outputs: StructuredOutputsRequest | None = None

@@ -68,7 +68,7 @@ _TABLE = """
 | `max_tokens` | both | honoured | default: generation_config.json's `max_new_tokens`, else `default_max_tokens` |
 | `temperature` | both | honoured | default: generation_config.json's, else 1 |
 | `top_p` | both | honoured | default: generation_config.json's, else 1 |
-| `n` | both | honoured | parallel samples sharing the prompt's KV blocks; seeded: sample i uses seed + i; greedy (temperature 0) takes only 1, as vLLM |
+| `n` | both | honoured | 1 to 128 parallel samples sharing the prompt's KV blocks; seeded: sample i uses seed + i; greedy (temperature 0) takes only 1, as vLLM |
 | `stop` | both | honoured | |
 | `seed` | both | honoured | |
 | `presence_penalty` | both | honoured | |
@@ -85,7 +85,7 @@ _TABLE = """
 | `safety_identifier` | both | no effect | |
 | `prompt_cache_key` | both | no effect | the prefix cache needs no key |
 | `prompt_cache_retention` | both | no effect | |
-| `best_of` | both | honoured | samples best_of (>= n), returns the n with the highest cumulative logprob; greedy takes only 1 |
+| `best_of` | both | honoured | samples best_of (n to 128), returns the n with the highest cumulative logprob; greedy takes only 1 |
 | `use_beam_search` | both | refused | only false |
 | `length_penalty` | both | refused | only 1 (beam search only) |
 | `structured_outputs` | both | honoured | `choice`, `regex`, `json`, `json_object`; `grammar`, `structural_tag` and the backend options refused |

@@ -201,6 +201,12 @@ async def test_a_priority_outside_the_engines_levels_is_a_400_naming_it(handle, 
     assert (result.response.status_code, result.response.body.error.param) == (400, "priority")
 
 
+@pytest.mark.parametrize("field", ["n", "best_of"])
+async def test_more_than_128_samples_is_a_400_naming_the_field(handle, field) -> None:
+    result = await handle(COMPLETIONS, {field: 10**6, "temperature": 1})  # before: no answer within a minute
+    assert (result.response.status_code, result.response.body.error.param) == (400, field)
+
+
 async def test_top_logprobs_without_logprobs_is_refused_not_ignored(handle) -> None:
     result = await handle(CHAT, {"top_logprobs": 3})
     assert (result.response.status_code, result.response.body.error.param) == (400, "top_logprobs")
