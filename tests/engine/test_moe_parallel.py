@@ -73,3 +73,13 @@ def test_expert_parallel_ranks_quantising_their_own_experts_give_one_int8_proces
     tokens, _, experts = _tokens(folder, tensor_parallel_size=2, expert_parallel=True, **int8)
     assert tokens == expected
     assert {len(e.gate_up_proj_experts) for e in experts} == {4}  # rank 0 quantised its 4 experts
+
+
+@pytest.mark.slow
+def test_pipeline_stages_of_a_mixtral_give_one_process_s_tokens(model_cache):
+    # each stage holds one of the two layers, with its router and all its experts
+    folder = ensure_checkpoint(model_cache, preset="tiny-mixtral")
+    expected, _, _ = _tokens(folder)
+    tokens, preemptions, experts = _tokens(folder, pipeline_parallel_size=2)
+    assert tokens == expected and preemptions > 0
+    assert len(experts) == 1 and experts[0].num_local_experts == 8
