@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from engine.distributed import parallel_state
 from engine.distributed.parallel_state import ParallelState
 from engine.layers.activation import ActAndMul
 from engine.layers.moe import FusedMoE, fused_experts, looped_experts, select_experts
 from engine.quant import mxfp4
+from engine.weights import _CheckpointSlice
 
 NUM_EXPERTS, HIDDEN, INTERMEDIATE, TOP_K = 8, 64, 32, 2
 
@@ -147,3 +150,16 @@ def test_expert_parallel_refuses_experts_the_ranks_cannot_split_evenly(monkeypat
         ValueError, match=r"expert_parallel: the number of experts \(8\) is not divisible by 3"
     ):
         FusedMoE(NUM_EXPERTS, HIDDEN, INTERMEDIATE, ActAndMul("silu"))
+
+
+def test_expert_parallel_rank_reads_only_its_experts_rows_of_a_stacked_checkpoint_tensor(
+    monkeypatch, tmp_path
+):
+    # tensor parallel loads hand the loader a lazy slice of the safetensors file (engine.weights)
+    whole = _experts()
+    save_file({"down_proj": whole.down_proj.data.contiguous()}, tmp_path / "experts.safetensors")
+    monkeypatch.setattr(parallel_state, "_state", ParallelState(1, 2, tp_size=2, expert_parallel=True))
+    rank_1 = FusedMoE(NUM_EXPERTS, HIDDEN, INTERMEDIATE, ActAndMul("silu"))
+    with safe_open(str(tmp_path / "experts.safetensors"), framework="pt") as f:
+        rank_1.weight_loader(rank_1.down_proj, _CheckpointSlice(f.get_slice("down_proj")))
+    torch.testing.assert_close(rank_1.down_proj.data, whole.down_proj.data[4:], rtol=0, atol=0)
