@@ -56,6 +56,9 @@ class EngineConfig:
     # Parallelism: tensor_parallel_size * pipeline_parallel_size processes (this one is rank 0)
     tensor_parallel_size: int = 1  # attention heads and MLP columns split across this many ranks
     pipeline_parallel_size: int = 1  # layers split into this many consecutive stages
+    # mixture-of-experts layers: each tensor-parallel rank holds num_experts / tensor_parallel_size
+    # whole experts (expert parallelism) instead of a 1 / tensor_parallel_size slice of every expert
+    expert_parallel: bool = False
     distributed_timeout_s: float = 300.0  # a collective waiting longer than this fails the step
 
     def __post_init__(self) -> None:
@@ -92,6 +95,8 @@ class EngineConfig:
                 f"priority_aging_steps must be an integer >= 0, got {self.priority_aging_steps!r}"
             )
         _check_positive(self, "tensor_parallel_size", "pipeline_parallel_size")
+        if not isinstance(self.expert_parallel, bool):
+            raise EngineConfigError(f"expert_parallel must be true or false, got {self.expert_parallel!r}")
         if self.distributed_timeout_s <= 0:
             raise EngineConfigError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -10,12 +10,19 @@ small MoE model against a dense one with the same active parameters per token.
 2. Model: output tokens/s of `bench-mixtral` (tiny's shapes, 8 experts of half tiny's MLP,
    top-2) against `tiny` (dense): equal active parameters, four times the MLP weights.
 
+3. Parallel layouts (`--parallel`): one rank's share of the layer, ranks simulated in one
+   process, for 2 ranks: tensor parallel (`tp`: every expert, half its intermediate dim) against
+   expert parallel (`ep`: half the experts, whole), routing uniform or skewed (the first half of
+   the experts' logits raised by 1, so rank 0's experts get most tokens under `ep`). A step waits
+   for its slowest rank; the all-reduce after it is the same in both layouts and not timed.
+
 Variants alternate within each round in one process, so a shared, loaded machine slows them
 alike; the tables give each variant's best round (load only adds time) and, for the layer,
 the median too, with the ratio of best rounds to the baseline.
 
     .venv/bin/python loadtest/bench_moe.py              # both parts, one thread (~6 min on a loaded machine)
     .venv/bin/python loadtest/bench_moe.py --rounds 1   # a quick check of the script
+    .venv/bin/python loadtest/bench_moe.py --parallel   # part 3 only
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,6 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from engine.demo_models import ensure_checkpoint  # noqa: E402
+from engine.distributed import parallel_state  # noqa: E402
 from engine.layers.activation import ActAndMul  # noqa: E402
 from engine.layers.moe import FusedMoE, fused_experts, looped_experts, select_experts  # noqa: E402
 
@@ -79,6 +88,34 @@ def layer_rows(rounds: int) -> list[tuple]:
     return rows
 
 
+def parallel_rows(rounds: int) -> list[tuple]:
+    rows = []
+    for shape, (num_experts, top_k, hidden, intermediate) in LAYER_SHAPES.items():
+        torch.manual_seed(0)
+        whole = FusedMoE(num_experts, hidden, intermediate, ActAndMul("silu"))
+        for param in whole.parameters():
+            param.data.normal_(0.0, 0.02)
+        ranks = {
+            (layout, r): _rank_layer(whole, r, 2, layout == "ep") for layout in ("tp", "ep") for r in (0, 1)
+        }
+        for routing in ("uniform", "skewed"):
+            for num_tokens in TOKEN_COUNTS:
+                x = torch.randn(num_tokens, hidden)
+                logits = torch.randn(num_tokens, num_experts)
+                if routing == "skewed":
+                    logits[:, : num_experts // 2] += 1.0
+                weights, ids = select_experts(logits, top_k, renormalize=True)
+                variants = {
+                    key: partial(fused_experts, layer, x, weights, ids) for key, layer in ranks.items()
+                }
+                with torch.inference_mode():
+                    times = time_alternating(variants, rounds, repeat=max(1, 64 // num_tokens))
+                for layout in ("tp", "ep"):
+                    rank_ms = [times[(layout, r)][0] * 1e3 for r in (0, 1)]
+                    rows.append((shape, routing, num_tokens, layout, *rank_ms, max(rank_ms)))
+    return rows
+
+
 def model_rows(rounds: int) -> list[tuple]:
     prompts = [[1] + [(i * 37 + j * 11) % 4000 + 4 for j in range(63)] for i in range(16)]
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
@@ -110,9 +147,20 @@ def main(argv: list[str] | None = None) -> None:
         "wait on each other at every small op, which swamps what is measured)",
     )
     parser.add_argument("--skip-model", action="store_true", help="the layer table only")
+    parser.add_argument("--parallel", action="store_true", help="the parallel layouts' table only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {args.rounds} rounds")
+    if args.parallel:
+        print(
+            "\n| shape | routing | tokens | layout | rank 0 ms | rank 1 ms | slowest rank ms |"
+            "\n|---|---|---|---|---|---|---|"
+        )
+        for shape, routing, tokens, layout, rank_0, rank_1, slowest in parallel_rows(args.rounds):
+            print(
+                f"| {shape} | {routing} | {tokens} | {layout} | {rank_0:.2f} | {rank_1:.2f} | {slowest:.2f} |"
+            )
+        return
     print(
         "\n| shape | tokens | variant | best ms / call | median ms | best vs loop |\n|---|---|---|---|---|---|"
     )
@@ -131,6 +179,21 @@ def _layer_variants(experts: FusedMoE, x, weights, ids) -> dict[str, Callable[[]
         "grouped-mm": lambda: _grouped(experts, x, weights, ids, True),
         "matmul-per-expert": lambda: _grouped(experts, x, weights, ids, False),
     }
+
+
+def _rank_layer(whole: FusedMoE, rank: int, size: int, expert_parallel: bool) -> FusedMoE:
+    """Rank `rank` of `size` of `whole` (tensor or expert parallel), built as a worker would build it."""
+    state = parallel_state.ParallelState(rank, size, tp_size=size, expert_parallel=expert_parallel)
+    previous, parallel_state._state = parallel_state._state, state
+    try:
+        layer = FusedMoE(
+            whole.num_experts, whole.down_proj.shape[1], whole.intermediate_size, whole.activation
+        )
+    finally:
+        parallel_state._state = previous
+    for name, param in layer.named_parameters():
+        layer.weight_loader(param, getattr(whole, name).data)
+    return layer
 
 
 def _grouped(experts: FusedMoE, x, weights, ids, use_grouped_mm: bool) -> torch.Tensor:

@@ -53,9 +53,8 @@ def _completion_echo(body: CompletionRequest, output: RequestOutput, tokenizer) 
 def _chat_choice(
     body: ChatCompletionRequest, index: int, sample: RequestOutput, tokenizer, parsers: tuple, as_ids
 ):
-    tool_call_parser, reasoning_parser = parsers
-    reasoning, text = split_reasoning(sample.text, reasoning_parser, sample.finish_reason == "length")
-    content, tool_calls = _tool_calls(body, text or "", tokenizer, tool_call_parser)
+    reasoning, text = split_reasoning(sample.text, parsers[1], sample.finish_reason == "length")
+    content, tool_calls = _tool_calls(body, text or "", tokenizer, parsers)
     if tool_calls:
         message = AssistantMessage(content=content, tool_calls=tool_calls)
     else:
@@ -74,7 +73,9 @@ def _chat_choice(
     )
 
 
-def _tool_calls(body: ChatCompletionRequest, text: str, tokenizer, configured: str):
+def _tool_calls(body: ChatCompletionRequest, text: str, tokenizer, parsers: tuple):
     """(content, tool calls) of one sample's text under the job's tool_choice."""
-    parser = parser_for(configured, body.chat_template or getattr(tokenizer, "chat_template", None))
+    configured, reasoning_parser = parsers
+    template = body.chat_template or getattr(tokenizer, "chat_template", None)
+    parser = parser_for(configured, template, reasoning_parser)
     return tool_calls_of(text, tool_mode(body), parser, body.parallel_tool_calls is not False)

@@ -78,8 +78,9 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     unknown_fields: Literal["reject", "ignore"] = "reject"
     # how /v1/embeddings jobs pool the final hidden states: the last token's, or their mean
     embedding_pooling: Literal["last", "mean"] = "last"
-    # the format of chat tool calls in the output; auto: hermes if the chat template mentions <tool_call>
-    tool_call_parser: Literal["auto", "hermes", "llama3_json"] = "auto"
+    # the format of chat tool calls in the output; auto: harmony for a harmony reasoning parser (GPT-OSS),
+    # else hermes if the chat template mentions <tool_call>, else llama3_json
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "harmony"] = "auto"
     # how a chat output's reasoning is split from its answer; auto: harmony for GPT-OSS, else none
     reasoning_parser: Literal["auto", "none", "harmony", "deepseek_r1"] = "auto"
     # EngineConfig (engine/config.py, where each option is explained and checked): the [engine] TOML

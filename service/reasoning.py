@@ -3,8 +3,9 @@
 - `harmony` (GPT-OSS): the output is messages `<|channel|>C<|message|>BODY<|end|>`, each after
   `<|start|>assistant` (the generation prompt opens the first). `analysis` bodies are the
   reasoning; `final` bodies the content. A `commentary` message (a preamble, or a tool call
-  addressed `to=functions.NAME`) is not parsed: it stays in the content verbatim, tags and all,
-  so nothing is lost. Text with no `<|channel|>` tag is all content. Cut short (max_tokens),
+  addressed `to=functions.NAME`) is not parsed here: it stays in the content verbatim, tags and
+  all, so nothing is lost, and the tool call parser (service/tools.py, `harmony`) turns the
+  calls among it into tool calls when the job has tools. Text with no `<|channel|>` tag is all content. Cut short (max_tokens),
   an unfinished message keeps what it has, less a half-written tag; no final channel yet:
   content null and the reasoning so far.
 - `deepseek_r1`: `<think>REASONING</think>CONTENT`, the opening tag optional (R1's template

@@ -13,7 +13,13 @@
 Formats (`tool_call_parser`): `hermes` (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
 text before the first call is the content) and `llama3_json` (the whole output is
 `{"name": ..., "parameters": {...}}`, several separated by `;`, optionally after `<|python_tag|>`).
-`auto` picks hermes when the chat template mentions `<tool_call>`, else llama3_json.
+`harmony` (GPT-OSS): a message addressed to a function, `<|channel|>commentary
+to=functions.NAME [<|constrain|>json]<|message|>{ARGUMENTS}<|call|>` (the recipient may also
+come before `<|channel|>`), is a call; the other messages (the final answer, a preamble, the
+reasoning when no reasoning parser took it) are the content. Other recipients (`browser.*`,
+`python`: GPT-OSS's built-in tools) are not function calls and stay in the content.
+`auto` picks harmony where the reasoning parser is harmony (a GPT-OSS checkpoint), else hermes
+when the chat template mentions `<tool_call>`, else llama3_json.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from engine import StructuredOutputs
 from schemas.openai import ChatCompletionRequest, ToolCall, ToolCallFunction
 
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+_HARMONY_START, _HARMONY_MESSAGE = "<|start|>", "<|message|>"
+_HARMONY_RECIPIENT = re.compile(r"\bto=functions\.([^\s<]+)")
+_HARMONY_END = re.compile(r"<\|(?:call|end|return)\|>")
 
 
 class ToolError(ValueError):
@@ -106,13 +115,16 @@ def tool_calls_of(text: str, mode: str | None, parser: str, parallel: bool = Tru
         except (ValueError, TypeError, KeyError):
             return text, []  # cut short (max_tokens) before the list was complete
         return None, calls
-    content, calls = _hermes(text) if parser == "hermes" else _llama3_json(text)
+    parse = {"hermes": _hermes, "harmony": _harmony}.get(parser, _llama3_json)
+    content, calls = parse(text)
     return content, calls if parallel else calls[:1]
 
 
-def parser_for(configured: str, chat_template: str | None) -> str:
+def parser_for(configured: str, chat_template: str | None, reasoning_parser: str = "none") -> str:
     if configured != "auto":
         return configured
+    if reasoning_parser == "harmony":
+        return "harmony"
     return "hermes" if chat_template and "<tool_call>" in chat_template else "llama3_json"
 
 
@@ -175,3 +187,22 @@ def _llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
         while position < len(body) and body[position] in " \n\t;":
             position += 1
     return None, calls
+
+
+def _harmony(text: str) -> tuple[str | None, list[ToolCall]]:
+    calls, kept = [], []
+    for i, chunk in enumerate(text.split(_HARMONY_START)):
+        header, has_body, body = chunk.partition(_HARMONY_MESSAGE)
+        recipient = _HARMONY_RECIPIENT.search(header) if has_body else None
+        if recipient is None:  # not a function call: the content keeps it as generated
+            kept.append(chunk if i == 0 else _HARMONY_START + chunk)
+            continue
+        arguments = _HARMONY_END.split(body, 1)[0].strip()
+        try:
+            json.loads(arguments)
+        except ValueError:
+            return text, []  # malformed or cut short: the text stays the answer
+        calls.append(_call(recipient[1], arguments))
+    if not calls:
+        return text, []
+    return "".join(kept).strip() or None, calls

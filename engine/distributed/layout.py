@@ -24,6 +24,8 @@ def check_parallel_layout(config: EngineConfig, hf_config: dict) -> None:
             f"tensor_parallel_size={tp} and the model's num_key_value_heads ({kv_heads}): "
             "one must divide the other"
         )
+    if config.expert_parallel:
+        _check_experts(tp, hf_config)
     layers = hf_config["num_hidden_layers"]
     if pp > layers:
         raise EngineConfigError(
@@ -31,6 +33,17 @@ def check_parallel_layout(config: EngineConfig, hf_config: dict) -> None:
         )
     if config.world_size > 1 and config.device.startswith("cuda"):
         _check_gpus(config)
+
+
+def _check_experts(tp: int, hf_config: dict) -> None:
+    # Mixtral and GPT-OSS name the count num_local_experts, Qwen3-MoE num_experts
+    name = next((n for n in ("num_local_experts", "num_experts") if hf_config.get(n)), None)
+    if name is None:
+        raise EngineConfigError("expert_parallel needs a mixture-of-experts model: this one has no experts")
+    if hf_config[name] % tp:
+        raise EngineConfigError(
+            f"expert_parallel: tensor_parallel_size={tp} must divide the model's {name} ({hf_config[name]})"
+        )
 
 
 def _check_gpus(config: EngineConfig) -> None:

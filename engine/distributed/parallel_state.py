@@ -32,6 +32,8 @@ class ParallelState:
     pp_size: int = 1
     tp_group: dist.ProcessGroup | None = None
     control_group: dist.ProcessGroup | None = None
+    # EngineConfig.expert_parallel: the tensor-parallel ranks split each MoE layer's experts
+    expert_parallel: bool = False
 
     @property
     def tp_rank(self) -> int:
@@ -67,7 +69,13 @@ def get_parallel_state() -> ParallelState:
 
 
 def init_parallel_state(
-    rank: int, tp_size: int, pp_size: int, init_method: str, backend: str, timeout_s: float
+    rank: int,
+    tp_size: int,
+    pp_size: int,
+    init_method: str,
+    backend: str,
+    timeout_s: float,
+    expert_parallel: bool = False,
 ) -> ParallelState:
     """Join the world of tp_size * pp_size ranks (blocks until every rank has joined) and make the groups."""
     global _state
@@ -82,7 +90,7 @@ def init_parallel_state(
         if stage == rank // tp_size:
             tp_group = group
     control_group = dist.new_group(list(range(world_size)), backend="gloo", timeout=_IDLE_TIMEOUT)
-    _state = ParallelState(rank, world_size, tp_size, pp_size, tp_group, control_group)
+    _state = ParallelState(rank, world_size, tp_size, pp_size, tp_group, control_group, expert_parallel)
     return _state
 
 

@@ -62,6 +62,7 @@ def join_and_load(
         init_method,
         dist_backend,
         config.distributed_timeout_s,
+        expert_parallel=config.expert_parallel,
     )
     if ps.all_reduce_min(block_size) != -ps.all_reduce_min(-block_size):
         raise RuntimeError(f"rank {rank}: the ranks disagree on the KV block size (this one: {block_size})")

@@ -15,6 +15,16 @@ kernel of engine.layers.triton_moe instead (use_triton = False turns it off).
 Tensor parallelism splits every expert's intermediate dim I across ranks (gate and up by
 rows, down by columns, as MergedColumnParallelLinear and RowParallelLinear do): each rank's
 output is a partial sum, all-reduced at the end. down_proj's bias is added by rank 0 only.
+
+Expert parallelism (EngineConfig.expert_parallel) splits the experts instead: rank r of tp
+holds experts [r * E / tp, (r + 1) * E / tp) whole. The activations are replicated on every
+rank (attention ends in an all-reduce), so each rank routes all tokens, computes only the
+(token, expert) pairs of its own experts (with their biases), and the same all-reduce sums the
+ranks' contributions. This is vLLM's "naive" all-to-all for expert parallelism (its
+NaiveAll2AllManager in vllm/distributed/device_communicators/all2all.py, and FusedMoE's
+expert_map of global to local expert ids, -1 for another rank's, in
+vllm/model_executor/layers/fused_moe/layer.py) with the dispatch step left out: our tokens are
+on every rank already, so only the combine remains, and it is the tensor-parallel all-reduce.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import torch
 from torch import nn
 
 from engine.layers.linear import ReplicatedLinear, _check_divisible, _copy_shard
-from engine.layers.tp import all_reduce, get_tp_rank, get_tp_size
+from engine.layers.tp import all_reduce, get_tp_rank, get_tp_size, is_expert_parallel
 
 # gate_up [N, 2 * I] = [gate | up] -> [N, I]
 ExpertActivation = Callable[[torch.Tensor], torch.Tensor]
@@ -65,15 +75,24 @@ class FusedMoE(nn.Module):
     ):
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
-        _check_divisible(intermediate_size, self.tp_size, "the experts' intermediate size")
-        self.num_experts = num_experts
+        self.is_expert_parallel = is_expert_parallel() and self.tp_size > 1
+        self.num_experts = num_experts  # all ranks'
         self.intermediate_size = intermediate_size  # all ranks'
-        size = intermediate_size // self.tp_size  # this rank's
+        if self.is_expert_parallel:  # whole experts [expert_start, expert_start + num_local_experts)
+            _check_divisible(num_experts, self.tp_size, "expert_parallel: the number of experts")
+            self.num_local_experts = num_experts // self.tp_size
+            self.expert_start = self.tp_rank * self.num_local_experts
+            self.intermediate_rank, self.intermediate_shards = 0, 1
+        else:  # every expert, a slice of its intermediate dim
+            _check_divisible(intermediate_size, self.tp_size, "the experts' intermediate size")
+            self.num_local_experts, self.expert_start = num_experts, 0
+            self.intermediate_rank, self.intermediate_shards = self.tp_rank, self.tp_size
+        local, size = self.num_local_experts, intermediate_size // self.intermediate_shards  # this rank's
         self.activation = activation
-        self.gate_up_proj = _parameter(self, num_experts, 2 * size, hidden_size)
-        self.down_proj = _parameter(self, num_experts, hidden_size, size)
-        self.gate_up_proj_bias = _parameter(self, num_experts, 2 * size) if bias else None
-        self.down_proj_bias = _parameter(self, num_experts, hidden_size) if bias else None
+        self.gate_up_proj = _parameter(self, local, 2 * size, hidden_size)
+        self.down_proj = _parameter(self, local, hidden_size, size)
+        self.gate_up_proj_bias = _parameter(self, local, 2 * size) if bias else None
+        self.down_proj_bias = _parameter(self, local, hidden_size) if bias else None
         # torch._grouped_mm: None uses it on CUDA only (on CPU, measured slower than one matmul
         # per expert: loadtest/RESULTS.md); False: one matmul per expert everywhere
         self.use_grouped_mm: bool | None = None
@@ -83,29 +102,42 @@ class FusedMoE(nn.Module):
         # engine.quant.experts: set when the experts are quantised (the stacked weights are then None)
         self.quant_method = None
 
+    @property
+    def adds_down_bias(self) -> bool:
+        """down_proj's bias joins once per expert: on rank 0 when every rank holds every expert."""
+        return self.is_expert_parallel or self.tp_rank == 0
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
-        """Shard ids: None, the stacked tensor in our layout; e (an expert), that expert's
-        down_proj [H, I]; (e, 0) / (e, 1), its gate / up projection [I, H]."""
+        """Shard ids: None, the stacked tensor [E, ...] in our layout; e (an expert), that
+        expert's down_proj [H, I]; (e, 0) / (e, 1), its gate / up projection [I, H]. With expert
+        parallelism another rank's expert is skipped (a lazy checkpoint slice stays unread)."""
+        if shard_id is None and self.is_expert_parallel:  # this rank's experts, whole
+            _copy_shard(param.data, loaded_weight, dim=0, index=self.tp_rank, num_shards=self.tp_size)
+            return
+        if shard_id is not None:
+            expert = shard_id if isinstance(shard_id, int) else shard_id[0]
+            _check_expert(expert, self.num_experts)
+            local = expert - self.expert_start
+            if not 0 <= local < self.num_local_experts:  # expert parallel: another rank's
+                return
+        rank, shards = self.intermediate_rank, self.intermediate_shards
         if param is self.down_proj_bias:  # replicated
             _copy_shard(param.data, loaded_weight, dim=0, index=0, num_shards=1)
         elif param is self.down_proj:  # columns split
-            if shard_id is not None:
-                _check_expert(shard_id, self.num_experts)
-            target = param.data if shard_id is None else param.data[shard_id]
-            _copy_shard(target, loaded_weight, target.dim() - 1, self.tp_rank, self.tp_size)
+            target = param.data if shard_id is None else param.data[local]
+            _copy_shard(target, loaded_weight, target.dim() - 1, rank, shards)
         elif shard_id is None:  # stacked [E, 2I, ...] = [E, [gate; up], ...]: each half's rows split
             full = self.intermediate_size
             _check_shape(loaded_weight, (param.shape[0], 2 * full, *param.shape[2:]))
             for half in (0, 1):
                 self._load_half(param.data, loaded_weight.narrow(1, half * full, full), half, dim=1)
         else:
-            expert, half = shard_id
-            _check_expert(expert, self.num_experts)
-            self._load_half(param.data[expert], loaded_weight, half, dim=0)
+            self._load_half(param.data[local], loaded_weight, shard_id[1], dim=0)
 
     def _load_half(self, target: torch.Tensor, loaded: torch.Tensor, half: int, dim: int) -> None:
         size = target.shape[dim] // 2
-        _copy_shard(target.narrow(dim, half * size, size), loaded, dim, self.tp_rank, self.tp_size)
+        shard = target.narrow(dim, half * size, size)
+        _copy_shard(shard, loaded, dim, self.intermediate_rank, self.intermediate_shards)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights, ids: [T, k] -> [T, H]
@@ -123,21 +155,32 @@ def fused_experts(
 ) -> torch.Tensor:
     """This rank's share of the experts' weighted sum, tokens grouped by expert (no all-reduce)."""
     num_tokens, top_k = ids.shape
-    flat_ids = ids.flatten()  # [T * k]
-    order = flat_ids.argsort(stable=True)  # pairs sorted by expert; a token's pairs keep their order
-    token_of = order // top_k  # [T * k]: the token of each sorted pair
-    sorted_ids = flat_ids[order]
-    counts = torch.bincount(flat_ids, minlength=experts.num_experts)  # [E]
-    hidden = x[token_of]  # [T * k, H], grouped by expert
-    gate_up = _grouped_linear(experts, hidden, "gate_up_proj", counts)  # [T * k, 2 I]
+    pairs, local_ids = _local_pairs(experts, ids)  # [P]: pair index t * k + j, its local expert id
+    order = local_ids.argsort(stable=True)  # pairs sorted by expert; a token's pairs keep their order
+    token_of = pairs[order] // top_k  # [P]: the token of each sorted pair
+    sorted_ids = local_ids[order]
+    counts = torch.bincount(local_ids, minlength=experts.num_local_experts)  # [E_local]
+    hidden = x[token_of]  # [P, H], grouped by expert
+    gate_up = _grouped_linear(experts, hidden, "gate_up_proj", counts)  # [P, 2 I]
     if experts.gate_up_proj_bias is not None:
         gate_up = gate_up + experts.gate_up_proj_bias[sorted_ids]
-    down = _grouped_linear(experts, experts.activation(gate_up), "down_proj", counts)  # [T * k, H]
-    if experts.down_proj_bias is not None and experts.tp_rank == 0:
+    down = _grouped_linear(experts, experts.activation(gate_up), "down_proj", counts)  # [P, H]
+    if experts.down_proj_bias is not None and experts.adds_down_bias:
         down = down + experts.down_proj_bias[sorted_ids]
-    down = down * weights.flatten()[order].unsqueeze(1).to(down.dtype)
+    down = down * weights.flatten()[pairs[order]].unsqueeze(1).to(down.dtype)
     out = torch.zeros(num_tokens, x.shape[1], dtype=x.dtype, device=x.device)
     return out.index_add_(0, token_of, down.to(x.dtype))
+
+
+def _local_pairs(experts: FusedMoE, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, k] -> (the (token, expert) pairs this rank computes [P], their local expert ids [P]):
+    every pair, or with expert parallelism those routed to this rank's experts."""
+    flat_ids = ids.flatten()  # [T * k]
+    if not experts.is_expert_parallel:
+        return torch.arange(flat_ids.numel(), device=ids.device), flat_ids
+    local_ids = flat_ids - experts.expert_start
+    pairs = ((local_ids >= 0) & (local_ids < experts.num_local_experts)).nonzero().squeeze(1)
+    return pairs, local_ids[pairs]
 
 
 def looped_experts(
@@ -147,13 +190,16 @@ def looped_experts(
     eager way): the reference and the benchmark's baseline."""
     out = torch.zeros_like(x)
     for expert in ids.unique().tolist():
+        local = expert - experts.expert_start
+        if not 0 <= local < experts.num_local_experts:  # expert parallel: another rank's
+            continue
         token, slot = torch.where(ids == expert)
-        gate_up = x[token] @ experts.gate_up_proj[expert].T
+        gate_up = x[token] @ experts.gate_up_proj[local].T
         if experts.gate_up_proj_bias is not None:
-            gate_up = gate_up + experts.gate_up_proj_bias[expert]
-        down = experts.activation(gate_up) @ experts.down_proj[expert].T
-        if experts.down_proj_bias is not None and experts.tp_rank == 0:
-            down = down + experts.down_proj_bias[expert]
+            gate_up = gate_up + experts.gate_up_proj_bias[local]
+        down = experts.activation(gate_up) @ experts.down_proj[local].T
+        if experts.down_proj_bias is not None and experts.adds_down_bias:
+            down = down + experts.down_proj_bias[local]
         out.index_add_(0, token, down * weights[token, slot, None].to(down.dtype))
     return out
 

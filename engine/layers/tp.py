@@ -21,6 +21,11 @@ def get_tp_size() -> int:
     return get_parallel_state().tp_size
 
 
+def is_expert_parallel() -> bool:
+    """EngineConfig.expert_parallel: mixture-of-experts layers split their experts, not each expert."""
+    return get_parallel_state().expert_parallel
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum of `x` over the tensor-parallel group (RowParallelLinear, VocabParallelEmbedding)."""
     return tp_all_reduce(x)

@@ -10,6 +10,9 @@ asked, and writes each row back to its pair's row. Padding slots hold an out-of-
 and are neither read nor written. Written to need no host sync (not yet checked on a GPU):
 the grid has an upper bound of blocks, and blocks past the last expert's run exit at once.
 
+With expert parallelism (engine.layers.moe) the pairs routed to another rank's experts go to
+a sentinel expert past this rank's last, whose blocks are skipped, and drop out of the sum.
+
 Used by FusedMoE on CUDA (engine.layers.moe); on CPU tensors it runs only under Triton's
 interpreter (TRITON_INTERPRET=1, set before triton is imported), which the tests use.
 """
@@ -172,14 +175,17 @@ def triton_fused_experts(experts, x: torch.Tensor, weights: torch.Tensor, ids: t
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
         return torch.zeros_like(x)
-    block_m = 16 if num_pairs <= 16 * experts.num_experts else 64
-    sorted_pairs, block_expert = align_pairs(ids, experts.num_experts, block_m)
+    block_m = 16 if num_pairs <= 16 * experts.num_local_experts else 64
+    local_ids, is_local = _local_ids(experts, ids)
+    # expert parallel: another rank's pairs go to a sentinel expert whose blocks are skipped
+    sorted_pairs, block_expert = align_pairs(local_ids, experts.num_local_experts + 1, block_m)
+    block_expert = torch.where(block_expert < experts.num_local_experts, block_expert, -1)
     common = dict(num_pairs=num_pairs, block_m=block_m)
     gate_up = grouped_linear(
         x, experts.gate_up_proj, experts.gate_up_proj_bias, sorted_pairs, block_expert, top_k=top_k, **common
     )  # [T * k, 2 I]
     hidden = experts.activation(gate_up).contiguous()  # [T * k, I]
-    down_bias = experts.down_proj_bias if experts.tp_rank == 0 else None
+    down_bias = experts.down_proj_bias if experts.adds_down_bias else None
     flat_weights = weights.flatten().float().contiguous()
     down = grouped_linear(
         hidden,
@@ -190,5 +196,13 @@ def triton_fused_experts(experts, x: torch.Tensor, weights: torch.Tensor, ids: t
         top_k=1,
         router_weights=flat_weights,
         **common,
-    )  # [T * k, H], weighted
-    return down.view(num_tokens, top_k, -1).float().sum(dim=1).to(x.dtype)
+    )  # [T * k, H], weighted; the skipped pairs' rows are never written
+    down = torch.where(is_local.unsqueeze(-1), down.view(num_tokens, top_k, -1).float(), 0.0)
+    return down.sum(dim=1).to(x.dtype)
+
+
+def _local_ids(experts, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, k] -> (local expert ids, num_local_experts for another rank's; is_local [T, k])."""
+    local = ids - experts.expert_start
+    is_local = (local >= 0) & (local < experts.num_local_experts)
+    return torch.where(is_local, local, experts.num_local_experts), is_local

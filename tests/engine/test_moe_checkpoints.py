@@ -1,4 +1,8 @@
-"""MoE checkpoints as published: GPT-OSS's MXFP4 experts, and tensor-parallel expert shards.
+"""MoE checkpoints: GPT-OSS's MXFP4 experts, stacked or per-expert tensors, tensor-parallel shards.
+
+A stacked Mixtral / Qwen3-MoE folder is what Transformers 5.24 writes with
+save_pretrained(save_original_format=False): `mlp.experts.gate_up_proj` [E, 2I, H] and
+`mlp.experts.down_proj` [E, H, I]; the demo presets are per-expert (its default).
 
 A pre-quantised GPT-OSS folder is built the way real ones are stored: each expert tensor as
 `*_blocks` (e2m1 pairs) and `*_scales` (e8m0 per 32 values), quantization_config
@@ -20,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from engine import EngineConfig, LLMEngine
 from engine.demo_models import ensure_checkpoint
 from engine.quant import mxfp4
-from engine.weights import WeightLoadError
+from engine.weights import WeightLoadError, build_model
 from tests.engine.test_model_families import GREEDY, SMALL_KV, SMALL_POOL, _generate, _prompts
 
 EXPERT_TENSORS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
@@ -47,10 +51,18 @@ def test_mxfp4_folder_missing_a_scales_tensor_names_it(model_cache, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny-mixtral", "mxfp4-gpt-oss"])
+@pytest.mark.parametrize("preset", ["tiny-mixtral", "stacked-mixtral", "mxfp4-gpt-oss"])
 def test_tensor_parallel_experts_give_one_process_s_tokens(model_cache, tmp_path, preset):
     if preset == "mxfp4-gpt-oss":  # sinks split by head, MXFP4 experts split after dequantising
         folder, _ = _mxfp4_and_dequantised(ensure_checkpoint(model_cache, preset="tiny-gpt-oss"), tmp_path)
+    elif preset == "stacked-mixtral":  # each rank reads its rows of the stacked tensors only
+        folder = _stacked_folder(ensure_checkpoint(model_cache, preset="tiny-mixtral"), tmp_path)
+        shutil.copytree(
+            ensure_checkpoint(model_cache, preset="tiny-mixtral"),
+            folder,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("*.safetensors*", "config.json"),
+        )
     else:
         folder = ensure_checkpoint(model_cache, preset=preset)
     prompts = _prompts(512)
@@ -85,3 +97,34 @@ def _mxfp4_and_dequantised(source: Path, tmp_path: Path) -> tuple[Path, Path]:
     }
     (packed / "config.json").write_text(json.dumps(config, indent=2))
     return packed, dense
+
+
+@pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-qwen3-moe"])
+def test_stacked_expert_tensors_load_the_same_weights_as_per_expert_ones(model_cache, tmp_path, preset):
+    per_expert = ensure_checkpoint(model_cache, preset=preset)
+    stacked = _stacked_folder(per_expert, tmp_path)
+    names = load_file(stacked / "model.safetensors").keys()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names and not any(".experts.0." in n for n in names)
+    expected = build_model(per_expert, torch.float32, "cpu").state_dict()
+    loaded = build_model(stacked, torch.float32, "cpu").state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[name], expected[name]) for name in expected)
+
+
+def test_stacked_folder_missing_a_layer_s_down_projection_names_it(model_cache, tmp_path):
+    stacked = _stacked_folder(ensure_checkpoint(model_cache, preset="tiny-mixtral"), tmp_path)
+    tensors = load_file(stacked / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.down_proj"]
+    save_file(tensors, stacked / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        WeightLoadError, match=r"lacks 1 tensor\(s\).*: model\.layers\.1\.mlp\.experts\.down_proj$"
+    ):
+        build_model(stacked, torch.float32, "cpu")
+
+
+def _stacked_folder(per_expert: Path, tmp_path: Path) -> Path:
+    """The checkpoint as Transformers 5.24 writes it with save_original_format=False: stacked experts."""
+    stacked = tmp_path / "stacked"
+    model = AutoModelForCausalLM.from_pretrained(per_expert, dtype=torch.float32)
+    model.save_pretrained(stacked, save_original_format=False)
+    return stacked

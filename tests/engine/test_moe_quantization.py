@@ -117,9 +117,10 @@ def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def _experts_rank(monkeypatch, rank: int, size: int, weights: tuple, mode: str | None):
+def _experts_rank(monkeypatch, rank: int, size: int, weights: tuple, mode: str | None, ep: bool = False):
     monkeypatch.setattr(moe_module, "get_tp_rank", lambda: rank)
     monkeypatch.setattr(moe_module, "get_tp_size", lambda: size)
+    monkeypatch.setattr(moe_module, "is_expert_parallel", lambda: ep)
     experts = moe_module.FusedMoE(4, 64, 128, _swiglu)
     experts.weight_loader(experts.gate_up_proj, weights[0])
     experts.weight_loader(experts.down_proj, weights[1])
@@ -151,6 +152,29 @@ def test_tensor_parallel_ranks_quantise_their_own_expert_shards(monkeypatch, mod
     assert all(e.gate_up_proj_experts[0].out_features == 128 for e in ranks)  # each rank's half of 2I
     error, whole_error = ((y - expected).norm() / expected.norm() for y in (total, whole))
     assert whole_error <= max_relative_error and error <= 1.25 * whole_error
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_expert_parallel_ranks_quantise_only_their_own_whole_experts(monkeypatch, mode):
+    # Each rank quantises the experts it holds, whole: the same quantised experts as one process,
+    # so the ranks' outputs sum to the whole quantised layer's (up to the order of the sum).
+    generator = torch.Generator().manual_seed(0)
+    weights = (
+        torch.randn(4, 256, 64, generator=generator) * 0.05,
+        torch.randn(4, 64, 128, generator=generator) * 0.05,
+    )
+    x = torch.randn(6, 64, generator=generator)
+    routing = (
+        torch.rand(6, 2, generator=generator),
+        torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]]),
+    )
+    with torch.inference_mode():
+        whole = moe_module.fused_experts(_experts_rank(monkeypatch, 0, 1, weights, mode), x, *routing)
+        ranks = [_experts_rank(monkeypatch, r, 2, weights, mode, ep=True) for r in range(2)]
+        total = sum(moe_module.fused_experts(e, x, *routing) for e in ranks)
+    assert [len(e.gate_up_proj_experts) for e in ranks] == [2, 2]  # experts 0-1 and 2-3
+    assert all(e.gate_up_proj_experts[0].out_features == 256 for e in ranks)  # whole 2I rows
+    torch.testing.assert_close(total, whole, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -79,6 +79,18 @@ def interpreted() -> dict:
         errors["rank 1"] = [(rank_1 - fused_experts(layer, x, weights, ids)).abs().max().item()]
         errors["rank 0 - rank 1"] = [(rank_0 - rank_1).abs().max().item()]
         errors["no tokens"] = [triton_fused_experts(layer, x[:0], weights[:0], ids[:0]).numel()]
+        from engine.distributed import parallel_state as ps
+        whole = experts(8, True, torch.float32)
+        x, weights, ids = routed(9, 8, torch.float32)
+        total = 0
+        for rank in range(2):  # expert parallel ranks, simulated: experts 0-3 and 4-7
+            ps._state = ps.ParallelState(rank, 2, tp_size=2, expert_parallel=True)
+            layer = FusedMoE(8, 64, 48, whole.activation, bias=True)
+            ps._state = ps.ParallelState()
+            for name, param in layer.named_parameters():
+                layer.weight_loader(param, getattr(whole, name).data)
+            total = total + triton_fused_experts(layer, x, weights, ids)
+        errors["expert parallel"] = [(total - fused_experts(whole, x, weights, ids)).abs().max().item()]
         print(json.dumps(errors))
         """
     )
@@ -98,6 +110,10 @@ def test_kernel_equals_fused_experts_in_bfloat16(interpreted):
 def test_only_rank_0_adds_the_down_projection_bias(interpreted):
     assert interpreted["rank 1"][0] < 1e-5  # fused_experts leaves it out on rank 1 too
     assert interpreted["rank 0 - rank 1"][0] > 1e-2  # and it is there on rank 0
+
+
+def test_expert_parallel_ranks_skip_other_ranks_pairs_and_sum_to_the_whole_layer(interpreted):
+    assert interpreted["expert parallel"][0] < 1e-5
 
 
 def test_no_tokens_give_an_empty_result(interpreted):

@@ -194,3 +194,50 @@ def test_harmony_chat_jobs_keep_special_tokens_in_the_text_so_the_channel_tags_s
     assert not to_engine_request(chat, tokenizer, 8, reasoning_parser="harmony").params.skip_special_tokens
     assert to_engine_request(chat, tokenizer, 8, reasoning_parser="none").params.skip_special_tokens
     assert to_engine_request(completion, tokenizer, 8, reasoning_parser="harmony").params.skip_special_tokens
+
+
+# GPT-OSS's template renders the tools as a developer message (a TypeScript namespace)
+HARMONY_TOOLS_TEMPLATE = (
+    "{% if tools %}<|start|>developer<|message|># Tools\n\nnamespace functions {\n"
+    "{% for t in tools %}type {{ t.function.name }} = (_: any) => any;\n{% endfor %}}<|end|>{% endif %}"
+    + HARMONY_TEMPLATE
+)
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+HARMONY_CALL_OUTPUT = (
+    r"<\|channel\|>analysis<\|message\|>need the weather<\|end\|>"
+    r"<\|start\|>assistant<\|channel\|>commentary to=functions\.get_weather <\|constrain\|>json"
+    r'<\|message\|>\{"city": "(Paris|Rome)"\}<\|call\|>'
+)
+
+
+async def test_gpt_oss_job_with_tools_returns_the_harmony_call_as_tool_calls(gpt_oss_handle) -> None:
+    choice = await gpt_oss_handle(
+        tools=[WEATHER_TOOL],
+        chat_template=HARMONY_TOOLS_TEMPLATE,
+        structured_outputs={"regex": HARMONY_CALL_OUTPUT},
+        max_tokens=200,
+    )
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    assert choice["message"]["reasoning"] == "need the weather"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"])["city"] in ("Paris", "Rome")
+
+
+def test_gpt_oss_tools_are_rendered_into_the_prompt_by_the_chat_template(gpt_oss_engine) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "tools": [WEATHER_TOOL]}
+    job = {
+        "custom_id": "h",
+        "url": "/v1/chat/completions",
+        "body": {**body, "chat_template": HARMONY_TOOLS_TEMPLATE},
+    }
+    request = to_engine_request(decode_job(json.dumps(job).encode()), gpt_oss_engine.tokenizer, 8)
+    prompt = gpt_oss_engine.tokenizer.decode(request.prompt_token_ids)
+    assert "namespace functions {\ntype get_weather = (_: any) => any;\n}" in prompt

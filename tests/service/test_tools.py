@@ -137,3 +137,56 @@ async def test_tool_choice_required_answers_at_least_one_call_of_a_given_tool(ha
 async def test_a_tool_choice_that_cannot_be_honoured_is_a_400_naming_it(handle, body) -> None:
     response = await handle(body)
     assert (response.status_code, response.body.error.param) == (400, "tool_choice")
+
+
+# GPT-OSS's harmony format: the analysis message, then a commentary message addressed to a function
+HARMONY_ANALYSIS = "<|channel|>analysis<|message|>Need the weather.<|end|>"
+HARMONY_CALL = '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
+
+
+def test_harmony_message_addressed_to_a_function_is_a_call_with_its_body_as_arguments() -> None:
+    content, calls = tool_calls_of(HARMONY_CALL + "<|call|>", "auto", "harmony")
+    assert content is None
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+
+
+def test_harmony_recipient_may_come_before_the_channel_and_calls_may_follow_each_other() -> None:
+    second = '<|start|>assistant to=functions.get_time<|channel|>commentary json<|message|>{"city": "Rome"}<|call|>'
+    content, calls = tool_calls_of(HARMONY_CALL + "<|call|>" + second, "auto", "harmony")
+    assert content is None and [c.function.name for c in calls] == ["get_weather", "get_time"]
+    _, one = tool_calls_of(HARMONY_CALL + "<|call|>" + second, "auto", "harmony", parallel=False)
+    assert [c.function.name for c in one] == ["get_weather"]
+
+
+def test_harmony_messages_that_are_no_function_call_stay_the_content() -> None:
+    final = "<|start|>assistant<|channel|>final<|message|>Sunny."
+    content, calls = tool_calls_of(HARMONY_ANALYSIS + HARMONY_CALL + "<|call|>", "auto", "harmony")
+    assert content == HARMONY_ANALYSIS and len(calls) == 1  # no reasoning parser took the analysis
+    assert tool_calls_of(final, "auto", "harmony") == (final, [])
+    browser = '<|start|>assistant<|channel|>analysis to=browser.search<|message|>{"query": "x"}<|call|>'
+    assert tool_calls_of(browser, "auto", "harmony") == (browser, [])  # a built-in tool, not a function
+
+
+def test_harmony_call_cut_short_or_malformed_leaves_the_text_as_the_answer() -> None:
+    cut = HARMONY_CALL[:-5]  # max_tokens inside the arguments
+    assert tool_calls_of(cut, "auto", "harmony") == (cut, [])
+
+
+def test_harmony_is_the_tool_parser_of_a_harmony_reasoning_parser() -> None:
+    assert parser_for("auto", "{{ '<tool_call>' }}", reasoning_parser="harmony") == "harmony"
+    assert parser_for("hermes", None, reasoning_parser="harmony") == "hermes"
+
+
+def test_a_gpt_oss_result_with_a_harmony_call_has_tool_calls_reasoning_and_finish_reason_tool_calls() -> None:
+    output = RequestOutput(
+        "t", [1], [2], HARMONY_ANALYSIS + HARMONY_CALL, "stop", RequestMetrics(time.time())
+    )
+    result = to_result_line(_chat_job(tools=TOOLS), output, "m", time.time(), reasoning_parser="harmony")
+    (choice,) = result.response.body.choices
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None and choice.message.reasoning == "Need the weather."
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
+        ("get_weather", '{"city": "Paris"}')
+    ]
