@@ -13,27 +13,8 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
-# ToolCall is both: an earlier assistant turn's call here, a parsed call in a result. The response
-# types are importable from here too, as they were before schemas/responses.py held them.
-from schemas.responses import (  # noqa: F401
-    AssistantMessage,
-    ChatChoice,
-    ChatCompletion,
-    ChatLogprobs,
-    CompletionChoice,
-    CompletionLogprobs,
-    ErrorBody,
-    ErrorDetail,
-    FinishReason,
-    PromptTokensDetails,
-    SluiceExtension,
-    TextCompletion,
-    TokenLogprob,
-    ToolCall,
-    ToolCallFunction,
-    TopLogprob,
-    Usage,
-)
+# ToolCall is both: an earlier assistant turn's call here, a parsed call in a result
+from schemas.responses import ToolCall
 
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]

@@ -30,7 +30,8 @@ import uuid
 from typing import Any
 
 from engine import StructuredOutputs
-from schemas.openai import ChatCompletionRequest, ToolCall, ToolCallFunction
+from schemas.openai import ChatCompletionRequest
+from schemas.responses import ToolCall, ToolCallFunction
 
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _HARMONY_START, _HARMONY_MESSAGE = "<|start|>", "<|message|>"

@@ -14,7 +14,7 @@ from engine import EngineConfig, LLMEngine, RequestMetrics, RequestOutput
 from engine.async_engine import AsyncLLMEngine
 from engine.demo_models import ensure_checkpoint
 from schemas.codec import decode_job
-from schemas.openai import AssistantMessage
+from schemas.responses import AssistantMessage
 from service.batcher import DynamicBatcher
 from service.jobs import JobHandler
 from service.reasoning import resolve_reasoning_parser, split_reasoning
