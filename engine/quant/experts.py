@@ -1,13 +1,22 @@
-"""Quantised experts: bitsandbytes int8 / NF4 / FP4 per expert, as the dense linear layers have it.
+"""Quantised experts: bitsandbytes int8 / NF4 / FP4 or FP8 per expert, as the dense linear layers have it.
 
 Each expert's slice of a FusedMoE's stacked float weights (gate_up_proj[e] [2I, H] and
 down_proj[e] [H, I], this rank's shard) becomes the weight of its own small linear layer whose
-`quant_method` is the dense path's method (engine.quant.bnb): the same bitsandbytes module,
-built the same way, quantised at the model's `.to(device)`. An expert's matmul therefore has
-the dense layers' numerics: int8 is LLM.int8 (activations quantised per token, columns above
-the outlier threshold in float), 4-bit dequantises that one expert's weight to the compute
-dtype at its matmul. The stacked float parameters are dropped. Biases stay float, and so does
-the router (`gate`), as in vLLM: its logits decide which experts run.
+`quant_method` is the dense path's method (engine.quant.bnb, engine.quant.fp8), built the same
+way. An expert's matmul therefore has the dense layers' numerics: int8 is LLM.int8
+(activations quantised per token, columns above the outlier threshold in float), 4-bit
+dequantises that one expert's weight to the compute dtype at its matmul (both quantised at the
+model's `.to(device)`), fp8 stores the weight as e4m3 with one scale per output row (quantised
+here, on the host) and runs torch._scaled_mm with the tokens quantised per row at each call.
+fp8 needs sizes that are multiples of 16 (per rank, under tensor parallelism): other experts
+are refused by name (engine.quant.plan), or stay float if quantization_skip_modules lists them.
+The stacked float parameters are dropped. Biases stay float, and so does the router (`gate`),
+as in vLLM: its logits decide which experts run.
+
+Quantised experts run one matmul per non-empty expert (engine.layers.moe's
+_quantized_grouped_linear), on CPU and CUDA alike: the grouped-GEMM Triton kernel
+(engine.layers.triton_moe) and torch._grouped_mm read the stacked float weights, which are
+gone, so `use_triton` is set False.
 """
 
 from __future__ import annotations
@@ -46,7 +55,10 @@ class QuantizedExpertsMethod:
         """On the host, after loading: replaces `experts.<w>` by `experts.<w>_experts` (a ModuleList)."""
         for name in EXPERT_WEIGHTS:
             stacked = getattr(experts, name).data  # [E, out, in]
-            linears = [ExpertLinear(stacked[e].clone(), self.linear_method) for e in range(stacked.shape[0])]
+            try:
+                linears = [ExpertLinear(weight.clone(), self.linear_method) for weight in stacked]
+            except ValueError as e:  # every expert has the same shape: the first one says it
+                raise ValueError(f"{name} of each expert: {e}") from None
             delattr(experts, name)
             experts.register_parameter(name, None)
             setattr(experts, f"{name}_experts", nn.ModuleList(linears))

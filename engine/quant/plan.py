@@ -25,7 +25,8 @@ from engine.quant.sparse24 import Sparse24LinearMethod
 log = logging.getLogger(__name__)
 
 SPARSITY_MARKER = "sluice_sparsity"  # config.json key written by engine.compress
-MOE_MODES = ("int8", "nf4", "fp4")  # what a mixture-of-experts model's experts can be quantised with
+# what a mixture-of-experts model's experts can be quantised with (fp8 on CUDA only, as for dense models)
+MOE_MODES = ("int8", "nf4", "fp4", "fp8")
 
 
 class QuantizationError(ValueError):
@@ -92,8 +93,8 @@ def make_plan(config, hf_config: dict, device: torch.device) -> QuantPlan:
 
 def prepare_model(model: nn.Module, plan: QuantPlan) -> None:
     """Before loading: pre-quantised layers get their method, which replaces the float weight.
-    A mixture-of-experts model takes bitsandbytes int8/nf4/fp4 (its experts quantised per expert,
-    engine.quant.experts); anything else for it is refused by name rather than left float."""
+    A mixture-of-experts model takes bitsandbytes int8/nf4/fp4 or fp8 (its experts quantised per
+    expert, engine.quant.experts); anything else for it is refused by name rather than left float."""
     if plan.is_active and any(is_moe_experts(m) for m in model.modules()):
         _check_moe_supported(model, plan)
     if not plan.prequantized:
@@ -134,8 +135,8 @@ def finalize_model(model: nn.Module, plan: QuantPlan, device: torch.device) -> N
         if layer.quant_method is UNQUANTIZED:
             layer.quant_method = plan.make_method()
         layer.quant_method.process_weights_after_loading(layer)
-    for _, experts in _expert_targets(model, plan):
-        QuantizedExpertsMethod(plan.make_method()).process_weights_after_loading(experts)
+    for name, experts in _expert_targets(model, plan):
+        _quantize_experts(name, experts, plan)
     model.to(device)
     for _, layer in targets:
         on_device = getattr(layer.quant_method, "on_device", None)
@@ -175,6 +176,15 @@ def _check_moe_supported(model: nn.Module, plan: QuantPlan) -> None:
         f"{what} is not supported for mixture-of-experts models ({type(model).__name__}): its experts "
         f"can be quantised at load time with {', '.join(MOE_MODES)} only"
     )
+
+
+def _quantize_experts(name: str, experts: nn.Module, plan: QuantPlan) -> None:
+    try:
+        QuantizedExpertsMethod(plan.make_method()).process_weights_after_loading(experts)
+    except ValueError as e:  # e.g. fp8's sizes that are not multiples of 16
+        raise QuantizationError(
+            f"{name}: {e} (these experts: {name!r}; every MoE layer's: 'experts')"
+        ) from None
 
 
 def _expert_targets(model: nn.Module, plan: QuantPlan) -> list[tuple[str, nn.Module]]:
