@@ -14,8 +14,8 @@ from engine import EngineConfig
 from engine.demo_models import ensure_checkpoint
 from engine.layers import attention_backends
 from engine.layers.attention import Attention
-from engine.layers.attention_backends import FlashAttentionBackend, select_backend
-from engine.runtime import resolve_runtime
+from engine.layers.attention_backends import FlashAttentionBackend
+from engine.runtime import resolve_runtime, select_backend
 from tests.engine.test_triton_decode import _run_interpreted
 
 
