@@ -184,22 +184,20 @@ class FlashAttentionBackend:
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
         write_kv(layer, k, v, md.slot_mapping)
-        window = (-1, -1) if layer.sliding_window is None else (layer.sliding_window - 1, 0)
-        softcap = layer.logits_soft_cap or 0.0  # 0: none
+        # the kernels' options, causal (aligned bottom-right, so a chunk attends to its cached
+        # context too), a sliding window and a soft-cap (0: none) where the layer has them
+        options = {
+            "softmax_scale": layer.scale,
+            "causal": True,
+            "window_size": (-1, -1) if layer.sliding_window is None else (layer.sliding_window - 1, 0),
+            "softcap": layer.logits_soft_cap or 0.0,
+            "block_table": md.block_tables,
+        }
         if md.is_decode_only:
             out = flash_attn_with_kvcache(
-                q.unsqueeze(1),
-                layer.k_cache,
-                layer.v_cache,
-                cache_seqlens=md.context_lens_tensor,
-                block_table=md.block_tables,
-                softmax_scale=layer.scale,
-                causal=True,
-                window_size=window,
-                softcap=softcap,
+                q.unsqueeze(1), layer.k_cache, layer.v_cache, cache_seqlens=md.context_lens_tensor, **options
             )
             return out.squeeze(1)
-        # Causal masking is aligned bottom-right, so a chunk attends to its cached context too.
         return flash_attn_varlen_func(
             q,
             layer.k_cache,
@@ -208,11 +206,7 @@ class FlashAttentionBackend:
             cu_seqlens_k=md.cu_context_lens,
             max_seqlen_q=md.max_query_len,
             max_seqlen_k=md.max_context_len,
-            softmax_scale=layer.scale,
-            causal=True,
-            window_size=window,
-            softcap=softcap,
-            block_table=md.block_tables,
+            **options,
         )
 
 
