@@ -201,12 +201,6 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests or self._aborted)
 
-    @property
-    def num_unfinished_requests(self) -> int:
-        # requests, not sequences: a choice request's scoring sequences are part of it, and a
-        # request whose text is done is unfinished until its choices are scored
-        return len(self._requests)
-
     def generate(
         self,
         prompts: list[str] | list[list[int]],

@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from engine import EngineDeadError, RequestOutput, RequestRejected
-from engine.pooling import PoolingParams
+from engine import EngineDeadError, PoolingParams, RequestOutput, RequestRejected
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
 from schemas.embeddings import EmbeddingRequest
