@@ -64,6 +64,14 @@ class LLMEngine:
         self.executor = executor_class(config, self.attention_backend, self.block_size)
         self.runner = self.executor.runner  # rank 0's
         use_decode_graphs(self.runner, config, self.attention_backend, self.max_model_len)
+        self._build_stages(checkpoint.eos_token_ids)
+        self._step_totals = StepTotals()
+        self._requests: dict[str, Sequence] = {}  # unfinished requests (their own sequences)
+        self._aborted: list[RequestOutput] = []  # aborted between steps, reported by the next step()
+
+    def _build_stages(self, eos_token_ids: frozenset[int]) -> None:
+        """The step's stages over the KV blocks the executor allocated (after the model loaded)."""
+        config = self.config
         self.block_manager = BlockManager(
             self.executor.num_blocks, self.block_size, config.enable_prefix_caching
         )
@@ -72,7 +80,7 @@ class LLMEngine:
             config.max_num_seqs,
             config.max_num_batched_tokens,
             config.enable_chunked_prefill,
-            checkpoint.eos_token_ids,
+            eos_token_ids,
             config.priority_aging_steps,
         )
         self.input_processor = InputProcessor(
@@ -80,7 +88,7 @@ class LLMEngine:
             self.tokenizer,
             self.vocab_size,
             self.max_model_len,
-            checkpoint.eos_token_ids,
+            eos_token_ids,
             self.block_manager.num_blocks,
             self.block_size,
         )
@@ -88,9 +96,6 @@ class LLMEngine:
         self.choice_scorer = ChoiceScorer(self.scheduler)
         self.pooler = Pooler()
         self.parallel_sampler = ParallelSampler(self.scheduler, self.input_processor.fork_grammar)
-        self._step_totals = StepTotals()
-        self._requests: dict[str, Sequence] = {}  # unfinished requests (their own sequences)
-        self._aborted: list[RequestOutput] = []  # aborted between steps, reported by the next step()
 
     def add_request(
         self,

@@ -79,9 +79,7 @@ class Service:
         )
         self._tasks: dict[asyncio.Task, TopicPartition] = {}  # in-flight jobs and their partitions
         self.tracer: JobTracer | None = None
-        for topic in config.jobs_topics:  # at 0 from the first scrape: rate() then sees the first jobs
-            self.metrics.jobs_consumed.labels(topic)
-        self._register_gauges()
+        self._register_metrics()
         self._ready = False
         self.http = HealthServer(
             config.http_host,
@@ -191,8 +189,10 @@ class Service:
         if self.tracer is not None:
             self.tracer.record_admission([a.tag for a in batch if a.tag is not None], len(batch))
 
-    def _register_gauges(self) -> None:
+    def _register_metrics(self) -> None:
         bp, m = self.backpressure, self.metrics
+        for topic in self.config.jobs_topics:  # at 0 from the first scrape: rate() then sees the first jobs
+            m.jobs_consumed.labels(topic)
         m.engine(self.async_engine.stats)
         m.gauge("sluice_jobs_in_flight", "Jobs consumed, not yet published", lambda: bp.jobs)
         m.gauge("sluice_tokens_in_flight", "Prompt + requested output tokens in flight", lambda: bp.tokens)
