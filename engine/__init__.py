@@ -8,6 +8,7 @@ from engine.engine_thread import EngineThread
 from engine.input_processor import RequestRejected
 from engine.llm_engine import LLMEngine
 from engine.outputs import OutputLogprob, RequestMetrics, RequestOutput
+from engine.pooling import PoolingParams
 from engine.sampling_params import SamplingParams, StructuredOutputs
 from engine.stats import EngineStats
 
@@ -21,10 +22,22 @@ __all__ = [
     "LLMEngine",
     "ModelLoadError",
     "OutputLogprob",
+    "PoolingParams",
     "RequestMetrics",
     "RequestOutput",
     "RequestRejected",
     "SamplingParams",
     "StructuredOutputs",
     "WorkerDiedError",
+    "ensure_demo_checkpoint",
 ]
+
+
+def __getattr__(name: str):
+    # The demo-model builder (engine/demo_models.py) imports Transformers' model classes, which
+    # take seconds: it loads on first use, `from engine import ensure_demo_checkpoint`.
+    if name == "ensure_demo_checkpoint":
+        from engine.demo_models import ensure_checkpoint
+
+        return ensure_checkpoint
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -3,15 +3,48 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from engine.models import MODEL_REGISTRY
+from engine.models import MODEL_REGISTRY, max_context_len
 
 SUPPORTED_ARCHITECTURES = tuple(MODEL_REGISTRY)
 
 
 class ModelLoadError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """What the engine reads of a checkpoint folder before its weights."""
+
+    hf_config: dict  # config.json (check_checkpoint_folder)
+    tokenizer: object
+    # generation_config.json's sampling defaults, by SamplingParams field (for front ends to apply)
+    generation_defaults: dict[str, float | int]
+    vocab_size: int
+    architectures: tuple[str, ...]
+    max_model_len: int  # the configured max_model_len, at most what the model takes
+    eos_token_ids: frozenset[int]
+
+
+def read_checkpoint(folder: str | Path, max_model_len: int | None = None) -> CheckpointInfo:
+    """Check the folder and read its config, tokenizer and generation defaults (ModelLoadError
+    naming the file and the reason when one is missing or broken). `max_model_len`: the
+    configured one (None: the model's own limit)."""
+    hf_config = check_checkpoint_folder(folder)
+    tokenizer = load_tokenizer(folder)
+    model_limit = max_context_len(hf_config)
+    return CheckpointInfo(
+        hf_config,
+        tokenizer,
+        load_generation_defaults(folder),
+        hf_config["vocab_size"],
+        tuple(hf_config.get("architectures") or ()),
+        min(max_model_len or model_limit, model_limit),
+        eos_token_ids(hf_config, tokenizer),
+    )
 
 
 def check_checkpoint_folder(folder: str | Path) -> dict:
@@ -87,3 +120,12 @@ def load_generation_defaults(folder: str | Path) -> dict[str, float | int]:
         for key, field in _GENERATION_DEFAULTS.items()
         if isinstance(config.get(key), int | float) and not isinstance(config.get(key), bool)
     }
+
+
+def eos_token_ids(hf_config: dict, tokenizer) -> frozenset[int]:
+    """The tokens that end a sequence: config.json's `eos_token_id` (one or a list) and the tokenizer's."""
+    eos = hf_config.get("eos_token_id")
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

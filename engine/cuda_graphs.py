@@ -35,6 +35,17 @@ def can_capture(device: torch.device, attention_backend: str, quantization: str,
     )
 
 
+def use_decode_graphs(runner, config, attention_backend: str, max_model_len: int) -> None:
+    """Capture rank 0's decode steps as CUDA graphs where they can run, unless enforce_eager."""
+    device = torch.device(config.device)
+    if (
+        not config.enforce_eager
+        and can_capture(device, attention_backend, config.quantization, config.world_size)
+        and is_capturable(runner.model)
+    ):
+        runner.enable_decode_graphs(max_model_len)
+
+
 def is_capturable(model: torch.nn.Module) -> bool:
     """Whether the model's decode step can be replayed as a graph: not with mixture-of-experts
     layers, whose per-expert matmuls read the token counts on the host (engine.layers.moe)."""

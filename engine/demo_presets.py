@@ -11,34 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from transformers import (
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3Config,
-    Gemma3ForCausalLM,
-    Gemma3ForConditionalGeneration,
-    Gemma3TextConfig,
-    GptOssConfig,
-    GptOssForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    MixtralConfig,
-    MixtralForCausalLM,
-    Phi3Config,
-    Phi3ForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-    Qwen3MoeConfig,
-    Qwen3MoeForCausalLM,
-    SiglipVisionConfig,
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
@@ -54,7 +26,7 @@ class Preset:
     # Above Llama's 0.02 default: at 0.02 random logits are near-uniform and greedy
     # decoding collapses into one- or two-token loops, hiding KV-cache/batching bugs.
     initializer_range: float = 0.05
-    architecture: str = "LlamaForCausalLM"  # a key of ARCHITECTURES
+    architecture: str = "LlamaForCausalLM"  # a key of engine.demo_architectures.ARCHITECTURES
     # Further config fields (sliding window, biases, tying, rope scaling); override defaults.
     options: dict[str, object] = dataclasses.field(default_factory=dict)
     # Transformers initialises norm weights to 1 and biases to 0, so a norm or bias loaded
@@ -73,11 +45,17 @@ _TINY = Preset(256, 4, 8, 2, 688, 4096, 2048)
 _MINI = Preset(64, 4, 4, 2, 128, 512, 256, random_norms_and_biases=True)
 _MOE = dataclasses.replace(_MINI, num_hidden_layers=2, intermediate_size=32)
 _MOE_QWEN3 = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
-# Gemma 3's local/global pattern at 4 layers, each type with its own RoPE
-_GEMMA3_LAYERS = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-_GEMMA3_ROPE = {
-    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-    "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+# Gemma 3's local/global pattern at 4 layers, each type with its own RoPE, q/k norms
+_GEMMA3 = {
+    "head_dim": 16,
+    "sliding_window": 8,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 8.0},
+    },
+    "query_pre_attn_scalar": 16,
+    "tie_word_embeddings": True,
 }
 
 
@@ -88,6 +66,17 @@ def _longrope(rotary_dim: int) -> dict[str, object]:
         "rope_theta": 10000.0,
         "short_factor": [1.0 + 0.05 * i for i in range(half)],
         "long_factor": [1.0 + 0.5 * i for i in range(half)],
+    }
+
+
+def _yarn(**extra: object) -> dict[str, object]:
+    """YaRN over 4 x 64 tokens (the presets' prompts run past 64)."""
+    return {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        **extra,
     }
 
 
@@ -161,12 +150,7 @@ PRESETS: dict[str, Preset] = {
             "use_sliding_window": True,
             "sliding_window": 16,
             "max_window_layers": 2,
-            "rope_parameters": {
-                "rope_type": "yarn",
-                "rope_theta": 10000.0,
-                "factor": 4.0,
-                "original_max_position_embeddings": 64,
-            },
+            "rope_parameters": _yarn(),
         },
     ),
     # Local layers (0, 2) slide over 8 tokens; both soft-caps small enough to bite (random
@@ -201,29 +185,14 @@ PRESETS: dict[str, Preset] = {
     "tiny-gemma3": dataclasses.replace(
         _MINI,
         architecture="Gemma3ForCausalLM",
-        options={
-            "head_dim": 16,
-            "sliding_window": 8,
-            "layer_types": _GEMMA3_LAYERS,
-            "rope_parameters": _GEMMA3_ROPE,
-            "query_pre_attn_scalar": 16,
-            "final_logit_softcapping": 2.0,
-            "tie_word_embeddings": True,
-        },
+        options={**_GEMMA3, "final_logit_softcapping": 2.0},
     ),
     # The multimodal wrapper (a tiny SigLIP tower): the engine loads its language model.
     "tiny-gemma3-mm": dataclasses.replace(
         _MINI,
         architecture="Gemma3ForConditionalGeneration",
         num_key_value_heads=1,
-        options={
-            "head_dim": 16,
-            "sliding_window": 8,
-            "layer_types": _GEMMA3_LAYERS,
-            "rope_parameters": _GEMMA3_ROPE,
-            "query_pre_attn_scalar": 16,
-            "tie_word_embeddings": True,
-        },
+        options=_GEMMA3,
     ),
     # Phi-3-128k style: fused qkv/gate_up, LongRoPE (context 256; long factors from 96 tokens
     # on, past the test sequences: see engine.layers.rotary), a window of 48.
@@ -285,47 +254,7 @@ PRESETS: dict[str, Preset] = {
             "head_dim": 16,
             "sliding_window": 8,
             "swiglu_limit": 0.3,
-            "rope_parameters": {
-                "rope_type": "yarn",
-                "rope_theta": 10000.0,
-                "factor": 4.0,
-                "original_max_position_embeddings": 64,
-                "beta_fast": 32.0,
-                "beta_slow": 1.0,
-                "truncate": False,
-            },
+            "rope_parameters": _yarn(beta_fast=32.0, beta_slow=1.0, truncate=False),
         },
     ),
-}
-
-
-def _gemma3_multimodal_config(**kwargs) -> Gemma3Config:
-    # The top level names the architecture; the rest is the language model's.
-    architectures = kwargs.pop("architectures")
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-    )
-    text = Gemma3TextConfig(**kwargs)
-    return Gemma3Config(
-        text_config=text, vision_config=vision, mm_tokens_per_image=4, architectures=architectures
-    )
-
-
-ARCHITECTURES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
-    "LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM),
-    "MistralForCausalLM": (MistralConfig, MistralForCausalLM),
-    "Qwen2ForCausalLM": (Qwen2Config, Qwen2ForCausalLM),
-    "Qwen3ForCausalLM": (Qwen3Config, Qwen3ForCausalLM),
-    "Gemma2ForCausalLM": (Gemma2Config, Gemma2ForCausalLM),
-    "Gemma3ForCausalLM": (Gemma3TextConfig, Gemma3ForCausalLM),
-    "Gemma3ForConditionalGeneration": (_gemma3_multimodal_config, Gemma3ForConditionalGeneration),
-    "Phi3ForCausalLM": (Phi3Config, Phi3ForCausalLM),
-    "MixtralForCausalLM": (MixtralConfig, MixtralForCausalLM),
-    "Qwen3MoeForCausalLM": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
-    "GptOssForCausalLM": (GptOssConfig, GptOssForCausalLM),
 }

@@ -30,7 +30,7 @@ class AttentionMetadata:
     # decode-only steps: (row indices [b] on the device, their longest context), rows of similar length
     decode_groups: list[tuple[torch.Tensor, int]] = field(default_factory=list)
     # what the SDPA backend derives from decode_groups for every layer alike, built by the step's
-    # first layer and reused by the others (engine.layers.attention_backends.decode_group_inputs)
+    # first layer and reused by the others (engine.layers.paged_kv.decode_group_inputs)
     decode_group_inputs: object | None = None
 
 

@@ -23,14 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from engine.block_manager import BlockManager
-from engine.checkpoint import check_checkpoint_folder, load_generation_defaults, load_tokenizer
+from engine.checkpoint import read_checkpoint
 from engine.choice_scoring import ChoiceScorer
 from engine.config import EngineConfig
-from engine.cuda_graphs import can_capture, is_capturable
+from engine.cuda_graphs import use_decode_graphs
 from engine.distributed.executor import EngineDeadError, MultiprocExecutor, UniprocExecutor
 from engine.distributed.layout import check_parallel_layout
 from engine.input_processor import InputProcessor, RequestRejected
-from engine.models import max_context_len
 from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.parallel_sampling import ParallelSampler
@@ -38,7 +37,7 @@ from engine.pooling import Pooler, PoolingParams, PoolingRows
 from engine.quant import make_plan
 from engine.runtime import resolve_dtype, resolve_runtime
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.stats import EngineStats, StepTotals
 from engine.step_plan import PromptLogprobRows, StepPlan
@@ -50,32 +49,29 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         config = resolve_dtype(config)  # every rank gets the concrete dtype
         self.config = config
-        hf_config = check_checkpoint_folder(config.model)
-        self.tokenizer = load_tokenizer(config.model)
-        # generation_config.json's sampling defaults, by SamplingParams field (for front ends to apply)
-        self.generation_defaults = load_generation_defaults(config.model)
-        device = torch.device(config.device)
+        checkpoint = read_checkpoint(config.model, config.max_model_len)
+        self.tokenizer = checkpoint.tokenizer
+        self.generation_defaults = checkpoint.generation_defaults  # for front ends to apply
+        self.vocab_size, self.architectures = checkpoint.vocab_size, checkpoint.architectures
+        self.max_model_len = checkpoint.max_model_len
         runtime = resolve_runtime(config)
         self.attention_backend, self.block_size = runtime.attention_backend, runtime.block_size
-        make_plan(
-            config, hf_config, device
-        )  # refuses a compression mode that cannot run here, before loading
-        check_parallel_layout(config, hf_config)
-        self.vocab_size: int = hf_config["vocab_size"]
-        self.architectures: tuple[str, ...] = tuple(hf_config.get("architectures") or ())
-        model_limit = max_context_len(hf_config)
-        self.max_model_len = min(config.max_model_len or model_limit, model_limit)
-        eos_token_ids = _eos_token_ids(hf_config, self.tokenizer)
+        # refuses a compression mode or a parallel layout that cannot run here, before loading
+        make_plan(config, checkpoint.hf_config, torch.device(config.device))
+        check_parallel_layout(config, checkpoint.hf_config)
         # tensor/pipeline parallel: worker processes for the other ranks; this process is rank 0
         executor_class = MultiprocExecutor if config.world_size > 1 else UniprocExecutor
         self.executor = executor_class(config, self.attention_backend, self.block_size)
         self.runner = self.executor.runner  # rank 0's
-        if (
-            not config.enforce_eager
-            and can_capture(device, self.attention_backend, config.quantization, config.world_size)
-            and is_capturable(self.runner.model)
-        ):
-            self.runner.enable_decode_graphs(self.max_model_len)
+        use_decode_graphs(self.runner, config, self.attention_backend, self.max_model_len)
+        self._build_stages(checkpoint.eos_token_ids)
+        self._step_totals = StepTotals()
+        self._requests: dict[str, Sequence] = {}  # unfinished requests (their own sequences)
+        self._aborted: list[RequestOutput] = []  # aborted between steps, reported by the next step()
+
+    def _build_stages(self, eos_token_ids: frozenset[int]) -> None:
+        """The step's stages over the KV blocks the executor allocated (after the model loaded)."""
+        config = self.config
         self.block_manager = BlockManager(
             self.executor.num_blocks, self.block_size, config.enable_prefix_caching
         )
@@ -100,9 +96,6 @@ class LLMEngine:
         self.choice_scorer = ChoiceScorer(self.scheduler)
         self.pooler = Pooler()
         self.parallel_sampler = ParallelSampler(self.scheduler, self.input_processor.fork_grammar)
-        self._step_totals = StepTotals()
-        self._requests: dict[str, Sequence] = {}  # unfinished requests (their own sequences)
-        self._aborted: list[RequestOutput] = []  # aborted between steps, reported by the next step()
 
     def add_request(
         self,
@@ -159,9 +152,32 @@ class LLMEngine:
         pooling_rows = PoolingRows.of(out)
         plan = StepPlan.build(out, self.vocab_size, rows)
         plan.pooling_rows = pooling_rows.rows if pooling_rows is not None else None
+        result, token_ids = self._execute(out, plan, outputs)
+        self.pooler.update(pooling_rows, result.pooled_hidden if result is not None else None)
+        finished = self.scheduler.update_from_output(out, token_ids)
+        processed = self.output_processor.process(
+            out.sampling_seqs, token_ids, result.logprobs if result is not None else None, finished
+        )
+        for seq, stop in processed.stopped:
+            self.scheduler.finish(seq, "stop", stop)
+        for fork in self.parallel_sampler.update(out):
+            self.output_processor.add(fork)
+        outputs += self.choice_scorer.update(out, rows, *_prompt_logprobs(result, rows))
+        gathered = [g for seq, output in processed.outputs if (g := self.parallel_sampler.hold(seq, output))]
+        outputs += [
+            self.pooler.hold(seq, o)
+            for seq, output in gathered
+            if (o := self.choice_scorer.hold(seq, output))
+        ]
+        for output in outputs:
+            self._requests.pop(output.request_id, None)
+        return outputs
+
+    def _execute(self, out: SchedulerOutput, plan: StepPlan, outputs: list[RequestOutput]):
+        """The model run and its one host sync: (the runner's result, the sampled token ids)."""
         try:
             result = self.executor.execute(plan)
-            token_ids = result.sampled_token_ids.tolist() if result is not None else []  # the step's one sync
+            return result, result.sampled_token_ids.tolist() if result is not None else []
         except EngineDeadError:
             raise
         except Exception as e:
@@ -173,30 +189,6 @@ class LLMEngine:
             self.scheduler.requeue(out.seqs)
             self._aborted = outputs + self._aborted  # still to be reported
             raise StepFailed(sorted({seq.request_id for seq in out.seqs}), e) from e
-        self.pooler.update(pooling_rows, result.pooled_hidden if result is not None else None)
-        finished = self.scheduler.update_from_output(out, token_ids)
-        sampling = out.sampling_seqs
-        processed = self.output_processor.process(
-            sampling, token_ids, result.logprobs if result is not None else None, finished
-        )
-        for seq, stop in processed.stopped:
-            self.scheduler.finish(seq, "stop", stop)
-        prompt_logprobs = result.prompt_logprobs.tolist() if rows is not None else []
-        prompt_top = None
-        if rows is not None and result.prompt_top_logprobs is not None:
-            prompt_top = [t.tolist() for t in result.prompt_top_logprobs]  # (ids, logprobs), [R, K] each
-        for fork in self.parallel_sampler.update(out):
-            self.output_processor.add(fork)
-        outputs += self.choice_scorer.update(out, rows, prompt_logprobs, prompt_top)
-        gathered = [g for seq, output in processed.outputs if (g := self.parallel_sampler.hold(seq, output))]
-        outputs += [
-            self.pooler.hold(seq, o)
-            for seq, output in gathered
-            if (o := self.choice_scorer.hold(seq, output))
-        ]
-        for output in outputs:
-            self._requests.pop(output.request_id, None)
-        return outputs
 
     def stats(self) -> EngineStats:
         """A snapshot for monitoring; safe to call from any thread."""
@@ -213,12 +205,6 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests or self._aborted)
-
-    @property
-    def num_unfinished_requests(self) -> int:
-        # requests, not sequences: a choice request's scoring sequences are part of it, and a
-        # request whose text is done is unfinished until its choices are scored
-        return len(self._requests)
 
     def generate(
         self,
@@ -259,9 +245,9 @@ class StepFailed(RuntimeError):
         self.cause = cause
 
 
-def _eos_token_ids(hf_config: dict, tokenizer) -> frozenset[int]:
-    eos = hf_config.get("eos_token_id")
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return frozenset(ids)
+def _prompt_logprobs(result, rows: PromptLogprobRows | None) -> tuple[list, list | None]:
+    """The step's prompt logprobs [R] and top logprobs ((ids, logprobs), [R, K] each, or None) as lists."""
+    if rows is None:
+        return [], None
+    top = result.prompt_top_logprobs
+    return result.prompt_logprobs.tolist(), None if top is None else [t.tolist() for t in top]

@@ -117,6 +117,14 @@ class ModelRunner:
         logprob rows), the others' need not.
         """
         state = ps.get_parallel_state()
+        logits, hiddens = self._forward(plan, state)
+        if not state.is_sampling_rank:
+            return None
+        return self._sample(plan, logits, hiddens)
+
+    def _forward(self, plan: StepPlan, state) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This rank's stage over the plan's micro-batches (pipeline parallel: one per stage when
+        there are enough sequences): the last stage's logits [n, V] and hidden states [t, H] each."""
         num_micro_batches = state.pp_size if plan.num_seqs >= 2 * state.pp_size else 1
         pending, logits, hiddens = [], [], []
         for micro in plan.split(num_micro_batches):
@@ -139,8 +147,11 @@ class ModelRunner:
                 logits.append(self.model.compute_logits(result[logits_indices]))
         for work, _tensor in pending:
             work.wait()
-        if not state.is_sampling_rank:
-            return None
+        return logits, hiddens
+
+    def _sample(
+        self, plan: StepPlan, logits: list[torch.Tensor], hiddens: list[torch.Tensor]
+    ) -> SamplerOutput | None:
         rows = plan.prompt_logprob_rows
         prompt_logprobs = prompt_top = None
         if rows is not None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineConfig, EngineConfigError
-from engine.layers.attention_backends import select_backend
+from engine.config import ATTENTION_BACKENDS, EngineConfig, EngineConfigError
+from engine.layers import attention_backends
 from engine.models import MODEL_REGISTRY
 
 FLASH_PAGE_SIZE = 256  # FlashAttention-2 reads pages of a multiple of this many tokens
@@ -45,6 +45,47 @@ def resolve_runtime(config: EngineConfig) -> Runtime:
             f"FlashAttention needs block_size to be a multiple of {FLASH_PAGE_SIZE}, got {block_size}"
         )
     return Runtime(backend, block_size)
+
+
+def select_backend(
+    name: str, device: torch.device, kv_cache_dtype: str = "auto", has_sinks: bool = False
+) -> str:
+    """Resolve "auto": on CUDA flash-attn when importable (not for a model with attention sinks),
+    else the Triton decode kernel when Triton is importable, else SDPA; SDPA on CPU and with an
+    fp8 KV cache (which only SDPA reads)."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
+    if name == "flash" and has_sinks:
+        raise ValueError(
+            "attention_backend 'flash' cannot run attention sinks (the model's per-head `sinks`, "
+            "GPT-OSS): flash-attn 2 has no sink logits; use attention_backend 'triton' or 'sdpa'"
+        )
+    if name == "flash":
+        if kv_cache_dtype == "fp8":
+            raise ValueError(
+                "kv_cache_dtype 'fp8' needs attention_backend 'sdpa': flash-attn 2 reads fp16/bf16 only"
+            )
+        if device.type != "cuda":
+            raise ValueError("attention_backend 'flash' needs a CUDA device")
+        if not attention_backends.flash_attn_available():
+            raise ValueError(
+                "attention_backend 'flash' needs the flash-attn package (pip install flash-attn)"
+            )
+        return name
+    if name == "triton":
+        if kv_cache_dtype == "fp8":
+            raise ValueError(
+                "kv_cache_dtype 'fp8' needs attention_backend 'sdpa': the Triton decode kernel reads unscaled caches"
+            )
+        if device.type == "cuda" and not attention_backends.triton_available():
+            raise ValueError("attention_backend 'triton' needs the triton package")
+    if name == "auto":
+        if device.type != "cuda" or kv_cache_dtype == "fp8":
+            return "sdpa"
+        if attention_backends.flash_attn_available() and not has_sinks:
+            return "flash"
+        return "triton" if attention_backends.triton_available() else "sdpa"
+    return name
 
 
 def resolve_dtype(config: EngineConfig) -> EngineConfig:

@@ -80,13 +80,6 @@ class Scheduler:
             seq.arrival_step = self.num_steps
         bisect.insort(self.waiting, seq, key=self._queue_key)
 
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
-
     def schedule(self) -> SchedulerOutput:
         self.num_steps += 1
         out = SchedulerOutput()

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loadtest: {e}", file=sys.stderr)
         return 2
 
-    from engine.config import EngineConfig  # noqa: F401 (torch loads only once the arguments are fine)
+    import engine  # noqa: F401 (torch loads only once the arguments are fine)
     from loadtest.driver import JobShape, Target, run_load
     from loadtest.offline import offline_tokens_per_s
     from loadtest.report import summary, write_report

@@ -31,8 +31,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from engine.demo_models import ensure_checkpoint  # noqa: E402
+from engine import EngineConfig, LLMEngine, SamplingParams, ensure_demo_checkpoint  # noqa: E402
 from loadtest import peers  # noqa: E402
 from loadtest.floor import Floor, measure_machine, workload_floor  # noqa: E402
 from loadtest.workloads import WORKLOADS, Row, Workload  # noqa: E402
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     if "vllm" in args.peers and not args.vllm_venv:
         parser.error("--peers vllm needs --vllm-venv")
 
-    folder = ensure_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
+    folder = ensure_demo_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
     vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
     workload = WORKLOADS[args.workload](vocab_size, args.num_requests)
     if "vllm" in args.peers:

@@ -40,8 +40,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from engine.demo_models import ensure_checkpoint  # noqa: E402
+from engine import EngineConfig, LLMEngine, SamplingParams, ensure_demo_checkpoint  # noqa: E402
 from engine.distributed import parallel_state  # noqa: E402
 from engine.layers.activation import ActAndMul  # noqa: E402
 from engine.layers.moe import FusedMoE, fused_experts, looped_experts, select_experts  # noqa: E402
@@ -120,7 +119,7 @@ def model_rows(rounds: int) -> list[tuple]:
     prompts = [[1] + [(i * 37 + j * 11) % 4000 + 4 for j in range(63)] for i in range(16)]
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     engines = {
-        name: LLMEngine(EngineConfig(dtype="float32", model=str(ensure_checkpoint(MODELS, preset=name))))
+        name: LLMEngine(EngineConfig(dtype="float32", model=str(ensure_demo_checkpoint(MODELS, preset=name))))
         for name in ("tiny", "bench-mixtral")
     }
     variants = {

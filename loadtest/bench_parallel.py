@@ -25,8 +25,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from engine.demo_models import ensure_checkpoint  # noqa: E402
+from engine import EngineConfig, LLMEngine, SamplingParams, ensure_demo_checkpoint  # noqa: E402
 from loadtest.bench_engine import run_sluice  # noqa: E402
 from loadtest.workloads import Row, Workload, standard_workload  # noqa: E402
 
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         if torch.cuda.device_count() < largest:
             parser.error(f"the layouts need {largest} GPUs, {torch.cuda.device_count()} visible")
 
-    folder = ensure_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
+    folder = ensure_demo_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
     rows, workload, reference = [], None, None
     for tp, pp in args.layouts:
         row, workload, tokens = run_layout(args, folder, tp, pp, workload)

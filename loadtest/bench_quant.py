@@ -40,9 +40,8 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from engine import EngineConfig, LLMEngine  # noqa: E402
+from engine import EngineConfig, LLMEngine, ensure_demo_checkpoint  # noqa: E402
 from engine.compress import prune_checkpoint  # noqa: E402
-from engine.demo_models import ensure_checkpoint  # noqa: E402
 from engine.quant import QuantizationError, model_weight_bytes  # noqa: E402
 from engine.quant.quality import compare, targets_for, teacher_forced_logits  # noqa: E402
 from loadtest.bench_engine import run_sluice  # noqa: E402
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for kind in args.checkpoints:
         if kind == "random":
-            folder = ensure_checkpoint(MODELS, preset=args.preset)
+            folder = ensure_demo_checkpoint(MODELS, preset=args.preset)
             text_ids = None
         else:
             folder, text_ids = trained_checkpoint(args.train_steps)

@@ -30,8 +30,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
-from engine import EngineConfig, EngineThread, LLMEngine  # noqa: E402
-from engine.demo_models import ensure_checkpoint  # noqa: E402
+from engine import EngineConfig, EngineThread, LLMEngine, ensure_demo_checkpoint  # noqa: E402
 from loadtest.bench_engine import run_sluice  # noqa: E402
 from loadtest.workloads import Workload, standard_workload  # noqa: E402
 from service.app import Service  # noqa: E402
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    folder = ensure_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
+    folder = ensure_demo_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
     # As `sluice serve` does: one thread loads the engine, steps it in the service and (here) runs
     # the offline peer too, so both modes use the same OpenMP pool (engine/engine_thread.py).
     config = EngineConfig(

@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     trees = [tree.resolve() for tree in args.trees]
     sys.path.insert(0, str(REPO_ROOT))
-    from engine.demo_models import ensure_checkpoint
+    from engine import ensure_demo_checkpoint
 
-    folder = ensure_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
+    folder = ensure_demo_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
     seconds: dict[Path, list[float]] = {tree: [] for tree in trees}
     for round_index in range(args.rounds):
         for tree in trees if round_index % 2 == 0 else trees[::-1]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from engine.demo_models import ensure_checkpoint
+from engine import ensure_demo_checkpoint
 from loadtest.chaos_cluster import REPO, ChaosBroker, Instance, ResultsReader
 from loadtest.chaos_report import MODES, WARM_S, Report, Settings, handbacks
 from service.topics import ensure_topics
@@ -89,7 +89,7 @@ async def _run(r: _Run) -> Report:
     s = r.s
     topics = [f"{r.prefix}.{t}" for t in ("jobs", "results", "dlq", "traces")]
     await ensure_topics(r.bootstrap, topics, s.partitions, 1)
-    r.checkpoint = ensure_checkpoint(REPO / "build" / "test-models", preset="tiny")
+    r.checkpoint = ensure_demo_checkpoint(REPO / "build" / "test-models", preset="tiny")
     await r.reader.start()
     sampler = asyncio.create_task(_sample_memory(r))
     try:

@@ -157,7 +157,7 @@ async def _closed_loop(
 ) -> None:
     deadline = time.monotonic() + duration_s
 
-    async def worker() -> None:
+    async def user() -> None:  # one of `concurrency` users, each waiting for its result before the next job
         while time.monotonic() < deadline:
             done = await send(source.next())
             try:
@@ -165,7 +165,7 @@ async def _closed_loop(
             except TimeoutError:
                 return  # the service stopped answering: _drain marks what is missing
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(user() for _ in range(concurrency)))
 
 
 async def _drain(waiting: dict, timeout_s: float) -> None:

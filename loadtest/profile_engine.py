@@ -23,8 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
-from engine.demo_models import ensure_checkpoint  # noqa: E402
+from engine import EngineConfig, LLMEngine, SamplingParams, ensure_demo_checkpoint  # noqa: E402
 from loadtest.workloads import WORKLOADS  # noqa: E402
 
 # first match wins: op-name fragments per category
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=15, help="also list the N costliest ops")
     parser.add_argument("--ops", action="store_true", help="also count ops: in all, and per index op")
     args = parser.parse_args(argv)
-    folder = ensure_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
+    folder = ensure_demo_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
     vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
     workload = WORKLOADS[args.workload](vocab_size, args.num_requests)
     engine = LLMEngine(EngineConfig(model=str(folder), dtype=args.dtype))

@@ -68,13 +68,15 @@ def resolve_engine_config(config: ServiceConfig) -> EngineConfig:
     once, then cached)."""
     if config.engine.model:
         return config.engine
-    from engine.demo_models import ensure_checkpoint
+    from engine import ensure_demo_checkpoint
 
     cache = Path(config.build_dir) / "models"
     log.info(
         "no model configured (SLUICE_ENGINE_MODEL): using the built-in %r demo model", config.demo_preset
     )
-    return dataclasses.replace(config.engine, model=str(ensure_checkpoint(cache, preset=config.demo_preset)))
+    return dataclasses.replace(
+        config.engine, model=str(ensure_demo_checkpoint(cache, preset=config.demo_preset))
+    )
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:

@@ -1,12 +1,14 @@
 """Service: wires consumer, job handler, async engine and publisher; runs until told to stop.
 
-A job's way, each stage one module:
+A job's way, each stage one module (RecordProcessor.process, service/processing.py, takes one
+record from the handler to done):
 
     JobConsumer.fetch           a record of a jobs topic (backpressure pauses the partitions)
     -> JobHandler.handle        bytes -> schemas/ job -> translate -> (prompt ids, SamplingParams)
     -> DynamicBatcher           admitted with the burst it came in; the engine's thread steps it
     -> AsyncLLMEngine.wait      the engine's RequestOutput -> translate -> result line
-    -> ResultPublisher / TransactionalDelivery   the result (and a dead letter for an error)
+    -> OutcomeDelivery          the result (and a dead letter for an error) through the
+                                ResultPublisher, or exactly_once a TransactionalDelivery
     -> JobConsumer.done         the partition's watermark moves; offsets commit behind it
 
 Every consumed record ends as exactly one of: a result, an error result plus a dead letter, or
@@ -17,11 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
 
 from aiokafka import TopicPartition
-from aiokafka.structs import ConsumerRecord
 
 from engine import AsyncLLMEngine, EngineDeadError, EngineThread, LLMEngine
 from service.backpressure import Backpressure
@@ -30,17 +29,17 @@ from service.config import ServiceConfig
 from service.consumer import JobConsumer
 from service.delivery import OutcomeDelivery
 from service.http import HealthServer
-from service.jobs import JobHandler, Outcome
-from service.kafka_security import check_login, client_options
+from service.jobs import JobHandler
+from service.kafka_security import KafkaClientOptions, check_login, client_options
 from service.limits import job_limits
 from service.metrics import ServiceMetrics
+from service.processing import RecordProcessor
 from service.publisher import ResultPublisher
 from service.reasoning import resolve_reasoning_parser
-from service.records import job_timestamp_ms, record_ref
 from service.routing import ReplyTopics
 from service.shutdown import bounded
 from service.topics import ensure_topics, max_message_bytes
-from service.tracing import JobTracer, traceparent_headers
+from service.tracing import JobTracer
 from service.transactions import TransactionalDelivery
 
 log = logging.getLogger(__name__)
@@ -61,52 +60,9 @@ class Service:
         self.batcher = DynamicBatcher(
             self.async_engine, config.batch_max_size, config.batch_max_wait_ms, on_flush=self._admitted
         )
-        self.handler = JobHandler(
-            self.batcher,
-            config.served_model_name,
-            config.default_max_tokens,
-            self.backpressure,
-            model_aliases=config.model_aliases,
-            unknown_fields=config.unknown_fields,
-            limits=job_limits(config, engine.max_model_len),
-            reply_topics=ReplyTopics(
-                config.reply_topics,
-                config.results_topic,
-                reserved=[*config.jobs_topics, config.dlq_topic, config.traces_topic],
-            ),
-            embedding_pooling=config.embedding_pooling,
-            tool_call_parser=config.tool_call_parser,
-            reasoning_parser=resolve_reasoning_parser(
-                config.reasoning_parser, getattr(engine, "architectures", ())
-            ),
-        )
+        self.handler = _job_handler(config, self.batcher, self.backpressure, engine)
         self.kafka_security = client_options(config)  # SASL/TLS settings of every Kafka client below
-        configured = {config.results_topic, config.dlq_topic, config.traces_topic}  # reply topics come and go
-        self.publisher = ResultPublisher(
-            config.kafka_bootstrap,
-            config.client_id,
-            self.kafka_security,
-            max_request_size=config.max_result_bytes + _REQUEST_HEADROOM,
-            keep_topics=configured,
-        )
-        # exactly_once: results wait for their partition's next transaction instead of the publisher
-        self.transactions: TransactionalDelivery | None = None
-        if config.delivery == "exactly_once":
-            self.transactions = TransactionalDelivery(
-                config.kafka_bootstrap,
-                config.group_id,
-                config.client_id,
-                config.transactional_id_prefix,
-                security=self.kafka_security,
-                keep_topics=configured,
-            )
-        # exactly_once: the transactional producers keep aiokafka's 1 MiB max_request_size
-        max_result_bytes = (
-            config.max_result_bytes if self.transactions is None else min(config.max_result_bytes, 1_000_000)
-        )
-        self.delivery = OutcomeDelivery(
-            self.publisher, self.transactions, config.results_topic, config.dlq_topic, max_result_bytes
-        )
+        self.publisher, self.transactions, self.delivery = _delivery(config, self.kafka_security)
         self.consumer = JobConsumer(
             config.kafka_bootstrap,
             config.jobs_topics,
@@ -114,14 +70,16 @@ class Service:
             config.client_id,
             config.commit_interval_ms,
             self.kafka_security,
-            sink=self.transactions,
+            sink=self.transactions,  # exactly_once: offsets commit in the results' transactions
+        )
+        self.consumer.on_revoke = self._abort_partitions
+        self.metrics = ServiceMetrics()
+        self.processor = RecordProcessor(
+            self.handler, self.delivery, self.consumer, self.metrics, self._engine_died
         )
         self._tasks: dict[asyncio.Task, TopicPartition] = {}  # in-flight jobs and their partitions
         self.tracer: JobTracer | None = None
-        self.metrics = ServiceMetrics()
-        for topic in config.jobs_topics:  # at 0 from the first scrape: rate() then sees the first jobs
-            self.metrics.jobs_consumed.labels(topic)
-        self._register_gauges()
+        self._register_metrics()
         self._ready = False
         self.http = HealthServer(
             config.http_host,
@@ -130,7 +88,6 @@ class Service:
             lambda: self.async_engine.is_running,
             lambda: self._ready,
         )
-        self.consumer.on_revoke = self._abort_partitions
         self.engine_failure: EngineDeadError | None = None  # set when the engine died: stop, exit non-zero
         self._stop: asyncio.Event | None = None
 
@@ -138,7 +95,7 @@ class Service:
         c = self.config
         await check_login(c.kafka_bootstrap, self.kafka_security)  # a refused login says why, and stops here
         if c.create_topics:
-            topics = [*c.jobs_topics, c.results_topic, c.dlq_topic, c.traces_topic]
+            topics = [*c.jobs_topics, *_written_topics(c)]
             await ensure_topics(
                 c.kafka_bootstrap, topics, c.topic_partitions, c.topic_replication, self.kafka_security
             )
@@ -155,6 +112,7 @@ class Service:
                 c.served_model_name,
                 otlp_endpoint=c.otlp_endpoint,
             )
+            self.processor.tracer = self.tracer
         await self.consumer.start()
         await self.http.start()
         self._ready = True
@@ -190,7 +148,7 @@ class Service:
         for record, generation in fetched:
             backpressure.add(jobs=1)
             self.metrics.jobs_consumed.labels(record.topic).inc()
-            task = asyncio.create_task(self._process(record, generation))
+            task = asyncio.create_task(self.processor.process(record, generation))
             self._tasks[task] = TopicPartition(record.topic, record.partition)
             task.add_done_callback(self._forget_task)
 
@@ -226,28 +184,15 @@ class Service:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _count(self, record: ConsumerRecord, timestamp_ms: int, outcome: Outcome) -> None:
-        m = self.metrics
-        m.latency.observe(max(0.0, time.time() - timestamp_ms / 1000))
-        if outcome.is_error:
-            m.jobs_failed.labels(outcome.result.failure.code).inc()
-            m.dead_letters.inc()
-        else:
-            m.jobs_completed.inc()
-        if (out := outcome.output) is not None:
-            m.prompt_tokens.inc(len(out.prompt_token_ids))
-            m.output_tokens.inc(sum(len(s.token_ids) for s in out.samples or [out]))  # every choice's
-            m.queue_wait.observe(max(0.0, out.metrics.arrival_time - timestamp_ms / 1000))
-            if (ttft := _seconds(out.metrics.first_token_time, out.metrics.arrival_time)) is not None:
-                m.ttft.observe(ttft)
-
     def _admitted(self, batch: list[Admission]) -> None:
         self.metrics.admission_batch_size.observe(len(batch))
         if self.tracer is not None:
             self.tracer.record_admission([a.tag for a in batch if a.tag is not None], len(batch))
 
-    def _register_gauges(self) -> None:
+    def _register_metrics(self) -> None:
         bp, m = self.backpressure, self.metrics
+        for topic in self.config.jobs_topics:  # at 0 from the first scrape: rate() then sees the first jobs
+            m.jobs_consumed.labels(topic)
         m.engine(self.async_engine.stats)
         m.gauge("sluice_jobs_in_flight", "Jobs consumed, not yet published", lambda: bp.jobs)
         m.gauge("sluice_tokens_in_flight", "Prompt + requested output tokens in flight", lambda: bp.tokens)
@@ -263,41 +208,6 @@ class Service:
         self._tasks.pop(task, None)
         self.backpressure.remove(jobs=1)
 
-    async def _process(self, record: ConsumerRecord, generation: int) -> None:
-        """`generation`: the assignment of the record's partition it was consumed under (JobConsumer.fetch)."""
-        timestamp_ms = job_timestamp_ms(record, int(time.time() * 1000))
-        span = self.tracer.start_job(record, timestamp_ms) if self.tracer else None
-        try:
-            outcome = await self._handle_and_publish(record, generation, timestamp_ms, span)
-        except asyncio.CancelledError:
-            if span is not None:
-                self.tracer.end_job(span, "aborted")
-            raise
-        except EngineDeadError as e:
-            # No result and no commit: the partition's next owner redoes the job. An engine that
-            # is gone would turn every job into an error result, so this instance stops.
-            if span is not None:
-                self.tracer.end_job(span, "engine_dead")
-            self._engine_died(e)
-            return
-        except Exception as e:  # a fault of Sluice's own: the job still gets an error result
-            log.exception("job %s failed in the service", record_ref(record))
-            outcome = await self.delivery.deliver_internal_error(
-                record, e, self._is_current(record, generation)
-            )
-            if outcome is None:  # not even that: left uncommitted, its next owner redoes it
-                if span is not None:
-                    self.tracer.end_job(span, "internal_error")
-                return
-            self._count(record, timestamp_ms, outcome)
-            self.consumer.done(record, generation)
-        if span is not None:
-            self.tracer.end_job(span, outcome.result.failure.code if outcome.is_error else None)
-
-    def _is_current(self, record: ConsumerRecord, generation: int) -> Callable[[], bool]:
-        """Whether the record's partition is still in the assignment the job was consumed under."""
-        return lambda: self.consumer.is_current(record, generation)
-
     def _engine_died(self, error: EngineDeadError) -> None:
         if self.engine_failure is None:
             self.engine_failure = error
@@ -305,44 +215,63 @@ class Service:
         if self._stop is not None:
             self._stop.set()
 
-    async def _handle_and_publish(
-        self, record: ConsumerRecord, generation: int, timestamp_ms: int, span
-    ) -> Outcome:
-        outcome = await self.handler.handle(
-            record.value or b"", record.headers, timestamp_ms, record_ref(record), tag=span
-        )
-        if span is not None:
-            if outcome.output is not None:
-                out = outcome.output
-                self.tracer.record_inference(span, out.metrics, len(out.prompt_token_ids), len(out.token_ids))
-            trace_headers = traceparent_headers(span)  # same trace as the job's producer, this job's span
-        else:
-            trace_headers = [(k, v) for k, v in record.headers or () if k.lower() == "traceparent"]
-        publish_start = time.time_ns()
-        delivered = await self.delivery.deliver(
-            record, outcome, trace_headers, self._is_current(record, generation)
-        )
-        if delivered is None:
-            # Its partition was revoked (or restarted) and maybe assigned here again since: that
-            # assignment redoes it from the committed offset. Only a job that outlived its abort
-            # gets here; staging it could publish its result twice.
-            log.warning("job %s outlived its partition's assignment: dropped", record_ref(record))
-            return outcome
-        outcome = delivered
-        if outcome.is_error:
-            log.warning(
-                "job %s/%d/%d failed: %s",
-                record.topic,
-                record.partition,
-                record.offset,
-                outcome.result.failure,
-            )
-        if span is not None:
-            self.tracer.record_publish(span, publish_start)
-        self._count(record, timestamp_ms, outcome)
-        self.consumer.done(record, generation)
-        return outcome
+
+def _written_topics(config: ServiceConfig) -> list[str]:
+    """The topics Sluice writes to whatever the jobs say (reply topics come and go)."""
+    return [config.results_topic, config.dlq_topic, config.traces_topic]
 
 
-def _seconds(later: float | None, earlier: float) -> float | None:
-    return None if later is None else max(0.0, later - earlier)
+def _job_handler(
+    config: ServiceConfig, batcher: DynamicBatcher, backpressure: Backpressure, engine: LLMEngine
+) -> JobHandler:
+    reply_topics = ReplyTopics(
+        config.reply_topics, config.results_topic, reserved=[*config.jobs_topics, *_written_topics(config)]
+    )
+    return JobHandler(
+        batcher,
+        config.served_model_name,
+        config.default_max_tokens,
+        backpressure,
+        model_aliases=config.model_aliases,
+        unknown_fields=config.unknown_fields,
+        limits=job_limits(config, engine.max_model_len),
+        reply_topics=reply_topics,
+        embedding_pooling=config.embedding_pooling,
+        tool_call_parser=config.tool_call_parser,
+        reasoning_parser=resolve_reasoning_parser(
+            config.reasoning_parser, getattr(engine, "architectures", ())
+        ),
+    )
+
+
+def _delivery(
+    config: ServiceConfig, security: KafkaClientOptions
+) -> tuple[ResultPublisher, TransactionalDelivery | None, OutcomeDelivery]:
+    """The publisher, the transactional producers (exactly_once: results wait for their
+    partition's next transaction instead of the publisher) and the delivery over both."""
+    written = _written_topics(config)
+    publisher = ResultPublisher(
+        config.kafka_bootstrap,
+        config.client_id,
+        security,
+        max_request_size=config.max_result_bytes + _REQUEST_HEADROOM,
+        keep_topics=written,
+    )
+    transactions = None
+    max_result_bytes = config.max_result_bytes
+    if config.delivery == "exactly_once":
+        transactions = TransactionalDelivery(
+            config.kafka_bootstrap,
+            config.group_id,
+            config.client_id,
+            config.transactional_id_prefix,
+            security=security,
+            keep_topics=written,
+        )
+        max_result_bytes = min(
+            max_result_bytes, 1_000_000
+        )  # these producers keep aiokafka's 1 MiB max_request_size
+    delivery = OutcomeDelivery(
+        publisher, transactions, config.results_topic, config.dlq_topic, max_result_bytes
+    )
+    return publisher, transactions, delivery

@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from engine import EngineDeadError, RequestOutput, RequestRejected
-from engine.pooling import PoolingParams
+from engine import EngineDeadError, PoolingParams, RequestOutput, RequestRejected
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
 from schemas.embeddings import EmbeddingRequest
@@ -29,6 +28,7 @@ from service.embeddings import embed, embedding_inputs, to_embedding_line
 from service.limits import JobLimits, check_job_size, check_limits, check_prompt_tokens
 from service.routing import ReplyTopics
 from service.translate import (
+    EngineRequest,
     TranslationError,
     check_model,
     to_engine_request,
@@ -149,24 +149,7 @@ class JobHandler:
         num_prompt_tokens = len(request.prompt_token_ids)
         check_prompt_tokens(num_prompt_tokens, self._limits)
         _check_deadline(deadline, "after tokenising")
-        # Unique per delivery: a redelivered record is a new engine request.
-        request_id = f"{ref}/{uuid.uuid4().hex[:8]}"
-        generation = self._batcher.generate(
-            request_id, request.prompt_token_ids, request.params, request.priority, tag=tag
-        )
-        # what it may hold in the KV cache: the prompt once (its samples share it), each sample's
-        # output as the engine clips max_tokens to the model's length
-        output_tokens = self._limits.output_tokens(request.params.max_tokens, num_prompt_tokens)
-        tokens = num_prompt_tokens + request.params.num_samples * output_tokens
-        self._backpressure.add(tokens=tokens)
-        try:
-            # Past the deadline the awaiting task is cancelled, which aborts the request in the engine.
-            timeout = None if deadline is None else deadline - time.time()
-            output = await asyncio.wait_for(generation, timeout)
-        except TimeoutError:
-            raise DeadlineExceeded("the deadline passed during inference; the request was aborted") from None
-        finally:
-            self._backpressure.remove(tokens=tokens)
+        output = await self._generate(request, ref, deadline, tag)
         enqueued_time = timestamp_ms / 1000
         line = await self._off_loop(
             functools.partial(
@@ -181,6 +164,28 @@ class JobHandler:
             self._tokenizer,
         )
         return line, output
+
+    async def _generate(self, request: EngineRequest, ref: str, deadline: float | None, tag) -> RequestOutput:
+        """Admit the request into the engine and wait for its output, holding its tokens in flight."""
+        num_prompt_tokens = len(request.prompt_token_ids)
+        # Unique per delivery: a redelivered record is a new engine request.
+        request_id = f"{ref}/{uuid.uuid4().hex[:8]}"
+        generation = self._batcher.generate(
+            request_id, request.prompt_token_ids, request.params, request.priority, tag=tag
+        )
+        # what it may hold in the KV cache: the prompt once (its samples share it), each sample's
+        # output as the engine clips max_tokens to the model's length
+        output_tokens = self._limits.output_tokens(request.params.max_tokens, num_prompt_tokens)
+        tokens = num_prompt_tokens + request.params.num_samples * output_tokens
+        self._backpressure.add(tokens=tokens)
+        try:
+            # Past the deadline the awaiting task is cancelled, which aborts the request in the engine.
+            timeout = None if deadline is None else deadline - time.time()
+            return await asyncio.wait_for(generation, timeout)
+        except TimeoutError:
+            raise DeadlineExceeded("the deadline passed during inference; the request was aborted") from None
+        finally:
+            self._backpressure.remove(tokens=tokens)
 
     async def _embed(
         self, job, ref: str, deadline: float | None, tag

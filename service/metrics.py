@@ -6,13 +6,18 @@ Counters and histograms are updated as jobs finish; gauges that describe current
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from engine import EngineStats
+
+if TYPE_CHECKING:
+    from service.jobs import Outcome
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600, 1800)
 
@@ -31,31 +36,36 @@ class ServiceMetrics:
         )
         self.prompt_tokens = Counter("sluice_prompt_tokens", "Prompt tokens of answered jobs", registry=r)
         self.output_tokens = Counter("sluice_output_tokens", "Generated tokens of answered jobs", registry=r)
-        self.latency = Histogram(
-            "sluice_job_latency_seconds",
-            "Kafka timestamp to result published",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.latency = _seconds_histogram(
+            "sluice_job_latency_seconds", "Kafka timestamp to result published", r
         )
-        self.queue_wait = Histogram(
-            "sluice_queue_wait_seconds",
-            "Kafka timestamp to engine admission",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.queue_wait = _seconds_histogram(
+            "sluice_queue_wait_seconds", "Kafka timestamp to engine admission", r
         )
-        self.ttft = Histogram(
-            "sluice_time_to_first_token_seconds",
-            "Engine admission to first token",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.ttft = _seconds_histogram(
+            "sluice_time_to_first_token_seconds", "Engine admission to first token", r
         )
-
         self.admission_batch_size = Histogram(
             "sluice_admission_batch_size",
             "Jobs handed to the engine together by the dynamic batcher",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
+
+    def count(self, outcome: Outcome, timestamp_ms: int) -> None:
+        """A job's outcome was delivered; `timestamp_ms`: when the job was produced."""
+        self.latency.observe(max(0.0, time.time() - timestamp_ms / 1000))
+        if outcome.is_error:
+            self.jobs_failed.labels(outcome.result.failure.code).inc()
+            self.dead_letters.inc()
+        else:
+            self.jobs_completed.inc()
+        if (out := outcome.output) is not None:
+            self.prompt_tokens.inc(len(out.prompt_token_ids))
+            self.output_tokens.inc(sum(len(s.token_ids) for s in out.samples or [out]))  # every choice's
+            self.queue_wait.observe(max(0.0, out.metrics.arrival_time - timestamp_ms / 1000))
+            if out.metrics.first_token_time is not None:
+                self.ttft.observe(max(0.0, out.metrics.first_token_time - out.metrics.arrival_time))
 
     @property
     def jobs_answered(self) -> tuple[int, int]:
@@ -116,6 +126,10 @@ class _EngineCollector(Collector):
         )
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)
+
+
+def _seconds_histogram(name: str, documentation: str, registry: CollectorRegistry) -> Histogram:
+    return Histogram(name, documentation, buckets=_LATENCY_BUCKETS, registry=registry)
 
 
 def _total(counter: Counter) -> int:

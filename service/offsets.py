@@ -86,11 +86,6 @@ class OffsetTracker(Generic[P]):
             if (state := self._partitions.get(partition)) is not None:
                 state.committed = offset
 
-    def num_in_flight(self, partition: P | None = None) -> int:
-        states = self._partitions.values() if partition is None else [self._partitions.get(partition)]
-        # Done offsets held behind an unfinished one are still in the heap: not in flight.
-        return sum(len(s.in_flight) - len(s.done) for s in states if s is not None)
-
     def forget(self, partitions) -> None:
         """Drop revoked partitions: their unfinished jobs are redone by the next owner."""
         for partition in partitions:

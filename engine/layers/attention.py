@@ -6,7 +6,7 @@ attention is plain causal attention with no cache: the reference path used by nu
 
 A layer may soft-cap its attention logits (Gemma 2: cap * tanh(scores / cap) before the
 softmax). PyTorch's fused SDPA kernels cannot, so soft-capped layers take an explicit
-matmul-softmax-matmul path (engine.layers.attention_backends.explicit_attention) wherever SDPA
+matmul-softmax-matmul path (engine.layers.explicit_attention) wherever SDPA
 would run. So do layers with attention sinks (GPT-OSS: a learned logit per head that joins the
 softmax's denominator and attends to nothing).
 """
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_context import get_attention_metadata
-from engine.layers.attention_backends import explicit_attention
+from engine.layers.explicit_attention import explicit_attention
 
 
 class Attention(nn.Module):

@@ -16,7 +16,7 @@ written into their slots first, then each sequence attends over its whole contex
   of 256 tokens, which EngineConfig arranges.
 
 Soft-capped attention logits (Gemma 2): SDPA's fused kernels cannot cap, so those layers take
-the explicit path (explicit_attention, below) in "sdpa" and in "triton"'s
+the explicit path (engine.layers.explicit_attention) in "sdpa" and in "triton"'s
 prompt steps; the Triton kernel caps in its loop; flash-attn caps with its `softcap` argument
 (flash-attn >= 2.6; an older one refuses such a model when the backend is bound).
 
@@ -24,7 +24,7 @@ Attention sinks (GPT-OSS: a learned logit per head in the softmax's denominator)
 those layers on the explicit path (prompt steps and decode steps alike); "triton" likewise for
 prompt steps, and its decode kernel adds the sink to the softmax's denominator; "flash"
 refuses such a model when the backend is bound (flash-attn 2 has no sinks), and "auto" does
-not choose it for one (select_backend's `has_sinks`).
+not choose it for one (engine.runtime.select_backend's `has_sinks`).
 """
 
 from __future__ import annotations
@@ -32,51 +32,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.config import ATTENTION_BACKENDS
 from engine.forward_context import AttentionMetadata
+from engine.layers.explicit_attention import explicit_attention, explicit_decode
 from engine.layers.paged_decode import paged_decode_attention
+from engine.layers.paged_kv import decode_group_inputs, gather_context, padded_context, write_kv
 from engine.quant import kv_cache as fp8_kv
-
-
-def select_backend(
-    name: str, device: torch.device, kv_cache_dtype: str = "auto", has_sinks: bool = False
-) -> str:
-    """Resolve "auto": on CUDA flash-attn when importable (not for a model with attention sinks),
-    else the Triton decode kernel when Triton is importable, else SDPA; SDPA on CPU and with an
-    fp8 KV cache (which only SDPA reads)."""
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
-    if name == "flash" and has_sinks:
-        raise ValueError(
-            "attention_backend 'flash' cannot run attention sinks (the model's per-head `sinks`, "
-            "GPT-OSS): flash-attn 2 has no sink logits; use attention_backend 'triton' or 'sdpa'"
-        )
-    if name == "flash":
-        if kv_cache_dtype == "fp8":
-            raise ValueError(
-                "kv_cache_dtype 'fp8' needs attention_backend 'sdpa': flash-attn 2 reads fp16/bf16 only"
-            )
-        if device.type != "cuda":
-            raise ValueError("attention_backend 'flash' needs a CUDA device")
-        if not flash_attn_available():
-            raise ValueError(
-                "attention_backend 'flash' needs the flash-attn package (pip install flash-attn)"
-            )
-        return name
-    if name == "triton":
-        if kv_cache_dtype == "fp8":
-            raise ValueError(
-                "kv_cache_dtype 'fp8' needs attention_backend 'sdpa': the Triton decode kernel reads unscaled caches"
-            )
-        if device.type == "cuda" and not triton_available():
-            raise ValueError("attention_backend 'triton' needs the triton package")
-    if name == "auto":
-        if device.type != "cuda" or kv_cache_dtype == "fp8":
-            return "sdpa"
-        if flash_attn_available() and not has_sinks:
-            return "flash"
-        return "triton" if triton_available() else "sdpa"
-    return name
 
 
 def flash_attn_available() -> bool:
@@ -112,19 +72,6 @@ def make_backend(name: str, compiled_decode: bool = True):
     return SdpaBackend(compiled_decode)
 
 
-def write_kv(layer, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, Hkv, D] go to their cache slots ([T] int64)."""
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    if fp8_kv.is_fp8(layer.k_cache):  # stored as uint8 views: index_copy_ takes no fp8 on CPU
-        k_cache, v_cache = layer.k_cache.view(torch.uint8), layer.v_cache.view(torch.uint8)
-        k, v = fp8_kv.quantize(k, layer.k_scale), fp8_kv.quantize(v, layer.v_scale)
-    else:
-        k_cache, v_cache = layer.k_cache, layer.v_cache
-        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
-
-
 class SdpaBackend:
     def __init__(self, compiled_decode: bool = True) -> None:
         self.compiled_decode = compiled_decode
@@ -142,7 +89,7 @@ class SdpaBackend:
             if query_len == context_len:  # prefill from scratch: the fresh keys are the whole context
                 keys, values = k[start:end], v[start:end]
             else:
-                keys, values = _gather(layer, md.block_tables[i], context_len)
+                keys, values = gather_context(layer, md.block_tables[i], context_len)
             out[start:end] = _attend(q[start:end], keys, values, layer)
             start = end
         return out
@@ -150,7 +97,7 @@ class SdpaBackend:
     def _decode(self, layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         if layer.logits_soft_cap or _sinks(layer) is not None:
             # SDPA can neither cap nor add sinks: the explicit path, on the same padded groups
-            return _explicit_decode(layer, q, md)
+            return explicit_decode(layer, q, md)
         # Padded batches of sequences with similar context lengths (md.decode_groups): padding
         # costs gather and attention work, and contexts in one step can differ tenfold.
         if len(md.decode_groups) <= 1:
@@ -185,14 +132,7 @@ class SdpaBackend:
             if out is not None:
                 return out
             self.compiled_decode = False
-        blocks = block_tables[:, :num_blocks].flatten().long()
-        keys = _pages(layer, "k", blocks, batch, q.dtype)[:, :length].transpose(1, 2)
-        values = _pages(layer, "v", blocks, batch, q.dtype)[:, :length].transpose(1, 2)
-        positions = torch.arange(length, device=q.device)
-        lens = context_lens.to(q.device).unsqueeze(1)  # [B, 1]
-        mask = positions.unsqueeze(0) < lens
-        if layer.sliding_window is not None:
-            mask &= positions.unsqueeze(0) >= lens - layer.sliding_window
+        keys, values, mask = padded_context(layer, block_tables, context_lens, length, q.dtype)
         out = F.scaled_dot_product_attention(
             q.view(batch, 1, *q.shape[1:]).transpose(1, 2),
             keys,
@@ -244,22 +184,20 @@ class FlashAttentionBackend:
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
         write_kv(layer, k, v, md.slot_mapping)
-        window = (-1, -1) if layer.sliding_window is None else (layer.sliding_window - 1, 0)
-        softcap = layer.logits_soft_cap or 0.0  # 0: none
+        # the kernels' options, causal (aligned bottom-right, so a chunk attends to its cached
+        # context too), a sliding window and a soft-cap (0: none) where the layer has them
+        options = {
+            "softmax_scale": layer.scale,
+            "causal": True,
+            "window_size": (-1, -1) if layer.sliding_window is None else (layer.sliding_window - 1, 0),
+            "softcap": layer.logits_soft_cap or 0.0,
+            "block_table": md.block_tables,
+        }
         if md.is_decode_only:
             out = flash_attn_with_kvcache(
-                q.unsqueeze(1),
-                layer.k_cache,
-                layer.v_cache,
-                cache_seqlens=md.context_lens_tensor,
-                block_table=md.block_tables,
-                softmax_scale=layer.scale,
-                causal=True,
-                window_size=window,
-                softcap=softcap,
+                q.unsqueeze(1), layer.k_cache, layer.v_cache, cache_seqlens=md.context_lens_tensor, **options
             )
             return out.squeeze(1)
-        # Causal masking is aligned bottom-right, so a chunk attends to its cached context too.
         return flash_attn_varlen_func(
             q,
             layer.k_cache,
@@ -268,112 +206,8 @@ class FlashAttentionBackend:
             cu_seqlens_k=md.cu_context_lens,
             max_seqlen_q=md.max_query_len,
             max_seqlen_k=md.max_context_len,
-            softmax_scale=layer.scale,
-            causal=True,
-            window_size=window,
-            softcap=softcap,
-            block_table=md.block_tables,
+            **options,
         )
-
-
-def explicit_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor,
-    scale: float,
-    logits_soft_cap: float | None,
-    sinks: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """q [..., H, Q, D], k/v [..., Hkv, L, D], mask [..., Q, L] (True: attend) -> [..., H, Q, D].
-
-    Transformers' eager attention, operation for operation: scores in q's dtype, soft-capped,
-    masked, softmax in float32. sinks [H]: one more logit per head in the softmax (GPT-OSS),
-    dropped after it.
-    """
-    group = q.shape[-3] // k.shape[-3]
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
-    scores = torch.matmul(q, k.transpose(-1, -2).to(q.dtype)) * scale
-    if logits_soft_cap:
-        scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
-    scores = scores.masked_fill(~mask, float("-inf"))
-    if sinks is not None:
-        sink = sinks.to(scores.dtype).view(-1, 1, 1).expand(*scores.shape[:-1], 1)
-        scores = torch.cat([scores, sink], dim=-1)
-        scores = scores - scores.amax(dim=-1, keepdim=True)  # as Transformers does
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)[..., :-1].to(q.dtype)
-        return torch.matmul(probs, v.to(q.dtype))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v.to(q.dtype))
-
-
-def decode_group_inputs(md: AttentionMetadata, block_size: int):
-    """The layer-independent inputs of md.decode_groups, once per step: (the rows in group order
-    [B] int64, and per group its block tables cut to its longest context [b, n] (contiguous),
-    its context lengths [b] and that longest context)."""
-    order = torch.cat([rows for rows, _ in md.decode_groups])
-    groups = []
-    for rows, max_len in md.decode_groups:
-        tables = md.block_tables[rows][:, : -(-max_len // block_size)].contiguous()
-        groups.append((tables, md.context_lens_tensor[rows], max_len))
-    return order, groups
-
-
-def _gather(layer, block_table: torch.Tensor, context_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence's first `context_len` cached keys and values: [L, Hkv, D] each."""
-    num_blocks = -(-context_len // layer.k_cache.shape[1])
-    blocks = block_table[:num_blocks].long()
-    keys = _pages(layer, "k", blocks, 1, None)[0, :context_len]
-    values = _pages(layer, "v", blocks, 1, None)[0, :context_len]
-    return keys, values
-
-
-def _pages(layer, which: str, blocks: torch.Tensor, batch: int, dtype: torch.dtype | None) -> torch.Tensor:
-    """The layer's k or v cache [num_blocks, S, Hkv, D], blocks [batch * n] -> [batch, n * S, Hkv, D].
-
-    index_select copies whole pages; it is ~2.5x faster on CPU than advanced indexing. An fp8
-    cache is dequantised here, to `dtype` (the query's) or float32.
-    """
-    cache = layer.k_cache if which == "k" else layer.v_cache
-    if fp8_kv.is_fp8(cache):
-        scale = layer.k_scale if which == "k" else layer.v_scale
-        pages = fp8_kv.dequantize(
-            cache.view(torch.uint8).index_select(0, blocks), scale, dtype or torch.float32
-        )
-    else:
-        pages = cache.index_select(0, blocks)
-        pages = pages if dtype is None else pages.to(dtype)
-    return pages.view(batch, -1, *cache.shape[2:])
-
-
-def _explicit_decode(layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-    """Decode rows [B, H, D] of a soft-capped layer or one with sinks: each group of
-    md.decode_groups (or all rows) gathered and padded as SdpaBackend._decode_group does, then explicit attention."""
-    groups = md.decode_groups if len(md.decode_groups) > 1 else [(slice(None), md.max_context_len)]
-    out = torch.empty_like(q)
-    for rows, length in groups:
-        block_tables, lens = md.block_tables[rows], md.context_lens_tensor[rows].to(q.device).unsqueeze(1)
-        batch = block_tables.shape[0]
-        blocks = block_tables[:, : -(-length // layer.k_cache.shape[1])].flatten().long()
-        keys = _pages(layer, "k", blocks, batch, q.dtype)[:, :length].transpose(1, 2)  # [b, Hkv, L, D]
-        values = _pages(layer, "v", blocks, batch, q.dtype)[:, :length].transpose(1, 2)
-        positions = torch.arange(length, device=q.device).unsqueeze(0)
-        mask = positions < lens  # [b, L]
-        if layer.sliding_window is not None:
-            mask &= positions >= lens - layer.sliding_window
-        queries = q[rows].unsqueeze(2)  # [b, H, 1, D]
-        attended = explicit_attention(
-            queries,
-            keys,
-            values,
-            mask.view(batch, 1, 1, length),
-            layer.scale,
-            layer.logits_soft_cap,
-            _sinks(layer),
-        )
-        out[rows] = attended.squeeze(2)
-    return out
 
 
 def _sinks(layer) -> torch.Tensor | None:

@@ -5,11 +5,7 @@ Prometheus's HTTP APIs."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -25,6 +21,7 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from service.tracing import KafkaSpanExporter
+from tests import browser
 from tests.service.processes import free_port, service_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -145,37 +142,7 @@ def promql(stack: ObserveStack, expr: str) -> list[dict]:
 
 
 def chromium(url: str, *flags: str, timeout: float = 120) -> str:
-    """Headless Chromium (`make browser`) on the page with `flags` (--screenshot=..., --dump-dom):
-    its stdout. A profile and a process group of its own, killed whole on a timeout."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert browser, "headless Chromium is needed: `make browser` installs it (Debian package chromium)"
-    with tempfile.TemporaryDirectory() as profile, tempfile.TemporaryFile("w+") as stderr:
-        process = subprocess.Popen(
-            [
-                browser,
-                "--headless",
-                "--no-sandbox",  # the tests may run as root
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--no-first-run",
-                "--hide-scrollbars",
-                f"--user-data-dir={profile}",
-                "--window-size=1400,900",
-                "--virtual-time-budget=20000",  # the page's own API calls finish before the capture
-                *flags,
-                url,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            start_new_session=True,
-        )
-        try:
-            out, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            raise
-        stderr.seek(0)
-        assert process.returncode == 0, stderr.read()[-2000:]
-    return out
+    """tests.browser.chromium in a 1400x900 window, letting the page's own API calls finish first."""
+    return browser.chromium(
+        url, "--window-size=1400,900", "--virtual-time-budget=20000", *flags, timeout=timeout
+    )

@@ -11,6 +11,7 @@ import torch
 from engine import AsyncLLMEngine, EngineConfig, EngineThread, LLMEngine, RequestRejected, SamplingParams
 from engine.async_engine import MAX_STEP_RETRIES
 from tests.engine.async_requests import generate
+from tests.engine.loop_ticks import loop_ticks
 
 
 @pytest.fixture(scope="module")
@@ -35,23 +36,17 @@ async def test_concurrent_requests_each_get_their_own_result(engine):
 async def test_the_event_loop_keeps_running_while_the_engine_works(engine):
     async_engine = AsyncLLMEngine(engine)
     async_engine.start()
-    ticks = 0
-
-    async def tick():
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.001)
-
-    ticker = asyncio.create_task(tick())
     try:
-        await generate(
-            async_engine, "long", [1, 5, 6], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
-        )
+        async with loop_ticks() as ticks:
+            await generate(
+                async_engine,
+                "long",
+                [1, 5, 6],
+                SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+            )
     finally:
-        ticker.cancel()
         await async_engine.stop()
-    assert ticks > 5
+    assert ticks.count > 5
 
 
 async def test_a_rejected_request_raises_in_the_awaiting_coroutine(engine):

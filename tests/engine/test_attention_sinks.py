@@ -14,17 +14,17 @@ from engine import EngineConfig
 from engine.demo_models import ensure_checkpoint
 from engine.layers import attention_backends
 from engine.layers.attention import Attention
-from engine.layers.attention_backends import FlashAttentionBackend, select_backend
-from engine.runtime import resolve_runtime
-from tests.engine.test_triton_decode import _run_interpreted
+from engine.layers.attention_backends import FlashAttentionBackend
+from engine.runtime import resolve_runtime, select_backend
+from tests.engine.triton_interpreted import run_interpreted
 
 
 def test_triton_decode_kernel_adds_sinks_as_the_sdpa_path_does():
-    out = _run_interpreted(
+    out = run_interpreted(
         """
         import torch
         from types import SimpleNamespace
-        from engine.forward_context import AttentionMetadata, group_by_length
+        from tests.engine.triton_interpreted import decode_metadata
         from engine.layers.attention_backends import SdpaBackend
         from engine.layers.triton_attention import paged_decode_attention
         torch.manual_seed(0)
@@ -37,12 +37,8 @@ def test_triton_decode_kernel_adds_sinks_as_the_sdpa_path_does():
                 sliding_window=window, logits_soft_cap=None, sinks=sinks,
             )
             q = torch.randn(len(lens), H, D)
-            ctx = torch.tensor(lens, dtype=torch.int32)
-            md = AttentionMetadata(
-                query_lens=[1] * 4, context_lens=lens, cu_query_lens=None, cu_context_lens=None,
-                context_lens_tensor=ctx, slot_mapping=None, block_tables=tables, max_query_len=1,
-                max_context_len=max(lens), is_decode_only=True, decode_groups=group_by_length(lens, "cpu"),
-            )
+            md = decode_metadata(lens, tables)
+            ctx = md.context_lens_tensor
             expected = SdpaBackend()._decode(layer, q, md)
             got = paged_decode_attention(q, layer.k_cache, layer.v_cache, tables, ctx, 0.2, window, None, sinks)
             print(window, (got - expected).abs().max().item())

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
 import pytest
 
 from engine import EngineThread
+from tests.engine.loop_ticks import loop_ticks
 
 
 @pytest.fixture
@@ -46,20 +46,9 @@ def test_a_call_from_the_thread_itself_runs_inline_instead_of_deadlocking(engine
 
 
 async def test_run_awaits_without_blocking_the_event_loop(engine_thread):
-    ticks = 0
-
-    async def tick():
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0.001)
-
-    ticker = asyncio.create_task(tick())
-    try:
+    async with loop_ticks() as ticks:
         assert await engine_thread.run(lambda: (time.sleep(0.1), "done")[1]) == "done"
-    finally:
-        ticker.cancel()
-    assert ticks > 5
+    assert ticks.count > 5
 
 
 def test_close_ends_the_thread_after_the_queued_calls():

@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from engine import EngineConfig, LLMEngine
 from engine.checkpoint import check_checkpoint_folder
+from engine.demo_architectures import ARCHITECTURES
 from engine.demo_models import ensure_checkpoint
-from engine.demo_presets import ARCHITECTURES, PRESETS
+from engine.demo_presets import PRESETS
 from engine.layers import attention_backends
 from engine.layers.attention import Attention
 from engine.layers.rotary import RotaryEmbedding, rope_context_len, rope_parameters_from_config

@@ -96,7 +96,7 @@ def test_prompt_within_budget_is_prefilled_in_one_step_then_decodes_one_token_pe
         out = _run_step(scheduler)
         assert (out.seqs, out.num_new_tokens, out.is_sampling) == ([seq], [1], [True])
         assert seq.num_output_tokens == step
-    assert seq.is_finished and seq.finish_reason == "length" and not scheduler.has_unfinished()
+    assert seq.is_finished and seq.finish_reason == "length" and not _has_unfinished(scheduler)
     assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_blocks
 
 
@@ -149,7 +149,7 @@ def test_token_budget_and_max_num_seqs_are_never_exceeded() -> None:
         scheduler = _make_scheduler(num_blocks=30, block_size=2, max_num_seqs=3, budget=24, chunked=chunked)
         pending = [_make_seq(rng.randint(1, 20), max_tokens=rng.randint(1, 8)) for _ in range(12)]
         steps = 0
-        while pending or scheduler.has_unfinished():
+        while pending or _has_unfinished(scheduler):
             for _ in range(rng.randint(0, 2)):
                 if pending:
                     scheduler.add(pending.pop())
@@ -192,7 +192,7 @@ def test_preempts_newest_running_seq_when_blocks_run_out_and_recomputes_it_later
     assert b.num_output_tokens == 3 and scheduler.block_manager.num_free_blocks == 6
     out = _run_step(scheduler, _history_model)  # recompute: prompt and the 3 tokens already generated
     assert (out.seqs, out.num_new_tokens, out.is_sampling) == ([b], [7], [True])
-    while scheduler.has_unfinished():
+    while _has_unfinished(scheduler):
         _run_step(scheduler, _history_model)
     assert a.output_token_ids == _reference_output(a) and b.output_token_ids == _reference_output(b)
     assert b.num_output_tokens == 6 and scheduler.block_manager.ref_counts == [0] * 6
@@ -248,7 +248,7 @@ def test_without_chunked_prefill_a_preempted_seq_that_outgrew_the_budget_is_stil
     scheduler.add(b)
     preempted = []
     for _ in range(50):
-        if not scheduler.has_unfinished():
+        if not _has_unfinished(scheduler):
             break
         preempted += _run_step(scheduler, _history_model).preempted
     assert preempted == [b] and a.is_finished
@@ -270,14 +270,14 @@ def test_finish_of_a_running_sequence_returns_its_blocks() -> None:
     assert (decoding.finish_reason, decoding.stop_reason) == ("stop", 2)
     assert prefilling.block_table == [] and decoding.block_table == [] and scheduler.running == []
     assert scheduler.block_manager.num_free_blocks == 8 and scheduler.block_manager.ref_counts == [0] * 8
-    assert _run_step(scheduler).is_empty and not scheduler.has_unfinished()
+    assert _run_step(scheduler).is_empty and not _has_unfinished(scheduler)
 
 
 def test_abort_of_a_waiting_sequence_takes_it_out_of_the_queue() -> None:
     scheduler = _make_scheduler(num_blocks=6, block_size=2, budget=16)
     _, b, _ = _run_until_b_is_preempted(scheduler)
     scheduler.finish(b, "abort")
-    assert b.is_finished and scheduler.waiting == [] and not scheduler.has_unfinished()
+    assert b.is_finished and scheduler.waiting == [] and not _has_unfinished(scheduler)
     assert _run_step(scheduler).is_empty and scheduler.block_manager.num_free_blocks == 6
 
 
@@ -336,7 +336,7 @@ def test_every_workload_finishes_with_full_outputs_and_returns_every_block(w: _W
     max_steps = max(arrivals) + sum(p + m for p, m, _, _ in w.seqs) + 2
     aborted: set[int] = set()
     step = 0
-    while step <= max(arrivals) or scheduler.has_unfinished():
+    while step <= max(arrivals) or _has_unfinished(scheduler):
         assert step < max_steps, f"livelock: {scheduler.waiting=} {scheduler.running=}"
         for seq, arrival in zip(seqs, arrivals, strict=True):
             if arrival == step:
@@ -356,3 +356,7 @@ def test_every_workload_finishes_with_full_outputs_and_returns_every_block(w: _W
             assert seq.finish_reason == "abort" and seq.output_token_ids == expected[: seq.num_output_tokens]
         else:
             assert seq.finish_reason == "length" and seq.output_token_ids == expected
+
+
+def _has_unfinished(scheduler: Scheduler) -> bool:
+    return bool(scheduler.waiting or scheduler.running)

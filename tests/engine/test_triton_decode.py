@@ -8,37 +8,21 @@ scratch slot the captured graphs use, executed eagerly.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.cuda_graphs import capture_sizes
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _run_interpreted(code: str) -> str:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+from tests.engine.triton_interpreted import run_interpreted
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_kernel_matches_the_sdpa_decode_path(block_size):
-    out = _run_interpreted(
+    out = run_interpreted(
         f"""
         import torch
         from types import SimpleNamespace
-        from engine.forward_context import AttentionMetadata, group_by_length
+        from tests.engine.triton_interpreted import decode_metadata
         from engine.layers.attention_backends import SdpaBackend
         from engine.layers.triton_attention import paged_decode_attention
         torch.manual_seed(0)
@@ -51,12 +35,8 @@ def test_kernel_matches_the_sdpa_decode_path(block_size):
                 sliding_window=window, logits_soft_cap=cap,
             )
             q = torch.randn(len(lens), H, D)
-            ctx = torch.tensor(lens, dtype=torch.int32)
-            md = AttentionMetadata(
-                query_lens=[1] * 5, context_lens=lens, cu_query_lens=None, cu_context_lens=None,
-                context_lens_tensor=ctx, slot_mapping=None, block_tables=tables, max_query_len=1,
-                max_context_len=max(lens), is_decode_only=True, decode_groups=group_by_length(lens, "cpu"),
-            )
+            md = decode_metadata(lens, tables)
+            ctx = md.context_lens_tensor
             expected = SdpaBackend()._decode(layer, q, md)
             got = paged_decode_attention(q, layer.k_cache, layer.v_cache, tables, ctx, 0.2, window, cap)
             print(window, (got - expected).abs().max().item())
@@ -69,7 +49,7 @@ def test_kernel_matches_the_sdpa_decode_path(block_size):
 def test_padded_decode_graph_path_with_the_triton_backend_gives_the_sdpa_engine_s_tokens(tiny_checkpoint):
     """Three sequences replay the size-4 path: the padding row writes to the scratch slot and
     attends to nothing, and the real rows' tokens are unchanged."""
-    out = _run_interpreted(
+    out = run_interpreted(
         f"""
         from engine import EngineConfig, LLMEngine, SamplingParams
         engine = LLMEngine(EngineConfig(dtype="float32", model={str(tiny_checkpoint)!r}, attention_backend="triton", max_model_len=128, max_num_seqs=8))

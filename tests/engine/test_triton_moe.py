@@ -8,18 +8,13 @@ test_triton_decode.py). The `gpu` test runs the compiled kernel on CUDA.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from engine.layers.moe import FusedMoE, fused_experts, select_experts
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.engine.triton_interpreted import run_interpreted
 
 # E experts, top-2, H = 64, I = 48; (E, T): T * k = 66 > 16 * E takes the BLOCK_M = 64 tiles
 CASES = "[(8, 1), (8, 5), (4, 33)]"
@@ -46,13 +41,7 @@ def routed(num_tokens, num_experts, dtype, hidden=64):
 
 
 def _run_interpreted(code: str) -> str:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    script = textwrap.dedent(SETUP) + textwrap.dedent(code)
-    result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    return run_interpreted(textwrap.dedent(SETUP) + textwrap.dedent(code), timeout=300)
 
 
 @pytest.fixture(scope="module")

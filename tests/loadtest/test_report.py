@@ -4,12 +4,7 @@ charts really render (report.html opened in headless Chromium, the screenshot ch
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,45 +15,15 @@ from loadtest.__main__ import main as loadtest_main
 from loadtest.driver import JobShape, Target, run_load
 from loadtest.offline import offline_tokens_per_s
 from loadtest.report import CHARTS, summary, write_report
+from tests.browser import chromium
 from tests.service.conftest import kafka, run_service, service_config, tiny_engine  # noqa: F401 (fixtures)
 
 MATPLOTLIB_BLUE, MATPLOTLIB_ORANGE = (31, 119, 180), (255, 127, 14)  # the charts' first two colours
 
 
 def screenshot(page: Path, out: Path, timeout_s: float = 120) -> Image.Image:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert browser, "headless Chromium is needed: `make browser` installs it (Debian package chromium)"
-    log = out.with_suffix(".log")
-    # A profile of its own (a shared one can make a second Chromium wait for the first), output to a
-    # file and a process group of its own: on a timeout the whole browser is killed, helpers too.
-    with tempfile.TemporaryDirectory() as profile, log.open("w") as stderr:
-        browser_process = subprocess.Popen(
-            [
-                browser,
-                "--headless",
-                "--no-sandbox",  # the tests may run as root
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--no-first-run",
-                "--hide-scrollbars",
-                f"--user-data-dir={profile}",
-                "--window-size=1400,1600",
-                f"--screenshot={out}",
-                page.as_uri(),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            start_new_session=True,
-        )
-        try:
-            returncode = browser_process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(browser_process.pid, signal.SIGKILL)
-            browser_process.wait()
-            pytest.fail(
-                f"Chromium took over {timeout_s:.0f}s to screenshot {page.name}: {log.read_text()[-2000:]}"
-            )
-    assert returncode == 0 and out.is_file(), log.read_text()[-2000:]
+    chromium(page.as_uri(), "--window-size=1400,1600", f"--screenshot={out}", timeout=timeout_s)
+    assert out.is_file(), f"Chromium wrote no screenshot of {page.name}"
     return Image.open(out).convert("RGB")
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,26 @@ def start_service(env: dict[str, str], log_path: Path) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "service"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
+
+
+@contextlib.contextmanager
+def running_service(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """start_service, ready for jobs; killed on the way out if the test left it running."""
+    service = start_service(env, log_path)
+    try:
+        wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
+        yield service
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+
+
+def stop_with_ctrl_c(service: subprocess.Popen, log_path: Path) -> str:
+    """SIGINT, as Ctrl-C sends it: the instance must exit 0; returns its log."""
+    service.send_signal(signal.SIGINT)
+    assert service.wait(timeout=60) == 0
+    return log_path.read_text()
 
 
 def submit_job(env: dict[str, str], job: dict, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 
 import pytest
 
 from tests.service.hostile import RawRecord, post_raw
-from tests.service.processes import service_env, start_service, submit_job, wait_for_line
+from tests.service.processes import (
+    running_service,
+    service_env,
+    stop_with_ctrl_c,
+    submit_job,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -21,9 +25,7 @@ def test_a_header_key_that_is_not_utf8_is_dead_lettered_and_the_process_keeps_se
 ):
     env = service_env(kafka_bootstrap, topic_prefix, engine={"model": str(tiny_checkpoint)})
     log_path = tmp_path / "service.log"
-    service = start_service(env, log_path)
-    try:
-        wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
+    with running_service(env, log_path) as service:
         bad = RawRecord(json.dumps({**JOB, "custom_id": "bad-key"}).encode(), headers=[(b"\xc3\x28", b"v")])
         asyncio.run(post_raw(kafka_bootstrap, f"{topic_prefix}.jobs", 0, [bad]))
         submit = submit_job(env, JOB)
@@ -33,10 +35,4 @@ def test_a_header_key_that_is_not_utf8_is_dead_lettered_and_the_process_keeps_se
         assert dict(dead.headers)["sluice-error-code"] == b"invalid_encoding"
         assert service.poll() is None
 
-        service.send_signal(signal.SIGINT)
-        assert service.wait(timeout=60) == 0
-        assert "stopped after 2 results (1 errors)" in log_path.read_text()
-    finally:
-        if service.poll() is None:
-            service.kill()
-            service.wait()
+        assert "stopped after 2 results (1 errors)" in stop_with_ctrl_c(service, log_path)

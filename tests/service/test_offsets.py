@@ -33,7 +33,6 @@ def test_in_order_completion_advances_the_watermark() -> None:
     assert tracker.watermark(P0) == 12
     tracker.done(P0, 12)
     assert tracker.watermark(P0) == 13
-    assert tracker.num_in_flight(P0) == 0
 
 
 def test_committable_offset_never_passes_an_unfinished_job() -> None:
@@ -57,12 +56,13 @@ def test_out_of_order_completion_holds_at_the_lowest_unfinished_offset() -> None
     assert tracker.watermark(P0) == 2
 
 
-def test_num_in_flight_excludes_done_jobs_held_behind_an_unfinished_one() -> None:
+def test_done_jobs_held_behind_an_unfinished_one_are_passed_once_it_finishes() -> None:
     tracker = _tracker(P0, [0, 1, 2])
     tracker.done(P0, 1)
     tracker.done(P0, 2)
     assert tracker.watermark(P0) == 0
-    assert tracker.num_in_flight(P0) == 1  # only offset 0 is still in flight
+    tracker.done(P0, 0)  # only offset 0 was still in flight
+    assert tracker.watermark(P0) == 3
 
 
 def test_gaps_in_offsets_are_skipped_once_the_jobs_around_them_finish() -> None:
@@ -80,7 +80,6 @@ def test_partitions_are_independent() -> None:
     tracker.track(P1, 50)
     tracker.done(P1, 50)
     assert (tracker.watermark(P0), tracker.watermark(P1)) == (0, 51)
-    assert (tracker.num_in_flight(P0), tracker.num_in_flight(P1), tracker.num_in_flight()) == (2, 0, 2)
 
 
 def test_committable_reports_only_partitions_whose_watermark_moved() -> None:
@@ -119,7 +118,8 @@ def test_forget_drops_partitions_and_later_done_calls_are_ignored() -> None:
     tracker.done(P0, 0)
     assert tracker.watermark(P0) is None
     assert tracker.committable() == {P1: 0}
-    assert tracker.num_in_flight() == 1
+    tracker.done(P1, 0)  # the partition kept goes on
+    assert tracker.watermark(P1) == 1
 
 
 def test_a_forgotten_partition_starts_afresh_when_assigned_again() -> None:
@@ -149,7 +149,7 @@ def test_a_record_consumed_twice_in_one_assignment_is_tracked_once() -> None:
     assert tracker.track(P0, 3) is None  # a seek back delivers it again
     tracker.done(P0, 3, generation)
     tracker.done(P0, 4, generation)
-    assert tracker.watermark(P0) == 5 and tracker.num_in_flight(P0) == 0
+    assert tracker.watermark(P0) == 5
 
 
 def test_a_started_partition_refuses_records_below_its_committed_offset() -> None:

@@ -35,7 +35,7 @@ async def test_revoking_a_partition_aborts_its_in_flight_jobs_and_publishes_noth
     tasks = {}
     for partition in (0, 1):
         record = _record("jobs", partition, 5)
-        task = asyncio.create_task(service._process(record, generation=1))
+        task = asyncio.create_task(service.processor.process(record, generation=1))
         service._tasks[task] = TopicPartition("jobs", partition)
         tasks[partition] = task
     await asyncio.sleep(0)

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.processes import service_env, start_service, submit_job, wait_for_line
+from tests.service.processes import (
+    running_service,
+    service_env,
+    start_service,
+    stop_with_ctrl_c,
+    submit_job,
+    wait_for_line,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -45,9 +52,7 @@ def test_service_answers_a_job_on_two_tensor_parallel_ranks_and_stops_them_on_ct
 ):
     env = _service_env(kafka_bootstrap, topic_prefix, tiny_checkpoint, tp=2)
     log_path = tmp_path / "service.log"
-    service = start_service(env, log_path)
-    try:
-        wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
+    with running_service(env, log_path) as service:
         workers = [pid for pid in _children(service.pid) if b"spawn_main" in _cmdline(pid)]
         assert len(workers) == 1  # rank 1
         submit = submit_job(env, JOB)
@@ -56,14 +61,8 @@ def test_service_answers_a_job_on_two_tensor_parallel_ranks_and_stops_them_on_ct
         assert result["custom_id"] == "tp-1" and result["response"]["status_code"] == 200
         assert result["response"]["body"]["usage"]["completion_tokens"] == 8
 
-        service.send_signal(signal.SIGINT)
-        assert service.wait(timeout=60) == 0
-        assert "stopped after 1 results (0 errors)" in log_path.read_text()
+        assert "stopped after 1 results (0 errors)" in stop_with_ctrl_c(service, log_path)
         assert not [pid for pid in workers if _is_running(pid)]
-    finally:
-        if service.poll() is None:
-            service.kill()
-            service.wait()
 
 
 def test_a_dead_worker_stops_the_service_without_results_and_the_next_instance_redoes_its_jobs(

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.request
 
 import pytest
 
-from tests.service.processes import service_env, start_service, submit_job, wait_for_line
+from tests.service.processes import (
+    running_service,
+    service_env,
+    stop_with_ctrl_c,
+    submit_job,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -30,9 +34,7 @@ def test_service_builds_demo_model_answers_a_submitted_job_and_stops_cleanly_on_
     env = service_env(kafka_bootstrap, topic_prefix, build_dir=tmp_path / "build", engine={"model": ""})
     http_port = env["SLUICE_HTTP_PORT"]
     log_path = tmp_path / "service.log"
-    service = start_service(env, log_path)
-    try:
-        wait_for_line(log_path, "ready; Ctrl-C to stop", service, timeout=120)
+    with running_service(env, log_path) as service:
         assert (tmp_path / "build" / "models" / "tiny-seed0" / "config.json").is_file()
         submit = submit_job(env, JOB)
         assert submit.returncode == 0, submit.stderr.decode()
@@ -45,13 +47,7 @@ def test_service_builds_demo_model_answers_a_submitted_job_and_stops_cleanly_on_
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
         assert "sluice_jobs_completed_total 1.0" in metrics
 
-        service.send_signal(signal.SIGINT)
-        assert service.wait(timeout=60) == 0
-        assert "stopped after 1 results (0 errors)" in log_path.read_text()
-    finally:
-        if service.poll() is None:
-            service.kill()
-            service.wait()
+        assert "stopped after 1 results (0 errors)" in stop_with_ctrl_c(service, log_path)
 
 
 def test_submit_reports_jobs_without_custom_id(kafka_bootstrap):
