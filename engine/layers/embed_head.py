@@ -50,9 +50,13 @@ class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits over the full vocabulary; each rank computes its slice of the vocab.
 
     With tie_word_embeddings pass the embedding's parameter as `shared_weight`: one tensor,
-    loaded once (from embed_tokens.weight).
+    loaded once (from embed_tokens.weight). On CPU `engine.layers.packed_linear` may set
+    `matmul` to one over a oneDNN-packed copy of the weight.
     """
+
+    matmul = None  # x -> x W^T; None: F.linear with `weight`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, embedding_dim] -> [N, num_embeddings]
-        return all_gather(F.linear(x, self.weight), dim=-1)
+        logits = F.linear(x, self.weight) if self.matmul is None else self.matmul(x)
+        return all_gather(logits, dim=-1)
