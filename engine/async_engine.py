@@ -148,7 +148,7 @@ class AsyncLLMEngine:
                 failure,
             )
             for request_id in failure.request_ids:
-                self.engine.abort(request_id)
+                self.engine.abort(request_id, report=False)  # answered here, with the failure
                 self._resolve(request_id, failure.cause)
             self._failed_steps = 0
             return
@@ -192,7 +192,7 @@ class AsyncLLMEngine:
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self._futures):
-            self.engine.abort(request_id)
+            self.engine.abort(request_id, report=False)  # answered here, with the error
             self._resolve(request_id, error)
 
     def _resolve(self, request_id: str, result: RequestOutput | Exception) -> None:

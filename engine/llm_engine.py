@@ -123,8 +123,9 @@ class LLMEngine:
         self._requests[request_id] = seq
         self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> bool:
-        """Cancel a request now: its blocks return to the pool; the next step() reports it ("abort")."""
+    def abort(self, request_id: str, report: bool = True) -> bool:
+        """Cancel a request now: its blocks return to the pool; the next step() reports it ("abort"),
+        unless `report` is False (the caller has already answered the request another way)."""
         seq = self._requests.pop(request_id, None)
         if seq is None:
             return False
@@ -138,7 +139,9 @@ class LLMEngine:
         self.pooler.abort(seq)
         if held is not None:  # its text was done, its choices were being scored
             held.finish_reason = "abort"
-        self._aborted.append(held or self.output_processor.abort(seq))
+        output = held or self.output_processor.abort(seq)
+        if report:
+            self._aborted.append(output)
         return True
 
     def step(self) -> list[RequestOutput]:

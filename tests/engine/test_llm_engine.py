@@ -151,6 +151,16 @@ def test_abort_reports_the_request_on_the_next_step_and_others_continue(engine: 
     assert not engine.has_unfinished_requests()
 
 
+def test_a_request_aborted_without_a_report_frees_its_blocks_and_is_never_reported(engine: LLMEngine) -> None:
+    free = engine.block_manager.num_free_blocks
+    engine.add_request("answered-elsewhere", engine.tokenizer.encode("The river"), _greedy(5))
+    assert engine.step() == []
+    assert engine.abort("answered-elsewhere", report=False) is True
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == free
+    assert engine.step() == []
+
+
 def test_metrics_are_ordered_arrival_first_token_finished(engine: LLMEngine) -> None:
     [output] = engine.generate(["Hello"], _greedy(4))
     m = output.metrics
