@@ -31,11 +31,9 @@ from service.delivery import OutcomeDelivery
 from service.http import HealthServer
 from service.jobs import JobHandler
 from service.kafka_security import KafkaClientOptions, check_login, client_options
-from service.limits import job_limits
 from service.metrics import ServiceMetrics
 from service.processing import RecordProcessor
 from service.publisher import ResultPublisher
-from service.reasoning import resolve_reasoning_parser
 from service.routing import ReplyTopics
 from service.shutdown import bounded
 from service.topics import ensure_topics, max_message_bytes
@@ -227,21 +225,7 @@ def _job_handler(
     reply_topics = ReplyTopics(
         config.reply_topics, config.results_topic, reserved=[*config.jobs_topics, *_written_topics(config)]
     )
-    return JobHandler(
-        batcher,
-        config.served_model_name,
-        config.default_max_tokens,
-        backpressure,
-        model_aliases=config.model_aliases,
-        unknown_fields=config.unknown_fields,
-        limits=job_limits(config, engine.max_model_len),
-        reply_topics=reply_topics,
-        embedding_pooling=config.embedding_pooling,
-        tool_call_parser=config.tool_call_parser,
-        reasoning_parser=resolve_reasoning_parser(
-            config.reasoning_parser, getattr(engine, "architectures", ())
-        ),
-    )
+    return JobHandler.from_config(config, batcher, engine, backpressure, reply_topics)
 
 
 def _delivery(

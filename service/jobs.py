@@ -24,8 +24,17 @@ from schemas.codec import JobDecodeError, decode_job, normalize_content_type, pe
 from schemas.embeddings import EmbeddingRequest
 from service.backpressure import Backpressure
 from service.batcher import DynamicBatcher
+from service.config import ServiceConfig
 from service.embeddings import embed, embedding_inputs, to_embedding_line
-from service.limits import JobLimits, check_job_size, check_limits, check_prompt_tokens
+from service.headers import (
+    DeadlineExceeded,
+    check_deadline,
+    check_header_keys,
+    header_deadline,
+    header_dict,
+)
+from service.limits import JobLimits, check_job_size, check_limits, check_prompt_tokens, job_limits
+from service.reasoning import resolve_reasoning_parser
 from service.routing import ReplyTopics
 from service.translate import (
     EngineRequest,
@@ -38,8 +47,6 @@ from service.translate import (
 )
 
 log = logging.getLogger(__name__)
-
-_MAX_TIME_MS = 2**53  # past any real date, and still exact as a float
 
 
 @dataclass(slots=True)
@@ -90,6 +97,32 @@ class JobHandler:
         self._tool_call_parser = tool_call_parser
         self._reasoning_parser = reasoning_parser  # resolved: none, harmony or deepseek_r1
 
+    @classmethod
+    def from_config(
+        cls,
+        config: ServiceConfig,
+        batcher: DynamicBatcher,
+        engine,
+        backpressure: Backpressure | None = None,
+        reply_topics: ReplyTopics | None = None,
+    ) -> JobHandler:
+        """The handler `config` describes for `engine` (an LLMEngine): the service's and the
+        `--local` client runs', so that both answer a job the same way."""
+        architectures = getattr(engine, "architectures", ())
+        return cls(
+            batcher,
+            config.served_model_name,
+            config.default_max_tokens,
+            backpressure,
+            model_aliases=config.model_aliases,
+            unknown_fields=config.unknown_fields,
+            limits=job_limits(config, engine.max_model_len),
+            reply_topics=reply_topics,
+            embedding_pooling=config.embedding_pooling,
+            tool_call_parser=config.tool_call_parser,
+            reasoning_parser=resolve_reasoning_parser(config.reasoning_parser, architectures),
+        )
+
     async def handle(
         self,
         value: bytes,
@@ -118,7 +151,7 @@ class JobHandler:
             if refusal is not None:
                 raise TranslationError("invalid_reply_to", refusal, param="reply_to")
             check_job_size(value, self._limits)
-            deadline = _header_deadline(header_values)
+            deadline = header_deadline(header_values)
             result, output = await self._run(value, content_type, timestamp_ms, ref, deadline, tag)
         except Exception as e:
             result = _error_line(custom_id, ref, e)
@@ -128,12 +161,12 @@ class JobHandler:
     async def _run(
         self, value: bytes, content_type: str, timestamp_ms: int, ref: str, deadline: float | None, tag
     ) -> tuple[BatchResponseLine, RequestOutput]:
-        _check_deadline(deadline, "before decoding")
+        check_deadline(deadline, "before decoding")
         job = decode_job(value, content_type, self._unknown_fields)
         check_model(job, self._served_names)
         if job.body.sluice_deadline_ms is not None:
             deadline = min(deadline or math.inf, job.body.sluice_deadline_ms / 1000)
-        _check_deadline(deadline, "before inference")
+        check_deadline(deadline, "before inference")
         if isinstance(job.body, EmbeddingRequest):
             return await self._embed(job, ref, deadline, tag)
         check_limits(job, self._limits, self._default_max_tokens)
@@ -148,7 +181,7 @@ class JobHandler:
         )
         num_prompt_tokens = len(request.prompt_token_ids)
         check_prompt_tokens(num_prompt_tokens, self._limits)
-        _check_deadline(deadline, "after tokenising")
+        check_deadline(deadline, "after tokenising")
         output = await self._generate(request, ref, deadline, tag)
         enqueued_time = timestamp_ms / 1000
         line = await self._off_loop(
@@ -233,68 +266,3 @@ def _error_line(custom_id: str, ref: str, error: Exception) -> BatchResponseLine
             raise error
     log.error("job %s failed in the engine", ref, exc_info=error)
     return to_error_line(custom_id, "engine_error", f"{type(error).__name__}: {error}", 500)
-
-
-class DeadlineExceeded(Exception):
-    pass
-
-
-def _header_deadline(headers: dict[str, str]) -> float | None:
-    """The `sluice-deadline-ms` header (Unix time in milliseconds) in seconds; None if absent."""
-    raw = headers.get("sluice-deadline-ms")
-    if not raw:
-        return None
-    try:
-        deadline_ms = int(raw)
-    except ValueError:
-        deadline_ms = -1
-    if not 0 <= deadline_ms < _MAX_TIME_MS:
-        raise JobDecodeError(
-            "invalid_request",
-            f"the sluice-deadline-ms header must be Unix time in milliseconds, got {excerpt(raw)!r}",
-        )
-    return deadline_ms / 1000
-
-
-def _check_deadline(deadline: float | None, when: str) -> None:
-    if deadline is not None and time.time() >= deadline:
-        late_ms = (time.time() - deadline) * 1000
-        raise DeadlineExceeded(f"the job's deadline passed {late_ms:.0f} ms ago, {when}; it was not run")
-
-
-def header_dict(headers: Sequence[tuple[str, bytes | None]] | None) -> dict[str, str]:
-    """Kafka headers as a dict of lower-cased names to text values (the last one wins)."""
-    out: dict[str, str] = {}
-    for key, value in headers or ():
-        if value is not None:
-            out[key.lower()] = value.decode("utf-8", "replace")
-    return out
-
-
-def check_header_keys(headers: Sequence[tuple[str, bytes | None]] | None) -> None:
-    """JobDecodeError(invalid_encoding) when a header key is not UTF-8."""
-    if bad := undecodable_header_keys(headers):
-        keys = ", ".join(excerpt(repr(key)) for key in bad[:3])
-        raise JobDecodeError("invalid_encoding", f"header keys are not valid UTF-8: {keys}")
-
-
-def undecodable_header_keys(headers: Sequence[tuple[str, bytes | None]] | None) -> list[bytes]:
-    """The raw bytes of each header key that is not UTF-8 (service/lenient_records.py reads
-    such a key with `surrogateescape`: lone surrogates, which no valid UTF-8 decodes to)."""
-    return [key.encode("utf-8", "surrogateescape") for key, _ in headers or () if _has_surrogates(key)]
-
-
-def printable_key(key: str) -> str:
-    """A header key as a producer can write it again: bytes that are not UTF-8 as `\\xff` escapes."""
-    if not _has_surrogates(key):
-        return key
-    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def excerpt(text: str, limit: int = 64) -> str:
-    """`text`, cut to `limit` characters for an error message."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _has_surrogates(text: str) -> bool:
-    return not text.isascii() and any("\udc80" <= ch <= "\udcff" for ch in text)

@@ -14,7 +14,8 @@ import dataclasses
 from aiokafka.structs import ConsumerRecord
 
 from schemas.codec import encode_result
-from service.jobs import Outcome, excerpt, printable_key
+from service.headers import excerpt, printable_key
+from service.jobs import Outcome
 from service.publisher import Headers
 from service.transactions import OutRecord
 from service.translate import to_error_line

@@ -22,7 +22,6 @@ from service.client.reply_topics import REPLY_TOPIC_CONFIGS
 from service.config import ServiceConfig
 from service.jobs import JobHandler
 from service.kafka_security import KafkaClientOptions
-from service.reasoning import resolve_reasoning_parser
 from service.topics import ensure_topics
 
 Results = AsyncIterator[list[tuple[str, bytes]]]  # batches of (custom_id, result line), maybe empty
@@ -143,29 +142,14 @@ class LocalBackend:
     def __init__(
         self,
         engine: LLMEngine,
-        model_name: str,
-        default_max_tokens: int,
+        config: ServiceConfig,
         engine_thread: EngineThread | None = None,
         max_in_flight: int = 256,
-        model_aliases: list[str] | tuple[str, ...] = (),
-        unknown_fields: str = "reject",
-        embedding_pooling: str = "last",
-        tool_call_parser: str = "auto",
-        reasoning_parser: str = "auto",
     ) -> None:
         self.async_engine = AsyncLLMEngine(engine, engine_thread)
-        defaults = ServiceConfig()  # the service's admission batching, so --local runs batch the same way
-        batcher = DynamicBatcher(self.async_engine, defaults.batch_max_size, defaults.batch_max_wait_ms)
-        self.handler = JobHandler(
-            batcher,
-            model_name,
-            default_max_tokens,
-            model_aliases=model_aliases,
-            unknown_fields=unknown_fields,
-            embedding_pooling=embedding_pooling,
-            tool_call_parser=tool_call_parser,
-            reasoning_parser=resolve_reasoning_parser(reasoning_parser, getattr(engine, "architectures", ())),
-        )
+        # the service's admission batching, so --local runs batch the same way
+        batcher = DynamicBatcher(self.async_engine, config.batch_max_size, config.batch_max_wait_ms)
+        self.handler = JobHandler.from_config(config, batcher, engine)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._done: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()

@@ -204,17 +204,7 @@ async def _make_backend(args: argparse.Namespace, config: ServiceConfig, ledger:
         print(f"sluice: loading {engine_config.model} in this process", file=sys.stderr)
         engine_thread = EngineThread()  # loads the engine and then steps it: one OpenMP pool
         engine = await engine_thread.run(LLMEngine, engine_config)
-        backend = LocalBackend(
-            engine,
-            config.served_model_name,
-            config.default_max_tokens,
-            engine_thread,
-            model_aliases=config.model_aliases,
-            unknown_fields=config.unknown_fields,
-            embedding_pooling=config.embedding_pooling,
-            tool_call_parser=config.tool_call_parser,
-            reasoning_parser=config.reasoning_parser,
-        )
+        backend = LocalBackend(engine, config, engine_thread)
     else:
         backend = KafkaBackend(
             args.bootstrap or config.kafka_bootstrap,

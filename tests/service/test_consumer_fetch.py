@@ -9,7 +9,7 @@ from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
 from aiokafka.record.memory_records import MemoryRecords
 
 from service.consumer import JobConsumer
-from service.jobs import undecodable_header_keys
+from service.headers import undecodable_header_keys
 from service.lenient_records import LenientMemoryRecords
 from tests.service.hostile import RawKey
 
