@@ -1,9 +1,9 @@
 """Every model family (engine.models) gives Transformers' logits and greedy tokens.
 
-One tiny random checkpoint per configuration (engine.demo_presets, and two of this module's
-own for Mistral and Qwen2): GQA and MQA, tied and
-untied embeddings, biases, sliding windows, soft-caps, q/k norms, local/global RoPE,
-fused projections, partial rotary, YaRN, dynamic NTK and LongRoPE, a multimodal wrapper.
+One tiny random checkpoint per configuration (engine.demo_presets, plus this module's second
+Mistral and Qwen2): GQA and MQA, tied and untied embeddings, biases, sliding windows,
+soft-caps, q/k norms, local/global RoPE, fused projections, partial rotary, YaRN, dynamic
+NTK and LongRoPE, a multimodal wrapper.
 The greedy batch mixes prompt lengths (one decodes past the 64-token original context of
 the YaRN and dynamic presets) and runs with a KV pool too small for it (preemption) and a
 32-token step budget (chunked prefill), with prefix caching on.
