@@ -4,9 +4,9 @@ Rows: one tiny checkpoint per family (engine.demo_presets). Columns: the compres
 (bitsandbytes int8 / nf4 / fp4 weights, fp8 weights, an fp8 KV cache). Each cell runs one
 short greedy batch through the paged KV cache with prefix caching, chunked prefill and forced
 preemption, plus a choice-constrained request (structured outputs), and checks it against
-the family's float32 engine: its teacher-forced logits stay within the mode's KL bound (a
-broken layer gives KL > 1). A mode this machine cannot run (fp8 weights off CUDA) is refused
-at start-up with an error naming it. Tensor and pipeline parallelism per family:
+the family's float32 engine: its teacher-forced logits stay within the mode's KL bound. A
+mode this machine cannot run (fp8 weights off CUDA) is refused at start-up with an error
+naming it. Tensor and pipeline parallelism per family:
 test_parallel_families.py; exactness against Transformers: test_model_families.py and
 test_engine_exactness.py.
 """
@@ -33,13 +33,16 @@ FAMILIES = {
     "phi3": "tiny-phi3",
     "phi4-mini": "tiny-phi4-mini",
 }
-# mode -> (engine options, the largest KL from the float32 engine this mode may show)
+# mode -> (engine options, the largest KL from the float32 engine this mode may show). Measured
+# over the nine families (40 teacher-forced positions): int8 <= 0.0009, fp8 KV <= 0.0006, nf4
+# <= 0.105, fp4 <= 0.135 (Mistral and Qwen2, hidden 256, the largest). One layer's MLP rows
+# shuffled gives 0.007-0.25: the 8-bit bounds catch it, the 4-bit ones only a garbled model.
 MODES = {
-    "int8": ({"quantization": "int8"}, 0.01),
-    "nf4": ({"quantization": "nf4"}, 0.3),
-    "fp4": ({"quantization": "fp4"}, 0.3),
-    "fp8": ({"quantization": "fp8"}, 0.05),
-    "fp8-kv": ({"kv_cache_dtype": "fp8"}, 0.01),
+    "int8": ({"quantization": "int8"}, 0.005),
+    "nf4": ({"quantization": "nf4"}, 0.2),
+    "fp4": ({"quantization": "fp4"}, 0.25),
+    "fp8": ({"quantization": "fp8"}, 0.05),  # CUDA only: not measured yet
+    "fp8-kv": ({"kv_cache_dtype": "fp8"}, 0.005),
 }
 SMALL_KV = {"num_kv_blocks": 12, "block_size": 4, "max_num_batched_tokens": 16}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
