@@ -71,7 +71,8 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         if self.kv_dtype == fp8_kv.FP8_KV_DTYPE:
             vocab_size = self.model.config.vocab_size
-            fp8_kv.calibrate_kv_scales(self.model, self.layers, vocab_size, self.device)
+            positions = self._profile_positions(fp8_kv.CALIBRATION_TOKENS)
+            fp8_kv.calibrate_kv_scales(self.model, self.layers, vocab_size, positions)
         for i, layer in enumerate(self.layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
         self.num_blocks = num_blocks

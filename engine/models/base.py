@@ -33,6 +33,11 @@ from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, 
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, rope_context_len, rope_parameters_from_config
 
+# A pipeline stage's input after the first stage: [hidden, residual] ([T, hidden] each), or None.
+Intermediate = list[torch.Tensor] | None
+# A stage's output: hidden states [T, hidden] from the last stage, (hidden, residual) from the others.
+StageOutput = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
 
 class DecoderAttention(nn.Module):
     """Fused q/k/v projection, optional per-head q/k RMSNorm, RoPE, paged attention, o projection."""
@@ -111,14 +116,20 @@ class DecoderLayer(nn.Module):
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual add is fused into the next norm: returns (mlp output, residual so far).
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states, residual = input_norm(self.input_layernorm, hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
+
+
+def input_norm(
+    norm: RMSNorm, hidden_states: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's first norm -> (normed, residual): the first layer starts the residual stream with
+    its input; every later one adds its input to the residual inside the norm (fused)."""
+    if residual is None:
+        return norm(hidden_states), hidden_states
+    return norm(hidden_states, residual)
 
 
 class PPMissingLayer(nn.Identity):
@@ -162,11 +173,8 @@ class DecoderModel(nn.Module):
         )
 
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        intermediate: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate: Intermediate = None
+    ) -> StageOutput:
         for rotary in self.rotaries:
             rotary.forget_positions()
         if self.is_first_stage:
@@ -219,11 +227,8 @@ class DecoderForCausalLM(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        intermediate: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate: Intermediate = None
+    ) -> StageOutput:
         """input_ids, positions: [T] int64, sequences laid end to end -> hidden states [T, hidden].
 
         A pipeline stage after the first takes `intermediate` = [hidden, residual] from the

@@ -25,6 +25,7 @@ from engine.models.base import (
     DecoderForCausalLM,
     DecoderModel,
     GatedMLP,
+    input_norm,
     layer_rotary,
     rotary_embeddings,
     sliding_windows,
@@ -48,11 +49,7 @@ class GemmaDecoderLayer(torch.nn.Module):
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # As in DecoderLayer, each residual add is fused into the norm that follows it.
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states, residual = input_norm(self.input_layernorm, hidden_states, residual)
         hidden_states = self.post_attention_layernorm(self.self_attn(positions, hidden_states))
         hidden_states, residual = self.pre_feedforward_layernorm(hidden_states, residual)
         return self.post_feedforward_layernorm(self.mlp(hidden_states)), residual

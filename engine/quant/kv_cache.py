@@ -41,9 +41,13 @@ def dequantize(pages_u8: torch.Tensor, scale: float, dtype: torch.dtype) -> torc
 
 @torch.no_grad()
 def calibrate_kv_scales(
-    model: nn.Module, layers: list[nn.Module], vocab_size: int, device: torch.device
+    model: nn.Module, layers: list[nn.Module], vocab_size: int, positions: torch.Tensor
 ) -> None:
-    """Set each attention layer's k_scale and v_scale from one forward over fixed tokens."""
+    """Set each attention layer's k_scale and v_scale from one forward over fixed tokens.
+
+    positions [CALIBRATION_TOKENS] on the model's device: inside its RoPE tables (a model whose
+    context is shorter than CALIBRATION_TOKENS repeats them; ModelRunner._profile_positions).
+    """
     amax: dict[int, list[float]] = {}
 
     def record(layer, args):
@@ -53,8 +57,8 @@ def calibrate_kv_scales(
     hooks = [layer.register_forward_pre_hook(record) for layer in layers]
     try:
         generator = torch.Generator().manual_seed(0)
-        tokens = torch.randint(vocab_size, (CALIBRATION_TOKENS,), generator=generator).to(device)
-        model(tokens, torch.arange(CALIBRATION_TOKENS, device=device))  # no metadata: plain causal attention
+        tokens = torch.randint(vocab_size, (CALIBRATION_TOKENS,), generator=generator).to(positions.device)
+        model(tokens, positions)  # no metadata: plain causal attention
     finally:
         for hook in hooks:
             hook.remove()

@@ -1,8 +1,9 @@
 """Every model family (engine.models) gives Transformers' logits and greedy tokens.
 
-One tiny random checkpoint per configuration (engine.demo_presets): GQA and MQA, tied and
-untied embeddings, biases, sliding windows, soft-caps, q/k norms, local/global RoPE,
-fused projections, partial rotary, YaRN, dynamic NTK and LongRoPE, a multimodal wrapper.
+One tiny random checkpoint per configuration (engine.demo_presets, plus this module's second
+Mistral and Qwen2): GQA and MQA, tied and untied embeddings, biases, sliding windows,
+soft-caps, q/k norms, local/global RoPE, fused projections, partial rotary, YaRN, dynamic
+NTK and LongRoPE, a multimodal wrapper.
 The greedy batch mixes prompt lengths (one decodes past the 64-token original context of
 the YaRN and dynamic presets) and runs with a KV pool too small for it (preemption) and a
 32-token step budget (chunked prefill), with prefix caching on.
@@ -11,6 +12,7 @@ the YaRN and dynamic presets) and runs with a KV pool too small for it (preempti
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, LLMEngine, SamplingParams, StructuredOutputs
 from engine.demo_models import ensure_checkpoint
+from engine.demo_presets import PRESETS
 from engine.quant.quality import compare, teacher_forced_logits
 from engine.weights import build_model
 
@@ -34,7 +37,25 @@ FAMILY_PRESETS = [
     "tiny-gemma3-mm",
     "tiny-phi3",
     "tiny-phi4-mini",
+    "test-mistral-mqa-tied",
+    "test-qwen2-mqa-untied",
 ]
+# Second configurations of the families engine.demo_presets has one preset of (hidden 64, MQA,
+# the other tying, no window), registered for this module only.
+TEST_PRESETS = {
+    "test-mistral-mqa-tied": dataclasses.replace(
+        PRESETS["tiny-qwen3"],
+        architecture="MistralForCausalLM",
+        num_key_value_heads=1,
+        options={"tie_word_embeddings": True, "sliding_window": None},
+    ),
+    "test-qwen2-mqa-untied": dataclasses.replace(
+        PRESETS["tiny-qwen3"],
+        architecture="Qwen2ForCausalLM",
+        num_key_value_heads=1,
+        options={"tie_word_embeddings": False},
+    ),
+}
 MAX_TOKENS = 12
 # 24 blocks of 4 tokens cannot hold the batch: sequences are preempted and recomputed
 SMALL_KV = {"num_kv_blocks": 24, "block_size": 4, "max_num_batched_tokens": 32}
@@ -51,8 +72,16 @@ class Family:
     expected: list[list[int]]  # each prompt's greedy tokens from Transformers' generate(), alone
 
 
+@pytest.fixture(scope="module")
+def test_presets():
+    with pytest.MonkeyPatch.context() as patch:
+        for name, preset in TEST_PRESETS.items():
+            patch.setitem(PRESETS, name, preset)
+        yield
+
+
 @pytest.fixture(scope="module", params=FAMILY_PRESETS)
-def family(request, model_cache) -> Family:
+def family(request, model_cache, test_presets) -> Family:
     folder = ensure_checkpoint(model_cache, preset=request.param)
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompts = _prompts(reference.config.get_text_config().vocab_size)

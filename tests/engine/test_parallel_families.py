@@ -1,10 +1,12 @@
-"""Tensor and pipeline parallelism give one process's greedy tokens for the new families.
+"""Tensor and pipeline parallelism give one process's greedy tokens for every family.
 
-One layout per family, each with what its split must get right: Gemma 2's soft-capped,
-sliding-window attention and GeGLU (TP=2), Phi-3's fused qkv/gate_up checkpoint tensors
-split across ranks (TP=2), Qwen3's per-head q/k norms with its single KV head replicated
-(TP=2), and Gemma 3's sandwich norms, local/global RoPE and tied embedding across two
-pipeline stages of the multimodal wrapper (PP=2). A tiny KV pool forces preemption.
+TP=2 for each family (Llama's own layouts are test_parallel.py's), each with what its split
+must get right: Gemma 2's soft-capped, sliding-window attention and GeGLU, Gemma 3's q/k norms
+and local/global RoPE, Phi-3's fused qkv/gate_up checkpoint tensors split across ranks,
+Phi-4-mini's partial rotary with its single KV head replicated, Qwen3's per-head q/k norms
+(MQA, YaRN), Mistral's window, Qwen2's q/k/v biases; PP=2 for Gemma 3's multimodal wrapper
+(sandwich norms, tied embedding on both stages, its checkpoint prefixes) and Phi-3 (fused
+tensors of the other stage skipped). A tiny KV pool forces preemption.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import pytest
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.demo_models import ensure_checkpoint
 
-SMALL_KV = {"num_kv_blocks": 24, "block_size": 4, "max_num_batched_tokens": 32}
+# enforce_eager: no compiled decode kernel to warm up in each process (half of a case's time);
+# the compiled kernel under parallelism is test_parallel.py's.
+SMALL_KV = {"num_kv_blocks": 24, "block_size": 4, "max_num_batched_tokens": 32, "enforce_eager": True}
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
 
@@ -28,6 +32,11 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
         pytest.param("tiny-phi3", 2, 1, id="phi3-tp2"),
         pytest.param("tiny-qwen3-yarn", 2, 1, id="qwen3-mqa-tp2"),
         pytest.param("tiny-gemma3-mm", 1, 2, id="gemma3-multimodal-pp2"),
+        pytest.param("tiny-gemma3", 2, 1, id="gemma3-tp2"),
+        pytest.param("tiny-phi4-mini", 2, 1, id="phi4-mini-mqa-partial-rotary-tp2"),
+        pytest.param("tiny-mistral", 2, 1, id="mistral-tp2"),
+        pytest.param("tiny-qwen2", 2, 1, id="qwen2-tp2"),
+        pytest.param("tiny-phi3", 1, 2, id="phi3-pp2"),
     ],
 )
 def test_parallel_engine_gives_one_process_s_tokens(model_cache, preset, tp, pp):

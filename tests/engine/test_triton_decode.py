@@ -68,6 +68,32 @@ def test_padded_decode_graph_path_with_the_triton_backend_gives_the_sdpa_engine_
     assert out.strip().splitlines()[-1] == str(expected)
 
 
+@pytest.mark.slow
+def test_soft_capped_sliding_window_gemma2_decodes_through_the_triton_graph_path_as_through_sdpa(
+    model_cache,
+):
+    """tiny-gemma2 (attention soft-cap 0.5, windows of 8, GQA) on the path a CUDA engine with
+    the triton backend takes: prompt steps on SDPA's explicit path, decode steps in the kernel
+    with the graphs' static buffers and padding rows."""
+    from engine.demo_models import ensure_checkpoint
+
+    folder = str(ensure_checkpoint(model_cache, preset="tiny-gemma2"))
+    prompts = [[1, *range(10, 30)], [1, 8, 9], [1, 5]]  # past the window, inside it; 3 rows pad to 4
+    out = _run_interpreted(
+        f"""
+        from engine import EngineConfig, LLMEngine, SamplingParams
+        engine = LLMEngine(EngineConfig(dtype="float32", model={folder!r}, attention_backend="triton", kv_cache_memory_gib=0.05, enforce_eager=True, max_num_seqs=4))
+        engine.runner.enable_decode_graphs(engine.max_model_len, use_graphs=False)
+        params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+        print([o.token_ids for o in engine.generate({prompts!r}, params, use_tqdm=False)])
+        """
+    )
+    engine = LLMEngine(EngineConfig(dtype="float32", model=folder, kv_cache_memory_gib=0.05))
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    expected = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
+    assert out.strip().splitlines()[-1] == str(expected)
+
+
 def test_capture_sizes_cover_every_batch_up_to_the_maximum():
     assert capture_sizes(1) == [1]
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]

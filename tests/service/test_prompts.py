@@ -85,6 +85,22 @@ def test_chat_template_kwargs_and_documents_reach_the_template(tokenizer) -> Non
     assert _text(job, tokenizer).endswith("docs=1<gen><think>")
 
 
+def test_qwen3_enable_thinking_false_closes_an_empty_think_block(tokenizer) -> None:
+    # The generation-prompt tail of Qwen3's own chat template
+    qwen3 = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+        "{% endif %}"
+    )
+    thinking = _text(_chat(chat_template=qwen3), tokenizer)
+    not_thinking = _text(
+        _chat(chat_template=qwen3, chat_template_kwargs={"enable_thinking": False}), tokenizer
+    )
+    assert thinking.endswith("<|im_start|>assistant\n")
+    assert not_thinking == thinking + "<think>\n\n</think>\n\n"
+
+
 def test_chat_template_kwargs_may_not_override_a_request_field(tokenizer) -> None:
     with pytest.raises(TranslationError) as info:
         to_engine_request(_chat(chat_template_kwargs={"add_generation_prompt": False}), tokenizer, 16)
