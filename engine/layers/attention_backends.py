@@ -68,7 +68,7 @@ def make_backend(name: str, compiled_decode: bool = True):
     if name == "flash":
         return FlashAttentionBackend()
     if name == "triton":
-        return TritonBackend()
+        return TritonBackend(compiled_decode=False)  # decodes through its own kernel: nothing to compile
     return SdpaBackend(compiled_decode)
 
 

@@ -79,7 +79,7 @@ def test_soft_capped_sliding_window_gemma2_decodes_through_the_triton_graph_path
 
     folder = str(ensure_checkpoint(model_cache, preset="tiny-gemma2"))
     prompts = [[1, *range(10, 30)], [1, 8, 9], [1, 5]]  # past the window, inside it; 3 rows pad to 4
-    out = _run_interpreted(
+    out = run_interpreted(
         f"""
         from engine import EngineConfig, LLMEngine, SamplingParams
         engine = LLMEngine(EngineConfig(dtype="float32", model={folder!r}, attention_backend="triton", kv_cache_memory_gib=0.05, enforce_eager=True, max_num_seqs=4))
