@@ -69,13 +69,18 @@ def time_alternating(
     return {name: (min(values), statistics.median(values)) for name, values in samples.items()}
 
 
+def _random_layer(num_experts: int, hidden: int, intermediate: int) -> FusedMoE:
+    torch.manual_seed(0)
+    experts = FusedMoE(num_experts, hidden, intermediate, ActAndMul("silu"))
+    for param in experts.parameters():
+        param.data.normal_(0.0, 0.02)
+    return experts
+
+
 def layer_rows(rounds: int) -> list[tuple]:
     rows = []
     for shape, (num_experts, top_k, hidden, intermediate) in LAYER_SHAPES.items():
-        torch.manual_seed(0)
-        experts = FusedMoE(num_experts, hidden, intermediate, ActAndMul("silu"))
-        for param in experts.parameters():
-            param.data.normal_(0.0, 0.02)
+        experts = _random_layer(num_experts, hidden, intermediate)
         for num_tokens in TOKEN_COUNTS:
             x = torch.randn(num_tokens, hidden)
             weights, ids = select_experts(torch.randn(num_tokens, num_experts), top_k, renormalize=True)
@@ -90,10 +95,7 @@ def layer_rows(rounds: int) -> list[tuple]:
 def parallel_rows(rounds: int) -> list[tuple]:
     rows = []
     for shape, (num_experts, top_k, hidden, intermediate) in LAYER_SHAPES.items():
-        torch.manual_seed(0)
-        whole = FusedMoE(num_experts, hidden, intermediate, ActAndMul("silu"))
-        for param in whole.parameters():
-            param.data.normal_(0.0, 0.02)
+        whole = _random_layer(num_experts, hidden, intermediate)
         ranks = {
             (layout, r): _rank_layer(whole, r, 2, layout == "ep") for layout in ("tp", "ep") for r in (0, 1)
         }

@@ -142,10 +142,8 @@ def _experts_rank(monkeypatch, rank: int, size: int, weights: tuple, mode: str |
 # two quantised matmuls in series (gate_up, then down): measured 0.015-0.021 (int8), 0.16-0.18 (nf4),
 # 0.062-0.063 (fp8: e4m3's 3 mantissa bits round each weight and activation by up to 2^-4, ~3.6%
 # RMS; one fp8 matmul measured 3.7% in test_quantization, two in series ~sqrt(2) times that)
-@pytest.mark.parametrize(("mode", "max_relative_error"), [("int8", 0.04), ("nf4", 0.25), ("fp8", 0.1)])
-def test_tensor_parallel_ranks_quantise_their_own_expert_shards(monkeypatch, mode, max_relative_error):
-    # Ranks simulated in one process; the sum of their outputs is what the all-reduce would give.
-    # Each rank quantises its shard: as close to the float experts as the whole quantised layer.
+def _four_experts_and_six_tokens():
+    """Stacked weights of 4 experts (gate_up [4, 256, 64], down [4, 64, 128]), 6 tokens, their top-2 routing."""
     generator = torch.Generator().manual_seed(0)
     weights = (
         torch.randn(4, 256, 64, generator=generator) * 0.05,
@@ -156,6 +154,14 @@ def test_tensor_parallel_ranks_quantise_their_own_expert_shards(monkeypatch, mod
         torch.rand(6, 2, generator=generator),
         torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]]),
     )
+    return weights, x, routing
+
+
+@pytest.mark.parametrize(("mode", "max_relative_error"), [("int8", 0.04), ("nf4", 0.25), ("fp8", 0.1)])
+def test_tensor_parallel_ranks_quantise_their_own_expert_shards(monkeypatch, mode, max_relative_error):
+    # Ranks simulated in one process; the sum of their outputs is what the all-reduce would give.
+    # Each rank quantises its shard: as close to the float experts as the whole quantised layer.
+    weights, x, routing = _four_experts_and_six_tokens()
     with torch.inference_mode():
         expected = moe_module.fused_experts(_experts_rank(monkeypatch, 0, 1, weights, None), x, *routing)
         whole = moe_module.fused_experts(_experts_rank(monkeypatch, 0, 1, weights, mode), x, *routing)
@@ -170,16 +176,7 @@ def test_tensor_parallel_ranks_quantise_their_own_expert_shards(monkeypatch, mod
 def test_expert_parallel_ranks_quantise_only_their_own_whole_experts(monkeypatch, mode):
     # Each rank quantises the experts it holds, whole: the same quantised experts as one process,
     # so the ranks' outputs sum to the whole quantised layer's (up to the order of the sum).
-    generator = torch.Generator().manual_seed(0)
-    weights = (
-        torch.randn(4, 256, 64, generator=generator) * 0.05,
-        torch.randn(4, 64, 128, generator=generator) * 0.05,
-    )
-    x = torch.randn(6, 64, generator=generator)
-    routing = (
-        torch.rand(6, 2, generator=generator),
-        torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]]),
-    )
+    weights, x, routing = _four_experts_and_six_tokens()
     with torch.inference_mode():
         whole = moe_module.fused_experts(_experts_rank(monkeypatch, 0, 1, weights, mode), x, *routing)
         ranks = [_experts_rank(monkeypatch, r, 2, weights, mode, ep=True) for r in range(2)]
