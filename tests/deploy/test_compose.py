@@ -134,7 +134,10 @@ def test_compose_stack_answers_every_job_when_one_sluice_is_killed_mid_burst(pro
 
 
 def _job(custom_id: str, i: int) -> dict:
-    body = {"prompt": f"request {i}", "max_tokens": 128, "temperature": 0, "ignore_eos": True}
+    # Lengths spread over 32-269 tokens: jobs batched together finish one by one, so the first
+    # results arrive while the rest still run (with one length the whole batch ended in one step,
+    # and the burst could be over before the kill)
+    body = {"prompt": f"request {i}", "max_tokens": 32 + 3 * i, "temperature": 0, "ignore_eos": True}
     return {"custom_id": custom_id, "url": "/v1/completions", "body": body}
 
 
