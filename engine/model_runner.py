@@ -20,7 +20,7 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import parallel_state as ps
 from engine.forward_context import AttentionMetadata, attention_metadata, group_by_length
-from engine.layers import paged_decode
+from engine.layers import cpu_attention, paged_decode
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
 from engine.layers.rotary import RotaryEmbedding
@@ -87,8 +87,18 @@ class ModelRunner:
         return num_blocks
 
     def _warm_up_decode_kernel(self) -> None:
-        # compile the SDPA backend's decode kernel now, on this cache: no step waits for it
+        # build (or load) the CPU paged kernel, or compile the SDPA backend's decode kernel, now:
+        # no step waits for either
         backend = self.layers[0].backend
+        if (
+            self.device.type == "cpu"
+            and self.config.cpu_paged_attention
+            and getattr(backend, "serves_cpu_kernel", False)
+            and cpu_attention.eligible(self.layers[0])
+        ):
+            backend.cpu_kernel = cpu_attention.load()
+            if backend.cpu_kernel:
+                return
         if getattr(backend, "compiled_decode", False):
             layer = self.layers[0]
             compiled = self.kv_dtype == self.dtype and paged_decode.warm_up(

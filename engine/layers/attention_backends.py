@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.forward_context import AttentionMetadata
+from engine.layers import cpu_attention
 from engine.layers.explicit_attention import explicit_attention, explicit_decode
 from engine.layers.paged_decode import paged_decode_attention
 from engine.layers.paged_kv import decode_group_inputs, gather_context, padded_context, write_kv
@@ -73,13 +74,29 @@ def make_backend(name: str, compiled_decode: bool = True):
 
 
 class SdpaBackend:
+    # whether the CPU paged kernel may serve this backend's steps (the Triton backend decodes
+    # through its own kernel, which its CPU tests run under Triton's interpreter)
+    serves_cpu_kernel = True
+
     def __init__(self, compiled_decode: bool = True) -> None:
         self.compiled_decode = compiled_decode
+        self.cpu_kernel = False  # set by the model runner once the kernel is loaded
 
     def forward(
         self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata
     ) -> torch.Tensor:
         write_kv(layer, k, v, md.slot_mapping)
+        if self.cpu_kernel and q.dtype == layer.k_cache.dtype and cpu_attention.eligible(layer):
+            return cpu_attention.paged_attention(
+                q,
+                layer.k_cache,
+                layer.v_cache,
+                md.block_tables,
+                md.cu_query_lens,
+                md.context_lens_tensor,
+                layer.scale,
+                layer.sliding_window,
+            )
         if md.is_decode_only:
             return self._decode(layer, q, md)
         out = torch.empty_like(q)
@@ -146,6 +163,8 @@ class SdpaBackend:
 
 class TritonBackend(SdpaBackend):
     """SDPA for steps with prompt chunks; decode-only steps through the paged Triton kernel."""
+
+    serves_cpu_kernel = False
 
     def _decode(self, layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         from engine.layers.triton_attention import paged_decode_attention

@@ -1,0 +1,520 @@
+// Paged attention for CPU: every sequence of a step (prompt chunks and decode rows alike) attends
+// over its cached context, read page by page in place from the paged KV cache.
+//
+// One work item is (sequence, KV head, tile of query positions): the G query heads that share the
+// KV head, for up to kQueryTile positions, are R = G * tile rows that read each key and value page
+// once (GQA's reuse; a decode row has R = G). Pages are processed 16 keys at a time, converted to
+// float32 once per work item and page (keys transposed, so a row's 16 scores are 16-wide FMAs
+// over the head dimension, no horizontal sums), with an online softmax (flash attention's running
+// max and sum) in float32. Items run on ATen's thread pool, taken from a shared counter in order
+// of falling cost, so long prompt tiles do not leave a thread idle at the end of the step.
+//
+// Exact arithmetic: q.k, the softmax and p.v in float32 (the query is pre-multiplied by the
+// scale), the output rounded once to the query's dtype. exp is a polynomial of its own (below),
+// within ~2 ulp of std::exp, written so that the compiler vectorises the softmax loops.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kKeyTile = 16;       // keys per inner step; the page size must be a multiple
+constexpr int kLanes = 16;         // floats per vector (GCC/Clang vector extension: any ISA)
+constexpr int kMaxRows = 128;      // rows (query heads x positions) per work item
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxKvWidth = 2048;  // KV heads x head size read per key by one work item
+constexpr int kWideRows = 16;      // from this many rows per KV head: vectorise over rows
+constexpr float kNoMax = -std::numeric_limits<float>::max();
+
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef float vfloat_u __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
+
+static inline vfloat load(const float* p) { return *reinterpret_cast<const vfloat_u*>(p); }
+static inline void store(float* p, vfloat v) { *reinterpret_cast<vfloat_u*>(p) = v; }
+static inline vfloat splat(float x) { return vfloat{} + x; }
+
+static inline float hsum(vfloat v) {  // a tree of shuffles: 4 adds, not 15 dependent ones
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
+static inline float hmax(vfloat v) {
+  auto max = [](vfloat a, vfloat b) { return a > b ? a : b; };
+  v = max(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = max(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = max(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = max(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
+}
+
+// The lane sums of 16 vectors, lane j of the result holding the sum of v[j]: a transposing tree
+// of shuffles (15 steps of 2 shuffles and an add) instead of 16 horizontal sums.
+static inline vfloat sum_lanes_16(vfloat v[16]) {
+  vfloat a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {  // [key 2i: 8 partial sums | key 2i+1: 8]
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {  // keys 4i..4i+3: 4 partial sums each
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {  // keys 8i..8i+7: 2 partial sums each
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// exp(x) for x <= 0 (every softmax argument here is a score minus the running max), lane-wise.
+// Cody-Waite reduction by ln 2 (rounding by the 1.5 * 2^23 trick), degree-6 Taylor polynomial
+// on [-ln2/2, ln2/2] (relative error ~1e-7), 2^n through the exponent bits; 0 below -87.
+static inline vfloat exp_nonpositive(vfloat x) {
+  const vint underflow = x < -87.0f;
+  x = x < -87.0f ? splat(-87.0f) : x;
+  const vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  vfloat r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vfloat p = splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  const vfloat result = p * reinterpret_cast<const vfloat&>(bits);
+  return underflow ? splat(0.0f) : result;
+}
+
+static inline float exp_nonpositive(float x) { return exp_nonpositive(splat(x))[0]; }
+
+// n values to float32. bfloat16 is the high half of a float32: a shift, which vectorises (the
+// c10::BFloat16 conversion does not: decode was 2.6x slower with it).
+static inline void to_float(const float* in, float* out, int64_t n) { std::memcpy(out, in, n * sizeof(float)); }
+static inline void to_float(const c10::BFloat16* in, float* out, int64_t n) {
+  const uint16_t* raw = reinterpret_cast<const uint16_t*>(in);
+  uint32_t* bits = reinterpret_cast<uint32_t*>(out);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) bits[i] = static_cast<uint32_t>(raw[i]) << 16;
+}
+static inline void to_float(const c10::Half* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
+}
+
+struct Step {
+  const int32_t* cu_query_lens;  // [B + 1]
+  const int32_t* context_lens;   // [B]
+  const int32_t* block_tables;   // [B, table_width]
+  int64_t table_width;
+  int64_t block_size;
+  int64_t num_heads, num_kv_heads, head_dim;
+  int64_t window;  // keys at positions > pos - window are visible; 0: no window
+  float scale;
+};
+
+// One sequence's query positions [first, last) of its chunk, for KV heads [head0, head1).
+struct WorkItem {
+  int32_t seq, head0, head1, first, last;
+  int64_t cost;
+};
+
+template <typename T>
+struct Tensors {
+  const T* q;  // [T, H, D] with row stride q_row
+  int64_t q_row, q_head;
+  const T* k;  // [num_blocks, S, Hkv, D]
+  const T* v;
+  int64_t kv_block, kv_slot;  // strides of a block and of a slot (the head stride is D)
+  T* out;  // [T, H, D] contiguous
+};
+
+// Thread-private float32 buffers of one work item. Rows: for each KV head of the item, for each
+// query position, for each of the G query heads sharing the KV head.
+struct Scratch {
+  // The tile's keys and values, the item's heads side by side, rows kv_stride floats apart: the
+  // width rounded up to whole vectors plus one, so that rows never sit a multiple of 4 KiB apart
+  // (they would share L1 sets: with 8 KiB rows decode ran 1.x times slower).
+  float keys[kKeyTile * (kMaxKvWidth + kLanes)];
+  float values[kKeyTile * (kMaxKvWidth + kLanes)];
+  int64_t kv_stride;
+  float q[kMaxRows][kMaxHeadDim];  // narrow: row-major; wide: transposed [D][rows]
+  float acc[kMaxRows][kMaxHeadDim];
+  float scores[kKeyTile][kMaxRows];  // wide: [key][row]
+  alignas(64) float max[kMaxRows];
+  alignas(64) float sum[kMaxRows];
+  alignas(64) float pos[kMaxRows];  // the row's position (float: compared in vectors); -1: padding
+};
+
+struct Rows {
+  int count;    // rows per KV head
+  int padded;   // wide: count rounded up to whole vectors
+  bool wide;
+};
+
+// Narrow rows (decode: G rows per KV head): each score a dot product over the head dimension.
+// ND: the head size in vectors, known at compile time (the query and accumulator then stay in
+// registers across the tile's keys); 0: any head size, read from D.
+template <int ND>
+static inline void narrow_update(Scratch& s, const float* keys_h, const float* values_h, int row, int64_t D,
+                                 int64_t key0, int64_t window) {
+  const int64_t pos = static_cast<int64_t>(s.pos[row]);
+  const int hi = static_cast<int>(std::clamp<int64_t>(pos + 1 - key0, 0, kKeyTile));
+  const int lo = window > 0 ? static_cast<int>(std::clamp<int64_t>(pos - window + 1 - key0, 0, kKeyTile)) : 0;
+  if (lo >= hi) return;
+  const int64_t stride = s.kv_stride;
+  const float* q = s.q[row];
+  vfloat index;
+  for (int j = 0; j < kKeyTile; ++j) index[j] = static_cast<float>(j);
+  const vint visible = (index >= static_cast<float>(lo)) & (index < static_cast<float>(hi));
+  vfloat scores;
+  if constexpr (ND > 0) {
+    vfloat qv[ND], dots[kKeyTile];
+    for (int c = 0; c < ND; ++c) qv[c] = load(q + c * kLanes);
+    for (int j = 0; j < kKeyTile; ++j) {  // all 16 (the invisible ones are masked below)
+      const float* k = keys_h + j * stride;
+      dots[j] = qv[0] * load(k);
+      for (int c = 1; c < ND; ++c) dots[j] += qv[c] * load(k + c * kLanes);
+    }
+    scores = sum_lanes_16(dots);
+  } else {
+    for (int j = 0; j < kKeyTile; ++j) {
+      const float* k = keys_h + j * stride;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+      scores[j] = dot;
+    }
+  }
+  scores = visible ? scores : splat(kNoMax);
+  const float new_max = std::max(s.max[row], hmax(scores));
+  const float alpha = exp_nonpositive(s.max[row] - new_max);
+  const vfloat p = visible ? exp_nonpositive(scores - new_max) : splat(0.0f);
+  s.sum[row] = s.sum[row] * alpha + hsum(p);
+  s.max[row] = new_max;
+  float* acc = s.acc[row];
+  if constexpr (ND > 0) {
+    vfloat a[ND];
+    for (int c = 0; c < ND; ++c) a[c] = load(acc + c * kLanes) * alpha;
+    for (int j = lo; j < hi; ++j) {
+      const float* v = values_h + j * stride;
+      for (int c = 0; c < ND; ++c) a[c] += p[j] * load(v + c * kLanes);
+    }
+    for (int c = 0; c < ND; ++c) store(acc + c * kLanes, a[c]);
+  } else {
+    for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
+    for (int j = lo; j < hi; ++j) {
+      const float pj = p[j];
+      const float* v = values_h + j * stride;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc[d] += pj * v[d];
+    }
+  }
+}
+
+// Wide rows (prompt tiles): vectorised over rows, the query and accumulator held transposed, so a
+// key's scores for 16 rows are 16-lane FMAs over the head dimension with the key's values
+// broadcast: no horizontal sums, no transposed keys. NB: row vectors (1-4), at compile time, so
+// the 2 x NB independent accumulators of each loop stay in registers.
+template <int NB>
+static inline void wide_update(Scratch& s, const float* keys_h, const float* values_h, int64_t D, int64_t key0,
+                               int64_t window) {
+  const int64_t stride = s.kv_stride;
+  for (int j = 0; j < kKeyTile; j += 2) {
+    const float* k0 = keys_h + j * stride;
+    const float* k1 = k0 + stride;
+    vfloat dot0[NB], dot1[NB];
+    for (int b = 0; b < NB; ++b) dot0[b] = dot1[b] = splat(0.0f);
+    for (int64_t d = 0; d < D; ++d) {
+      for (int b = 0; b < NB; ++b) {
+        const vfloat q = load(s.q[d] + b * kLanes);
+        dot0[b] += q * k0[d];
+        dot1[b] += q * k1[d];
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      store(s.scores[j] + b * kLanes, dot0[b]);
+      store(s.scores[j + 1] + b * kLanes, dot1[b]);
+    }
+  }
+  vfloat alpha[NB];
+  for (int b = 0; b < NB; ++b) {
+    const int rb = b * kLanes;
+    const vfloat pos = load(s.pos + rb);
+    const vfloat old_max = load(s.max + rb);
+    vfloat tile_max = old_max;
+    vint visible[kKeyTile];
+    for (int j = 0; j < kKeyTile; ++j) {
+      const float key = static_cast<float>(key0 + j);
+      visible[j] = key <= pos;
+      if (window > 0) visible[j] &= key > pos - static_cast<float>(window);
+      const vfloat sc = load(s.scores[j] + rb);
+      tile_max = visible[j] ? (sc > tile_max ? sc : tile_max) : tile_max;
+    }
+    alpha[b] = exp_nonpositive(old_max - tile_max);
+    vfloat tile_sum = splat(0.0f);
+    for (int j = 0; j < kKeyTile; ++j) {
+      const vfloat p = visible[j] ? exp_nonpositive(load(s.scores[j] + rb) - tile_max) : splat(0.0f);
+      store(s.scores[j] + rb, p);
+      tile_sum += p;
+    }
+    store(s.sum + rb, load(s.sum + rb) * alpha[b] + tile_sum);
+    store(s.max + rb, tile_max);
+  }
+  for (int64_t d = 0; d + 1 < D + 1; d += 2) {
+    const bool pair = d + 1 < D;
+    vfloat acc0[NB], acc1[NB];
+    for (int b = 0; b < NB; ++b) {
+      acc0[b] = load(s.acc[d] + b * kLanes) * alpha[b];
+      acc1[b] = pair ? load(s.acc[d + 1] + b * kLanes) * alpha[b] : splat(0.0f);
+    }
+    for (int j = 0; j < kKeyTile; ++j) {
+      const float v0 = values_h[j * stride + d];
+      const float v1 = pair ? values_h[j * stride + d + 1] : 0.0f;
+      for (int b = 0; b < NB; ++b) {
+        const vfloat p = load(s.scores[j] + b * kLanes);
+        acc0[b] += p * v0;
+        acc1[b] += p * v1;
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      store(s.acc[d] + b * kLanes, acc0[b]);
+      if (pair) store(s.acc[d + 1] + b * kLanes, acc1[b]);
+    }
+  }
+}
+
+template <typename T>
+void prefetch_tile(const Tensors<T>& t, int64_t block, int64_t slot0, int64_t column, int64_t width_bytes) {
+  for (int j = 0; j < kKeyTile; ++j) {
+    const int64_t offset = block * t.kv_block + (slot0 + j) * t.kv_slot + column;
+    const char* k = reinterpret_cast<const char*>(t.k + offset);
+    const char* v = reinterpret_cast<const char*>(t.v + offset);
+    for (int64_t b = 0; b < width_bytes; b += 64) {
+      __builtin_prefetch(k + b);
+      __builtin_prefetch(v + b);
+    }
+  }
+}
+
+template <typename T>
+void load_tile(const Tensors<T>& t, const Step& st, const WorkItem& item, int64_t block, int64_t slot0,
+               Scratch& s) {
+  const int64_t width = (item.head1 - item.head0) * st.head_dim;
+  s.kv_stride = (width + kLanes - 1) / kLanes * kLanes + kLanes;
+  for (int j = 0; j < kKeyTile; ++j) {
+    const int64_t offset = block * t.kv_block + (slot0 + j) * t.kv_slot + item.head0 * st.head_dim;
+    to_float(t.k + offset, s.keys + j * s.kv_stride, width);
+    to_float(t.v + offset, s.values + j * s.kv_stride, width);
+  }
+}
+
+template <typename T>
+void start_rows(const Tensors<T>& t, const Step& st, const WorkItem& item, const Rows& rows, Scratch& s) {
+  const int64_t D = st.head_dim, G = st.num_heads / st.num_kv_heads;
+  const int64_t query_start = st.cu_query_lens[item.seq];
+  const int64_t query_len = st.cu_query_lens[item.seq + 1] - query_start;
+  const int64_t context_len = st.context_lens[item.seq];
+  const int total = rows.wide ? rows.padded : rows.count * (item.head1 - item.head0);
+  for (int r = 0; r < total; ++r) {
+    s.max[r] = kNoMax;
+    s.sum[r] = 0.0f;
+    s.pos[r] = -1.0f;
+  }
+  alignas(64) float q[kMaxHeadDim];
+  for (int64_t h = item.head0; h < item.head1; ++h) {
+    for (int r = 0; r < rows.count; ++r) {
+      const int64_t i = item.first + r / G, head = h * G + r % G;
+      const int row = static_cast<int>((h - item.head0) * rows.count + r);
+      s.pos[row] = static_cast<float>(context_len - query_len + i);  // it sees keys [.., pos]
+      float* dst = rows.wide ? q : s.q[row];
+      to_float(t.q + (query_start + i) * t.q_row + head * t.q_head, dst, D);
+      for (int64_t d = 0; d < D; ++d) dst[d] *= st.scale;
+      if (rows.wide) {
+        for (int64_t d = 0; d < D; ++d) s.q[d][row] = q[d];
+      }
+    }
+  }
+  const int64_t acc_rows = rows.wide ? D : total;
+  const int64_t acc_cols = rows.wide ? rows.padded : D;
+  for (int64_t a = 0; a < acc_rows; ++a) std::fill(s.acc[a], s.acc[a] + acc_cols, 0.0f);
+  if (rows.wide) {
+    for (int64_t d = 0; d < D; ++d) std::fill(s.q[d] + rows.count, s.q[d] + rows.padded, 0.0f);
+  }
+}
+
+template <typename T>
+void finish_rows(const Tensors<T>& t, const Step& st, const WorkItem& item, const Rows& rows, Scratch& s) {
+  const int64_t D = st.head_dim, G = st.num_heads / st.num_kv_heads;
+  const int64_t query_start = st.cu_query_lens[item.seq];
+  for (int64_t h = item.head0; h < item.head1; ++h) {
+    for (int r = 0; r < rows.count; ++r) {
+      const int64_t i = item.first + r / G, head = h * G + r % G;
+      const int row = static_cast<int>((h - item.head0) * rows.count + r);
+      T* out = t.out + ((query_start + i) * st.num_heads + head) * D;
+      const float inv = s.sum[row] > 0.0f ? 1.0f / s.sum[row] : 0.0f;
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>((rows.wide ? s.acc[d][row] : s.acc[row][d]) * inv);
+    }
+  }
+}
+
+template <typename T>
+void run_item(const Tensors<T>& t, const Step& st, const WorkItem& item, Scratch& s) {
+  const int64_t D = st.head_dim, G = st.num_heads / st.num_kv_heads;
+  Rows rows;
+  rows.count = static_cast<int>((item.last - item.first) * G);
+  rows.wide = rows.count >= kWideRows;  // (planned with one KV head per item)
+  rows.padded = (rows.count + kLanes - 1) / kLanes * kLanes;
+  start_rows(t, st, item, rows, s);
+  const int64_t query_len = st.cu_query_lens[item.seq + 1] - st.cu_query_lens[item.seq];
+  const int64_t context_len = st.context_lens[item.seq];
+  const int64_t first_pos = context_len - query_len + item.first;
+  const int64_t last_pos = context_len - query_len + item.last - 1;
+  const int64_t first_key = st.window > 0 ? std::max<int64_t>(0, first_pos - st.window + 1) : 0;
+  const int32_t* table = st.block_tables + item.seq * st.table_width;
+  const int64_t width_bytes = (item.head1 - item.head0) * D * static_cast<int64_t>(sizeof(T));
+  for (int64_t key0 = first_key / kKeyTile * kKeyTile; key0 <= last_pos; key0 += kKeyTile) {
+    if (key0 + kKeyTile <= last_pos) {  // the next tile's rows from memory while this one computes
+      const int64_t next = key0 + kKeyTile;
+      prefetch_tile(t, table[next / st.block_size], next % st.block_size, item.head0 * D, width_bytes);
+    }
+    load_tile(t, st, item, table[key0 / st.block_size], key0 % st.block_size, s);
+    if (rows.wide) {
+      switch (rows.padded / kLanes) {
+        case 1: wide_update<1>(s, s.keys, s.values, D, key0, st.window); break;
+        case 2: wide_update<2>(s, s.keys, s.values, D, key0, st.window); break;
+        case 3: wide_update<3>(s, s.keys, s.values, D, key0, st.window); break;
+        default: wide_update<4>(s, s.keys, s.values, D, key0, st.window); break;
+      }
+      continue;
+    }
+    for (int64_t h = 0; h < item.head1 - item.head0; ++h) {
+      for (int r = 0; r < rows.count; ++r) {
+        const int row = static_cast<int>(h * rows.count + r);
+        const float* keys = s.keys + h * D;
+        const float* values = s.values + h * D;
+        switch (D) {
+          case 16: narrow_update<1>(s, keys, values, row, D, key0, st.window); break;
+          case 32: narrow_update<2>(s, keys, values, row, D, key0, st.window); break;
+          case 64: narrow_update<4>(s, keys, values, row, D, key0, st.window); break;
+          case 128: narrow_update<8>(s, keys, values, row, D, key0, st.window); break;
+          default: narrow_update<0>(s, keys, values, row, D, key0, st.window); break;
+        }
+      }
+    }
+  }
+  finish_rows(t, st, item, rows, s);
+}
+
+std::vector<WorkItem> plan(const Step& st, int64_t num_seqs, int64_t threads) {
+  const int64_t G = st.num_heads / st.num_kv_heads;
+  const int64_t tile = std::max<int64_t>(1, 64 / G);
+  // A decode row reads all KV heads of its pages in one item (whole slots, in order) when there
+  // are enough sequences to keep every thread busy and the item's rows fit the scratch.
+  const bool whole_slots = num_seqs >= 4 * threads && st.num_heads <= kMaxRows &&
+                           st.num_kv_heads * st.head_dim <= kMaxKvWidth;
+  std::vector<WorkItem> items;
+  for (int64_t b = 0; b < num_seqs; ++b) {
+    const int64_t query_len = st.cu_query_lens[b + 1] - st.cu_query_lens[b];
+    const int64_t context_len = st.context_lens[b];
+    for (int64_t first = 0; first < query_len; first += tile) {
+      const int64_t last = std::min(query_len, first + tile);
+      const int64_t keys = context_len - query_len + last;  // the tile's last row sees these
+      const int64_t visible = st.window > 0 ? std::min(keys, st.window + (last - first)) : keys;
+      const int64_t step = (query_len == 1 && whole_slots) ? st.num_kv_heads : 1;
+      for (int64_t h = 0; h < st.num_kv_heads; h += step) {
+        items.push_back({static_cast<int32_t>(b), static_cast<int32_t>(h), static_cast<int32_t>(h + step),
+                         static_cast<int32_t>(first), static_cast<int32_t>(last),
+                         visible * (last - first + 1) * step});
+      }
+    }
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  return items;
+}
+
+template <typename T>
+void run(const Tensors<T>& t, const Step& st, const std::vector<WorkItem>& items, int64_t threads) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = static_cast<int64_t>(items.size());
+  at::parallel_for(0, std::min(threads, n), 1, [&](int64_t, int64_t) {
+    thread_local std::unique_ptr<Scratch> scratch(new Scratch);  // ~0.5 MB, once per thread
+    for (int64_t i = next++; i < n; i = next++) run_item(t, st, items[i], *scratch);
+  });
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& cu_query_lens,
+                           const at::Tensor& context_lens, double scale, int64_t window) {
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu(), "paged_attention: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "paged_attention: q [T, H, D], caches [N, S, Hkv, D]");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "paged_attention: q and the caches must have one dtype");
+  TORCH_CHECK(k_cache.strides() == v_cache.strides() && k_cache.sizes() == v_cache.sizes(),
+              "paged_attention: k and v caches must have one layout");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3),
+              "paged_attention: the head dimension must be contiguous");
+  for (const auto* index : {&block_tables, &cu_query_lens, &context_lens}) {
+    TORCH_CHECK(index->scalar_type() == at::kInt && index->is_contiguous(),
+                "paged_attention: block tables and lengths must be contiguous int32");
+  }
+  Step st;
+  st.cu_query_lens = cu_query_lens.data_ptr<int32_t>();
+  st.context_lens = context_lens.data_ptr<int32_t>();
+  st.block_tables = block_tables.data_ptr<int32_t>();
+  st.table_width = block_tables.size(1);
+  st.block_size = k_cache.size(1);
+  st.num_heads = q.size(1);
+  st.num_kv_heads = k_cache.size(2);
+  st.head_dim = q.size(2);
+  st.window = window;
+  st.scale = static_cast<float>(scale);
+  TORCH_CHECK(st.block_size % kKeyTile == 0, "paged_attention: the page size must be a multiple of 16");
+  TORCH_CHECK(st.head_dim <= kMaxHeadDim && k_cache.size(3) == st.head_dim, "paged_attention: head size");
+  TORCH_CHECK(st.num_heads % st.num_kv_heads == 0 && st.num_heads / st.num_kv_heads <= 64,
+              "paged_attention: at most 64 query heads per KV head");
+  const int64_t num_seqs = context_lens.size(0);
+  TORCH_CHECK(cu_query_lens.size(0) == num_seqs + 1 && block_tables.size(0) >= num_seqs,
+              "paged_attention: one block table and length per sequence");
+  auto out = at::empty({q.size(0), st.num_heads, st.head_dim}, q.options());
+  const int64_t threads = at::get_num_threads();
+  const auto items = plan(st, num_seqs, threads);
+  const auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    Tensors<T> t{q.data_ptr<T>(), q.stride(0), q.stride(1), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+                 k_cache.stride(0), k_cache.stride(1), out.data_ptr<T>()};
+    run(t, st, items, threads);
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: launch(float{}); break;
+    case at::kBFloat16: launch(c10::BFloat16{}); break;
+    case at::kHalf: launch(c10::Half{}); break;
+    default: TORCH_CHECK(false, "paged_attention: float32, bfloat16 or float16 only");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sluice_cpu, m) {
+  m.def(
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor cu_query_lens, Tensor context_lens, float scale, int window) -> Tensor");
+  m.impl("paged_attention", c10::DispatchKey::CPU, TORCH_FN(paged_attention));
+}
