@@ -49,6 +49,8 @@ class EngineConfig:
     # CPU: attention through our C++ paged kernel (engine/layers/csrc), built at start-up; false:
     # SDPA over gathered pages and the compiled decode kernel
     cpu_paged_attention: bool = True
+    # CPU: RMSNorm (+ residual), rotary embedding and SiLU-and-multiply as one C++ pass each
+    cpu_fused_ops: bool = True
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with a per-layer scale (sdpa only)
     # Weight quantisation of the linear layers (engine.quant); embedding and lm_head stay float.
     quantization: str = "none"  # "none", "int8", "nf4", "fp4" (bitsandbytes) or "fp8" (CUDA, cc >= 8.9)

@@ -20,9 +20,11 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed import parallel_state as ps
 from engine.forward_context import AttentionMetadata, attention_metadata, group_by_length
-from engine.layers import cpu_attention, paged_decode
+from engine.layers import cpu_kernels, paged_decode
+from engine.layers.activation import ActAndMul
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
+from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.quant import kv_cache as fp8_kv
 from engine.sampler import Sampler, SamplerOutput
@@ -44,6 +46,7 @@ class ModelRunner:
         backend_impl = make_backend(backend, compiled_decode=not config.enforce_eager)
         for layer in self.layers:
             layer.backend = backend_impl
+        self._use_cpu_kernels(backend_impl)
         self.sampler = Sampler(generator=torch.Generator(device=self.device).manual_seed(config.seed))
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
@@ -86,19 +89,26 @@ class ModelRunner:
         )
         return num_blocks
 
+    def _use_cpu_kernels(self, backend) -> None:
+        """On CPU, build (or load) our C++ kernels now and hand them to the attention backend and
+        to the norms, rotary embeddings and activations, as the options ask."""
+        config = self.config
+        if self.device.type != "cpu" or not (config.cpu_paged_attention or config.cpu_fused_ops):
+            return
+        if not cpu_kernels.load():
+            return
+        backend.cpu_kernel = config.cpu_paged_attention and getattr(backend, "serves_cpu_kernel", False)
+        if config.cpu_fused_ops:
+            for module in self.model.modules():
+                if isinstance(module, RMSNorm | ActAndMul | RotaryEmbedding):
+                    module.fused = True
+
     def _warm_up_decode_kernel(self) -> None:
-        # build (or load) the CPU paged kernel, or compile the SDPA backend's decode kernel, now:
-        # no step waits for either
+        # compile the SDPA backend's decode kernel now (no step waits for it), unless the CPU
+        # paged kernel serves this cache
         backend = self.layers[0].backend
-        if (
-            self.device.type == "cpu"
-            and self.config.cpu_paged_attention
-            and getattr(backend, "serves_cpu_kernel", False)
-            and cpu_attention.eligible(self.layers[0])
-        ):
-            backend.cpu_kernel = cpu_attention.load()
-            if backend.cpu_kernel:
-                return
+        if getattr(backend, "cpu_kernel", False) and cpu_kernels.eligible(self.layers[0]):
+            return
         if getattr(backend, "compiled_decode", False):
             layer = self.layers[0]
             compiled = self.kv_dtype == self.dtype and paged_decode.warm_up(

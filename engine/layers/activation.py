@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers import cpu_kernels
+
 # config.hidden_act / hidden_activation -> the function, as transformers' ACT2FN computes it
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -20,6 +22,8 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class ActAndMul(nn.Module):
     """act(gate) * up of x = [gate | up]."""
 
+    fused = False  # set by the model runner where the C++ kernels are loaded (CPU, cpu_fused_ops)
+
     def __init__(self, hidden_act: str = "silu"):
         super().__init__()
         if hidden_act not in _ACTIVATIONS:
@@ -31,5 +35,7 @@ class ActAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, 2 * I] = [gate | up] -> [T, I]
+        if self.fused and self.act is F.silu and x.dim() == 2:
+            return cpu_kernels.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up

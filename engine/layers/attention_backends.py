@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.forward_context import AttentionMetadata
-from engine.layers import cpu_attention
+from engine.layers import cpu_kernels
 from engine.layers.explicit_attention import explicit_attention, explicit_decode
 from engine.layers.paged_decode import paged_decode_attention
 from engine.layers.paged_kv import decode_group_inputs, gather_context, padded_context, write_kv
@@ -86,8 +86,8 @@ class SdpaBackend:
         self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata
     ) -> torch.Tensor:
         write_kv(layer, k, v, md.slot_mapping)
-        if self.cpu_kernel and q.dtype == layer.k_cache.dtype and cpu_attention.eligible(layer):
-            return cpu_attention.paged_attention(
+        if self.cpu_kernel and q.dtype == layer.k_cache.dtype and cpu_kernels.eligible(layer):
+            return cpu_kernels.paged_attention(
                 q,
                 layer.k_cache,
                 layer.v_cache,

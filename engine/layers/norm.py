@@ -5,8 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.layers import cpu_kernels
+
 
 class RMSNorm(nn.Module):
+    # set by the model runner where the C++ kernels are loaded (CPU, option cpu_fused_ops)
+    fused = False
+    _gemma = False  # (1 + weight), in float32 (GemmaRMSNorm)
+
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -19,6 +25,11 @@ class RMSNorm(nn.Module):
 
         The sum is the next layer's residual: the decoder never materialises it twice.
         """
+        fusable = residual is None or residual.is_contiguous()
+        if self.fused and fusable and x.dim() == 2 and x.dtype == self.weight.dtype:
+            # one pass, rounding where the ops below round (engine/layers/csrc/fused_ops.cpp)
+            out, total = cpu_kernels.rms_norm(x, residual, self.weight, self.eps, self._gemma)
+            return out if residual is None else (out, total)
         if residual is None:
             return self._norm(x)
         # Added in the activations' dtype, as transformers' `residual + hidden_states`.
@@ -36,6 +47,8 @@ class RMSNorm(nn.Module):
 
 class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: scales by (1 + weight), in float32, and casts back only after that."""
+
+    _gemma = True
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype

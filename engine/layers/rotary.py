@@ -27,10 +27,14 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from engine.layers import cpu_kernels
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 
 
 class RotaryEmbedding(nn.Module):
+    fused = False  # set by the model runner where the C++ kernels are loaded (CPU, cpu_fused_ops)
+
     def __init__(self, head_dim: int, max_positions: int, rope_parameters: dict):
         """max_positions: the context length (rope_context_len); rope_parameters: rope_parameters_from_config."""
         super().__init__()
@@ -45,6 +49,17 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T]; q [T, H, D], k [T, Hkv, D] -> rotated q, k (same shapes and dtype)."""
+        if (
+            self.fused
+            and self.rotary_dim == self.head_dim
+            and self.cos_sin_cache.dtype == torch.float32
+            and positions.dtype == torch.int64
+            and positions.is_contiguous()
+        ):
+            # in place, one pass each (q and k are this step's fresh projections)
+            cpu_kernels.rotary_(q, self.cos_sin_cache, positions)
+            cpu_kernels.rotary_(k, self.cos_sin_cache, positions)
+            return q, k
         cos, sin = self._cos_sin(positions, q.dtype)
         return self._rotate_heads(q, cos, sin), self._rotate_heads(k, cos, sin)
 

@@ -1,12 +1,16 @@
-"""Paged attention on CPU by a C++ kernel of ours (engine/layers/csrc/paged_attention.cpp).
+"""CPU kernels of ours in C++ (engine/layers/csrc): paged attention and the fused elementwise ops.
 
-One call per layer and step serves every sequence of the step, prompt chunks and decode rows
-alike: each attends over its cached context read in place from the paged KV cache (no page
+Paged attention (paged_attention.cpp): one call per layer and step serves every sequence of the
+step, prompt chunks and decode rows alike: each attends over its cached context read in place from the paged KV cache (no page
 gather, no per-sequence Python loop), the query heads sharing a KV head read each page once, and
 the softmax is flash attention's online one in float32. vLLM's CPU backend does the same with
 its own C++ kernels; PyTorch's CPU SDPA (flash) kernel reached ~60 GFLOP/s on this project's
 2-core machine for prompts of 64-512 tokens, and the compiled decode kernel read the context
 three times (engine.layers.paged_decode).
+
+Fused ops (fused_ops.cpp): RMSNorm with its residual add, rotary embedding (in place) and
+SiLU-and-multiply, each one pass rounding where PyTorch's eager ops round; the layers call them
+when the model runner sets their `fused` flag (engine option cpu_fused_ops).
 
 Built once per machine with the C++ compiler torch.compile also needs (torch's
 cpp_extension: cached under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), for the
@@ -17,6 +21,7 @@ attention sinks (the SDPA backend's explicit path serves those).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -25,7 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "fused_ops.cpp")]
 KEY_TILE = 16  # the kernel reads pages 16 keys at a time: the page size must be a multiple
 _NO_WINDOW = 0
 
@@ -56,20 +61,22 @@ def _build() -> bool:
     from torch.utils import cpp_extension
 
     isa, flags = _vector_flags()
+    # the sources' hash in the name: two checkouts of different code never share a build folder
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES)).hexdigest()[:12]
     try:
         _put_ninja_on_path()
         cpp_extension.load(
-            name=f"sluice_paged_attention_{isa}",
-            sources=[str(SOURCE)],
+            name=f"sluice_cpu_{isa}_{digest}",
+            sources=[str(path) for path in SOURCES],
             extra_cflags=["-O3", "-fopenmp", *flags],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=os.environ.get("SLUICE_VERBOSE_BUILD") == "1",
         )
     except Exception as e:  # no compiler, no headers, a failed build: the portable path serves
-        log.warning("CPU paged attention kernel unavailable (%s: %s); using SDPA", type(e).__name__, e)
+        log.warning("CPU kernels unavailable (%s: %s); using PyTorch's ops", type(e).__name__, e)
         return False
-    log.info("CPU paged attention kernel loaded (%s)", isa)
+    log.info("CPU kernels loaded (%s)", isa)
     return True
 
 
@@ -110,3 +117,21 @@ def paged_attention(
     return torch.ops.sluice_cpu.paged_attention(
         q, k_cache, v_cache, block_tables, cu_query_lens, context_lens, scale, sliding_window or _NO_WINDOW
     )
+
+
+def rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, gemma: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual) as engine.layers.norm computes them; without a
+    residual the second is empty."""
+    return torch.ops.sluice_cpu.rms_norm(x, residual, weight, eps, gemma)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2I] = [gate | up] -> F.silu(gate) * up."""
+    return torch.ops.sluice_cpu.silu_and_mul(x)
+
+
+def rotary_(x: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor) -> None:
+    """Rotates x [T, heads, D] in place by cos_sin [P, D] (float32) at positions [T] (int64)."""
+    torch.ops.sluice_cpu.rotary_(x, cos_sin, positions)

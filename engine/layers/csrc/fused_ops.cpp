@@ -1,0 +1,253 @@
+// The decoder layer's elementwise work on CPU, one pass each: RMSNorm (with the residual add that
+// precedes it), rotary embedding and SiLU-and-multiply. Eagerly each is 4-9 PyTorch ops, every
+// one a pass over the activations and a dispatch (vLLM's CPU build fuses the same three in C++).
+//
+// Each rounds where PyTorch's eager ops round, so bfloat16 results equal theirs bit for bit
+// except where a float32 sum runs in another order (RMSNorm's mean of squares) or exp differs by
+// an ulp (SiLU): the engine's greedy tokens stay those of Transformers (tests/engine).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+// Each eager op rounds its result: a * c - b * s must not become one fused multiply-add here
+// (it would round once where PyTorch rounds twice). Only this file's functions: the attention
+// kernel's dot products keep their FMAs.
+#pragma GCC optimize("fp-contract=off")
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// Loads and stores through float32, bfloat16 by its bits: c10::BFloat16's conversions branch on
+// NaN and do not vectorise (silu_and_mul ran 5x slower with them). Rounding: to nearest even,
+// NaN kept a quiet NaN, as c10's.
+static inline float bf16_to_float(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+static inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return nan ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
+}
+
+template <typename T>
+struct Io {  // float32 and float16: through their own conversions
+  using Raw = T;
+  static float load(const Raw* p, int64_t i) { return static_cast<float>(p[i]); }
+  static void store(Raw* p, int64_t i, float x) { p[i] = static_cast<T>(x); }
+  static float round(float x) { return static_cast<float>(static_cast<T>(x)); }
+};
+template <>
+struct Io<float> {
+  using Raw = float;
+  static float load(const Raw* p, int64_t i) { return p[i]; }
+  static void store(Raw* p, int64_t i, float x) { p[i] = x; }
+  static float round(float x) { return x; }
+};
+template <>
+struct Io<c10::BFloat16> {
+  using Raw = uint16_t;
+  static float load(const Raw* p, int64_t i) { return bf16_to_float(p[i]); }
+  static void store(Raw* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
+  static float round(float x) { return bf16_to_float(float_to_bf16(x)); }
+};
+
+template <typename T>
+static inline typename Io<T>::Raw* raw(const at::Tensor& t) {
+  return reinterpret_cast<typename Io<T>::Raw*>(t.data_ptr<T>());
+}
+
+// exp(x) on [-88, 88] without libm (vectorisable): Cody-Waite reduction by ln 2 and a degree-6
+// Taylor polynomial (relative error ~1e-7), 2^n through the exponent bits.
+static inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+template <typename T>
+void rms_norm_rows(const at::Tensor& x, const at::Tensor* residual, at::Tensor& sum, const at::Tensor& weight,
+                   at::Tensor& out, float eps, bool gemma) {
+  using io = Io<T>;
+  using R = typename io::Raw;
+  const int64_t rows = x.size(0), hidden = x.size(1), x_row = x.stride(0);
+  const R* xs = raw<T>(x);
+  const R* res = residual != nullptr ? raw<T>(*residual) : nullptr;
+  R* sums = residual != nullptr ? raw<T>(sum) : nullptr;
+  const R* w = raw<T>(weight);
+  R* outs = raw<T>(out);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(hidden);
+    for (int64_t t = begin; t < end; ++t) {
+      const R* xt = xs + t * x_row;
+      float squares = 0.0f;
+      if (res != nullptr) {  // the residual add in the activations' dtype, as `x + residual`
+        const R* rt = res + t * hidden;
+        R* st = sums + t * hidden;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < hidden; ++i) {
+          const float v = io::round(io::load(xt, i) + io::load(rt, i));
+          io::store(st, i, v);
+          row[i] = v;
+          squares += v * v;
+        }
+      } else {
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < hidden; ++i) {
+          const float v = io::load(xt, i);
+          row[i] = v;
+          squares += v * v;
+        }
+      }
+      const float inv = 1.0f / std::sqrt(squares / static_cast<float>(hidden) + eps);
+      R* o = outs + t * hidden;
+      if (gemma) {  // (x * (1 + w)) in float32, cast once
+#pragma omp simd
+        for (int64_t i = 0; i < hidden; ++i) io::store(o, i, row[i] * inv * (1.0f + io::load(w, i)));
+      } else {  // cast back before the weight, as transformers' LlamaRMSNorm
+#pragma omp simd
+        for (int64_t i = 0; i < hidden; ++i) io::store(o, i, io::load(w, i) * io::round(row[i] * inv));
+      }
+    }
+  });
+}
+
+// x [T, hidden] (rows may be strided) -> norm(x); with residual: (norm(x + residual), x + residual).
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                           const at::Tensor& weight, double eps, bool gemma) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rms_norm: x [T, hidden] with contiguous rows");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "rms_norm: weight [hidden]");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "rms_norm: weight and x of one dtype");
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual) {
+    TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes() &&
+                    residual->scalar_type() == x.scalar_type(),
+                "rms_norm: residual as x, contiguous");
+  }
+  auto out = at::empty(x.sizes(), x.options());
+  auto sum = has_residual ? at::empty(x.sizes(), x.options()) : at::Tensor();
+  const auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    rms_norm_rows<T>(x, has_residual ? &*residual : nullptr, sum, weight, out, static_cast<float>(eps), gemma);
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: launch(float{}); break;
+    case at::kBFloat16: launch(c10::BFloat16{}); break;
+    case at::kHalf: launch(c10::Half{}); break;
+    default: TORCH_CHECK(false, "rms_norm: float32, bfloat16 or float16 only");
+  }
+  return {out, sum};
+}
+
+// x [T, 2I] = [gate | up] -> silu(gate) * up [T, I], rounded as F.silu(gate) * up.
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(1) % 2 == 0, "silu_and_mul: x [T, 2I]");
+  const int64_t rows = x.size(0), inter = x.size(1) / 2, x_row = x.stride(0);
+  auto out = at::empty({rows, inter}, x.options());
+  const auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    using io = Io<T>;
+    const auto* in = raw<T>(x);
+    auto* o = raw<T>(out);
+    at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const auto* gate = in + t * x_row;
+        const auto* up = gate + inter;
+        auto* ot = o + t * inter;
+#pragma omp simd
+        for (int64_t i = 0; i < inter; ++i) {
+          const float g = io::load(gate, i);
+          const float silu = io::round(g / (1.0f + exp_approx(-g)));
+          io::store(ot, i, silu * io::load(up, i));
+        }
+      }
+    });
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: launch(float{}); break;
+    case at::kBFloat16: launch(c10::BFloat16{}); break;
+    case at::kHalf: launch(c10::Half{}); break;
+    default: TORCH_CHECK(false, "silu_and_mul: float32, bfloat16 or float16 only");
+  }
+  return out;
+}
+
+// Rotates x [T, heads, D] in place (rows and heads may be strided, D contiguous) by the cos/sin of
+// each row's position (cos_sin [P, D]: D/2 cosines then D/2 sines, float32), rotate_half style,
+// rounding as x1 * cos - x2 * sin, x2 * cos + x1 * sin do with cos and sin cast to x's dtype.
+template <typename T>
+void rotate(typename Io<T>::Raw* x, int64_t rows, int64_t heads, int64_t dim, int64_t row_stride,
+            int64_t head_stride, const float* cos_sin, const int64_t* positions) {
+  using io = Io<T>;
+  const int64_t half = dim / 2;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* cos = cos_sin + positions[t] * dim;
+      const float* sin = cos + half;
+      for (int64_t h = 0; h < heads; ++h) {
+        auto* x1 = x + t * row_stride + h * head_stride;
+        auto* x2 = x1 + half;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float c = io::round(cos[i]), s = io::round(sin[i]);
+          const float a = io::load(x1, i), b = io::load(x2, i);
+          io::store(x1, i, io::round(a * c) - io::round(b * s));
+          io::store(x2, i, io::round(b * c) + io::round(a * s));
+        }
+      }
+    }
+  });
+}
+
+void rotary_(at::Tensor& x, const at::Tensor& cos_sin, const at::Tensor& positions) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.size(2) % 2 == 0, "rotary: x [T, heads, D]");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() && cos_sin.size(1) == x.size(2),
+              "rotary: cos_sin [P, D] float32");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+                  positions.numel() == x.size(0),
+              "rotary: positions [T] int64");
+  const auto launch = [&](auto tag) {
+    using T = decltype(tag);
+    rotate<T>(raw<T>(x), x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1), cos_sin.data_ptr<float>(),
+              positions.data_ptr<int64_t>());
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: launch(float{}); break;
+    case at::kBFloat16: launch(c10::BFloat16{}); break;
+    case at::kHalf: launch(c10::Half{}); break;
+    default: TORCH_CHECK(false, "rotary: float32, bfloat16 or float16 only");
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(sluice_cpu, m) {
+  m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps, bool gemma) -> (Tensor, Tensor)");
+  m.impl("rms_norm", c10::DispatchKey::CPU, TORCH_FN(rms_norm));
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.impl("silu_and_mul", c10::DispatchKey::CPU, TORCH_FN(silu_and_mul));
+  m.def("rotary_(Tensor(a!) x, Tensor cos_sin, Tensor positions) -> ()");
+  m.impl("rotary_", c10::DispatchKey::CPU, TORCH_FN(rotary_));
+}

@@ -1,0 +1,106 @@
+"""The fused CPU ops (engine/layers/csrc/fused_ops.cpp) round where PyTorch's eager ops round: the
+layers give the same values with their `fused` flag on as off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.layers import cpu_kernels
+from engine.layers.activation import ActAndMul
+from engine.layers.norm import GemmaRMSNorm, RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels():
+    assert cpu_kernels.load()  # the project's machines have a C++ compiler: never a skip
+
+
+def eager_and_fused(module, call):
+    module.fused = False
+    eager = call()
+    module.fused = True
+    try:
+        return eager, call()
+    finally:
+        module.fused = False
+
+
+def assert_close(fused, eager, dtype):
+    # bfloat16: the same bits but where a float32 sum runs in another order (one ulp at most);
+    # float32: the last bits of that sum
+    if dtype == torch.bfloat16:
+        ulp = eager.float().abs() * 2**-7
+        assert ((fused.float() - eager.float()).abs() <= ulp).all()
+    else:
+        torch.testing.assert_close(fused, eager, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm_class", [RMSNorm, GemmaRMSNorm])
+def test_rms_norm_with_its_residual_add_equals_the_eager_ops(dtype, norm_class):
+    gen = torch.Generator().manual_seed(0)
+    norm = norm_class(256, eps=1e-5).to(dtype)
+    norm.weight.data = (1 + 0.2 * torch.randn(256, generator=gen)).to(dtype)
+    x, residual = (torch.randn(37, 256, generator=gen).to(dtype) for _ in range(2))
+    (eager, eager_sum), (fused, fused_sum) = eager_and_fused(norm, lambda: norm(x, residual))
+    assert torch.equal(fused_sum, eager_sum)  # the next layer's residual: exactly x + residual
+    assert_close(fused, eager, dtype)
+    eager_alone, fused_alone = eager_and_fused(norm, lambda: norm(x))
+    assert_close(fused_alone, eager_alone, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_equals_silu_of_the_gate_times_up(dtype):
+    x = (3 * torch.randn(33, 2 * 300, generator=torch.Generator().manual_seed(1))).to(dtype)
+    act = ActAndMul("silu")
+    eager, fused = eager_and_fused(act, lambda: act(x))
+    assert_close(fused, eager, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_in_place_on_the_projections_views_gives_the_eager_bits(dtype):
+    rotary = RotaryEmbedding(64, 4096, {"rope_type": "default", "rope_theta": 10000.0})
+    positions = torch.tensor([0, 5, 4095, 17, 1000])
+    qkv = torch.randn(5, (12 + 2 * 4) * 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+
+    def rotate():  # q and k as the attention layer has them: strided views of one projection
+        fresh = qkv.clone()
+        q, k = fresh[:, : 12 * 64].view(5, 12, 64), fresh[:, 12 * 64 : 16 * 64].view(5, 4, 64)
+        rotary.forget_positions()
+        q, k = rotary(positions, q, k)
+        return torch.cat([q.flatten(1), k.flatten(1)], dim=1)
+
+    eager, fused = eager_and_fused(rotary, rotate)
+    assert torch.equal(fused, eager)
+
+
+def test_a_partial_rotary_and_a_gelu_activation_keep_the_eager_path():
+    partial = RotaryEmbedding(
+        64, 128, {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    )
+    q, k = torch.randn(3, 2, 64), torch.randn(3, 1, 64)
+    positions = torch.arange(3)
+    eager, fused = eager_and_fused(partial, lambda: partial(positions, q.clone(), k.clone()))
+    assert all(torch.equal(a, b) for a, b in zip(eager, fused, strict=True))
+    gelu = ActAndMul("gelu_pytorch_tanh")
+    x = torch.randn(4, 16)
+    eager, fused = eager_and_fused(gelu, lambda: gelu(x))
+    assert torch.equal(eager, fused)
+
+
+def test_the_engine_fuses_on_cpu_and_decodes_as_the_eager_ops_do(tiny_checkpoint):
+    prompts = [[1, *range(5, 5 + n)] for n in (4, 50, 130)]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    runs = {}
+    for fused in (True, False):
+        engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), dtype="float32", cpu_fused_ops=fused))
+        flags = {type(m).__name__ for m in engine.runner.model.modules() if getattr(m, "fused", False)}
+        runs[fused] = (flags, [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)])
+    assert runs[True][0] == {"RMSNorm", "ActAndMul", "RotaryEmbedding"}
+    assert runs[False][0] == set()
+    assert runs[True][1] == runs[False][1]
