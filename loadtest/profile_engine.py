@@ -45,7 +45,23 @@ CATEGORIES = (
     ("sampling", ("argmax", "topk", "softmax", "log_softmax", "sort", "exponential", "rand")),
     (
         "elementwise and norms",
-        ("mul", "add", "sub", "div", "rsqrt", "pow", "mean", "silu", "cat", "neg", "to", "copy"),
+        # (rms_norm, rotary_, silu_and_mul: the fused CPU ops, engine/layers/csrc/fused_ops.cpp)
+        (
+            "mul",
+            "add",
+            "sub",
+            "div",
+            "rsqrt",
+            "pow",
+            "mean",
+            "silu",
+            "cat",
+            "neg",
+            "to",
+            "copy",
+            "rms_norm",
+            "rotary",
+        ),
     ),
 )
 
