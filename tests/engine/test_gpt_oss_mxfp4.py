@@ -24,6 +24,7 @@ from tests.engine.test_moe_checkpoints import _mxfp4_and_dequantised
 from tests.engine.triton_interpreted import run_interpreted
 
 LENGTHS = [3, 40, 17]
+_SHAPES = [("gate_up_proj", 128, 64), ("down_proj", 64, 64)]  # (name, out, in) with H = I = 64
 
 
 def _engine_report(engine: LLMEngine) -> dict:
@@ -108,4 +109,12 @@ def test_each_rank_s_packed_shard_holds_what_its_dequantised_shard_holds(monkeyp
             assert torch.equal(restored, getattr(dense, name).data), (rank, name)
 
 
-_SHAPES = [("gate_up_proj", 128, 64), ("down_proj", 64, 64)]  # (name, out, in) with H = I = 64
+def test_quantising_packed_experts_again_is_refused_by_name():
+    from engine.quant.bnb import BnbInt8LinearMethod
+    from engine.quant.experts import QuantizedExpertsMethod
+
+    packed = FusedMoE(4, 64, 64, torch.nn.functional.silu, mxfp4=True)  # a CPU build under the interpreter
+    with pytest.raises(
+        ValueError, match="MXFP4 experts kept packed for the Triton kernel cannot be quantised"
+    ):
+        QuantizedExpertsMethod(BnbInt8LinearMethod(6.0)).process_weights_after_loading(packed)
