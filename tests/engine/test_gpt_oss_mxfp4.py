@@ -118,3 +118,14 @@ def test_quantising_packed_experts_again_is_refused_by_name():
         ValueError, match="MXFP4 experts kept packed for the Triton kernel cannot be quantised"
     ):
         QuantizedExpertsMethod(BnbInt8LinearMethod(6.0)).process_weights_after_loading(packed)
+
+
+@pytest.mark.gpu
+def test_mxfp4_gpt_oss_on_cuda_keeps_experts_packed_and_gives_the_cpu_dequantised_tokens(
+    model_cache, tmp_path
+):
+    packed, _ = _mxfp4_and_dequantised(ensure_checkpoint(model_cache, preset="tiny-gpt-oss"), tmp_path)
+    on_cpu = _engine_report(LLMEngine(EngineConfig(dtype="float32", model=str(packed), **SMALL_POOL)))
+    on_cuda = _engine_report(LLMEngine(EngineConfig(dtype="float32", model=str(packed), device="cuda")))
+    assert on_cuda["packed"] == [True, True]
+    assert on_cuda["tokens"] == on_cpu["tokens"]
