@@ -77,6 +77,8 @@ class GptOssExperts(FusedMoE):
         if param is self.gate_up_proj or param is self.down_proj:
             _check_dims(loaded, 3)
             loaded = loaded.transpose(1, 2)  # [E, in, out] -> [E, out, in]
+        elif param.dtype == torch.uint8 and loaded.dtype != torch.uint8:  # kept packed
+            raise ValueError(f"is {loaded.dtype}, expected uint8 (MXFP4 blocks and scales)")
         elif param is self.gate_up_proj_bias:
             _check_dims(loaded, 2)
         if any(param is getattr(self, name, None) for name in _GATE_UP_WEIGHTS):

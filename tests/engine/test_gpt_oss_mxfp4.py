@@ -120,6 +120,15 @@ def test_quantising_packed_experts_again_is_refused_by_name():
         QuantizedExpertsMethod(BnbInt8LinearMethod(6.0)).process_weights_after_loading(packed)
 
 
+def test_packed_mxfp4_tensor_that_is_not_uint8_is_a_value_error():
+    config = SimpleNamespace(
+        num_local_experts=4, hidden_size=64, intermediate_size=64, swiglu_alpha=1.702, swiglu_limit=7.0
+    )
+    packed = gpt_oss.GptOssExperts(config, packed=True)
+    with pytest.raises(ValueError, match=r"is torch.float32, expected uint8 \(MXFP4 blocks and scales\)"):
+        packed.weight_loader(packed.down_proj_scales, torch.zeros(4, 64, 2))
+
+
 @pytest.mark.gpu
 def test_mxfp4_gpt_oss_on_cuda_keeps_experts_packed_and_gives_the_cpu_dequantised_tokens(
     model_cache, tmp_path
