@@ -15,6 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 tests=0
 for file in tests/engine/test_gpu_engine.py tests/engine/test_attention_backends.py \
   tests/engine/test_sampler.py tests/engine/test_triton_decode.py tests/engine/test_triton_moe.py \
+  tests/engine/test_triton_moe_mxfp4.py tests/engine/test_gpt_oss_mxfp4.py \
   tests/engine/test_gpu_quantization.py tests/engine/test_moe_quantization.py; do
   timeout 150 "$PY" -m pytest -p no:cacheprovider -o addopts="" -q -m gpu "$file" || tests=1
 done

@@ -10,7 +10,10 @@ one grouped matmul (torch._grouped_mm on CUDA where this PyTorch has it, else on
 per non-empty expert) runs each slice against its expert, and the weighted results are
 scatter-added back to their tokens.
 On CUDA, where triton imports, forward runs both projections in the grouped-GEMM Triton
-kernel of engine.layers.triton_moe instead (use_triton = False turns it off).
+kernel of engine.layers.triton_moe instead (use_triton = False turns it off). With mxfp4=True
+(GPT-OSS's checkpoints where that kernel runs: engine.models.gpt_oss) the weights stay packed
+as `*_blocks` [E, out, in / 32, 16] and `*_scales` [E, out, in / 32] uint8 (4.25 bits a
+weight), and forward always runs the kernel, which dequantises them tile by tile.
 
 Tensor parallelism splits every expert's intermediate dim I across ranks (gate and up by
 rows, down by columns, as MergedColumnParallelLinear and RowParallelLinear do): each rank's
@@ -36,7 +39,10 @@ from torch import nn
 
 from engine.layers.linear import ReplicatedLinear, _check_divisible, _copy_shard
 from engine.layers.tp import all_reduce, get_tp_rank, get_tp_size, is_expert_parallel
+from engine.quant.mxfp4 import BLOCK as MXFP4_BLOCK
+from engine.quant.mxfp4 import FP4_VALUES
 
+_DOWN_WEIGHTS = ("down_proj", "down_proj_blocks", "down_proj_scales")  # [E, H, I, ...]: I split
 # gate_up [N, 2 * I] = [gate | up] -> [N, I]
 ExpertActivation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -72,6 +78,7 @@ class FusedMoE(nn.Module):
         intermediate_size: int,
         activation: ExpertActivation,
         bias: bool = False,
+        mxfp4: bool = False,
     ):
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
@@ -89,8 +96,12 @@ class FusedMoE(nn.Module):
             self.intermediate_rank, self.intermediate_shards = self.tp_rank, self.tp_size
         local, size = self.num_local_experts, intermediate_size // self.intermediate_shards  # this rank's
         self.activation = activation
-        self.gate_up_proj = _parameter(self, local, 2 * size, hidden_size)
-        self.down_proj = _parameter(self, local, hidden_size, size)
+        self.is_mxfp4 = mxfp4  # packed MXFP4 weights, run by the Triton kernel only
+        if mxfp4:
+            self._make_mxfp4_weights(local, size, hidden_size)
+        else:
+            self.gate_up_proj = _parameter(self, local, 2 * size, hidden_size)
+            self.down_proj = _parameter(self, local, hidden_size, size)
         self.gate_up_proj_bias = _parameter(self, local, 2 * size) if bias else None
         self.down_proj_bias = _parameter(self, local, hidden_size) if bias else None
         # torch._grouped_mm: None uses it on CUDA only (on CPU, measured slower than one matmul
@@ -101,6 +112,20 @@ class FusedMoE(nn.Module):
         self.use_triton: bool | None = None
         # engine.quant.experts: set when the experts are quantised (the stacked weights are then None)
         self.quant_method = None
+
+    def _make_mxfp4_weights(self, local: int, size: int, hidden_size: int) -> None:
+        # `*_blocks` [E, out, in / 32, 16] and `*_scales` [E, out, in / 32] uint8 (engine.quant.mxfp4)
+        self.register_parameter("gate_up_proj", None)
+        self.register_parameter("down_proj", None)
+        for name, out, k in (("gate_up_proj", 2 * size, hidden_size), ("down_proj", hidden_size, size)):
+            _check_divisible(k, MXFP4_BLOCK, f"MXFP4 {name}: this rank's input size")
+            groups = k // MXFP4_BLOCK
+            setattr(
+                self, f"{name}_blocks", _parameter(self, local, out, groups, MXFP4_BLOCK // 2, packed=True)
+            )
+            setattr(self, f"{name}_scales", _parameter(self, local, out, groups, packed=True))
+        values = torch.tensor(FP4_VALUES, dtype=torch.float32)
+        self.register_buffer("mxfp4_values", values, persistent=False)  # the kernel's lookup table
 
     @property
     def adds_down_bias(self) -> bool:
@@ -123,9 +148,9 @@ class FusedMoE(nn.Module):
         rank, shards = self.intermediate_rank, self.intermediate_shards
         if param is self.down_proj_bias:  # replicated
             _copy_shard(param.data, loaded_weight, dim=0, index=0, num_shards=1)
-        elif param is self.down_proj:  # columns split
+        elif any(param is getattr(self, n, None) for n in _DOWN_WEIGHTS):  # input columns split
             target = param.data if shard_id is None else param.data[local]
-            _copy_shard(target, loaded_weight, target.dim() - 1, rank, shards)
+            _copy_shard(target, loaded_weight, 2 if shard_id is None else 1, rank, shards)
         elif shard_id is None:  # stacked [E, 2I, ...] = [E, [gate; up], ...]: each half's rows split
             full = self.intermediate_size
             _check_shape(loaded_weight, (param.shape[0], 2 * full, *param.shape[2:]))
@@ -141,7 +166,7 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights, ids: [T, k] -> [T, H]
-        if self.use_triton is not False and x.is_cuda and _triton_available():
+        if self.is_mxfp4 or (self.use_triton is not False and x.is_cuda and _triton_available()):
             from engine.layers.triton_moe import triton_fused_experts
 
             out = triton_fused_experts(self, x, weights, ids)
@@ -265,6 +290,16 @@ def _triton_available() -> bool:
     return True
 
 
+def triton_kernel_runs_on(device: torch.device) -> bool:
+    """Whether engine.layers.triton_moe's kernel runs on `device`: CUDA where triton imports, or
+    CPU under Triton's interpreter (TRITON_INTERPRET=1 before triton is imported: tests)."""
+    if device.type not in ("cuda", "cpu") or not _triton_available():
+        return False
+    import triton
+
+    return device.type == "cuda" or bool(triton.knobs.runtime.interpret)
+
+
 def _quantized_grouped_linear(
     experts: FusedMoE, hidden: torch.Tensor, name: str, counts: torch.Tensor
 ) -> torch.Tensor:
@@ -279,8 +314,8 @@ def _quantized_grouped_linear(
     return out
 
 
-def _parameter(layer: FusedMoE, *shape: int) -> nn.Parameter:
-    param = nn.Parameter(torch.empty(*shape), requires_grad=False)
+def _parameter(layer: FusedMoE, *shape: int, packed: bool = False) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(*shape, dtype=torch.uint8 if packed else None), requires_grad=False)
     param.weight_loader = layer.weight_loader
     return param
 

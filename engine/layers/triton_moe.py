@@ -13,11 +13,21 @@ the grid has an upper bound of blocks, and blocks past the last expert's run exi
 With expert parallelism (engine.layers.moe) the pairs routed to another rank's experts go to
 a sentinel expert past this rank's last, whose blocks are skipped, and drop out of the sum.
 
+MXFP4 experts (MXFP4 = True; GPT-OSS's, engine.quant.mxfp4) stay packed: B is read as the
+uint8 blocks [E, N, K / 32, 16] (two e2m1 codes a byte, the even-indexed value in the low
+nibble) and the e8m0 scales [E, N, K / 32]; each [BLOCK_K, BLOCK_N] tile is dequantised in
+registers (the 16 e2m1 values looked up in a 16-entry table, times 2 ** (scale - 127) built
+as float32 exponent bits, as Triton's matmul_ogs places the scale) and cast to the
+activation's dtype before the same dot with float32 accumulation. BLOCK_K is a multiple of 32,
+so a tile never splits a scale's block. A scale byte of 0 (2 ** -127, subnormal) reads as 0.
+
 Used by FusedMoE on CUDA (engine.layers.moe); on CPU tensors it runs only under Triton's
 interpreter (TRITON_INTERPRET=1, set before triton is imported), which the tests use.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -27,12 +37,14 @@ import triton.language as tl
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr,  # [rows, K]: tokens (TOP_K = k) or pairs (TOP_K = 1)
-    b_ptr,  # [E, N, K]: each expert's weight, out = a @ b[e].T
+    b_ptr,  # [E, N, K]: each expert's weight, out = a @ b[e].T; MXFP4: blocks [E, N, K / 2] uint8
     c_ptr,  # [T * k, N]: one row per pair
     bias_ptr,  # with HAS_BIAS: [E, N]
     weights_ptr,  # with MUL_WEIGHT: [T * k] router weights, one per pair
     sorted_pairs_ptr,  # [num_blocks * BLOCK_M] pair ids grouped by expert; padding: num_pairs
     block_expert_ptr,  # [num_blocks] the expert of each block; -1: past the last run
+    scales_ptr,  # with MXFP4: [E, N, K / 32] uint8, e8m0
+    values_ptr,  # with MXFP4: [16] float32, the e2m1 value of each 4-bit code
     num_pairs,
     N,
     K,
@@ -44,9 +56,13 @@ def _grouped_gemm_kernel(
     stride_cm,
     stride_cn,
     stride_bias_e,
+    stride_se,
+    stride_sn,
+    stride_sk,
     TOP_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
+    MXFP4: tl.constexpr,  # b is packed MXFP4: dequantised here, tile by tile
     IEEE: tl.constexpr,  # float32 inputs: exact float32 products, not TF32
     UPCAST: tl.constexpr,  # the interpreter's 16-bit tl.dot is wrong (triton 3.9): dot in float32
     BLOCK_M: tl.constexpr,
@@ -69,8 +85,18 @@ def _grouped_gemm_kernel(
         k_mask = ks < K
         a_offsets = a_rows[:, None] * stride_am + ks[None, :] * stride_ak
         a = tl.load(a_ptr + a_offsets, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b_offsets = expert * stride_be + cols[None, :] * stride_bn + ks[:, None] * stride_bk
-        b = tl.load(b_ptr + b_offsets, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        b_mask = k_mask[:, None] & col_mask[None, :]
+        if MXFP4:
+            b = _mxfp4_tile(
+                b_ptr + expert * stride_be + cols[None, :] * stride_bn + (ks // 2)[:, None] * stride_bk,
+                scales_ptr + expert * stride_se + cols[None, :] * stride_sn + (ks // 32)[:, None] * stride_sk,
+                values_ptr,
+                ks,
+                b_mask,
+            ).to(a.dtype)  # multiplied in the activation's dtype
+        else:
+            b_offsets = expert * stride_be + cols[None, :] * stride_bn + ks[:, None] * stride_bk
+            b = tl.load(b_ptr + b_offsets, mask=b_mask, other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -86,6 +112,16 @@ def _grouped_gemm_kernel(
         acc = acc * weight.to(tl.float32)[:, None]
     c_offsets = pairs[:, None] * stride_cm + cols[None, :] * stride_cn
     tl.store(c_ptr + c_offsets, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _mxfp4_tile(byte_ptrs, scale_ptrs, values_ptr, ks, mask):
+    """[BLOCK_K, BLOCK_N] float32 weights from their bytes (value k in byte k // 2) and scales."""
+    packed = tl.load(byte_ptrs, mask=mask, other=0).to(tl.int32)
+    codes = (packed >> ((ks % 2) * 4)[:, None]) & 0x0F  # even k: the low nibble
+    values = tl.load(values_ptr + codes)  # the 16 e2m1 values: every code is in range
+    exponent = tl.load(scale_ptrs, mask=mask, other=0).to(tl.int32)
+    return values * (exponent << 23).to(tl.float32, bitcast=True)  # 2 ** (exponent - 127)
 
 
 def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,9 +152,17 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
     return sorted_pairs, block_expert
 
 
+class PackedWeight(NamedTuple):
+    """An MXFP4 stacked weight [E, N, K], kept packed (engine.quant.mxfp4's layout)."""
+
+    blocks: torch.Tensor  # [E, N, K / 32, 16] uint8
+    scales: torch.Tensor  # [E, N, K / 32] uint8
+    values: torch.Tensor  # [16] float32: mxfp4.FP4_VALUES, on the weights' device
+
+
 def grouped_linear(
     a: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | PackedWeight,
     bias: torch.Tensor | None,
     sorted_pairs: torch.Tensor,
     block_expert: torch.Tensor,
@@ -129,34 +173,40 @@ def grouped_linear(
     router_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Row p of the result [num_pairs, N] is a[p // top_k] @ weight[e].T (+ bias[e]) (* router
-    weight p), e being pair p's expert; weight [E, N, K]."""
-    n, k = weight.shape[1], weight.shape[2]
+    weight p), e being pair p's expert; weight [E, N, K], or packed MXFP4."""
+    is_mxfp4 = isinstance(weight, PackedWeight)
+    if is_mxfp4:  # blocks as [E, N, K / 2]: value k is in byte k // 2
+        b, scales, values = weight.blocks.flatten(2), weight.scales, weight.values
+        n, k = b.shape[1], scales.shape[2] * 32
+    else:  # scales and values: any pointer, never read
+        b, scales, values = weight, weight, weight
+        n, k = weight.shape[1], weight.shape[2]
     out = a.new_empty(num_pairs, n)
     block_n, block_k = (64, 32) if n >= 64 else (32, 32)
     upcast = a.dtype != torch.float32 and not a.is_cuda  # CPU tensors: the interpreter
     grid = (block_expert.numel(), triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](
         a,
-        weight,
+        b,
         out,
-        weight if bias is None else bias,  # any pointer when there is none: never read
-        weight if router_weights is None else router_weights,
+        b if bias is None else bias,  # any pointer when there is none: never read
+        b if router_weights is None else router_weights,
         sorted_pairs,
         block_expert,
+        scales,
+        values,
         num_pairs,
         n,
         k,
-        a.stride(0),
-        a.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        weight.stride(2),
-        out.stride(0),
-        out.stride(1),
+        *a.stride(),
+        *b.stride(),
+        *out.stride(),
         0 if bias is None else bias.stride(0),
+        *scales.stride(),
         TOP_K=top_k,
         HAS_BIAS=bias is not None,
         MUL_WEIGHT=router_weights is not None,
+        MXFP4=is_mxfp4,
         IEEE=a.dtype == torch.float32 or upcast,
         UPCAST=upcast,
         BLOCK_M=block_m,
@@ -182,14 +232,20 @@ def triton_fused_experts(experts, x: torch.Tensor, weights: torch.Tensor, ids: t
     block_expert = torch.where(block_expert < experts.num_local_experts, block_expert, -1)
     common = dict(num_pairs=num_pairs, block_m=block_m)
     gate_up = grouped_linear(
-        x, experts.gate_up_proj, experts.gate_up_proj_bias, sorted_pairs, block_expert, top_k=top_k, **common
+        x,
+        _weight(experts, "gate_up_proj"),
+        experts.gate_up_proj_bias,
+        sorted_pairs,
+        block_expert,
+        top_k=top_k,
+        **common,
     )  # [T * k, 2 I]
     hidden = experts.activation(gate_up).contiguous()  # [T * k, I]
     down_bias = experts.down_proj_bias if experts.adds_down_bias else None
     flat_weights = weights.flatten().float().contiguous()
     down = grouped_linear(
         hidden,
-        experts.down_proj,
+        _weight(experts, "down_proj"),
         down_bias,
         sorted_pairs,
         block_expert,
@@ -199,6 +255,14 @@ def triton_fused_experts(experts, x: torch.Tensor, weights: torch.Tensor, ids: t
     )  # [T * k, H], weighted; the skipped pairs' rows are never written
     down = torch.where(is_local.unsqueeze(-1), down.view(num_tokens, top_k, -1).float(), 0.0)
     return down.sum(dim=1).to(x.dtype)
+
+
+def _weight(experts, name: str) -> torch.Tensor | PackedWeight:
+    """The experts' stacked `name` (gate_up_proj, down_proj): float, or packed MXFP4."""
+    if not experts.is_mxfp4:
+        return getattr(experts, name)
+    blocks, scales = getattr(experts, f"{name}_blocks"), getattr(experts, f"{name}_scales")
+    return PackedWeight(blocks, scales, experts.mxfp4_values)
 
 
 def _local_ids(experts, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

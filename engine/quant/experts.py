@@ -53,6 +53,8 @@ class QuantizedExpertsMethod:
 
     def process_weights_after_loading(self, experts: nn.Module) -> None:
         """On the host, after loading: replaces `experts.<w>` by `experts.<w>_experts` (a ModuleList)."""
+        if getattr(experts, "is_mxfp4", False):  # only on a CPU build under Triton's interpreter
+            raise ValueError("MXFP4 experts kept packed for the Triton kernel cannot be quantised again")
         for name in EXPERT_WEIGHTS:
             stacked = getattr(experts, name).data  # [E, out, in]
             try:

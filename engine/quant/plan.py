@@ -80,7 +80,7 @@ def make_plan(config, hf_config: dict, device: torch.device) -> QuantPlan:
     if plan.sparse24:  # layers the pruning tool left dense stay on the float path
         marker_skip = tuple(hf_config[SPARSITY_MARKER].get("skip_modules") or ())
         plan = replace(plan, skip_modules=plan.skip_modules + marker_skip)
-    # MXFP4 (GPT-OSS's experts): the model dequantises those tensors itself (engine.models.gpt_oss)
+    # MXFP4 (GPT-OSS's experts): the model keeps them packed or dequantises them (engine.models.gpt_oss)
     if checkpoint is not None and checkpoint.get("quant_method") != "mxfp4":
         plan = _prequantized_plan(plan, checkpoint, config.bnb_4bit_compute_dtype, model_dtype)
     if plan.mode == "fp8":
