@@ -30,7 +30,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "fused_ops.cpp")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "paged_attention.cpp", CSRC / "fused_ops.cpp"]
+HEADERS = [CSRC / "cpu_common.h"]
 KEY_TILE = 16  # the kernel reads pages 16 keys at a time: the page size must be a multiple
 _NO_WINDOW = 0
 
@@ -62,7 +64,7 @@ def _build() -> bool:
 
     isa, flags = _vector_flags()
     # the sources' hash in the name: two checkouts of different code never share a build folder
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES)).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES + HEADERS)).hexdigest()[:12]
     try:
         _put_ninja_on_path()
         cpp_extension.load(

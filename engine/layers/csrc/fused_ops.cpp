@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_common.h"
+
 // Each eager op rounds its result: a * c - b * s must not become one fused multiply-add here
 // (it would round once where PyTorch rounds twice). Only this file's functions: the attention
 // kernel's dot products keep their FMAs.
@@ -23,23 +25,9 @@
 
 namespace {
 
-// Loads and stores through float32, bfloat16 by its bits: c10::BFloat16's conversions branch on
-// NaN and do not vectorise (silu_and_mul ran 5x slower with them). Rounding: to nearest even,
-// NaN kept a quiet NaN, as c10's.
-static inline float bf16_to_float(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-static inline uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return nan ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>(rounded);
-}
+using namespace sluice_cpu;
 
+// Loads and stores through float32; bfloat16 by its bits (cpu_common.h).
 template <typename T>
 struct Io {  // float32 and float16: through their own conversions
   using Raw = T;
@@ -65,26 +53,6 @@ struct Io<c10::BFloat16> {
 template <typename T>
 static inline typename Io<T>::Raw* raw(const at::Tensor& t) {
   return reinterpret_cast<typename Io<T>::Raw*>(t.data_ptr<T>());
-}
-
-// exp(x) on [-88, 88] without libm (vectorisable): Cody-Waite reduction by ln 2 and a degree-6
-// Taylor polynomial (relative error ~1e-7), 2^n through the exponent bits.
-static inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
 }
 
 template <typename T>
@@ -152,12 +120,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const c10::opti
     using T = decltype(tag);
     rms_norm_rows<T>(x, has_residual ? &*residual : nullptr, sum, weight, out, static_cast<float>(eps), gemma);
   };
-  switch (x.scalar_type()) {
-    case at::kFloat: launch(float{}); break;
-    case at::kBFloat16: launch(c10::BFloat16{}); break;
-    case at::kHalf: launch(c10::Half{}); break;
-    default: TORCH_CHECK(false, "rms_norm: float32, bfloat16 or float16 only");
-  }
+  dispatch_float(x.scalar_type(), "rms_norm", launch);
   return {out, sum};
 }
 
@@ -185,12 +148,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
       }
     });
   };
-  switch (x.scalar_type()) {
-    case at::kFloat: launch(float{}); break;
-    case at::kBFloat16: launch(c10::BFloat16{}); break;
-    case at::kHalf: launch(c10::Half{}); break;
-    default: TORCH_CHECK(false, "silu_and_mul: float32, bfloat16 or float16 only");
-  }
+  dispatch_float(x.scalar_type(), "silu_and_mul", launch);
   return out;
 }
 
@@ -233,12 +191,7 @@ void rotary_(at::Tensor& x, const at::Tensor& cos_sin, const at::Tensor& positio
     rotate<T>(raw<T>(x), x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1), cos_sin.data_ptr<float>(),
               positions.data_ptr<int64_t>());
   };
-  switch (x.scalar_type()) {
-    case at::kFloat: launch(float{}); break;
-    case at::kBFloat16: launch(c10::BFloat16{}); break;
-    case at::kHalf: launch(c10::Half{}); break;
-    default: TORCH_CHECK(false, "rotary: float32, bfloat16 or float16 only");
-  }
+  dispatch_float(x.scalar_type(), "rotary", launch);
 }
 
 }  // namespace

@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_common.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -27,6 +29,8 @@
 #include <vector>
 
 namespace {
+
+using namespace sluice_cpu;
 
 constexpr int kKeyTile = 16;       // keys per inner step; the page size must be a multiple
 constexpr int kLanes = 16;         // floats per vector (GCC/Clang vector extension: any ISA)
@@ -81,9 +85,8 @@ static inline vfloat sum_lanes_16(vfloat v[16]) {
          __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-// exp(x) for x <= 0 (every softmax argument here is a score minus the running max), lane-wise.
-// Cody-Waite reduction by ln 2 (rounding by the 1.5 * 2^23 trick), degree-6 Taylor polynomial
-// on [-ln2/2, ln2/2] (relative error ~1e-7), 2^n through the exponent bits; 0 below -87.
+// exp(x) for x <= 0 (every softmax argument here is a score minus the running max), 16 lanes:
+// cpu_common.h's exp_approx step for step, on vectors, and 0 below -87.
 static inline vfloat exp_nonpositive(vfloat x) {
   const vint underflow = x < -87.0f;
   x = x < -87.0f ? splat(-87.0f) : x;
@@ -102,29 +105,20 @@ static inline vfloat exp_nonpositive(vfloat x) {
   return underflow ? splat(0.0f) : result;
 }
 
-static inline float exp_nonpositive(float x) { return exp_nonpositive(splat(x))[0]; }
+static inline float exp_nonpositive(float x) { return x < -87.0f ? 0.0f : exp_approx(x); }
 
-// n values to float32. bfloat16 is the high half of a float32: a shift, which vectorises (the
-// c10::BFloat16 conversion does not: decode was 2.6x slower with it).
+// n values to float32 and back; bfloat16 by its bits (cpu_common.h).
 static inline void to_float(const float* in, float* out, int64_t n) { std::memcpy(out, in, n * sizeof(float)); }
 static inline void to_float(const c10::BFloat16* in, float* out, int64_t n) {
   const uint16_t* raw = reinterpret_cast<const uint16_t*>(in);
-  uint32_t* bits = reinterpret_cast<uint32_t*>(out);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) bits[i] = static_cast<uint32_t>(raw[i]) << 16;
+  for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(raw[i]);
 }
-// float32 to the storage type: bfloat16 by its bits, to nearest even, NaN kept a quiet NaN (as
-// c10's conversion, which branches and does not vectorise: ~10% of a prompt step's kernel time).
 static inline void from_float(const float* in, float* out, int64_t n) { std::memcpy(out, in, n * sizeof(float)); }
 static inline void from_float(const float* in, c10::BFloat16* out, int64_t n) {
-  const uint32_t* bits = reinterpret_cast<const uint32_t*>(in);
   uint16_t* raw = reinterpret_cast<uint16_t*>(out);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = bits[i];
-    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-    raw[i] = nan ? static_cast<uint16_t>(0x7fc0) : static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
+  for (int64_t i = 0; i < n; ++i) raw[i] = float_to_bf16(in[i]);
 }
 static inline void from_float(const float* in, c10::Half* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<c10::Half>(in[i]);
@@ -528,12 +522,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
                  k_cache.stride(0), k_cache.stride(1), out.data_ptr<T>()};
     run(t, st, items, threads);
   };
-  switch (q.scalar_type()) {
-    case at::kFloat: launch(float{}); break;
-    case at::kBFloat16: launch(c10::BFloat16{}); break;
-    case at::kHalf: launch(c10::Half{}); break;
-    default: TORCH_CHECK(false, "paged_attention: float32, bfloat16 or float16 only");
-  }
+  dispatch_float(q.scalar_type(), "paged_attention", launch);
   return out;
 }
 
