@@ -251,21 +251,22 @@ template <int NB>
 static inline void wide_update(Scratch& s, const float* keys_h, const float* values_h, int64_t D, int64_t key0,
                                int64_t window) {
   const int64_t stride = s.kv_stride;
-  for (int j = 0; j < kKeyTile; j += 2) {
-    const float* k0 = keys_h + j * stride;
-    const float* k1 = k0 + stride;
-    vfloat dot0[NB], dot1[NB];
-    for (int b = 0; b < NB; ++b) dot0[b] = dot1[b] = splat(0.0f);
+  constexpr int kKeys = 4;  // keys per pass: each query vector loaded feeds 4 FMAs
+  for (int j = 0; j < kKeyTile; j += kKeys) {
+    vfloat dot[kKeys][NB];
+    for (int i = 0; i < kKeys; ++i) {
+      for (int b = 0; b < NB; ++b) dot[i][b] = splat(0.0f);
+    }
     for (int64_t d = 0; d < D; ++d) {
+      float k[kKeys];
+      for (int i = 0; i < kKeys; ++i) k[i] = keys_h[(j + i) * stride + d];
       for (int b = 0; b < NB; ++b) {
         const vfloat q = load(s.wide_q(d) + b * kLanes);
-        dot0[b] += q * k0[d];
-        dot1[b] += q * k1[d];
+        for (int i = 0; i < kKeys; ++i) dot[i][b] += q * k[i];
       }
     }
-    for (int b = 0; b < NB; ++b) {
-      store(s.scores[j] + b * kLanes, dot0[b]);
-      store(s.scores[j + 1] + b * kLanes, dot1[b]);
+    for (int i = 0; i < kKeys; ++i) {
+      for (int b = 0; b < NB; ++b) store(s.scores[j + i] + b * kLanes, dot[i][b]);
     }
   }
   vfloat alpha[NB];
@@ -292,25 +293,23 @@ static inline void wide_update(Scratch& s, const float* keys_h, const float* val
     store(s.sum + rb, load(s.sum + rb) * alpha[b] + tile_sum);
     store(s.max + rb, tile_max);
   }
-  for (int64_t d = 0; d + 1 < D + 1; d += 2) {
-    const bool pair = d + 1 < D;
-    vfloat acc0[NB], acc1[NB];
-    for (int b = 0; b < NB; ++b) {
-      acc0[b] = load(s.wide_acc(d) + b * kLanes) * alpha[b];
-      acc1[b] = pair ? load(s.wide_acc(d + 1) + b * kLanes) * alpha[b] : splat(0.0f);
+  constexpr int kDims = 4;  // head dimensions per pass: each probability vector feeds 4 FMAs
+  for (int64_t d = 0; d < D; d += kDims) {
+    const int dims = static_cast<int>(std::min<int64_t>(kDims, D - d));
+    vfloat acc[kDims][NB];
+    for (int i = 0; i < kDims; ++i) {
+      for (int b = 0; b < NB; ++b) acc[i][b] = i < dims ? load(s.wide_acc(d + i) + b * kLanes) * alpha[b] : splat(0.0f);
     }
     for (int j = 0; j < kKeyTile; ++j) {
-      const float v0 = values_h[j * stride + d];
-      const float v1 = pair ? values_h[j * stride + d + 1] : 0.0f;
+      float v[kDims];
+      for (int i = 0; i < kDims; ++i) v[i] = i < dims ? values_h[j * stride + d + i] : 0.0f;
       for (int b = 0; b < NB; ++b) {
         const vfloat p = load(s.scores[j] + b * kLanes);
-        acc0[b] += p * v0;
-        acc1[b] += p * v1;
+        for (int i = 0; i < kDims; ++i) acc[i][b] += p * v[i];
       }
     }
-    for (int b = 0; b < NB; ++b) {
-      store(s.wide_acc(d) + b * kLanes, acc0[b]);
-      if (pair) store(s.wide_acc(d + 1) + b * kLanes, acc1[b]);
+    for (int i = 0; i < dims; ++i) {
+      for (int b = 0; b < NB; ++b) store(s.wide_acc(d + i) + b * kLanes, acc[i][b]);
     }
   }
 }
