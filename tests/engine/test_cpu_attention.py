@@ -106,6 +106,32 @@ def test_many_decode_rows_read_whole_slots_and_equal_sdpa():
     check(seqs, dtype=torch.bfloat16, heads=12, kv_heads=4, head_dim=64, num_blocks=1200)
 
 
+# Decode rows score up to 256 keys before each softmax update: contexts on both sides of those
+# spans, windows that start inside one or skip whole spans.
+SPAN_STEP = [(255, 1), (256, 1), (257, 1), (512, 1), (513, 2), (700, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [None, 100, 300])
+def test_decode_rows_across_score_spans_equal_sdpa(dtype, window):
+    check(SPAN_STEP, window=window, dtype=dtype, heads=12, kv_heads=4, head_dim=64, num_blocks=512)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80])  # in place and through the float32 copy
+def test_slots_past_the_context_are_never_read_into_the_result(head_dim):
+    # a page's slots past its sequence's context hold whatever was there: NaN must not leak in
+    q, k_cache, v_cache, tables, cu, context_lens = make_step(
+        [(37, 1), (300, 1), (129, 3)], heads=8, kv_heads=2, head_dim=head_dim, dtype=torch.bfloat16
+    )
+    expected = reference(q, k_cache, v_cache, tables, cu, context_lens, 0.125)
+    for b, context in enumerate(context_lens.tolist()):
+        last_page = tables[b, (context - 1) // 16].item()
+        k_cache[last_page, context % 16 or 16 :] = float("nan")
+        v_cache[last_page, context % 16 or 16 :] = float("nan")
+    out = cpu_kernels.paged_attention(q, k_cache, v_cache, tables, cu, context_lens, 0.125, None)
+    assert (out.double() - expected).abs().max().item() < TOLERANCE[torch.bfloat16]
+
+
 def test_the_result_does_not_depend_on_the_thread_count():
     step = make_step(MIXED_STEP, heads=12, kv_heads=4, head_dim=64, dtype=torch.bfloat16)
     threads = torch.get_num_threads()

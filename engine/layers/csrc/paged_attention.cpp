@@ -3,11 +3,16 @@
 //
 // One work item is (sequence, KV head, tile of query positions): the G query heads that share the
 // KV head, for up to kQueryTile positions, are R = G * tile rows that read each key and value page
-// once (GQA's reuse; a decode row has R = G). Pages are processed 16 keys at a time, converted to
-// float32 once per work item and page (keys transposed, so a row's 16 scores are 16-wide FMAs
-// over the head dimension, no horizontal sums), with an online softmax (flash attention's running
-// max and sum) in float32. Items run on ATen's thread pool, taken from a shared counter in order
-// of falling cost, so long prompt tiles do not leave a thread idle at the end of the step.
+// once (GQA's reuse; a decode row has R = G; with many decode rows, one item takes all KV heads of
+// a sequence, so that it reads whole slots). Two ways through the pages, 16 keys at a time, both
+// with flash attention's online softmax (running max and sum) in float32:
+// - wide rows (prompt tiles, R >= 16): each tile converted to float32 once, scores vectorised
+//   over the rows (wide_update);
+// - narrow rows (decode): spans of up to 256 keys, every row's scores first, then one softmax
+//   update per row, then the values; float32 and bfloat16 pages read in place, the next tile
+//   requested into L2 a few lines per row (narrow_item). Decode is bound by reading the cache.
+// Items run on ATen's thread pool, taken from a shared counter in order of falling cost, so long
+// prompt tiles do not leave a thread idle at the end of the step.
 //
 // Exact arithmetic: q.k, the softmax and p.v in float32 (the query is pre-multiplied by the
 // scale), the output rounded once to the query's dtype. exp is a polynomial of its own (below),
@@ -19,6 +24,8 @@
 
 #include "cpu_common.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -26,7 +33,10 @@
 #include <cstring>
 #include <memory>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+
 
 namespace {
 
@@ -38,6 +48,7 @@ constexpr int kMaxRows = 128;      // rows (query heads x positions) per work it
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxKvWidth = 2048;  // KV heads x head size read per key by one work item
 constexpr int kWideRows = 16;      // from this many rows per KV head: vectorise over rows
+constexpr int kSpan = 256;         // narrow rows: keys scored before each softmax update
 constexpr float kNoMax = -std::numeric_limits<float>::max();
 
 typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
@@ -45,6 +56,18 @@ typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
 typedef float vfloat_u __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
 
 static inline vfloat load(const float* p) { return *reinterpret_cast<const vfloat_u*>(p); }
+// 16 bfloat16 values widened to float32 by their bits (cpu_common.h): decode rows read bfloat16
+// pages in place through this.
+static inline vfloat load(const c10::BFloat16* p) {
+#ifdef __AVX512F__  // one 16-lane widening load (GCC splits the generic form into two 8-lane ones)
+  const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  return reinterpret_cast<const vfloat&>(bits);
+#else
+  typedef uint16_t vbf16_u __attribute__((vector_size(kLanes * sizeof(uint16_t)), aligned(2)));
+  const vint bits = __builtin_convertvector(*reinterpret_cast<const vbf16_u*>(p), vint) << 16;
+  return reinterpret_cast<const vfloat&>(bits);
+#endif
+}
 static inline void store(float* p, vfloat v) { *reinterpret_cast<vfloat_u*>(p) = v; }
 static inline vfloat splat(float x) { return vfloat{} + x; }
 
@@ -67,7 +90,7 @@ static inline float hmax(vfloat v) {
 
 // The lane sums of 16 vectors, lane j of the result holding the sum of v[j]: a transposing tree
 // of shuffles (15 steps of 2 shuffles and an add) instead of 16 horizontal sums.
-static inline vfloat sum_lanes_16(vfloat v[16]) {
+__attribute__((always_inline)) static inline vfloat sum_lanes_16(vfloat v[16]) {
   vfloat a[8], b[4], c[2];
   for (int i = 0; i < 8; ++i) {  // [key 2i: 8 partial sums | key 2i+1: 8]
     a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -175,6 +198,8 @@ struct Scratch {
   alignas(64) float max[kMaxRows];
   alignas(64) float sum[kMaxRows];
   alignas(64) float pos[kMaxRows];  // the row's position (float: compared in vectors); -1: padding
+  alignas(64) float span_scores[kMaxRows][kSpan];  // narrow: a span's scores, then probabilities
+  alignas(64) float span_max[kMaxRows][kLanes];    // narrow: the span's running maximum, lane-wise
 };
 
 struct Rows {
@@ -183,60 +208,75 @@ struct Rows {
   bool wide;
 };
 
-// Narrow rows (decode: G rows per KV head): each score a dot product over the head dimension.
-// ND: the head size in vectors, known at compile time (the query and accumulator then stay in
-// registers across the tile's keys); 0: any head size, read from D.
-template <int ND>
-static inline void narrow_update(Scratch& s, const float* keys_h, const float* values_h, int row, int64_t D,
-                                 int64_t key0, int64_t window) {
+// The keys [lo, hi) of the 16 from key0 that a narrow row sees: those at its position or before,
+// within the window.
+static inline void visible_keys(const Scratch& s, int row, int64_t key0, int64_t window, int& lo, int& hi) {
   const int64_t pos = static_cast<int64_t>(s.pos[row]);
-  const int hi = static_cast<int>(std::clamp<int64_t>(pos + 1 - key0, 0, kKeyTile));
-  const int lo = window > 0 ? static_cast<int>(std::clamp<int64_t>(pos - window + 1 - key0, 0, kKeyTile)) : 0;
-  if (lo >= hi) return;
-  const int64_t stride = s.kv_stride;
-  const float* q = s.q[row];
-  vfloat index;
-  for (int j = 0; j < kKeyTile; ++j) index[j] = static_cast<float>(j);
-  const vint visible = (index >= static_cast<float>(lo)) & (index < static_cast<float>(hi));
+  hi = static_cast<int>(std::clamp<int64_t>(pos + 1 - key0, 0, kKeyTile));
+  lo = window > 0 ? static_cast<int>(std::clamp<int64_t>(pos - window + 1 - key0, 0, kKeyTile)) : 0;
+}
+
+// A narrow row's scores for 16 keys (rows `stride` elements apart), each a dot product over the
+// head dimension; kNoMax for keys outside [lo, hi). ND: the head size in vectors, known at compile
+// time (the query stays in registers; keys may be bfloat16, widened as loaded); 0: any head size,
+// float32 keys.
+template <int ND, typename P>
+__attribute__((always_inline)) static inline vfloat narrow_scores(const float* q, const P* keys, int64_t stride, int64_t D, int lo, int hi) {
+  static_assert(ND > 0 || std::is_same_v<P, float>, "any head size: float32 keys");
   vfloat scores;
   if constexpr (ND > 0) {
     vfloat qv[ND], dots[kKeyTile];
     for (int c = 0; c < ND; ++c) qv[c] = load(q + c * kLanes);
     for (int j = 0; j < kKeyTile; ++j) {  // all 16 (the invisible ones are masked below)
-      const float* k = keys_h + j * stride;
+      const P* k = keys + j * stride;
       dots[j] = qv[0] * load(k);
       for (int c = 1; c < ND; ++c) dots[j] += qv[c] * load(k + c * kLanes);
     }
     scores = sum_lanes_16(dots);
   } else {
     for (int j = 0; j < kKeyTile; ++j) {
-      const float* k = keys_h + j * stride;
+      const float* k = keys + j * stride;
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
       scores[j] = dot;
     }
   }
-  scores = visible ? scores : splat(kNoMax);
-  const float new_max = std::max(s.max[row], hmax(scores));
-  const float alpha = exp_nonpositive(s.max[row] - new_max);
-  const vfloat p = visible ? exp_nonpositive(scores - new_max) : splat(0.0f);
-  s.sum[row] = s.sum[row] * alpha + hsum(p);
-  s.max[row] = new_max;
-  float* acc = s.acc[row];
+  vfloat index;
+  for (int j = 0; j < kKeyTile; ++j) index[j] = static_cast<float>(j);
+  const vint visible = (index >= static_cast<float>(lo)) & (index < static_cast<float>(hi));
+  return visible ? scores : splat(kNoMax);
+}
+
+// acc += p[j] * value j over the keys [lo, hi), in two chains (even and odd keys) so that the
+// FMAs' latency overlaps.
+template <int ND, typename P>
+__attribute__((always_inline)) static inline void narrow_values(float* acc, const P* values, int64_t stride, int64_t D, const float* p, int lo,
+                                 int hi) {
+  static_assert(ND > 0 || std::is_same_v<P, float>, "any head size: float32 values");
   if constexpr (ND > 0) {
-    vfloat a[ND];
-    for (int c = 0; c < ND; ++c) a[c] = load(acc + c * kLanes) * alpha;
-    for (int j = lo; j < hi; ++j) {
-      const float* v = values_h + j * stride;
-      for (int c = 0; c < ND; ++c) a[c] += p[j] * load(v + c * kLanes);
+    vfloat a[ND], b[ND];
+    for (int c = 0; c < ND; ++c) {
+      a[c] = load(acc + c * kLanes);
+      b[c] = splat(0.0f);
     }
-    for (int c = 0; c < ND; ++c) store(acc + c * kLanes, a[c]);
+    int j = lo;
+    for (; j + 1 < hi; j += 2) {
+      const P* v0 = values + j * stride;
+      const P* v1 = v0 + stride;
+      for (int c = 0; c < ND; ++c) {
+        a[c] += p[j] * load(v0 + c * kLanes);
+        b[c] += p[j + 1] * load(v1 + c * kLanes);
+      }
+    }
+    if (j < hi) {
+      for (int c = 0; c < ND; ++c) a[c] += p[j] * load(values + j * stride + c * kLanes);
+    }
+    for (int c = 0; c < ND; ++c) store(acc + c * kLanes, a[c] + b[c]);
   } else {
-    for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
     for (int j = lo; j < hi; ++j) {
       const float pj = p[j];
-      const float* v = values_h + j * stride;
+      const float* v = values + j * stride;
 #pragma omp simd
       for (int64_t d = 0; d < D; ++d) acc[d] += pj * v[d];
     }
@@ -314,28 +354,26 @@ static inline void wide_update(Scratch& s, const float* keys_h, const float* val
   }
 }
 
+// The next tile's rows of one cache (keys or values) from memory while this one computes.
 template <typename T>
-void prefetch_tile(const Tensors<T>& t, int64_t block, int64_t slot0, int64_t column, int64_t width_bytes) {
+void prefetch_tile(const Tensors<T>& t, const T* cache, int64_t block, int64_t slot0, int64_t column,
+                   int64_t width_bytes) {
   for (int j = 0; j < kKeyTile; ++j) {
-    const int64_t offset = block * t.kv_block + (slot0 + j) * t.kv_slot + column;
-    const char* k = reinterpret_cast<const char*>(t.k + offset);
-    const char* v = reinterpret_cast<const char*>(t.v + offset);
-    for (int64_t b = 0; b < width_bytes; b += 64) {
-      __builtin_prefetch(k + b);
-      __builtin_prefetch(v + b);
-    }
+    const char* row = reinterpret_cast<const char*>(cache + block * t.kv_block + (slot0 + j) * t.kv_slot + column);
+    for (int64_t b = 0; b < width_bytes; b += 64) __builtin_prefetch(row + b);
   }
 }
 
+// A tile of one cache (keys or values), the item's heads side by side, to float32 rows of
+// s.kv_stride floats.
 template <typename T>
-void load_tile(const Tensors<T>& t, const Step& st, const WorkItem& item, int64_t block, int64_t slot0,
-               Scratch& s) {
+void load_tile(const Tensors<T>& t, const T* cache, const Step& st, const WorkItem& item, int64_t block,
+               int64_t slot0, Scratch& s, float* out) {
   const int64_t width = (item.head1 - item.head0) * st.head_dim;
   s.kv_stride = (width + kLanes - 1) / kLanes * kLanes + kLanes;
   for (int j = 0; j < kKeyTile; ++j) {
-    const int64_t offset = block * t.kv_block + (slot0 + j) * t.kv_slot + item.head0 * st.head_dim;
-    to_float(t.k + offset, s.keys + j * s.kv_stride, width);
-    to_float(t.v + offset, s.values + j * s.kv_stride, width);
+    to_float(cache + block * t.kv_block + (slot0 + j) * t.kv_slot + item.head0 * st.head_dim, out + j * s.kv_stride,
+             width);
   }
 }
 
@@ -393,6 +431,114 @@ void finish_rows(const Tensors<T>& t, const Step& st, const WorkItem& item, cons
   }
 }
 
+// Narrow rows (decode: G rows per KV head; a prompt chunk's last few positions), span by span of
+// up to kSpan keys: every row's scores first (each key tile read once for all the item's rows),
+// then one online-softmax update per row, then the values (each tile read once). The softmax's
+// serial steps (maximum, rescale, sum) run once per span, not once per 16 keys. Float32 and
+// bfloat16 pages are read in place when the head size is whole vectors; otherwise through the
+// tile's float32 copy.
+template <int ND, typename T>
+void narrow_item(const Tensors<T>& t, const Step& st, const WorkItem& item, const Rows& rows, Scratch& s,
+                 int64_t first_key, int64_t last_pos) {
+  constexpr bool kInPlace = ND > 0 && (std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16>);
+  using P = std::conditional_t<kInPlace, T, float>;
+  const int64_t D = st.head_dim;
+  const int heads = item.head1 - item.head0, total = heads * rows.count;
+  const int32_t* table = st.block_tables + item.seq * st.table_width;
+  const int64_t width_bytes = heads * D * static_cast<int64_t>(sizeof(T));
+  // The tile of keys or values from key0: its rows, and the elements between them.
+  const auto tile = [&](const T* cache, float* copy, int64_t key0, int64_t& stride) -> const P* {
+    const int64_t block = table[key0 / st.block_size], slot0 = key0 % st.block_size;
+    if constexpr (kInPlace) {
+      stride = t.kv_slot;
+      return cache + block * t.kv_block + slot0 * t.kv_slot + item.head0 * D;
+    } else {
+      load_tile(t, cache, st, item, block, slot0, s, copy);
+      stride = s.kv_stride;
+      return copy;
+    }
+  };
+  // The next tile's cache lines, requested into L2 a few at a time between rows: all at once,
+  // the prefetches stalled on full miss buffers (a third of the decode time went there).
+  const int64_t row_lines = (width_bytes + 63) / 64;
+  const int64_t lines_per_row = (kKeyTile * row_lines + total - 1) / total;
+  const int64_t slot_bytes = t.kv_slot * static_cast<int64_t>(sizeof(T));
+  const char* ahead = nullptr;
+  int ahead_key = kKeyTile;  // the key (of 16) and line of it to request next
+  int64_t ahead_line = 0;
+  const auto prefetch = [&](const T* cache, int64_t key0) {
+    ahead = reinterpret_cast<const char*>(cache + table[key0 / st.block_size] * t.kv_block +
+                                          key0 % st.block_size * t.kv_slot + item.head0 * D);
+    ahead_key = 0;
+    ahead_line = 0;
+  };
+  const auto prefetch_some = [&]() {
+    for (int64_t n = 0; n < lines_per_row && ahead_key < kKeyTile; ++n) {
+      __builtin_prefetch(ahead + ahead_key * slot_bytes + ahead_line * 64, 0, 1);  // into L2
+      if (++ahead_line == row_lines) {
+        ahead_line = 0;
+        ++ahead_key;
+      }
+    }
+  };
+  for (int64_t span0 = first_key / kKeyTile * kKeyTile; span0 <= last_pos; span0 += kSpan) {
+    const int64_t span1 = std::min<int64_t>(span0 + kSpan, last_pos + 1);
+    for (int r = 0; r < total; ++r) store(s.span_max[r], splat(kNoMax));
+    for (int64_t key0 = span0; key0 < span1; key0 += kKeyTile) {
+      if (key0 + kKeyTile < span1) {
+        prefetch(t.k, key0 + kKeyTile);
+      } else {
+        prefetch(t.v, span0);
+      }
+      int64_t stride;
+      const P* keys = tile(t.k, s.keys, key0, stride);
+      for (int row = 0; row < total; ++row) {
+        prefetch_some();
+        int lo, hi;
+        visible_keys(s, row, key0, st.window, lo, hi);
+        const P* k = keys + (row / rows.count) * D;
+        const vfloat sc = narrow_scores<ND>(s.q[row], k, stride, D, lo, hi);
+        store(s.span_scores[row] + (key0 - span0), sc);
+        const vfloat m = load(s.span_max[row]);
+        store(s.span_max[row], sc > m ? sc : m);
+      }
+    }
+    const int64_t filled = (span1 - span0 + kKeyTile - 1) / kKeyTile * kKeyTile;
+    for (int row = 0; row < total; ++row) {
+      const float new_max = std::max(s.max[row], hmax(load(s.span_max[row])));
+      if (new_max == kNoMax) continue;  // nothing visible yet: the values below skip it too
+      const float alpha = exp_nonpositive(s.max[row] - new_max);
+      float* p = s.span_scores[row];
+      vfloat sum = splat(0.0f);
+      for (int64_t i = 0; i < filled; i += kLanes) {  // invisible keys (kNoMax) give 0
+        const vfloat e = exp_nonpositive(load(p + i) - new_max);
+        store(p + i, e);
+        sum += e;
+      }
+      s.sum[row] = s.sum[row] * alpha + hsum(sum);
+      s.max[row] = new_max;
+      for (int64_t d = 0; d < D; ++d) s.acc[row][d] *= alpha;
+    }
+    for (int64_t key0 = span0; key0 < span1; key0 += kKeyTile) {
+      if (key0 + kKeyTile < span1) {
+        prefetch(t.v, key0 + kKeyTile);
+      } else if (span1 <= last_pos) {
+        prefetch(t.k, span1);
+      }
+      int64_t stride;
+      const P* values = tile(t.v, s.values, key0, stride);
+      for (int row = 0; row < total; ++row) {
+        prefetch_some();
+        int lo, hi;
+        visible_keys(s, row, key0, st.window, lo, hi);
+        if (lo >= hi) continue;
+        const P* v = values + (row / rows.count) * D;
+        narrow_values<ND>(s.acc[row], v, stride, D, s.span_scores[row] + (key0 - span0), lo, hi);
+      }
+    }
+  }
+}
+
 template <typename T>
 void run_item(const Tensors<T>& t, const Step& st, const WorkItem& item, Scratch& s) {
   const int64_t D = st.head_dim, G = st.num_heads / st.num_kv_heads;
@@ -406,36 +552,34 @@ void run_item(const Tensors<T>& t, const Step& st, const WorkItem& item, Scratch
   const int64_t first_pos = context_len - query_len + item.first;
   const int64_t last_pos = context_len - query_len + item.last - 1;
   const int64_t first_key = st.window > 0 ? std::max<int64_t>(0, first_pos - st.window + 1) : 0;
+  if (!rows.wide) {
+    switch (D) {
+      case 16: narrow_item<1>(t, st, item, rows, s, first_key, last_pos); break;
+      case 32: narrow_item<2>(t, st, item, rows, s, first_key, last_pos); break;
+      case 64: narrow_item<4>(t, st, item, rows, s, first_key, last_pos); break;
+      case 128: narrow_item<8>(t, st, item, rows, s, first_key, last_pos); break;
+      default: narrow_item<0>(t, st, item, rows, s, first_key, last_pos); break;
+    }
+    finish_rows(t, st, item, rows, s);
+    return;
+  }
   const int32_t* table = st.block_tables + item.seq * st.table_width;
-  const int64_t width_bytes = (item.head1 - item.head0) * D * static_cast<int64_t>(sizeof(T));
+  const int64_t width_bytes = D * static_cast<int64_t>(sizeof(T));
   for (int64_t key0 = first_key / kKeyTile * kKeyTile; key0 <= last_pos; key0 += kKeyTile) {
+    const int64_t block = table[key0 / st.block_size], slot0 = key0 % st.block_size;
     if (key0 + kKeyTile <= last_pos) {  // the next tile's rows from memory while this one computes
       const int64_t next = key0 + kKeyTile;
-      prefetch_tile(t, table[next / st.block_size], next % st.block_size, item.head0 * D, width_bytes);
-    }
-    load_tile(t, st, item, table[key0 / st.block_size], key0 % st.block_size, s);
-    if (rows.wide) {
-      switch (rows.padded / kLanes) {
-        case 1: wide_update<1>(s, s.keys, s.values, D, key0, st.window); break;
-        case 2: wide_update<2>(s, s.keys, s.values, D, key0, st.window); break;
-        case 3: wide_update<3>(s, s.keys, s.values, D, key0, st.window); break;
-        default: wide_update<4>(s, s.keys, s.values, D, key0, st.window); break;
+      for (const T* cache : {t.k, t.v}) {
+        prefetch_tile(t, cache, table[next / st.block_size], next % st.block_size, item.head0 * D, width_bytes);
       }
-      continue;
     }
-    for (int64_t h = 0; h < item.head1 - item.head0; ++h) {
-      for (int r = 0; r < rows.count; ++r) {
-        const int row = static_cast<int>(h * rows.count + r);
-        const float* keys = s.keys + h * D;
-        const float* values = s.values + h * D;
-        switch (D) {
-          case 16: narrow_update<1>(s, keys, values, row, D, key0, st.window); break;
-          case 32: narrow_update<2>(s, keys, values, row, D, key0, st.window); break;
-          case 64: narrow_update<4>(s, keys, values, row, D, key0, st.window); break;
-          case 128: narrow_update<8>(s, keys, values, row, D, key0, st.window); break;
-          default: narrow_update<0>(s, keys, values, row, D, key0, st.window); break;
-        }
-      }
+    load_tile(t, t.k, st, item, block, slot0, s, s.keys);
+    load_tile(t, t.v, st, item, block, slot0, s, s.values);
+    switch (rows.padded / kLanes) {
+      case 1: wide_update<1>(s, s.keys, s.values, D, key0, st.window); break;
+      case 2: wide_update<2>(s, s.keys, s.values, D, key0, st.window); break;
+      case 3: wide_update<3>(s, s.keys, s.values, D, key0, st.window); break;
+      default: wide_update<4>(s, s.keys, s.values, D, key0, st.window); break;
     }
   }
   finish_rows(t, st, item, rows, s);
