@@ -14,7 +14,7 @@ when the model runner sets their `fused` flag (engine option cpu_fused_ops).
 
 Built once per machine with the C++ compiler torch.compile also needs (torch's
 cpp_extension: cached under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), for the
-CPU's vector width. Where it cannot be built, `load()` says why in the log and returns None:
+CPU's vector width (and AVX512-BF16's bfloat16 dot products where the CPU has them). Where it cannot be built, `load()` says why in the log and returns None:
 the SDPA backend then runs its portable path. Not used for fp8 caches, soft-capped logits or
 attention sinks (the SDPA backend's explicit path serves those).
 """
@@ -48,6 +48,9 @@ def _vector_flags() -> tuple[str, list[str]]:
         "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2"],
         "AVX2": ["-mavx2", "-mfma"],
     }.get(capability, [])
+    if capability == "AVX512" and torch.cpu._is_avx512_bf16_supported():
+        # bfloat16 dot products (vdpbf16ps): prompt attention's scores in half the instructions
+        return "avx512bf16", [*flags, "-mavx512bf16"]
     return capability.lower(), flags
 
 

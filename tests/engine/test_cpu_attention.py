@@ -81,9 +81,12 @@ def test_a_mixed_step_equals_sdpa_over_gathered_pages(dtype):
     check(MIXED_STEP, dtype=dtype, heads=12, kv_heads=4, head_dim=64)
 
 
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16]
+)  # bfloat16: vdpbf16ps prompt scores where the CPU has them
 @pytest.mark.parametrize("head_dim", [16, 32, 80, 128])
-def test_every_head_size_equals_sdpa(head_dim):
-    check(MIXED_STEP, heads=8, kv_heads=2, head_dim=head_dim)
+def test_every_head_size_equals_sdpa(head_dim, dtype):
+    check(MIXED_STEP, dtype=dtype, heads=8, kv_heads=2, head_dim=head_dim)
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 1), (32, 4), (64, 1)])
@@ -91,9 +94,10 @@ def test_multi_query_grouped_and_multi_head_attention_equal_sdpa(heads, kv_heads
     check(MIXED_STEP, heads=heads, kv_heads=kv_heads, head_dim=32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [1, 24, 100])
-def test_a_sliding_window_hides_the_keys_before_it(window):
-    check(MIXED_STEP, window=window, heads=6, kv_heads=2, head_dim=32)
+def test_a_sliding_window_hides_the_keys_before_it(window, dtype):
+    check(MIXED_STEP, window=window, dtype=dtype, heads=6, kv_heads=2, head_dim=32)
 
 
 def test_pages_of_32_keys_are_read_as_two_tiles():

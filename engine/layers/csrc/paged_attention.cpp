@@ -6,8 +6,9 @@
 // once (GQA's reuse; a decode row has R = G; with many decode rows, one item takes all KV heads of
 // a sequence, so that it reads whole slots). Two ways through the pages, 16 keys at a time, both
 // with flash attention's online softmax (running max and sum) in float32:
-// - wide rows (prompt tiles, R >= 16): each tile converted to float32 once, scores vectorised
-//   over the rows (wide_update);
+// - wide rows (prompt tiles, R >= 16): scores vectorised over the rows, from each tile converted
+//   to float32 once or, for bfloat16 where the CPU has AVX512-BF16, from the page in place by
+//   vdpbf16ps (wide_scores, wide_scores_bf16), then the softmax and values (wide_update);
 // - narrow rows (decode): spans of up to 256 keys, every row's scores first, then one softmax
 //   update per row, then the values; float32 and bfloat16 pages read in place, the next tile
 //   requested into L2 a few lines per row (narrow_item). Decode is bound by reading the cache.
@@ -193,6 +194,8 @@ struct Scratch {
   // path ran at a third of its FMA rate).
   int64_t wide_stride;
   float* wide_q(int64_t d) { return &q[0][0] + d * wide_stride; }
+  // bfloat16 pairs: dimensions 2 d2 and 2 d2 + 1 of each row's query, in the query's storage
+  uint32_t* wide_qpair(int64_t d2) { return reinterpret_cast<uint32_t*>(&q[0][0]) + d2 * wide_stride; }
   float* wide_acc(int64_t d) { return &acc[0][0] + d * wide_stride; }
   float scores[kKeyTile][kMaxRows];  // wide: [key][row]
   alignas(64) float max[kMaxRows];
@@ -206,6 +209,7 @@ struct Rows {
   int count;    // rows per KV head
   int padded;   // wide: count rounded up to whole vectors
   bool wide;
+  bool pairs;   // wide, bfloat16 scores by vdpbf16ps: the query held as bfloat16 pairs
 };
 
 // The keys [lo, hi) of the 16 from key0 that a narrow row sees: those at its position or before,
@@ -288,8 +292,7 @@ __attribute__((always_inline)) static inline void narrow_values(float* acc, cons
 // broadcast: no horizontal sums, no transposed keys. NB: row vectors (1-4), at compile time, so
 // the 2 x NB independent accumulators of each loop stay in registers.
 template <int NB>
-static inline void wide_update(Scratch& s, const float* keys_h, const float* values_h, int64_t D, int64_t key0,
-                               int64_t window) {
+static inline void wide_scores(Scratch& s, const float* keys_h, int64_t D) {
   const int64_t stride = s.kv_stride;
   constexpr int kKeys = 4;  // keys per pass: each query vector loaded feeds 4 FMAs
   for (int j = 0; j < kKeyTile; j += kKeys) {
@@ -309,6 +312,47 @@ static inline void wide_update(Scratch& s, const float* keys_h, const float* val
       for (int b = 0; b < NB; ++b) store(s.scores[j + i] + b * kLanes, dot[i][b]);
     }
   }
+}
+
+#ifdef __AVX512BF16__
+// wide_scores for bfloat16 pages on CPUs with AVX512-BF16: each vdpbf16ps multiplies two head
+// dimensions (exact bfloat16 products, float32 sums), half the instructions of widening to
+// float32 first, and the keys are read in place. The query is held as pairs of its bfloat16
+// dimensions (unscaled: scaling first would round it again), the scale applied to the scores.
+template <int NB>
+static inline void wide_scores_bf16(Scratch& s, const c10::BFloat16* keys, int64_t stride, int64_t D, float scale) {
+  constexpr int kKeys = 4;
+  for (int j = 0; j < kKeyTile; j += kKeys) {
+    __m512 dot[kKeys][NB];
+    for (int i = 0; i < kKeys; ++i) {
+      for (int b = 0; b < NB; ++b) dot[i][b] = _mm512_setzero_ps();
+    }
+    for (int64_t d2 = 0; d2 < D / 2; ++d2) {
+      __m512bh k[kKeys];
+      for (int i = 0; i < kKeys; ++i) {
+        uint32_t pair;  // dimensions 2 d2 (low half) and 2 d2 + 1
+        std::memcpy(&pair, keys + (j + i) * stride + 2 * d2, sizeof(pair));
+        k[i] = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      }
+      for (int b = 0; b < NB; ++b) {
+        const __m512bh q = (__m512bh)_mm512_loadu_si512(s.wide_qpair(d2) + b * kLanes);
+        for (int i = 0; i < kKeys; ++i) dot[i][b] = _mm512_dpbf16_ps(dot[i][b], q, k[i]);
+      }
+    }
+    for (int i = 0; i < kKeys; ++i) {
+      for (int b = 0; b < NB; ++b) _mm512_storeu_ps(s.scores[j + i] + b * kLanes, _mm512_mul_ps(dot[i][b], _mm512_set1_ps(scale)));
+    }
+  }
+}
+constexpr bool kBf16Pairs = true;
+#else
+constexpr bool kBf16Pairs = false;
+#endif
+
+// The tile's softmax update and values for wide rows, from the scores in s.scores.
+template <int NB>
+static inline void wide_update(Scratch& s, const float* values_h, int64_t D, int64_t key0, int64_t window) {
+  const int64_t stride = s.kv_stride;
   vfloat alpha[NB];
   for (int b = 0; b < NB; ++b) {
     const int rb = b * kLanes;
@@ -396,6 +440,13 @@ void start_rows(const Tensors<T>& t, const Step& st, const WorkItem& item, const
       const int64_t i = item.first + r / G, head = h * G + r % G;
       const int row = static_cast<int>((h - item.head0) * rows.count + r);
       s.pos[row] = static_cast<float>(context_len - query_len + i);  // it sees keys [.., pos]
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (rows.pairs) {
+          const T* src = t.q + (query_start + i) * t.q_row + head * t.q_head;
+          for (int64_t d2 = 0; d2 < D / 2; ++d2) std::memcpy(s.wide_qpair(d2) + row, src + 2 * d2, sizeof(uint32_t));
+          continue;
+        }
+      }
       float* dst = rows.wide ? q : s.q[row];
       to_float(t.q + (query_start + i) * t.q_row + head * t.q_head, dst, D);
       for (int64_t d = 0; d < D; ++d) dst[d] *= st.scale;
@@ -404,9 +455,12 @@ void start_rows(const Tensors<T>& t, const Step& st, const WorkItem& item, const
       }
     }
   }
+  if (rows.pairs) {
+    for (int64_t d2 = 0; d2 < D / 2; ++d2) std::fill(s.wide_qpair(d2) + rows.count, s.wide_qpair(d2) + rows.padded, 0u);
+  }
   if (rows.wide) {
     for (int64_t d = 0; d < D; ++d) {
-      std::fill(s.wide_q(d) + rows.count, s.wide_q(d) + rows.padded, 0.0f);
+      if (!rows.pairs) std::fill(s.wide_q(d) + rows.count, s.wide_q(d) + rows.padded, 0.0f);
       std::fill(s.wide_acc(d), s.wide_acc(d) + rows.padded, 0.0f);
     }
   } else {
@@ -539,6 +593,23 @@ void narrow_item(const Tensors<T>& t, const Step& st, const WorkItem& item, cons
   }
 }
 
+// One key tile for wide rows: scores (from the bfloat16 page in place by vdpbf16ps, or from the
+// tile's float32 copy in s.keys), then the softmax update and the values (s.values).
+template <int NB, typename T>
+void wide_tile(Scratch& s, const Rows& rows, const T* keys, int64_t stride, int64_t D, int64_t key0, const Step& st) {
+#ifdef __AVX512BF16__
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (rows.pairs) {
+      wide_scores_bf16<NB>(s, keys, stride, D, st.scale);
+      wide_update<NB>(s, s.values, D, key0, st.window);
+      return;
+    }
+  }
+#endif
+  wide_scores<NB>(s, s.keys, D);
+  wide_update<NB>(s, s.values, D, key0, st.window);
+}
+
 template <typename T>
 void run_item(const Tensors<T>& t, const Step& st, const WorkItem& item, Scratch& s) {
   const int64_t D = st.head_dim, G = st.num_heads / st.num_kv_heads;
@@ -546,6 +617,7 @@ void run_item(const Tensors<T>& t, const Step& st, const WorkItem& item, Scratch
   rows.count = static_cast<int>((item.last - item.first) * G);
   rows.wide = rows.count >= kWideRows;  // (planned with one KV head per item)
   rows.padded = (rows.count + kLanes - 1) / kLanes * kLanes;
+  rows.pairs = kBf16Pairs && std::is_same_v<T, c10::BFloat16> && rows.wide && D % 2 == 0;
   start_rows(t, st, item, rows, s);
   const int64_t query_len = st.cu_query_lens[item.seq + 1] - st.cu_query_lens[item.seq];
   const int64_t context_len = st.context_lens[item.seq];
@@ -573,13 +645,14 @@ void run_item(const Tensors<T>& t, const Step& st, const WorkItem& item, Scratch
         prefetch_tile(t, cache, table[next / st.block_size], next % st.block_size, item.head0 * D, width_bytes);
       }
     }
-    load_tile(t, t.k, st, item, block, slot0, s, s.keys);
+    const T* keys = t.k + block * t.kv_block + slot0 * t.kv_slot + item.head0 * D;
+    if (!rows.pairs) load_tile(t, t.k, st, item, block, slot0, s, s.keys);
     load_tile(t, t.v, st, item, block, slot0, s, s.values);
     switch (rows.padded / kLanes) {
-      case 1: wide_update<1>(s, s.keys, s.values, D, key0, st.window); break;
-      case 2: wide_update<2>(s, s.keys, s.values, D, key0, st.window); break;
-      case 3: wide_update<3>(s, s.keys, s.values, D, key0, st.window); break;
-      default: wide_update<4>(s, s.keys, s.values, D, key0, st.window); break;
+      case 1: wide_tile<1>(s, rows, keys, t.kv_slot, D, key0, st); break;
+      case 2: wide_tile<2>(s, rows, keys, t.kv_slot, D, key0, st); break;
+      case 3: wide_tile<3>(s, rows, keys, t.kv_slot, D, key0, st); break;
+      default: wide_tile<4>(s, rows, keys, t.kv_slot, D, key0, st); break;
     }
   }
   finish_rows(t, st, item, rows, s);
