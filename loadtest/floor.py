@@ -1,7 +1,9 @@
 """The physical floor of a workload on this machine: the least time any engine could take.
 
 Prefill is compute-bound: 2 FLOPs per weight per prompt token, plus causal attention, at the
-rate of a large matmul measured here. Decode is bound by memory: every decode step reads all
+rate of a large matmul measured here. A prompt's tokens that an earlier prompt of the workload
+already began with are not counted (any engine with a prefix cache skips them: the shared-prefix
+workload's 256-token instruction); its last token always is, since it yields the first output. Decode is bound by memory: every decode step reads all
 the weights once, and each sequence reads its keys and values, at the copy bandwidth measured
 here (or by compute where that is slower, as in float32). The floor is the sum of the two
 phases; an engine's tokens/s over the floor's tokens/s says how much of the machine it uses.
@@ -56,8 +58,12 @@ def workload_floor(checkpoint: Path, workload: Workload, dtype: torch.dtype, mac
     item = torch.finfo(dtype).bits // 8
     kv_bytes_per_token = 2 * layers * kv_size * item
 
-    prompt_tokens = workload.num_prompt_tokens
-    attention_flops = sum(4 * layers * q_size * len(p) ** 2 / 2 for p in workload.prompts)
+    cached = cached_prefix_lens(workload.prompts)
+    prompt_tokens = workload.num_prompt_tokens - sum(cached)
+    # a query at position i attends to i + 1 keys: the cached ones ask for none
+    attention_flops = sum(
+        4 * layers * q_size * (len(p) ** 2 - c**2) / 2 for p, c in zip(workload.prompts, cached, strict=True)
+    )
     prefill_flops = (
         2 * linear_weights * prompt_tokens + attention_flops + 2 * vocab * hidden * len(workload.prompts)
     )
@@ -77,6 +83,23 @@ def workload_floor(checkpoint: Path, workload: Workload, dtype: torch.dtype, mac
         decode_flops / machine.matmul_flops_per_s,
     )
     return Floor(prefill_s, decode_s)
+
+
+def cached_prefix_lens(prompts: list[list[int]]) -> list[int]:
+    """Per prompt, how many of its first tokens an earlier prompt also began with (at most all but
+    its last): what a prefix cache of token granularity could skip, a bound on any engine's."""
+    cached = []
+    for i, prompt in enumerate(prompts):
+        longest = 0
+        for earlier in prompts[:i]:
+            n = 0
+            for a, b in zip(prompt, earlier, strict=False):  # prompts differ in length
+                if a != b:
+                    break
+                n += 1
+            longest = max(longest, n)
+        cached.append(min(longest, len(prompt) - 1))
+    return cached
 
 
 def _best_of(fn, device: str, repeats: int = 5) -> float:
