@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "paged_attention.cpp", CSRC / "fused_ops.cpp"]
-HEADERS = [CSRC / "cpu_common.h"]
+HEADERS = sorted(CSRC.glob("*.h"))  # hashed with the sources: a changed header rebuilds
 KEY_TILE = 16  # the kernel reads pages 16 keys at a time: the page size must be a multiple
 _NO_WINDOW = 0
 
