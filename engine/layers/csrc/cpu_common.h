@@ -30,7 +30,7 @@ static inline uint16_t float_to_bf16(float f) {
 // exp(x) on [-87, 88] (clamped outside) without libm, so that loops calling it vectorise:
 // Cody-Waite reduction by ln 2 (rounding by the 1.5 * 2^23 trick), degree-6 Taylor polynomial on
 // [-ln2/2, ln2/2] (relative error ~1e-7), 2^n through the exponent bits. The attention kernel's
-// 16-lane softmax runs the same steps on vectors (paged_attention.cpp, exp_nonpositive).
+// 16-lane softmax runs the same steps on vectors (attention_vectors.h, exp_nonpositive).
 static inline float exp_approx(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;

@@ -16,7 +16,8 @@
 // prompt tiles do not leave a thread idle at the end of the step.
 //
 // Exact arithmetic: q.k, the softmax and p.v in float32 (the query is pre-multiplied by the
-// scale), the output rounded once to the query's dtype. exp is a polynomial of its own (below),
+// scale; vdpbf16ps prompt scores, exact bfloat16 products summed in float32, are scaled after),
+// the output rounded once to the query's dtype. exp is a polynomial of its own (cpu_common.h),
 // within ~2 ulp of std::exp, written so that the compiler vectorises the softmax loops.
 
 #include <ATen/ATen.h>
