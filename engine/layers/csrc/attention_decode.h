@@ -103,7 +103,7 @@ void narrow_item(const Tensors<T>& t, const Step& st, const WorkItem& item, cons
     const int64_t block = table[key0 / st.block_size], slot0 = key0 % st.block_size;
     if constexpr (kInPlace) {
       stride = t.kv_slot;
-      return cache + block * t.kv_block + slot0 * t.kv_slot + item.head0 * D;
+      return t.at(cache, block, slot0, item.head0 * D);
     } else {
       load_tile(t, cache, st, item, block, slot0, s, copy);
       stride = s.kv_stride;
@@ -119,8 +119,8 @@ void narrow_item(const Tensors<T>& t, const Step& st, const WorkItem& item, cons
   int ahead_key = kKeyTile;  // the key (of 16) and line of it to request next
   int64_t ahead_line = 0;
   const auto prefetch = [&](const T* cache, int64_t key0) {
-    ahead = reinterpret_cast<const char*>(cache + table[key0 / st.block_size] * t.kv_block +
-                                          key0 % st.block_size * t.kv_slot + item.head0 * D);
+    const T* row = t.at(cache, table[key0 / st.block_size], key0 % st.block_size, item.head0 * D);
+    ahead = reinterpret_cast<const char*>(row);
     ahead_key = 0;
     ahead_line = 0;
   };

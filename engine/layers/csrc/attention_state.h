@@ -31,6 +31,11 @@ struct Tensors {
   const T* v;
   int64_t kv_block, kv_slot;  // strides of a block and of a slot (the head stride is D)
   T* out;  // [T, H, D] contiguous
+
+  // Where slot `slot` of block `block` of `cache` (k or v) holds element `column` (head x D + d).
+  const T* at(const T* cache, int64_t block, int64_t slot, int64_t column) const {
+    return cache + block * kv_block + slot * kv_slot + column;
+  }
 };
 
 // Thread-private float32 buffers of one work item. Rows: for each KV head of the item, for each
@@ -72,7 +77,7 @@ template <typename T>
 void prefetch_tile(const Tensors<T>& t, const T* cache, int64_t block, int64_t slot0, int64_t column,
                    int64_t width_bytes) {
   for (int j = 0; j < kKeyTile; ++j) {
-    const char* row = reinterpret_cast<const char*>(cache + block * t.kv_block + (slot0 + j) * t.kv_slot + column);
+    const char* row = reinterpret_cast<const char*>(t.at(cache, block, slot0 + j, column));
     for (int64_t b = 0; b < width_bytes; b += 64) __builtin_prefetch(row + b);
   }
 }
@@ -85,8 +90,7 @@ void load_tile(const Tensors<T>& t, const T* cache, const Step& st, const WorkIt
   const int64_t width = (item.head1 - item.head0) * st.head_dim;
   s.kv_stride = (width + kLanes - 1) / kLanes * kLanes + kLanes;
   for (int j = 0; j < kKeyTile; ++j) {
-    to_float(cache + block * t.kv_block + (slot0 + j) * t.kv_slot + item.head0 * st.head_dim, out + j * s.kv_stride,
-             width);
+    to_float(t.at(cache, block, slot0 + j, item.head0 * st.head_dim), out + j * s.kv_stride, width);
   }
 }
 

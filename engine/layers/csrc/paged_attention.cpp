@@ -141,7 +141,7 @@ void run_item(const Tensors<T>& t, const Step& st, const WorkItem& item, Scratch
         prefetch_tile(t, cache, table[next / st.block_size], next % st.block_size, item.head0 * D, width_bytes);
       }
     }
-    const T* keys = t.k + block * t.kv_block + slot0 * t.kv_slot + item.head0 * D;
+    const T* keys = t.at(t.k, block, slot0, item.head0 * D);
     if (!rows.pairs) load_tile(t, t.k, st, item, block, slot0, s, s.keys);
     load_tile(t, t.v, st, item, block, slot0, s, s.values);
     switch (rows.padded / kLanes) {
