@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from engine import cpu_features
 from engine.config import ATTENTION_BACKENDS, EngineConfig, EngineConfigError
 from engine.layers import attention_backends
 from engine.models import MODEL_REGISTRY
@@ -97,10 +98,7 @@ def resolve_dtype(config: EngineConfig) -> EngineConfig:
 
 
 def has_native_bf16(device: str) -> bool:
-    if device.startswith("cuda"):
-        return True
-    cpu = torch.cpu
-    return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    return device.startswith("cuda") or cpu_features.has_native_bf16()
 
 
 def _model_has_attention_sinks(folder: str) -> bool:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from engine import cpu_features
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
@@ -43,12 +45,12 @@ def _vector_flags() -> tuple[str, list[str]]:
     """The extension's name suffix and compiler flags for this CPU's widest vector ISA that torch
     detects: one build per ISA, so a cache shared by different machines never runs code a CPU
     lacks."""
-    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    capability = cpu_features.vector_isa()  # "AVX512", "AVX2", "DEFAULT", ...
     flags = {
         "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2"],
         "AVX2": ["-mavx2", "-mfma"],
     }.get(capability, [])
-    if capability == "AVX512" and torch.cpu._is_avx512_bf16_supported():
+    if cpu_features.has_avx512_bf16():
         # bfloat16 dot products (vdpbf16ps): prompt attention's scores in half the instructions
         return "avx512bf16", [*flags, "-mavx512bf16"]
     return capability.lower(), flags

@@ -9,6 +9,16 @@ per step. Measured on this project's 2-core AVX512-BF16 machine, one thread, 768
 gains nothing. bfloat16 results are bit-identical to `F.linear`; float32 ones differ in the last
 bits (another summation order), as any BLAS change does.
 
+bfloat16 weights are packed only where oneDNN has a bfloat16 path (AVX-512 or AVX-NE-CONVERT): on
+an AVX2-only CPU the reorder raises. There the weights stay bfloat16 in memory and
+`Bfloat16OnFloat32Method` computes: PyTorch's own bfloat16 matmul (what Transformers runs there)
+is a row-by-row dot product, as fast as float32 for a few rows but 3-5x slower from 8 rows up
+(measured with AVX-512 capped off: 2304x768, 32 rows 2.18 ms vs 0.78 ms widened to float32;
+loadtest/RESULTS.md), so steps of 8 rows or more widen the weight to float32 for the call (MKL's
+sgemm; products exact, sums in float32 as in the bfloat16 matmul, output rounded to bfloat16) and
+smaller ones, where reading the weight's bytes once decides, keep the bfloat16 matmul. The log
+says which path a CPU engine took, once.
+
 Only unquantised LinearBase layers on a CPU engine are packed; quantised methods keep their own
 kernels. The packed weight stays the layer's `weight` parameter (same shape, dtype and size), so
 parameter counts and weight bytes read as before; it is opaque (layout torch._mkldnn), so
@@ -20,10 +30,13 @@ packed copy (as vLLM's CPU path does), which costs vocab x hidden weights more m
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from engine import cpu_features
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import LinearBase
 from engine.quant.base import UNQUANTIZED, LinearMethod
@@ -31,14 +44,18 @@ from engine.quant.base import UNQUANTIZED, LinearMethod
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 _DECODE_ROWS_HINT = 64  # oneDNN picks its blocking for this many rows; any number of rows works
 
+log = logging.getLogger(__name__)
+
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether this torch build can pack `dtype` weights for `device` (CPU with oneDNN only)."""
+    """Whether this torch build and CPU can pack `dtype` weights for `device` (CPU with oneDNN
+    only; bfloat16 only where oneDNN has a bfloat16 path on this CPU)."""
     return (
         device.type == "cpu"
         and dtype in PACKABLE_DTYPES
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and (dtype != torch.bfloat16 or cpu_features.onednn_has_bf16())
     )
 
 
@@ -55,13 +72,33 @@ class OneDNNPackedLinearMethod(LinearMethod):
         return torch.ops.mkldnn._linear_pointwise(x, layer.weight, bias, "none", [], "")
 
 
+class Bfloat16OnFloat32Method(LinearMethod):
+    """bfloat16 weights where oneDNN has no bfloat16 path: float32 arithmetic from 8 rows up."""
+
+    name = "bf16-fp32-compute"
+    MIN_WIDENED_ROWS = 8  # below it, PyTorch's bfloat16 matmul is as fast and reads half the bytes
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _bf16_linear(x, layer.weight, bias)
+
+
+def _bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x.numel() < Bfloat16OnFloat32Method.MIN_WIDENED_ROWS * x.shape[-1]:
+        return F.linear(x, weight, bias)
+    widened_bias = None if bias is None else bias.float()
+    return F.linear(x.float(), weight.float(), widened_bias).to(x.dtype)
+
+
 ONEDNN_PACKED = OneDNNPackedLinearMethod()  # stateless: one instance serves every layer
-FLOAT_METHOD_NAMES = ("none", ONEDNN_PACKED.name)  # a layer with either is a float (unquantised) layer
+BF16_ON_FP32 = Bfloat16OnFloat32Method()
+FLOAT_METHOD_NAMES = ("none", ONEDNN_PACKED.name, BF16_ON_FP32.name)  # a float (unquantised) layer
 
 
 @torch.no_grad()
 def pack_linear_weights(model: nn.Module, device: torch.device, dtype: torch.dtype) -> int:
     """Pack every unquantised linear layer's weight of `model`, and its LM head's; returns how many."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_features.onednn_has_bf16():
+        return _widen_bfloat16_matmuls(model)
     if not can_pack(device, dtype):
         return 0
     lookup_tables = {id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding}
@@ -84,5 +121,35 @@ def pack_linear_weights(model: nn.Module, device: torch.device, dtype: torch.dty
     return packed
 
 
+def _widen_bfloat16_matmuls(model: nn.Module) -> int:
+    """The CPU has no oneDNN bfloat16 path: float bfloat16 layers and the LM head compute through
+    `_bf16_linear` (weights unchanged); returns how many. Logged once per process."""
+    changed = 0
+    for module in model.modules():
+        if (
+            isinstance(module, LinearBase)
+            and module.quant_method is UNQUANTIZED
+            and module.weight.dtype == torch.bfloat16
+        ):
+            module.quant_method = BF16_ON_FP32
+            changed += 1
+        elif isinstance(module, ParallelLMHead) and module.weight.dtype == torch.bfloat16:
+            module.matmul = functools.partial(_bf16_linear, weight=module.weight)
+            changed += 1
+    _log_bfloat16_path()
+    return changed
+
+
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@functools.cache
+def _log_bfloat16_path() -> None:
+    log.info(
+        "bfloat16 linear layers: oneDNN has no bfloat16 path on this CPU (%s; it needs AVX-512 or "
+        "AVX-NE-CONVERT): weights stay bfloat16, steps of %d rows or more compute in float32, "
+        "smaller ones in PyTorch's bfloat16 matmul",
+        cpu_features.describe(),
+        Bfloat16OnFloat32Method.MIN_WIDENED_ROWS,
+    )

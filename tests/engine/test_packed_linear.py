@@ -1,14 +1,19 @@
-"""CPU linear weights packed once by oneDNN compute what F.linear computes, and only where they should."""
+"""CPU linear weights packed once by oneDNN compute what F.linear computes, and only where they should;
+where oneDNN has no bfloat16 path (AVX2-only CPUs) bfloat16 layers stay plain and still compute it.
+
+The bfloat16 packing tests assert what this CPU supports (`cpu_features.onednn_has_bf16`); the
+AVX2 path is tested on every machine by turning that feature off."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from engine import EngineConfig, LLMEngine, SamplingParams
+from engine import EngineConfig, LLMEngine, SamplingParams, cpu_features
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import LinearBase, ReplicatedLinear
-from engine.layers.packed_linear import ONEDNN_PACKED, can_pack, pack_linear_weights
+from engine.layers.packed_linear import BF16_ON_FP32, ONEDNN_PACKED, can_pack, pack_linear_weights
 from engine.quant.base import UNQUANTIZED, LinearMethod
 
 pytestmark = pytest.mark.skipif(
@@ -26,14 +31,41 @@ def _layer(dtype: torch.dtype, bias: bool) -> ReplicatedLinear:
     return layer
 
 
+@pytest.fixture
+def no_onednn_bf16(monkeypatch):
+    """This CPU as an AVX2-only one is for the bfloat16 linears: oneDNN without a bfloat16 path."""
+    monkeypatch.setattr(cpu_features, "onednn_has_bf16", lambda: False)
+
+
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_packed_bfloat16_layer_gives_exactly_what_f_linear_gives(bias):
+def test_a_bfloat16_layer_is_packed_exactly_where_onednn_computes_bfloat16(bias):
     layer = _layer(torch.bfloat16, bias)
     x = torch.randn(3, 7, 96, dtype=torch.bfloat16)  # any leading shape, any number of rows
     expected = layer(x)
     assert pack_linear_weights(layer, torch.device("cpu"), torch.bfloat16) == 1
-    assert layer.quant_method is ONEDNN_PACKED and layer.weight.is_mkldnn
-    assert torch.equal(layer(x), expected)
+    if cpu_features.onednn_has_bf16():
+        assert layer.quant_method is ONEDNN_PACKED and layer.weight.is_mkldnn
+        assert torch.equal(layer(x), expected)
+    else:  # an AVX2-only CPU: the reorder would raise
+        assert layer.quant_method is BF16_ON_FP32 and not layer.weight.is_mkldnn
+        torch.testing.assert_close(layer(x), expected, rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 300])
+def test_without_onednn_bfloat16_a_layer_keeps_its_weight_and_rounds_a_float32_product(no_onednn_bf16, rows):
+    layer = _layer(torch.bfloat16, bias=True)
+    weight = layer.weight.detach().clone()
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    plain = torch.nn.functional.linear(x, weight, layer.bias)
+    assert pack_linear_weights(layer, torch.device("cpu"), torch.bfloat16) == 1
+    assert layer.quant_method is BF16_ON_FP32 and torch.equal(layer.weight, weight)  # bfloat16 storage
+    if rows < BF16_ON_FP32.MIN_WIDENED_ROWS:  # PyTorch's own bfloat16 matmul: what Transformers runs
+        assert torch.equal(layer(x), plain)
+    else:  # exact products, float32 sums, one rounding to bfloat16
+        exact = torch.nn.functional.linear(x.double(), weight.double(), layer.bias.double())
+        assert layer(x).dtype == torch.bfloat16
+        # within one bfloat16 rounding (half a unit in the last place: 2^-8 relative) of the exact result
+        torch.testing.assert_close(layer(x).double(), exact, rtol=2**-8 + 1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 64, 300])
@@ -45,11 +77,12 @@ def test_a_packed_float32_layer_matches_f_linear_to_the_last_bits(rows):
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_packing_keeps_the_weight_shape_dtype_and_byte_count():
-    layer = _layer(torch.bfloat16, bias=False)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packing_keeps_the_weight_shape_dtype_and_byte_count(dtype):
+    layer = _layer(dtype, bias=False)
     shape, nbytes = layer.weight.shape, layer.quant_method.weight_bytes(layer)
-    pack_linear_weights(layer, torch.device("cpu"), torch.bfloat16)
-    assert layer.weight.shape == shape and layer.weight.dtype == torch.bfloat16
+    pack_linear_weights(layer, torch.device("cpu"), dtype)
+    assert layer.weight.shape == shape and layer.weight.dtype == dtype
     assert layer.quant_method.weight_bytes(layer) == nbytes
 
 
@@ -60,6 +93,7 @@ def test_quantised_layers_and_other_devices_or_dtypes_are_left_alone():
     quantised = _layer(torch.float32, bias=False)
     quantised.quant_method = Int8Like()
     assert pack_linear_weights(quantised, torch.device("cpu"), torch.float32) == 0
+    assert pack_linear_weights(quantised.to(torch.bfloat16), torch.device("cpu"), torch.bfloat16) == 0
     assert pack_linear_weights(_layer(torch.float16, False), torch.device("cpu"), torch.float16) == 0
     assert not can_pack(torch.device("cuda"), torch.bfloat16)
 
@@ -95,3 +129,29 @@ def test_a_cpu_engine_packs_its_linear_layers_unless_told_not_to(tiny_checkpoint
                 o.token_ids for o in engine.generate([[1, 7, 9, 11, 13]], params, use_tqdm=False)
             ]
     assert outputs[True] == outputs[False]
+
+
+@pytest.mark.parametrize("onednn_bf16", [True, False], ids=["onednn-bf16", "avx2-like"])
+def test_a_bfloat16_cpu_engine_starts_and_its_greedy_tokens_equal_transformers(
+    tiny_checkpoint, monkeypatch, onednn_bf16
+):
+    if onednn_bf16 and not cpu_features.onednn_has_bf16():
+        pytest.skip(f"oneDNN has no bfloat16 path on this CPU ({cpu_features.describe()})")
+    monkeypatch.setattr(cpu_features, "onednn_has_bf16", lambda: onednn_bf16)
+    prompts = [[1, 7, 9, 11, 13], [1, *range(20, 52)]]  # 5 and 33 rows: both bfloat16 paths
+    reference = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).eval()
+    reference.generation_config.eos_token_id = None  # EOS an ordinary token, as with ignore_eos
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = reference.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8, pad_token_id=0
+            )
+            expected.append(out[0, len(prompt) :].tolist())
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    with LLMEngine(EngineConfig(model=str(tiny_checkpoint), dtype="bfloat16")) as engine:
+        methods = _linear_methods(engine)
+        outputs = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
+    assert methods == ({ONEDNN_PACKED} if onednn_bf16 else {BF16_ON_FP32})
+    assert outputs == expected

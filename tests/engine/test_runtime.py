@@ -20,12 +20,19 @@ from engine.runtime import Runtime, resolve_dtype, resolve_runtime
 
 
 @pytest.mark.parametrize(
-    ("avx512_bf16", "amx", "expected"),
-    [(True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")],
+    ("isa", "avx512_bf16", "amx", "expected"),
+    [
+        ("AVX512", True, False, "bfloat16"),
+        ("AVX512", False, True, "bfloat16"),
+        ("AVX512", False, False, "float32"),
+        ("AVX2", False, False, "float32"),
+        ("AVX2", True, True, "float32"),  # AVX-512 capped off (ATEN_CPU_CAPABILITY=avx2): as an AVX2 CPU
+    ],
 )
 def test_dtype_auto_is_bfloat16_where_the_cpu_computes_it_natively(
-    tiny_checkpoint, monkeypatch, avx512_bf16, amx, expected
+    tiny_checkpoint, monkeypatch, isa, avx512_bf16, amx, expected
 ) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert resolve_dtype(EngineConfig(model=str(tiny_checkpoint))).dtype == expected
