@@ -7,6 +7,10 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 	command -v $$p >/dev/null && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
 	&& { echo $$p; break; }; done)
 STAMP := $(VENV)/.sluice-installed
+# Every wheel the venv installs is downloaded once, here; the container images the tests build
+# install from the same folder (tests/deploy/podman.py), so PyTorch is downloaded once, not thrice.
+WHEELS := build/wheels
+MAKE_STARTED := $(shell date +%s)
 KAFKA := deploy/kafka/kafka.sh
 PYTEST_ARGS ?= -v
 
@@ -19,7 +23,8 @@ $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or newer is needed on PATH" >&2; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip download --quiet --dest $(WHEELS) '.[test]' 'setuptools>=77'
+	$(PY) -m pip install --quiet --find-links $(WHEELS) -e '.[test]'
 	@touch $(STAMP)
 
 # With SLUICE_KAFKA_BOOTSTRAP set, Sluice uses that cluster and no local broker is started.
@@ -36,13 +41,16 @@ browser:
 	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null; }
 
 # Starts the broker if it is not running, runs lint and the whole suite, stops the broker it
-# started (also on failure or Ctrl-C), and exits with the suite's code.
+# started (also on failure or Ctrl-C), and exits with the suite's code. Where the time went is
+# printed at the end: the set-up, the 15 slowest tests and the container image builds.
 test: venv browser observe-tools
-	@started=0; \
+	@echo "set-up (venv, browser, observe tools): $$(( $$(date +%s) - $(MAKE_STARTED) )) s"
+	@started=0; suite=$$(date +%s); \
 	if ! $(KAFKA) status >/dev/null 2>&1; then $(KAFKA) start || exit 1; started=1; fi; \
 	trap '[ $$started = 1 ] && $(KAFKA) stop' EXIT; \
 	$(PY) -m ruff check . && $(PY) -m ruff format --check . && lint=0 || lint=$$?; \
-	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	echo "make test: set-up $$(( suite - $(MAKE_STARTED) )) s, suite $$(( $$(date +%s) - suite )) s"; \
 	[ $$rc -ne 0 ] || rc=$$lint; exit $$rc
 
 lint: venv

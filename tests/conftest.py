@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,18 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(no_gpu)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Where the image builds' time went (tests/deploy/podman.py times each), beside --durations."""
+    podman = sys.modules.get("tests.deploy.podman")
+    if podman is None or not podman.BUILD_TIMES:
+        return
+    terminalreporter.write_sep("=", "container image builds")
+    for image, outcome, seconds in podman.BUILD_TIMES:
+        terminalreporter.write_line(f"{seconds:8.1f}s {outcome:7} {image}")
+    total = sum(seconds for _, _, seconds in podman.BUILD_TIMES)
+    terminalreporter.write_line(f"{total:8.1f}s in all")
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,10 @@ from tests.deploy.observe_stack import (
 )
 from tests.service.conftest import KafkaClient
 
-pytestmark = pytest.mark.slow
+# The first test here builds the stack's images (each image once per run: tests/deploy/podman.py),
+# on a fresh machine from nothing, podman.BUILD_TIMEOUT_S each at most: the suite's 600 s would cut
+# it off. Two of the four (Kafka, Sluice CPU) are shared with tests/deploy/test_images.py.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2 * podman.BUILD_TIMEOUT_S + 900)]
 
 PORTS = {
     "KAFKA_HOST_PORT": "39194",

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from service.config import ServiceConfig, environment_variables
+from tests.deploy import podman
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
@@ -73,9 +74,32 @@ def test_the_image_runs_the_service_entry_point_as_a_non_root_user(dockerfile):
     assert [k for k, _ in stage].index("USER") > max(i for i, (k, _) in enumerate(stage) if k == "RUN")
     assert any(k == "COPY" and "--from=build" in args for k, args in stage)
     assert any(
-        k == "RUN" and "pip install" in args and args.rstrip().endswith(".")
+        k == "RUN" and "pip wheel" in args and args.rstrip().endswith(" .")
         for k, args in instructions(dockerfile)
     )
+    assert any(k == "RUN" and "pip install --no-cache-dir --no-deps /tmp/dist/" in args for k, args in stage)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_heavy_layers_come_before_the_projects_sources(dockerfile):
+    """PyTorch, then the other dependencies (from pyproject.toml alone), then our code: a change of
+    our code rebuilds the wheel and the last layer, never the gigabytes of PyTorch."""
+    steps = instructions(dockerfile)
+    torch_install = next(
+        i for i, (k, args) in enumerate(steps) if k == "RUN" and args.rstrip().endswith(" torch")
+    )
+    first_source = next(
+        i
+        for i, (k, args) in enumerate(steps)
+        if k == "COPY" and "--from=" not in args and {"engine", "schemas", "service"} & set(args.split())
+    )
+    stages = [i for i, (k, _) in enumerate(steps) if k == "FROM"]
+    deps_stage = steps[stages[0] : stages[1]]
+    assert torch_install < stages[1] < first_source
+    assert [args for k, args in deps_stage if k == "COPY"] == ["pyproject.toml /src/pyproject.toml"]
+    stage = final_stage(dockerfile)
+    assert stage[0] == ("FROM", "deps")  # the service is the deps stage itself: its gigabytes not copied
+    assert [args for k, args in stage if k == "COPY"] == ["--from=build /dist /tmp/dist"]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -99,9 +123,14 @@ def test_the_cuda_image_runs_on_cuda_with_the_model_from_the_mounted_folder():
     assert "nvidia/cuda:" in base and "runtime" in base
 
 
-def test_docker_context_leaves_out_the_virtual_environment_and_build_output():
-    ignored = (REPO_ROOT / ".dockerignore").read_text().split()
-    assert {".venv", "build", ".git"} <= set(ignored)
+def test_docker_context_holds_only_what_the_images_install_and_the_harness_hashes():
+    rules = [
+        line for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"
+    ]
+    assert rules[0] == "*"  # nothing unless let through: no venv, build output, tests or git history
+    let_through = {rule[1:] for rule in rules if rule.startswith("!")}
+    assert let_through == {path.name for path in podman.SLUICE_SOURCES}
+    assert {"**/__pycache__", "**/*.pyc"} <= set(rules)
 
 
 def _compose_validator() -> jsonschema.Draft201909Validator:

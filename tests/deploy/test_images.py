@@ -21,7 +21,9 @@ from aiokafka.errors import KafkaError
 from tests.deploy import podman
 from tests.service.conftest import KafkaClient
 
-pytestmark = pytest.mark.slow
+# On a fresh machine the first test here builds the Kafka and Sluice CPU images from nothing
+# (podman.BUILD_TIMEOUT_S each at most), then runs for minutes: the suite's 600 s would cut it off.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2 * podman.BUILD_TIMEOUT_S + 600)]
 
 R = podman.REPO_ROOT
 KAFKA_PORT = 39092
@@ -78,15 +80,10 @@ def test_two_sluice_containers_answer_every_job_when_one_is_killed_mid_burst(ima
     assert podman.podman("inspect", "-f", "{{.State.Running}}", sluices[1]).stdout.strip() == "true"
 
 
-def test_cuda_image_builds_with_torch_built_for_cuda(images):
+def test_cuda_image_builds_with_torch_built_for_cuda():
     """Built on the Debian base, not run as a service: there is no GPU here."""
-    tag = podman.build(
-        "sluice-cuda",
-        R / "deploy" / "Dockerfile",
-        R,
-        [R / "deploy" / "Dockerfile", *podman.SLUICE_SOURCES],
-        base_arg="CUDA_IMAGE",
-    )
+    podman.ensure_tools()
+    tag = podman.sluice_cuda_image()
     probe = "import torch, service; print(torch.version.cuda)"
     result = podman.podman("run", "--rm", *podman.ULIMITS, "--entrypoint", "python3", tag, "-c", probe)
     assert result.stdout.strip(), result.stderr  # a CUDA build of torch: its CUDA version
