@@ -86,6 +86,6 @@ def test_a_remote_rank_that_dies_fails_the_engine_instead_of_hanging_it(
             with pytest.raises(EngineDeadError, match="a step of the parallel engine failed"):
                 while engine.has_unfinished_requests():
                     engine.step()
-            assert time.monotonic() - start < 10.0
+            assert time.monotonic() - start < 60.0  # the watcher's error, not the 300 s timeout
     finally:
         remote.kill()

@@ -192,6 +192,8 @@ async def test_tokenising_a_long_prompt_leaves_the_event_loop_free(tiny_engine):
     started = time.monotonic()
     outcome = await handler.handle(job, [], 0, "jobs/0/7")
     beating.cancel()
-    assert time.monotonic() - started > 0.2  # it did tokenise, for a while, then refused the length
-    assert outcome.result.failure.message.startswith("the prompt has 500004 tokens")
-    assert max(lags) < 0.1
+    tokenising = time.monotonic() - started
+    assert outcome.result.failure.message.startswith("the prompt has 500004 tokens")  # it did tokenise
+    # Relative to this machine's own speed: the loop kept beating while the prompt was tokenised,
+    # never stalled for a large part of it (a blocked loop would stall for all of it).
+    assert lags and max(lags) < tokenising / 2
