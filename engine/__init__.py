@@ -9,7 +9,7 @@ from engine.input_processor import RequestRejected
 from engine.llm_engine import LLMEngine
 from engine.outputs import OutputLogprob, RequestMetrics, RequestOutput
 from engine.pooling import PoolingParams
-from engine.sampling_params import SamplingParams, StructuredOutputs
+from engine.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs
 from engine.stats import EngineStats
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "RequestOutput",
     "RequestRejected",
     "SamplingParams",
+    "SamplingParamsError",
     "StructuredOutputs",
     "WorkerDiedError",
     "ensure_demo_checkpoint",

@@ -21,12 +21,14 @@ MAX_PRIORITY = 1000  # priorities lie in [-MAX_PRIORITY, MAX_PRIORITY], so that 
 class RequestRejected(ValueError):
     """The request cannot run on this engine (too long, bad token ids); nothing was queued.
 
-    `code` names the kind of problem for callers that report it (the service's error codes).
+    `code` names the kind of problem for callers that report it (the service's error codes),
+    `param` the parameter at fault where one is (None: the prompt itself).
     """
 
-    def __init__(self, message: str, code: str = "invalid_prompt") -> None:
+    def __init__(self, message: str, code: str = "invalid_prompt", param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.param = param  # the request parameter at fault, where there is one
 
 
 @dataclass(slots=True)
@@ -116,6 +118,7 @@ class InputProcessor:
             raise RequestRejected(
                 f"token ids {bad[:5]} of logit_bias are outside the vocabulary [0, {self.vocab_size})",
                 code="invalid_request",
+                param="logit_bias",
             )
         if params.min_tokens == 0:
             return params

@@ -51,6 +51,15 @@ class StructuredOutputs:
             raise ValueError(f"json must be a JSON schema object, got {type(self.json).__name__}")
 
 
+class SamplingParamsError(ValueError):
+    """A value SamplingParams refuses; `field` names the parameter (the service reports it as the
+    error's `param`)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -83,38 +92,51 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise SamplingParamsError("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            raise SamplingParamsError(
+                "min_tokens",
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
             )
         for token_id, bias in (self.logit_bias or {}).items():
             if not isinstance(token_id, int) or token_id < 0:
-                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {token_id!r}")
+                raise SamplingParamsError(
+                    "logit_bias", f"logit_bias keys must be token ids (ints >= 0), got {token_id!r}"
+                )
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
-                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}")
+                raise SamplingParamsError(
+                    "logit_bias", f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}"
+                )
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise SamplingParamsError("n", f"n must be >= 1, got {self.n}")
         if self.best_of is not None and self.best_of < self.n:
-            raise ValueError(f"best_of must be >= n, got n={self.n} and best_of={self.best_of}")
+            raise SamplingParamsError(
+                "best_of", f"best_of must be >= n, got n={self.n} and best_of={self.best_of}"
+            )
         if not self.temperature >= 0:  # NaN too
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise SamplingParamsError("temperature", f"temperature must be >= 0, got {self.temperature}")
         if self.temperature < GREEDY_TEMPERATURE:
             self.temperature = 0.0
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SamplingParamsError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (off) or >= 0, got {self.top_k}")
+            raise SamplingParamsError("top_k", f"top_k must be -1 (off) or >= 0, got {self.top_k}")
         if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise SamplingParamsError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise SamplingParamsError(
+                "repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}"
+            )
         if self.is_greedy and self.num_samples > 1:
             # vLLM's rule: greedy samples would all be the same
             name = "n" if self.best_of is None else "best_of"
-            raise ValueError(f"{name} must be 1 when using greedy sampling, got {self.num_samples}")
+            raise SamplingParamsError(
+                name, f"{name} must be 1 when using greedy sampling, got {self.num_samples}"
+            )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}")
+            raise SamplingParamsError(
+                "logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}"
+            )
 
     @property
     def num_samples(self) -> int:

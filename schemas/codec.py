@@ -88,7 +88,7 @@ def decode_job_envelope(data: bytes, content_type: str | None = None) -> BatchRe
                 f"{url} is not served here; only {CHAT_URL}, {COMPLETIONS_URL} and {EMBEDDINGS_URL}",
                 "url",
             ) from None
-        raise
+        raise JobDecodeError(e.code, e.message, _envelope_param(e.message)) from None
 
 
 # endpoints of OpenAI's batch API that Sluice does not serve: refused by name, not as a bad url
@@ -141,10 +141,20 @@ def decode_result(data: bytes, content_type: str | None = None) -> BatchResponse
     return BatchResponseLine(id=raw.id, custom_id=raw.custom_id, response=response, error=raw.error)
 
 
+def _envelope_param(message: str) -> str | None:
+    """The line's field a msgspec message names: `... - at `$.method`` or `... required field `url``."""
+    _, sep, path = message.rpartition(" - at `$.")
+    if sep:
+        return path.rstrip("`").split(".")[0].split("[")[0] or None
+    _, sep, name = message.rpartition("required field `")
+    return name.rstrip("`") or None if sep else None
+
+
 def _param_of(message: str) -> str | None:
-    """`$.body.messages[0].role` in a msgspec message -> `messages[0].role`."""
+    """`$.body.messages[0].role` in a msgspec message -> `messages[0].role`; a mapping's value
+    (`$.body.logit_bias[...]`) -> the mapping's field, `logit_bias`."""
     _, sep, path = message.rpartition(" - at `$.body")
-    return path.rstrip("`").lstrip(".") or None if sep else None
+    return path.rstrip("`").lstrip(".").replace("[...]", "") or None if sep else None
 
 
 def _decode(decoder, data: bytes, codec_name: str):

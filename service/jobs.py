@@ -261,7 +261,7 @@ def _error_line(custom_id: str, ref: str, error: Exception) -> BatchResponseLine
         case TranslationError():
             return to_error_line(custom_id, error.code, error.message, error.status_code, error.param)
         case RequestRejected():  # invalid_prompt; invalid_structured_output: a bad schema/regex
-            return to_error_line(custom_id, error.code, str(error))
+            return to_error_line(custom_id, error.code, str(error), param=error.param)
         case EngineDeadError():
             raise error
     log.error("job %s failed in the engine", ref, exc_info=error)

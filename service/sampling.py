@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from engine import SamplingParams, StructuredOutputs
+from engine import SamplingParams, SamplingParamsError, StructuredOutputs
 from schemas.openai import ChatCompletionRequest, CompletionRequest
 from service.fields import TranslationError
 from service.tools import ToolError, tool_constraint
@@ -57,10 +57,22 @@ def sampling_params(
             skip_special_tokens=body.skip_special_tokens and not _keeps_tags(body, reasoning_parser),
             include_stop_str_in_output=body.include_stop_str_in_output,
         )
+    except SamplingParamsError as e:
+        raise TranslationError("invalid_request", str(e), param=_wire_name(e.field, body)) from None
     except ValueError as e:
         raise TranslationError("invalid_request", str(e)) from None
     _check_greedy_choice(body, params)
     return params
+
+
+def _wire_name(field: str, body: ChatCompletionRequest | CompletionRequest) -> str:
+    """The request field behind a SamplingParams field: the same name, but for the number of
+    alternatives (chat asks for it as top_logprobs) and the output limit (max_completion_tokens)."""
+    if field == "logprobs" and isinstance(body, ChatCompletionRequest):
+        return "top_logprobs"
+    if field == "max_tokens" and getattr(body, "max_completion_tokens", None) is not None:
+        return "max_completion_tokens"
+    return field
 
 
 def _pick(value, defaults: Mapping[str, float | int], name: str, fallback):
@@ -156,7 +168,9 @@ def _structured_outputs(body: ChatCompletionRequest | CompletionRequest) -> Stru
     elif fmt is not None and fmt.type == "json_schema":
         if fmt.json_schema is None or fmt.json_schema.schema is None:
             raise TranslationError(
-                "invalid_request", 'response_format json_schema needs `json_schema: {"schema": {...}}`'
+                "invalid_request",
+                'response_format json_schema needs `json_schema: {"schema": {...}}`',
+                param="response_format.json_schema",
             )
         given.append(("response_format", {"json": fmt.json_schema.schema}))
     given = [
@@ -166,7 +180,9 @@ def _structured_outputs(body: ChatCompletionRequest | CompletionRequest) -> Stru
         return None
     if len(given) > 1:
         names = ", ".join(field for field, _ in given)
-        raise TranslationError("invalid_request", f"give at most one output constraint; got {names}")
+        raise TranslationError(  # the second one given is the one too many
+            "invalid_request", f"give at most one output constraint; got {names}", param=given[1][0]
+        )
     field, kwargs = given[0]
     try:
         return StructuredOutputs(**kwargs)

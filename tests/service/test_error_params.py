@@ -1,0 +1,82 @@
+"""Every invalid_request error names its field as OpenAI's error `param` does: a user comparing
+our answers with OpenAI's or vLLM's sees which field to fix, whichever layer refused it (the
+envelope's decoder, the translation to SamplingParams, the engine's vocabulary check).
+
+Each job goes through the JobHandler on the tiny engine, as a job from Kafka does."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from engine.async_engine import AsyncLLMEngine
+from service.batcher import DynamicBatcher
+from service.jobs import JobHandler
+
+
+@pytest.fixture
+async def refuse(tiny_engine):
+    engine = AsyncLLMEngine(tiny_engine)
+    engine.start()
+    handler = JobHandler(DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), "tiny", 8)
+
+    async def run(body: dict, url: str = "/v1/completions", **envelope):
+        base = {"prompt": "hello"} if url == "/v1/completions" else {}
+        job = {"custom_id": "j", "url": url, "body": {**base, "max_tokens": 4, **body}, **envelope}
+        outcome = await handler.handle(json.dumps(job).encode(), [], int(time.time() * 1000), "jobs/0/1")
+        response = outcome.result.response
+        assert response is not None and response.status_code == 400, outcome.result
+        return response.body.error
+
+    yield run
+    await engine.stop()
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"logit_bias": {"-5": 1}}, "logit_bias"),  # SamplingParams: a negative token id
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),  # the engine: outside the vocabulary
+        ({"logit_bias": {"7": 1000}}, "logit_bias"),  # the schema: a value past 100
+        ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),  # SamplingParams: above max_tokens
+        ({"top_p": 0}, "top_p"),  # the schema's bounds
+        ({"min_p": 2}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"guided_choice": ["a", "b"], "guided_regex": "a+"}, "guided_regex"),  # the second constraint
+    ],
+    ids=[
+        "negative-logit-bias-key",
+        "out-of-vocabulary-logit-bias-key",
+        "logit-bias-value",
+        "min-tokens-above-max",
+        "top-p",
+        "min-p",
+        "repetition-penalty",
+        "two-constraints",
+    ],
+)
+async def test_a_completion_refused_for_a_value_names_the_field(refuse, body, param):
+    error = await refuse(body)
+    assert error.code == "invalid_request" and error.param == param
+    assert param in error.message
+
+
+async def test_a_json_schema_format_without_a_schema_names_it(refuse):
+    error = await refuse(
+        {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}},
+        url="/v1/chat/completions",
+    )
+    assert error.param == "response_format.json_schema"
+
+
+async def test_chat_top_logprobs_out_of_range_names_top_logprobs(refuse):
+    body = {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 10_000}
+    error = await refuse(body, url="/v1/chat/completions")
+    assert error.param == "top_logprobs"
+
+
+async def test_a_method_other_than_post_names_method(refuse):
+    error = await refuse({}, method="GET")
+    assert error.code == "invalid_request" and error.param == "method"
