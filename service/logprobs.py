@@ -45,9 +45,18 @@ def completion_logprobs(
     return CompletionLogprobs(
         tokens=[text[lp.token_id] for lp in logprobs],
         token_logprobs=[lp.logprob for lp in logprobs],
-        top_logprobs=[{text[tid]: value for tid, value in lp.top} for lp in logprobs],
+        top_logprobs=[_top_with_sampled(lp, text) for lp in logprobs],
         text_offset=offsets,
     )
+
+
+def _top_with_sampled(lp: OutputLogprob, text: dict[int, str]) -> dict[str, float]:
+    """A completion token's alternatives with the sampled token always among them, first: up to
+    `logprobs` + 1 entries, as OpenAI and vLLM give them (`logprobs: 0` gives the sampled one)."""
+    top = {text[lp.token_id]: lp.logprob}
+    for token_id, value in lp.top:
+        top.setdefault(text[token_id], value)
+    return top
 
 
 def token_bytes(tokenizer, token_id: int) -> list[int]:

@@ -122,3 +122,15 @@ async def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(handle, tin
     tokens = body.choices[0].logprobs.tokens
     assert all(t.startswith("token_id:") for t in tokens)
     assert tiny_engine.tokenizer.decode([int(t[9:]) for t in tokens]) == body.choices[0].text
+
+
+@pytest.mark.parametrize("alternatives", [0, 1, 3])
+async def test_completion_top_logprobs_always_hold_the_sampled_token(handle, alternatives) -> None:
+    """OpenAI and vLLM: each position's top_logprobs has the sampled token, and up to `logprobs`
+    others (`logprobs: 0` gives the sampled token alone, not an empty object)."""
+    body = await handle({"logprobs": alternatives, "temperature": 1.0, "seed": 3, "ignore_eos": True})
+    lp = body.choices[0].logprobs
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top[token] == logprob
+        assert 1 <= len(top) <= alternatives + 1
+        assert next(iter(top)) == token  # the sampled token first
