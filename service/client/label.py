@@ -97,7 +97,7 @@ async def run_label(args: argparse.Namespace, config: ServiceConfig) -> int:
         output,
         args.output.with_name(args.output.name + ".run"),
         items,
-        lambda key, row_id, result: label_record(row_id, result, with_logprobs),
+        lambda key, row_id, result: label_record(row_id, result, args.save_logprobs),
         _failure_record,
         lambda: output.labels,
     )

@@ -212,12 +212,13 @@ class LabelOutput(_KeyedOutput):
         return str(record["error"]) if record.get("error") else None
 
 
-def label_record(row_id: Any, result: BatchResponseLine, with_logprobs: bool = False) -> dict[str, Any]:
-    """A result line -> the row's output record."""
+def label_record(row_id: Any, result: BatchResponseLine, logprobs: int | None = None) -> dict[str, Any]:
+    """A result line -> the row's output record; `logprobs`: the alternatives a token's record
+    keeps (None: no logprobs column)."""
     info = read_result(result)
     record = {"row_id": row_id, "label": info.text, "probabilities": info.probabilities, "error": info.error}
-    if with_logprobs:
-        record["logprobs"] = token_logprobs(result)
+    if logprobs is not None:
+        record["logprobs"] = token_logprobs(result, logprobs)
     return record
 
 

@@ -46,9 +46,13 @@ def read_result(result: BatchResponseLine) -> ResultInfo:
     return ResultInfo(text, probabilities, None, body.usage.completion_tokens)
 
 
-def token_logprobs(result: BatchResponseLine) -> list[dict[str, Any]] | None:
+def token_logprobs(result: BatchResponseLine, alternatives: int | None = None) -> list[dict[str, Any]] | None:
     """Every generated token's log-probability and its top alternatives, from either endpoint's shape:
-    `[{"token", "logprob", "top": [[token, logprob], ...]}]` (the teacher signal for distillation)."""
+    `[{"token", "logprob", "top": [[token, logprob], ...]}]` (the teacher signal for distillation).
+
+    `alternatives`: how many the job asked for. A completion's top_logprobs also hold the sampled
+    token (OpenAI's and vLLM's shape: up to N + 1 entries); `top` keeps the N best of them, best
+    first, as chat's alternatives are."""
     body = _completion(result)
     match body.choices[0].logprobs if body is not None and body.choices else None:
         case ChatLogprobs(content=tokens):  # chat: one entry per token
@@ -63,10 +67,15 @@ def token_logprobs(result: BatchResponseLine) -> list[dict[str, Any]] | None:
         case CompletionLogprobs() as logprobs:  # completions: parallel lists
             tops = logprobs.top_logprobs or [{}] * len(logprobs.tokens)
             return [
-                {"token": token, "logprob": logprob, "top": [list(a) for a in (top or {}).items()]}
+                {"token": token, "logprob": logprob, "top": _best(top or {}, alternatives)}
                 for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, tops, strict=False)
             ]
     return None
+
+
+def _best(top: dict[str, float], alternatives: int | None) -> list[list[Any]]:
+    ranked = sorted(top.items(), key=lambda item: -item[1])
+    return [list(item) for item in ranked[:alternatives]]
 
 
 def _completion(result: BatchResponseLine) -> ChatCompletion | TextCompletion | None:

@@ -165,6 +165,17 @@ def test_token_logprobs_read_the_same_from_both_endpoints_shapes():
     assert token_logprobs(to_error_line("x", "invalid_prompt", "too long")) is None
 
 
+def test_a_completions_sampled_token_is_kept_as_an_alternative_only_when_among_the_best():
+    """Completions' top_logprobs hold the sampled token too (up to N + 1 entries); a record keeps
+    the N best, best first, as chat's alternatives are."""
+    outside = CompletionLogprobs(
+        tokens=["c"], token_logprobs=[-3.0], top_logprobs=[{"c": -3.0, "a": -0.1, "b": -1.0}]
+    )
+    among = CompletionLogprobs(tokens=["b"], token_logprobs=[-1.0], top_logprobs=[{"b": -1.0, "a": -0.1}])
+    assert token_logprobs(_ok("c", logprobs=outside), 2)[0]["top"] == [["a", -0.1], ["b", -1.0]]
+    assert token_logprobs(_ok("b", logprobs=among), 2)[0]["top"] == [["a", -0.1], ["b", -1.0]]
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_output_reloads_done_rows_and_cuts_a_torn_last_line(tmp_path, fmt):
     path = tmp_path / f"out.{fmt}"
