@@ -124,7 +124,7 @@ _TABLE = """
 | `sluice_deadline_ms` | both | honoured | Sluice's: Unix ms after which the job is not run |
 | `messages` | chat | honoured | text content (parts joined with newlines), `name`, assistant `tool_calls`, tool `tool_call_id`; other part types refused |
 | `max_completion_tokens` | chat | honoured | |
-| `logprobs` | both | honoured | chat: true/false; completions: the number of alternatives |
+| `logprobs` | both | honoured | chat: true/false; completions: the number of alternatives (each position's `top_logprobs` also holds the sampled token, first: up to N+1 entries, as OpenAI and vLLM give them; `0` gives the sampled token alone) |
 | `top_logprobs` | chat | honoured | needs `logprobs: true` |
 | `tools` | chat | honoured | rendered by the chat template; calls parsed by `tool_call_parser` (hermes, llama3_json) |
 | `tool_choice` | chat | honoured | `none`, `auto` (parsed), `required` and a named function (both constrained by a JSON schema) |
