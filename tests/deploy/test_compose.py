@@ -95,24 +95,28 @@ def test_compose_jaeger_shows_a_jobs_trace_under_its_producer_span(project):
     asyncio.run(client.post("sluice.traces", [(None, data, []) for data in producer.encoded]))
     stack = ObserveStack({}, jaeger_url=JAEGER, prometheus_url=PROMETHEUS)
 
+    def whole_runs(spans: list[dict]) -> list[dict]:
+        """The job's process spans with every child span under them. At least once: a job
+        redelivered in the rebalance as the two instances join is processed twice, each run under
+        the producer's span; spans keyed by operation name would mix the two runs (the child-parent
+        assertion failed once on 2026-12-06, right after the stack came up, likely so)."""
+        runs = [s for s in spans if s["operationName"] == "sluice.jobs process"]
+        return [
+            r
+            for r in runs
+            if {s["operationName"] for s in spans if _parent(s) == r["spanID"]} >= JOB_CHILDREN
+        ]
+
     def complete() -> list[dict] | None:
         spans = jaeger_trace(stack, trace_id)
-        return (
-            spans if {s["operationName"] for s in spans} >= JOB_CHILDREN | {"sluice.jobs process"} else None
-        )
+        return spans if whole_runs(spans) else None
 
-    spans = {
-        s["operationName"]: s
-        for s in wait_for(complete, 120, lambda: f"trace {trace_id} incomplete\n{_logs(project)}")
-    }
-    assert (spans["sluice.jobs send"]["spanID"], spans["sluice.jobs send"]["service"]) == (
-        span_id,
-        PRODUCER_SERVICE,
-    )
-    job = spans["sluice.jobs process"]
-    assert job["service"] == "sluice" and _parent(job) == span_id
-    assert all(_parent(spans[name]) == job["spanID"] for name in JOB_CHILDREN)
-    assert job["tags"]["gen_ai.usage.output_tokens"] == 4
+    spans = wait_for(complete, 120, lambda: f"trace {trace_id} incomplete\n{_logs(project)}")
+    sends = [(s["spanID"], s["service"]) for s in spans if s["operationName"] == "sluice.jobs send"]
+    assert sends == [(span_id, PRODUCER_SERVICE)]
+    runs = [s for s in spans if s["operationName"] == "sluice.jobs process"]
+    assert all(run["service"] == "sluice" and _parent(run) == span_id for run in runs)
+    assert any(run["tags"]["gen_ai.usage.output_tokens"] == 4 for run in whole_runs(spans))
 
 
 def test_compose_stack_answers_every_job_when_one_sluice_is_killed_mid_burst(project):
