@@ -29,11 +29,11 @@ AVX2_INDUCTOR_CACHE = Path(tempfile.gettempdir()) / "torchinductor-avx2-capped"
 _CHILD = r"""
 import json, sys
 import torch
-from transformers import AutoModelForCausalLM
 from engine import EngineConfig, LLMEngine, SamplingParams, cpu_features
 from engine.layers import cpu_kernels
 from engine.layers.linear import LinearBase
 from engine.runtime import resolve_dtype
+from tests.engine.transformers_greedy import transformers_greedy
 
 folder = sys.argv[1]
 prompts = [[1, 7, 9, 11, 13], [1, *range(20, 52)]]  # 5 and 33 rows: both bfloat16 matmul paths
@@ -45,16 +45,7 @@ report = {
     "kernel_loaded": cpu_kernels.load(),
 }
 for dtype in ("float32", "bfloat16"):
-    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
-    reference.generation_config.eos_token_id = None
-    expected = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = reference.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8, pad_token_id=0
-            )
-            expected.append(out[0, len(prompt):].tolist())
+    expected = transformers_greedy(folder, getattr(torch, dtype), prompts, 8)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     with LLMEngine(EngineConfig(model=folder, dtype=dtype)) as engine:
         report[dtype] = {

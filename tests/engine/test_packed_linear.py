@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, LLMEngine, SamplingParams, cpu_features
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import LinearBase, ReplicatedLinear
 from engine.layers.packed_linear import BF16_ON_FP32, ONEDNN_PACKED, can_pack, pack_linear_weights
 from engine.quant.base import UNQUANTIZED, LinearMethod
+from tests.engine.transformers_greedy import transformers_greedy
 
 pytestmark = pytest.mark.skipif(
     not can_pack(torch.device("cpu"), torch.float32), reason="this torch build has no oneDNN"
@@ -139,16 +139,7 @@ def test_a_bfloat16_cpu_engine_starts_and_its_greedy_tokens_equal_transformers(
         pytest.skip(f"oneDNN has no bfloat16 path on this CPU ({cpu_features.describe()})")
     monkeypatch.setattr(cpu_features, "onednn_has_bf16", lambda: onednn_bf16)
     prompts = [[1, 7, 9, 11, 13], [1, *range(20, 52)]]  # 5 and 33 rows: both bfloat16 paths
-    reference = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16).eval()
-    reference.generation_config.eos_token_id = None  # EOS an ordinary token, as with ignore_eos
-    expected = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = reference.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8, pad_token_id=0
-            )
-            expected.append(out[0, len(prompt) :].tolist())
+    expected = transformers_greedy(tiny_checkpoint, torch.bfloat16, prompts, 8)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     with LLMEngine(EngineConfig(model=str(tiny_checkpoint), dtype="bfloat16")) as engine:
         methods = _linear_methods(engine)

@@ -1,0 +1,27 @@
+"""Transformers' greedy generation of each prompt alone: the reference our engine's tokens must equal."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def transformers_greedy(
+    folder, dtype: torch.dtype, prompts: list[list[int]], max_new_tokens: int
+) -> list[list[int]]:
+    """Each prompt's new tokens, EOS an ordinary token (as with the engine's ignore_eos)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None
+    outputs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=0,
+            )
+            outputs.append(out[0, len(prompt) :].tolist())
+    return outputs
