@@ -1,16 +1,20 @@
-"""The engine: a library that runs Llama-family checkpoints. Knows nothing of Kafka or the wire format."""
+"""The engine's door: a library that serves Hugging Face decoder checkpoints (dense and mixture-of-experts).
+
+Knows nothing of Kafka or the wire format. The service and offline users import from here only;
+the folders behind it are laid out by role (docs/engine.md opens with the map).
+"""
 
 from engine.async_engine import AsyncLLMEngine
-from engine.checkpoint import ModelLoadError
 from engine.config import EngineConfig, EngineConfigError
-from engine.distributed.executor import EngineDeadError, WorkerDiedError
+from engine.core.input_processor import RequestRejected
+from engine.core.pooling import PoolingParams
+from engine.core.stats import EngineStats
 from engine.engine_thread import EngineThread
-from engine.input_processor import RequestRejected
+from engine.executor.executor import EngineDeadError, WorkerDiedError
 from engine.llm_engine import LLMEngine
+from engine.loader.checkpoint import ModelLoadError
 from engine.outputs import OutputLogprob, RequestMetrics, RequestOutput
-from engine.pooling import PoolingParams
 from engine.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs
-from engine.stats import EngineStats
 
 __all__ = [
     "AsyncLLMEngine",
@@ -35,10 +39,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The demo-model builder (engine/demo_models.py) imports Transformers' model classes, which
+    # The demo-model builder (engine/demo/checkpoints.py) imports Transformers' model classes, which
     # take seconds: it loads on first use, `from engine import ensure_demo_checkpoint`.
     if name == "ensure_demo_checkpoint":
-        from engine.demo_models import ensure_checkpoint
+        from engine.demo.checkpoints import ensure_checkpoint
 
         return ensure_checkpoint
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

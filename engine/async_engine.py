@@ -20,12 +20,12 @@ import queue
 import threading
 import time
 
-from engine.distributed.executor import EngineDeadError
+from engine.core.stats import EngineStats
 from engine.engine_thread import EngineThread
+from engine.executor.executor import EngineDeadError
 from engine.llm_engine import LLMEngine, StepFailed
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.stats import EngineStats
 
 log = logging.getLogger(__name__)
 

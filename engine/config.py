@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16", "float16")
-MODEL_DTYPES = ("auto", *DTYPES)  # "auto": engine.runtime.resolve_dtype
+MODEL_DTYPES = ("auto", *DTYPES)  # "auto": engine.executor.runtime.resolve_dtype
 ATTENTION_BACKENDS = ("auto", "flash", "triton", "sdpa")
 QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
@@ -18,7 +18,7 @@ class EngineConfigError(ValueError):
 @dataclass(slots=True)
 class EngineConfig:
     # a Hugging Face checkpoint folder: config.json, *.safetensors, tokenizer files (checked when the
-    # engine loads it, engine/checkpoint.py); the service builds a demo model when it is empty
+    # engine loads it, engine/loader/checkpoint.py); the service builds a demo model when it is empty
     model: str = ""
     # "auto": bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), float32 elsewhere
     dtype: str = "auto"
@@ -46,7 +46,7 @@ class EngineConfig:
     enforce_eager: bool = False
     # CPU: oneDNN packs each float linear weight once at load instead of on every matmul
     cpu_weight_prepack: bool = True
-    # CPU: attention through our C++ paged kernel (engine/layers/csrc), built at start-up; false:
+    # CPU: attention through our C++ paged kernel (engine/kernels/csrc), built at start-up; false:
     # SDPA over gathered pages and the compiled decode kernel
     cpu_paged_attention: bool = True
     # CPU: RMSNorm (+ residual), rotary embedding and SiLU-and-multiply as one C++ pass each

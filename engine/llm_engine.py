@@ -22,25 +22,25 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from engine.block_manager import BlockManager
-from engine.checkpoint import read_checkpoint
-from engine.choice_scoring import ChoiceScorer
 from engine.config import EngineConfig
-from engine.cuda_graphs import use_decode_graphs
-from engine.distributed.executor import EngineDeadError, MultiprocExecutor, UniprocExecutor
+from engine.core.block_manager import BlockManager
+from engine.core.choice_scoring import ChoiceScorer
+from engine.core.input_processor import InputProcessor, RequestRejected
+from engine.core.output_processor import OutputProcessor
+from engine.core.parallel_sampling import ParallelSampler
+from engine.core.pooling import Pooler, PoolingParams, PoolingRows
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.sequence import Sequence
+from engine.core.stats import EngineStats, StepTotals
+from engine.core.step_plan import PromptLogprobRows, StepPlan
 from engine.distributed.layout import check_parallel_layout
-from engine.input_processor import InputProcessor, RequestRejected
-from engine.output_processor import OutputProcessor
+from engine.executor.cuda_graphs import use_decode_graphs
+from engine.executor.executor import EngineDeadError, MultiprocExecutor, UniprocExecutor
+from engine.executor.runtime import resolve_dtype, resolve_runtime
+from engine.loader.checkpoint import read_checkpoint
 from engine.outputs import RequestOutput
-from engine.parallel_sampling import ParallelSampler
-from engine.pooling import Pooler, PoolingParams, PoolingRows
 from engine.quant import make_plan
-from engine.runtime import resolve_dtype, resolve_runtime
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Sequence
-from engine.stats import EngineStats, StepTotals
-from engine.step_plan import PromptLogprobRows, StepPlan
 
 __all__ = ["LLMEngine", "RequestRejected"]
 
@@ -105,7 +105,7 @@ class LLMEngine:
         priority: int = 0,
     ) -> None:
         """Queue a request; it runs from the next step on. Raises RequestRejected if it cannot run.
-        PoolingParams: an embedding request (its output's `embedding`; engine/pooling.py)."""
+        PoolingParams: an embedding request (its output's `embedding`; engine/core/pooling.py)."""
         if request_id in self._requests:
             raise RequestRejected(f"request id {request_id!r} is already running")
         if isinstance(params, PoolingParams):

@@ -1,8 +1,11 @@
-"""RequestOutput: what the engine hands back for one request."""
+"""What the engine hands back: RequestOutput for one request, and the raw per-step tensors the
+sampler produces for the core to turn into outputs (SampledLogprobs)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass(slots=True)
@@ -44,3 +47,12 @@ class RequestOutput:
     @property
     def is_finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class SampledLogprobs:
+    """Raw logprobs: log_softmax of the model's logits, before penalties and temperature."""
+
+    sampled_logprobs: torch.Tensor  # [N] float32: each row's sampled token
+    top_token_ids: torch.Tensor  # [N, K] int64, most likely first; K = max over rows, >= 1
+    top_logprobs: torch.Tensor  # [N, K] float32, descending; a row asking for k < K uses [:k]

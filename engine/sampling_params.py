@@ -63,7 +63,7 @@ class SamplingParamsError(ValueError):
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 16
-    n: int = 1  # samples returned (parallel samples of one prompt; see engine/parallel_sampling.py)
+    n: int = 1  # samples returned (parallel samples of one prompt; see engine/core/parallel_sampling.py)
     best_of: int | None = None  # samples drawn (>= n); the n with the highest cumulative logprob return
     temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE, made 0): greedy
     top_p: float = 1.0

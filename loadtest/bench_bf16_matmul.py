@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine import cpu_features
+from engine.kernels import cpu_features
 
 SHAPES = [(2304, 768), (4096, 768), (768, 2048)]  # the `small` preset's qkv, gate_up and down
 ROWS = [1, 2, 4, 8, 16, 32, 128, 512]

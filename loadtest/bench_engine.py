@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", default="standard", choices=sorted(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each engine (medians)")
-    parser.add_argument("--preset", default="small", help="checkpoint preset (engine.demo_models)")
+    parser.add_argument("--preset", default="small", help="checkpoint preset (engine.demo.checkpoints)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--peers", nargs="*", default=["sequential", "static", "continuous"], choices=PEERS)

@@ -3,7 +3,7 @@
 For each mode (float32 reference, bitsandbytes int8 / nf4 / fp4, fp8 weights on CUDA with
 compute capability >= 8.9, fp8 KV cache, 2:4 magnitude pruning) on two checkpoints:
 
-- `small`: the ~125M-parameter benchmark checkpoint with random weights (engine.demo_models);
+- `small`: the ~125M-parameter benchmark checkpoint with random weights (engine.demo.checkpoints);
 - `trained`: a ~4M-parameter Llama trained here, deterministically on CPU (one thread, fixed
   seed, fixed steps; a few minutes), on the first 80% of loadtest/data/coriolanus.txt with
   its own BPE tokenizer. Random weights exaggerate quantisation error (their next-token
@@ -42,8 +42,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from engine import EngineConfig, LLMEngine, ensure_demo_checkpoint  # noqa: E402
 from engine.compress import prune_checkpoint  # noqa: E402
+from engine.evaluation.quality import compare, targets_for, teacher_forced_logits  # noqa: E402
 from engine.quant import QuantizationError, model_weight_bytes  # noqa: E402
-from engine.quant.quality import compare, targets_for, teacher_forced_logits  # noqa: E402
 from loadtest.bench_engine import run_sluice  # noqa: E402
 from loadtest.workloads import standard_workload  # noqa: E402
 
@@ -82,7 +82,7 @@ class Result:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--preset", default="small", help="random-weight checkpoint preset (engine.demo_models)"
+        "--preset", default="small", help="random-weight checkpoint preset (engine.demo.checkpoints)"
     )
     parser.add_argument(
         "--checkpoints", nargs="*", default=["random", "trained"], choices=["random", "trained"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from engine import cpu_features
+from engine.kernels import cpu_features
 from loadtest.workloads import Workload
 
 

@@ -29,7 +29,7 @@ from loadtest.workloads import WORKLOADS  # noqa: E402
 # first match wins: op-name fragments per category
 CATEGORIES = (
     ("matmul", ("mm", "linear", "matmul", "bmm", "addmm", "mkldnn", "onednn")),
-    # the compiled graphs: the paged decode kernel (engine/layers/paged_decode.py), its guards
+    # the compiled graphs: the paged decode kernel (engine/kernels/paged_decode.py), its guards
     (
         "attention",
         (
@@ -45,7 +45,7 @@ CATEGORIES = (
     ("sampling", ("argmax", "topk", "softmax", "log_softmax", "sort", "exponential", "rand")),
     (
         "elementwise and norms",
-        # (rms_norm, rotary_, silu_and_mul: the fused CPU ops, engine/layers/csrc/fused_ops.cpp)
+        # (rms_norm, rotary_, silu_and_mul: the fused CPU ops, engine/kernels/csrc/fused_ops.cpp)
         (
             "mul",
             "add",

@@ -21,7 +21,7 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
-# the engine's priority levels (engine/input_processor.py MAX_PRIORITY): bounded, so that aging bounds every wait
+# the engine's priority levels (engine/core/input_processor.py MAX_PRIORITY): bounded, so that aging bounds every wait
 Priority = Annotated[int, Meta(ge=-1000, le=1000)]
 # parallel samples of one job: OpenAI's bound on `n`, so that one job cannot ask for a million
 NumSamples = Annotated[int, Meta(ge=1, le=128)]

@@ -59,7 +59,8 @@ class DynamicBatcher:
         priority: int = 0,
         tag: Any = None,
     ) -> RequestOutput:
-        """Like AsyncLLMEngine.generate, admitted with the next batch; cancelling aborts it."""
+        """The request's output once it finishes: admitted with the next batch (AsyncLLMEngine.add_requests,
+        then AsyncLLMEngine.wait); cancelling aborts it."""
         loop = asyncio.get_running_loop()
         admission = Admission(request_id, prompt, params, priority, loop.create_future(), tag)
         self._pending.append(admission)

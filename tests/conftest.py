@@ -47,7 +47,7 @@ def model_cache() -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(model_cache) -> Path:
     """The `tiny` preset, built once per machine under build/ and then reused."""
-    from engine.demo_models import ensure_checkpoint
+    from engine.demo.checkpoints import ensure_checkpoint
 
     return ensure_checkpoint(model_cache, preset="tiny", seed=0)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from engine.checkpoint import ModelLoadError
 from engine.compress.prune24 import prune_checkpoint
+from engine.loader.checkpoint import ModelLoadError
 
 
 def main(argv: list[str] | None = None) -> None:

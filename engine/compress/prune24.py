@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.checkpoint import check_checkpoint_folder
+from engine.loader.checkpoint import check_checkpoint_folder
 
 # The Llama family's decoder projections (Transformers' names); embeddings and lm_head stay dense.
 PRUNABLE_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,5 +1,5 @@
-"""Tensor and pipeline parallelism: the rank layout and collectives (parallel_state), the
-worker processes (worker) and the driver-side executor that starts and steers them (executor).
+"""Parallelism's lowest floor: the rank layout (layout) and the collectives (parallel_state).
 
-Kept import-free: the layers import parallel_state, and the executor imports the layers.
+The layers import parallel_state for their shard and collectives; the processes that hold the
+ranks (engine.executor) sit above the layers and models they build.
 """

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers import cpu_kernels
+from engine.kernels import cpu_kernels
 
 # config.hidden_act / hidden_activation -> the function, as transformers' ACT2FN computes it
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -9,7 +9,7 @@ written into their slots first, then each sequence attends over its whole contex
   fused kernel on CPU). Decode-only steps run as one padded batch; steps with prompt chunks
   run per sequence, and a fresh prompt skips the gather entirely.
 - "triton": SDPA's path for steps with prompt chunks, and a Triton kernel of ours
-  (engine.layers.triton_attention) for decode-only steps, reading the pages in place with no
+  (engine.kernels.triton_attention) for decode-only steps, reading the pages in place with no
   host work per step: what makes decode steps capturable as CUDA graphs without flash-attn.
 - "flash": the flash-attn package's varlen kernel reading the paged cache in place (and its
   split-KV decode kernel for decode-only steps). FlashAttention-2 needs pages of a multiple
@@ -24,7 +24,7 @@ Attention sinks (GPT-OSS: a learned logit per head in the softmax's denominator)
 those layers on the explicit path (prompt steps and decode steps alike); "triton" likewise for
 prompt steps, and its decode kernel adds the sink to the softmax's denominator; "flash"
 refuses such a model when the backend is bound (flash-attn 2 has no sinks), and "auto" does
-not choose it for one (engine.runtime.select_backend's `has_sinks`).
+not choose it for one (engine.executor.runtime.select_backend's `has_sinks`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.forward_context import AttentionMetadata
-from engine.layers import cpu_kernels
+from engine.kernels import cpu_kernels
+from engine.kernels.paged_decode import paged_decode_attention
 from engine.layers.explicit_attention import explicit_attention, explicit_decode
-from engine.layers.paged_decode import paged_decode_attention
 from engine.layers.paged_kv import decode_group_inputs, gather_context, padded_context, write_kv
 from engine.quant import kv_cache as fp8_kv
 
@@ -167,7 +167,7 @@ class TritonBackend(SdpaBackend):
     serves_cpu_kernel = False
 
     def _decode(self, layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        from engine.layers.triton_attention import paged_decode_attention
+        from engine.kernels.triton_attention import paged_decode_attention
 
         return paged_decode_attention(
             q,

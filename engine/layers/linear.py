@@ -1,7 +1,7 @@
 """Linear layers that know how to take their slice of a checkpoint tensor (nano-vllm).
 
 Each parameter carries `param.weight_loader(param, loaded_weight, shard_id=None)`;
-`engine.weights.load_weights` calls it with the full Hugging Face tensor and the loader
+`engine.loader.weights.load_weights` calls it with the full Hugging Face tensor and the loader
 copies this rank's part. Column-parallel layers split the output dim (0), row-parallel
 layers the input dim (1). A loader raises ValueError when the checkpoint tensor's shape is
 not the one it expects; the caller adds the file and tensor name.
@@ -195,7 +195,7 @@ def _copy_shard(
 
 def _rows(loaded_weight, start: int, length: int):
     """Rows [start, start + length) of a checkpoint tensor, unread if it is not read yet."""
-    if hasattr(loaded_weight, "rows"):  # engine.weights' lazy checkpoint slice
+    if hasattr(loaded_weight, "rows"):  # engine.loader.weights' lazy checkpoint slice
         return loaded_weight.rows(start, length)
     return loaded_weight.narrow(0, start, length)
 

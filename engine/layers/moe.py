@@ -10,7 +10,7 @@ one grouped matmul (torch._grouped_mm on CUDA where this PyTorch has it, else on
 per non-empty expert) runs each slice against its expert, and the weighted results are
 scatter-added back to their tokens.
 On CUDA, where triton imports, forward runs both projections in the grouped-GEMM Triton
-kernel of engine.layers.triton_moe instead (use_triton = False turns it off). With mxfp4=True
+kernel of engine.kernels.triton_moe instead (use_triton = False turns it off). With mxfp4=True
 (GPT-OSS's checkpoints where that kernel runs: engine.models.gpt_oss) the weights stay packed
 as `*_blocks` [E, out, in / 32, 16] and `*_scales` [E, out, in / 32] uint8 (4.25 bits a
 weight), and forward always runs the kernel, which dequantises them tile by tile.
@@ -107,7 +107,7 @@ class FusedMoE(nn.Module):
         # torch._grouped_mm: None uses it on CUDA only (on CPU, measured slower than one matmul
         # per expert: loadtest/RESULTS.md); False: one matmul per expert everywhere
         self.use_grouped_mm: bool | None = None
-        # the grouped-GEMM Triton kernel (engine.layers.triton_moe) for both projections: None
+        # the grouped-GEMM Triton kernel (engine.kernels.triton_moe) for both projections: None
         # uses it on CUDA where triton imports; False: fused_experts everywhere
         self.use_triton: bool | None = None
         # engine.quant.experts: set when the experts are quantised (the stacked weights are then None)
@@ -167,7 +167,7 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights, ids: [T, k] -> [T, H]
         if self.is_mxfp4 or (self.use_triton is not False and x.is_cuda and _triton_available()):
-            from engine.layers.triton_moe import triton_fused_experts
+            from engine.kernels.triton_moe import triton_fused_experts
 
             out = triton_fused_experts(self, x, weights, ids)
         else:
@@ -291,7 +291,7 @@ def _triton_available() -> bool:
 
 
 def triton_kernel_runs_on(device: torch.device) -> bool:
-    """Whether engine.layers.triton_moe's kernel runs on `device`: CUDA where triton imports, or
+    """Whether engine.kernels.triton_moe's kernel runs on `device`: CUDA where triton imports, or
     CPU under Triton's interpreter (TRITON_INTERPRET=1 before triton is imported: tests)."""
     if device.type not in ("cuda", "cpu") or not _triton_available():
         return False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers import cpu_kernels
+from engine.kernels import cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -27,7 +27,7 @@ class RMSNorm(nn.Module):
         """
         fusable = residual is None or residual.is_contiguous()
         if self.fused and fusable and x.dim() == 2 and x.dtype == self.weight.dtype:
-            # one pass, rounding where the ops below round (engine/layers/csrc/fused_ops.cpp)
+            # one pass, rounding where the ops below round (engine/kernels/csrc/fused_ops.cpp)
             out, total = cpu_kernels.rms_norm(x, residual, self.weight, self.eps, self._gemma)
             return out if residual is None else (out, total)
         if residual is None:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import cpu_features
+from engine.kernels import cpu_features
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import LinearBase
 from engine.quant.base import UNQUANTIZED, LinearMethod

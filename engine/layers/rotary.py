@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from engine.layers import cpu_kernels
+from engine.kernels import cpu_kernels
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 

@@ -10,7 +10,7 @@ gate_up_proj [E, H, 2I] with gate and up interleaved by column, down_proj [E, I,
 checkpoints store both as MXFP4 (`*_blocks` [E, out, in / 32, 16], `*_scales` [E, out, in / 32];
 quantization_config quant_method "mxfp4"). Where the Triton MoE kernel runs on the device the
 model is built on (CUDA; CPU only under Triton's interpreter) they stay packed, as vLLM's
-Mxfp4MoEMethod keeps them, and the kernel dequantises each tile (engine.layers.triton_moe);
+Mxfp4MoEMethod keeps them, and the kernel dequantises each tile (engine.kernels.triton_moe);
 elsewhere, or when a tensor-parallel rank's share of the intermediate size is not a multiple
 of 32 (its down_proj shard would split a block: vLLM pads there, we do not), they are
 dequantised at load (engine.quant.mxfp4) into the model's dtype. The log says which.
@@ -188,7 +188,7 @@ def _log_mxfp4_layout(model: nn.Module, packed: bool, why: str) -> None:
 
 
 def _whole(loaded_weight) -> torch.Tensor:
-    # tensor parallel hands a lazy slice (engine.weights): GPT-OSS's layouts need the whole tensor
+    # tensor parallel hands a lazy slice (engine.loader.weights): GPT-OSS's layouts need the whole tensor
     return (
         loaded_weight
         if isinstance(loaded_weight, torch.Tensor)

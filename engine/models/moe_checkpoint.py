@@ -9,7 +9,7 @@ Either layout loads, whichever a checkpoint holds:
   memory and writes them with save_pretrained(save_original_format=False): engine.layers.moe
   .FusedMoE's own layout, copied as it is (each rank's part only under tensor or expert
   parallelism).
-engine.weights asks the model through two hooks: `expert_tensor(name)` (the parameter and
+engine.loader.weights asks the model through two hooks: `expert_tensor(name)` (the parameter and
 shard id a checkpoint tensor fills, or None) and `expert_sources(param_name)` (the checkpoint
 tensors a stacked parameter needs, or None): the stacked tensor itself once the checkpoint
 was seen to hold stacked experts, else every expert's.

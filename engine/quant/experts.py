@@ -15,7 +15,7 @@ as in vLLM: its logits decide which experts run.
 
 Quantised experts run one matmul per non-empty expert (engine.layers.moe's
 _quantized_grouped_linear), on CPU and CUDA alike: the grouped-GEMM Triton kernel
-(engine.layers.triton_moe) and torch._grouped_mm read the stacked float weights, which are
+(engine.kernels.triton_moe) and torch._grouped_mm read the stacked float weights, which are
 gone, so `use_triton` is set False.
 """
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from engine import EngineConfig
-from engine.demo_models import ensure_checkpoint
+from engine.demo.checkpoints import ensure_checkpoint
+from engine.executor.runtime import resolve_runtime, select_backend
 from engine.layers import attention_backends
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import FlashAttentionBackend
-from engine.runtime import resolve_runtime, select_backend
 from tests.engine.triton_interpreted import run_interpreted
 
 
@@ -26,7 +26,7 @@ def test_triton_decode_kernel_adds_sinks_as_the_sdpa_path_does():
         from types import SimpleNamespace
         from tests.engine.triton_interpreted import decode_metadata
         from engine.layers.attention_backends import SdpaBackend
-        from engine.layers.triton_attention import paged_decode_attention
+        from engine.kernels.triton_attention import paged_decode_attention
         torch.manual_seed(0)
         S, N, H, Hkv, D = 16, 32, 8, 2, 16
         lens = [1, S - 1, 3 * S + 5, 5 * S]

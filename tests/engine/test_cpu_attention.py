@@ -1,4 +1,4 @@
-"""The CPU paged attention kernel (engine/layers/csrc/paged_attention.cpp) computes attention as
+"""The CPU paged attention kernel (engine/kernels/csrc/paged_attention.cpp) computes attention as
 the SDPA reference over gathered pages does, for every kind of sequence a step holds."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torch.utils.cpp_extension
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.layers import cpu_kernels
+from engine.kernels import cpu_kernels
 
 
 def test_the_kernels_build_on_this_machine():

@@ -1,4 +1,4 @@
-"""The fused CPU ops (engine/layers/csrc/fused_ops.cpp) round where PyTorch's eager ops round: the
+"""The fused CPU ops (engine/kernels/csrc/fused_ops.cpp) round where PyTorch's eager ops round: the
 layers give the same values with their `fused` flag on as off."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.layers import cpu_kernels
+from engine.kernels import cpu_kernels
 from engine.layers.activation import ActAndMul
 from engine.layers.norm import GemmaRMSNorm, RMSNorm
 from engine.layers.rotary import RotaryEmbedding

@@ -1,7 +1,7 @@
 """The engine on every x86 kind we run on, whatever kind runs the suite.
 
 An AVX-512 machine runs the paths of an AVX2-only one (AMD Zen 2/3, many Intel CPUs) when PyTorch,
-oneDNN and MKL are capped to AVX2 (`engine.cpu_features`): a child process started so builds the
+oneDNN and MKL are capped to AVX2 (`engine.kernels.cpu_features`): a child process started so builds the
 AVX2 variant of our C++ kernels, finds no oneDNN bfloat16 path, and must still give Transformers'
 greedy tokens in float32 and bfloat16. On an AVX2-only machine the caps change nothing, and the
 same assertions hold; the suite's other tests there read the same features.
@@ -29,10 +29,11 @@ AVX2_INDUCTOR_CACHE = Path(tempfile.gettempdir()) / "torchinductor-avx2-capped"
 _CHILD = r"""
 import json, sys
 import torch
-from engine import EngineConfig, LLMEngine, SamplingParams, cpu_features
-from engine.layers import cpu_kernels
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.kernels import cpu_features
+from engine.kernels import cpu_kernels
 from engine.layers.linear import LinearBase
-from engine.runtime import resolve_dtype
+from engine.executor.runtime import resolve_dtype
 from tests.engine.transformers_greedy import transformers_greedy
 
 folder = sys.argv[1]

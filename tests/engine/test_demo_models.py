@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from engine import demo_models
-from engine.demo_models import build_checkpoint, ensure_checkpoint
+from engine.demo import checkpoints as demo_models
+from engine.demo.checkpoints import build_checkpoint, ensure_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.demo_models import ensure_checkpoint
+from engine.demo.checkpoints import ensure_checkpoint
 
 ARCHITECTURES = ["tiny", "tiny-mistral", "tiny-qwen2", "tiny-mqa", "tiny-llama3"]
 MAX_TOKENS = 12

@@ -1,6 +1,6 @@
 """Every family works with what the engine has today, or refuses it by name: a matrix.
 
-Rows: one tiny checkpoint per family (engine.demo_presets). Columns: the compression modes
+Rows: one tiny checkpoint per family (engine.demo.presets). Columns: the compression modes
 (bitsandbytes int8 / nf4 / fp4 weights, fp8 weights, an fp8 KV cache). Each cell runs one
 short greedy batch through the paged KV cache with prefix caching, chunked prefill and forced
 preemption, plus a choice-constrained request (structured outputs), and checks it against
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams, StructuredOutputs
-from engine.demo_models import ensure_checkpoint
-from engine.quant.quality import compare, teacher_forced_logits
+from engine.demo.checkpoints import ensure_checkpoint
+from engine.evaluation.quality import compare, teacher_forced_logits
 
 FAMILIES = {
     "llama": "tiny-llama-dynamic",

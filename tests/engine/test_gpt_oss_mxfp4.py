@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine import EngineConfig, LLMEngine
-from engine.demo_models import ensure_checkpoint
+from engine.demo.checkpoints import ensure_checkpoint
 from engine.distributed import parallel_state as ps
 from engine.layers.moe import FusedMoE
 from engine.models import gpt_oss

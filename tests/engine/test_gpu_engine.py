@@ -59,7 +59,7 @@ def test_bfloat16_engine_serves_a_batch_with_every_backend(tiny_checkpoint):
 def test_soft_capped_gemma2_gives_the_cpu_tokens_with_every_cuda_backend(model_cache):
     # attention soft-caps and sliding windows: SDPA's explicit path, the Triton kernel, flash-attn.
     # Each backend is tried and every difference reported, so one run says what fails where.
-    from engine.demo_models import ensure_checkpoint
+    from engine.demo.checkpoints import ensure_checkpoint
 
     folder = str(ensure_checkpoint(model_cache, preset="tiny-gemma2"))
     expected = _greedy(LLMEngine(EngineConfig(dtype="float32", model=folder, kv_cache_memory_gib=0.05)))
@@ -77,7 +77,7 @@ def test_soft_capped_gemma2_gives_the_cpu_tokens_with_every_cuda_backend(model_c
         ]
     assert failures == [], "\n".join(failures)
     if _has_flash():  # bfloat16 only: close to SDPA's logits, through the paged cache
-        from engine.quant.quality import teacher_forced_logits
+        from engine.evaluation.quality import teacher_forced_logits
 
         logits = {}
         for backend in ["sdpa", "flash"]:

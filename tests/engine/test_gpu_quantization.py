@@ -19,9 +19,9 @@ import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.compress import prune_checkpoint
-from engine.demo_models import ensure_checkpoint
+from engine.demo.checkpoints import ensure_checkpoint
+from engine.evaluation.quality import compare, targets_for, teacher_forced_logits
 from engine.quant.fp8 import MIN_CAPABILITY
-from engine.quant.quality import compare, targets_for, teacher_forced_logits
 
 pytestmark = pytest.mark.gpu
 

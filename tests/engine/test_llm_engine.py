@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, EngineConfigError, LLMEngine, ModelLoadError, RequestRejected, SamplingParams
-from engine.checkpoint import check_checkpoint_folder
+from engine.loader.checkpoint import check_checkpoint_folder
 
 PROMPTS = ["Hello", "The river", "The river is cold today, and many people went home"]
 

@@ -1,6 +1,6 @@
 """Every model family (engine.models) gives Transformers' logits and greedy tokens.
 
-One tiny random checkpoint per configuration (engine.demo_presets, plus this module's second
+One tiny random checkpoint per configuration (engine.demo.presets, plus this module's second
 Mistral and Qwen2): GQA and MQA, tied and untied embeddings, biases, sliding windows,
 soft-caps, q/k norms, local/global RoPE, fused projections, partial rotary, YaRN, dynamic
 NTK and LongRoPE, a multimodal wrapper.
@@ -22,10 +22,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, LLMEngine, SamplingParams, StructuredOutputs
-from engine.demo_models import ensure_checkpoint
-from engine.demo_presets import PRESETS
-from engine.quant.quality import compare, teacher_forced_logits
-from engine.weights import build_model
+from engine.demo.checkpoints import ensure_checkpoint
+from engine.demo.presets import PRESETS
+from engine.evaluation.quality import compare, teacher_forced_logits
+from engine.loader.weights import build_model
 
 FAMILY_PRESETS = [
     "tiny-qwen3",
@@ -40,7 +40,7 @@ FAMILY_PRESETS = [
     "test-mistral-mqa-tied",
     "test-qwen2-mqa-untied",
 ]
-# Second configurations of the families engine.demo_presets has one preset of (hidden 64, MQA,
+# Second configurations of the families engine.demo.presets has one preset of (hidden 64, MQA,
 # the other tying, no window), registered for this module only.
 TEST_PRESETS = {
     "test-mistral-mqa-tied": dataclasses.replace(

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from engine.checkpoint import ModelLoadError
-from engine.demo_models import build_checkpoint, ensure_checkpoint
+from engine.demo.checkpoints import build_checkpoint, ensure_checkpoint
 from engine.layers.rotary import RotaryEmbedding, rope_parameters_from_config
-from engine.weights import WeightLoadError, build_model
+from engine.loader.checkpoint import ModelLoadError
+from engine.loader.weights import WeightLoadError, build_model
 
 PRESETS = ("tiny", "tiny-mistral", "tiny-qwen2", "tiny-mqa", "tiny-llama3")
 PROMPT_LEN = 40  # longer than the sliding window (16) of tiny-mistral and tiny-qwen2

@@ -13,15 +13,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import EngineConfig, LLMEngine
-from engine.checkpoint import check_checkpoint_folder
-from engine.demo_architectures import ARCHITECTURES
-from engine.demo_models import ensure_checkpoint
-from engine.demo_presets import PRESETS
+from engine.demo.architectures import ARCHITECTURES
+from engine.demo.checkpoints import ensure_checkpoint
+from engine.demo.presets import PRESETS
 from engine.layers import attention_backends
 from engine.layers.attention import Attention
 from engine.layers.rotary import RotaryEmbedding, rope_context_len, rope_parameters_from_config
+from engine.loader.checkpoint import check_checkpoint_folder
+from engine.loader.weights import WeightLoadError, build_model
 from engine.models import MODEL_REGISTRY, max_context_len
-from engine.weights import WeightLoadError, build_model
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = torch.tensor([1, *range(40, 79)])  # 40 tokens

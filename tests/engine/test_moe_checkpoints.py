@@ -22,9 +22,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, LLMEngine
-from engine.demo_models import ensure_checkpoint
+from engine.demo.checkpoints import ensure_checkpoint
+from engine.loader.weights import WeightLoadError, build_model
 from engine.quant import mxfp4
-from engine.weights import WeightLoadError, build_model
 from tests.engine.test_model_families import GREEDY, SMALL_KV, SMALL_POOL, _generate, _prompts
 
 EXPERT_TENSORS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")

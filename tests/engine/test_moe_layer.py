@@ -11,8 +11,8 @@ from engine.distributed import parallel_state
 from engine.distributed.parallel_state import ParallelState
 from engine.layers.activation import ActAndMul
 from engine.layers.moe import FusedMoE, fused_experts, looped_experts, select_experts
+from engine.loader.weights import _CheckpointSlice
 from engine.quant import mxfp4
-from engine.weights import _CheckpointSlice
 
 NUM_EXPERTS, HIDDEN, INTERMEDIATE, TOP_K = 8, 64, 32, 2
 
@@ -155,7 +155,7 @@ def test_expert_parallel_refuses_experts_the_ranks_cannot_split_evenly(monkeypat
 def test_expert_parallel_rank_reads_only_its_experts_rows_of_a_stacked_checkpoint_tensor(
     monkeypatch, tmp_path
 ):
-    # tensor parallel loads hand the loader a lazy slice of the safetensors file (engine.weights)
+    # tensor parallel loads hand the loader a lazy slice of the safetensors file (engine.loader.weights)
     whole = _experts()
     save_file({"down_proj": whole.down_proj.data.contiguous()}, tmp_path / "experts.safetensors")
     monkeypatch.setattr(parallel_state, "_state", ParallelState(1, 2, tp_size=2, expert_parallel=True))

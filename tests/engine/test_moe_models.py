@@ -1,6 +1,6 @@
 """Mixture-of-experts families (Mixtral, Qwen3-MoE, GPT-OSS) give Transformers' logits and tokens.
 
-Tiny random checkpoints (engine.demo_presets: 2 layers, 8 experts): the greedy batch mixes
+Tiny random checkpoints (engine.demo.presets: 2 layers, 8 experts): the greedy batch mixes
 prompt lengths and runs with a KV pool too small for it (preemption) and a 32-token step
 budget (chunked prefill), as the dense families' tests do (test_model_families).
 """
@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, LLMEngine
-from engine.cuda_graphs import is_capturable
-from engine.demo_models import ensure_checkpoint
-from engine.weights import build_model
+from engine.demo.checkpoints import ensure_checkpoint
+from engine.executor.cuda_graphs import is_capturable
+from engine.loader.weights import build_model
 from tests.engine.test_model_families import GREEDY, SMALL_KV, SMALL_POOL, _generate, _prompts
 
 MOE_PRESETS = ["tiny-mixtral", "tiny-qwen3-moe", "tiny-gpt-oss"]

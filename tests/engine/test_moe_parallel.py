@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from engine import EngineConfig, EngineConfigError, LLMEngine
-from engine.demo_models import ensure_checkpoint
+from engine.demo.checkpoints import ensure_checkpoint
 from engine.distributed.layout import check_parallel_layout
 from engine.layers.moe import FusedMoE
 from tests.engine.test_model_families import GREEDY, SMALL_KV, _prompts

@@ -20,13 +20,13 @@ import torch
 import engine.layers.moe as moe_module
 import engine.quant.plan as plan_module
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.demo_models import ensure_checkpoint
+from engine.demo.checkpoints import ensure_checkpoint
+from engine.evaluation.quality import compare, targets_for, teacher_forced_logits
 from engine.layers.packed_linear import FLOAT_METHOD_NAMES
+from engine.loader.weights import build_model
 from engine.quant import QuantizationError
 from engine.quant.experts import QuantizedExpertsMethod
 from engine.quant.plan import QuantPlan, finalize_model, prepare_model
-from engine.quant.quality import compare, targets_for, teacher_forced_logits
-from engine.weights import build_model
 from tests.engine.test_quantization import BOUNDS
 
 TEXT = Path(__file__).resolve().parents[2] / "loadtest" / "data" / "coriolanus.txt"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import EngineConfig, LLMEngine, SamplingParams, cpu_features
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.kernels import cpu_features
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import LinearBase, ReplicatedLinear
 from engine.layers.packed_linear import BF16_ON_FP32, ONEDNN_PACKED, can_pack, pack_linear_weights

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import pytest
 
 from engine import AsyncLLMEngine, EngineConfig, LLMEngine, RequestRejected, SamplingParams
-from engine.demo_models import ensure_checkpoint
-from engine.pooling import PoolingParams
+from engine.core.pooling import PoolingParams
+from engine.demo.checkpoints import ensure_checkpoint
 from tests.engine.async_requests import generate
 
 MAX_TOKENS = 12

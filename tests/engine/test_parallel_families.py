@@ -16,7 +16,7 @@ import random
 import pytest
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.demo_models import ensure_checkpoint
+from engine.demo.checkpoints import ensure_checkpoint
 
 # enforce_eager: no compiled decode kernel to warm up in each process (half of a case's time);
 # the compiled kernel under parallelism is test_parallel.py's.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engine import EngineConfig, EngineConfigError, LLMEngine
+from engine.core.step_plan import StepPlan
 from engine.distributed.parallel_state import stage_layers
-from engine.step_plan import StepPlan
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """A rank started by hand from the torch.distributed environment joins an engine (multi-node, on one machine).
 
-The engine runs only rank 0 here (LOCAL_WORLD_SIZE=1); rank 1 is `python -m engine.distributed`,
+The engine runs only rank 0 here (LOCAL_WORLD_SIZE=1); rank 1 is `python -m engine.executor`,
 as it would be on a second machine, finding rank 0 through MASTER_ADDR and MASTER_PORT.
 """
 
@@ -31,7 +31,7 @@ OPTIONS = {"tensor_parallel_size": 2, "num_kv_blocks": 64, "dtype": "float32"}
 
 
 def _launch_rank_1(options: dict, tmp_path: Path, monkeypatch) -> subprocess.Popen:
-    """Rank 1 as `python -m engine.distributed`; this process will be rank 0 and start no worker."""
+    """Rank 1 as `python -m engine.executor`; this process will be rank 0 and start no worker."""
     (tmp_path / "engine.json").write_text(json.dumps(options))
     port = _free_port()
     env = {
@@ -48,7 +48,7 @@ def _launch_rank_1(options: dict, tmp_path: Path, monkeypatch) -> subprocess.Pop
     monkeypatch.setenv("MASTER_PORT", str(port))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     return subprocess.Popen(
-        [sys.executable, "-m", "engine.distributed", "--config", str(tmp_path / "engine.json")], env=env
+        [sys.executable, "-m", "engine.executor", "--config", str(tmp_path / "engine.json")], env=env
     )
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from engine.distributed import parallel_state as ps
-from engine.weights import build_model
+from engine.loader.weights import build_model
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.pooling import PoolingParams
+from engine.core.pooling import PoolingParams
 
 PROMPTS = [list(range(5, 5 + 37)), [9, 8, 7, 6, 5]]
 

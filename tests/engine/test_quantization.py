@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from engine import EngineConfig, EngineConfigError, LLMEngine, SamplingParams
+from engine.evaluation.quality import compare, targets_for, teacher_forced_logits
 from engine.layers.packed_linear import FLOAT_METHOD_NAMES
 from engine.quant import QuantizationError, model_weight_bytes
 from engine.quant.fp8 import FP8_MAX, quantize_per_row
-from engine.quant.quality import compare, targets_for, teacher_forced_logits
 
 TEXT = Path(__file__).resolve().parents[2] / "loadtest" / "data" / "coriolanus.txt"
 WINDOW = 256

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from engine import EngineConfig, LLMEngine, RequestRejected, SamplingParams
-from engine.block_manager import BlockManager
-from engine.sampler import Sampler
-from engine.sampling_batch import SamplingBatch
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from engine.core.block_manager import BlockManager
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence
+from engine.executor.sampler import Sampler
+from engine.executor.sampling_batch import SamplingBatch
 
 V = 8
 EOS = 2

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import EngineConfig, EngineConfigError, LLMEngine, runtime
+from engine import EngineConfig, EngineConfigError, LLMEngine
 from engine import llm_engine as llm_engine_module
-from engine.distributed import __main__ as remote_rank
+from engine.executor import __main__ as remote_rank
+from engine.executor import runtime
+from engine.executor.runtime import Runtime, resolve_dtype, resolve_runtime
 from engine.layers import attention_backends
-from engine.runtime import Runtime, resolve_dtype, resolve_runtime
 
 
 @pytest.mark.parametrize(
@@ -117,7 +118,7 @@ def _rank_0_runtime(config: dict, monkeypatch) -> Runtime:
 
 
 def _remote_rank_runtime(config: dict, tmp_path: Path, monkeypatch) -> Runtime:
-    """What `python -m engine.distributed` hands join_and_load (stopped there: it joins nothing)."""
+    """What `python -m engine.executor` hands join_and_load (stopped there: it joins nothing)."""
     seen = []
 
     def join_and_load(_config, _rank, _local_rank, _address, backend, block_size):

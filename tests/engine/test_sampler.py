@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.sampler import Sampler, seeded_uniforms
-from engine.sampling_batch import SamplingBatch
+from engine.executor.sampler import Sampler, seeded_uniforms
+from engine.executor.sampling_batch import SamplingBatch
 from engine.sampling_params import SamplingParams
 
 V = 8

@@ -7,10 +7,10 @@ import itertools
 import pytest
 
 from engine import EngineConfig, LLMEngine, RequestRejected, SamplingParams
-from engine.block_manager import BlockManager
-from engine.input_processor import MAX_PRIORITY
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from engine.core.block_manager import BlockManager
+from engine.core.input_processor import MAX_PRIORITY
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence
 
 _ids = itertools.count()
 

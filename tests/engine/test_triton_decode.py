@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.cuda_graphs import capture_sizes
+from engine.executor.cuda_graphs import capture_sizes
 from tests.engine.triton_interpreted import run_interpreted
 
 
@@ -24,7 +24,7 @@ def test_kernel_matches_the_sdpa_decode_path(block_size):
         from types import SimpleNamespace
         from tests.engine.triton_interpreted import decode_metadata
         from engine.layers.attention_backends import SdpaBackend
-        from engine.layers.triton_attention import paged_decode_attention
+        from engine.kernels.triton_attention import paged_decode_attention
         torch.manual_seed(0)
         S, N, H, Hkv, D = {block_size}, 32, 8, 2, 40  # GQA, a head size that is not a power of two
         lens = [1, S - 1, S, 3 * S + 5, 5 * S]
@@ -75,7 +75,7 @@ def test_soft_capped_sliding_window_gemma2_decodes_through_the_triton_graph_path
     """tiny-gemma2 (attention soft-cap 0.5, windows of 8, GQA) on the path a CUDA engine with
     the triton backend takes: prompt steps on SDPA's explicit path, decode steps in the kernel
     with the graphs' static buffers and padding rows."""
-    from engine.demo_models import ensure_checkpoint
+    from engine.demo.checkpoints import ensure_checkpoint
 
     folder = str(ensure_checkpoint(model_cache, preset="tiny-gemma2"))
     prompts = [[1, *range(10, 30)], [1, 8, 9], [1, 5]]  # past the window, inside it; 3 rows pad to 4

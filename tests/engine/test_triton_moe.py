@@ -1,4 +1,4 @@
-"""The grouped-GEMM Triton MoE kernel (engine.layers.triton_moe) equals fused_experts.
+"""The grouped-GEMM Triton MoE kernel (engine.kernels.triton_moe) equals fused_experts.
 
 On CPU the kernel runs under Triton's interpreter, which must be switched on before triton is
 imported: each check runs in a fresh interpreter process with TRITON_INTERPRET=1 (as in
@@ -22,7 +22,7 @@ CASES = "[(8, 1), (8, 5), (4, 33)]"
 SETUP = """
 import torch
 from engine.layers.moe import FusedMoE, fused_experts, select_experts
-from engine.layers.triton_moe import triton_fused_experts
+from engine.kernels.triton_moe import triton_fused_experts
 
 def swiglu(gate_up):
     gate, up = gate_up.chunk(2, dim=-1)
@@ -110,7 +110,7 @@ def test_no_tokens_give_an_empty_result(interpreted):
 
 
 def test_alignment_pads_each_expert_s_pairs_to_whole_blocks():
-    from engine.layers.triton_moe import align_pairs
+    from engine.kernels.triton_moe import align_pairs
 
     ids = torch.tensor([[0, 2], [2, 1], [0, 2]])  # pairs 0..5; 6 marks padding
     sorted_pairs, block_expert = align_pairs(ids, num_experts=4, block_m=4)
@@ -128,7 +128,7 @@ def test_the_cpu_default_is_the_torch_path():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_moe_on_cuda_runs_the_kernel_and_equals_fused_experts(dtype, monkeypatch):
-    import engine.layers.triton_moe as triton_moe
+    import engine.kernels.triton_moe as triton_moe
 
     torch.manual_seed(0)
     calls = []

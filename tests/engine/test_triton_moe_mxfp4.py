@@ -1,4 +1,4 @@
-"""The grouped-GEMM Triton MoE kernel on packed MXFP4 experts (engine.layers.triton_moe, MXFP4=True).
+"""The grouped-GEMM Triton MoE kernel on packed MXFP4 experts (engine.kernels.triton_moe, MXFP4=True).
 
 The packed kernel must equal the float kernel on the dequantised weights (the same tiles, the
 same dot: exactly, under Triton's interpreter) and fused_experts on them. On CPU the kernel
@@ -25,7 +25,7 @@ CASES = "[(8, 1), (8, 5), (4, 33)]"
 SETUP = """
 import torch
 from engine.layers.moe import FusedMoE, fused_experts, select_experts
-from engine.layers.triton_moe import PackedWeight, align_pairs, grouped_linear, triton_fused_experts
+from engine.kernels.triton_moe import PackedWeight, align_pairs, grouped_linear, triton_fused_experts
 from tests.engine.test_triton_moe_mxfp4 import packed_and_dequantised, swiglu
 
 def routed(num_tokens, num_experts, dtype, hidden=64):
@@ -164,7 +164,7 @@ def test_packed_shard_that_would_split_an_mxfp4_block_is_refused_by_name():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_fused_moe_on_cuda_runs_the_kernel_and_equals_fused_experts(dtype, monkeypatch):
-    import engine.layers.triton_moe as triton_moe
+    import engine.kernels.triton_moe as triton_moe
     from engine.layers.moe import fused_experts, select_experts
 
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ import pytest
 
 from engine import EngineConfig, LLMEngine, RequestMetrics, RequestOutput
 from engine.async_engine import AsyncLLMEngine
-from engine.demo_models import ensure_checkpoint
+from engine.demo.checkpoints import ensure_checkpoint
 from schemas.codec import decode_job
 from schemas.responses import AssistantMessage
 from service.batcher import DynamicBatcher

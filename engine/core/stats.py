@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.scheduler import SchedulerOutput
+from engine.core.scheduler import SchedulerOutput
 
 
 @dataclass(slots=True)

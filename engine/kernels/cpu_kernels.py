@@ -1,4 +1,4 @@
-"""CPU kernels of ours in C++ (engine/layers/csrc): paged attention and the fused elementwise ops.
+"""CPU kernels of ours in C++ (engine/kernels/csrc): paged attention and the fused elementwise ops.
 
 Paged attention (paged_attention.cpp): one call per layer and step serves every sequence of the
 step, prompt chunks and decode rows alike: each attends over its cached context read in place from the paged KV cache (no page
@@ -6,7 +6,7 @@ gather, no per-sequence Python loop), the query heads sharing a KV head read eac
 the softmax is flash attention's online one in float32. vLLM's CPU backend does the same with
 its own C++ kernels; PyTorch's CPU SDPA (flash) kernel reached ~60 GFLOP/s on this project's
 2-core machine for prompts of 64-512 tokens, and the compiled decode kernel read the context
-three times (engine.layers.paged_decode).
+three times (engine.kernels.paged_decode).
 
 Fused ops (fused_ops.cpp): RMSNorm with its residual add, rotary embedding (in place) and
 SiLU-and-multiply, each one pass rounding where PyTorch's eager ops round; the layers call them
@@ -14,7 +14,7 @@ when the model runner sets their `fused` flag (engine option cpu_fused_ops).
 
 Built once per machine with the C++ compiler torch.compile also needs (torch's
 cpp_extension: cached under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), for the
-CPU's vector width (and AVX512-BF16's bfloat16 dot products where the CPU has them). Where it cannot be built, `load()` says why in the log and returns None:
+CPU's vector width (and AVX512-BF16's bfloat16 dot products where the CPU has them). Where it cannot be built, `load()` says why in the log and returns False:
 the SDPA backend then runs its portable path. Not used for fp8 caches, soft-capped logits or
 attention sinks (the SDPA backend's explicit path serves those).
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from engine import cpu_features
+from engine.kernels import cpu_features
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ byte-level BPE tokenizer trained on a built-in corpus. The same seed always
 gives byte-identical files, so tests can compare outputs across runs.
 
 ``tiny`` (~5M parameters) is for unit tests; ``small`` (~125M) is for benchmarks; the
-``tiny-*`` presets cover each family and its options (engine/demo_presets.py lists them; engine/demo_architectures.py names their Transformers classes).
+``tiny-*`` presets cover each family and its options (engine/demo/presets.py lists them; engine/demo/architectures.py names their Transformers classes).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from engine.demo_architectures import ARCHITECTURES
-from engine.demo_presets import PRESETS, Preset
-from engine.demo_tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+from engine.demo.architectures import ARCHITECTURES
+from engine.demo.presets import PRESETS, Preset
+from engine.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 
 __all__ = ["PRESETS", "build_checkpoint", "ensure_checkpoint"]
 
@@ -169,7 +169,3 @@ def _randomize_norms_and_biases(model: PreTrainedModel, std: float) -> None:
 
 def _is_one_centred_norm(model: PreTrainedModel) -> bool:
     return model.config.model_type.startswith("gemma")
-
-
-if __name__ == "__main__":
-    main()

@@ -24,10 +24,10 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.sequence import Sequence
+from engine.core.step_plan import PromptLogprobRows
 from engine.outputs import OutputLogprob, RequestOutput
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Sequence
-from engine.step_plan import PromptLogprobRows
 
 
 @dataclass(slots=True)

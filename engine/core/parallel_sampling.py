@@ -22,9 +22,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.sequence import Sequence
 from engine.outputs import RequestOutput
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Sequence
 
 
 @dataclass(slots=True)

@@ -1,7 +1,7 @@
 """Runtime: what every rank derives from the EngineConfig alone, by one rule.
 
 The engine's rank 0 (LLMEngine) and a rank started on another machine
-(`python -m engine.distributed`) both call `resolve_runtime(config)`, so the same options
+(`python -m engine.executor`) both call `resolve_runtime(config)`, so the same options
 give the same attention backend and KV block size on every rank; `resolve_dtype` turns
 dtype "auto" into the dtype this machine computes best in.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from engine import cpu_features
 from engine.config import ATTENTION_BACKENDS, EngineConfig, EngineConfigError
+from engine.kernels import cpu_features
 from engine.layers import attention_backends
 from engine.models import MODEL_REGISTRY
 

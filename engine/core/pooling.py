@@ -21,9 +21,9 @@ from typing import Literal
 
 import torch
 
+from engine.core.scheduler import SchedulerOutput
+from engine.core.sequence import Sequence
 from engine.outputs import RequestOutput
-from engine.scheduler import SchedulerOutput
-from engine.sequence import Sequence
 
 PoolingType = Literal["last", "mean"]
 

@@ -27,8 +27,8 @@ import bisect
 import logging
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
-from engine.sequence import Sequence, SequenceStatus
+from engine.core.block_manager import BlockManager
+from engine.core.sequence import Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The architectures engine.demo_models can build: one Preset per checkpoint, and its config.
+"""The architectures engine.demo.checkpoints can build: one Preset per checkpoint, and its config.
 
 ``tiny`` (~5M parameters) is for unit tests; ``small`` (~125M) is for benchmarks. The other
 ``tiny-*`` presets cover every family the engine serves (engine.models) and the options that
@@ -26,7 +26,7 @@ class Preset:
     # Above Llama's 0.02 default: at 0.02 random logits are near-uniform and greedy
     # decoding collapses into one- or two-token loops, hiding KV-cache/batching bugs.
     initializer_range: float = 0.05
-    architecture: str = "LlamaForCausalLM"  # a key of engine.demo_architectures.ARCHITECTURES
+    architecture: str = "LlamaForCausalLM"  # a key of engine.demo.architectures.ARCHITECTURES
     # Further config fields (sliding window, biases, tying, rope scaling); override defaults.
     options: dict[str, object] = dataclasses.field(default_factory=dict)
     # Transformers initialises norm weights to 1 and biases to 0, so a norm or bias loaded

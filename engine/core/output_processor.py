@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from engine.outputs import OutputLogprob, RequestMetrics, RequestOutput
-from engine.sampler import SampledLogprobs
-from engine.sequence import Sequence
+from engine.core.sequence import Sequence
+from engine.outputs import OutputLogprob, RequestMetrics, RequestOutput, SampledLogprobs
 
 
 @dataclass(slots=True)

@@ -29,13 +29,13 @@ import weakref
 
 import torch
 
-from engine.checkpoint import ModelLoadError
 from engine.config import EngineConfig
+from engine.core.step_plan import StepPlan
 from engine.distributed import parallel_state as ps
 from engine.distributed.layout import local_world_size_of
-from engine.distributed.worker import build_runner, join_and_load, run_worker
-from engine.sampler import SamplerOutput
-from engine.step_plan import StepPlan
+from engine.executor.sampler import SamplerOutput
+from engine.executor.worker import build_runner, join_and_load, run_worker
+from engine.loader.checkpoint import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
+from engine.core.sequence import Sequence
+from engine.core.structured_output import GrammarCompiler, InvalidStructuredOutput
 from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
-from engine.structured_output import GrammarCompiler, InvalidStructuredOutput
 
 MAX_PRIORITY = 1000  # priorities lie in [-MAX_PRIORITY, MAX_PRIORITY], so that aging bounds every wait
 
@@ -96,7 +96,7 @@ class InputProcessor:
     def process_pooling(
         self, request_id: str, prompt: str | list[int], pooling: str, priority: int
     ) -> Sequence:
-        """A pooling request's sequence: prefill only, its hidden states pooled (engine/pooling.py)."""
+        """A pooling request's sequence: prefill only, its hidden states pooled (engine/core/pooling.py)."""
         if self.config.pipeline_parallel_size > 1:
             raise RequestRejected("pooling (embedding) requests need pipeline_parallel_size 1")
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

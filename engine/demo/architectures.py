@@ -1,4 +1,4 @@
-"""The Transformers classes that build each architecture of engine.demo_presets: one
+"""The Transformers classes that build each architecture of engine.demo.presets: one
 (config class, model class) pair per `architectures` entry a preset names."""
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.core.scheduler import SchedulerOutput
+from engine.core.sequence import Sequence
+from engine.core.step_plan import StepPlan
 from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerOutput
-from engine.sequence import Sequence
-from engine.step_plan import StepPlan
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Batched sampler: one step's logits [N, V] -> N token ids, vectorised and without a host sync.
 
-`SamplingBatch` (engine.sampling_batch) holds the step's SamplingParams as per-row device
+`SamplingBatch` (engine.executor.sampling_batch) holds the step's SamplingParams as per-row device
 tensors plus host flags, so `Sampler` skips whatever no row asks for. The only transfer back
 to the host is the caller's, of the final token ids.
 """
@@ -11,22 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling_batch import SamplingBatch
+from engine.executor.sampling_batch import SamplingBatch
+from engine.outputs import SampledLogprobs
 
 # splitmix64 (Steele et al. 2014; java.util.SplittableRandom) constants, as signed int64
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15 - 2**64  # odd: stream step between vocabulary ids
 _MIX_1 = 0xBF58476D1CE4E5B9 - 2**64
 _MIX_2 = 0x94D049BB133111EB - 2**64
 _POSITION_MULT = 0xD1B54A32D192ED03 - 2**64  # odd: separates the output positions of a seed
-
-
-@dataclass(slots=True)
-class SampledLogprobs:
-    """Raw logprobs: log_softmax of the model's logits, before penalties and temperature."""
-
-    sampled_logprobs: torch.Tensor  # [N] float32: each row's sampled token
-    top_token_ids: torch.Tensor  # [N, K] int64, most likely first; K = max over rows, >= 1
-    top_logprobs: torch.Tensor  # [N, K] float32, descending; a row asking for k < K uses [:k]
 
 
 @dataclass(slots=True)

@@ -17,19 +17,19 @@ import logging
 import torch
 
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs
+from engine.core.step_plan import StepPlan
 from engine.distributed import parallel_state as ps
+from engine.executor.cuda_graphs import DecodeGraphs
+from engine.executor.sampler import Sampler, SamplerOutput
+from engine.executor.sampling_batch import SamplingBatch
 from engine.forward_context import AttentionMetadata, attention_metadata, group_by_length
-from engine.layers import cpu_kernels, paged_decode
+from engine.kernels import cpu_kernels, paged_decode
 from engine.layers.activation import ActAndMul
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.quant import kv_cache as fp8_kv
-from engine.sampler import Sampler, SamplerOutput
-from engine.sampling_batch import SamplingBatch
-from engine.step_plan import StepPlan
 
 log = logging.getLogger(__name__)
 

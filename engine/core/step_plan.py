@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.core.scheduler import SchedulerOutput
+from engine.core.sequence import Sequence
+from engine.core.structured_output import token_bitmask
 from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerOutput
-from engine.sequence import Sequence
-from engine.structured_output import token_bitmask
 
 
 @dataclass(slots=True)
@@ -65,7 +65,7 @@ class StepPlan:
     # prompt logprobs this step computes: (rows of the step's flat hidden states, target tokens)
     prompt_logprob_rows: tuple[list[int], list[int]] | None = None
     prompt_logprob_top: int = 0  # alternatives per prompt logprob row (PromptLogprobRows.num_top)
-    # rows of the step's flat final hidden states that pooling requests need (engine/pooling.py)
+    # rows of the step's flat final hidden states that pooling requests need (engine/core/pooling.py)
     pooling_rows: list[int] | None = None
 
     @classmethod

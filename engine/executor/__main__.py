@@ -1,7 +1,7 @@
 """Run one rank of a parallel engine whose rank 0 is on another machine (multi-node).
 
     RANK=8 LOCAL_RANK=0 WORLD_SIZE=16 MASTER_ADDR=node0 MASTER_PORT=29500 \\
-        python -m engine.distributed --config engine.json
+        python -m engine.executor --config engine.json
 
 `--config` is a JSON object of EngineConfig fields, the same as rank 0's engine (model,
 dtype, device, tensor_parallel_size, pipeline_parallel_size, block and KV options). The rank
@@ -20,12 +20,12 @@ from pathlib import Path
 
 from engine.config import EngineConfig, EngineConfigError
 from engine.distributed import parallel_state as ps
-from engine.distributed.worker import join_and_load, serve
-from engine.runtime import resolve_dtype, resolve_runtime
+from engine.executor.runtime import resolve_dtype, resolve_runtime
+from engine.executor.worker import join_and_load, serve
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.distributed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.executor", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="JSON file of EngineConfig fields (rank 0's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
@@ -36,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         rank, local_rank, world_size = (_env_int(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         address = f"tcp://{os.environ['MASTER_ADDR']}:{_env_int('MASTER_PORT')}"
     except (OSError, ValueError, TypeError, KeyError, EngineConfigError) as e:
-        print(f"python -m engine.distributed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"python -m engine.executor: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     if world_size != config.world_size or not 0 < rank < world_size:
         print(
-            f"python -m engine.distributed: WORLD_SIZE={world_size} must equal tensor_parallel_size * "
+            f"python -m engine.executor: WORLD_SIZE={world_size} must equal tensor_parallel_size * "
             f"pipeline_parallel_size = {config.world_size}, and RANK={rank} be in [1, {world_size})",
             file=sys.stderr,
         )

@@ -54,7 +54,7 @@ class Sequence:
         # None for a request's own sequence.
         self.parent: Sequence | None = None
         self.pooling: str | None = (
-            None  # a pooling (embedding) request's: "last" | "mean" (engine/pooling.py)
+            None  # a pooling (embedding) request's: "last" | "mean" (engine/core/pooling.py)
         )
         self.num_preemptions = 0
         self.finish_reason: str | None = None

@@ -17,15 +17,16 @@ import threading
 
 import torch
 
-from engine.checkpoint import check_checkpoint_folder
 from engine.config import EngineConfig
 from engine.distributed import parallel_state as ps
 from engine.distributed.layout import local_world_size_of
+from engine.executor.model_runner import ModelRunner
+from engine.executor.sampler import SamplerOutput
 from engine.layers.packed_linear import pack_linear_weights
-from engine.model_runner import ModelRunner
+from engine.loader.checkpoint import check_checkpoint_folder
+from engine.loader.weights import build_model
+from engine.outputs import SampledLogprobs
 from engine.quant import make_plan
-from engine.sampler import SampledLogprobs, SamplerOutput
-from engine.weights import build_model
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from engine.sequence import Sequence
+from engine.core.sequence import Sequence
 
 
 @dataclass(slots=True)

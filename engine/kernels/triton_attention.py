@@ -4,7 +4,7 @@ Used by the "triton" attention backend for decode-only steps on CUDA where the f
 package is missing. Unlike the SDPA path (gather pages, pad, mask), it does no host-side
 work per step and allocates nothing: every shape is fixed by the batch size, and the loop
 over a row's pages reads its length from device memory. That makes decode steps capturable
-as CUDA graphs (engine.cuda_graphs).
+as CUDA graphs (engine.executor.cuda_graphs).
 
 One program per (sequence, query head) walks the sequence's pages with an online softmax in
 float32. On CPU tensors the same kernel runs under Triton's interpreter (TRITON_INTERPRET=1,

@@ -69,7 +69,7 @@ class SamplingBatch:
     ) -> SamplingBatch:
         """Per-row tensors for one step; a few small host-to-device copies, no sync.
 
-        token_bitmask: the step's grammar masks on the host (engine.structured_output), if any.
+        token_bitmask: the step's grammar masks on the host (engine.core.structured_output), if any.
         """
         device = torch.device(device)
         ps = params_list

@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from engine.checkpoint import ModelLoadError
 from engine.layers.tp import get_tp_size
+from engine.loader.checkpoint import ModelLoadError
 from engine.models import model_class_for
 from engine.quant.plan import (
     NO_QUANTIZATION,
