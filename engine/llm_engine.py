@@ -2,15 +2,18 @@
 
 One step, each arrow one way (nothing later calls back into an earlier stage):
 
-    scheduler.schedule()        what runs: prompt chunks and decodes within the token budget
-    -> executor.execute(plan)   the model and the sampler on every rank; one host sync
-    -> scheduler.update_from_output()   appends tokens; EOS, stop tokens, max_tokens and
-                                grammars finish sequences, which free their blocks
-    -> output_processor.process()   text, stop strings, logprobs -> RequestOutputs
-    -> parallel_sampler         forks the samples of n/best_of > 1 requests, gathers their outputs
-    -> choice_scorer            scores `choice` requests and holds their outputs until done
-    -> pooler                   pooling (embedding) requests: their pooled hidden states
+    schedule    scheduler.schedule(): prompt chunks and decodes within the token budget
+    -> plan     StepPlan.build(): the step's inputs, its prompt logprob and pooling rows
+    -> execute  executor.execute(plan): the model and the sampler on every rank; one host sync
+    -> update   scheduler.update_from_output(): appends tokens; EOS, stop tokens, max_tokens and
+                grammars finish sequences, which free their blocks
+    -> stages   every PostStepStage's update (engine/core/stages.py): parallel samples (n /
+                best_of), choice scoring, pooling; each returns its effects
+    -> outputs  output_processor.process(): text, stop strings, logprobs -> RequestOutputs,
+                passed down the stages' holds
 
+The stages and the output processor never call the scheduler: they return effects (forks to
+add, sequences to finish, held outputs released), which `_apply` applies in one place.
 Requests join (InputProcessor: tokenise and check) and leave between any two steps.
 """
 
@@ -28,17 +31,18 @@ from engine.core.choice_scoring import ChoiceScorer
 from engine.core.input_processor import InputProcessor, RequestRejected
 from engine.core.output_processor import OutputProcessor
 from engine.core.parallel_sampling import ParallelSampler
-from engine.core.pooling import Pooler, PoolingParams, PoolingRows
+from engine.core.pooling import Pooler, PoolingParams
 from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.core.sequence import Sequence
+from engine.core.stages import PostStepStage, StageEffects, StepResult
 from engine.core.stats import EngineStats, StepTotals
-from engine.core.step_plan import PromptLogprobRows, StepPlan
+from engine.core.step_plan import PoolingRows, PromptLogprobRows, StepPlan
 from engine.distributed.layout import check_parallel_layout
 from engine.executor.cuda_graphs import use_decode_graphs
 from engine.executor.executor import EngineDeadError, MultiprocExecutor, UniprocExecutor
 from engine.executor.runtime import resolve_dtype, resolve_runtime
 from engine.loader.checkpoint import read_checkpoint
-from engine.outputs import RequestOutput
+from engine.outputs import ModelRunnerOutput, RequestOutput
 from engine.quant import make_plan
 from engine.sampling_params import SamplingParams
 
@@ -93,9 +97,12 @@ class LLMEngine:
             self.block_size,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.choice_scorer = ChoiceScorer(self.scheduler)
+        self.parallel_sampler = ParallelSampler(self.input_processor.fork_grammar)
+        self.choice_scorer = ChoiceScorer()
         self.pooler = Pooler()
-        self.parallel_sampler = ParallelSampler(self.scheduler, self.input_processor.fork_grammar)
+        # in the order an output passes down their holds: a sample's output is gathered into its
+        # request's first, whose choices are then scored
+        self.stages: list[PostStepStage] = [self.parallel_sampler, self.choice_scorer, self.pooler]
 
     def add_request(
         self,
@@ -129,17 +136,15 @@ class LLMEngine:
         seq = self._requests.pop(request_id, None)
         if seq is None:
             return False
-        scorers, held = self.choice_scorer.abort(seq)
-        samples = self.parallel_sampler.abort(seq)
-        for s in [seq, *scorers, *samples]:
-            if not s.is_finished:
-                self.scheduler.finish(s, "abort")
-        for s in samples:
-            self.output_processor.abort(s)  # forgets what it recorded for them
-        self.pooler.abort(seq)
-        if held is not None:  # its text was done, its choices were being scored
-            held.finish_reason = "abort"
-        output = held or self.output_processor.abort(seq)
+        effects = [stage.abort(seq) for stage in self.stages]
+        if not seq.is_finished:
+            effects.append(StageEffects(finish=[(seq, "abort", None)]))
+        for s, _, _ in (finish for e in effects for finish in e.finish):
+            if s is not seq:
+                self.output_processor.forget(s)
+        # a held output: its text was done, its choices were being scored
+        held = [output for _, output, _ in self._apply(effects)]
+        output = held[0] if held else self.output_processor.abort(seq)
         if report:
             self._aborted.append(output)
         return True
@@ -151,36 +156,53 @@ class LLMEngine:
         if out.is_empty:
             return outputs
         self._step_totals.record(out)
-        rows = PromptLogprobRows.of(out)
-        pooling_rows = PoolingRows.of(out)
-        plan = StepPlan.build(out, self.vocab_size, rows)
-        plan.pooling_rows = pooling_rows.rows if pooling_rows is not None else None
-        result, token_ids = self._execute(out, plan, outputs)
-        self.pooler.update(pooling_rows, result.pooled_hidden if result is not None else None)
-        finished = self.scheduler.update_from_output(out, token_ids)
-        processed = self.output_processor.process(
-            out.sampling_seqs, token_ids, result.logprobs if result is not None else None, finished
-        )
-        for seq, stop in processed.stopped:
-            self.scheduler.finish(seq, "stop", stop)
-        for fork in self.parallel_sampler.update(out):
-            self.output_processor.add(fork)
-        outputs += self.choice_scorer.update(out, rows, *_prompt_logprobs(result, rows))
-        gathered = [g for seq, output in processed.outputs if (g := self.parallel_sampler.hold(seq, output))]
-        outputs += [
-            self.pooler.hold(seq, o)
-            for seq, output in gathered
-            if (o := self.choice_scorer.hold(seq, output))
-        ]
+        prompt_logprob_rows, pooling_rows = PromptLogprobRows.of(out), PoolingRows.of(out)
+        plan = StepPlan.build(out, self.vocab_size, prompt_logprob_rows, pooling_rows)
+        step = self._execute(out, plan, outputs)
+        step.prompt_logprob_rows, step.pooling_rows = prompt_logprob_rows, pooling_rows
+        finished = self.scheduler.update_from_output(out, step.token_ids)
+        effects = [stage.update(step) for stage in self.stages]
+        processed = self.output_processor.process(out.sampling_seqs, step.token_ids, step.logprobs, finished)
+        released = self._apply([*effects, processed.effects])
+        outputs += self._pass_down(released)
+        outputs += self._pass_down([(seq, output, 0) for seq, output in processed.outputs])
         for output in outputs:
             self._requests.pop(output.request_id, None)
         return outputs
 
-    def _execute(self, out: SchedulerOutput, plan: StepPlan, outputs: list[RequestOutput]):
-        """The model run and its one host sync: (the runner's result, the sampled token ids)."""
+    def _apply(self, effects: list[StageEffects]) -> list[tuple[Sequence, RequestOutput, int]]:
+        """The one place where what the stages (effects[i]: self.stages[i]'s) and the output
+        processor asked for happens: sequences finish, forks join the batch. Returns the released
+        outputs, each with the stage after the one that held it (where it goes on down the holds)."""
+        released = []
+        for index, stage_effects in enumerate(effects):
+            for seq, reason, stop_reason in stage_effects.finish:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, reason, stop_reason)
+            for fork in stage_effects.forks:
+                self.output_processor.add(fork)
+                self.scheduler.add(fork)
+            released += [(seq, output, index + 1) for seq, output in stage_effects.released]
+        return released
+
+    def _pass_down(self, items: list[tuple[Sequence, RequestOutput, int]]) -> list[RequestOutput]:
+        """Pass finished outputs down the stages' holds, each from the stage given; the outputs
+        that come out at the bottom are the requests' results."""
+        results = []
+        for seq, output, first in items:
+            held = (seq, output)
+            for stage in self.stages[first:]:
+                held = stage.hold(*held)
+                if held is None:
+                    break
+            if held is not None:
+                results.append(held[1])
+        return results
+
+    def _execute(self, out: SchedulerOutput, plan: StepPlan, outputs: list[RequestOutput]) -> StepResult:
+        """The model run and its one host sync: the step's results on the host."""
         try:
             result = self.executor.execute(plan)
-            return result, result.sampled_token_ids.tolist() if result is not None else []
         except EngineDeadError:
             raise
         except Exception as e:
@@ -192,6 +214,7 @@ class LLMEngine:
             self.scheduler.requeue(out.seqs)
             self._aborted = outputs + self._aborted  # still to be reported
             raise StepFailed(sorted({seq.request_id for seq in out.seqs}), e) from e
+        return _on_host(out, result)
 
     def stats(self) -> EngineStats:
         """A snapshot for monitoring; safe to call from any thread."""
@@ -248,9 +271,18 @@ class StepFailed(RuntimeError):
         self.cause = cause
 
 
-def _prompt_logprobs(result, rows: PromptLogprobRows | None) -> tuple[list, list | None]:
-    """The step's prompt logprobs [R] and top logprobs ((ids, logprobs), [R, K] each, or None) as lists."""
-    if rows is None:
-        return [], None
-    top = result.prompt_top_logprobs
-    return result.prompt_logprobs.tolist(), None if top is None else [t.tolist() for t in top]
+def _on_host(out: SchedulerOutput, result: ModelRunnerOutput | None) -> StepResult:
+    """The runner's device tensors as the core reads them (the step's one host sync)."""
+    step = StepResult(out, [], None)
+    if result is None:
+        return step
+    step.token_ids = result.sampled_token_ids.tolist()
+    step.logprobs = result.logprobs
+    if result.prompt_logprobs is not None:
+        step.prompt_logprobs = result.prompt_logprobs.tolist()
+    if result.prompt_top_logprobs is not None:
+        ids, values = result.prompt_top_logprobs
+        step.prompt_top_logprobs = (ids.tolist(), values.tolist())
+    if result.pooled_hidden is not None:
+        step.pooled_hidden = result.pooled_hidden.cpu()
+    return step

@@ -1,5 +1,6 @@
-"""What the engine hands back: RequestOutput for one request, and the raw per-step tensors the
-sampler produces for the core to turn into outputs (SampledLogprobs)."""
+"""What the engine hands back: RequestOutput for one request; and what a step hands back to the
+engine: the model runner's ModelRunnerOutput (its sampled tokens and SampledLogprobs, prompt
+logprobs, pooled hidden states), which the core turns into outputs."""
 
 from __future__ import annotations
 
@@ -56,3 +57,37 @@ class SampledLogprobs:
     sampled_logprobs: torch.Tensor  # [N] float32: each row's sampled token
     top_token_ids: torch.Tensor  # [N, K] int64, most likely first; K = max over rows, >= 1
     top_logprobs: torch.Tensor  # [N, K] float32, descending; a row asking for k < K uses [:k]
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """One step's results on the rank that samples (device tensors; ModelRunnerOutput.cpu() to send).
+
+    Every field is None (or empty) where the step asked for nothing of that kind.
+    """
+
+    sampled_token_ids: torch.Tensor  # [N] int64: one per sampling row, in batch order
+    logprobs: SampledLogprobs | None  # None when no sampling row asked for logprobs
+    # [R] float32: the step's prompt logprobs (StepPlan.prompt_logprob_rows), in row order
+    prompt_logprobs: torch.Tensor | None = None
+    # ([R, K] int64 ids, [R, K] float32 logprobs): each prompt logprob row's K most likely tokens,
+    # when a row's request asked for alternatives (a greedy choice's answer)
+    prompt_top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
+    # [P, H] float32: the final hidden states at StepPlan.pooling_rows
+    pooled_hidden: torch.Tensor | None = None
+
+    def cpu(self) -> ModelRunnerOutput:
+        """A copy on the host, every field included (what a worker sends to rank 0)."""
+        logprobs = self.logprobs
+        if logprobs is not None:
+            logprobs = SampledLogprobs(
+                logprobs.sampled_logprobs.cpu(), logprobs.top_token_ids.cpu(), logprobs.top_logprobs.cpu()
+            )
+        top = self.prompt_top_logprobs
+        return ModelRunnerOutput(
+            self.sampled_token_ids.cpu(),
+            logprobs,
+            None if self.prompt_logprobs is None else self.prompt_logprobs.cpu(),
+            None if top is None else (top[0].cpu(), top[1].cpu()),
+            None if self.pooled_hidden is None else self.pooled_hidden.cpu(),
+        )

@@ -24,9 +24,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.core.sequence import Sequence
-from engine.core.step_plan import PromptLogprobRows
+from engine.core.stages import StageEffects, StepResult
 from engine.outputs import OutputLogprob, RequestOutput
 
 
@@ -45,10 +44,9 @@ class _Choices:
 
 
 class ChoiceScorer:
-    """Owns the scoring sequences of every `choice` request, by object."""
+    """Owns the scoring sequences of every `choice` request, by object (a PostStepStage)."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
-        self._scheduler = scheduler
+    def __init__(self) -> None:
         self._requests: dict[Sequence, _Choices] = {}  # a request's own sequence -> its choices
         # each scoring sequence's logprobs by token position: a recomputed position (after a
         # preemption) overwrites its value instead of counting twice
@@ -60,16 +58,12 @@ class ChoiceScorer:
         """Score these choices (`token_ids`: each one's tokens with EOS) for the request `seq`."""
         self._requests[seq] = _Choices(choices, token_ids)
 
-    def update(
-        self,
-        out: SchedulerOutput,
-        rows: PromptLogprobRows | None,
-        logprobs: list[float],
-        top: tuple[list[list[int]], list[list[float]]] | None = None,
-    ) -> list[RequestOutput]:
-        """After a step: record its prompt logprobs (and alternatives, `top`: [R, K] ids and
-        logprobs), fork the scorers of requests whose prompt is now computed, and return the
-        held outputs whose choices are now all scored."""
+    def update(self, step: StepResult) -> StageEffects:
+        """After a step: record its prompt logprobs (and their alternatives), fork the scorers of
+        requests whose prompt is now computed, and release the held outputs whose choices are
+        now all scored."""
+        rows, logprobs, top = step.prompt_logprob_rows, step.prompt_logprobs, step.prompt_top_logprobs
+        effects = StageEffects()
         if rows is not None:
             for row, ((scorer, position), logprob) in enumerate(zip(rows.owners, logprobs, strict=True)):
                 if scorer in self._logprobs:
@@ -78,43 +72,49 @@ class ChoiceScorer:
                         self._top.setdefault(scorer, {})[position] = list(
                             zip(top[0][row][:k], top[1][row][:k], strict=True)
                         )
-        for seq in out.seqs:
+        for seq in step.scheduled.seqs:
             request = self._requests.get(seq)
             if (
                 request is not None
                 and not request.scorers
                 and seq.num_computed_tokens >= seq.num_prompt_tokens
             ):
-                self._fork(seq, request)
+                effects.forks += self._fork(seq, request)
         done = [seq for seq, r in self._requests.items() if r.output is not None and r.is_done]
-        return [self._release(seq) for seq in done]
+        effects.released += [(seq, self._release(seq)) for seq in done]
+        return effects
 
-    def hold(self, seq: Sequence, output: RequestOutput) -> RequestOutput | None:
-        """The output of a finished request, or None while its choices are still being scored."""
+    def hold(self, seq: Sequence, output: RequestOutput) -> tuple[Sequence, RequestOutput] | None:
+        """A finished request's output, or None while its choices are still being scored."""
         request = self._requests.get(seq)
         if request is None:
-            return output
+            return seq, output
         request.output = output
-        return self._release(seq) if request.is_done else None
+        return (seq, self._release(seq)) if request.is_done else None
 
-    def abort(self, seq: Sequence) -> tuple[list[Sequence], RequestOutput | None]:
-        """Forget the request: its unfinished scoring sequences (to finish) and its held output, if any."""
+    def abort(self, seq: Sequence) -> StageEffects:
+        """Forget the request: its unfinished scoring sequences, to finish; its held output (its
+        text was done, its choices were being scored), released as aborted."""
         request = self._requests.pop(seq, None)
         if request is None:
-            return [], None
+            return StageEffects()
         for scorer in request.scorers:
             self._logprobs.pop(scorer, None)
             self._top.pop(scorer, None)
-        return [s for s in request.scorers if not s.is_finished], request.output
+        effects = StageEffects(finish=[(s, "abort", None) for s in request.scorers if not s.is_finished])
+        if request.output is not None:
+            request.output.finish_reason = "abort"
+            effects.released.append((seq, request.output))
+        return effects
 
-    def _fork(self, seq: Sequence, request: _Choices) -> None:
+    def _fork(self, seq: Sequence, request: _Choices) -> list[Sequence]:
         for choice_ids in request.token_ids:
             scorer = Sequence(seq.request_id, seq.prompt_token_ids + choice_ids, seq.params, 0, seq.priority)
             scorer.parent = seq
             scorer.prompt_logprobs_from = seq.num_prompt_tokens
             request.scorers.append(scorer)
             self._logprobs[scorer] = {}
-            self._scheduler.add(scorer)
+        return request.scorers
 
     def _release(self, seq: Sequence) -> RequestOutput:
         request = self._requests.pop(seq)

@@ -1,9 +1,13 @@
 """OutputProcessor: from sampled tokens to RequestOutputs (text, stop strings, logprobs).
 
 The last stage of a step. Stop strings need text, which the scheduler does not have: the
-processor checks each new token's tail window for them and reports the sequences they end,
-which the engine then finishes in the scheduler. A request's text is decoded once, when it
-finishes; nothing decodes a whole output per token.
+processor checks each new token's tail window for them and returns the sequences they end as
+effects (StageEffects.finish), which the engine applies with the stages' own. A request's text
+is decoded once, when it finishes; nothing decodes a whole output per token.
+
+A stop string counts from `min_tokens` on, and only where it ends in the newest token's text
+(as vLLM's check): an occurrence the output held before `min_tokens` neither stops the request
+nor marks where its text is cut.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import time
 from dataclasses import dataclass
 
 from engine.core.sequence import Sequence
+from engine.core.stages import StageEffects
 from engine.outputs import OutputLogprob, RequestMetrics, RequestOutput, SampledLogprobs
 
 
 @dataclass(slots=True)
 class ProcessedStep:
-    outputs: list[tuple[Sequence, RequestOutput]]  # requests finished this step, with their outputs
-    stopped: list[tuple[Sequence, str]]  # running sequences a stop string ended: to finish
+    outputs: list[tuple[Sequence, RequestOutput]]  # sequences finished this step, with their outputs
+    effects: StageEffects  # running sequences a stop string ended: to finish ("stop", the string)
 
 
 class OutputProcessor:
@@ -27,7 +32,8 @@ class OutputProcessor:
         self._logprobs: dict[Sequence, list[OutputLogprob]] = {}  # requests that asked for logprobs
 
     def add(self, seq: Sequence) -> None:
-        if seq.params.logprobs is not None:
+        """Follow a sequence whose output the request sees (others are ignored)."""
+        if seq.gives_output and seq.params.logprobs is not None:
             self._logprobs[seq] = []
 
     def process(
@@ -41,19 +47,19 @@ class OutputProcessor:
         if logprobs is not None:
             self._record_logprobs(sampling, token_ids, logprobs)
         stops = {seq: stop for seq in sampling if (stop := self._stop_string(seq)) is not None}
-        stopped = [(seq, stop) for seq, stop in stops.items() if not seq.is_finished]
-        ended = [*finished, *(seq for seq, _ in stopped)]
-        # a request's own sequences and its parallel samples (forks that decode); not scoring forks
-        outputs = [
-            (seq, self._output(seq, stops.get(seq)))
-            for seq in ended
-            if seq.parent is None or not seq.is_prefill_only
-        ]
-        return ProcessedStep(outputs, stopped)
+        stopped = [(seq, "stop", stop) for seq, stop in stops.items() if not seq.is_finished]
+        ended = [*finished, *(seq for seq, _, _ in stopped)]
+        outputs = [(seq, self._output(seq, stops.get(seq))) for seq in ended if seq.gives_output]
+        return ProcessedStep(outputs, StageEffects(finish=stopped))
 
     def abort(self, seq: Sequence) -> RequestOutput:
         """The output of a request the engine has just aborted."""
         return self._output(seq, None)
+
+    def forget(self, seq: Sequence) -> None:
+        """Drop what was recorded for a sequence that ends without an output of its own (an
+        aborted request's samples)."""
+        self._logprobs.pop(seq, None)
 
     def _stop_string(self, seq: Sequence) -> str | None:
         stop_strings = seq.params.stop
@@ -68,9 +74,10 @@ class OutputProcessor:
         # The window's first characters may decode differently than mid-text (a dropped
         # leading space, a split UTF-8 sequence); at twice the longest stop string plus 8
         # tokens they lie well before any occurrence that reaches the newest token.
-        window = 2 * max(map(len, stop_strings)) + 8
-        text = self._decode(seq.output_token_ids[-window:], seq.params.skip_special_tokens)
-        return next((stop for stop in stop_strings if stop in text), None)
+        window = seq.output_token_ids[-(2 * max(map(len, stop_strings)) + 8) :]
+        skip = seq.params.skip_special_tokens
+        text, before = self._decode(window, skip), self._decode(window[:-1], skip)
+        return next((stop for stop in stop_strings if _ends_in_newest(text, before, stop) >= 0), None)
 
     def _output(self, seq: Sequence, stop_string: str | None) -> RequestOutput:
         finish_reason, stop_reason = (
@@ -81,8 +88,11 @@ class OutputProcessor:
         # the stop token is not text (unless asked for: then it is, as vLLM does)
         is_stop_token = isinstance(stop_reason, int) and not params.include_stop_str_in_output
         text = self._decode(output_ids[:-1] if is_stop_token else output_ids, params.skip_special_tokens)
-        if stop_string:
-            end = text.find(stop_string)
+        if stop_string:  # cut where the occurrence that stopped it starts
+            end = _ends_in_newest(
+                text, self._decode(output_ids[:-1], params.skip_special_tokens), stop_string
+            )
+            end = end if end >= 0 else text.find(stop_string)
             text = text[: end + len(stop_string) if params.include_stop_str_in_output else end]
         metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, time.time(), seq.num_preemptions)
         return RequestOutput(
@@ -112,3 +122,9 @@ class OutputProcessor:
 
     def _decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def _ends_in_newest(text: str, before: str, stop: str) -> int:
+    """Where in `text` the first occurrence of `stop` that ends in the newest token's characters
+    starts (`before`: the text without the newest token), or -1."""
+    return text.find(stop, max(0, len(before) - len(stop) + 1))

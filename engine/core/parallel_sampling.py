@@ -22,8 +22,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.core.sequence import Sequence
+from engine.core.stages import StageEffects, StepResult
 from engine.outputs import RequestOutput
 
 
@@ -37,10 +37,9 @@ class _Samples:
 
 
 class ParallelSampler:
-    """Owns the forked samples of every request with n or best_of > 1, by object."""
+    """Owns the forked samples of every request with n or best_of > 1, by object (a PostStepStage)."""
 
-    def __init__(self, scheduler: Scheduler, grammar_of: Callable[[Sequence], object | None]) -> None:
-        self._scheduler = scheduler
+    def __init__(self, grammar_of: Callable[[Sequence], object | None]) -> None:
         self._grammar_of = grammar_of  # a fresh grammar matcher for a fork (None: unconstrained)
         self._requests: dict[Sequence, _Samples] = {}  # a request's own sequence -> its samples
         self._parents: dict[Sequence, Sequence] = {}  # a fork -> its request's own sequence
@@ -57,15 +56,14 @@ class ParallelSampler:
             request.strip_logprobs = True
         self._requests[seq] = request
 
-    def update(self, out: SchedulerOutput) -> list[Sequence]:
-        """After a step: fork the samples of requests whose prompt is now computed (returned, for
-        the OutputProcessor to follow)."""
-        forked = []
-        for seq in out.seqs:
+    def update(self, step: StepResult) -> StageEffects:
+        """After a step: fork the samples of requests whose prompt is now computed."""
+        effects = StageEffects()
+        for seq in step.scheduled.seqs:
             request = self._requests.get(seq)
             if request is not None and not request.forks and seq.num_computed_tokens >= seq.num_prompt_tokens:
-                forked += self._fork(seq, request)
-        return forked
+                effects.forks += self._fork(seq, request)
+        return effects
 
     def hold(self, seq: Sequence, output: RequestOutput) -> tuple[Sequence, RequestOutput] | None:
         """A finished sequence's output: (its request's own sequence, the request's output) once every
@@ -79,14 +77,14 @@ class ParallelSampler:
             return None
         return parent, self._release(parent)
 
-    def abort(self, seq: Sequence) -> list[Sequence]:
-        """Forget the request: its unfinished forks (to finish)."""
+    def abort(self, seq: Sequence) -> StageEffects:
+        """Forget the request: its unfinished forks, to finish."""
         request = self._requests.pop(seq, None)
         if request is None:
-            return []
+            return StageEffects()
         for fork in request.forks:
             self._parents.pop(fork, None)
-        return [fork for fork in request.forks if not fork.is_finished]
+        return StageEffects(finish=[(fork, "abort", None) for fork in request.forks if not fork.is_finished])
 
     def _fork(self, seq: Sequence, request: _Samples) -> list[Sequence]:
         params = seq.params
@@ -99,7 +97,6 @@ class ParallelSampler:
             fork.grammar = self._grammar_of(fork)
             request.forks.append(fork)
             self._parents[fork] = seq
-            self._scheduler.add(fork)
         return request.forks
 
     def _release(self, seq: Sequence) -> RequestOutput:

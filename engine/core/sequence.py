@@ -89,6 +89,12 @@ class Sequence:
         return self.max_tokens == 0
 
     @property
+    def gives_output(self) -> bool:
+        """Whether the request sees this sequence's output: its own sequence and its parallel
+        samples do; a choice's scoring sequences (forks that sample nothing) do not."""
+        return self.parent is None or not self.is_prefill_only
+
+    @property
     def first_logits_position(self) -> int:
         """The first position whose logits this sequence needs: it is computed, never taken from the prefix cache."""
         if self.prompt_logprobs_from is not None:

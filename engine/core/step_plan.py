@@ -50,6 +50,32 @@ class PromptLogprobRows:
 
 
 @dataclass(slots=True)
+class PoolingRows:
+    """The rows of a step's flat hidden states that pooling sequences need, with their owners."""
+
+    rows: list[int] = field(default_factory=list)
+    owners: list[Sequence] = field(default_factory=list)
+    restarts: list[Sequence] = field(default_factory=list)  # mean pooling computing from position 0
+
+    @classmethod
+    def of(cls, out: SchedulerOutput) -> PoolingRows | None:
+        rows = cls()
+        offset = 0
+        for seq, num_new in zip(out.seqs, out.num_new_tokens, strict=True):
+            start = seq.num_computed_tokens
+            if seq.pooling == "mean":
+                if start == 0:
+                    rows.restarts.append(seq)
+                rows.rows += range(offset, offset + num_new)
+                rows.owners += [seq] * num_new
+            elif seq.pooling == "last" and start + num_new == seq.num_tokens:
+                rows.rows.append(offset + num_new - 1)
+                rows.owners.append(seq)
+            offset += num_new
+        return rows if rows.rows else None
+
+
+@dataclass(slots=True)
 class StepPlan:
     # one entry per scheduled sequence, in batch order
     token_ids: list[list[int]]  # the tokens computed this step
@@ -70,7 +96,11 @@ class StepPlan:
 
     @classmethod
     def build(
-        cls, out: SchedulerOutput, vocab_size: int, prompt_logprobs: PromptLogprobRows | None = None
+        cls,
+        out: SchedulerOutput,
+        vocab_size: int,
+        prompt_logprobs: PromptLogprobRows | None = None,
+        pooling: PoolingRows | None = None,
     ) -> StepPlan:
         plan = cls([], [], [], list(out.is_sampling))
         for seq, num_new, samples in zip(out.seqs, out.num_new_tokens, out.is_sampling, strict=True):
@@ -87,6 +117,8 @@ class StepPlan:
         if prompt_logprobs is not None:
             plan.prompt_logprob_rows = (prompt_logprobs.rows, prompt_logprobs.targets)
             plan.prompt_logprob_top = prompt_logprobs.num_top
+        if pooling is not None:
+            plan.pooling_rows = pooling.rows
         return plan
 
     @property

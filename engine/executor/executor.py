@@ -33,9 +33,9 @@ from engine.config import EngineConfig
 from engine.core.step_plan import StepPlan
 from engine.distributed import parallel_state as ps
 from engine.distributed.layout import local_world_size_of
-from engine.executor.sampler import SamplerOutput
 from engine.executor.worker import build_runner, join_and_load, run_worker
 from engine.loader.checkpoint import ModelLoadError
+from engine.outputs import ModelRunnerOutput
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class UniprocExecutor:
         self.num_blocks = self.runner.allocate_kv_cache()
         self.num_parameters_per_rank = [self.runner.num_parameters()]
 
-    def execute(self, plan: StepPlan) -> SamplerOutput | None:
+    def execute(self, plan: StepPlan) -> ModelRunnerOutput | None:
         return self.runner.execute(plan)
 
     def shutdown(self) -> None:
@@ -112,7 +112,7 @@ class MultiprocExecutor:
                 raise
             raise failure from e
 
-    def execute(self, plan: StepPlan) -> SamplerOutput | None:
+    def execute(self, plan: StepPlan) -> ModelRunnerOutput | None:
         """Run one step on every rank; the sampled tokens come back here, on the CPU where remote."""
         self._check_alive()
         state = ps.get_parallel_state()

@@ -20,7 +20,7 @@ from engine.config import EngineConfig
 from engine.core.step_plan import StepPlan
 from engine.distributed import parallel_state as ps
 from engine.executor.cuda_graphs import DecodeGraphs
-from engine.executor.sampler import Sampler, SamplerOutput
+from engine.executor.sampler import Sampler
 from engine.executor.sampling_batch import SamplingBatch
 from engine.forward_context import AttentionMetadata, attention_metadata, group_by_length
 from engine.kernels import cpu_kernels, paged_decode
@@ -29,6 +29,7 @@ from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
+from engine.outputs import ModelRunnerOutput
 from engine.quant import kv_cache as fp8_kv
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,8 @@ class ModelRunner:
         self.decode_graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> SamplerOutput | None:
-        """Run one step. Returns the SamplerOutput (device tensors) on the sampling rank, else None.
+    def execute(self, plan: StepPlan) -> ModelRunnerOutput | None:
+        """Run one step. Returns its ModelRunnerOutput (device tensors) on the sampling rank, else None.
 
         Every rank of a parallel engine calls this with the same plan at the same time; the
         sampling rank's plan carries the sampling rows (and their grammar masks and prompt
@@ -172,7 +173,7 @@ class ModelRunner:
 
     def _sample(
         self, plan: StepPlan, logits: list[torch.Tensor], hiddens: list[torch.Tensor]
-    ) -> SamplerOutput | None:
+    ) -> ModelRunnerOutput | None:
         rows = plan.prompt_logprob_rows
         prompt_logprobs = prompt_top = None
         if rows is not None:
@@ -186,7 +187,7 @@ class ModelRunner:
             no_tokens = torch.empty(0, dtype=torch.int64, device=self.device)
             if prompt_logprobs is None and pooled is None:
                 return None
-            return SamplerOutput(no_tokens, None, prompt_logprobs, prompt_top, pooled)
+            return ModelRunnerOutput(no_tokens, None, prompt_logprobs, prompt_top, pooled)
         logits = torch.cat(logits).float()  # [N, V]
         batch = SamplingBatch.build(
             plan.sampling_params,
@@ -196,10 +197,10 @@ class ModelRunner:
             vocab_size=logits.shape[-1],
             token_bitmask=plan.token_bitmask,
         )
-        result = self.sampler(logits, batch)
-        result.prompt_logprobs, result.prompt_top_logprobs = prompt_logprobs, prompt_top
-        result.pooled_hidden = pooled
-        return result
+        sampled = self.sampler(logits, batch)
+        return ModelRunnerOutput(
+            sampled.sampled_token_ids, sampled.logprobs, prompt_logprobs, prompt_top, pooled
+        )
 
     @torch.inference_mode()
     def compute_all_logits(self, plan: StepPlan) -> torch.Tensor:

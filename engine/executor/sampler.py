@@ -25,14 +25,6 @@ _POSITION_MULT = 0xD1B54A32D192ED03 - 2**64  # odd: separates the output positio
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # [N] int64, on the device
     logprobs: SampledLogprobs | None  # None when no row asked for logprobs
-    # [R] float32: the step's prompt logprobs (StepPlan.prompt_logprob_rows), in row order;
-    # set by the model runner
-    prompt_logprobs: torch.Tensor | None = None
-    # ([R, K] int64 ids, [R, K] float32 logprobs): each prompt logprob row's K most likely tokens,
-    # when a row's request asked for alternatives (a greedy choice's answer); set by the model runner
-    prompt_top_logprobs: tuple[torch.Tensor, torch.Tensor] | None = None
-    # [P, H] float32: the final hidden states at StepPlan.pooling_rows; set by the model runner
-    pooled_hidden: torch.Tensor | None = None
 
 
 class Sampler:

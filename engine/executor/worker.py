@@ -21,11 +21,9 @@ from engine.config import EngineConfig
 from engine.distributed import parallel_state as ps
 from engine.distributed.layout import local_world_size_of
 from engine.executor.model_runner import ModelRunner
-from engine.executor.sampler import SamplerOutput
 from engine.layers.packed_linear import pack_linear_weights
 from engine.loader.checkpoint import check_checkpoint_folder
 from engine.loader.weights import build_model
-from engine.outputs import SampledLogprobs
 from engine.quant import make_plan
 
 log = logging.getLogger(__name__)
@@ -107,28 +105,11 @@ def serve(runner: ModelRunner) -> None:
             case ("step", plan):
                 output = runner.execute(plan)
                 if state.is_sampling_rank:  # pipeline: the last stage samples, rank 0 schedules
-                    ps.send_to_driver(_to_cpu(output))
+                    ps.send_to_driver(None if output is None else output.cpu())
             case ("stop",):
                 return
             case _:
                 raise RuntimeError(f"rank {state.rank}: unknown message {message!r} from rank 0")
-
-
-def _to_cpu(output: SamplerOutput | None) -> SamplerOutput | None:
-    if output is None:
-        return None
-    logprobs = output.logprobs
-    if logprobs is not None:
-        logprobs = SampledLogprobs(
-            logprobs.sampled_logprobs.cpu(), logprobs.top_token_ids.cpu(), logprobs.top_logprobs.cpu()
-        )
-    prompt_logprobs, prompt_top = output.prompt_logprobs, output.prompt_top_logprobs
-    return SamplerOutput(
-        output.sampled_token_ids.cpu(),
-        logprobs,
-        None if prompt_logprobs is None else prompt_logprobs.cpu(),
-        None if prompt_top is None else (prompt_top[0].cpu(), prompt_top[1].cpu()),
-    )
 
 
 def _exit_with_parent() -> None:
