@@ -18,8 +18,8 @@ ENGINE = Path(__file__).resolve().parents[2] / "engine"
 
 # top to bottom; a module belongs to the first floor that names it or a package above it
 FLOORS: list[tuple[str, ...]] = [
-    ("engine.evaluation", "engine.compress"),  # tools that drive a whole engine
     ("engine", "engine.llm_engine", "engine.async_engine", "engine.engine_thread"),  # the door
+    ("engine.evaluation", "engine.compress"),  # tools over a runner or a checkpoint folder
     ("engine.executor",),
     ("engine.loader",),
     ("engine.core",),
