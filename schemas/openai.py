@@ -106,6 +106,17 @@ class Tool(Struct, kw_only=True, omit_defaults=True):
     function: FunctionDefinition
 
 
+class ToolChoiceFunction(Struct, kw_only=True, omit_defaults=True):
+    name: str
+
+
+class NamedToolChoice(Struct, kw_only=True, omit_defaults=True):
+    """`tool_choice` naming one function: {"type": "function", "function": {"name": ...}}."""
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
 class _SamplingFields(Struct, kw_only=True, omit_defaults=True):
     """Fields shared by both endpoints. `None` means "the default of the serving side".
 
@@ -192,8 +203,8 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True, omit_defaults=True):
     logprobs: bool = False
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     tools: list[Tool] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # vLLM's chat template fields
     add_generation_prompt: bool = True
     continue_final_message: bool = False

@@ -30,7 +30,7 @@ import uuid
 from typing import Any
 
 from engine import StructuredOutputs
-from schemas.openai import ChatCompletionRequest
+from schemas.openai import ChatCompletionRequest, NamedToolChoice
 from schemas.responses import ToolCall, ToolCallFunction
 
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
@@ -129,14 +129,8 @@ def parser_for(configured: str, chat_template: str | None, reasoning_parser: str
     return "hermes" if chat_template and "<tool_call>" in chat_template else "llama3_json"
 
 
-def _named(choice: Any) -> str:
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
-        if isinstance(name, str):
-            return name
-    raise ToolError(
-        'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
-    )
+def _named(choice: NamedToolChoice) -> str:
+    return choice.function.name
 
 
 def _call(name: str, arguments: str) -> ToolCall:

@@ -139,6 +139,28 @@ async def test_a_tool_choice_that_cannot_be_honoured_is_a_400_naming_it(handle, 
     assert (response.status_code, response.body.error.param) == (400, "tool_choice")
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time"}, "x": 1}},
+            "tool_choice.x",
+        ),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time", "y": 2}}},
+            "tool_choice.function.y",
+        ),
+        ({"tools": TOOLS, "tool_choice": {"type": "tool", "function": {"name": "get_time"}}}, "tool_choice.type"),
+    ],
+    ids=["parallel-not-a-bool", "unknown-key", "unknown-nested-key", "unknown-type"],
+)
+async def test_tool_fields_are_typed_to_the_last_key(handle, body, param) -> None:
+    """Issue 30, defect 6: these were typed Any and accepted."""
+    response = await handle(body)
+    assert (response.status_code, response.body.error.param) == (400, param)
+
+
 # GPT-OSS's harmony format: the analysis message, then a commentary message addressed to a function
 HARMONY_ANALYSIS = "<|channel|>analysis<|message|>Need the weather.<|end|>"
 HARMONY_CALL = '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
