@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_DTYPES = ("auto", *DTYPES)  # "auto": engine.executor.runtime.resolve_dtype
-ATTENTION_BACKENDS = ("auto", "flash", "triton", "sdpa")
+ATTENTION_BACKENDS = ("auto", "flash", "triton", "cpu", "sdpa")
 QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4", "fp8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 
@@ -40,15 +40,12 @@ class EngineConfig:
     kv_cache_memory_gib: float = 2.0  # CPU: memory for the KV cache
     gpu_memory_utilization: float = 0.9  # CUDA: fraction of GPU memory for weights + activations + KV cache
     # "auto": on CUDA flash-attn if installed, else "triton" (our paged decode kernel), else "sdpa";
-    # "sdpa" on CPU
+    # on CPU "cpu" (our C++ paged kernel) where it builds and serves the model, else "sdpa"
     attention_backend: str = "auto"
     # CUDA: decode steps run as captured CUDA graphs (flash and triton backends) unless this is set
     enforce_eager: bool = False
     # CPU: oneDNN packs each float linear weight once at load instead of on every matmul
     cpu_weight_prepack: bool = True
-    # CPU: attention through our C++ paged kernel (engine/kernels/csrc), built at start-up; false:
-    # SDPA over gathered pages and the compiled decode kernel
-    cpu_paged_attention: bool = True
     # CPU: RMSNorm (+ residual), rotary embedding and SiLU-and-multiply as one C++ pass each
     cpu_fused_ops: bool = True
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with a per-layer scale (sdpa only)

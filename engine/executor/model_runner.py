@@ -23,11 +23,8 @@ from engine.executor.cuda_graphs import DecodeGraphs
 from engine.executor.sampler import Sampler
 from engine.executor.sampling_batch import SamplingBatch
 from engine.forward_context import AttentionMetadata, attention_metadata, group_by_length
-from engine.kernels import cpu_kernels, paged_decode
-from engine.layers.activation import ActAndMul
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
-from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.outputs import ModelRunnerOutput
 from engine.quant import kv_cache as fp8_kv
@@ -44,10 +41,10 @@ class ModelRunner:
         self.kv_dtype = fp8_kv.kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         self.block_size = block_size
         self.layers = [m for m in model.modules() if isinstance(m, Attention)]
-        backend_impl = make_backend(backend, compiled_decode=not config.enforce_eager)
+        # one backend object for every layer; binding refuses a layer it cannot run
+        attention = make_backend(backend, compiled_decode=not config.enforce_eager)
         for layer in self.layers:
-            layer.backend = backend_impl
-        self._use_cpu_kernels(backend_impl)
+            layer.backend = attention
         self.sampler = Sampler(generator=torch.Generator(device=self.device).manual_seed(config.seed))
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
@@ -80,7 +77,7 @@ class ModelRunner:
         for i, layer in enumerate(self.layers):
             layer.k_cache, layer.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
         self.num_blocks = num_blocks
-        self._warm_up_decode_kernel()
+        self.layers[0].backend.warm_up(self.layers[0])  # compile what it compiles now: no step waits
         log.info(
             "KV cache: %d blocks of %d tokens, %s (%.2f GiB)",
             num_blocks,
@@ -89,33 +86,6 @@ class ModelRunner:
             num_blocks * self.kv_bytes_per_block / 2**30,
         )
         return num_blocks
-
-    def _use_cpu_kernels(self, backend) -> None:
-        """On CPU, build (or load) our C++ kernels now and hand them to the attention backend and
-        to the norms, rotary embeddings and activations, as the options ask."""
-        config = self.config
-        if self.device.type != "cpu" or not (config.cpu_paged_attention or config.cpu_fused_ops):
-            return
-        if not cpu_kernels.load():
-            return
-        backend.cpu_kernel = config.cpu_paged_attention and getattr(backend, "serves_cpu_kernel", False)
-        if config.cpu_fused_ops:
-            for module in self.model.modules():
-                if isinstance(module, RMSNorm | ActAndMul | RotaryEmbedding):
-                    module.fused = True
-
-    def _warm_up_decode_kernel(self) -> None:
-        # compile the SDPA backend's decode kernel now (no step waits for it), unless the CPU
-        # paged kernel serves this cache
-        backend = self.layers[0].backend
-        if getattr(backend, "cpu_kernel", False) and cpu_kernels.eligible(self.layers[0]):
-            return
-        if getattr(backend, "compiled_decode", False):
-            layer = self.layers[0]
-            compiled = self.kv_dtype == self.dtype and paged_decode.warm_up(
-                (layer.num_heads, layer.head_dim), layer.k_cache, layer.v_cache
-            )
-            backend.compiled_decode = compiled
 
     def enable_decode_graphs(self, max_model_len: int, use_graphs: bool = True) -> None:
         """Capture decode steps as CUDA graphs (after allocate_kv_cache); use_graphs=False runs the

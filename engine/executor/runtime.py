@@ -4,21 +4,28 @@ The engine's rank 0 (LLMEngine) and a rank started on another machine
 (`python -m engine.executor`) both call `resolve_runtime(config)`, so the same options
 give the same attention backend and KV block size on every rank; `resolve_dtype` turns
 dtype "auto" into the dtype this machine computes best in.
+
+Whether the CPU paged kernel serves a model is decided here too, once per start: from the
+options (kv_cache_dtype, block_size), the model's architecture (soft-capped logits, attention
+sinks) and whether the kernel builds on this machine; never per layer or per step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from engine.config import ATTENTION_BACKENDS, EngineConfig, EngineConfigError
-from engine.kernels import cpu_features
+from engine.kernels import cpu_features, cpu_kernels
 from engine.layers import attention_backends
 from engine.models import MODEL_REGISTRY
+
+log = logging.getLogger(__name__)
 
 FLASH_PAGE_SIZE = 256  # FlashAttention-2 reads pages of a multiple of this many tokens
 DEFAULT_BLOCK_SIZE = 16
@@ -26,19 +33,31 @@ DEFAULT_BLOCK_SIZE = 16
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
-    attention_backend: str  # "flash", "triton" or "sdpa": config.attention_backend with "auto" resolved
+    # "flash", "triton", "cpu" or "sdpa": config.attention_backend with "auto" resolved
+    attention_backend: str
     block_size: int  # tokens per KV-cache block: config.block_size, else 16 (256 with flash)
 
 
-def resolve_runtime(config: EngineConfig) -> Runtime:
-    """Resolve the backend for the config's device type and kv_cache_dtype, then the block size.
+@dataclass(frozen=True, slots=True)
+class ModelTraits:
+    """What a model's architecture asks of attention, known from its class before it is loaded."""
 
-    Raises ValueError (EngineConfigError for the block size) when the options cannot run here.
-    Looks at which packages are installed, not at the device itself.
+    has_sinks: bool = False  # a learned sink logit per head (GPT-OSS): not flash, not the CPU kernel
+    soft_caps: bool = False  # soft-capped attention logits (Gemma 2): not the CPU kernel
+
+
+def resolve_runtime(config: EngineConfig) -> Runtime:
+    """Resolve the backend for the config's device type, kv_cache_dtype and model, then the block size.
+
+    Raises ValueError (EngineConfigError for the block size and the CPU kernel) when the options
+    cannot run here. Looks at which packages are installed and, on CPU, builds (or finds built)
+    the C++ kernel; it does not look at the device itself.
     """
     device = torch.device(config.device.split(":")[0])  # the type only: ranks use different indices
-    has_sinks = _model_has_attention_sinks(config.model)
-    backend = select_backend(config.attention_backend, device, config.kv_cache_dtype, has_sinks)
+    traits = _model_traits(config.model)
+    backend = select_backend(
+        config.attention_backend, device, config.kv_cache_dtype, traits, config.block_size
+    )
     default_block_size = FLASH_PAGE_SIZE if backend == "flash" else DEFAULT_BLOCK_SIZE
     block_size = config.block_size or default_block_size
     if backend == "flash" and block_size % FLASH_PAGE_SIZE:
@@ -49,14 +68,19 @@ def resolve_runtime(config: EngineConfig) -> Runtime:
 
 
 def select_backend(
-    name: str, device: torch.device, kv_cache_dtype: str = "auto", has_sinks: bool = False
+    name: str,
+    device: torch.device,
+    kv_cache_dtype: str = "auto",
+    traits: ModelTraits = ModelTraits(),
+    block_size: int | None = None,
 ) -> str:
     """Resolve "auto": on CUDA flash-attn when importable (not for a model with attention sinks),
-    else the Triton decode kernel when Triton is importable, else SDPA; SDPA on CPU and with an
-    fp8 KV cache (which only SDPA reads)."""
+    else the Triton decode kernel when Triton is importable, else SDPA; on CPU our C++ paged
+    kernel ("cpu") where it builds and serves the model, else SDPA (saying why once); SDPA with
+    an fp8 KV cache (which only SDPA reads)."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}")
-    if name == "flash" and has_sinks:
+    if name == "flash" and traits.has_sinks:
         raise ValueError(
             "attention_backend 'flash' cannot run attention sinks (the model's per-head `sinks`, "
             "GPT-OSS): flash-attn 2 has no sink logits; use attention_backend 'triton' or 'sdpa'"
@@ -80,13 +104,43 @@ def select_backend(
             )
         if device.type == "cuda" and not attention_backends.triton_available():
             raise ValueError("attention_backend 'triton' needs the triton package")
+    if name == "cpu":
+        reason = _why_not_cpu_kernel(device, kv_cache_dtype, traits, block_size)
+        if reason is not None:
+            raise EngineConfigError(
+                f"attention_backend 'cpu' cannot run: {reason}; use attention_backend 'sdpa' (or 'auto')"
+            )
     if name == "auto":
-        if device.type != "cuda" or kv_cache_dtype == "fp8":
+        if device.type == "cpu":
+            reason = _why_not_cpu_kernel(device, kv_cache_dtype, traits, block_size)
+            if reason is None:
+                return "cpu"
+            log.info("attention backend: sdpa, not the CPU paged kernel: %s", reason)
             return "sdpa"
-        if attention_backends.flash_attn_available() and not has_sinks:
+        if kv_cache_dtype == "fp8":
+            return "sdpa"
+        if attention_backends.flash_attn_available() and not traits.has_sinks:
             return "flash"
         return "triton" if attention_backends.triton_available() else "sdpa"
     return name
+
+
+def _why_not_cpu_kernel(
+    device: torch.device, kv_cache_dtype: str, traits: ModelTraits, block_size: int | None
+) -> str | None:
+    """Why the CPU paged kernel cannot serve this engine; None: it can. The options and the model
+    first: a model the kernel cannot serve never waits for it to build."""
+    if device.type != "cpu":
+        return f"it runs on the CPU, and the device is {device.type!r}"
+    reason = cpu_kernels.cannot_serve(
+        kv_cache_dtype=kv_cache_dtype,
+        block_size=block_size or DEFAULT_BLOCK_SIZE,
+        soft_caps=traits.soft_caps,
+        has_sinks=traits.has_sinks,
+    )
+    if reason is None and not cpu_kernels.load():
+        reason = f"the kernel is unavailable here ({cpu_kernels.failure()})"
+    return reason
 
 
 def resolve_dtype(config: EngineConfig) -> EngineConfig:
@@ -101,12 +155,20 @@ def has_native_bf16(device: str) -> bool:
     return device.startswith("cuda") or cpu_features.has_native_bf16()
 
 
-def _model_has_attention_sinks(folder: str) -> bool:
-    """Whether the checkpoint's architecture has attention sinks (GPT-OSS), which flash-attn
-    cannot run; False where config.json cannot be read (loading reports that)."""
+def _model_traits(folder: str) -> ModelTraits:
+    """What the checkpoint's architecture asks of attention (engine.models: the class's
+    `has_attention_sinks`, and `soft_caps_attention(config.json)` where it has one); none where
+    config.json cannot be read (loading reports that)."""
     try:
-        architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures")
+        hf_config = json.loads((Path(folder) / "config.json").read_text())
+        architectures = hf_config.get("architectures")
     except (OSError, ValueError, AttributeError):
-        return False
+        return ModelTraits()
     classes = [MODEL_REGISTRY[name] for name in architectures or [] if name in MODEL_REGISTRY]
-    return bool(classes) and bool(getattr(classes[0], "has_attention_sinks", False))
+    if not classes:
+        return ModelTraits()
+    soft_caps = getattr(classes[0], "soft_caps_attention", None)
+    return ModelTraits(
+        has_sinks=bool(getattr(classes[0], "has_attention_sinks", False)),
+        soft_caps=bool(soft_caps and soft_caps(hf_config)),
+    )

@@ -21,6 +21,7 @@ from engine.config import EngineConfig
 from engine.distributed import parallel_state as ps
 from engine.distributed.layout import local_world_size_of
 from engine.executor.model_runner import ModelRunner
+from engine.layers.fused_ops import use_fused_cpu_ops
 from engine.layers.packed_linear import pack_linear_weights
 from engine.loader.checkpoint import check_checkpoint_folder
 from engine.loader.weights import build_model
@@ -42,6 +43,8 @@ def build_runner(config: EngineConfig, backend: str, block_size: int, local_rank
     model = build_model(config.model, dtype, device, quant_plan)
     if config.cpu_weight_prepack:
         pack_linear_weights(model, device, dtype)
+    if config.cpu_fused_ops and device.type == "cpu":
+        use_fused_cpu_ops(model)
     return ModelRunner(config, model, backend, block_size)
 
 

@@ -1,8 +1,9 @@
 """CPU kernels of ours in C++ (engine/kernels/csrc): paged attention and the fused elementwise ops.
 
 Paged attention (paged_attention.cpp): one call per layer and step serves every sequence of the
-step, prompt chunks and decode rows alike: each attends over its cached context read in place from the paged KV cache (no page
-gather, no per-sequence Python loop), the query heads sharing a KV head read each page once, and
+step, prompt chunks and decode rows alike (the attention backend "cpu",
+engine.layers.attention_backends): each attends over its cached context read in place from the
+paged KV cache (no page gather, no per-sequence Python loop), the query heads sharing a KV head read each page once, and
 the softmax is flash attention's online one in float32. vLLM's CPU backend does the same with
 its own C++ kernels; PyTorch's CPU SDPA (flash) kernel reached ~60 GFLOP/s on this project's
 2-core machine for prompts of 64-512 tokens, and the compiled decode kernel read the context
@@ -10,13 +11,23 @@ three times (engine.kernels.paged_decode).
 
 Fused ops (fused_ops.cpp): RMSNorm with its residual add, rotary embedding (in place) and
 SiLU-and-multiply, each one pass rounding where PyTorch's eager ops round; the layers call them
-when the model runner sets their `fused` flag (engine option cpu_fused_ops).
+once engine.layers.fused_ops switches them on at build (engine option cpu_fused_ops).
 
-Built once per machine with the C++ compiler torch.compile also needs (torch's
-cpp_extension: cached under TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), for the
-CPU's vector width (and AVX512-BF16's bfloat16 dot products where the CPU has them). Where it cannot be built, `load()` says why in the log and returns False:
-the SDPA backend then runs its portable path. Not used for fp8 caches, soft-capped logits or
-attention sinks (the SDPA backend's explicit path serves those).
+The sources are x86 code: they include immintrin.h (AVX-512 and AVX512-BF16 intrinsics where the
+CPU has them), so on any other machine (ARM, POWER: platform.machine()) `load()` returns False
+without trying, saying so in the log once.
+
+Built once per machine with the C++ compiler torch.compile also needs (torch's cpp_extension),
+for the CPU's vector width (and AVX512-BF16's bfloat16 dot products where the CPU has them),
+into a folder named after the vector ISA and a hash of the sources and torch's version, under
+TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions): a build for another kind of CPU is
+never used. A TORCH_EXTENSIONS_DIR this process cannot write to (the CPU image's, built with the
+image) is read as it is where it holds the build for this CPU, and passed over for a folder under
+the temporary directory where it does not. Where the kernels cannot be built, `load()` says why
+in the log and returns False (`failure()` keeps the reason): attention_backend "auto" then
+chooses "sdpa" and the layers keep PyTorch's ops. The paged kernel does not serve fp8 caches,
+soft-capped logits, attention sinks or pages of other than a multiple of 16 keys
+(`cannot_serve`): engine.executor.runtime chooses "sdpa" for such a model once, at start-up.
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
+import tempfile
 from pathlib import Path
 
 import torch
@@ -38,7 +51,10 @@ HEADERS = sorted(CSRC.glob("*.h"))  # hashed with the sources: a changed header 
 KEY_TILE = 16  # the kernel reads pages 16 keys at a time: the page size must be a multiple
 _NO_WINDOW = 0
 
+X86_MACHINES = ("x86_64", "amd64", "x64", "i386", "i686")  # platform.machine()'s names for x86
+
 _loaded: bool | None = None  # None: not tried yet
+_failure: str | None = None  # why the last try failed
 
 
 def _vector_flags() -> tuple[str, list[str]]:
@@ -57,34 +73,111 @@ def _vector_flags() -> tuple[str, list[str]]:
 
 
 def load() -> bool:
-    """Build (or find built) and load the kernel; False where it cannot run here."""
-    global _loaded
+    """Build (or find built) and load the kernels, once per process; False where they cannot run
+    here, with the reason logged (once) and kept for `failure()`."""
+    global _loaded, _failure
     if _loaded is None:
-        _loaded = _build()
+        _failure = _not_x86() or _build()
+        _loaded = _failure is None
+        if _failure is not None:
+            log.warning("CPU kernels unavailable (%s); using PyTorch's ops", _failure)
     return _loaded
 
 
-def _build() -> bool:
+def failure() -> str | None:
+    """Why `load()` returned False; None before it ran or when it succeeded."""
+    return _failure
+
+
+def cannot_serve(
+    *,
+    kv_cache_dtype: str = "auto",
+    block_size: int = KEY_TILE,
+    soft_caps: bool = False,
+    has_sinks: bool = False,
+) -> str | None:
+    """Why the paged kernel cannot serve a model with these facts; None: it can. The kernel reads
+    float caches (float32, bfloat16, float16) in pages of a multiple of 16 keys, and computes
+    plain softmax attention."""
+    if kv_cache_dtype == "fp8":
+        return "kv_cache_dtype 'fp8' (the kernel reads unscaled float caches)"
+    if block_size % KEY_TILE:
+        return f"block_size {block_size} (the kernel reads pages of a multiple of {KEY_TILE} keys)"
+    if soft_caps:
+        return "the model soft-caps its attention logits (Gemma 2)"
+    if has_sinks:
+        return "the model has attention sinks (GPT-OSS)"
+    return None
+
+
+def is_x86() -> bool:
+    """Whether this machine runs x86 code, the only kind the sources are written for."""
+    return platform.machine().lower() in X86_MACHINES
+
+
+def _not_x86() -> str | None:
+    if is_x86():
+        return None
+    return f"the kernels are x86 code (immintrin.h) and this machine is {platform.machine() or 'unknown'}"
+
+
+def _build() -> str | None:
+    """None once built (or found built) and loaded; else what went wrong."""
     from torch.utils import cpp_extension
 
     isa, flags = _vector_flags()
-    # the sources' hash in the name: two checkouts of different code never share a build folder
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES + HEADERS)).hexdigest()[:12]
+    name = extension_name(isa)
+    prebuilt = _read_only_build(name)
     try:
-        _put_ninja_on_path()
-        cpp_extension.load(
-            name=f"sluice_cpu_{isa}_{digest}",
-            sources=[str(path) for path in SOURCES],
-            extra_cflags=["-O3", "-fopenmp", *flags],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=os.environ.get("SLUICE_VERBOSE_BUILD") == "1",
-        )
+        if prebuilt is not None:
+            torch.ops.load_library(str(prebuilt))
+        else:
+            _put_ninja_on_path()
+            cpp_extension.load(
+                name=name,
+                sources=[str(path) for path in SOURCES],
+                extra_cflags=["-O3", "-fopenmp", *flags],
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                build_directory=_writable_build_folder(name),
+                verbose=os.environ.get("SLUICE_VERBOSE_BUILD") == "1",
+            )
     except Exception as e:  # no compiler, no headers, a failed build: the portable path serves
-        log.warning("CPU kernels unavailable (%s: %s); using PyTorch's ops", type(e).__name__, e)
-        return False
-    log.info("CPU kernels loaded (%s)", isa)
-    return True
+        return f"{type(e).__name__}: {e}"
+    log.info("CPU kernels loaded (%s%s)", isa, f", built in advance: {prebuilt}" if prebuilt else "")
+    return None
+
+
+def extension_name(isa: str) -> str:
+    """The library's name, and its build folder's: the ISA, and a hash of the sources (two
+    checkouts of different code never share a build folder) and of torch's version (a library
+    found built is loaded as it is, _read_only_build)."""
+    sources = b"".join(path.read_bytes() for path in SOURCES + HEADERS) + torch.__version__.encode()
+    return f"sluice_cpu_{isa}_{hashlib.sha256(sources).hexdigest()[:12]}"
+
+
+def _read_only_build(name: str) -> Path | None:
+    """The library built for these sources and this CPU's ISA in a TORCH_EXTENSIONS_DIR this process
+    cannot write to (an image's, built with the image), loaded as it is: torch's builder would
+    want to take a lock file there first."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    library = Path(root) / name / f"{name}.so" if root else None
+    if library is not None and library.is_file() and not os.access(library.parent, os.W_OK):
+        return library
+    return None
+
+
+def _writable_build_folder(name: str) -> str | None:
+    """Where to build: None for torch's own choice (TORCH_EXTENSIONS_DIR, else
+    ~/.cache/torch_extensions); a folder under the temporary directory where TORCH_EXTENSIONS_DIR
+    is read-only (an image built on a CPU of another ISA than this one)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not root or not Path(root).exists() or os.access(root, os.W_OK):
+        return None
+    folder = Path(tempfile.gettempdir()) / "torch_extensions" / name
+    log.info("CPU kernels: none built for this CPU in the read-only %s; building in %s", root, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
 
 
 def _put_ninja_on_path() -> None:
@@ -94,19 +187,6 @@ def _put_ninja_on_path() -> None:
 
     if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-
-
-def eligible(layer) -> bool:
-    """Whether the kernel can run this layer: a CPU float cache with pages of a multiple of 16
-    keys, and no soft-cap or sinks."""
-    cache = layer.k_cache
-    return (
-        cache.device.type == "cpu"
-        and cache.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and cache.shape[1] % KEY_TILE == 0
-        and not layer.logits_soft_cap
-        and getattr(layer, "sinks", None) is None
-    )
 
 
 def paged_attention(

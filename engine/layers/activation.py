@@ -22,7 +22,7 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class ActAndMul(nn.Module):
     """act(gate) * up of x = [gate | up]."""
 
-    fused = False  # set by the model runner where the C++ kernels are loaded (CPU, cpu_fused_ops)
+    fused = False  # set at build where the C++ kernels load (engine.layers.fused_ops)
 
     def __init__(self, hidden_act: str = "silu"):
         super().__init__()

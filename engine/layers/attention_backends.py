@@ -1,6 +1,7 @@
-"""Attention backends behind engine.layers.attention.Attention, chosen once at start-up.
+"""Attention backends behind engine.layers.attention.Attention, chosen once at start-up
+(engine.executor.runtime.select_backend).
 
-Both read the step's AttentionMetadata and the layer's paged KV cache
+Each reads the step's AttentionMetadata and the layer's paged KV cache
 (k_cache, v_cache: [num_blocks, block_size, Hkv, D]); the new tokens' keys and values are
 written into their slots first, then each sequence attends over its whole context.
 
@@ -11,6 +12,10 @@ written into their slots first, then each sequence attends over its whole contex
 - "triton": SDPA's path for steps with prompt chunks, and a Triton kernel of ours
   (engine.kernels.triton_attention) for decode-only steps, reading the pages in place with no
   host work per step: what makes decode steps capturable as CUDA graphs without flash-attn.
+- "cpu": every sequence of a step, prompt chunks and decode rows alike, in one call to our C++
+  paged kernel (engine.kernels.cpu_kernels), reading the pages in place. Chosen only for a
+  model it serves (no fp8 cache, soft-capped logits or sinks; pages of a multiple of 16 keys):
+  the runtime decides that once, at start-up, and binding refuses a layer it cannot run.
 - "flash": the flash-attn package's varlen kernel reading the paged cache in place (and its
   split-KV decode kernel for decode-only steps). FlashAttention-2 needs pages of a multiple
   of 256 tokens, which EngineConfig arranges.
@@ -33,8 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.forward_context import AttentionMetadata
-from engine.kernels import cpu_kernels
-from engine.kernels.paged_decode import paged_decode_attention
+from engine.kernels import cpu_kernels, paged_decode
 from engine.layers.explicit_attention import explicit_attention, explicit_decode
 from engine.layers.paged_kv import decode_group_inputs, gather_context, padded_context, write_kv
 from engine.quant import kv_cache as fp8_kv
@@ -65,38 +69,39 @@ def triton_available() -> bool:
 
 
 def make_backend(name: str, compiled_decode: bool = True):
-    """The backend's object; `compiled_decode`: SDPA decodes through the compiled paged kernel."""
+    """The backend's object; `compiled_decode`: SDPA decodes through the compiled paged kernel
+    (engine.kernels.paged_decode) unless warming it up shows it cannot run here."""
     if name == "flash":
         return FlashAttentionBackend()
     if name == "triton":
         return TritonBackend(compiled_decode=False)  # decodes through its own kernel: nothing to compile
+    if name == "cpu":
+        return CpuAttentionBackend()
     return SdpaBackend(compiled_decode)
 
 
 class SdpaBackend:
-    # whether the CPU paged kernel may serve this backend's steps (the Triton backend decodes
-    # through its own kernel, which its CPU tests run under Triton's interpreter)
-    serves_cpu_kernel = True
-
     def __init__(self, compiled_decode: bool = True) -> None:
+        # decided here and by warm_up only: never switched per step or from outside
         self.compiled_decode = compiled_decode
-        self.cpu_kernel = False  # set by the model runner once the kernel is loaded
+
+    def warm_up(self, layer) -> None:
+        """Once the KV cache is bound: compile the decode kernel now (no step waits for it), on
+        the layer's cache; where it cannot run (an fp8 cache, no compiler) decode eagerly."""
+        if self.compiled_decode:
+            self.compiled_decode = not fp8_kv.is_fp8(layer.k_cache) and paged_decode.warm_up(
+                (layer.num_heads, layer.head_dim), layer.k_cache, layer.v_cache
+            )
 
     def forward(
         self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata
     ) -> torch.Tensor:
         write_kv(layer, k, v, md.slot_mapping)
-        if self.cpu_kernel and q.dtype == layer.k_cache.dtype and cpu_kernels.eligible(layer):
-            return cpu_kernels.paged_attention(
-                q,
-                layer.k_cache,
-                layer.v_cache,
-                md.block_tables,
-                md.cu_query_lens,
-                md.context_lens_tensor,
-                layer.scale,
-                layer.sliding_window,
-            )
+        return self._attend_written(layer, q, k, v, md)
+
+    def _attend_written(
+        self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata
+    ) -> torch.Tensor:
         if md.is_decode_only:
             return self._decode(layer, q, md)
         out = torch.empty_like(q)
@@ -137,7 +142,7 @@ class SdpaBackend:
         batch = q.shape[0]
         num_blocks = -(-length // layer.k_cache.shape[1])
         if self.compiled_decode and not fp8_kv.is_fp8(layer.k_cache):
-            out = paged_decode_attention(
+            out = paged_decode.paged_decode_attention(
                 q,
                 layer.k_cache,
                 layer.v_cache,
@@ -146,9 +151,8 @@ class SdpaBackend:
                 layer.scale,
                 layer.sliding_window,
             )
-            if out is not None:
+            if out is not None:  # None: compiling failed (paged_decode says why once): eagerly
                 return out
-            self.compiled_decode = False
         keys, values, mask = padded_context(layer, block_tables, context_lens, length, q.dtype)
         out = F.scaled_dot_product_attention(
             q.view(batch, 1, *q.shape[1:]).transpose(1, 2),
@@ -163,8 +167,6 @@ class SdpaBackend:
 
 class TritonBackend(SdpaBackend):
     """SDPA for steps with prompt chunks; decode-only steps through the paged Triton kernel."""
-
-    serves_cpu_kernel = False
 
     def _decode(self, layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         from engine.kernels.triton_attention import paged_decode_attention
@@ -182,7 +184,50 @@ class TritonBackend(SdpaBackend):
         )
 
 
+class CpuAttentionBackend(SdpaBackend):
+    """Every sequence of a step in one call to our C++ paged kernel (engine.kernels.cpu_kernels),
+    which reads the paged cache in place. The runtime chose it for a model the kernel serves."""
+
+    def __init__(self) -> None:
+        super().__init__(compiled_decode=False)  # the kernel decodes: nothing to compile
+        if not cpu_kernels.load():  # found built: the runtime built it before any rank started
+            raise RuntimeError(
+                f"attention_backend 'cpu': the kernel is unavailable ({cpu_kernels.failure()})"
+            )
+
+    def check_layer(self, layer) -> None:
+        """Refuse a layer the kernel cannot run (soft-capped logits, sinks): the runtime chooses
+        "sdpa" for such a model, so this stops only an engine the rule and the model disagree on."""
+        reason = cpu_kernels.cannot_serve(
+            soft_caps=bool(layer.logits_soft_cap), has_sinks=_sinks(layer) is not None
+        )
+        if reason is not None:
+            raise ValueError(
+                f"attention_backend 'cpu' cannot run this model: {reason}; use attention_backend 'sdpa'"
+            )
+
+    def forward(
+        self, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata
+    ) -> torch.Tensor:
+        write_kv(layer, k, v, md.slot_mapping)
+        if q.dtype != layer.k_cache.dtype:  # the kernel reads queries in the cache's dtype
+            return self._attend_written(layer, q, k, v, md)
+        return cpu_kernels.paged_attention(
+            q,
+            layer.k_cache,
+            layer.v_cache,
+            md.block_tables,
+            md.cu_query_lens,
+            md.context_lens_tensor,
+            layer.scale,
+            layer.sliding_window,
+        )
+
+
 class FlashAttentionBackend:
+    def warm_up(self, layer) -> None:
+        """Nothing to compile: flash-attn's kernels are built."""
+
     def check_layer(self, layer) -> None:
         """Refuse a layer flash-attn cannot run: soft-capped logits need flash-attn >= 2.6."""
         if layer.logits_soft_cap and not flash_attn_has_softcap():

@@ -9,7 +9,7 @@ from engine.kernels import cpu_kernels
 
 
 class RMSNorm(nn.Module):
-    # set by the model runner where the C++ kernels are loaded (CPU, option cpu_fused_ops)
+    # set at build where the C++ kernels load (engine.layers.fused_ops; CPU, option cpu_fused_ops)
     fused = False
     _gemma = False  # (1 + weight), in float32 (GemmaRMSNorm)
 

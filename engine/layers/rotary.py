@@ -33,7 +33,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longr
 
 
 class RotaryEmbedding(nn.Module):
-    fused = False  # set by the model runner where the C++ kernels are loaded (CPU, cpu_fused_ops)
+    fused = False  # set at build where the C++ kernels load (engine.layers.fused_ops)
 
     def __init__(self, head_dim: int, max_positions: int, rope_parameters: dict):
         """max_positions: the context length (rope_context_len); rope_parameters: rope_parameters_from_config."""

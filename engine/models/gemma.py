@@ -58,6 +58,13 @@ class GemmaDecoderLayer(torch.nn.Module):
 class Gemma2ForCausalLM(DecoderForCausalLM):
     is_gemma3: ClassVar[bool] = False  # q/k norms, per-layer-type RoPE, no attention soft-cap
 
+    @classmethod
+    def soft_caps_attention(cls, config: dict) -> bool:
+        """Whether a checkpoint with this config.json soft-caps its attention logits, as
+        build_model reads it (an absent attn_logit_softcapping is transformers' default, 50):
+        engine.executor.runtime does not choose the CPU kernel for such a model."""
+        return not cls.is_gemma3 and config.get("attn_logit_softcapping", 50.0) is not None
+
     def build_model(self, config: PretrainedConfig) -> DecoderModel:
         if getattr(config, "use_bidirectional_attention", False):
             raise ValueError(

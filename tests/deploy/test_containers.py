@@ -123,6 +123,28 @@ def test_the_cuda_image_runs_on_cuda_with_the_model_from_the_mounted_folder():
     assert "nvidia/cuda:" in base and "runtime" in base
 
 
+def test_the_cpu_image_builds_the_cpu_kernels_into_a_folder_it_keeps_and_runs_them_from_there():
+    """Built at image build time (as root, after the wheel is installed) into TORCH_EXTENSIONS_DIR,
+    which the service reads at run time: a container on the build host's kind of CPU compiles
+    nothing. Not under /tmp (an emptyDir in deploy/k8s, new in every pod) nor HOME (/tmp)."""
+    stage = final_stage(DEPLOY / "Dockerfile.cpu")
+    (folder,) = [
+        args.partition("=")[2] for k, args in stage if k == "ENV" and args.startswith("TORCH_EXTENSIONS_DIR=")
+    ]
+    assert folder.startswith("/opt/sluice/") and not folder.startswith("/tmp")
+    keys = [k for k, _ in stage]
+    build = next(
+        i for i, (k, args) in enumerate(stage) if k == "RUN" and "cpu_kernels" in args and ".load()" in args
+    )
+    wheel = next(i for i, (k, args) in enumerate(stage) if k == "RUN" and "/tmp/dist/" in args)
+    setting = keys.index("ENV", wheel)
+    assert wheel < setting < build < keys.index("USER")  # the installed sources, TORCH_EXTENSIONS_DIR set
+    # a failed build fails the image on x86; elsewhere (no immintrin.h) the engine runs PyTorch's ops
+    assert "is_x86()" in stage[build][1] and "exit(k.failure())" in stage[build][1]
+    # g++ stays: inductor compiles the sdpa backend's decode kernel, and another ISA its own kernels
+    assert any(k == "RUN" and "g++" in args for k, args in instructions(DEPLOY / "Dockerfile.cpu"))
+
+
 def test_docker_context_holds_only_what_the_images_install_and_the_harness_hashes():
     rules = [
         line for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"

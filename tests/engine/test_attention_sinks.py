@@ -12,7 +12,7 @@ import torch
 
 from engine import EngineConfig
 from engine.demo.checkpoints import ensure_checkpoint
-from engine.executor.runtime import resolve_runtime, select_backend
+from engine.executor.runtime import ModelTraits, resolve_runtime, select_backend
 from engine.layers import attention_backends
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import FlashAttentionBackend
@@ -56,14 +56,14 @@ def test_flash_backend_refuses_a_layer_with_sinks_when_bound():
 
 def test_flash_asked_for_a_model_with_sinks_is_refused_by_name():
     with pytest.raises(ValueError, match="attention_backend 'flash' cannot run attention sinks"):
-        select_backend("flash", torch.device("cuda"), has_sinks=True)
+        select_backend("flash", torch.device("cuda"), traits=ModelTraits(has_sinks=True))
 
 
 def test_auto_backend_never_picks_flash_for_a_model_with_sinks(monkeypatch):
     monkeypatch.setattr(attention_backends, "flash_attn_available", lambda: True)
     monkeypatch.setattr(attention_backends, "triton_available", lambda: True)
     assert select_backend("auto", torch.device("cuda")) == "flash"
-    assert select_backend("auto", torch.device("cuda"), has_sinks=True) == "triton"
+    assert select_backend("auto", torch.device("cuda"), traits=ModelTraits(has_sinks=True)) == "triton"
 
 
 def test_engine_options_asking_flash_for_gpt_oss_are_refused_before_loading(model_cache):

@@ -12,6 +12,7 @@ import torch.utils.cpp_extension
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.kernels import cpu_kernels
+from engine.layers.attention_backends import CpuAttentionBackend, SdpaBackend
 
 
 def test_the_kernels_build_on_this_machine():
@@ -182,21 +183,26 @@ def engines(tiny_checkpoint):
 
 def test_the_engine_uses_the_kernel_on_cpu_and_decodes_as_sdpa_does(engines):
     with_kernel, tokens = engines()
-    without, sdpa_tokens = engines(cpu_paged_attention=False)
-    assert with_kernel.runner.layers[0].backend.cpu_kernel
-    assert not without.runner.layers[0].backend.cpu_kernel
+    without, sdpa_tokens = engines(attention_backend="sdpa")
+    assert isinstance(with_kernel.runner.layers[0].backend, CpuAttentionBackend)
+    assert type(without.runner.layers[0].backend) is SdpaBackend
     assert tokens == sdpa_tokens
 
 
 def test_an_engine_where_the_kernel_cannot_be_built_says_why_and_uses_sdpa(engines, monkeypatch, caplog):
-    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)  # not tried yet in this process
+    monkeypatch.setattr(cpu_kernels, "_failure", None)
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         engine, tokens = engines()
-    assert not engine.runner.layers[0].backend.cpu_kernel
-    assert "CPU kernels unavailable (RuntimeError: no C++ compiler); using PyTorch's ops" in caplog.text
-    assert tokens == engines(cpu_paged_attention=False)[1]
+    assert engine.attention_backend == "sdpa"
+    assert type(engine.runner.layers[0].backend) is SdpaBackend
+    assert (
+        caplog.text.count("CPU kernels unavailable (RuntimeError: no C++ compiler); using PyTorch's ops") == 1
+    )
+    assert "attention backend: sdpa, not the CPU paged kernel: the kernel is unavailable here" in caplog.text
+    assert tokens == engines(attention_backend="sdpa")[1]

@@ -53,7 +53,7 @@ for dtype in ("float32", "bfloat16"):
             "tokens": [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)],
             "expected": expected,
             "methods": sorted({m.quant_method.name for m in engine.runner.model.modules() if isinstance(m, LinearBase)}),
-            "cpu_kernel": bool(engine.runner.layers[0].backend.cpu_kernel),
+            "attention_backend": engine.attention_backend,
         }
 print("REPORT " + json.dumps(report))
 """
@@ -91,7 +91,7 @@ def test_capped_to_avx2_the_engine_sees_an_avx2_cpu_without_native_bfloat16(as_a
 
 def test_the_avx2_variant_of_the_cpu_kernels_builds_and_serves_attention(as_avx2):
     assert as_avx2["kernel_variant"] == "avx2" and as_avx2["kernel_loaded"]
-    assert as_avx2["float32"]["cpu_kernel"] and as_avx2["bfloat16"]["cpu_kernel"]
+    assert as_avx2["float32"]["attention_backend"] == as_avx2["bfloat16"]["attention_backend"] == "cpu"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -7,7 +7,7 @@
 
 #include "cpu_common.h"
 
-#include <immintrin.h>
+#include <immintrin.h>  // x86 only: the kernels are not built elsewhere (cpu_kernels._not_x86)
 
 #include <algorithm>
 #include <cstdint>

@@ -1,6 +1,7 @@
 // The decoder layer's elementwise work on CPU, one pass each: RMSNorm (with the residual add that
 // precedes it), rotary embedding and SiLU-and-multiply. Eagerly each is 4-9 PyTorch ops, every
 // one a pass over the activations and a dispatch (vLLM's CPU build fuses the same three in C++).
+// x86 only, as the library it is built into (paged_attention.cpp, immintrin.h).
 //
 // Each rounds where PyTorch's eager ops round, so bfloat16 results equal theirs bit for bit
 // except where a float32 sum runs in another order (RMSNorm's mean of squares) or exp differs by

@@ -1,5 +1,8 @@
 // Paged attention for CPU: every sequence of a step (prompt chunks and decode rows alike) attends
 // over its cached context, read page by page in place from the paged KV cache.
+// x86 only: it includes immintrin.h (attention_vectors.h: AVX-512 and AVX512-BF16 intrinsics where
+// the CPU has them), so on any other machine engine/kernels/cpu_kernels.py does not build it and
+// the engine runs PyTorch's ops.
 //
 // One work item is (sequence, KV head, tile of query positions): the G query heads that share the
 // KV head, for up to kQueryTile positions, are R = G * tile rows that read each key and value page
