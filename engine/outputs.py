@@ -34,7 +34,8 @@ class RequestOutput:
     text: str  # generated text; stop string and special tokens excluded unless the params include them
     finish_reason: str | None  # "stop" | "length" | "abort"; None while running
     metrics: RequestMetrics
-    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    # the stop string or stop_token_ids token that ended it; None for EOS, the length limit, a grammar
+    stop_reason: str | int | None = None
     logprobs: list[OutputLogprob] | None = None  # one per generated token, when asked for
     # a `choice` structured output's probability of each choice, renormalised over the choices
     choice_probabilities: dict[str, float] | None = None

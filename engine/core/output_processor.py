@@ -86,7 +86,7 @@ class OutputProcessor:
         output_ids = seq.output_token_ids
         params = seq.params
         # the stop token is not text (unless asked for: then it is, as vLLM does)
-        is_stop_token = isinstance(stop_reason, int) and not params.include_stop_str_in_output
+        is_stop_token = seq.ended_by_stop_token and not stop_string and not params.include_stop_str_in_output
         text = self._decode(output_ids[:-1] if is_stop_token else output_ids, params.skip_special_tokens)
         if stop_string:  # cut where the occurrence that stopped it starts
             end = _ends_in_newest(

@@ -103,7 +103,9 @@ class Scheduler:
                 seq.append_token(token_id)
             stop = self._check_stop(seq, token_id)
             if stop is not None:
-                self.finish(seq, *stop)
+                reason, stop_reason, ended_by_token = stop
+                self.finish(seq, reason, stop_reason)
+                seq.ended_by_stop_token = ended_by_token
                 finished.append(seq)
         return finished
 
@@ -179,21 +181,25 @@ class Scheduler:
             budget -= num_new
             in_flight.update(bm.blocks_filled_by(seq, num_new))
 
-    def _check_stop(self, seq: Sequence, token_id: int | None) -> tuple[str, int | None] | None:
-        """(finish_reason, stop_reason) if the sequence is done after this step, else None."""
+    def _check_stop(self, seq: Sequence, token_id: int | None) -> tuple[str, int | None, bool] | None:
+        """(finish_reason, stop_reason, whether a stop token ended it) if the sequence is done
+        after this step, else None. As vLLM: EOS ends it with stop_reason None, a token of
+        stop_token_ids with that token as the stop_reason."""
         if token_id is None:
             # a prompt chunk; a prefill-only sequence is done once all of it is computed
-            return ("length", None) if seq.is_prefill_only and seq.num_uncomputed_tokens == 0 else None
+            return ("length", None, False) if seq.is_prefill_only and seq.num_uncomputed_tokens == 0 else None
         if seq.grammar is not None and (stop := _advance_grammar(seq, token_id, self.eos_token_ids)):
             return stop
         params = seq.params
         if seq.num_output_tokens < params.min_tokens:
             # min_tokens: no stop before it (the sampler also holds its stop tokens back)
-            return ("length", None) if seq.num_output_tokens >= seq.max_tokens else None
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
-            return "stop", token_id
+            return ("length", None, False) if seq.num_output_tokens >= seq.max_tokens else None
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            return "stop", None, True
+        if token_id in params.stop_token_ids:
+            return "stop", token_id, True
         if seq.num_output_tokens >= seq.max_tokens:
-            return "length", None
+            return "length", None, False
         return None
 
     def _take(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
@@ -227,8 +233,8 @@ def _advance_grammar(seq: Sequence, token_id: int, eos_token_ids: frozenset[int]
     if not seq.grammar.consume_token(token_id):
         # the mask allowed only what the grammar accepts, so this is a bug, not bad input
         log.error("%r: the grammar refused token %d: %s", seq, token_id, seq.grammar.get_error())
-        return "abort", None
+        return "abort", None, False
     if seq.grammar.is_stopped():
         # complete: either this was EOS, or nothing but EOS could follow (spare that step)
-        return "stop", token_id if token_id in eos_token_ids else None
+        return "stop", None, token_id in eos_token_ids
     return None

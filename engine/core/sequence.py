@@ -59,6 +59,7 @@ class Sequence:
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
+        self.ended_by_stop_token = False  # EOS or a stop_token_ids token: kept out of the text
 
     def __repr__(self) -> str:
         return f"Sequence({self.request_id!r}, {self.status.value}, {self.num_computed_tokens}/{self.num_tokens})"

@@ -81,6 +81,28 @@ def test_the_engine_gives_at_least_min_tokens_even_when_eos_is_forced(engine: LL
     assert len(later.token_ids) == 6 and later.token_ids[-1] == eos
 
 
+def test_eos_ends_with_stop_reason_none_and_a_stop_token_with_itself_as_vllm_does(engine: LLMEngine) -> None:
+    """Issue 30, defect 8: EOS gave its own id as the stop_reason; both stay out of the text."""
+    eos = engine.tokenizer.eos_token_id
+    (by_eos,) = engine.generate(
+        ["The river"], SamplingParams(temperature=0, logit_bias={eos: 100.0}), use_tqdm=False
+    )
+    assert (by_eos.token_ids, by_eos.finish_reason, by_eos.stop_reason, by_eos.text) == (
+        [eos],
+        "stop",
+        None,
+        "",
+    )
+    params = SamplingParams(temperature=0, logit_bias={7: 100.0}, stop_token_ids=[7], ignore_eos=True)
+    (by_token,) = engine.generate(["The river"], params, use_tqdm=False)
+    assert (by_token.token_ids, by_token.finish_reason, by_token.stop_reason, by_token.text) == (
+        [7],
+        "stop",
+        7,
+        "",
+    )
+
+
 def test_a_logit_bias_outside_the_vocabulary_is_rejected(engine: LLMEngine) -> None:
     with pytest.raises(RequestRejected, match="logit_bias"):
         engine.add_request("bias", "Hello", SamplingParams(logit_bias={10**6: 1.0}))

@@ -151,7 +151,10 @@ async def test_a_tool_choice_that_cannot_be_honoured_is_a_400_naming_it(handle, 
             {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_time", "y": 2}}},
             "tool_choice.function.y",
         ),
-        ({"tools": TOOLS, "tool_choice": {"type": "tool", "function": {"name": "get_time"}}}, "tool_choice.type"),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "tool", "function": {"name": "get_time"}}},
+            "tool_choice.type",
+        ),
     ],
     ids=["parallel-not-a-bool", "unknown-key", "unknown-nested-key", "unknown-type"],
 )
