@@ -36,6 +36,7 @@ from service.headers import (
 from service.limits import JobLimits, check_job_size, check_limits, check_prompt_tokens, job_limits
 from service.reasoning import resolve_reasoning_parser
 from service.routing import ReplyTopics
+from service.sampling import max_tokens_of
 from service.translate import (
     EngineRequest,
     TranslationError,
@@ -169,7 +170,8 @@ class JobHandler:
         check_deadline(deadline, "before inference")
         if isinstance(job.body, EmbeddingRequest):
             return await self._embed(job, ref, deadline, tag)
-        check_limits(job, self._limits, self._default_max_tokens)
+        max_tokens = max_tokens_of(job.body, self._default_max_tokens, self._batcher.generation_defaults)
+        check_limits(job, self._limits, max_tokens)
         request = await self._off_loop(
             to_engine_request,
             job,

@@ -58,8 +58,11 @@ def check_job_size(value: bytes, limits: JobLimits) -> None:
         )
 
 
-def check_limits(job: BatchRequestLine, limits: JobLimits, default_max_tokens: int) -> None:
-    """TranslationError(limit_exceeded, param=the field) for the first limit the job passes."""
+def check_limits(job: BatchRequestLine, limits: JobLimits, max_tokens: int) -> None:
+    """TranslationError(limit_exceeded, param=the field) for the first limit the job passes.
+
+    `max_tokens`: what the job runs with (service/sampling.py's max_tokens_of), before the
+    engine clips it to the model's length."""
     body = job.body
     stops = body.stop_strings
     _check(len(stops), limits.max_stop_strings, "stop", "stop strings")
@@ -72,8 +75,7 @@ def check_limits(job: BatchRequestLine, limits: JobLimits, default_max_tokens: i
     if isinstance(body, CompletionRequest) and isinstance(body.prompt, list):
         check_prompt_tokens(len(body.prompt), limits)
     if (top := body.num_top_logprobs) is not None:
-        max_tokens = limits.output_tokens(body.output_limit or default_max_tokens, 1)
-        volume = max_tokens * (top + 1)
+        volume = limits.output_tokens(max_tokens, 1) * (top + 1)
         _check(volume, limits.max_logprob_tokens, "logprobs", "logprobs in all (max_tokens x (top + 1))")
 
 

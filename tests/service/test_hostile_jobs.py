@@ -19,9 +19,9 @@ from service.limits import JobLimits
 class _Unreachable:
     """Stands in for DynamicBatcher: a job that reaches it is a test failure."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, generation_defaults=None) -> None:
         self.tokenizer = tokenizer
-        self.generation_defaults = {}
+        self.generation_defaults = generation_defaults or {}
 
     async def generate(self, *args, **kwargs):
         pytest.fail("a hostile job reached the engine")
@@ -90,9 +90,9 @@ async def test_bytes_that_are_no_job_are_an_error_result(handler, value):
 # Limits: refused by name before any work (the engine double is never reached)
 
 
-def _limited(tiny_engine, **limits) -> JobHandler:
+def _limited(tiny_engine, generation_defaults=None, **limits) -> JobHandler:
     return JobHandler(
-        _Unreachable(tiny_engine.tokenizer),
+        _Unreachable(tiny_engine.tokenizer, generation_defaults),
         "tiny",
         default_max_tokens=8,
         limits=JobLimits(max_model_len=tiny_engine.max_model_len, **limits),
@@ -116,6 +116,14 @@ async def test_a_job_past_a_limit_is_refused_by_name(tiny_engine, body, param):
     assert outcome.result.failure.code == "limit_exceeded"
     assert outcome.result.response.body.error.param == param
     assert outcome.result.failure.message.startswith(f"{param}: this service takes at most")
+
+
+async def test_the_logprob_limit_counts_the_max_tokens_that_runs_the_checkpoints_default(tiny_engine):
+    # a job without max_tokens runs the checkpoint's max_new_tokens (200 here), not default_max_tokens (8)
+    handler = _limited(tiny_engine, {"max_tokens": 200}, max_logprob_tokens=1000)
+    outcome = await handler.handle(_job(logprobs=5), [], 0, "jobs/0/7")
+    assert outcome.result.failure.code == "limit_exceeded"
+    assert outcome.result.failure.message.endswith("got 1200")  # 200 x (5 + 1)
 
 
 async def test_a_job_larger_than_max_job_bytes_is_job_too_large(tiny_engine):
