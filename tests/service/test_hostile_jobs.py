@@ -12,6 +12,7 @@ import pytest
 
 from engine import RequestRejected
 from service.backpressure import Backpressure
+from service.config import ServiceConfig
 from service.jobs import JobHandler
 from service.limits import JobLimits
 
@@ -29,7 +30,11 @@ class _Unreachable:
 
 @pytest.fixture
 def handler(tiny_engine) -> JobHandler:
-    return JobHandler(_Unreachable(tiny_engine.tokenizer), "tiny", default_max_tokens=8)
+    return JobHandler(_config(), _Unreachable(tiny_engine.tokenizer), tiny_engine)
+
+
+def _config(**limits) -> ServiceConfig:
+    return ServiceConfig(model_name="tiny", default_max_tokens=8, limits=JobLimits(**limits))
 
 
 def _job(custom_id="j1", **body) -> bytes:
@@ -92,10 +97,7 @@ async def test_bytes_that_are_no_job_are_an_error_result(handler, value):
 
 def _limited(tiny_engine, generation_defaults=None, **limits) -> JobHandler:
     return JobHandler(
-        _Unreachable(tiny_engine.tokenizer, generation_defaults),
-        "tiny",
-        default_max_tokens=8,
-        limits=JobLimits(max_model_len=tiny_engine.max_model_len, **limits),
+        _config(**limits), _Unreachable(tiny_engine.tokenizer, generation_defaults), tiny_engine
     )
 
 
@@ -160,8 +162,7 @@ class _Capture:
 def _capturing(tiny_engine, **limits) -> tuple[JobHandler, _Capture]:
     backpressure = Backpressure(max_jobs=10, max_tokens=10**9)
     capture = _Capture(tiny_engine.tokenizer, backpressure)
-    limits = JobLimits(max_model_len=tiny_engine.max_model_len, **limits)
-    return JobHandler(capture, "tiny", 8, backpressure, limits=limits), capture
+    return JobHandler(_config(**limits), capture, tiny_engine, backpressure), capture
 
 
 async def test_tokens_in_flight_count_max_tokens_as_the_engine_clips_it(tiny_engine):
