@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from loadtest.driver import JobShape, Target, run_load
     from loadtest.offline import offline_tokens_per_s
     from loadtest.report import summary, write_report
-    from service.__main__ import resolve_engine_config
+    from service.engine_loading import resolve_engine_config
 
     engine_config = resolve_engine_config(config)
     vocab_size = json.loads((Path(engine_config.model) / "config.json").read_text())["vocab_size"]

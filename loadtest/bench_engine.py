@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from engine import EngineConfig, LLMEngine, SamplingParams, ensure_demo_checkpoint  # noqa: E402
+from engine.config import DTYPES  # noqa: E402
 from loadtest import peers  # noqa: E402
 from loadtest.floor import Floor, measure_machine, workload_floor  # noqa: E402
 from loadtest.workloads import WORKLOADS, Row, Workload  # noqa: E402
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workload", default="standard", choices=sorted(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each engine (medians)")
     parser.add_argument("--preset", default="small", help="checkpoint preset (engine.demo.checkpoints)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument(
         "--num-requests", type=int, default=None, help="default: the workload's (64; decode 128)"
     )

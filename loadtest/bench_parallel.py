@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from engine import EngineConfig, LLMEngine, SamplingParams, ensure_demo_checkpoint  # noqa: E402
+from engine.config import DTYPES  # noqa: E402
 from loadtest.bench_engine import run_sluice  # noqa: E402
 from loadtest.workloads import Row, Workload, standard_workload  # noqa: E402
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--preset", default=None, help="checkpoint preset (default: small, tiny with --quick)"
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-requests", type=int, default=None, help="default: 64, 8 with --quick")
     parser.add_argument("--layouts", nargs="+", type=parse_layout, default=[(1, 1), (2, 1), (1, 2)])

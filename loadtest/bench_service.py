@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # noqa: E402
 
 from engine import EngineConfig, EngineThread, LLMEngine, ensure_demo_checkpoint  # noqa: E402
+from engine.config import DTYPES  # noqa: E402
 from loadtest.bench_engine import run_sluice  # noqa: E402
 from loadtest.workloads import Workload, standard_workload  # noqa: E402
 from service.app import Service  # noqa: E402
@@ -162,7 +163,7 @@ def _percentile(values: list[float], q: float) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--bootstrap", default="127.0.0.1:19092")
     parser.add_argument(

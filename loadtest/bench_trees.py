@@ -64,17 +64,19 @@ def run_once(tree: Path, args: argparse.Namespace, folder: Path) -> tuple[float,
 
 
 def main(argv: list[str] | None = None) -> None:
+    sys.path.insert(0, str(REPO_ROOT))
+    from engine.config import DTYPES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trees", nargs="+", type=Path, help="source trees, each with its .venv")
     parser.add_argument("--workload", default="standard", choices=["standard", "shared-prefix"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--num-requests", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--preset", default="small")
     args = parser.parse_args(argv)
     trees = [tree.resolve() for tree in args.trees]
-    sys.path.insert(0, str(REPO_ROOT))
     from engine import ensure_demo_checkpoint
 
     folder = ensure_demo_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)

@@ -27,6 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from engine import EngineConfig, LLMEngine, SamplingParams, ensure_demo_checkpoint  # noqa: E402
+from engine.config import DTYPES  # noqa: E402
 from loadtest.step_phases import StepPhases  # noqa: E402
 from loadtest.workloads import WORKLOADS  # noqa: E402
 
@@ -85,7 +86,7 @@ def category(name: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", default="standard", choices=sorted(WORKLOADS))
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
     parser.add_argument("--preset", default="small")
     parser.add_argument(
         "--num-requests", type=int, default=None, help="default: the workload's (64; decode 128)"

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import sys
-from pathlib import Path
 
 import uvloop
 
-from engine import EngineConfig, EngineConfigError, EngineDeadError, EngineThread, LLMEngine, ModelLoadError
+from engine import EngineConfigError, EngineDeadError, ModelLoadError
 from service.app import Service
 from service.config import ConfigError, ServiceConfig, load_config
+from service.engine_loading import load_engine
 from service.kafka_security import KafkaLoginError
 
 log = logging.getLogger("sluice")
@@ -37,11 +36,8 @@ def main() -> int:
 
 
 async def serve(config: ServiceConfig) -> int:
-    engine_config = resolve_engine_config(config)
-    log.info("loading %s (%s on %s)", engine_config.model, engine_config.dtype, engine_config.device)
-    engine_thread = EngineThread()  # loads the engine and then steps it: one OpenMP pool
     try:
-        engine = await engine_thread.run(LLMEngine, engine_config)
+        engine, engine_thread = await load_engine(config)
     except (EngineConfigError, EngineDeadError, ModelLoadError, ValueError) as e:
         log.error("cannot start the engine: %s", e)
         return 2
@@ -61,22 +57,6 @@ async def serve(config: ServiceConfig) -> int:
         engine.close()  # a parallel engine's worker processes
         engine_thread.close()
     return 1 if service.engine_failure is not None else 0
-
-
-def resolve_engine_config(config: ServiceConfig) -> EngineConfig:
-    """The engine options; with no model folder configured, the built-in demo model's (built
-    once, then cached)."""
-    if config.engine.model:
-        return config.engine
-    from engine import ensure_demo_checkpoint
-
-    cache = Path(config.build_dir) / "models"
-    log.info(
-        "no model configured (SLUICE_ENGINE_MODEL): using the built-in %r demo model", config.demo_preset
-    )
-    return dataclasses.replace(
-        config.engine, model=str(ensure_demo_checkpoint(cache, preset=config.demo_preset))
-    )
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:

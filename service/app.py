@@ -225,7 +225,7 @@ def _job_handler(
     reply_topics = ReplyTopics(
         config.reply_topics, config.results_topic, reserved=[*config.jobs_topics, *_written_topics(config)]
     )
-    return JobHandler.from_config(config, batcher, engine, backpressure, reply_topics)
+    return JobHandler(config, batcher, engine, backpressure, reply_topics)
 
 
 def _delivery(

@@ -4,9 +4,11 @@ Every service option is a field below with its comment; `SLUICE_<FIELD>` (upper 
 overrides it, e.g. SLUICE_KAFKA_BOOTSTRAP=broker:9092. The engine's options are EngineConfig's
 fields (engine/config.py), nested as `engine`: the `[engine]` table of the TOML file and
 `SLUICE_ENGINE_<FIELD>` variables, e.g. SLUICE_ENGINE_MODEL=/models/llama,
-SLUICE_ENGINE_DTYPE=bfloat16. In the environment a list is comma-separated and an empty value
-of an optional option means None. SLUICE_CONFIG names the TOML file (keys are the field names).
-Documented in docs/configuration.md.
+SLUICE_ENGINE_DTYPE=bfloat16. The job limits are JobLimits' fields (service/limits.py), nested
+as `limits` but set by their own names, top-level keys and SLUICE_<FIELD> (SLUICE_MAX_JOB_BYTES):
+a flat table. In the environment a list is comma-separated and an empty value of an optional
+option means None. SLUICE_CONFIG names the TOML file (keys are the field names). Documented in
+docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ from msgspec import Meta, Struct
 
 from engine import EngineConfig
 from service import kafka_security
+from service.limits import JobLimits
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ConfigError(ValueError):
     pass
+
+
+# Nested options whose names are top-level keys and SLUICE_<FIELD> variables, not a table of
+# their own: grouped in the code, they keep the names operators set them by.
+FLAT_TABLES = ("limits",)
 
 
 class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -95,17 +103,11 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     )
     resume_fraction: Annotated[float, Meta(gt=0, lt=1)] = 0.5  # resume below this share of both limits
     drain_timeout_s: Annotated[float, Meta(ge=0)] = 30.0  # on shutdown, wait this long for in-flight jobs
-    # What one job may ask for (service/limits.py), checked before any work is done for it
-    max_job_bytes: Annotated[int, Meta(ge=1)] = 1_048_576  # a job record's value
-    max_prompt_tokens: Annotated[int, Meta(ge=0)] = 0  # 0: what the model takes (max_model_len - 1)
-    max_stop_strings: Annotated[int, Meta(ge=0)] = 16
-    max_stop_string_chars: Annotated[int, Meta(ge=1)] = 256  # each stop string
-    max_stop_token_ids: Annotated[int, Meta(ge=0)] = 64
-    max_choices: Annotated[int, Meta(ge=1)] = 256  # a `choice` constraint's choices
-    max_logprob_tokens: Annotated[int, Meta(ge=1)] = 16_384  # max_tokens x (top logprobs + 1)
+    # What one job may ask for (service/limits.py's JobLimits, where each limit is explained), checked
+    # before any work is done for it: nested here, set by their own names (a flat table, below)
+    limits: JobLimits = msgspec.field(default_factory=JobLimits)
     # a result (or dead letter) larger than this is replaced by a `result_too_large` error result
     max_result_bytes: Annotated[int, Meta(ge=1024)] = 1_000_000
-    allow_special_tokens: bool = False  # prompt text may spell control tokens (trusted producers only)
     # HTTP: /metrics (Prometheus), /healthz (liveness), /readyz (readiness)
     http_host: str = "0.0.0.0"
     http_port: Annotated[int, Meta(ge=0, le=65535)] = 9464  # 0: any free port
@@ -134,34 +136,56 @@ def load_config(environ: dict[str, str] | None = None) -> ServiceConfig:
             values.update(msgspec.toml.decode(Path(path).read_bytes()))
         except (OSError, msgspec.DecodeError) as e:
             raise ConfigError(f"SLUICE_CONFIG={path}: {e}") from None
-    _override_from_environ(values, mi.type_info(ServiceConfig).fields, "SLUICE_", environ)
+    fields = mi.type_info(ServiceConfig).fields
+    _nest_flat_tables(values, fields)
+    _override_from_environ(values, fields, "SLUICE_", environ)
     try:
         return msgspec.convert(values, ServiceConfig, strict=False)
     except msgspec.ValidationError as e:
+        message = re.sub(rf"\$\.(?:{'|'.join(FLAT_TABLES)})\.", "$.", str(e))  # as the operator spelt it
         raise ConfigError(
-            f"invalid configuration (SLUICE_<FIELD>, SLUICE_ENGINE_<FIELD> or the TOML key): {e}"
+            f"invalid configuration (SLUICE_<FIELD>, SLUICE_ENGINE_<FIELD> or the TOML key): {message}"
         ) from None
 
 
 def environment_variables() -> set[str]:
-    """Every variable load_config reads: SLUICE_CONFIG, SLUICE_<FIELD> and SLUICE_ENGINE_<FIELD>."""
+    """Every variable load_config reads: SLUICE_CONFIG, SLUICE_<FIELD> (the limits' too) and
+    SLUICE_ENGINE_<FIELD>."""
     return {"SLUICE_CONFIG", *_variables(mi.type_info(ServiceConfig).fields, "SLUICE_")}
+
+
+def _nest_flat_tables(values: dict[str, object], fields: tuple[mi.Field, ...]) -> None:
+    """Move a flat table's top-level keys into its table; the table's own name is no key."""
+    for field in fields:
+        if field.name in FLAT_TABLES:
+            if field.name in values:
+                names = ", ".join(f.name for f in field.type.fields[:2])
+                raise ConfigError(
+                    f"{field.name!r} is not a table: its options are top-level keys ({names}, ...)"
+                )
+            own = {f.name for f in field.type.fields}
+            values[field.name] = {name: values.pop(name) for name in list(values) if name in own}
 
 
 def _override_from_environ(
     values: dict[str, object], fields: tuple[mi.Field, ...], prefix: str, environ: dict[str, str]
 ) -> None:
     """Set each field whose `<prefix><FIELD>` variable is set; a nested table's fields go by
-    `<prefix><TABLE>_<FIELD>` (SLUICE_ENGINE_DTYPE sets dtype in [engine])."""
+    `<prefix><TABLE>_<FIELD>` (SLUICE_ENGINE_DTYPE sets dtype in [engine]), a flat table's by
+    `<prefix><FIELD>` (SLUICE_MAX_JOB_BYTES sets limits.max_job_bytes)."""
     for field in fields:
         name = f"{prefix}{field.name.upper()}"
         if isinstance(field.type, mi.DataclassType | mi.StructType):
             table = values.setdefault(field.name, {})
             if isinstance(table, dict):  # anything else: msgspec.convert names the mistake
                 _check_known_keys(table, field)
-                _override_from_environ(table, field.type.fields, f"{name}_", environ)
+                _override_from_environ(table, field.type.fields, _table_prefix(field, prefix), environ)
         elif (raw := environ.get(name)) is not None:
             values[field.name] = _from_env(field.type, raw)
+
+
+def _table_prefix(field: mi.Field, prefix: str) -> str:
+    return prefix if field.name in FLAT_TABLES else f"{prefix}{field.name.upper()}_"
 
 
 def _check_known_keys(table: dict[str, object], field: mi.Field) -> None:
@@ -184,8 +208,7 @@ def _from_env(field_type: mi.Type, raw: str) -> object:
 
 def _variables(fields: tuple[mi.Field, ...], prefix: str) -> Iterator[str]:
     for field in fields:
-        name = f"{prefix}{field.name.upper()}"
         if isinstance(field.type, mi.DataclassType | mi.StructType):
-            yield from _variables(field.type.fields, f"{name}_")
+            yield from _variables(field.type.fields, _table_prefix(field, prefix))
         else:
-            yield name
+            yield f"{prefix}{field.name.upper()}"

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from engine import EngineDeadError, PoolingParams, RequestOutput, RequestRejected
+from engine import EngineDeadError, LLMEngine, PoolingParams, RequestOutput, RequestRejected
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
 from schemas.embeddings import EmbeddingRequest
@@ -33,9 +33,10 @@ from service.headers import (
     header_deadline,
     header_dict,
 )
-from service.limits import JobLimits, check_job_size, check_limits, check_prompt_tokens, job_limits
+from service.limits import check_job_size, check_limits, check_prompt_tokens, output_tokens
 from service.reasoning import resolve_reasoning_parser
 from service.routing import ReplyTopics
+from service.sampling import max_tokens_of
 from service.translate import (
     EngineRequest,
     TranslationError,
@@ -64,64 +65,36 @@ class Outcome:
 class JobHandler:
     def __init__(
         self,
+        config: ServiceConfig,
         batcher: DynamicBatcher,
-        model_name: str,
-        default_max_tokens: int,
+        engine: LLMEngine,
         backpressure: Backpressure | None = None,
-        model_aliases: Sequence[str] = (),
-        unknown_fields: str = "reject",
-        limits: JobLimits | None = None,
         reply_topics: ReplyTopics | None = None,
-        embedding_pooling: str = "last",
-        tool_call_parser: str = "auto",
-        reasoning_parser: str = "none",
     ) -> None:
-        """`model_aliases`: other names a job's `model` may give; `unknown_fields`: "reject" (a
-        body field no schema declares is an error, as OpenAI does) or "ignore" (vLLM's leniency);
-        `limits`: what a job may ask for; `reply_topics`: where its `reply_to` may send its result
-        (None: anywhere, for callers that publish nothing, as `sluice label --local`)."""
+        """Answers jobs as `config` says (the served model name and its aliases, default_max_tokens,
+        unknown_fields, the limits, embedding pooling, the tool-call and reasoning parsers) on
+        `engine`, whose max_model_len and architectures the limits and the `auto` parsers read; the
+        service and the `--local` client runs both build it so, and answer a job the same way.
+        `reply_topics`: where a job's `reply_to` may send its result (None: anywhere, for callers
+        that publish nothing, as `sluice label --local`)."""
         self._batcher = batcher
         self._backpressure = backpressure or Backpressure(max_jobs=2**31, max_tokens=2**62)
-        self._model_name = model_name
-        self._served_names = frozenset([model_name, *model_aliases])
-        self._unknown_fields = unknown_fields
-        self._default_max_tokens = default_max_tokens
-        self._limits = limits or JobLimits()
+        self._model_name = config.served_model_name
+        self._served_names = frozenset([self._model_name, *config.model_aliases])
+        self._unknown_fields = config.unknown_fields
+        self._default_max_tokens = config.default_max_tokens
+        self._limits = config.limits
+        self._max_model_len = engine.max_model_len
         self._reply_topics = reply_topics
         # Tokenising and templating a long prompt (and building a long result) take a while: they
         # run on a thread of their own, with a tokenizer of their own (a tokenizer switches its
         # special-token handling per call, so it must not be shared with the engine's thread).
         self._tokenizer = copy.deepcopy(batcher.tokenizer)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sluice-tokenize")
-        self._pooling = PoolingParams(embedding_pooling)  # of /v1/embeddings jobs
-        self._tool_call_parser = tool_call_parser
-        self._reasoning_parser = reasoning_parser  # resolved: none, harmony or deepseek_r1
-
-    @classmethod
-    def from_config(
-        cls,
-        config: ServiceConfig,
-        batcher: DynamicBatcher,
-        engine,
-        backpressure: Backpressure | None = None,
-        reply_topics: ReplyTopics | None = None,
-    ) -> JobHandler:
-        """The handler `config` describes for `engine` (an LLMEngine): the service's and the
-        `--local` client runs', so that both answer a job the same way."""
-        architectures = getattr(engine, "architectures", ())
-        return cls(
-            batcher,
-            config.served_model_name,
-            config.default_max_tokens,
-            backpressure,
-            model_aliases=config.model_aliases,
-            unknown_fields=config.unknown_fields,
-            limits=job_limits(config, engine.max_model_len),
-            reply_topics=reply_topics,
-            embedding_pooling=config.embedding_pooling,
-            tool_call_parser=config.tool_call_parser,
-            reasoning_parser=resolve_reasoning_parser(config.reasoning_parser, architectures),
-        )
+        self._pooling = PoolingParams(config.embedding_pooling)  # of /v1/embeddings jobs
+        self._tool_call_parser = config.tool_call_parser
+        # resolved: none, harmony or deepseek_r1
+        self._reasoning_parser = resolve_reasoning_parser(config.reasoning_parser, engine.architectures)
 
     async def handle(
         self,
@@ -169,7 +142,8 @@ class JobHandler:
         check_deadline(deadline, "before inference")
         if isinstance(job.body, EmbeddingRequest):
             return await self._embed(job, ref, deadline, tag)
-        check_limits(job, self._limits, self._default_max_tokens)
+        max_tokens = max_tokens_of(job.body, self._default_max_tokens, self._batcher.generation_defaults)
+        check_limits(job, self._limits, max_tokens, self._max_model_len)
         request = await self._off_loop(
             to_engine_request,
             job,
@@ -180,7 +154,7 @@ class JobHandler:
             self._reasoning_parser,
         )
         num_prompt_tokens = len(request.prompt_token_ids)
-        check_prompt_tokens(num_prompt_tokens, self._limits)
+        check_prompt_tokens(num_prompt_tokens, self._limits, self._max_model_len)
         check_deadline(deadline, "after tokenising")
         output = await self._generate(request, ref, deadline, tag)
         enqueued_time = timestamp_ms / 1000
@@ -208,8 +182,8 @@ class JobHandler:
         )
         # what it may hold in the KV cache: the prompt once (its samples share it), each sample's
         # output as the engine clips max_tokens to the model's length
-        output_tokens = self._limits.output_tokens(request.params.max_tokens, num_prompt_tokens)
-        tokens = num_prompt_tokens + request.params.num_samples * output_tokens
+        max_tokens = output_tokens(request.params.max_tokens, num_prompt_tokens, self._max_model_len)
+        tokens = num_prompt_tokens + request.params.num_samples * max_tokens
         self._backpressure.add(tokens=tokens)
         try:
             # Past the deadline the awaiting task is cancelled, which aborts the request in the engine.
@@ -225,7 +199,7 @@ class JobHandler:
     ) -> tuple[BatchResponseLine, RequestOutput]:
         inputs = await self._off_loop(embedding_inputs, job.body, self._tokenizer)
         for ids in inputs:
-            check_prompt_tokens(len(ids), self._limits)
+            check_prompt_tokens(len(ids), self._limits, self._max_model_len)
         tokens = sum(map(len, inputs))
         self._backpressure.add(tokens=tokens)
         try:

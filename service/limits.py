@@ -2,51 +2,51 @@
 
 A job is untrusted input: without bounds one record could hold the engine thread on a million
 stop strings, fill the result topic's size limit with logprobs, or keep the tokenizer busy for
-seconds. Each limit has a ServiceConfig option of the same name (docs/configuration.md); a job
-past one gets an error result naming the field and the limit.
+seconds. The limits are declared here once and nested in the configuration as
+ServiceConfig.limits; each is set by its own name, a top-level key and SLUICE_<NAME>
+(max_job_bytes, SLUICE_MAX_JOB_BYTES; docs/configuration.md). A job past one gets an error
+result naming the field and the limit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
+
+from msgspec import Meta, Struct
 
 from schemas.batch import BatchRequestLine
 from schemas.openai import ChatCompletionRequest, CompletionRequest
-from service.translate import TranslationError
+from service.fields import TranslationError
 
 
-@dataclass(slots=True, frozen=True)
-class JobLimits:
-    max_job_bytes: int = 1_048_576  # a record's value; larger: job_too_large (413)
-    max_prompt_tokens: int = 0  # 0: what the model takes (max_model_len - 1)
-    max_stop_strings: int = 16
-    max_stop_string_chars: int = 256  # each stop string
-    max_stop_token_ids: int = 64
-    max_choices: int = 256  # a `choice` constraint's choices (each is scored: one prefill per choice)
-    max_logprob_tokens: int = 16_384  # max_tokens x (top_logprobs + 1), for jobs asking for logprobs
-    allow_special_tokens: bool = False  # prompt text may spell control tokens (`</s>`, `<|eot_id|>`)
-    max_model_len: int | None = None  # the engine's: prompt + output tokens
+class JobLimits(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What one job may ask for; the limits that depend on the model take its max_model_len."""
 
-    def prompt_token_limit(self) -> int | None:
-        """The most prompt tokens a job may have; None: no limit known."""
-        model_limit = None if self.max_model_len is None else self.max_model_len - 1
+    max_job_bytes: Annotated[int, Meta(ge=1)] = 1_048_576  # a record's value; larger: job_too_large (413)
+    max_prompt_tokens: Annotated[int, Meta(ge=0)] = 0  # 0: what the model takes (max_model_len - 1)
+    max_stop_strings: Annotated[int, Meta(ge=0)] = 16
+    max_stop_string_chars: Annotated[int, Meta(ge=1)] = 256  # each stop string
+    max_stop_token_ids: Annotated[int, Meta(ge=0)] = 64
+    # a `choice` constraint's choices (each is scored: one prefill per choice)
+    max_choices: Annotated[int, Meta(ge=1)] = 256
+    # max_tokens x (top_logprobs + 1), for jobs asking for logprobs
+    max_logprob_tokens: Annotated[int, Meta(ge=1)] = 16_384
+    # prompt text may spell control tokens (`</s>`, `<|eot_id|>`): for trusted producers only
+    allow_special_tokens: bool = False
+
+    def prompt_token_limit(self, max_model_len: int | None) -> int | None:
+        """The most prompt tokens a job may have on an engine of `max_model_len`; None: no limit known."""
+        model_limit = None if max_model_len is None else max_model_len - 1
         if self.max_prompt_tokens and model_limit is not None:
             return min(self.max_prompt_tokens, model_limit)
         return self.max_prompt_tokens or model_limit
 
-    def output_tokens(self, max_tokens: int, num_prompt_tokens: int) -> int:
-        """`max_tokens` as the engine will run it: no more than the model's length leaves."""
-        if self.max_model_len is None:
-            return max_tokens
-        return max(1, min(max_tokens, self.max_model_len - num_prompt_tokens))
 
-
-def job_limits(config, max_model_len: int | None) -> JobLimits:
-    """The limits a ServiceConfig sets, for an engine whose sequences hold `max_model_len` tokens."""
-    fields = {
-        name: getattr(config, name) for name in JobLimits.__dataclass_fields__ if name != "max_model_len"
-    }
-    return JobLimits(**fields, max_model_len=max_model_len)
+def output_tokens(max_tokens: int, num_prompt_tokens: int, max_model_len: int | None) -> int:
+    """`max_tokens` as the engine will run it: no more than the model's length leaves."""
+    if max_model_len is None:
+        return max_tokens
+    return max(1, min(max_tokens, max_model_len - num_prompt_tokens))
 
 
 def check_job_size(value: bytes, limits: JobLimits) -> None:
@@ -58,8 +58,13 @@ def check_job_size(value: bytes, limits: JobLimits) -> None:
         )
 
 
-def check_limits(job: BatchRequestLine, limits: JobLimits, default_max_tokens: int) -> None:
-    """TranslationError(limit_exceeded, param=the field) for the first limit the job passes."""
+def check_limits(
+    job: BatchRequestLine, limits: JobLimits, max_tokens: int, max_model_len: int | None
+) -> None:
+    """TranslationError(limit_exceeded, param=the field) for the first limit the job passes.
+
+    `max_tokens`: what the job runs with (service/sampling.py's max_tokens_of), before the
+    engine clips it to `max_model_len`, the engine's prompt + output tokens."""
     body = job.body
     stops = body.stop_strings
     _check(len(stops), limits.max_stop_strings, "stop", "stop strings")
@@ -70,15 +75,14 @@ def check_limits(job: BatchRequestLine, limits: JobLimits, default_max_tokens: i
     for param, choices in _choice_lists(body):
         _check(len(choices), limits.max_choices, param, "choices")
     if isinstance(body, CompletionRequest) and isinstance(body.prompt, list):
-        check_prompt_tokens(len(body.prompt), limits)
+        check_prompt_tokens(len(body.prompt), limits, max_model_len)
     if (top := body.num_top_logprobs) is not None:
-        max_tokens = limits.output_tokens(body.output_limit or default_max_tokens, 1)
-        volume = max_tokens * (top + 1)
+        volume = output_tokens(max_tokens, 1, max_model_len) * (top + 1)
         _check(volume, limits.max_logprob_tokens, "logprobs", "logprobs in all (max_tokens x (top + 1))")
 
 
-def check_prompt_tokens(num_tokens: int, limits: JobLimits) -> None:
-    limit = limits.prompt_token_limit()
+def check_prompt_tokens(num_tokens: int, limits: JobLimits, max_model_len: int | None) -> None:
+    limit = limits.prompt_token_limit(max_model_len)
     if limit is not None and num_tokens > limit:
         raise TranslationError(
             "invalid_prompt", f"the prompt has {num_tokens} tokens; this service takes at most {limit}"

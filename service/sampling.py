@@ -36,7 +36,7 @@ def sampling_params(
     _check_samples(body, temperature)
     try:
         params = SamplingParams(
-            max_tokens=body.output_limit or int(defaults.get("max_tokens") or default_max_tokens),
+            max_tokens=max_tokens_of(body, default_max_tokens, defaults),
             n=body.n,
             best_of=body.best_of,
             temperature=temperature,
@@ -63,6 +63,17 @@ def sampling_params(
         raise TranslationError("invalid_request", str(e)) from None
     _check_greedy_choice(body, params)
     return params
+
+
+def max_tokens_of(
+    body: ChatCompletionRequest | CompletionRequest,
+    default_max_tokens: int,
+    generation_defaults: Mapping[str, float | int] | None = None,
+) -> int:
+    """The max_tokens a job runs with: its own (max_tokens or max_completion_tokens), else the
+    checkpoint's (generation_config.json's max_new_tokens), else the service's default_max_tokens.
+    The one rule: the job's limits are checked against what runs (service/limits.py)."""
+    return body.output_limit or int((generation_defaults or {}).get("max_tokens") or default_max_tokens)
 
 
 def _wire_name(field: str, body: ChatCompletionRequest | CompletionRequest) -> str:

@@ -149,7 +149,7 @@ class LocalBackend:
         self.async_engine = AsyncLLMEngine(engine, engine_thread)
         # the service's admission batching, so --local runs batch the same way
         batcher = DynamicBatcher(self.async_engine, config.batch_max_size, config.batch_max_wait_ms)
-        self.handler = JobHandler.from_config(config, batcher, engine)
+        self.handler = JobHandler(config, batcher, engine)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._done: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._tasks: set[asyncio.Task] = set()

@@ -197,13 +197,11 @@ def _collect(keys: set[str], items: Iterable[WorkItem]) -> Iterable[str]:
 
 async def _make_backend(args: argparse.Namespace, config: ServiceConfig, ledger: RunLedger):
     if args.local:
-        from engine import EngineThread, LLMEngine
-        from service.__main__ import resolve_engine_config
+        from service.engine_loading import load_engine
 
-        engine_config = resolve_engine_config(config)
-        print(f"sluice: loading {engine_config.model} in this process", file=sys.stderr)
-        engine_thread = EngineThread()  # loads the engine and then steps it: one OpenMP pool
-        engine = await engine_thread.run(LLMEngine, engine_config)
+        engine, engine_thread = await load_engine(
+            config, announce=lambda what: print(f"sluice: {what} in this process", file=sys.stderr)
+        )
         backend = LocalBackend(engine, config, engine_thread)
     else:
         backend = KafkaBackend(

@@ -4,10 +4,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from engine import EngineConfig
-from service.config import REPO_ROOT, ConfigError, ServiceConfig, load_config
+from service.config import REPO_ROOT, ConfigError, ServiceConfig, environment_variables, load_config
+from service.limits import JobLimits
 
 
 def _toml(tmp_path: Path, text: str) -> dict[str, str]:
@@ -262,3 +264,55 @@ def test_no_service_option_is_named_like_an_engine_variable() -> None:
 
 def test_the_service_declares_no_engine_option_of_its_own() -> None:
     assert not set(ServiceConfig.__struct_fields__) & set(ENGINE_FIELDS)
+
+
+# The job limits are declared once, in service/limits.py, and nested as ServiceConfig.limits; an
+# operator sets each by the name it always had: a top-level key, SLUICE_<NAME>.
+LIMIT_FIELDS = list(JobLimits.__struct_fields__)
+
+
+def _limit_example(name: str) -> tuple[object, str]:
+    default = getattr(JobLimits(), name)
+    if isinstance(default, bool):
+        return (not default, str(not default).lower())
+    return (default + 1, str(default + 1))
+
+
+@pytest.mark.parametrize("name", LIMIT_FIELDS)
+def test_every_limit_is_set_by_its_top_level_toml_key(tmp_path: Path, name: str) -> None:
+    value, _ = _limit_example(name)
+    config = load_config(_toml(tmp_path, f"{name} = {json.dumps(value)}\n"))
+    assert config.limits == msgspec.structs.replace(JobLimits(), **{name: value})
+
+
+@pytest.mark.parametrize("name", LIMIT_FIELDS)
+def test_every_limit_is_set_by_its_sluice_variable(name: str) -> None:
+    value, raw = _limit_example(name)
+    assert f"SLUICE_{name.upper()}" in environment_variables()
+    config = load_config({f"SLUICE_{name.upper()}": raw})
+    assert config.limits == msgspec.structs.replace(JobLimits(), **{name: value})
+
+
+def test_limit_variables_override_the_toml_file(tmp_path: Path) -> None:
+    env = _toml(tmp_path, "max_stop_strings = 3\nmax_choices = 7\n")
+    limits = load_config(env | {"SLUICE_MAX_STOP_STRINGS": "5"}).limits
+    assert (limits.max_stop_strings, limits.max_choices) == (5, 7)
+
+
+def test_limit_defaults_are_job_limits_defaults() -> None:
+    assert load_config({}).limits == JobLimits() == ServiceConfig().limits
+
+
+def test_a_limits_table_is_refused_naming_the_top_level_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="'limits' is not a table: its options are top-level keys"):
+        load_config(_toml(tmp_path, "[limits]\nmax_job_bytes = 10\n"))
+
+
+def test_a_bad_limit_is_a_config_error_naming_it_as_the_operator_spelt_it() -> None:
+    with pytest.raises(ConfigError, match=r"at `\$\.max_stop_strings`"):
+        load_config({"SLUICE_MAX_STOP_STRINGS": "-1"})
+
+
+def test_no_limit_is_named_like_a_service_option() -> None:
+    # a limit and a service option share the top-level names: each must mean one thing
+    assert not set(ServiceConfig.__struct_fields__) & set(LIMIT_FIELDS)

@@ -15,6 +15,7 @@ import pytest
 
 from engine.async_engine import AsyncLLMEngine
 from service.batcher import DynamicBatcher
+from service.config import ServiceConfig
 from service.jobs import JobHandler
 
 TEXT = "The river is cold today"
@@ -24,7 +25,11 @@ TEXT = "The river is cold today"
 async def handle(tiny_engine):
     engine = AsyncLLMEngine(tiny_engine)
     engine.start()
-    handler = JobHandler(DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), "tiny", 8)
+    handler = JobHandler(
+        ServiceConfig(model_name="tiny", default_max_tokens=8),
+        DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1),
+        tiny_engine,
+    )
 
     async def run(body: dict):
         job = {"custom_id": "e", "url": "/v1/embeddings", "body": body}
@@ -89,7 +94,9 @@ async def test_embedding_pooling_mean_pools_every_position(tiny_engine, handle) 
     engine = AsyncLLMEngine(tiny_engine)
     engine.start()
     batcher = DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1)
-    mean = JobHandler(batcher, "tiny", 8, embedding_pooling="mean")
+    mean = JobHandler(
+        ServiceConfig(model_name="tiny", default_max_tokens=8, embedding_pooling="mean"), batcher, tiny_engine
+    )
     job = json.dumps({"custom_id": "m", "url": "/v1/embeddings", "body": {"input": [5, 6, 7]}}).encode()
     outcome = await mean.handle(job, [], int(time.time() * 1000), "jobs/0/2")
     await engine.stop()
@@ -102,7 +109,11 @@ async def test_embedding_pooling_mean_pools_every_position(tiny_engine, handle) 
 async def test_embedding_and_generation_jobs_run_together_in_one_engine_as_each_alone(tiny_engine) -> None:
     engine = AsyncLLMEngine(tiny_engine)
     engine.start()
-    handler = JobHandler(DynamicBatcher(engine, max_batch_size=8, max_wait_ms=20), "tiny", 8)
+    handler = JobHandler(
+        ServiceConfig(model_name="tiny", default_max_tokens=8),
+        DynamicBatcher(engine, max_batch_size=8, max_wait_ms=20),
+        tiny_engine,
+    )
     embed = {"custom_id": "e", "url": "/v1/embeddings", "body": {"input": [TEXT, "a b"]}}
     generate = {"custom_id": "g", "url": "/v1/completions", "body": {"prompt": TEXT, "temperature": 0}}
 

@@ -13,6 +13,7 @@ import pytest
 
 from engine.async_engine import AsyncLLMEngine
 from service.batcher import DynamicBatcher
+from service.config import ServiceConfig
 from service.jobs import JobHandler
 
 
@@ -20,7 +21,11 @@ from service.jobs import JobHandler
 async def refuse(tiny_engine):
     engine = AsyncLLMEngine(tiny_engine)
     engine.start()
-    handler = JobHandler(DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), "tiny", 8)
+    handler = JobHandler(
+        ServiceConfig(model_name="tiny", default_max_tokens=8),
+        DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1),
+        tiny_engine,
+    )
 
     async def run(body: dict, url: str = "/v1/completions", **envelope):
         base = {"prompt": "hello"} if url == "/v1/completions" else {}

@@ -18,6 +18,7 @@ import pytest
 
 from engine.async_engine import AsyncLLMEngine
 from service.batcher import DynamicBatcher
+from service.config import ServiceConfig
 from service.fields import FIELD_RULES
 from service.jobs import JobHandler
 
@@ -140,7 +141,11 @@ def _cases() -> list[tuple[str, str]]:
 async def handle(tiny_engine):
     engine = AsyncLLMEngine(tiny_engine)
     engine.start()
-    handler = JobHandler(DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), "tiny", 8)
+    handler = JobHandler(
+        ServiceConfig(model_name="tiny", default_max_tokens=8),
+        DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1),
+        tiny_engine,
+    )
 
     async def run(url: str, body: dict):
         job = {"custom_id": "j", "url": url, "body": {**BASES[url], **body}}

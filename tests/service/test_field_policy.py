@@ -20,6 +20,7 @@ from engine.async_engine import AsyncLLMEngine
 from schemas.embeddings import EmbeddingRequest
 from schemas.openai import ChatCompletionRequest, CompletionRequest
 from service.batcher import DynamicBatcher
+from service.config import ServiceConfig
 from service.fields import FIELD_RULES, rules_for
 from service.jobs import JobHandler
 
@@ -79,9 +80,11 @@ def _job(url: str, body: dict, custom_id: str = "job-1") -> bytes:
     return json.dumps({"custom_id": custom_id, "url": url, "body": {**base, **body}}).encode()
 
 
-def _handler(engine, **kwargs) -> JobHandler:
-    batcher = DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1)
-    return JobHandler(batcher, "tiny", 8, None, **kwargs)
+def _handler(async_engine: AsyncLLMEngine, **options) -> JobHandler:
+    """A handler of a service configured with `options`, on the engine `async_engine` runs."""
+    batcher = DynamicBatcher(async_engine, max_batch_size=8, max_wait_ms=1)
+    config = ServiceConfig(model_name="tiny", default_max_tokens=8, **options)
+    return JobHandler(config, batcher, async_engine.engine)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pytest
 
 from engine.async_engine import AsyncLLMEngine
 from service.batcher import DynamicBatcher
+from service.config import ServiceConfig
 from service.jobs import JobHandler
 
 PROMPT = "The river is cold today, and many people"
@@ -23,7 +24,11 @@ LABELS = ["positive", "negative", "neutral"]
 async def handle(tiny_engine):
     engine = AsyncLLMEngine(tiny_engine)
     engine.start()
-    handler = JobHandler(DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), "tiny", 8)
+    handler = JobHandler(
+        ServiceConfig(model_name="tiny", default_max_tokens=8),
+        DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1),
+        tiny_engine,
+    )
 
     async def run(body: dict, url: str = "/v1/completions"):
         base = {"prompt": PROMPT} if url == "/v1/completions" else {}

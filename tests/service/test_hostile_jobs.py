@@ -12,6 +12,7 @@ import pytest
 
 from engine import RequestRejected
 from service.backpressure import Backpressure
+from service.config import ServiceConfig
 from service.jobs import JobHandler
 from service.limits import JobLimits
 
@@ -19,9 +20,9 @@ from service.limits import JobLimits
 class _Unreachable:
     """Stands in for DynamicBatcher: a job that reaches it is a test failure."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, generation_defaults=None) -> None:
         self.tokenizer = tokenizer
-        self.generation_defaults = {}
+        self.generation_defaults = generation_defaults or {}
 
     async def generate(self, *args, **kwargs):
         pytest.fail("a hostile job reached the engine")
@@ -29,7 +30,11 @@ class _Unreachable:
 
 @pytest.fixture
 def handler(tiny_engine) -> JobHandler:
-    return JobHandler(_Unreachable(tiny_engine.tokenizer), "tiny", default_max_tokens=8)
+    return JobHandler(_config(), _Unreachable(tiny_engine.tokenizer), tiny_engine)
+
+
+def _config(**limits) -> ServiceConfig:
+    return ServiceConfig(model_name="tiny", default_max_tokens=8, limits=JobLimits(**limits))
 
 
 def _job(custom_id="j1", **body) -> bytes:
@@ -90,12 +95,9 @@ async def test_bytes_that_are_no_job_are_an_error_result(handler, value):
 # Limits: refused by name before any work (the engine double is never reached)
 
 
-def _limited(tiny_engine, **limits) -> JobHandler:
+def _limited(tiny_engine, generation_defaults=None, **limits) -> JobHandler:
     return JobHandler(
-        _Unreachable(tiny_engine.tokenizer),
-        "tiny",
-        default_max_tokens=8,
-        limits=JobLimits(max_model_len=tiny_engine.max_model_len, **limits),
+        _config(**limits), _Unreachable(tiny_engine.tokenizer, generation_defaults), tiny_engine
     )
 
 
@@ -116,6 +118,14 @@ async def test_a_job_past_a_limit_is_refused_by_name(tiny_engine, body, param):
     assert outcome.result.failure.code == "limit_exceeded"
     assert outcome.result.response.body.error.param == param
     assert outcome.result.failure.message.startswith(f"{param}: this service takes at most")
+
+
+async def test_the_logprob_limit_counts_the_max_tokens_that_runs_the_checkpoints_default(tiny_engine):
+    # a job without max_tokens runs the checkpoint's max_new_tokens (200 here), not default_max_tokens (8)
+    handler = _limited(tiny_engine, {"max_tokens": 200}, max_logprob_tokens=1000)
+    outcome = await handler.handle(_job(logprobs=5), [], 0, "jobs/0/7")
+    assert outcome.result.failure.code == "limit_exceeded"
+    assert outcome.result.failure.message.endswith("got 1200")  # 200 x (5 + 1)
 
 
 async def test_a_job_larger_than_max_job_bytes_is_job_too_large(tiny_engine):
@@ -152,8 +162,7 @@ class _Capture:
 def _capturing(tiny_engine, **limits) -> tuple[JobHandler, _Capture]:
     backpressure = Backpressure(max_jobs=10, max_tokens=10**9)
     capture = _Capture(tiny_engine.tokenizer, backpressure)
-    limits = JobLimits(max_model_len=tiny_engine.max_model_len, **limits)
-    return JobHandler(capture, "tiny", 8, backpressure, limits=limits), capture
+    return JobHandler(_config(**limits), capture, tiny_engine, backpressure), capture
 
 
 async def test_tokens_in_flight_count_max_tokens_as_the_engine_clips_it(tiny_engine):

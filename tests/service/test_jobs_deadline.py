@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 
+from service.config import ServiceConfig
 from service.jobs import JobHandler
 
 
@@ -31,7 +32,7 @@ def _job(body: dict) -> bytes:
 
 async def test_a_deadline_passing_during_inference_aborts_the_request(tiny_engine):
     slow = _SlowEngine(tiny_engine.tokenizer)
-    handler = JobHandler(slow, "tiny", default_max_tokens=8)
+    handler = JobHandler(ServiceConfig(model_name="tiny", default_max_tokens=8), slow, tiny_engine)
     deadline_ms = int((time.time() + 0.3) * 1000)
     started = time.monotonic()
     job = _job({"prompt": "hello", "sluice_deadline_ms": deadline_ms})

@@ -16,6 +16,7 @@ from engine.demo.checkpoints import ensure_checkpoint
 from schemas.codec import decode_job
 from schemas.responses import AssistantMessage
 from service.batcher import DynamicBatcher
+from service.config import ServiceConfig
 from service.jobs import JobHandler
 from service.reasoning import resolve_reasoning_parser, split_reasoning
 from service.translate import to_engine_request, to_result_line
@@ -142,9 +143,9 @@ def gpt_oss_engine(model_cache) -> LLMEngine:
 async def gpt_oss_handle(gpt_oss_engine):
     engine = AsyncLLMEngine(gpt_oss_engine)
     engine.start()
-    parser = resolve_reasoning_parser("auto", gpt_oss_engine.architectures)
     batcher = DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1)
-    handler = JobHandler(batcher, "tiny", 8, reasoning_parser=parser)
+    # reasoning_parser "auto" (the default) reads the checkpoint's architecture: harmony
+    handler = JobHandler(ServiceConfig(model_name="tiny", default_max_tokens=8), batcher, gpt_oss_engine)
 
     async def run(**body):
         messages = [{"role": "user", "content": "Hi"}]

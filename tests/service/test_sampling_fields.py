@@ -13,6 +13,7 @@ import pytest
 from engine import EngineConfig, LLMEngine
 from engine.async_engine import AsyncLLMEngine
 from service.batcher import DynamicBatcher
+from service.config import ServiceConfig
 from service.jobs import JobHandler
 from service.logprobs import token_bytes
 
@@ -31,7 +32,11 @@ SHOW_ALL = (
 async def handle(tiny_engine):
     engine = AsyncLLMEngine(tiny_engine)
     engine.start()
-    handler = JobHandler(DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), "tiny", 8)
+    handler = JobHandler(
+        ServiceConfig(model_name="tiny", default_max_tokens=8),
+        DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1),
+        tiny_engine,
+    )
 
     async def run(body: dict, url: str = COMPLETIONS):
         base = {"prompt": PROMPT, "max_tokens": 12, "ignore_eos": True} if url == COMPLETIONS else {}
@@ -102,9 +107,14 @@ async def test_generation_config_defaults_apply_where_the_job_sets_nothing(
         (tmp_path / item.name).symlink_to(item)
     (tmp_path / "generation_config.json").unlink()
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 4}))
-    engine = AsyncLLMEngine(LLMEngine(EngineConfig(dtype="float32", model=str(tmp_path), max_model_len=256)))
+    with_defaults = LLMEngine(EngineConfig(dtype="float32", model=str(tmp_path), max_model_len=256))
+    engine = AsyncLLMEngine(with_defaults)
     engine.start()
-    handler = JobHandler(DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), "tiny", 8)
+    handler = JobHandler(
+        ServiceConfig(model_name="tiny", default_max_tokens=8),
+        DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1),
+        with_defaults,
+    )
     body = {
         "prompt": PROMPT,
         "seed": 1,

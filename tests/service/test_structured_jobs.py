@@ -10,6 +10,7 @@ import pytest
 from engine.async_engine import AsyncLLMEngine
 from schemas.codec import decode_result
 from service.batcher import DynamicBatcher
+from service.config import ServiceConfig
 from service.jobs import JobHandler
 
 LABELS = ["positive", "negative", "neutral"]
@@ -25,7 +26,9 @@ async def handler(tiny_engine):
     async_engine = AsyncLLMEngine(tiny_engine)
     async_engine.start()
     yield JobHandler(
-        DynamicBatcher(async_engine, max_batch_size=8, max_wait_ms=1), "tiny", default_max_tokens=16
+        ServiceConfig(model_name="tiny", default_max_tokens=16),
+        DynamicBatcher(async_engine, max_batch_size=8, max_wait_ms=1),
+        tiny_engine,
     )
     await async_engine.stop()
 

@@ -13,6 +13,7 @@ from engine.async_engine import AsyncLLMEngine
 from schemas.batch import BatchRequestLine
 from schemas.codec import decode_job
 from service.batcher import DynamicBatcher
+from service.config import ServiceConfig
 from service.jobs import JobHandler
 from service.prompts import render_chat
 from service.tools import parser_for, tool_calls_of
@@ -40,7 +41,11 @@ def _chat_job(**body) -> BatchRequestLine:
 async def handle(tiny_engine):
     engine = AsyncLLMEngine(tiny_engine)
     engine.start()
-    handler = JobHandler(DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), "tiny", 8)
+    handler = JobHandler(
+        ServiceConfig(model_name="tiny", default_max_tokens=8),
+        DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1),
+        tiny_engine,
+    )
 
     async def run(body: dict):
         job = {"custom_id": "t", "url": "/v1/chat/completions", "body": {"messages": MESSAGES, **body}}
