@@ -85,7 +85,7 @@ _TABLE = """
 | `safety_identifier` | both | no effect | |
 | `prompt_cache_key` | both | no effect | the prefix cache needs no key |
 | `prompt_cache_retention` | both | no effect | |
-| `best_of` | both | honoured | samples best_of (n to 128), returns the n with the highest cumulative logprob; greedy takes only 1 |
+| `best_of` | both | honoured | samples best_of (n to 128), returns the n with the highest logprob per token (OpenAI's "best"; vLLM ranks by the sum); greedy takes only 1 |
 | `use_beam_search` | both | refused | only false |
 | `length_penalty` | both | refused | only 1 (beam search only) |
 | `structured_outputs` | both | honoured | `choice`, `regex`, `json`, `json_object`; `grammar`, `structural_tag` and the backend options refused |
@@ -97,7 +97,7 @@ _TABLE = """
 | `guided_decoding_backend` | both | refused | |
 | `guided_whitespace_pattern` | both | refused | |
 | `top_k` | both | honoured | default: generation_config.json's, else off |
-| `min_p` | both | honoured | default: generation_config.json's, else 0 |
+| `min_p` | both | honoured | default: generation_config.json's, else 0; applied before top_k and top_p, as vLLM |
 | `repetition_penalty` | both | honoured | default: generation_config.json's, else 1 |
 | `ignore_eos` | both | honoured | |
 | `min_tokens` | both | honoured | EOS and stop tokens held back, stop strings not checked before it |

@@ -12,7 +12,9 @@ Each sample has its own randomness: a seeded request's sample i samples with see
 vLLM's ParentRequest does; sample 0 is the request's own sequence, with the seed as given).
 The request's output waits here until every sample is done; it is sample 0's, with
 `samples` holding the returned ones by index. With best_of > n the n samples with the
-highest cumulative logprob (of the sampled tokens, raw model distribution) return, best first.
+highest log probability per token (OpenAI's definition of "best": the mean of the sampled
+tokens' logprobs, raw model distribution) return, best first; each keeps its cumulative
+logprob. vLLM ranks by the cumulative logprob, which favours shorter samples.
 """
 
 from __future__ import annotations
@@ -109,8 +111,12 @@ class ParallelSampler:
                 sample.cumulative_logprob = math.fsum(lp.logprob for lp in sample.logprobs)
         params = seq.params
         if params.num_samples > params.n:  # every sample recorded its logprobs
-            samples = sorted(samples, key=lambda s: s.cumulative_logprob, reverse=True)[: params.n]
+            samples = sorted(samples, key=_logprob_per_token, reverse=True)[: params.n]
         for sample in samples:
             if request.strip_logprobs:
                 sample.logprobs = None
         return dataclasses.replace(samples[0], samples=samples)
+
+
+def _logprob_per_token(sample: RequestOutput) -> float:
+    return sample.cumulative_logprob / max(1, len(sample.logprobs))

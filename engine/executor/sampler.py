@@ -58,12 +58,13 @@ class Sampler:
         # greedy rows divide by 1 here; their token is the argmax, chosen by the caller
         temperature = torch.where(batch.temperature == 0, 1.0, batch.temperature)
         logits = logits / temperature[:, None]  # a new tensor: the masks below work in place
+        # min_p first, then top-k and top-p over what it leaves, as vLLM orders them
+        if batch.any_min_p:
+            logits = _apply_min_p(logits, batch.min_p)
         if batch.max_top_k:
             logits = _apply_top_k(logits, batch.top_k, batch.max_top_k)
         if batch.top_p_rows.numel():
             logits = _apply_top_p(logits, batch.top_p_rows, batch.top_p)
-        if batch.any_min_p:
-            logits = _apply_min_p(logits, batch.min_p)
         probs = logits.softmax(dim=-1)  # [N, V]
         # exponential race: argmax(p_i / q_i), q_i ~ Exp(1), picks i with probability p_i,
         # with no cumulative sum, no torch.multinomial and no host sync (gpt-fast, nano-vllm)

@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 
 from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.core.parallel_sampling import ParallelSampler
+from engine.core.scheduler import SchedulerOutput
+from engine.core.sequence import Sequence
+from engine.core.stages import StepResult
+from engine.outputs import OutputLogprob, RequestMetrics, RequestOutput
 from engine.sampling_params import StructuredOutputs
 
 PROMPT = list(range(4, 4 + 40))  # two full 16-token blocks and a partial one
@@ -46,7 +51,7 @@ def test_the_forks_find_the_prompt_in_the_prefix_cache(engine: LLMEngine) -> Non
     assert [s.num_cached_tokens for s in out.samples[1:]] == [32, 32, 32]
 
 
-def test_best_of_returns_the_n_samples_with_the_highest_cumulative_logprob(engine: LLMEngine) -> None:
+def test_best_of_returns_the_n_samples_with_the_highest_logprob_of_equal_lengths(engine: LLMEngine) -> None:
     params = dict(max_tokens=5, ignore_eos=True, temperature=1.0, seed=3)
     drawn = _one(engine, SamplingParams(n=4, logprobs=0, **params)).samples
     best = _one(engine, SamplingParams(n=2, best_of=4, **params))
@@ -82,3 +87,23 @@ def test_greedy_sampling_refuses_n_and_best_of_above_one_as_vllm_does() -> None:
         SamplingParams(temperature=0, best_of=3)
     with pytest.raises(ValueError, match="best_of must be >= n"):
         SamplingParams(n=3, best_of=2)
+
+
+def test_best_of_ranks_by_logprob_per_token_as_openai_defines_best() -> None:
+    """Issue 30, defect 9: a short sample with a higher sum but a lower mean does not win."""
+    seq = Sequence("r", [1, 2, 3], SamplingParams(n=1, best_of=2, temperature=1.0, max_tokens=8), 8)
+    sampler = ParallelSampler(grammar_of=lambda fork: None)
+    sampler.add(seq)
+    seq.num_computed_tokens = 3
+    (fork,) = sampler.update(StepResult(SchedulerOutput([seq], [3], [True]), [5], None)).forks
+
+    def output(logprobs: list[float]) -> RequestOutput:
+        tokens = [OutputLogprob(5, lp) for lp in logprobs]
+        return RequestOutput(
+            "r", [1, 2, 3], [5] * len(tokens), "", "stop", RequestMetrics(0.0), logprobs=tokens
+        )
+
+    assert sampler.hold(seq, output([-1.0, -1.0])) is None  # sum -2, mean -1
+    _, best = sampler.hold(fork, output([-0.6] * 5))  # sum -3, mean -0.6
+    assert [len(s.token_ids) for s in best.samples] == [5]
+    assert best.samples[0].cumulative_logprob == pytest.approx(-3.0)

@@ -156,6 +156,13 @@ def test_min_p_removes_tokens_below_min_p_times_the_top_probability() -> None:
     assert set(_draws(logits, SamplingParams(temperature=1.0, min_p=0.25), n=4000)) == {0, 1, 2}
 
 
+def test_min_p_applies_before_top_p_as_vllm_orders_them() -> None:
+    """Issue 30, defect 9. min_p 0.25 leaves 0.5, 0.25, 0.15 (renormalised 0.56, 0.28, 0.17), where
+    top_p 0.8 keeps two; top_p first would keep three (0.5 + 0.25 < 0.8) and min_p all of them."""
+    logits = _probs_logits(0.5, 0.25, 0.15, 0.1)
+    assert set(_draws(logits, SamplingParams(temperature=1.0, min_p=0.25, top_p=0.8), n=4000)) == {0, 1}
+
+
 def test_temperature_sharpens_the_distribution() -> None:
     cold = _draws(_probs_logits(0.5, 0.3, 0.2), SamplingParams(temperature=0.2), n=2000)
     assert cold[0] / 2000 > 0.9
