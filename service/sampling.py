@@ -137,7 +137,8 @@ def _check_combinations(body: ChatCompletionRequest | CompletionRequest) -> None
         )
 
 
-# fields that shape token-by-token decoding, which a greedy choice skips (it is scored)
+# fields that shape token-by-token decoding, which a greedy choice skips (it is scored), with the
+# values that change nothing
 _DECODING_FIELDS = {
     "logit_bias": None,
     "repetition_penalty": 1.0,
@@ -148,11 +149,13 @@ _DECODING_FIELDS = {
 
 
 def _check_greedy_choice(body, params: SamplingParams) -> None:
+    """Refuses what the job itself set, not what the checkpoint's generation_config.json defaults
+    resolved to (Qwen2.5-Instruct's repetition_penalty 1.05 is no request of the job's)."""
     spec = params.structured_outputs
     if not params.is_greedy or spec is None or spec.choice is None:
         return
     for name, neutral in _DECODING_FIELDS.items():
-        if getattr(params, name) not in (neutral, None):
+        if getattr(body, name, None) not in (neutral, None) and getattr(body, name) != {}:
             raise TranslationError(
                 "unsupported_parameter",
                 f"`{name}` does not apply to a greedy choice job, whose answer is its most probable "

@@ -137,6 +137,13 @@ def test_decoding_fields_on_a_greedy_choice_are_refused_by_name(tokenizer, field
     assert (info.value.code, info.value.param) == ("unsupported_parameter", field)
 
 
+def test_a_greedy_choice_is_not_refused_for_a_default_of_the_checkpoints(tokenizer) -> None:
+    """Issue 30, defect 3: Qwen2.5-Instruct's generation_config.json sets repetition_penalty 1.05."""
+    job = _chat(guided_choice=["a", "b"], temperature=0)
+    params = to_engine_request(job, tokenizer, 16, {"repetition_penalty": 1.05}).params
+    assert params.structured_outputs.choice == ["a", "b"]
+
+
 def test_echo_with_logprobs_is_refused_by_name(tokenizer) -> None:
     with pytest.raises(TranslationError) as info:
         to_engine_request(_completion(echo=True, logprobs=1), tokenizer, 16)
