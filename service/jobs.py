@@ -41,6 +41,7 @@ from service.translate import (
     EngineRequest,
     TranslationError,
     check_model,
+    to_decode_error_line,
     to_engine_request,
     to_error_line,
     to_failure_line,
@@ -228,10 +229,8 @@ def _error_line(custom_id: str, ref: str, error: Exception) -> BatchResponseLine
     match error:
         case DeadlineExceeded():  # not an HTTP error: OpenAI's batch_expired has this shape
             return to_failure_line(custom_id, "deadline_exceeded", str(error))
-        case JobDecodeError() if error.code == "invalid_encoding":  # not a request line at all
-            return to_failure_line(custom_id, error.code, error.message)
         case JobDecodeError():
-            return to_error_line(custom_id, error.code, error.message, param=error.param)
+            return to_decode_error_line(custom_id, error)
         case TranslationError():
             return to_error_line(custom_id, error.code, error.message, error.status_code, error.param)
         case RequestRejected():  # invalid_prompt; invalid_structured_output: a bad schema/regex

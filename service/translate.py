@@ -19,6 +19,7 @@ from schemas.batch import (
     BatchResponse,
     BatchResponseLine,
 )
+from schemas.codec import JobDecodeError
 from schemas.openai import ChatCompletionRequest
 from schemas.responses import (
     ChatCompletion,
@@ -135,6 +136,15 @@ def to_error_line(
             body=ErrorBody(error=ErrorDetail(message=message, type=error_type, param=param, code=code)),
         ),
     )
+
+
+def to_decode_error_line(custom_id: str, error: JobDecodeError) -> BatchResponseLine:
+    """The result of bytes that are no job: no request line at all (not JSON or MessagePack, not
+    UTF-8) is a failure line; a line that decodes but is no valid job, the HTTP error it would get.
+    The service and `sluice batch` both write it, so the same line gives the same result."""
+    if error.code == "invalid_encoding":
+        return to_failure_line(custom_id, error.code, error.message)
+    return to_error_line(custom_id, error.code, error.message, param=error.param)
 
 
 def to_failure_line(custom_id: str, code: str, message: str) -> BatchResponseLine:

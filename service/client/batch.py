@@ -15,12 +15,13 @@ from typing import Any
 import msgspec
 
 from schemas.batch import BatchResponseLine
+from schemas.codec import JobDecodeError
 from service.client.command import RunFiles, add_run_arguments, execute_run
 from service.client.driver import WorkItem
 from service.client.inputs import read_batch_lines
 from service.client.outputs import BatchOutput
 from service.config import ServiceConfig
-from service.translate import to_error_line
+from service.translate import to_decode_error_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,8 @@ async def run_batch(args: argparse.Namespace, config: ServiceConfig) -> int:
 
     def items() -> Iterator[WorkItem]:
         for line in read_batch_lines(args.input):
-            error = None if line.error is None else ("invalid_request", line.error)
+            # the error line the service writes for these bytes: its code, message and param
+            error = None if line.error is None else (line.error.code, line.error.message, line.error.param)
             yield WorkItem(line.custom_id, line.custom_id, line.job, error)
 
     run = RunFiles(
@@ -49,5 +51,5 @@ async def run_batch(args: argparse.Namespace, config: ServiceConfig) -> int:
     return await execute_run(run, args, config)
 
 
-def _failure_record(key: str, row_id: Any, code: str, message: str) -> BatchResponseLine:
-    return to_error_line(key, code, message)
+def _failure_record(key: str, row_id: Any, code: str, message: str, param: str | None) -> BatchResponseLine:
+    return to_decode_error_line(key, JobDecodeError(code, message, param))

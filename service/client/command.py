@@ -68,7 +68,9 @@ class RunFiles:
     ledger_path: Path
     items: Callable[[], Iterable[WorkItem]]  # reads the input afresh at each call
     result_record: Callable[[str, Any, BatchResponseLine], Any]  # (key, row_id, result) -> output record
-    failure_record: Callable[[str, Any, str, str], Any]  # (key, row_id, code, message) -> output record
+    failure_record: Callable[
+        [str, Any, str, str, str | None], Any
+    ]  # (key, row_id, code, message, param) -> record
     labels: Callable[[], Counter[str] | None]  # the label distribution for the summary, if any
 
 

@@ -30,9 +30,8 @@ class WorkItem:
     key: str  # the row's identity in the output
     row_id: Any  # what the output names the row by
     job: BatchRequestEnvelope | None  # the OpenAI Batch input line; its custom_id is set when posted
-    error: tuple[str, str] | None = (
-        None  # (code, message): the row cannot become a job, it gets an error line
-    )
+    # (code, message, param): the row cannot become a job, it gets an error line
+    error: tuple[str, str, str | None] | None = None
 
 
 class Backend(Protocol):
@@ -76,7 +75,7 @@ class RunDriver:
         self.ledger = ledger
         self.backend = backend
         self.result_record = result_record  # (key, row_id, result line) -> output record
-        self.failure_record = failure_record  # (key, row_id, error code, message) -> output record
+        self.failure_record = failure_record  # (key, row_id, error code, message, param) -> output record
         self.progress = progress
         self.idle_timeout = idle_timeout
         self._expected: dict[str, tuple[str, Any]] = {}  # custom_id of a row's latest job -> (key, row_id)

@@ -79,7 +79,8 @@ class BatchLine:
     number: int  # 0-based line number among the non-blank lines
     custom_id: str  # the line's custom_id, or `line-<number>` when it has none
     job: BatchRequestEnvelope | None  # the line with its body kept as raw JSON
-    error: str | None = None
+    # why the line is no job: the service's own error for the same bytes (code, message, param)
+    error: JobDecodeError | None = None
 
 
 def read_batch_lines(path: Path) -> Iterator[BatchLine]:
@@ -91,7 +92,7 @@ def read_batch_lines(path: Path) -> Iterator[BatchLine]:
             job = decode_job_envelope(raw)
         except JobDecodeError as e:
             custom_id = peek_custom_id(raw) or f"line-{number}"
-            yield BatchLine(number, custom_id, None, f"line {number + 1}: {e.message}")
+            yield BatchLine(number, custom_id, None, e)
         else:
             yield BatchLine(number, job.custom_id, job)
 

@@ -83,12 +83,14 @@ async def run_label(args: argparse.Namespace, config: ServiceConfig) -> int:
     def items() -> Iterator[WorkItem]:
         for row in read_rows(args.input, fmt, args.id_column):
             if row.error is not None:
-                yield WorkItem(row.key, row.row_id, None, ("invalid_row", f"row {row.number}: {row.error}"))
+                yield WorkItem(
+                    row.key, row.row_id, None, ("invalid_row", f"row {row.number}: {row.error}", None)
+                )
                 continue
             try:
                 prompt = template.render(row.fields)
             except TemplateError as e:
-                yield WorkItem(row.key, row.row_id, None, ("invalid_row", f"row {row.number}: {e}"))
+                yield WorkItem(row.key, row.row_id, None, ("invalid_row", f"row {row.number}: {e}", None))
                 continue
             yield WorkItem(row.key, row.row_id, spec.job("", prompt))
 
@@ -104,5 +106,5 @@ async def run_label(args: argparse.Namespace, config: ServiceConfig) -> int:
     return await execute_run(run, args, config)
 
 
-def _failure_record(key: str, row_id: Any, code: str, message: str) -> dict[str, Any]:
+def _failure_record(key: str, row_id: Any, code: str, message: str, param: str | None) -> dict[str, Any]:
     return {"row_id": row_id, "label": None, "probabilities": None, "error": f"{code}: {message}"}

@@ -11,6 +11,7 @@ import csv
 import json
 from collections import Counter
 
+import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -91,8 +92,50 @@ def test_batch_lines_keep_the_body_as_is_and_report_a_broken_line(tmp_path):
     )
     lines = list(read_batch_lines(path))
     assert bytes(lines[0].job.body) == b'{"prompt": "x", "weird": [1.5]}'
-    assert lines[1].custom_id == "line-1" and "line 2" in lines[1].error
-    assert lines[2].custom_id == "q3" and "body" in lines[2].error
+    assert lines[1].custom_id == "line-1" and lines[1].error.code == "invalid_encoding"
+    assert lines[2].custom_id == "q3" and (lines[2].error.code, lines[2].error.param) == (
+        "invalid_request",
+        "body",
+    )
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"custom_id": "r", "url": "/v1/responses", "body": {"input": "hi"}}',
+        b'{"custom_id": "m", "url": "/v1/moderations", "body": {"input": "hi"}}',
+        b'{"custom_id": "g", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}',
+        b'{"custom_id": "b", "url": "/v1/completions"}',
+        b'{"custom_id": "j", "body": ',
+    ],
+    ids=["responses", "moderations", "method", "no-body", "not-json"],
+)
+def test_sluice_batch_writes_the_services_error_line_for_a_line_that_is_no_job(tmp_path, line):
+    """Issue 30, defect 2: the client coded every envelope failure as invalid_request, param null."""
+    from schemas.codec import JobDecodeError, decode_job
+    from service.client.batch import _failure_record
+    from service.jobs import _error_line
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(line + b"\n")
+    (read,) = read_batch_lines(path)
+    ours = _failure_record(read.custom_id, None, read.error.code, read.error.message, read.error.param)
+    with pytest.raises(JobDecodeError) as service_error:
+        decode_job(line)
+    theirs = _error_line(read.custom_id, "ref", service_error.value)
+
+    def comparable(result):
+        encoded = msgspec.to_builtins(result)
+        encoded.pop("id")
+        (encoded.get("response") or {}).pop("request_id", None)
+        return encoded
+
+    assert comparable(ours) == comparable(theirs)
+    if b"responses" in line or b"moderations" in line:
+        assert (ours.response.body.error.code, ours.response.body.error.param) == (
+            "unsupported_endpoint",
+            "url",
+        )
 
 
 def test_format_and_jinja_templates_render_row_fields():
