@@ -1,24 +1,24 @@
-"""Runtime: what every rank derives from the EngineConfig alone, by one rule.
+"""Runtime: what every rank derives from the EngineConfig and the checkpoint's facts, by one rule.
 
 The engine's rank 0 (LLMEngine) and a rank started on another machine
-(`python -m engine.executor`) both call `resolve_runtime(config)`, so the same options
-give the same attention backend and KV block size on every rank; `resolve_dtype` turns
-dtype "auto" into the dtype this machine computes best in.
+(`python -m engine.executor`) both call `resolve_model_spec(config, checkpoint)`, so the same
+options give the same attention backend, KV block size and quantisation plan on every rank;
+rank 0 hands its ModelSpec to the ranks it spawns. `resolve_dtype` turns dtype "auto" into the
+dtype this machine computes best in.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from engine.config import ATTENTION_BACKENDS, EngineConfig, EngineConfigError
 from engine.kernels import cpu_features
 from engine.layers import attention_backends
-from engine.models import MODEL_REGISTRY
+from engine.loader.checkpoint import CheckpointInfo
+from engine.quant import QuantPlan, make_plan
 
 FLASH_PAGE_SIZE = 256  # FlashAttention-2 reads pages of a multiple of this many tokens
 DEFAULT_BLOCK_SIZE = 16
@@ -30,15 +30,35 @@ class Runtime:
     block_size: int  # tokens per KV-cache block: config.block_size, else 16 (256 with flash)
 
 
-def resolve_runtime(config: EngineConfig) -> Runtime:
-    """Resolve the backend for the config's device type and kv_cache_dtype, then the block size.
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What every rank builds its model and KV cache from, resolved once on rank 0 and handed
+    down (plain data: it travels in a spawned worker's arguments)."""
+
+    checkpoint: CheckpointInfo  # the folder's facts, read once (no tokenizer: it stays on rank 0)
+    quant_plan: QuantPlan  # each rank quantises its own shard by it
+    attention_backend: str
+    block_size: int
+
+
+def resolve_model_spec(config: EngineConfig, checkpoint: CheckpointInfo) -> ModelSpec:
+    """The runtime and the quantisation plan for this checkpoint: ValueError (QuantizationError,
+    EngineConfigError) for options that cannot run here, before anything loads."""
+    runtime = resolve_runtime(config, has_attention_sinks=checkpoint.has_attention_sinks)
+    # the plan's device check (fp8) looks at the configured device: ranks share its type
+    quant_plan = make_plan(config, checkpoint.hf_config, torch.device(config.device))
+    return ModelSpec(checkpoint, quant_plan, runtime.attention_backend, runtime.block_size)
+
+
+def resolve_runtime(config: EngineConfig, *, has_attention_sinks: bool) -> Runtime:
+    """Resolve the backend for the config's device type and kv_cache_dtype (and whether the model
+    has attention sinks, CheckpointInfo.has_attention_sinks), then the block size.
 
     Raises ValueError (EngineConfigError for the block size) when the options cannot run here.
     Looks at which packages are installed, not at the device itself.
     """
     device = torch.device(config.device.split(":")[0])  # the type only: ranks use different indices
-    has_sinks = _model_has_attention_sinks(config.model)
-    backend = select_backend(config.attention_backend, device, config.kv_cache_dtype, has_sinks)
+    backend = select_backend(config.attention_backend, device, config.kv_cache_dtype, has_attention_sinks)
     default_block_size = FLASH_PAGE_SIZE if backend == "flash" else DEFAULT_BLOCK_SIZE
     block_size = config.block_size or default_block_size
     if backend == "flash" and block_size % FLASH_PAGE_SIZE:
@@ -99,14 +119,3 @@ def resolve_dtype(config: EngineConfig) -> EngineConfig:
 
 def has_native_bf16(device: str) -> bool:
     return device.startswith("cuda") or cpu_features.has_native_bf16()
-
-
-def _model_has_attention_sinks(folder: str) -> bool:
-    """Whether the checkpoint's architecture has attention sinks (GPT-OSS), which flash-attn
-    cannot run; False where config.json cannot be read (loading reports that)."""
-    try:
-        architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures")
-    except (OSError, ValueError, AttributeError):
-        return False
-    classes = [MODEL_REGISTRY[name] for name in architectures or [] if name in MODEL_REGISTRY]
-    return bool(classes) and bool(getattr(classes[0], "has_attention_sinks", False))
