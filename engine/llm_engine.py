@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import time
 
-import torch
 from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
@@ -40,10 +39,9 @@ from engine.core.step_plan import PoolingRows, PromptLogprobRows, StepPlan
 from engine.distributed.layout import check_parallel_layout
 from engine.executor.cuda_graphs import use_decode_graphs
 from engine.executor.executor import EngineDeadError, MultiprocExecutor, UniprocExecutor
-from engine.executor.runtime import resolve_dtype, resolve_runtime
+from engine.executor.runtime import resolve_dtype, resolve_model_spec
 from engine.loader.checkpoint import read_checkpoint
 from engine.outputs import ModelRunnerOutput, RequestOutput
-from engine.quant import make_plan
 from engine.sampling_params import SamplingParams
 
 __all__ = ["LLMEngine", "RequestRejected"]
@@ -53,19 +51,20 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         config = resolve_dtype(config)  # every rank gets the concrete dtype
         self.config = config
-        checkpoint = read_checkpoint(config.model, config.max_model_len)
-        self.tokenizer = checkpoint.tokenizer
+        # the checkpoint's facts, read once here and handed down (the tokenizer stays in this process)
+        checkpoint, self.tokenizer = read_checkpoint(config.model, config.max_model_len)
+        self.checkpoint = checkpoint
         self.generation_defaults = checkpoint.generation_defaults  # for front ends to apply
         self.vocab_size, self.architectures = checkpoint.vocab_size, checkpoint.architectures
         self.max_model_len = checkpoint.max_model_len
-        runtime = resolve_runtime(config)
-        self.attention_backend, self.block_size = runtime.attention_backend, runtime.block_size
-        # refuses a compression mode or a parallel layout that cannot run here, before loading
-        make_plan(config, checkpoint.hf_config, torch.device(config.device))
+        # the backend, block size and quantisation plan every rank loads by: a compression mode or
+        # a parallel layout that cannot run here is refused before anything loads
+        spec = resolve_model_spec(config, checkpoint)
+        self.attention_backend, self.block_size = spec.attention_backend, spec.block_size
         check_parallel_layout(config, checkpoint.hf_config)
         # tensor/pipeline parallel: worker processes for the other ranks; this process is rank 0
         executor_class = MultiprocExecutor if config.world_size > 1 else UniprocExecutor
-        self.executor = executor_class(config, self.attention_backend, self.block_size)
+        self.executor = executor_class(config, spec)
         self.runner = self.executor.runner  # rank 0's
         use_decode_graphs(self.runner, config, self.attention_backend, self.max_model_len)
         self._build_stages(checkpoint.eos_token_ids)

@@ -7,6 +7,11 @@
 dtype, device, tensor_parallel_size, pipeline_parallel_size, block and KV options). The rank
 joins rank 0 at MASTER_ADDR:MASTER_PORT, serves its steps, and exits with status 0 when the
 engine closes, or non-zero when the engine fails or goes away.
+
+No rank 0 runs in this process to hand the checkpoint's facts down, so this rank reads the
+checkpoint folder (its own copy, at `model`) once itself, as rank 0 does, and derives the
+runtime and the quantisation plan from it by rank 0's rule (resolve_model_spec): one read of
+config.json per process.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from pathlib import Path
 
 from engine.config import EngineConfig, EngineConfigError
 from engine.distributed import parallel_state as ps
-from engine.executor.runtime import resolve_dtype, resolve_runtime
+from engine.executor.runtime import resolve_dtype, resolve_model_spec
 from engine.executor.worker import join_and_load, serve
+from engine.loader.checkpoint import ModelLoadError, read_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     try:
         config = resolve_dtype(EngineConfig(**json.loads(Path(args.config).read_text())))
-        # the backend and block size rank 0 derives from the same options (checked on joining)
-        runtime = resolve_runtime(config)
+        checkpoint, _ = read_checkpoint(config.model, config.max_model_len)  # this process's one read
+        # the backend, block size and plan rank 0 derives from the same options (checked on joining)
+        spec = resolve_model_spec(config, checkpoint)
         rank, local_rank, world_size = (_env_int(name) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         address = f"tcp://{os.environ['MASTER_ADDR']}:{_env_int('MASTER_PORT')}"
-    except (OSError, ValueError, TypeError, KeyError, EngineConfigError) as e:
+    except (OSError, ValueError, TypeError, KeyError, EngineConfigError, ModelLoadError) as e:
         print(f"python -m engine.executor: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     if world_size != config.world_size or not 0 < rank < world_size:
@@ -46,9 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        runner, _, _ = join_and_load(
-            config, rank, local_rank, address, runtime.attention_backend, runtime.block_size
-        )
+        runner, _, _ = join_and_load(config, spec, rank, local_rank, address)
         serve(runner)
     finally:
         ps.destroy_parallel_state()

@@ -33,6 +33,7 @@ from engine.config import EngineConfig
 from engine.core.step_plan import StepPlan
 from engine.distributed import parallel_state as ps
 from engine.distributed.layout import local_world_size_of
+from engine.executor.runtime import ModelSpec
 from engine.executor.worker import build_runner, join_and_load, run_worker
 from engine.loader.checkpoint import ModelLoadError
 from engine.outputs import ModelRunnerOutput
@@ -62,8 +63,8 @@ class WorkerDiedError(EngineDeadError):
 class UniprocExecutor:
     """tensor_parallel_size = pipeline_parallel_size = 1: the model runner in this process."""
 
-    def __init__(self, config: EngineConfig, backend: str, block_size: int) -> None:
-        self.runner = build_runner(config, backend, block_size, local_rank=0)
+    def __init__(self, config: EngineConfig, spec: ModelSpec) -> None:
+        self.runner = build_runner(config, spec, local_rank=0)
         self.num_blocks = self.runner.allocate_kv_cache()
         self.num_parameters_per_rank = [self.runner.num_parameters()]
 
@@ -77,7 +78,7 @@ class UniprocExecutor:
 class MultiprocExecutor:
     """Rank 0 of tensor_parallel_size * pipeline_parallel_size ranks; the others are worker processes."""
 
-    def __init__(self, config: EngineConfig, backend: str, block_size: int) -> None:
+    def __init__(self, config: EngineConfig, spec: ModelSpec) -> None:
         if ps.get_parallel_state().world_size > 1:
             raise RuntimeError("a parallel engine is already running in this process: close() it first")
         self.config = config
@@ -86,7 +87,7 @@ class MultiprocExecutor:
         self._stopping = threading.Event()
         self._closed = False
         init_method = _init_method()
-        self._procs = self._spawn(config, init_method, backend, block_size)
+        self._procs = self._spawn(config, spec, init_method)
         # Runs on close(), or at garbage collection / interpreter exit if close() is never called.
         # It also restores this process's CPU threads, which join_and_load may lower to its share.
         self._finalizer = weakref.finalize(
@@ -96,9 +97,7 @@ class MultiprocExecutor:
         self._watcher.start()
         try:
             self._wait_until_ready()
-            self.runner, self.num_blocks, num_parameters = join_and_load(
-                config, 0, 0, init_method, backend, block_size
-            )
+            self.runner, self.num_blocks, num_parameters = join_and_load(config, spec, 0, 0, init_method)
             self.num_parameters_per_rank: list[int] = num_parameters
             log.info("weights: %s parameters on ranks 0..%d", num_parameters, len(num_parameters) - 1)
         except BaseException as e:
@@ -150,14 +149,16 @@ class MultiprocExecutor:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
         self._finalizer()  # kills whatever is left, reaps it, leaves the world
 
-    def _spawn(self, config, init_method, backend, block_size) -> dict[int, multiprocessing.Process]:
+    def _spawn(self, config, spec: ModelSpec, init_method) -> dict[int, multiprocessing.Process]:
+        # Each worker gets rank 0's ModelSpec (the checkpoint's facts and the quantisation plan) in
+        # its arguments: no worker reads the checkpoint's config or makes the plan again.
         context = multiprocessing.get_context("spawn")
         self._ready = context.Queue()
         procs = {}
         for rank in range(1, local_world_size_of(config)):
             p = context.Process(
                 target=run_worker,
-                args=(config, rank, rank, init_method, backend, block_size, self._ready),
+                args=(config, spec, rank, rank, init_method, self._ready),
                 name=f"sluice-rank-{rank}",
                 daemon=True,
             )

@@ -1,9 +1,10 @@
-"""Runtime: what every rank derives from the EngineConfig alone, by one rule.
+"""Runtime: what every rank derives from the EngineConfig and the checkpoint's facts, by one rule.
 
 The engine's rank 0 (LLMEngine) and a rank started on another machine
-(`python -m engine.executor`) both call `resolve_runtime(config)`, so the same options
-give the same attention backend and KV block size on every rank; `resolve_dtype` turns
-dtype "auto" into the dtype this machine computes best in.
+(`python -m engine.executor`) both call `resolve_model_spec(config, checkpoint)`, so the same
+options give the same attention backend, KV block size and quantisation plan on every rank;
+rank 0 hands its ModelSpec to the ranks it spawns. `resolve_dtype` turns dtype "auto" into the
+dtype this machine computes best in.
 
 Whether the CPU paged kernel serves a model is decided here too, once per start: from the
 options (kv_cache_dtype, block_size), the model's architecture (soft-capped logits, attention
@@ -13,17 +14,16 @@ sinks) and whether the kernel builds on this machine; never per layer or per ste
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from engine.config import ATTENTION_BACKENDS, EngineConfig, EngineConfigError
 from engine.kernels import cpu_features, cpu_kernels
 from engine.layers import attention_backends
-from engine.models import MODEL_REGISTRY
+from engine.loader.checkpoint import CheckpointInfo
+from engine.quant import QuantPlan, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,26 @@ class Runtime:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """What every rank builds its model and KV cache from, resolved once on rank 0 and handed
+    down (plain data: it travels in a spawned worker's arguments)."""
+
+    checkpoint: CheckpointInfo  # the folder's facts, read once (no tokenizer: it stays on rank 0)
+    quant_plan: QuantPlan  # each rank quantises its own shard by it
+    attention_backend: str
+    block_size: int
+
+
+def resolve_model_spec(config: EngineConfig, checkpoint: CheckpointInfo) -> ModelSpec:
+    """The runtime and the quantisation plan for this checkpoint: ValueError (QuantizationError,
+    EngineConfigError) for options that cannot run here, before anything loads."""
+    runtime = resolve_runtime(config, traits=model_traits(checkpoint))
+    # the plan's device check (fp8) looks at the configured device: ranks share its type
+    quant_plan = make_plan(config, checkpoint.hf_config, torch.device(config.device))
+    return ModelSpec(checkpoint, quant_plan, runtime.attention_backend, runtime.block_size)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelTraits:
     """What a model's architecture asks of attention, known from its class before it is loaded."""
 
@@ -46,15 +66,23 @@ class ModelTraits:
     soft_caps: bool = False  # soft-capped attention logits (Gemma 2): not the CPU kernel
 
 
-def resolve_runtime(config: EngineConfig) -> Runtime:
-    """Resolve the backend for the config's device type, kv_cache_dtype and model, then the block size.
+def model_traits(checkpoint: CheckpointInfo) -> ModelTraits:
+    """What the checkpoint's model class says of its attention (DecoderForCausalLM's hooks)."""
+    return ModelTraits(
+        has_sinks=checkpoint.has_attention_sinks,
+        soft_caps=checkpoint.model_class.soft_caps_attention(checkpoint.hf_config),
+    )
+
+
+def resolve_runtime(config: EngineConfig, *, traits: ModelTraits) -> Runtime:
+    """Resolve the backend for the config's device type, kv_cache_dtype and model (its traits:
+    model_traits), then the block size.
 
     Raises ValueError (EngineConfigError for the block size and the CPU kernel) when the options
     cannot run here. Looks at which packages are installed and, on CPU, builds (or finds built)
     the C++ kernel; it does not look at the device itself.
     """
     device = torch.device(config.device.split(":")[0])  # the type only: ranks use different indices
-    traits = _model_traits(config.model)
     backend = select_backend(
         config.attention_backend, device, config.kv_cache_dtype, traits, config.block_size
     )
@@ -153,22 +181,3 @@ def resolve_dtype(config: EngineConfig) -> EngineConfig:
 
 def has_native_bf16(device: str) -> bool:
     return device.startswith("cuda") or cpu_features.has_native_bf16()
-
-
-def _model_traits(folder: str) -> ModelTraits:
-    """What the checkpoint's architecture asks of attention (engine.models: the class's
-    `has_attention_sinks`, and `soft_caps_attention(config.json)` where it has one); none where
-    config.json cannot be read (loading reports that)."""
-    try:
-        hf_config = json.loads((Path(folder) / "config.json").read_text())
-        architectures = hf_config.get("architectures")
-    except (OSError, ValueError, AttributeError):
-        return ModelTraits()
-    classes = [MODEL_REGISTRY[name] for name in architectures or [] if name in MODEL_REGISTRY]
-    if not classes:
-        return ModelTraits()
-    soft_caps = getattr(classes[0], "soft_caps_attention", None)
-    return ModelTraits(
-        has_sinks=bool(getattr(classes[0], "has_attention_sinks", False)),
-        soft_caps=bool(soft_caps and soft_caps(hf_config)),
-    )

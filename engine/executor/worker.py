@@ -1,6 +1,7 @@
 """A worker process of a parallel engine: one rank's shard of the model and of the KV cache.
 
-It joins the world, loads only its share of the checkpoint, agrees with the other ranks on
+It joins the world, loads only its share of the checkpoint (from the facts and quantisation
+plan rank 0 hands it: it reads no config of its own), agrees with the other ranks on
 the KV block pool, then runs every step rank 0 sends until told to stop. It never schedules:
 the plan comes from rank 0 over the control group. It exits with its parent, even when the
 parent is killed, so no worker outlives the engine.
@@ -21,35 +22,33 @@ from engine.config import EngineConfig
 from engine.distributed import parallel_state as ps
 from engine.distributed.layout import local_world_size_of
 from engine.executor.model_runner import ModelRunner
+from engine.executor.runtime import ModelSpec
 from engine.layers.fused_ops import use_fused_cpu_ops
 from engine.layers.packed_linear import pack_linear_weights
-from engine.loader.checkpoint import check_checkpoint_folder
 from engine.loader.weights import build_model
-from engine.quant import make_plan
 
 log = logging.getLogger(__name__)
 
 
-def build_runner(config: EngineConfig, backend: str, block_size: int, local_rank: int) -> ModelRunner:
-    """This rank's model shard on its device (CUDA: cuda:local_rank), wrapped in a ModelRunner."""
+def build_runner(config: EngineConfig, spec: ModelSpec, local_rank: int) -> ModelRunner:
+    """This rank's model shard on its device (CUDA: cuda:local_rank), wrapped in a ModelRunner:
+    built from the checkpoint's facts and quantised by the plan `spec` carries (neither is
+    read or made again here)."""
     if config.world_size > 1 and config.device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
         config = dataclasses.replace(config, device=f"cuda:{local_rank}")
     device = torch.device(config.device)
-    quant_plan = make_plan(
-        config, check_checkpoint_folder(config.model), device
-    )  # each rank quantises its shard
     dtype = getattr(torch, config.dtype)
-    model = build_model(config.model, dtype, device, quant_plan)
+    model = build_model(spec.checkpoint, dtype, device, spec.quant_plan)  # each rank quantises its shard
     if config.cpu_weight_prepack:
         pack_linear_weights(model, device, dtype)
     if config.cpu_fused_ops and device.type == "cpu":
         use_fused_cpu_ops(model)
-    return ModelRunner(config, model, backend, block_size)
+    return ModelRunner(config, model, spec.attention_backend, spec.block_size)
 
 
 def join_and_load(
-    config: EngineConfig, rank: int, local_rank: int, init_method: str, backend: str, block_size: int
+    config: EngineConfig, spec: ModelSpec, rank: int, local_rank: int, init_method: str
 ) -> tuple[ModelRunner, int, list[int] | None]:
     """Join the world, build this rank's runner, allocate the pool all ranks agree on (collective).
 
@@ -70,9 +69,10 @@ def join_and_load(
         config.distributed_timeout_s,
         expert_parallel=config.expert_parallel,
     )
+    block_size = spec.block_size
     if ps.all_reduce_min(block_size) != -ps.all_reduce_min(-block_size):
         raise RuntimeError(f"rank {rank}: the ranks disagree on the KV block size (this one: {block_size})")
-    runner = build_runner(config, backend, block_size, local_rank)
+    runner = build_runner(config, spec, local_rank)
     # every rank holds the same block ids: the pool is the smallest that fits on all of them
     num_blocks = ps.all_reduce_min(runner.blocks_that_fit())
     num_parameters = ps.gather_to_driver(runner.num_parameters())  # how the weights were sharded
@@ -81,11 +81,10 @@ def join_and_load(
 
 def run_worker(
     config: EngineConfig,
+    spec: ModelSpec,  # rank 0's: the checkpoint's facts and the quantisation plan, not read again
     rank: int,
     local_rank: int,
     init_method: str,
-    backend: str,
-    block_size: int,
     ready,  # multiprocessing queue: this rank's number once it is about to join
 ) -> None:
     """Entry point of a spawned worker process."""
@@ -93,7 +92,7 @@ def run_worker(
     _exit_with_parent()
     ready.put(rank)
     try:
-        runner, _, _ = join_and_load(config, rank, local_rank, init_method, backend, block_size)
+        runner, _, _ = join_and_load(config, spec, rank, local_rank, init_method)
         serve(runner)
     finally:
         ps.destroy_parallel_state()

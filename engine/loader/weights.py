@@ -17,8 +17,14 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine.layers.tp import get_tp_size
-from engine.loader.checkpoint import ModelLoadError
-from engine.models import model_class_for
+from engine.loader.checkpoint import (
+    CheckpointInfo,
+    ModelLoadError,
+    model_class_of,
+    pretrained_config,
+    read_config_json,
+)
+from engine.models.base import DecoderForCausalLM
 from engine.quant.plan import (
     NO_QUANTIZATION,
     QuantPlan,
@@ -38,22 +44,25 @@ class WeightLoadError(ModelLoadError):
 
 
 def build_model(
-    folder: str | Path,
+    checkpoint: CheckpointInfo | str | Path,
     dtype: torch.dtype,
     device: str | torch.device,
     quant_plan: QuantPlan = NO_QUANTIZATION,
-) -> nn.Module:
+) -> DecoderForCausalLM:
     """The checkpoint's model with its weights, in `dtype` on `device`, in eval mode.
 
-    With a quantisation plan the model is built and loaded on the host, its linear layers
-    converted there (engine.quant), and only then moved to `device`.
+    `checkpoint`: its facts as the engine read them (config.json is not read again), or a folder
+    whose config.json is read here (a tool or test that loads a model alone). With a quantisation
+    plan the model is built and loaded on the host, its linear layers converted there
+    (engine.quant), and only then moved to `device`.
     """
-    folder = Path(folder)
-    config = _read_config(folder)
-    try:
-        model_class = model_class_for(config.architectures)
-    except ValueError as e:
-        raise ModelLoadError(f"{folder / 'config.json'}: {e}") from None
+    if isinstance(checkpoint, CheckpointInfo):
+        folder, config_json = Path(checkpoint.folder), checkpoint.config_json
+    else:
+        folder = Path(checkpoint)
+        config_json = read_config_json(folder)
+    model_class = model_class_of(folder, config_json.get("architectures"))
+    config = pretrained_config(folder, config_json)
     # Parameters are allocated directly on the device, in the target dtype, uninitialised:
     # load_weights then fills every one of them or fails.
     build_device = "cpu" if quant_plan.is_active else device
@@ -70,34 +79,32 @@ def build_model(
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, folder: str | Path) -> None:
+def load_weights(model: DecoderForCausalLM, folder: str | Path) -> None:
     """Copy every tensor of the checkpoint in `folder` into `model`'s parameters.
 
     Reads `model.safetensors`, or else the shards listed in `model.safetensors.index.json`.
     Raises WeightLoadError unless each parameter (each shard of a packed one) was filled
     and each tensor was used or is one the model's family ignores (its
     `ignored_checkpoint_tensors`); the model is then partly loaded and must not be used.
+    The model's checkpoint hooks (DecoderForCausalLM) say how its names map.
     """
     folder = Path(folder)
     params = dict(model.named_parameters())  # tied weights appear once, under embed_tokens
-    mapping = getattr(model, "packed_modules_mapping", {})
-    tied = bool(getattr(model, "tie_word_embeddings", False))
-    ignored = [re.compile(pattern) for pattern in getattr(model, "ignored_checkpoint_tensors", ())]
-    checkpoint_name = getattr(model, "checkpoint_name", lambda name: name)  # a wrapper's prefixes
+    mapping = model.packed_modules_mapping
+    tied = model.tie_word_embeddings
+    ignored = [re.compile(pattern) for pattern in model.ignored_checkpoint_tensors]
     claimers = checkpoint_tensor_claimers(model)  # layers of a pre-quantised checkpoint
-    is_other_stage_weight = getattr(model, "is_other_stage_weight", lambda name: False)  # pipeline stages
-    # mixture of experts: per-expert tensors -> (stacked parameter, shard id); None for the rest
-    expert_tensor = getattr(model, "expert_tensor", lambda name: None)
     seen: set[str] = set()
     unknown: list[str] = []
     for path in _checkpoint_files(folder):
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 for file_name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                    name = checkpoint_name(file_name)
-                    if _is_ignored(name, ignored, tied) or is_other_stage_weight(name):
+                    name = model.checkpoint_name(file_name)  # a wrapper's prefixes, a family's names
+                    if _is_ignored(name, ignored, tied) or model.is_other_stage_weight(name):
                         continue
-                    param_name, shard_id = expert_tensor(name) or _param_name(name, mapping)
+                    # mixture of experts: per-expert tensors -> (stacked parameter, shard id)
+                    param_name, shard_id = model.expert_tensor(name) or _param_name(name, mapping)
                     if param_name not in params and _claim(
                         claimers, param_name, shard_id, f, path, file_name
                     ):
@@ -111,8 +118,7 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
                     seen.add(name)
         except (OSError, SafetensorError) as e:
             raise WeightLoadError(f"{path}: not a readable safetensors file ({e})") from None
-    expert_sources = getattr(model, "expert_sources", lambda param_name: None)
-    _check_complete(folder, params, mapping, expert_sources, seen, unknown)
+    _check_complete(folder, params, mapping, model.expert_sources, seen, unknown)
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
@@ -120,15 +126,6 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shar
     if param.shape != loaded_weight.shape:
         raise ValueError(f"has shape {tuple(loaded_weight.shape)}, expected {tuple(param.shape)}")
     param.data.copy_(loaded_weight)
-
-
-def _read_config(folder: Path):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"{folder / 'config.json'}: cannot read the config ({e})") from None
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:

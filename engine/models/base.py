@@ -193,7 +193,14 @@ class DecoderModel(nn.Module):
 
 class DecoderForCausalLM(nn.Module):
     """A decoder-only LM from a Hugging Face config; a family overrides build_model and the
-    class attributes that describe its checkpoints."""
+    class attributes that describe its checkpoints.
+
+    engine.loader.weights reads a checkpoint through the hooks declared here, each with the
+    default that fits a plain decoder: packed_modules_mapping, ignored_checkpoint_tensors,
+    tie_word_embeddings, checkpoint_name (checkpoint_prefixes), is_other_stage_weight,
+    expert_tensor and expert_sources. has_attention_sinks and soft_caps_attention are read
+    before loading (the runtime chooses the attention backend by them).
+    """
 
     # HF tensor name component -> (our parameter, shard id for its weight_loader)
     packed_modules_mapping: ClassVar[dict[str, tuple[str, str | int]]] = {
@@ -209,13 +216,24 @@ class DecoderForCausalLM(nn.Module):
     ignored_checkpoint_tensors: ClassVar[tuple[str, ...]] = (r"rotary_emb\.inv_freq$",)
     # Checkpoint name prefix -> ours, applied before anything else (multimodal wrappers)
     checkpoint_prefixes: ClassVar[dict[str, str]] = {}
+    # Per-head attention sink logits (GPT-OSS): flash-attn cannot run them, so the runtime never
+    # picks it for such a model (read from the class, before the model is built)
+    has_attention_sinks: ClassVar[bool] = False
+    # Tied (from the config): lm_head is embed_tokens' parameter; the checkpoint's lm_head.weight
+    # is ignored
+    tie_word_embeddings: bool
+
+    @classmethod
+    def soft_caps_attention(cls, config: dict) -> bool:
+        """Whether a checkpoint with this config.json (its language model's fields) soft-caps its
+        attention logits, which the CPU paged kernel cannot (Gemma 2 says yes)."""
+        return False
 
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         config = config.get_text_config()  # a multimodal wrapper's language model
         self.config = config
         self.model = self.build_model(config)
-        # Tied: lm_head is embed_tokens' parameter; the checkpoint's lm_head.weight is ignored.
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
         self.lm_head = None
@@ -253,6 +271,17 @@ class DecoderForCausalLM(nn.Module):
             if name.startswith(prefix):
                 return ours + name[len(prefix) :]
         return name
+
+    def expert_tensor(self, name: str) -> tuple[str, object] | None:
+        """A mixture-of-experts checkpoint tensor (renamed) -> (the stacked parameter it fills, its
+        shard id); None for every other tensor, which maps by packed_modules_mapping (the default:
+        no experts). Families with experts override it (engine.models.moe_checkpoint, GPT-OSS)."""
+        return None
+
+    def expert_sources(self, param_name: str) -> list[str] | None:
+        """The checkpoint tensors a stacked expert parameter needs (to name the missing ones);
+        None for every other parameter (the default: no experts)."""
+        return None
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states [N, hidden] (only the rows that need logits) -> logits [N, vocab_size]."""

@@ -1,11 +1,12 @@
 """Which quantisation a model gets, and the two steps that apply it around weight loading.
 
-`make_plan` reads the engine config and the checkpoint's config.json (a bitsandbytes
-`quantization_config` of a pre-quantised folder, the 2:4 marker of a pruned one) and refuses
-what cannot run here. `prepare_model` runs before the weights load (pre-quantised layers take
-the checkpoint's quantised tensors instead of a float weight); `finalize_model` runs after:
-each targeted layer's method converts its loaded shard on the host, then the model moves to
-its device (bitsandbytes quantises during that move).
+`make_plan` reads the engine config and the checkpoint's config.json contents, as rank 0 read
+them once (a bitsandbytes `quantization_config` of a pre-quantised folder, the 2:4 marker of a
+pruned one), and refuses what cannot run here; rank 0 makes the plan once and hands it down.
+`prepare_model` runs before the weights load (pre-quantised layers take the checkpoint's
+quantised tensors instead of a float weight); `finalize_model` runs after: each targeted
+layer's method converts its loaded shard on the host, then the model moves to its device
+(bitsandbytes quantises during that move).
 """
 
 from __future__ import annotations

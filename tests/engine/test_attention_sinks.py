@@ -12,10 +12,11 @@ import torch
 
 from engine import EngineConfig
 from engine.demo.checkpoints import ensure_checkpoint
-from engine.executor.runtime import ModelTraits, resolve_runtime, select_backend
+from engine.executor.runtime import ModelTraits, resolve_model_spec, select_backend
 from engine.layers import attention_backends
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import FlashAttentionBackend
+from engine.loader.checkpoint import read_checkpoint
 from tests.engine.triton_interpreted import run_interpreted
 
 
@@ -70,4 +71,4 @@ def test_engine_options_asking_flash_for_gpt_oss_are_refused_before_loading(mode
     folder = str(ensure_checkpoint(model_cache, preset="tiny-gpt-oss"))
     config = EngineConfig(model=folder, device="cuda", attention_backend="flash", block_size=256)
     with pytest.raises(ValueError, match="attention_backend 'flash' cannot run attention sinks"):
-        resolve_runtime(config)
+        resolve_model_spec(config, read_checkpoint(folder)[0])

@@ -15,10 +15,11 @@ import torch.utils.cpp_extension
 from engine import EngineConfig, EngineConfigError, LLMEngine, SamplingParams
 from engine.demo.checkpoints import ensure_checkpoint
 from engine.executor import model_runner
-from engine.executor.runtime import ModelTraits, Runtime, resolve_runtime, select_backend
+from engine.executor.runtime import ModelTraits, Runtime, model_traits, resolve_runtime, select_backend
 from engine.kernels import cpu_kernels
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import CpuAttentionBackend, SdpaBackend, make_backend
+from engine.loader.checkpoint import read_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -26,6 +27,10 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def gemma2_checkpoint(model_cache):
     return ensure_checkpoint(model_cache, preset="tiny-gemma2")  # soft-capped attention logits
+
+
+def _traits(folder) -> ModelTraits:
+    return model_traits(read_checkpoint(folder)[0])
 
 
 @pytest.fixture
@@ -37,7 +42,9 @@ def kernel_unavailable(monkeypatch):
 
 def test_auto_on_cpu_chooses_the_kernel_where_it_loads(tiny_checkpoint):
     assert cpu_kernels.load()  # the project's machines have a C++ compiler
-    assert resolve_runtime(EngineConfig(model=str(tiny_checkpoint))) == Runtime("cpu", 16)
+    assert resolve_runtime(
+        EngineConfig(model=str(tiny_checkpoint)), traits=_traits(tiny_checkpoint)
+    ) == Runtime("cpu", 16)
     engine = LLMEngine(EngineConfig(model=str(tiny_checkpoint), dtype="float32", max_model_len=64))
     assert engine.attention_backend == "cpu"
     backends = {id(layer.backend) for layer in engine.runner.layers}
@@ -77,7 +84,7 @@ def test_a_soft_capped_gemma2_gets_sdpa_once_at_start_up_and_the_kernel_never_ru
 
 def test_a_gemma2_checkpoint_without_a_soft_cap_is_served_by_the_kernel(model_cache):
     folder = ensure_checkpoint(model_cache, preset="tiny-gemma2-mqa")  # attn_logit_softcapping: null
-    assert resolve_runtime(EngineConfig(model=str(folder))).attention_backend == "cpu"
+    assert resolve_runtime(EngineConfig(model=str(folder)), traits=_traits(folder)).attention_backend == "cpu"
 
 
 @pytest.mark.parametrize(
@@ -102,8 +109,10 @@ def test_cpu_asked_for_where_the_kernel_cannot_build_is_refused_with_the_build_e
     with pytest.raises(
         EngineConfigError, match=r"the kernel is unavailable here \(RuntimeError: no C\+\+ compiler\)"
     ):
-        resolve_runtime(config)
-    assert resolve_runtime(EngineConfig(model=str(tiny_checkpoint))) == Runtime("sdpa", 16)
+        resolve_runtime(config, traits=_traits(tiny_checkpoint))
+    assert resolve_runtime(
+        EngineConfig(model=str(tiny_checkpoint)), traits=_traits(tiny_checkpoint)
+    ) == Runtime("sdpa", 16)
 
 
 def test_cpu_asked_for_a_soft_capped_gemma2_is_refused_before_loading(gemma2_checkpoint):

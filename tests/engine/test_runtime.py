@@ -1,4 +1,5 @@
-"""resolve_runtime: one rule for the attention backend and KV block size, used by every entry point.
+"""resolve_runtime: one rule for the attention backend and KV block size, used by every entry point
+(resolve_model_spec: with the quantisation plan, what rank 0 and a remote rank load by).
 
 The CUDA cases need no GPU: the rule looks at the device type and at which packages are
 installed, which these tests fake.
@@ -16,7 +17,7 @@ from engine import EngineConfig, EngineConfigError, LLMEngine
 from engine import llm_engine as llm_engine_module
 from engine.executor import __main__ as remote_rank
 from engine.executor import runtime
-from engine.executor.runtime import Runtime, resolve_dtype, resolve_runtime
+from engine.executor.runtime import ModelSpec, ModelTraits, Runtime, resolve_dtype, resolve_runtime
 from engine.layers import attention_backends
 
 
@@ -79,12 +80,14 @@ def flash_installed(monkeypatch) -> None:
     ],
 )
 def test_resolves_backend_and_block_size_from_the_options(flash_installed, options, expected) -> None:
-    assert resolve_runtime(EngineConfig(**options)) == expected
+    assert resolve_runtime(EngineConfig(**options), traits=ModelTraits()) == expected
 
 
 def test_flash_with_a_block_size_not_a_multiple_of_256_is_refused(flash_installed) -> None:
     with pytest.raises(EngineConfigError, match="block_size to be a multiple of 256, got 16"):
-        resolve_runtime(EngineConfig(device="cuda", attention_backend="flash", block_size=16))
+        resolve_runtime(
+            EngineConfig(device="cuda", attention_backend="flash", block_size=16), traits=ModelTraits()
+        )
 
 
 @pytest.mark.parametrize(
@@ -98,19 +101,23 @@ def test_flash_with_a_block_size_not_a_multiple_of_256_is_refused(flash_installe
         {"device": "cuda", "block_size": 512},
     ],
 )
-def test_rank_0_and_a_remote_rank_resolve_the_same_runtime(
+def test_rank_0_and_a_remote_rank_resolve_the_same_model_spec(
     flash_installed, tiny_checkpoint, tmp_path, monkeypatch, options
 ) -> None:
+    """The same backend, block size, quantisation plan and checkpoint facts: rank 0 hands its
+    spec to the ranks it spawns, a remote rank reads the folder itself and must agree."""
     config = {"model": str(tiny_checkpoint), "tensor_parallel_size": 2, **options}
-    assert _rank_0_runtime(config, monkeypatch) == _remote_rank_runtime(config, tmp_path, monkeypatch)
+    rank_0 = _rank_0_spec(config, monkeypatch)
+    assert rank_0 == _remote_rank_spec(config, tmp_path, monkeypatch)
+    assert rank_0.checkpoint.folder == str(tiny_checkpoint)
 
 
-def _rank_0_runtime(config: dict, monkeypatch) -> Runtime:
+def _rank_0_spec(config: dict, monkeypatch) -> ModelSpec:
     """What LLMEngine hands its executor (stopped there: no worker starts)."""
     seen = []
 
-    def executor(_config, backend, block_size):
-        seen.append(Runtime(backend, block_size))
+    def executor(_config, spec):
+        seen.append(spec)
         raise _Captured
 
     monkeypatch.setattr(llm_engine_module, "MultiprocExecutor", executor)
@@ -119,12 +126,12 @@ def _rank_0_runtime(config: dict, monkeypatch) -> Runtime:
     return seen[0]
 
 
-def _remote_rank_runtime(config: dict, tmp_path: Path, monkeypatch) -> Runtime:
+def _remote_rank_spec(config: dict, tmp_path: Path, monkeypatch) -> ModelSpec:
     """What `python -m engine.executor` hands join_and_load (stopped there: it joins nothing)."""
     seen = []
 
-    def join_and_load(_config, _rank, _local_rank, _address, backend, block_size):
-        seen.append(Runtime(backend, block_size))
+    def join_and_load(_config, spec, _rank, _local_rank, _address):
+        seen.append(spec)
         raise _Captured
 
     monkeypatch.setattr(remote_rank, "join_and_load", join_and_load)
