@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trees", nargs="+", type=Path, help="source trees, each with its .venv")
-    parser.add_argument("--workload", default="standard", choices=["standard", "shared-prefix"])
+    parser.add_argument("--workload", default="standard", choices=["standard", "shared-prefix", "decode"])
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--num-requests", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)

@@ -18,7 +18,7 @@ async def test_the_configured_checkpoint_loads_on_the_engine_thread_that_will_st
         dtype="float32",
         max_model_len=256,
         kv_cache_memory_gib=0.1,
-        cpu_paged_attention=False,
+        attention_backend="sdpa",
         cpu_fused_ops=False,
     )
     config = ServiceConfig(engine=engine_config)
