@@ -55,6 +55,8 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     # may repeat a result); exactly_once: results and offsets in one transaction per partition per
     # commit interval (results' readers must use isolation_level=read_committed)
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    # how the records Sluice produces (results, dead letters, traces) are compressed
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
     transactional_id_prefix: str = ""  # exactly_once: `<prefix>.<topic>.<partition>`; default: group_id
     # Kafka security (service/kafka_security.py checks that these fit together)
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -103,6 +105,8 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     max_stop_token_ids: Annotated[int, Meta(ge=0)] = 64
     max_choices: Annotated[int, Meta(ge=1)] = 256  # a `choice` constraint's choices
     max_logprob_tokens: Annotated[int, Meta(ge=1)] = 16_384  # max_tokens x (top logprobs + 1)
+    # a fetched record batch, decompressed: a larger one (a compression bomb) is dead-lettered unread
+    max_batch_bytes: Annotated[int, Meta(ge=65_536)] = 16_777_216
     # a result (or dead letter) larger than this is replaced by a `result_too_large` error result
     max_result_bytes: Annotated[int, Meta(ge=1024)] = 1_000_000
     allow_special_tokens: bool = False  # prompt text may spell control tokens (trusted producers only)

@@ -18,8 +18,9 @@ from aiokafka.structs import ConsumerRecord
 
 from schemas.codec import JSON
 from service.jobs import Outcome
+from service.lenient_records import UndecodableBatch
 from service.publisher import Headers, PublishRefused, ResultPublisher
-from service.records import error_outcome, outcome_records, record_ref
+from service.records import error_outcome, outcome_records, record_ref, undecodable_dead_letter
 from service.transactions import OutRecord, TransactionalDelivery
 from service.translate import to_error_line
 
@@ -102,6 +103,20 @@ class OutcomeDelivery:
         except Exception:
             log.exception("job %s: its error result could not be delivered either", record_ref(record))
             return None
+
+    async def deliver_undecodable(
+        self, record: ConsumerRecord, failure: UndecodableBatch, is_current: Callable[[], bool] = lambda: True
+    ) -> bool:
+        """A dead letter for a batch that could not be read (`record` is its marker): published,
+        or staged at the batch's last offset; False when its assignment ended (see deliver)."""
+        letter = undecodable_dead_letter(record, failure, self._dlq_topic)
+        if self._transactions is not None:
+            if not is_current():
+                return False
+            self._transactions.stage(TopicPartition(record.topic, record.partition), record.offset, [letter])
+            return True
+        await self._publisher.publish(letter.topic, letter.key, letter.value, letter.headers)
+        return True
 
     def _records(
         self, record: ConsumerRecord, outcome: Outcome, trace_headers: Headers, max_bytes: int

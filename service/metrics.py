@@ -34,6 +34,14 @@ class ServiceMetrics:
         self.dead_letters = Counter(
             "sluice_dead_letters", "Records sent to the dead-letter topic", registry=r
         )
+        self.fetch_failures = Counter(
+            "sluice_fetch_failures",
+            "Failed fetches of jobs: fetch_error (a fetch raised), undecodable_batch (a read of a batch that did not decode)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("fetch_error", "undecodable_batch"):  # at 0 from the first scrape
+            self.fetch_failures.labels(reason)
         self.prompt_tokens = Counter("sluice_prompt_tokens", "Prompt tokens of answered jobs", registry=r)
         self.output_tokens = Counter("sluice_output_tokens", "Generated tokens of answered jobs", registry=r)
         self.latency = _seconds_histogram(

@@ -52,8 +52,10 @@ class ResultPublisher:
         security: KafkaClientOptions | None = None,
         max_request_size: int = 1_048_576,
         keep_topics: Iterable[str] = (),  # the configured topics; others (reply topics) are dropped when idle
+        compression_type: str | None = None,  # gzip, snappy, lz4 or zstd; None: uncompressed
     ) -> None:
         self._options = dict(
+            compression_type=compression_type,
             bootstrap_servers=bootstrap,
             **(security or {}),
             client_id=f"{client_id}-results",

@@ -16,6 +16,7 @@ from aiokafka.structs import ConsumerRecord
 from schemas.codec import encode_result
 from service.headers import excerpt, printable_key
 from service.jobs import Outcome
+from service.lenient_records import UndecodableBatch
 from service.publisher import Headers
 from service.transactions import OutRecord
 from service.translate import to_error_line
@@ -77,6 +78,20 @@ def error_outcome(outcome: Outcome, code: str, message: str) -> Outcome:
 def record_size(record: OutRecord) -> int:
     headers = sum(len(k.encode()) + len(v or b"") for k, v in record.headers)
     return len(record.key or b"") + len(record.value) + headers + _RECORD_OVERHEAD
+
+
+def undecodable_dead_letter(record: ConsumerRecord, failure: UndecodableBatch, dlq_topic: str) -> OutRecord:
+    """The dead letter of a batch that could not be read: no key or value (there are none to
+    copy), where it lies (`sluice-source-offsets`: first-last) and why."""
+    reason: Headers = [
+        ("sluice-error-code", b"undecodable_batch"),
+        ("sluice-error-message", excerpt(failure.error, _MAX_ERROR_MESSAGE).encode()),
+        ("sluice-source-topic", record.topic.encode()),
+        ("sluice-source-partition", str(record.partition).encode()),
+        ("sluice-source-offset", str(failure.first_offset).encode()),
+        ("sluice-source-offsets", f"{failure.first_offset}-{failure.last_offset}".encode()),
+    ]
+    return OutRecord(dlq_topic, None, b"", reason)
 
 
 def _result_record(outcome: Outcome, trace_headers: Headers, results_topic: str) -> OutRecord:

@@ -63,7 +63,9 @@ class TransactionalDelivery:
         security: dict | None = None,  # SASL/TLS client options (service.kafka_security)
         producer_factory: Callable[..., AIOKafkaProducer] = AIOKafkaProducer,
         keep_topics: Iterable[str] = (),  # the configured topics; others (reply topics) are dropped when idle
+        compression_type: str | None = None,  # gzip, snappy, lz4 or zstd; None: uncompressed
     ) -> None:
+        self._compression_type = compression_type
         self._bootstrap = bootstrap
         self._group_id = group_id
         self._client_id = client_id
@@ -199,6 +201,7 @@ class TransactionalDelivery:
                 transactional_id=self.transactional_id(tp),
                 enable_idempotence=True,
                 acks="all",
+                compression_type=self._compression_type,
                 **self._security,
             )
             try:
