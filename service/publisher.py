@@ -24,7 +24,7 @@ from aiokafka.errors import (
 )
 
 from service.kafka_security import KafkaClientOptions
-from service.topics import RecentTopics
+from service.topics import RecentTopics, never_create_topics, topic_error
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class ResultPublisher:
             request_timeout_ms=30_000,
             max_request_size=max_request_size,
         )
-        self._producer = AIOKafkaProducer(**self._options)
+        self._producer = self._new_producer()
         # An idempotent producer numbers its batches per partition; a batch the broker refuses
         # for good leaves a gap that fails every later batch (OutOfOrderSequenceNumber), so the
         # producer is replaced then: a new producer id, numbering from zero.
@@ -99,13 +99,20 @@ class ResultPublisher:
             log.debug("best-effort send failed: %s", task.exception())
 
     async def check_topic(self, topic: str) -> None:
-        """PublishRefused unless the broker knows `topic` and lets this client describe it (it
-        waits for the topic's metadata, up to the request timeout; a broker that auto-creates
-        topics creates it then)."""
+        """PublishRefused unless the broker knows `topic` and lets this client describe it. Never
+        creates it, whatever the broker's auto.create.topics.enable; nor does the producer start
+        tracking it (only a send does)."""
         try:
-            await self._producer.partitions_for(topic)
+            error = await topic_error(self._producer.client, topic)
         except KafkaError as e:
-            raise PublishRefused(topic, e) from None
+            error = e
+        if error is not None:
+            raise PublishRefused(topic, error)
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(**self._options)
+        never_create_topics(producer.client)  # a reply topic its run deleted stays deleted
+        return producer
 
     async def publish(
         self, topic: str, key: bytes | None, value: bytes, headers: Headers, refusable: bool = False
@@ -145,7 +152,7 @@ class ResultPublisher:
             if generation != self._generation or self._stopping:
                 return
             log.warning("the broker refused a record (%s): starting a new producer", error)
-            new = AIOKafkaProducer(**self._options)
+            new = self._new_producer()
             delay = 0.2
             while True:
                 try:

@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 
 from service.publisher import Headers
-from service.topics import RecentTopics
+from service.topics import RecentTopics, never_create_topics
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,8 @@ class TransactionalDelivery:
                 compression_type=self._compression_type,
                 **self._security,
             )
+            if (client := getattr(producer, "client", None)) is not None:  # tests' stand-ins have none
+                never_create_topics(client)  # a reply topic its run deleted stays deleted
             try:
                 # start() returns before InitProducerId; an empty transaction waits for the producer
                 # id, i.e. for the fence (and for a previous transaction to finish), sending nothing.
