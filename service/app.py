@@ -203,6 +203,12 @@ class Service:
             "sluice_consumer_paused", "1 while backpressure pauses the partitions", lambda: int(bp.is_paused)
         )
         m.gauge("sluice_consumer_lag", "Records of assigned partitions not yet done", self.consumer.lag)
+        if (transactions := self.transactions) is not None:
+            m.partition_gauge(
+                "sluice_consecutive_failed_transactions",
+                "Exactly-once: transactions of the partition that failed in a row (0 after one commits)",
+                lambda: dict(transactions.consecutive_failures),
+            )
 
     def _forget_task(self, task: asyncio.Task) -> None:
         self._tasks.pop(task, None)

@@ -85,6 +85,10 @@ class ServiceMetrics:
         """A gauge whose value is read at scrape time."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
 
+    def partition_gauge(self, name: str, documentation: str, read: Callable[[], dict]) -> None:
+        """A gauge per partition (labels topic, partition), from a {TopicPartition: value} read at scrape time."""
+        self.registry.register(_PartitionGauge(name, documentation, read))
+
     def engine(self, read_stats: Callable[[], EngineStats]) -> None:
         """The engine's gauges and step totals, from one stats() snapshot per scrape."""
         self.registry.register(_EngineCollector(read_stats))
@@ -134,6 +138,17 @@ class _EngineCollector(Collector):
         )
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)
+
+
+class _PartitionGauge(Collector):
+    def __init__(self, name: str, documentation: str, read: Callable[[], dict]) -> None:
+        self._name, self._documentation, self._read = name, documentation, read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self._name, self._documentation, labels=["topic", "partition"])
+        for tp, value in sorted(self._read().items()):
+            family.add_metric([tp.topic, str(tp.partition)], value)
+        yield family
 
 
 def _seconds_histogram(name: str, documentation: str, registry: CollectorRegistry) -> Histogram:

@@ -24,7 +24,7 @@ from service.jobs import JobHandler, Outcome
 from service.lenient_records import UndecodableBatch, undecodable_batch
 from service.metrics import ServiceMetrics
 from service.records import job_timestamp_ms, record_ref
-from service.tracing import JobTracer, traceparent_headers
+from service.tracing import JobTracer, copied_traceparent, traceparent_headers
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class RecordProcessor:
                 self.tracer.record_inference(span, out.metrics, len(out.prompt_token_ids), len(out.token_ids))
             trace_headers = traceparent_headers(span)  # same trace as the job's producer, this job's span
         else:
-            trace_headers = [(k, v) for k, v in record.headers or () if k.lower() == "traceparent"]
+            trace_headers = copied_traceparent(record.headers)
         publish_start = time.time_ns()
         delivered = await self._delivery.deliver(
             record, outcome, trace_headers, self._is_current(record, generation)
