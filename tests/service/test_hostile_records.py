@@ -70,6 +70,7 @@ async def test_a_reply_to_outside_the_allow_list_gets_an_error_result_on_the_res
     elsewhere = f"{c.results_topic.removesuffix('.results')}.elsewhere"
     refused = [c.jobs_topics[0], c.dlq_topic, c.traces_topic, elsewhere, "bad topic!", "a" * 300]
     allowed = f"{c.results_topic}.run-1"
+    await _create_topic(kafka, allowed, {})  # Sluice never creates a reply topic (test_reply_topics.py)
     jobs = [(f"r{i}".encode(), job(f"r{i}"), [("reply_to", t.encode())]) for i, t in enumerate(refused)]
     await kafka.post(c.jobs_topics[0], [*jobs, (b"ok", job("ok"), [("reply_to", allowed.encode())])])
     async with run_service(c):
