@@ -109,6 +109,16 @@ class ResultPublisher:
         if error is not None:
             raise PublishRefused(topic, error)
 
+    async def _is_gone(self, topic: str, error: KafkaError) -> bool:
+        """After a timeout waiting for `topic`'s metadata: whether the topic is gone (deleted since
+        check_topic), which no retry fixes now that nothing creates it again."""
+        if not isinstance(error, KafkaTimeoutError):
+            return False
+        try:
+            return isinstance(await topic_error(self._producer.client, topic), UnknownTopicOrPartitionError)
+        except KafkaError:
+            return False
+
     def _new_producer(self) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(**self._options)
         never_create_topics(producer.client)  # a reply topic its run deleted stays deleted
@@ -138,7 +148,7 @@ class ResultPublisher:
                 if isinstance(e, OutOfOrderSequenceNumber) or not e.retriable:
                     await self._replace_producer(generation, e)
                 if isinstance(e, MessageSizeTooLargeError | RecordTooLargeError) or (
-                    refusable and _is_final(e)
+                    refusable and (_is_final(e) or await self._is_gone(topic, e))
                 ):
                     raise PublishRefused(topic, e) from None
                 log.warning("publishing to %s failed (%s); retrying in %.1fs", topic, e, delay)

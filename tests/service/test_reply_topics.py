@@ -10,8 +10,10 @@ import logging
 import msgspec
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaTimeoutError
 
 from schemas.codec import decode_result
+from service.publisher import PublishRefused, ResultPublisher
 from service.topics import ensure_topics
 
 pytestmark = pytest.mark.kafka
@@ -113,3 +115,24 @@ async def _read_n(kafka, topic: str, count: int, isolation: str) -> list:
         if len(records) >= count:
             return records
     raise AssertionError(f"{topic}: fewer than {count} records")
+
+
+async def test_a_reply_topic_deleted_after_its_check_is_refused_not_waited_for_forever(
+    kafka_bootstrap, topic_prefix, kafka
+):
+    # The topic passed check_topic, then its run deleted it: the producer's wait for its metadata
+    # times out (nothing creates it again), and the publisher asks the broker whether it is gone.
+    gone = f"{topic_prefix}.results.run-1"
+    publisher = ResultPublisher(kafka_bootstrap, "test")
+    await publisher.start()
+    try:
+
+        async def metadata_wait_timed_out(*args, **kwargs):
+            raise KafkaTimeoutError()
+
+        publisher._producer.send_and_wait = metadata_wait_timed_out
+        with pytest.raises(PublishRefused, match="KafkaTimeoutError"):
+            await asyncio.wait_for(publisher.publish(gone, b"k", b"{}", [], refusable=True), 10)
+    finally:
+        await publisher.stop()
+    assert gone not in await kafka.topic_names()
