@@ -69,8 +69,10 @@ class Service:
             config.commit_interval_ms,
             self.kafka_security,
             sink=self.transactions,  # exactly_once: offsets commit in the results' transactions
+            max_batch_bytes=config.max_batch_bytes,
         )
         self.consumer.on_revoke = self._abort_partitions
+        self.consumer.on_fetch_failure = lambda reason: self.metrics.fetch_failures.labels(reason).inc()
         self.metrics = ServiceMetrics()
         self.processor = RecordProcessor(
             self.handler, self.delivery, self.consumer, self.metrics, self._engine_died
@@ -201,6 +203,12 @@ class Service:
             "sluice_consumer_paused", "1 while backpressure pauses the partitions", lambda: int(bp.is_paused)
         )
         m.gauge("sluice_consumer_lag", "Records of assigned partitions not yet done", self.consumer.lag)
+        if (transactions := self.transactions) is not None:
+            m.partition_gauge(
+                "sluice_consecutive_failed_transactions",
+                "Exactly-once: transactions of the partition that failed in a row (0 after one commits)",
+                lambda: dict(transactions.consecutive_failures),
+            )
 
     def _forget_task(self, task: asyncio.Task) -> None:
         self._tasks.pop(task, None)
@@ -234,12 +242,14 @@ def _delivery(
     """The publisher, the transactional producers (exactly_once: results wait for their
     partition's next transaction instead of the publisher) and the delivery over both."""
     written = _written_topics(config)
+    compression = None if config.compression_type == "none" else config.compression_type
     publisher = ResultPublisher(
         config.kafka_bootstrap,
         config.client_id,
         security,
         max_request_size=config.max_result_bytes + _REQUEST_HEADROOM,
         keep_topics=written,
+        compression_type=compression,
     )
     transactions = None
     max_result_bytes = config.max_result_bytes
@@ -251,6 +261,7 @@ def _delivery(
             config.transactional_id_prefix,
             security=security,
             keep_topics=written,
+            compression_type=compression,
         )
         max_result_bytes = min(
             max_result_bytes, 1_000_000

@@ -63,6 +63,8 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     # may repeat a result); exactly_once: results and offsets in one transaction per partition per
     # commit interval (results' readers must use isolation_level=read_committed)
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    # how the records Sluice produces (results, dead letters, traces) are compressed
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
     transactional_id_prefix: str = ""  # exactly_once: `<prefix>.<topic>.<partition>`; default: group_id
     # Kafka security (service/kafka_security.py checks that these fit together)
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -106,6 +108,8 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     # What one job may ask for (service/limits.py's JobLimits, where each limit is explained), checked
     # before any work is done for it: nested here, set by their own names (a flat table, below)
     limits: JobLimits = msgspec.field(default_factory=JobLimits)
+    # a fetched record batch, decompressed: a larger one (a compression bomb) is dead-lettered unread
+    max_batch_bytes: Annotated[int, Meta(ge=65_536)] = 16_777_216
     # a result (or dead letter) larger than this is replaced by a `result_too_large` error result
     max_result_bytes: Annotated[int, Meta(ge=1024)] = 1_000_000
     # HTTP: /metrics (Prometheus), /healthz (liveness), /readyz (readiness)

@@ -28,10 +28,13 @@ from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from service import lenient_records
 from service.kafka_security import KafkaClientOptions
+from service.lenient_records import DEFAULT_MAX_BATCH_BYTES, UndecodableBatch, undecodable_batch
 from service.offsets import OffsetTracker
 from service.shutdown import bounded
 
 log = logging.getLogger(__name__)
+
+UNDECODABLE_BATCH_ATTEMPTS = 3  # reads of a batch that fails to decode before it is dead-lettered
 
 
 class OffsetSink(Protocol):
@@ -69,8 +72,11 @@ class JobConsumer:
         commit_interval_ms: int,
         security: KafkaClientOptions | None = None,
         sink: OffsetSink | None = None,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ):
-        lenient_records.install()  # a batch with a non-UTF-8 header key still reads
+        # a batch with a non-UTF-8 header key still reads; one that cannot be read (or would
+        # decompress past max_batch_bytes) reads as a marker record
+        lenient_records.install(max_batch_bytes)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             **(security or {}),
@@ -86,6 +92,8 @@ class JobConsumer:
         self._commit_task: asyncio.Task | None = None
         self._commit_lock = asyncio.Lock()
         self._fetch_failures = 0  # consecutive failed fetches: how long to wait before the next
+        # per partition, the batch that failed to decode (its first offset) and how many times
+        self._batch_failures: dict[TopicPartition, tuple[int, int]] = {}
         self._lifecycle = asyncio.Lock()  # rebalances and restarts, one at a time
         self._held: set[TopicPartition] = set()  # assigned, paused until started (exactly-once)
         self._is_paused = False  # backpressure's pause(): resume() ends it
@@ -93,6 +101,8 @@ class JobConsumer:
         # Called with the revoked partitions before their final commit: the owner of in-flight
         # jobs stops them there, so nothing is published for a partition after it left.
         self.on_revoke: Callable[[set[TopicPartition]], Awaitable[None]] | None = None
+        # Called with "fetch_error" (a fetch raised) or "undecodable_batch" (a batch did not decode).
+        self.on_fetch_failure: Callable[[str], None] | None = None
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -113,12 +123,16 @@ class JobConsumer:
         (for done()); each is tracked as in flight until done(). A record this assignment has
         consumed already is not returned again.
 
-        Never raises: a failed fetch (a broker error, a refused authorisation, a record the
-        client cannot parse) is logged and gives no records; the next fetch, a little later, retries.
+        Never raises: a failed fetch (a broker error, a refused authorisation) is logged and gives
+        no records; the next fetch, a little later, retries. A batch that cannot be decoded is
+        fetched again, and after UNDECODABLE_BATCH_ATTEMPTS reads returned as one marker record
+        at its last offset (lenient_records.undecodable_batch() says which batch and why), to be
+        dead-lettered: consumption goes on past it.
         """
         try:
             batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         except Exception as e:
+            self._count_failure("fetch_error")
             self._fetch_failures += 1
             delay = min(0.1 * 2**self._fetch_failures, 5.0)
             log.warning("fetching jobs failed (%s: %s); retrying in %.1fs", type(e).__name__, e, delay)
@@ -130,9 +144,31 @@ class JobConsumer:
             if self._sink.refetch_committed and self._tracker.generation(tp) is None:
                 continue  # not started: it is consumed from its committed offset once it is
             for r in records:
+                if (failure := undecodable_batch(r)) is not None and not self._gives_up_on(tp, failure):
+                    # read the batch again; the records after it in this fetch come again after it
+                    self._consumer.seek(tp, failure.first_offset)
+                    break
                 if (generation := self._tracker.track(tp, r.offset)) is not None:
                     out.append((r, generation))
         return out
+
+    def _gives_up_on(self, tp: TopicPartition, failure: UndecodableBatch) -> bool:
+        """Whether a batch that failed to decode has failed often enough to be dead-lettered."""
+        self._count_failure("undecodable_batch")
+        first, attempts = self._batch_failures.get(tp, (failure.first_offset, 0))
+        attempts = attempts + 1 if first == failure.first_offset else 1
+        where = f"{_describe([tp])} offsets {failure.first_offset}-{failure.last_offset}"
+        if attempts < UNDECODABLE_BATCH_ATTEMPTS:
+            self._batch_failures[tp] = (failure.first_offset, attempts)
+            log.warning("%s: the batch does not decode (%s); reading it again", where, failure.error)
+            return False
+        self._batch_failures.pop(tp, None)
+        log.error("%s: the batch does not decode (%s); dead-lettered, going on past it", where, failure.error)
+        return True
+
+    def _count_failure(self, reason: str) -> None:
+        if self.on_fetch_failure is not None:
+            self.on_fetch_failure(reason)
 
     def pause(self) -> None:
         """Stop fetching from every assigned partition (fetch() still polls, keeping the membership)."""
@@ -192,6 +228,8 @@ class JobConsumer:
                 await self.on_revoke(revoked)
             await self.commit(revoked)  # what finished before; the aborted jobs stay uncommitted
             self._tracker.forget(revoked)
+            for tp in revoked:
+                self._batch_failures.pop(tp, None)
             self._held -= revoked
             await self._sink.revoked(revoked)
 

@@ -3,7 +3,8 @@
 at_least_once: published now, each acknowledged before the job counts as done; exactly_once:
 staged for the partition's next transaction (service/transactions.py). Records that the broker
 can never take do not stop the partition: a result too large for it, or one whose reply topic is
-missing or not ours to write, becomes an error result on the results topic plus a dead letter.
+missing or not ours to write, becomes an error result on the results topic plus a dead letter
+(exactly_once: when the job is redone after the transaction the broker refused it in).
 Records for the configured topics are retried until the broker takes them (an outage only
 delays them; nothing is lost).
 """
@@ -18,8 +19,9 @@ from aiokafka.structs import ConsumerRecord
 
 from schemas.codec import JSON
 from service.jobs import Outcome
+from service.lenient_records import UndecodableBatch
 from service.publisher import Headers, PublishRefused, ResultPublisher
-from service.records import error_outcome, outcome_records, record_ref
+from service.records import error_outcome, outcome_records, record_ref, undecodable_dead_letter
 from service.transactions import OutRecord, TransactionalDelivery
 from service.translate import to_error_line
 
@@ -75,12 +77,14 @@ class OutcomeDelivery:
                 await self._publisher.check_topic(outcome.reply_to)
             except PublishRefused as e:
                 outcome = _refused(outcome, e)
-        outcome, out = self._records(record, outcome, trace_headers, self._max_bytes)
         if self._transactions is not None:
+            tp = TopicPartition(record.topic, record.partition)
+            outcome, out = self._staged_records(tp, record, outcome, trace_headers)
             if not is_current():
                 return None
-            self._transactions.stage(TopicPartition(record.topic, record.partition), record.offset, out)
+            self._transactions.stage(tp, record.offset, out)
             return outcome
+        outcome, out = self._records(record, outcome, trace_headers, self._max_bytes)
         try:
             await self._publish(out, result_refusable=outcome.reply_to is not None)
         except PublishRefused as e:  # nothing of this outcome is published yet
@@ -103,11 +107,47 @@ class OutcomeDelivery:
             log.exception("job %s: its error result could not be delivered either", record_ref(record))
             return None
 
+    async def deliver_undecodable(
+        self, record: ConsumerRecord, failure: UndecodableBatch, is_current: Callable[[], bool] = lambda: True
+    ) -> bool:
+        """A dead letter for a batch that could not be read (`record` is its marker): published,
+        or staged at the batch's last offset; False when its assignment ended (see deliver)."""
+        letter = undecodable_dead_letter(record, failure, self._dlq_topic)
+        if self._transactions is not None:
+            if not is_current():
+                return False
+            self._transactions.stage(TopicPartition(record.topic, record.partition), record.offset, [letter])
+            return True
+        await self._publisher.publish(letter.topic, letter.key, letter.value, letter.headers)
+        return True
+
+    def _staged_records(
+        self, tp: TopicPartition, record: ConsumerRecord, outcome: Outcome, trace_headers: Headers
+    ) -> tuple[Outcome, list[OutRecord]]:
+        """exactly_once: the outcome's records, or, for a job whose records the broker refused in an
+        earlier transaction, smaller ones: its dead letter without the job's bytes (when that was
+        what the broker refused), else an error result; the second time, nothing of the job."""
+        assert self._transactions is not None
+        if (refused := self._transactions.refusal(tp, record.offset)) is None:
+            return self._records(record, outcome, trace_headers, self._max_bytes)
+        refusal, times = refused
+        if refusal.topic == self._dlq_topic and outcome.is_error and times == 1:
+            return self._records(record, outcome, trace_headers, _REFUSED_MAX_BYTES, copy_job=False)
+        outcome = _refused(outcome, refusal)
+        return self._records(
+            record, outcome, trace_headers if times == 1 else [], _REFUSED_MAX_BYTES, copy_job=times == 1
+        )
+
     def _records(
-        self, record: ConsumerRecord, outcome: Outcome, trace_headers: Headers, max_bytes: int
+        self,
+        record: ConsumerRecord,
+        outcome: Outcome,
+        trace_headers: Headers,
+        max_bytes: int,
+        copy_job: bool = True,
     ) -> tuple[Outcome, list[OutRecord]]:
         return outcome_records(
-            record, outcome, trace_headers, self._results_topic, self._dlq_topic, max_bytes
+            record, outcome, trace_headers, self._results_topic, self._dlq_topic, max_bytes, copy_job
         )
 
     async def _publish(self, out: list[OutRecord], result_refusable: bool) -> None:

@@ -34,6 +34,14 @@ class ServiceMetrics:
         self.dead_letters = Counter(
             "sluice_dead_letters", "Records sent to the dead-letter topic", registry=r
         )
+        self.fetch_failures = Counter(
+            "sluice_fetch_failures",
+            "Failed fetches of jobs: fetch_error (a fetch raised), undecodable_batch (a read of a batch that did not decode)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("fetch_error", "undecodable_batch"):  # at 0 from the first scrape
+            self.fetch_failures.labels(reason)
         self.prompt_tokens = Counter("sluice_prompt_tokens", "Prompt tokens of answered jobs", registry=r)
         self.output_tokens = Counter("sluice_output_tokens", "Generated tokens of answered jobs", registry=r)
         self.latency = _seconds_histogram(
@@ -76,6 +84,10 @@ class ServiceMetrics:
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A gauge whose value is read at scrape time."""
         Gauge(name, documentation, registry=self.registry).set_function(read)
+
+    def partition_gauge(self, name: str, documentation: str, read: Callable[[], dict]) -> None:
+        """A gauge per partition (labels topic, partition), from a {TopicPartition: value} read at scrape time."""
+        self.registry.register(_PartitionGauge(name, documentation, read))
 
     def engine(self, read_stats: Callable[[], EngineStats]) -> None:
         """The engine's gauges and step totals, from one stats() snapshot per scrape."""
@@ -126,6 +138,17 @@ class _EngineCollector(Collector):
         )
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)
+
+
+class _PartitionGauge(Collector):
+    def __init__(self, name: str, documentation: str, read: Callable[[], dict]) -> None:
+        self._name, self._documentation, self._read = name, documentation, read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self._name, self._documentation, labels=["topic", "partition"])
+        for tp, value in sorted(self._read().items()):
+            family.add_metric([tp.topic, str(tp.partition)], value)
+        yield family
 
 
 def _seconds_histogram(name: str, documentation: str, registry: CollectorRegistry) -> Histogram:

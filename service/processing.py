@@ -21,9 +21,10 @@ from engine import EngineDeadError
 from service.consumer import JobConsumer
 from service.delivery import OutcomeDelivery
 from service.jobs import JobHandler, Outcome
+from service.lenient_records import UndecodableBatch, undecodable_batch
 from service.metrics import ServiceMetrics
 from service.records import job_timestamp_ms, record_ref
-from service.tracing import JobTracer, traceparent_headers
+from service.tracing import JobTracer, copied_traceparent, traceparent_headers
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class RecordProcessor:
 
     async def process(self, record: ConsumerRecord, generation: int) -> None:
         """`generation`: the assignment of the record's partition it was consumed under (JobConsumer.fetch)."""
+        if (failure := undecodable_batch(record)) is not None:
+            await self._dead_letter_batch(record, failure, generation)
+            return
         timestamp_ms = job_timestamp_ms(record, int(time.time() * 1000))
         tracer = self.tracer
         span = tracer.start_job(record, timestamp_ms) if tracer else None
@@ -87,7 +91,7 @@ class RecordProcessor:
                 self.tracer.record_inference(span, out.metrics, len(out.prompt_token_ids), len(out.token_ids))
             trace_headers = traceparent_headers(span)  # same trace as the job's producer, this job's span
         else:
-            trace_headers = [(k, v) for k, v in record.headers or () if k.lower() == "traceparent"]
+            trace_headers = copied_traceparent(record.headers)
         publish_start = time.time_ns()
         delivered = await self._delivery.deliver(
             record, outcome, trace_headers, self._is_current(record, generation)
@@ -105,6 +109,21 @@ class RecordProcessor:
         self._metrics.count(delivered, timestamp_ms)
         self._consumer.done(record, generation)
         return delivered
+
+    async def _dead_letter_batch(
+        self, record: ConsumerRecord, failure: UndecodableBatch, generation: int
+    ) -> None:
+        """A batch that could not be read: a dead letter naming it, then its offsets are done."""
+        try:
+            delivered = await self._delivery.deliver_undecodable(
+                record, failure, self._is_current(record, generation)
+            )
+        except Exception:  # left uncommitted: read again (and dead-lettered) by the next owner
+            log.exception("the dead letter of an undecodable batch at %s failed", record_ref(record))
+            return
+        if delivered:
+            self._metrics.dead_letters.inc()
+            self._consumer.done(record, generation)
 
     def _is_current(self, record: ConsumerRecord, generation: int) -> Callable[[], bool]:
         """Whether the record's partition is still in the assignment the job was consumed under."""

@@ -24,7 +24,7 @@ from aiokafka.errors import (
 )
 
 from service.kafka_security import KafkaClientOptions
-from service.topics import RecentTopics
+from service.topics import RecentTopics, never_create_topics, topic_error
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,10 @@ class ResultPublisher:
         security: KafkaClientOptions | None = None,
         max_request_size: int = 1_048_576,
         keep_topics: Iterable[str] = (),  # the configured topics; others (reply topics) are dropped when idle
+        compression_type: str | None = None,  # gzip, snappy, lz4 or zstd; None: uncompressed
     ) -> None:
         self._options = dict(
+            compression_type=compression_type,
             bootstrap_servers=bootstrap,
             **(security or {}),
             client_id=f"{client_id}-results",
@@ -63,7 +65,7 @@ class ResultPublisher:
             request_timeout_ms=30_000,
             max_request_size=max_request_size,
         )
-        self._producer = AIOKafkaProducer(**self._options)
+        self._producer = self._new_producer()
         # An idempotent producer numbers its batches per partition; a batch the broker refuses
         # for good leaves a gap that fails every later batch (OutOfOrderSequenceNumber), so the
         # producer is replaced then: a new producer id, numbering from zero.
@@ -97,13 +99,30 @@ class ResultPublisher:
             log.debug("best-effort send failed: %s", task.exception())
 
     async def check_topic(self, topic: str) -> None:
-        """PublishRefused unless the broker knows `topic` and lets this client describe it (it
-        waits for the topic's metadata, up to the request timeout; a broker that auto-creates
-        topics creates it then)."""
+        """PublishRefused unless the broker knows `topic` and lets this client describe it. Never
+        creates it, whatever the broker's auto.create.topics.enable; nor does the producer start
+        tracking it (only a send does)."""
         try:
-            await self._producer.partitions_for(topic)
+            error = await topic_error(self._producer.client, topic)
         except KafkaError as e:
-            raise PublishRefused(topic, e) from None
+            error = e
+        if error is not None:
+            raise PublishRefused(topic, error)
+
+    async def _is_gone(self, topic: str, error: KafkaError) -> bool:
+        """After a timeout waiting for `topic`'s metadata: whether the topic is gone (deleted since
+        check_topic), which no retry fixes now that nothing creates it again."""
+        if not isinstance(error, KafkaTimeoutError):
+            return False
+        try:
+            return isinstance(await topic_error(self._producer.client, topic), UnknownTopicOrPartitionError)
+        except KafkaError:
+            return False
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(**self._options)
+        never_create_topics(producer.client)  # a reply topic its run deleted stays deleted
+        return producer
 
     async def publish(
         self, topic: str, key: bytes | None, value: bytes, headers: Headers, refusable: bool = False
@@ -129,7 +148,7 @@ class ResultPublisher:
                 if isinstance(e, OutOfOrderSequenceNumber) or not e.retriable:
                     await self._replace_producer(generation, e)
                 if isinstance(e, MessageSizeTooLargeError | RecordTooLargeError) or (
-                    refusable and _is_final(e)
+                    refusable and (_is_final(e) or await self._is_gone(topic, e))
                 ):
                     raise PublishRefused(topic, e) from None
                 log.warning("publishing to %s failed (%s); retrying in %.1fs", topic, e, delay)
@@ -143,7 +162,7 @@ class ResultPublisher:
             if generation != self._generation or self._stopping:
                 return
             log.warning("the broker refused a record (%s): starting a new producer", error)
-            new = AIOKafkaProducer(**self._options)
+            new = self._new_producer()
             delay = 0.2
             while True:
                 try:

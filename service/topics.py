@@ -1,16 +1,20 @@
-"""Creates the service's topics when they are missing, reads the record size each topic takes, and
-keeps producers from tracking topics they no longer use."""
+"""Creates the service's topics when they are missing, reads the record size each topic takes,
+keeps producers from tracking topics they no longer use, and from creating any topic at all."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
+import weakref
 from collections import Counter
 from typing import ClassVar
 
+import aiokafka.client
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.protocol.metadata import MetadataRequest
 
 from service.kafka_security import KafkaClientOptions
 
@@ -76,6 +80,64 @@ async def max_message_bytes(
                 if name == "max.message.bytes" and value is not None:
                     limits[topic] = int(value)
     return limits
+
+
+async def topic_error(client: aiokafka.client.AIOKafkaClient, topic: str) -> KafkaError | None:
+    """What the broker says of `topic` (None: it exists and this client may describe it), asked
+    without letting a broker that creates topics on demand create it. Raises KafkaError when no
+    broker answers."""
+    node_id = client.get_random_node()
+    if node_id is None:
+        await client.force_metadata_update()
+        node_id = client.get_random_node()
+    response = await client.send(node_id, MetadataRequest([topic], allow_auto_topic_creation=False))
+    for entry in response.to_object()["topics"]:
+        if entry["topic"] == topic and entry["error_code"] != 0:
+            return for_code(entry["error_code"])(topic)
+    return None
+
+
+def never_create_topics(client: aiokafka.client.AIOKafkaClient) -> None:
+    """Make every metadata request of `client` (a producer's) ask the broker not to create the
+    topics it names. aiokafka asks for a topic's metadata with auto-creation on whenever it
+    sends to it or refreshes what it tracks, so on a broker with auto.create.topics.enable a
+    reply topic that its run deleted came back at the next refresh."""
+    if not _NoAutoCreate.installed:
+        _NoAutoCreate.install()
+    _NoAutoCreate.clients.add(client)
+
+
+class _NoAutoCreate:
+    """aiokafka's client builds its MetadataRequest inside _metadata_update with the broker's
+    default (auto-create on); for the clients registered here it is built with it off."""
+
+    clients: ClassVar[weakref.WeakSet] = weakref.WeakSet()
+    allow: ClassVar[contextvars.ContextVar[bool | None]] = contextvars.ContextVar(
+        "sluice_allow_auto_topic_creation", default=None
+    )
+    installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        update = aiokafka.client.AIOKafkaClient._metadata_update
+
+        async def _metadata_update(client, cluster_metadata, topics):
+            if client not in cls.clients:
+                return await update(client, cluster_metadata, topics)
+            token = cls.allow.set(False)  # read by the MetadataRequest built in this call
+            try:
+                return await update(client, cluster_metadata, topics)
+            finally:
+                cls.allow.reset(token)
+
+        def metadata_request(topics=None, allow_auto_topic_creation=None):
+            if allow_auto_topic_creation is None:
+                allow_auto_topic_creation = cls.allow.get()
+            return MetadataRequest(topics, allow_auto_topic_creation)
+
+        aiokafka.client.AIOKafkaClient._metadata_update = _metadata_update
+        aiokafka.client.MetadataRequest = metadata_request
+        cls.installed = True
 
 
 REPLY_TOPIC_IDLE_S = 60.0  # a topic no job was answered into for this long is dropped from metadata requests

@@ -155,6 +155,18 @@ def traceparent_headers(span: trace.Span) -> list[tuple[str, bytes]]:
     return [(key, value.encode()) for key, value in carrier.items()]
 
 
+_MAX_TRACEPARENT_BYTES = 256  # a W3C traceparent has 55
+
+
+def copied_traceparent(headers) -> list[tuple[str, bytes]]:
+    """The job's first `traceparent` header, for its result when Sluice makes no spans: one, and
+    short (a job may carry 500,000 of them, which its result must not)."""
+    for key, value in headers or ():
+        if key.lower() == "traceparent" and value is not None and len(value) <= _MAX_TRACEPARENT_BYTES:
+            return [(key, value)]
+    return []
+
+
 def _extract(headers) -> Context:
     carrier = {k.lower(): v.decode("latin-1") for k, v in headers or () if v is not None}
     return _PROPAGATOR.extract(carrier)

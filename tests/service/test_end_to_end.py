@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from schemas.codec import decode_result
+from service.topics import ensure_topics
 
 pytestmark = pytest.mark.kafka
 
@@ -115,6 +116,8 @@ async def test_offsets_are_committed_once_results_are_acknowledged(kafka, servic
 
 async def test_reply_to_header_routes_the_result_to_that_topic(kafka, service_config, run_service):
     reply_topic = f"{service_config.results_topic}.replies"  # reply_topics' default allows it
+    # its run creates it (sluice label/batch do): Sluice never creates a reply topic
+    await ensure_topics(kafka.bootstrap, [reply_topic], 1, 1)
     key, value, _ = _job(CHAT_JOB)
     await kafka.post(service_config.jobs_topics[0], [(key, value, [("reply_to", reply_topic.encode())])])
     async with run_service(service_config):

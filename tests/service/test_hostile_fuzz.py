@@ -1,8 +1,8 @@
 """Fuzz: generated hostile records posted to a running service on the real broker.
 
 Each example is one record (random bytes, bad header keys and values, deep nesting, huge fields,
-odd timestamps, hostile reply_to) followed in the same batch, on the same partition, by a canary
-job; the example passes when the canary is answered. At the end every record has exactly one
+odd timestamps, hostile reply_to) followed in the same batch (uncompressed or in any codec), on
+the same partition, by a canary job; the example passes when the canary is answered. At the end every record has exactly one
 result line, every error result its dead letter, every partition's committed offset equals its
 end offset, and the service is still running.
 """
@@ -206,11 +206,14 @@ def test_hostile_records_each_end_once_and_never_stop_the_partition(fuzz_service
         deadline=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
-    @given(record=hostile_records(topics), partition=st.integers(0, 1))
-    def post_and_check_canary(record: RawRecord, partition: int) -> None:
+    # the batch uncompressed, or in any codec a producer may use: none, gzip, snappy, lz4, zstd
+    @given(record=hostile_records(topics), partition=st.integers(0, 1), compression=st.integers(0, 4))
+    def post_and_check_canary(record: RawRecord, partition: int, compression: int) -> None:
         canary_id = f"canary-{uuid.uuid4().hex[:8]}"
         canary = RawRecord(json.dumps(_job(canary_id)).encode(), key=canary_id.encode())
-        fuzz_service.call(post_raw(kafka.bootstrap, c.jobs_topics[0], partition, [record, canary]))
+        fuzz_service.call(
+            post_raw(kafka.bootstrap, c.jobs_topics[0], partition, [record, canary], compression)
+        )
         posted.extend([record, canary])
         fuzz_service.wait_for_key(canary_id.encode())
 

@@ -9,6 +9,7 @@ import time
 
 import msgspec
 import pytest
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from schemas.codec import decode_result
@@ -69,6 +70,7 @@ async def test_a_reply_to_outside_the_allow_list_gets_an_error_result_on_the_res
     elsewhere = f"{c.results_topic.removesuffix('.results')}.elsewhere"
     refused = [c.jobs_topics[0], c.dlq_topic, c.traces_topic, elsewhere, "bad topic!", "a" * 300]
     allowed = f"{c.results_topic}.run-1"
+    await _create_topic(kafka, allowed, {})  # Sluice never creates a reply topic (test_reply_topics.py)
     jobs = [(f"r{i}".encode(), job(f"r{i}"), [("reply_to", t.encode())]) for i, t in enumerate(refused)]
     await kafka.post(c.jobs_topics[0], [*jobs, (b"ok", job("ok"), [("reply_to", allowed.encode())])])
     async with run_service(c):
@@ -147,3 +149,77 @@ async def test_a_fault_of_the_service_itself_gives_an_internal_error_result_and_
     assert (line.failure.code, line.response.status_code) == ("internal_error", 500)
     assert line.failure.message == "RuntimeError: a bug"
     assert dict(dead.headers)["sluice-error-code"] == b"internal_error"
+
+
+async def _read_answers(kafka, topic: str, count: int, delivery: str) -> list:
+    """`count` records of `topic` as a reader of the mode sees them (read_committed for exactly-once)."""
+    isolation = "read_committed" if delivery == "exactly_once" else "read_uncommitted"
+    for _ in range(60):
+        records = await kafka.read_all(topic, quiet=1.0, isolation_level=isolation)
+        if len(records) >= count:
+            return records
+    raise AssertionError(f"{topic}: fewer than {count} records")
+
+
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+async def test_a_failed_job_with_600k_empty_headers_gets_a_dead_letter_that_fits(
+    kafka, service_config, run_service, delivery
+):
+    # 600,000 empty headers are 1.2 MB of framing and 0 bytes of keys and values: a dead letter
+    # that copied them would be refused by the client and the broker (and, exactly-once, fail
+    # its partition's transaction at every retry)
+    c = msgspec.structs.replace(service_config, delivery=delivery)
+    jobs_topic = c.jobs_topics[0]
+    await _create_topic(kafka, jobs_topic, {"max.message.bytes": "2000000"})
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", max_request_size=2_000_000)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            jobs_topic, b"{not json", key=b"headers", headers=[("", b"")] * 600_000, partition=0
+        )
+        await producer.send_and_wait(jobs_topic, job("canary"), key=b"canary", partition=0)
+    finally:
+        await producer.stop()
+    async with run_service(c) as service:
+        lines = [decode_result(r.value) for r in await _read_answers(kafka, c.results_topic, 2, delivery)]
+        (dead,) = await _read_answers(kafka, c.dlq_topic, 1, delivery)
+        await wait_for_commits(kafka, c.group_id, jobs_topic)
+        failures = dict(service.transactions.consecutive_failures) if service.transactions else {}
+    results = {line.custom_id: line for line in lines}  # a job with no custom_id: its record's place
+    assert results[f"{jobs_topic}/0/0"].failure.code == "invalid_encoding"
+    assert not results["canary"].is_error
+    headers = dict(dead.headers)
+    assert headers["sluice-error-code"] == b"invalid_encoding"
+    assert headers["sluice-dropped"].startswith(b"599936 of the job's headers")  # 64 copied at most
+    assert len(dead.headers) < 100
+    assert set(failures.values()) <= {0}  # no transaction was refused
+
+
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+async def test_a_result_too_large_for_its_reply_topic_becomes_an_error_and_the_partition_goes_on(
+    kafka, service_config, run_service, delivery, caplog
+):
+    c = msgspec.structs.replace(service_config, delivery=delivery)
+    small = f"{c.results_topic}.small"  # takes records of up to 4 kB
+    await _create_topic(kafka, small, {"max.message.bytes": "4000"})
+    big = job("big", max_tokens=10, logprobs=20, ignore_eos=True)  # a result of ~6 kB
+    reply = [("reply_to", small.encode())]
+    await kafka.post(c.jobs_topics[0], [(b"big", big, reply), (b"canary", job("canary"), reply)])
+    async with run_service(c) as service:
+        (error,) = await _read_answers(kafka, c.results_topic, 1, delivery)
+        (canary,) = await _read_answers(kafka, small, 1, delivery)
+        (dead,) = await _read_answers(kafka, c.dlq_topic, 1, delivery)
+        await wait_for_commits(kafka, c.group_id, c.jobs_topics[0])
+        transactions = service.transactions
+        failures = dict(transactions.consecutive_failures) if transactions else {}
+        metrics = service.metrics.render().decode()
+    line = decode_result(error.value)
+    assert (line.custom_id, line.failure.code) == ("big", "result_too_large")
+    assert "the broker refused the result as too large" in line.failure.message
+    assert decode_result(canary.value).custom_id == "canary"
+    assert dict(dead.headers)["sluice-error-code"] == b"result_too_large"
+    if delivery == "exactly_once":  # one transaction was refused, then the partition went on
+        refusals = [r.getMessage() for r in caplog.records if "redone as an error result" in r.getMessage()]
+        assert len(refusals) == 1 and "MessageSizeTooLargeError" in refusals[0]
+        assert transactions.num_transactions > 0 and set(failures.values()) == {0}
+        assert "sluice_consecutive_failed_transactions{" in metrics
