@@ -85,3 +85,21 @@ async def test_chat_top_logprobs_out_of_range_names_top_logprobs(refuse):
 async def test_a_method_other_than_post_names_method(refuse):
     error = await refuse({}, method="GET")
     assert error.code == "invalid_request" and error.param == "method"
+
+
+def _chat(*messages: dict) -> dict:
+    return {"messages": [{"role": "user", "content": "hi"}, *messages]}
+
+
+async def test_tool_call_arguments_nested_50k_deep_are_a_400_naming_the_call(refuse):
+    deep = "[" * 50_000 + "]" * 50_000
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}
+    error = await refuse(_chat({"role": "assistant", "tool_calls": [call]}), url="/v1/chat/completions")
+    assert error.code == "invalid_request" and error.param == "messages[1].tool_calls[0]"
+    assert "nested too deeply" in error.message
+
+
+async def test_a_deadline_of_400_digits_is_a_400_naming_the_field(refuse):
+    error = await refuse({"sluice_deadline_ms": int("9" * 400)})
+    assert error.param == "sluice_deadline_ms"
+
