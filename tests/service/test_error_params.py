@@ -103,3 +103,12 @@ async def test_a_deadline_of_400_digits_is_a_400_naming_the_field(refuse):
     error = await refuse({"sluice_deadline_ms": int("9" * 400)})
     assert error.param == "sluice_deadline_ms"
 
+
+async def test_an_unforeseen_error_in_translation_is_the_jobs_400_not_an_engine_error(refuse, monkeypatch):
+    # translation reads only the job: whatever it trips on, the job is the cause
+    def trips(*args):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr("service.jobs.to_engine_request", trips)
+    error = await refuse({})
+    assert error.code == "invalid_request" and "IndexError" in error.message
