@@ -110,6 +110,7 @@ def _limited(tiny_engine, generation_defaults=None, **limits) -> JobHandler:
         ({"guided_choice": [f"c{i}" for i in range(257)]}, "guided_choice"),
         ({"structured_outputs": {"choice": [f"c{i}" for i in range(50_000)]}}, "structured_outputs.choice"),
         ({"logprobs": 20, "max_tokens": 100_000}, "logprobs"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ],
 )
 async def test_a_job_past_a_limit_is_refused_by_name(tiny_engine, body, param):
@@ -126,6 +127,15 @@ async def test_the_logprob_limit_counts_the_max_tokens_that_runs_the_checkpoints
     outcome = await handler.handle(_job(logprobs=5), [], 0, "jobs/0/7")
     assert outcome.result.failure.code == "limit_exceeded"
     assert outcome.result.failure.message.endswith("got 1200")  # 200 x (5 + 1)
+
+
+@pytest.mark.parametrize("samples", [{"n": 4}, {"n": 1, "best_of": 4}])
+async def test_the_logprob_limit_counts_every_sample(tiny_engine, samples):
+    # 100 x (5 + 1) = 600 for one sample; each of the 4 samples draws its own logprobs
+    handler = _limited(tiny_engine, max_logprob_tokens=1000)
+    outcome = await handler.handle(_job(logprobs=5, max_tokens=100, **samples), [], 0, "jobs/0/7")
+    assert outcome.result.failure.code == "limit_exceeded"
+    assert outcome.result.failure.message.endswith("got 2400")
 
 
 async def test_a_job_larger_than_max_job_bytes_is_job_too_large(tiny_engine):
