@@ -217,7 +217,9 @@ class JobHandler:
         for ids in inputs:
             check_prompt_tokens(len(ids), self._limits, self._max_model_len)
         tokens = sum(map(len, inputs))
-        self._backpressure.add(tokens=tokens)
+        # each input is an engine request of its own; the record was counted once when fetched
+        more_jobs = len(inputs) - 1
+        self._backpressure.add(tokens=tokens, jobs=more_jobs)
         try:
             timeout = None if deadline is None else deadline - time.time()
             request_id = f"{ref}/{uuid.uuid4().hex[:8]}"
@@ -227,7 +229,7 @@ class JobHandler:
         except TimeoutError:
             raise DeadlineExceeded("the deadline passed during inference; the request was aborted") from None
         finally:
-            self._backpressure.remove(tokens=tokens)
+            self._backpressure.remove(tokens=tokens, jobs=more_jobs)
         if any(out.finish_reason == "abort" for out in outputs):
             return to_error_line(
                 job.custom_id, "engine_error", "the engine aborted the request", 500

@@ -162,10 +162,12 @@ class _Capture:
         self.backpressure = backpressure
         self.prompts: list[list[int]] = []
         self.tokens_in_flight: list[int] = []
+        self.jobs_in_flight: list[int] = []
 
     async def generate(self, request_id, prompt, params, priority=0, tag=None):
         self.prompts.append(prompt)
         self.tokens_in_flight.append(self.backpressure.tokens)
+        self.jobs_in_flight.append(self.backpressure.jobs)
         raise RequestRejected("captured")
 
 
@@ -179,6 +181,16 @@ async def test_tokens_in_flight_count_max_tokens_as_the_engine_clips_it(tiny_eng
     handler, capture = _capturing(tiny_engine)
     await handler.handle(_job(prompt=[5, 6, 7], max_tokens=10**12), [], 0, "jobs/0/7")
     assert capture.tokens_in_flight == [tiny_engine.max_model_len]
+
+
+async def test_each_embedding_input_counts_as_a_job_in_flight(tiny_engine):
+    # one record of 2048 inputs is 2048 engine requests: backpressure counts each (the service
+    # counts the record itself when it fetches it, so the handler adds the other inputs)
+    handler, capture = _capturing(tiny_engine)
+    job = {"custom_id": "e", "url": "/v1/embeddings", "body": {"model": "tiny", "input": ["a", "b", "c"]}}
+    await handler.handle(json.dumps(job).encode(), [], 0, "jobs/0/7")
+    assert capture.jobs_in_flight == [2, 2, 2]
+    assert capture.backpressure.jobs == 0  # given back when the job ends
 
 
 @pytest.mark.parametrize("url", ["/v1/completions", "/v1/chat/completions"])
