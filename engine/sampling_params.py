@@ -11,6 +11,17 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias: [-100, 100]
 # Temperatures below this are greedy: dividing float32 logits by less overflows them to inf (NaN
 # probabilities), and a temperature that rounds to 0.0 in float32 would be sampled at 1.0 (vLLM's eps).
 GREEDY_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 2.0  # OpenAI's and vLLM's bound
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2] (OpenAI's and vLLM's range)
+# A top_p below float32's smallest normal number would reach the sampler as 0 (or a denormal a
+# GPU flushes to 0), which masks every token; at this value it keeps only the top token, as any
+# top_p below the top token's probability does, so it is raised to it rather than refused.
+MIN_TOP_P = 2.0**-126
+# repetition_penalty multiplies or divides a logit: within these bounds a float32 logit times or
+# over it stays finite and nonzero (outside them 0 x inf or x / 0 gives NaN or inf logits); a
+# penalty of 1e4 already all but bans a seen token.
+MIN_REPETITION_PENALTY = 1e-4
+MAX_REPETITION_PENALTY = 1e4
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,20 +124,33 @@ class SamplingParams:
             raise SamplingParamsError(
                 "best_of", f"best_of must be >= n, got n={self.n} and best_of={self.best_of}"
             )
-        if not self.temperature >= 0:  # NaN too
-            raise SamplingParamsError("temperature", f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # NaN too
+            raise SamplingParamsError(
+                "temperature", f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}"
+            )
         if self.temperature < GREEDY_TEMPERATURE:
             self.temperature = 0.0
         if not 0 < self.top_p <= 1:
             raise SamplingParamsError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        self.top_p = max(self.top_p, MIN_TOP_P)
         if self.top_k < -1:
             raise SamplingParamsError("top_k", f"top_k must be -1 (off) or >= 0, got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             raise SamplingParamsError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise SamplingParamsError(
-                "repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}"
+                "repetition_penalty",
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}], "
+                f"got {self.repetition_penalty}",
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise SamplingParamsError(
+                    name, f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {getattr(self, name)}"
+                )
+        if not all(isinstance(s, str) and s for s in self.stop):
+            # vLLM's rule: an empty stop string would end the output at its first token
+            raise SamplingParamsError("stop", "stop strings must not be empty")
         if self.is_greedy and self.num_samples > 1:
             # vLLM's rule: greedy samples would all be the same
             name = "n" if self.best_of is None else "best_of"

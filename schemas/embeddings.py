@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from msgspec import Struct
 
-from schemas.openai import NonNegativeInt, PositiveInt, Priority
+from schemas.openai import PositiveInt, Priority, UnixTimeMs
 
 
 class EmbeddingRequest(Struct, kw_only=True, omit_defaults=True):
@@ -29,7 +29,7 @@ class EmbeddingRequest(Struct, kw_only=True, omit_defaults=True):
     embed_dtype: Any = None
     endianness: Any = None
     # Sluice's extension: Unix time in milliseconds after which the job is not worth running
-    sluice_deadline_ms: NonNegativeInt | None = None
+    sluice_deadline_ms: UnixTimeMs | None = None
 
 
 class Embedding(Struct, kw_only=True, tag_field="object", tag="embedding"):

@@ -23,6 +23,9 @@ Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 # the engine's priority levels (engine/core/input_processor.py MAX_PRIORITY): bounded, so that aging bounds every wait
 Priority = Annotated[int, Meta(ge=-1000, le=1000)]
+# past any real date and still exact as a float (a larger int overflows the seconds it becomes);
+# the sluice-deadline-ms header's bound too (service/headers.py)
+UnixTimeMs = Annotated[int, Meta(ge=0, lt=2**53)]
 # parallel samples of one job: OpenAI's bound on `n`, so that one job cannot ask for a million
 NumSamples = Annotated[int, Meta(ge=1, le=128)]
 
@@ -188,7 +191,7 @@ class _SamplingFields(Struct, kw_only=True, omit_defaults=True):
     min_repetition_pattern_size: Any = None
     repetition_min_count: Any = None
     # Sluice's extension: Unix time in milliseconds after which the job is not worth running
-    sluice_deadline_ms: NonNegativeInt | None = None
+    sluice_deadline_ms: UnixTimeMs | None = None
 
     @property
     def stop_strings(self) -> list[str]:

@@ -1,6 +1,7 @@
 """Backpressure: when to stop fetching jobs and when to start again (pure logic).
 
-In-flight work is counted in jobs and in tokens (prompt + requested output). Under exactly-once a
+In-flight work is counted in jobs and in tokens (prompt + requested output); an embeddings job
+counts one job per input, each an engine request of its own. Under exactly-once a
 finished job's result waits in memory for its partition's next transaction (staged): those count
 as jobs too, so that a slow job holding its partition's watermark, or transactions that keep
 failing, cannot pile up results without bound. Past either high-water mark the consumer pauses its

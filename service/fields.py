@@ -67,9 +67,9 @@ _TABLE = """
 | `model` | both | honoured | the served model name or an alias (`model_aliases`); empty: the served model; otherwise a 404 `model_not_found` |
 | `max_tokens` | both | honoured | default: generation_config.json's `max_new_tokens`, else `default_max_tokens` |
 | `temperature` | both | honoured | default: generation_config.json's, else 1 |
-| `top_p` | both | honoured | default: generation_config.json's, else 1 |
+| `top_p` | both | honoured | default: generation_config.json's, else 1; one below float32's smallest normal (2^-126) is raised to it: either way only the top token is kept |
 | `n` | both | honoured | 1 to 128 parallel samples sharing the prompt's KV blocks; seeded: sample i uses seed + i; greedy (temperature 0) takes only 1, as vLLM |
-| `stop` | both | honoured | |
+| `stop` | both | honoured | an empty stop string is refused (vLLM's rule) |
 | `seed` | both | honoured | |
 | `presence_penalty` | both | honoured | |
 | `frequency_penalty` | both | honoured | |
@@ -98,7 +98,7 @@ _TABLE = """
 | `guided_whitespace_pattern` | both | refused | |
 | `top_k` | both | honoured | default: generation_config.json's, else off |
 | `min_p` | both | honoured | default: generation_config.json's, else 0; applied before top_k and top_p, as vLLM |
-| `repetition_penalty` | both | honoured | default: generation_config.json's, else 1 |
+| `repetition_penalty` | both | honoured | default: generation_config.json's, else 1; in [1e-4, 1e4], where float32 logits stay finite |
 | `ignore_eos` | both | honoured | |
 | `min_tokens` | both | honoured | EOS and stop tokens held back, stop strings not checked before it |
 | `skip_special_tokens` | both | honoured | |

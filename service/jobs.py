@@ -30,6 +30,7 @@ from service.headers import (
     DeadlineExceeded,
     check_deadline,
     check_header_keys,
+    excerpt,
     header_deadline,
     header_dict,
 )
@@ -145,15 +146,7 @@ class JobHandler:
             return await self._embed(job, ref, deadline, tag)
         max_tokens = max_tokens_of(job.body, self._default_max_tokens, self._batcher.generation_defaults)
         check_limits(job, self._limits, max_tokens, self._max_model_len)
-        request = await self._off_loop(
-            to_engine_request,
-            job,
-            self._tokenizer,
-            self._default_max_tokens,
-            self._batcher.generation_defaults,
-            self._limits.allow_special_tokens,
-            self._reasoning_parser,
-        )
+        request = await self._translate(job)
         num_prompt_tokens = len(request.prompt_token_ids)
         check_prompt_tokens(num_prompt_tokens, self._limits, self._max_model_len)
         check_deadline(deadline, "after tokenising")
@@ -172,6 +165,28 @@ class JobHandler:
             self._tokenizer,
         )
         return line, output
+
+    async def _translate(self, job) -> EngineRequest:
+        """The job's engine request. Translation reads nothing but the job (and the tokenizer), so
+        an error it did not foresee is still the job's: a 400, never an engine_error."""
+        try:
+            return await self._off_loop(
+                to_engine_request,
+                job,
+                self._tokenizer,
+                self._default_max_tokens,
+                self._batcher.generation_defaults,
+                self._limits.allow_special_tokens,
+                self._reasoning_parser,
+            )
+        except (TranslationError, RequestRejected):
+            raise
+        except Exception as e:
+            log.warning("translating job %s failed unforeseen", job.custom_id, exc_info=e)
+            raise TranslationError(
+                "invalid_request",
+                f"the job could not be translated: {type(e).__name__}: {excerpt(str(e), 200)}",
+            ) from None
 
     async def _generate(self, request: EngineRequest, ref: str, deadline: float | None, tag) -> RequestOutput:
         """Admit the request into the engine and wait for its output, holding its tokens in flight."""
@@ -202,7 +217,9 @@ class JobHandler:
         for ids in inputs:
             check_prompt_tokens(len(ids), self._limits, self._max_model_len)
         tokens = sum(map(len, inputs))
-        self._backpressure.add(tokens=tokens)
+        # each input is an engine request of its own; the record was counted once when fetched
+        more_jobs = len(inputs) - 1
+        self._backpressure.add(tokens=tokens, jobs=more_jobs)
         try:
             timeout = None if deadline is None else deadline - time.time()
             request_id = f"{ref}/{uuid.uuid4().hex[:8]}"
@@ -212,7 +229,7 @@ class JobHandler:
         except TimeoutError:
             raise DeadlineExceeded("the deadline passed during inference; the request was aborted") from None
         finally:
-            self._backpressure.remove(tokens=tokens)
+            self._backpressure.remove(tokens=tokens, jobs=more_jobs)
         if any(out.finish_reason == "abort" for out in outputs):
             return to_error_line(
                 job.custom_id, "engine_error", "the engine aborted the request", 500

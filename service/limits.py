@@ -29,8 +29,9 @@ class JobLimits(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     max_stop_token_ids: Annotated[int, Meta(ge=0)] = 64
     # a `choice` constraint's choices (each is scored: one prefill per choice)
     max_choices: Annotated[int, Meta(ge=1)] = 256
-    # max_tokens x (top_logprobs + 1), for jobs asking for logprobs
+    # max_tokens x (top_logprobs + 1) x samples (best_of, else n), for jobs asking for logprobs
     max_logprob_tokens: Annotated[int, Meta(ge=1)] = 16_384
+    max_logit_bias: Annotated[int, Meta(ge=0)] = 300  # logit_bias entries (OpenAI's limit)
     # prompt text may spell control tokens (`</s>`, `<|eot_id|>`): for trusted producers only
     allow_special_tokens: bool = False
 
@@ -72,13 +73,17 @@ def check_limits(
         max(map(len, stops), default=0), limits.max_stop_string_chars, "stop", "characters per stop string"
     )
     _check(len(body.stop_token_ids or ()), limits.max_stop_token_ids, "stop_token_ids", "ids")
+    _check(len(body.logit_bias or ()), limits.max_logit_bias, "logit_bias", "entries")
     for param, choices in _choice_lists(body):
         _check(len(choices), limits.max_choices, param, "choices")
     if isinstance(body, CompletionRequest) and isinstance(body.prompt, list):
         check_prompt_tokens(len(body.prompt), limits, max_model_len)
     if (top := body.num_top_logprobs) is not None:
-        volume = output_tokens(max_tokens, 1, max_model_len) * (top + 1)
-        _check(volume, limits.max_logprob_tokens, "logprobs", "logprobs in all (max_tokens x (top + 1))")
+        # every sample draws its logprobs, the best_of - n that are not returned too
+        samples = body.best_of or body.n
+        volume = output_tokens(max_tokens, 1, max_model_len) * (top + 1) * samples
+        what = "logprobs in all (max_tokens x (top + 1) x samples)"
+        _check(volume, limits.max_logprob_tokens, "logprobs", what)
 
 
 def check_prompt_tokens(num_tokens: int, limits: JobLimits, max_model_len: int | None) -> None:

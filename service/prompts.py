@@ -112,8 +112,15 @@ def _encode_contents_as_text(
         raise _template_changes_content()
     ids = tokenizer.encode(parts[0], add_special_tokens=add_special)
     pos = len(parts[0])
+    # looked up by the marker's text: a name or tool field may spell a marker of no message's
+    contents = {str(i): m["content"] for i, m in enumerate(messages)}
     for index, template_text in zip(parts[1::2], parts[2::2], strict=True):
-        content = messages[int(index)]["content"]
+        if index not in contents:
+            raise PromptError(
+                "invalid_request",
+                "a message field spells U+E000 digits U+E001, the marker of a content; remove it",
+            )
+        content = contents[index]
         text = next(
             (t for t in (content, content.strip()) if rendered.startswith(t + template_text, pos)), None
         )
@@ -162,6 +169,10 @@ def _arguments(text: str, param: str) -> Any:
         return json.loads(text)
     except ValueError as e:
         raise PromptError("invalid_request", f"{param}.function.arguments is not JSON: {e}", param) from None
+    except RecursionError:  # json's nesting bound is the interpreter's recursion limit (~1000)
+        raise PromptError(
+            "invalid_request", f"{param}.function.arguments is nested too deeply", param
+        ) from None
 
 
 def _template_arg_names() -> frozenset[str]:

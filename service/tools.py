@@ -37,6 +37,8 @@ _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _HARMONY_START, _HARMONY_MESSAGE = "<|start|>", "<|message|>"
 _HARMONY_RECIPIENT = re.compile(r"\bto=functions\.([^\s<]+)")
 _HARMONY_END = re.compile(r"<\|(?:call|end|return)\|>")
+# JSON the model wrote that is no call: json's nesting bound is the interpreter's recursion limit
+_NOT_JSON = (ValueError, RecursionError)
 
 
 class ToolError(ValueError):
@@ -113,7 +115,7 @@ def tool_calls_of(text: str, mode: str | None, parser: str, parallel: bool = Tru
     if mode == "required":
         try:
             calls = [_call(item["name"], json.dumps(item["parameters"])) for item in json.loads(text)]
-        except (ValueError, TypeError, KeyError):
+        except (*_NOT_JSON, TypeError, KeyError):
             return text, []  # cut short (max_tokens) before the list was complete
         return None, calls
     parse = {"hermes": _hermes, "harmony": _harmony}.get(parser, _llama3_json)
@@ -151,7 +153,7 @@ def _hermes(text: str) -> tuple[str | None, list[ToolCall]]:
     for raw in _HERMES_CALL.findall(text):
         try:
             call = _from_json(json.loads(raw), "arguments")
-        except ValueError:
+        except _NOT_JSON:
             call = None
         if call is None:
             return text, []  # a malformed call: the text stays the answer, as vLLM's parser does
@@ -172,7 +174,7 @@ def _llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
     while position < len(body):
         try:
             item, end = decoder.raw_decode(body, position)
-        except ValueError:
+        except _NOT_JSON:
             return text, []
         call = _from_json(item, "parameters")
         if call is None:
@@ -195,7 +197,7 @@ def _harmony(text: str) -> tuple[str | None, list[ToolCall]]:
         arguments = _HARMONY_END.split(body, 1)[0].strip()
         try:
             json.loads(arguments)
-        except ValueError:
+        except _NOT_JSON:
             return text, []  # malformed or cut short: the text stays the answer
         calls.append(_call(recipient[1], arguments))
     if not calls:

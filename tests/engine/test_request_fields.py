@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import EngineConfig, LLMEngine, RequestRejected, SamplingParams
+from engine import EngineConfig, LLMEngine, RequestRejected, SamplingParams, SamplingParamsError
 from engine.core.block_manager import BlockManager
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
@@ -114,3 +114,11 @@ def test_outputs_count_the_prompt_tokens_the_prefix_cache_gave(engine: LLMEngine
     (second,) = engine.generate([prompt + "B"], SamplingParams(max_tokens=1), use_tqdm=False)
     assert second.num_cached_tokens > first.num_cached_tokens
     assert second.num_cached_tokens % engine.block_size == 0 and second.num_cached_tokens >= engine.block_size
+
+
+@pytest.mark.parametrize("stop", [[""], ["end", ""]])
+def test_an_empty_stop_string_is_refused_by_name(stop) -> None:
+    # it would end every output at its first token, with no stop string to show for it
+    with pytest.raises(SamplingParamsError) as info:
+        SamplingParams(stop=stop)
+    assert info.value.field == "stop"

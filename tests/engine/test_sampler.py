@@ -6,9 +6,15 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.executor.sampler import Sampler, seeded_uniforms
+from engine.executor.sampler import Sampler, _apply_penalties, seeded_uniforms
 from engine.executor.sampling_batch import SamplingBatch
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import (
+    GREEDY_TEMPERATURE,
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+    SamplingParams,
+    SamplingParamsError,
+)
 
 V = 8
 NONE = torch.tensor([], dtype=torch.long)
@@ -76,8 +82,58 @@ def test_a_temperature_too_small_for_float32_is_greedy(temperature: float) -> No
 
 
 def test_a_nan_temperature_is_refused() -> None:
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be in"):
         SamplingParams(temperature=float("nan"))
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", INF),
+        ("temperature", 1e300),
+        ("repetition_penalty", INF),
+        ("repetition_penalty", NAN),
+        ("repetition_penalty", 1e300),
+        ("repetition_penalty", 1e-300),
+        ("repetition_penalty", 0.0),
+        ("presence_penalty", NAN),
+        ("presence_penalty", -INF),
+        ("frequency_penalty", 1e300),
+        ("top_p", NAN),
+        ("min_p", NAN),
+    ],
+)
+def test_a_float_that_float32_cannot_carry_through_the_sampler_is_refused_by_name(field, value) -> None:
+    """MessagePack carries inf and NaN, and float32 turns 1e300 into inf and 1e-300 into 0: any
+    of them would make NaN logits, so no such row may reach the sampler."""
+    with pytest.raises(SamplingParamsError) as info:
+        SamplingParams(**{field: value})
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("top_p", [1e-45, 1e-50, 1e-300])
+def test_a_top_p_below_float32s_range_keeps_only_the_top_token(top_p: float) -> None:
+    # float32 would make it 0 (or a denormal), masking every token: a NaN row sampled as <unk>
+    counts = _draws(_probs_logits(0.2, 0.5, 0.3), SamplingParams(temperature=1.0, top_p=top_p), n=500)
+    assert counts == Counter({1: 500})
+
+
+@pytest.mark.parametrize("penalty", [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY])
+def test_the_extreme_repetition_penalties_give_finite_logits(penalty: float) -> None:
+    # seen tokens with a positive, a zero, a negative and an all but masked logit
+    logits = torch.tensor([[3.0, 0.0, -2.0, -1e9, 50.0, 1.0, 2.0, -100.0]])
+    seen = [[0, 1, 2, 3, 4]]
+    for params in (
+        SamplingParams(repetition_penalty=penalty, temperature=GREEDY_TEMPERATURE),
+        SamplingParams(repetition_penalty=penalty),
+    ):
+        penalised = _apply_penalties(logits, _batch([params], prompts=seen))
+        assert torch.isfinite(penalised).all()
+        for seed in range(20):
+            assert _sample(logits, [params], seed, prompts=seen)[0] in range(V)
 
 
 def test_greedy_rows_take_the_argmax_in_a_batch_with_sampled_rows() -> None:

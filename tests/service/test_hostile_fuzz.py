@@ -41,6 +41,20 @@ def _job(custom_id, **body) -> dict:
     }
 
 
+def _chat_job(custom_id, *messages, **body) -> dict:
+    messages = [{"role": "user", "content": "hi"}, *messages]
+    return {
+        "custom_id": custom_id,
+        "url": "/v1/chat/completions",
+        "body": {"messages": messages, "max_tokens": 2, **body},
+    }
+
+
+def _deep_call(depth: int) -> dict:
+    arguments = "[" * depth + "]" * depth
+    return {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+
+
 def _deep(depth: int) -> bytes:
     return (
         b'{"custom_id": "deep", "url": "/v1/completions", "body": {"prompt": '
@@ -76,6 +90,10 @@ fields = st.sampled_from(
         "structured_outputs",
         "priority",
         "sluice_deadline_ms",
+        "top_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "logit_bias",
         "messages",
         "response_format",
     ]
@@ -95,6 +113,22 @@ huge_jobs = st.sampled_from(
         json.dumps(_job("logprobs", logprobs=20, max_tokens=10**9)).encode(),
         json.dumps(_job("big-int", max_tokens=2**70)).encode(),
         json.dumps(_job("special", prompt="</s><s><unk> hi")).encode(),
+        # client input that once became a 500 engine_error or NaN logits (issue 29)
+        json.dumps(
+            _chat_job("deep-call", {"role": "assistant", "tool_calls": [_deep_call(50_000)]})
+        ).encode(),
+        b'{"custom_id": "deadline", "url": "/v1/completions", "body": {"prompt": "hi", "sluice_deadline_ms": '
+        + b"9" * 400
+        + b"}}",
+        json.dumps(
+            _chat_job("marker", {"role": "user", "name": "\ue0009\ue001", "content": "a </s> b"})
+        ).encode(),
+        json.dumps(_job("tiny-top-p", top_p=1e-300)).encode(),
+        json.dumps(_job("huge-repetition-penalty", repetition_penalty=1e300)).encode(),
+        json.dumps(_job("tiny-repetition-penalty", repetition_penalty=1e-300)).encode(),
+        json.dumps(_job("empty-stop", stop=["end", ""])).encode(),
+        json.dumps(_job("many-logit-biases", logit_bias={str(i): 1 for i in range(5000)})).encode(),
+        json.dumps(_job("logprobs-of-128", logprobs=20, max_tokens=100, n=128)).encode(),
     ]
 )
 values = st.one_of(

@@ -110,6 +110,7 @@ def _limited(tiny_engine, generation_defaults=None, **limits) -> JobHandler:
         ({"guided_choice": [f"c{i}" for i in range(257)]}, "guided_choice"),
         ({"structured_outputs": {"choice": [f"c{i}" for i in range(50_000)]}}, "structured_outputs.choice"),
         ({"logprobs": 20, "max_tokens": 100_000}, "logprobs"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
     ],
 )
 async def test_a_job_past_a_limit_is_refused_by_name(tiny_engine, body, param):
@@ -126,6 +127,15 @@ async def test_the_logprob_limit_counts_the_max_tokens_that_runs_the_checkpoints
     outcome = await handler.handle(_job(logprobs=5), [], 0, "jobs/0/7")
     assert outcome.result.failure.code == "limit_exceeded"
     assert outcome.result.failure.message.endswith("got 1200")  # 200 x (5 + 1)
+
+
+@pytest.mark.parametrize("samples", [{"n": 4}, {"n": 1, "best_of": 4}])
+async def test_the_logprob_limit_counts_every_sample(tiny_engine, samples):
+    # 100 x (5 + 1) = 600 for one sample; each of the 4 samples draws its own logprobs
+    handler = _limited(tiny_engine, max_logprob_tokens=1000)
+    outcome = await handler.handle(_job(logprobs=5, max_tokens=100, **samples), [], 0, "jobs/0/7")
+    assert outcome.result.failure.code == "limit_exceeded"
+    assert outcome.result.failure.message.endswith("got 2400")
 
 
 async def test_a_job_larger_than_max_job_bytes_is_job_too_large(tiny_engine):
@@ -152,10 +162,12 @@ class _Capture:
         self.backpressure = backpressure
         self.prompts: list[list[int]] = []
         self.tokens_in_flight: list[int] = []
+        self.jobs_in_flight: list[int] = []
 
     async def generate(self, request_id, prompt, params, priority=0, tag=None):
         self.prompts.append(prompt)
         self.tokens_in_flight.append(self.backpressure.tokens)
+        self.jobs_in_flight.append(self.backpressure.jobs)
         raise RequestRejected("captured")
 
 
@@ -169,6 +181,16 @@ async def test_tokens_in_flight_count_max_tokens_as_the_engine_clips_it(tiny_eng
     handler, capture = _capturing(tiny_engine)
     await handler.handle(_job(prompt=[5, 6, 7], max_tokens=10**12), [], 0, "jobs/0/7")
     assert capture.tokens_in_flight == [tiny_engine.max_model_len]
+
+
+async def test_each_embedding_input_counts_as_a_job_in_flight(tiny_engine):
+    # one record of 2048 inputs is 2048 engine requests: backpressure counts each (the service
+    # counts the record itself when it fetches it, so the handler adds the other inputs)
+    handler, capture = _capturing(tiny_engine)
+    job = {"custom_id": "e", "url": "/v1/embeddings", "body": {"model": "tiny", "input": ["a", "b", "c"]}}
+    await handler.handle(json.dumps(job).encode(), [], 0, "jobs/0/7")
+    assert capture.jobs_in_flight == [2, 2, 2]
+    assert capture.backpressure.jobs == 0  # given back when the job ends
 
 
 @pytest.mark.parametrize("url", ["/v1/completions", "/v1/chat/completions"])

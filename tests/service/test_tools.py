@@ -220,3 +220,25 @@ def test_a_gpt_oss_result_with_a_harmony_call_has_tool_calls_reasoning_and_finis
     assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
         ("get_weather", '{"city": "Paris"}')
     ]
+
+
+DEEP = "[" * 5000 + "]" * 5000  # deeper than json's recursion bound
+
+
+@pytest.mark.parametrize(
+    ("mode", "parser", "text"),
+    [
+        ("auto", "hermes", '<tool_call>{"name": "f", "arguments": ' + DEEP + "}</tool_call>"),
+        ("auto", "llama3_json", '{"name": "f", "parameters": ' + DEEP + "}"),
+        (
+            "auto",
+            "harmony",
+            "<|start|>assistant to=functions.f<|channel|>commentary<|message|>" + DEEP + "<|call|>",
+        ),
+        ("required", "hermes", '[{"name": "f", "parameters": ' + DEEP + "}]"),
+    ],
+    ids=["hermes", "llama3_json", "harmony", "required"],
+)
+def test_a_call_nested_past_jsons_bound_stays_the_answer_text(mode, parser, text) -> None:
+    # a model can write 5000 brackets; that is a malformed call, not an engine error
+    assert tool_calls_of(text, mode, parser) == (text, [])
