@@ -220,3 +220,32 @@ def test_a_gpt_oss_result_with_a_harmony_call_has_tool_calls_reasoning_and_finis
     assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
         ("get_weather", '{"city": "Paris"}')
     ]
+
+
+STRICT_TOOLS = [TOOLS[0], {"type": "function", "function": {**TOOLS[1]["function"], "strict": True}}]
+
+
+@pytest.mark.parametrize("tool_choice", [None, "auto", "none"], ids=["default", "auto", "none"])
+async def test_strict_tools_are_refused_where_no_grammar_holds_the_arguments(handle, tool_choice) -> None:
+    """Issue 30, defect 4: under "auto" (and "none") a call's arguments are whatever the model
+    writes, so `strict: true` cannot be kept: it was accepted and ignored; now it is refused."""
+    body = {"tools": STRICT_TOOLS} | ({} if tool_choice is None else {"tool_choice": tool_choice})
+    response = await handle(body)
+    error = response.body.error
+    assert (response.status_code, error.code, error.param) == (
+        400,
+        "unsupported_parameter",
+        "tools[1].function.strict",
+    )
+    assert "required" in error.message
+
+
+@pytest.mark.parametrize(
+    "tool_choice",
+    ["required", {"type": "function", "function": {"name": "get_time"}}],
+    ids=["required", "named"],
+)
+async def test_strict_tools_are_honoured_where_the_grammar_holds_the_arguments(handle, tool_choice) -> None:
+    response = await handle({"tools": STRICT_TOOLS, "tool_choice": tool_choice, "max_tokens": 80, "seed": 3})
+    for call in response.body.choices[0].message.tool_calls:
+        assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")
