@@ -31,11 +31,17 @@ class PromptTokensDetails(Struct, kw_only=True):
     cached_tokens: int  # prompt tokens whose computation the prefix cache spared
 
 
+class CompletionTokensDetails(Struct, kw_only=True):
+    reasoning_tokens: int  # output tokens of the reasoning a reasoning parser split off
+
+
 class Usage(Struct, kw_only=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    # written only where a reasoning parser runs on the job (a chat job, `reasoning_parser` set)
+    completion_tokens_details: CompletionTokensDetails | UnsetType = UNSET
 
 
 class SluiceExtension(Struct, kw_only=True, omit_defaults=True):
@@ -94,6 +100,9 @@ class _CompletionBody(Struct, Generic[ChoiceT], kw_only=True):
     model: str
     choices: list[ChoiceT]
     usage: Usage
+    # the serving configuration the answer came from (service/fingerprint.py); null in results
+    # written before it existed
+    system_fingerprint: str | None = None
     sluice: SluiceExtension | None = None
 
 

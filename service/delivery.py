@@ -95,14 +95,21 @@ class OutcomeDelivery:
         return outcome
 
     async def deliver_internal_error(
-        self, record: ConsumerRecord, error: Exception, is_current: Callable[[], bool] = lambda: True
+        self,
+        record: ConsumerRecord,
+        error: Exception,
+        is_current: Callable[[], bool] = lambda: True,
+        request_id: str | None = None,
     ) -> Outcome | None:
-        """An `internal_error` result for a job that a fault of Sluice's own stopped; None when
-        even that cannot be delivered, or is not delivered (see deliver): the job stays
-        uncommitted, its next owner redoes it."""
-        result = to_error_line(record_ref(record), "internal_error", f"{type(error).__name__}: {error}", 500)
+        """An `internal_error` result (under the job's `request_id`) for a job that a fault of
+        Sluice's own stopped; None when even that cannot be delivered, or is not delivered (see
+        deliver): the job stays uncommitted, its next owner redoes it."""
+        message = f"{type(error).__name__}: {error}"
+        result = to_error_line(record_ref(record), "internal_error", message, 500, request_id=request_id)
         try:
-            return await self.deliver(record, Outcome(result, JSON, None), [], is_current)
+            return await self.deliver(
+                record, Outcome(result, JSON, None, request_id=result.response.request_id), [], is_current
+            )
         except Exception:
             log.exception("job %s: its error result could not be delivered either", record_ref(record))
             return None

@@ -18,6 +18,7 @@ from engine import RequestOutput
 from schemas.batch import BatchRequestLine, BatchResponse, BatchResponseLine
 from schemas.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from service.fields import TranslationError, check_fields
+from service.translate import new_request_id
 
 MAX_INPUTS = 2048  # OpenAI's limit on the inputs of one embeddings request
 
@@ -58,9 +59,10 @@ def _token_ids(item, i: int, add_special_tokens: bool, tokenizer) -> list[int]:
 
 
 def to_embedding_line(
-    job: BatchRequestLine, outputs: list[RequestOutput], model_name: str
+    job: BatchRequestLine, outputs: list[RequestOutput], model_name: str, request_id: str | None = None
 ) -> BatchResponseLine:
-    """The job's pooled outputs (in input order) as an OpenAI embeddings result line."""
+    """The job's pooled outputs (in input order) as an OpenAI embeddings result line, under the
+    job's `request_id` (a new one when None)."""
     body = job.body
     data = [
         Embedding(
@@ -75,7 +77,9 @@ def to_embedding_line(
     return BatchResponseLine(
         id=f"batch_req_{uuid.uuid4().hex}",
         custom_id=job.custom_id,
-        response=BatchResponse(status_code=200, request_id=f"req-{uuid.uuid4().hex}", body=response_body),
+        response=BatchResponse(
+            status_code=200, request_id=request_id or new_request_id(), body=response_body
+        ),
     )
 
 

@@ -126,7 +126,7 @@ _TABLE = """
 | `max_completion_tokens` | chat | honoured | |
 | `logprobs` | both | honoured | chat: true/false; completions: the number of alternatives (each position's `top_logprobs` also holds the sampled token, first: up to N+1 entries, as OpenAI and vLLM give them; `0` gives the sampled token alone) |
 | `top_logprobs` | chat | honoured | needs `logprobs: true` |
-| `tools` | chat | honoured | rendered by the chat template; calls parsed by `tool_call_parser` (hermes, llama3_json) |
+| `tools` | chat | honoured | rendered by the chat template; calls parsed by `tool_call_parser` (hermes, llama3_json, harmony); `function.strict: true` honoured under `tool_choice` `required` or a named function (the grammar holds the arguments to the schema), refused under `auto` and `none` |
 | `tool_choice` | chat | honoured | `none`, `auto` (parsed), `required` and a named function (both constrained by a JSON schema) |
 | `parallel_tool_calls` | chat | honoured | false: at most one call |
 | `add_generation_prompt` | chat | honoured | |
@@ -223,6 +223,7 @@ def check_fields(body: ChatCompletionRequest | CompletionRequest | EmbeddingRequ
         raise UnsupportedParameter("response_format", "response_format `structural_tag` is not supported")
     if isinstance(body, ChatCompletionRequest):
         _check_messages(body)
+        _check_strict_tools(body)
 
 
 def _check_messages(body: ChatCompletionRequest) -> None:
@@ -237,6 +238,23 @@ def _check_messages(body: ChatCompletionRequest) -> None:
                         f"messages[{i}].content[{j}]",
                         f"messages[{i}].content[{j}] is a `{part.type}` part; this model reads text parts only",
                     )
+
+
+def _check_strict_tools(body: ChatCompletionRequest) -> None:
+    """`strict: true` promises arguments that match the schema. Only "required" and a named
+    function constrain the output by the tools' schemas; under "auto" the model's call is parsed
+    from free text (the engine has no grammar that starts when a call does), so it is refused."""
+    if body.tool_choice not in (None, "auto", "none"):
+        return
+    for i, tool in enumerate(body.tools or ()):
+        if tool.function.strict:
+            choice = body.tool_choice or "auto"
+            raise UnsupportedParameter(
+                f"tools[{i}].function.strict",
+                f"tools[{i}].function.strict = true is not supported with tool_choice {choice!r}: "
+                'the arguments are not constrained there; use tool_choice "required" or a named '
+                "function, where the arguments are held to the schema",
+            )
 
 
 def rules_for(body_type: type) -> list[FieldRule]:

@@ -13,7 +13,6 @@ import functools
 import logging
 import math
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from service.backpressure import Backpressure
 from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
 from service.embeddings import embed, embedding_inputs, to_embedding_line
+from service.fingerprint import system_fingerprint
 from service.headers import (
     DeadlineExceeded,
     check_deadline,
@@ -42,6 +42,7 @@ from service.translate import (
     EngineRequest,
     TranslationError,
     check_model,
+    new_request_id,
     to_decode_error_line,
     to_engine_request,
     to_error_line,
@@ -58,6 +59,7 @@ class Outcome:
     content_type: str  # the job's own encoding, used for its result too
     reply_to: str | None  # the job's `reply_to` header: where its result goes instead of the default
     output: RequestOutput | None = None  # the engine's output when inference ran (for spans)
+    request_id: str = ""  # the job's (translate.new_request_id): its result's, spans' and logs'
 
     @property
     def is_error(self) -> bool:
@@ -97,6 +99,7 @@ class JobHandler:
         self._tool_call_parser = config.tool_call_parser
         # resolved: none, harmony or deepseek_r1
         self._reasoning_parser = resolve_reasoning_parser(config.reasoning_parser, engine.architectures)
+        self._system_fingerprint = system_fingerprint(engine)
 
     async def handle(
         self,
@@ -105,14 +108,17 @@ class JobHandler:
         timestamp_ms: int,
         ref: str,
         tag=None,
+        request_id: str | None = None,
     ) -> Outcome:
         """The job's outcome.
 
         `headers`: the job's (name, value) pairs; `timestamp_ms`: when it was produced (its queue
-        time starts there); `ref`: where it came from ("topic/partition/offset"), for request ids,
-        logs and the custom_id of a job without one; `tag` goes with the job into its admission
-        batch (the job's span).
+        time starts there); `ref`: where it came from ("topic/partition/offset"), for logs and the
+        custom_id of a job without one; `tag` goes with the job into its admission batch (the
+        job's span); `request_id`: the job's id (new_request_id; a new one when None), written
+        as its result's `response.request_id` and used as its engine request's id.
         """
+        request_id = request_id or new_request_id()
         header_values = header_dict(headers)
         content_type = normalize_content_type(header_values.get("content-type"))
         reply_to = header_values.get("reply_to") or header_values.get("reply-to") or None
@@ -127,14 +133,20 @@ class JobHandler:
                 raise TranslationError("invalid_reply_to", refusal, param="reply_to")
             check_job_size(value, self._limits)
             deadline = header_deadline(header_values)
-            result, output = await self._run(value, content_type, timestamp_ms, ref, deadline, tag)
+            result, output = await self._run(value, content_type, timestamp_ms, request_id, deadline, tag)
         except Exception as e:
-            result = _error_line(custom_id, ref, e)
+            result = _error_line(custom_id, ref, e, request_id)
         # a refused reply_to's error result goes to the results topic
-        return Outcome(result, content_type, None if refusal else reply_to, output)
+        return Outcome(result, content_type, None if refusal else reply_to, output, request_id)
 
     async def _run(
-        self, value: bytes, content_type: str, timestamp_ms: int, ref: str, deadline: float | None, tag
+        self,
+        value: bytes,
+        content_type: str,
+        timestamp_ms: int,
+        request_id: str,
+        deadline: float | None,
+        tag,
     ) -> tuple[BatchResponseLine, RequestOutput]:
         check_deadline(deadline, "before decoding")
         job = decode_job(value, content_type, self._unknown_fields)
@@ -143,20 +155,22 @@ class JobHandler:
             deadline = min(deadline or math.inf, job.body.sluice_deadline_ms / 1000)
         check_deadline(deadline, "before inference")
         if isinstance(job.body, EmbeddingRequest):
-            return await self._embed(job, ref, deadline, tag)
+            return await self._embed(job, request_id, deadline, tag)
         max_tokens = max_tokens_of(job.body, self._default_max_tokens, self._batcher.generation_defaults)
         check_limits(job, self._limits, max_tokens, self._max_model_len)
         request = await self._translate(job)
         num_prompt_tokens = len(request.prompt_token_ids)
         check_prompt_tokens(num_prompt_tokens, self._limits, self._max_model_len)
         check_deadline(deadline, "after tokenising")
-        output = await self._generate(request, ref, deadline, tag)
+        output = await self._generate(request, request_id, deadline, tag)
         enqueued_time = timestamp_ms / 1000
         line = await self._off_loop(
             functools.partial(
                 to_result_line,
                 tool_call_parser=self._tool_call_parser,
                 reasoning_parser=self._reasoning_parser,
+                request_id=request_id,
+                system_fingerprint=self._system_fingerprint,
             ),
             job,
             output,
@@ -188,11 +202,12 @@ class JobHandler:
                 f"the job could not be translated: {type(e).__name__}: {excerpt(str(e), 200)}",
             ) from None
 
-    async def _generate(self, request: EngineRequest, ref: str, deadline: float | None, tag) -> RequestOutput:
-        """Admit the request into the engine and wait for its output, holding its tokens in flight."""
+    async def _generate(
+        self, request: EngineRequest, request_id: str, deadline: float | None, tag
+    ) -> RequestOutput:
+        """Admit the request into the engine under the job's id and wait for its output, holding
+        its tokens in flight."""
         num_prompt_tokens = len(request.prompt_token_ids)
-        # Unique per delivery: a redelivered record is a new engine request.
-        request_id = f"{ref}/{uuid.uuid4().hex[:8]}"
         generation = self._batcher.generate(
             request_id, request.prompt_token_ids, request.params, request.priority, tag=tag
         )
@@ -211,7 +226,7 @@ class JobHandler:
             self._backpressure.remove(tokens=tokens)
 
     async def _embed(
-        self, job, ref: str, deadline: float | None, tag
+        self, job, request_id: str, deadline: float | None, tag
     ) -> tuple[BatchResponseLine, RequestOutput]:
         inputs = await self._off_loop(embedding_inputs, job.body, self._tokenizer)
         for ids in inputs:
@@ -222,7 +237,6 @@ class JobHandler:
         self._backpressure.add(tokens=tokens, jobs=more_jobs)
         try:
             timeout = None if deadline is None else deadline - time.time()
-            request_id = f"{ref}/{uuid.uuid4().hex[:8]}"
             outputs = await embed(
                 self._batcher, request_id, inputs, self._pooling, job.body.priority, timeout, tag
             )
@@ -232,27 +246,33 @@ class JobHandler:
             self._backpressure.remove(tokens=tokens, jobs=more_jobs)
         if any(out.finish_reason == "abort" for out in outputs):
             return to_error_line(
-                job.custom_id, "engine_error", "the engine aborted the request", 500
+                job.custom_id, "engine_error", "the engine aborted the request", 500, request_id=request_id
             ), outputs[0]
-        return to_embedding_line(job, outputs, self._model_name), outputs[0]
+        return to_embedding_line(job, outputs, self._model_name, request_id), outputs[0]
 
     async def _off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
 
-def _error_line(custom_id: str, ref: str, error: Exception) -> BatchResponseLine:
+def _error_line(
+    custom_id: str, ref: str, error: Exception, request_id: str | None = None
+) -> BatchResponseLine:
     """The error result for a job that failed with `error`; EngineDeadError is re-raised: not the
     job's fault, the job stays uncommitted and is redone elsewhere."""
     match error:
         case DeadlineExceeded():  # not an HTTP error: OpenAI's batch_expired has this shape
             return to_failure_line(custom_id, "deadline_exceeded", str(error))
         case JobDecodeError():
-            return to_decode_error_line(custom_id, error)
+            return to_decode_error_line(custom_id, error, request_id)
         case TranslationError():
-            return to_error_line(custom_id, error.code, error.message, error.status_code, error.param)
+            return to_error_line(
+                custom_id, error.code, error.message, error.status_code, error.param, request_id
+            )
         case RequestRejected():  # invalid_prompt; invalid_structured_output: a bad schema/regex
-            return to_error_line(custom_id, error.code, str(error), param=error.param)
+            return to_error_line(custom_id, error.code, str(error), param=error.param, request_id=request_id)
         case EngineDeadError():
             raise error
-    log.error("job %s failed in the engine", ref, exc_info=error)
-    return to_error_line(custom_id, "engine_error", f"{type(error).__name__}: {error}", 500)
+    log.error("job %s (%s) failed in the engine", ref, request_id, exc_info=error)
+    return to_error_line(
+        custom_id, "engine_error", f"{type(error).__name__}: {error}", 500, request_id=request_id
+    )

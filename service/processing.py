@@ -25,6 +25,7 @@ from service.lenient_records import UndecodableBatch, undecodable_batch
 from service.metrics import ServiceMetrics
 from service.records import job_timestamp_ms, record_ref
 from service.tracing import JobTracer, copied_traceparent, traceparent_headers
+from service.translate import new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,12 @@ class RecordProcessor:
             await self._dead_letter_batch(record, failure, generation)
             return
         timestamp_ms = job_timestamp_ms(record, int(time.time() * 1000))
+        # the job's id, made here so that its span, its logs and its result all carry it
+        request_id = new_request_id()
         tracer = self.tracer
-        span = tracer.start_job(record, timestamp_ms) if tracer else None
+        span = tracer.start_job(record, timestamp_ms, request_id) if tracer else None
         try:
-            outcome = await self._handle_and_deliver(record, generation, timestamp_ms, span)
+            outcome = await self._handle_and_deliver(record, generation, timestamp_ms, span, request_id)
         except asyncio.CancelledError:
             if span is not None:
                 tracer.end_job(span, "aborted")
@@ -67,9 +70,9 @@ class RecordProcessor:
             self._on_engine_dead(e)
             return
         except Exception as e:  # a fault of Sluice's own: the job still gets an error result
-            log.exception("job %s failed in the service", record_ref(record))
+            log.exception("job %s (%s) failed in the service", record_ref(record), request_id)
             outcome = await self._delivery.deliver_internal_error(
-                record, e, self._is_current(record, generation)
+                record, e, self._is_current(record, generation), request_id
             )
             if outcome is None:  # not even that: left uncommitted, its next owner redoes it
                 if span is not None:
@@ -81,10 +84,10 @@ class RecordProcessor:
             tracer.end_job(span, outcome.result.failure.code if outcome.is_error else None)
 
     async def _handle_and_deliver(
-        self, record: ConsumerRecord, generation: int, timestamp_ms: int, span
+        self, record: ConsumerRecord, generation: int, timestamp_ms: int, span, request_id: str
     ) -> Outcome:
         outcome = await self._handler.handle(
-            record.value or b"", record.headers, timestamp_ms, record_ref(record), tag=span
+            record.value or b"", record.headers, timestamp_ms, record_ref(record), span, request_id
         )
         if span is not None:
             if (out := outcome.output) is not None:
@@ -100,10 +103,12 @@ class RecordProcessor:
             # Its partition was revoked (or restarted) and maybe assigned here again since: that
             # assignment redoes it from the committed offset. Only a job that outlived its abort
             # gets here; staging it could publish its result twice.
-            log.warning("job %s outlived its partition's assignment: dropped", record_ref(record))
+            log.warning(
+                "job %s (%s) outlived its partition's assignment: dropped", record_ref(record), request_id
+            )
             return outcome
         if delivered.is_error:
-            log.warning("job %s failed: %s", record_ref(record), delivered.result.failure)
+            log.warning("job %s (%s) failed: %s", record_ref(record), request_id, delivered.result.failure)
         if span is not None:
             self.tracer.record_publish(span, publish_start)
         self._metrics.count(delivered, timestamp_ms)

@@ -46,6 +46,19 @@ def split_reasoning(text: str, parser: str, is_cut: bool = False) -> tuple[str |
     return None, text
 
 
+def num_reasoning_tokens(texts_and_cuts, parser: str, tokenizer) -> int:
+    """The tokens of the reasoning split off each (text, is_cut) output, summed: OpenAI's
+    `usage.completion_tokens_details.reasoning_tokens`. The reasoning text is tokenised again
+    (without special tokens): the tags around it are not counted, and a piece of reasoning that
+    the model wrote in other tokens than the tokenizer would pick counts as the tokenizer's."""
+    total = 0
+    for text, is_cut in texts_and_cuts:
+        reasoning, _ = split_reasoning(text, parser, is_cut)
+        if reasoning:
+            total += len(tokenizer.encode(reasoning, add_special_tokens=False))
+    return total
+
+
 def _harmony(text: str, is_cut: bool) -> tuple[str | None, str | None]:
     if _CHANNEL not in text:
         return None, text

@@ -74,9 +74,10 @@ class JobTracer:
         """Export what is pending, then stop."""
         self._provider.shutdown()
 
-    def start_job(self, record: ConsumerRecord, start_ms: int) -> trace.Span:
+    def start_job(self, record: ConsumerRecord, start_ms: int, request_id: str = "") -> trace.Span:
         """The job's span, started at `start_ms` (the record's timestamp, if plausible), child of
-        its producer's context."""
+        its producer's context; `sluice.request_id` is the job's id, its result's
+        `response.request_id`, by which a result finds its trace."""
         parent = _extract(record.headers)
         return self._tracer.start_span(
             f"{record.topic} process",
@@ -89,6 +90,7 @@ class JobTracer:
                 "messaging.kafka.destination.partition": record.partition,
                 "messaging.kafka.message.offset": record.offset,
                 "sluice.model": self._model_name,
+                "sluice.request_id": request_id,
             },
         )
 

@@ -23,6 +23,7 @@ from schemas.codec import JobDecodeError
 from schemas.openai import ChatCompletionRequest
 from schemas.responses import (
     ChatCompletion,
+    CompletionTokensDetails,
     ErrorBody,
     ErrorDetail,
     PromptTokensDetails,
@@ -34,6 +35,7 @@ from service.choices import result_choices
 from service.fields import TranslationError, check_fields
 from service.prompts import PromptError
 from service.prompts import prompt_token_ids as prompt_token_ids_of
+from service.reasoning import num_reasoning_tokens
 from service.sampling import sampling_params
 
 
@@ -42,6 +44,14 @@ class EngineRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int = 0  # lower runs first (vLLM's convention)
+
+
+def new_request_id() -> str:
+    """A job's id, `req_` + 32 hex digits: its result's `response.request_id`, its engine
+    request's id, its span's `sluice.request_id` and the id in the log lines about it, so that
+    a result leads to the job's trace and logs. A new one per delivery: a job read again is a
+    new request."""
+    return f"req_{uuid.uuid4().hex}"
 
 
 def check_model(job: BatchRequestLine, served_names: Collection[str]) -> None:
@@ -90,12 +100,19 @@ def to_result_line(
     tokenizer=None,
     tool_call_parser: str = "auto",
     reasoning_parser: str = "none",
+    request_id: str | None = None,
+    system_fingerprint: str | None = None,
 ) -> BatchResponseLine:
     """A finished engine output as an OpenAI Batch output line, with Sluice's timings.
 
-    An output the engine aborted is not an answer: it becomes a 500 error result."""
+    `request_id`: the job's (new_request_id; a new one when None); `system_fingerprint`: the
+    serving configuration's (service/fingerprint.py). An output the engine aborted is not an
+    answer: it becomes a 500 error result."""
     if output.finish_reason == "abort":
-        return to_error_line(job.custom_id, "engine_error", "the engine aborted the request", 500)
+        return to_error_line(
+            job.custom_id, "engine_error", "the engine aborted the request", 500, request_id=request_id
+        )
+    body = job.body
     samples = output.samples or [output]
     # every returned sample's tokens (as vLLM counts them); the prompt once
     num_prompt, num_output = len(output.prompt_token_ids), sum(len(s.token_ids) for s in samples)
@@ -105,11 +122,18 @@ def to_result_line(
         total_tokens=num_prompt + num_output,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=output.num_cached_tokens),
     )
+    if isinstance(body, ChatCompletionRequest) and reasoning_parser != "none" and tokenizer is not None:
+        outputs = [(s.text, s.finish_reason == "length") for s in samples]
+        num_reasoning = num_reasoning_tokens(outputs, reasoning_parser, tokenizer)
+        usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=num_reasoning)
     # Both endpoints' bodies differ only in their id prefix and the shape of a choice.
     common = dict(
-        created=int(time.time()), model=model_name, usage=usage, sluice=_extension(output, enqueued_time)
+        created=int(time.time()),
+        model=model_name,
+        usage=usage,
+        system_fingerprint=system_fingerprint,
+        sluice=_extension(output, enqueued_time),
     )
-    body = job.body
     choices = result_choices(body, output, samples, tokenizer, tool_call_parser, reasoning_parser)
     if isinstance(body, ChatCompletionRequest):
         response_body = ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", choices=choices, **common)
@@ -118,33 +142,43 @@ def to_result_line(
     return BatchResponseLine(
         id=f"batch_req_{uuid.uuid4().hex}",
         custom_id=job.custom_id,
-        response=BatchResponse(status_code=200, request_id=f"req-{uuid.uuid4().hex}", body=response_body),
+        response=BatchResponse(
+            status_code=200, request_id=request_id or new_request_id(), body=response_body
+        ),
     )
 
 
 def to_error_line(
-    custom_id: str, code: str, message: str, status_code: int = 400, param: str | None = None
+    custom_id: str,
+    code: str,
+    message: str,
+    status_code: int = 400,
+    param: str | None = None,
+    request_id: str | None = None,
 ) -> BatchResponseLine:
-    """A job refused as an HTTP request would be: OpenAI's error body under its status code."""
+    """A job refused as an HTTP request would be: OpenAI's error body under its status code.
+    `request_id`: the job's, where it has one (a new one when None)."""
     error_type = "invalid_request_error" if status_code < 500 else "server_error"
     return BatchResponseLine(
         id=f"batch_req_{uuid.uuid4().hex}",
         custom_id=custom_id,
         response=BatchResponse(
             status_code=status_code,
-            request_id=f"req-{uuid.uuid4().hex}",
+            request_id=request_id or new_request_id(),
             body=ErrorBody(error=ErrorDetail(message=message, type=error_type, param=param, code=code)),
         ),
     )
 
 
-def to_decode_error_line(custom_id: str, error: JobDecodeError) -> BatchResponseLine:
+def to_decode_error_line(
+    custom_id: str, error: JobDecodeError, request_id: str | None = None
+) -> BatchResponseLine:
     """The result of bytes that are no job: no request line at all (not JSON or MessagePack, not
     UTF-8) is a failure line; a line that decodes but is no valid job, the HTTP error it would get.
     The service and `sluice batch` both write it, so the same line gives the same result."""
     if error.code == "invalid_encoding":
         return to_failure_line(custom_id, error.code, error.message)
-    return to_error_line(custom_id, error.code, error.message, param=error.param)
+    return to_error_line(custom_id, error.code, error.message, param=error.param, request_id=request_id)
 
 
 def to_failure_line(custom_id: str, code: str, message: str) -> BatchResponseLine:

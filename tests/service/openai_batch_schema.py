@@ -24,6 +24,15 @@ USAGE = {
             "type": ["object", "null"],
             "properties": {"cached_tokens": _INT, "audio_tokens": _INT},
         },
+        "completion_tokens_details": {
+            "type": ["object", "null"],
+            "properties": {
+                "reasoning_tokens": _INT,
+                "audio_tokens": _INT,
+                "accepted_prediction_tokens": _INT,
+                "rejected_prediction_tokens": _INT,
+            },
+        },
     },
 }
 
@@ -75,6 +84,7 @@ CHAT_COMPLETION = {
         "created": _INT,
         "model": _STR,
         "usage": USAGE,
+        "system_fingerprint": {"type": ["string", "null"]},
         "choices": {
             "type": "array",
             "items": {
@@ -111,6 +121,7 @@ TEXT_COMPLETION = {
         "created": _INT,
         "model": _STR,
         "usage": USAGE,
+        "system_fingerprint": {"type": ["string", "null"]},
         "choices": {
             "type": "array",
             "items": {

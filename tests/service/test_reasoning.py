@@ -9,6 +9,7 @@ import time
 
 import msgspec
 import pytest
+from transformers import AutoTokenizer
 
 from engine import EngineConfig, LLMEngine, RequestMetrics, RequestOutput
 from engine.async_engine import AsyncLLMEngine
@@ -140,7 +141,8 @@ def gpt_oss_engine(model_cache) -> LLMEngine:
 
 
 @pytest.fixture
-async def gpt_oss_handle(gpt_oss_engine):
+async def gpt_oss_body(gpt_oss_engine):
+    """A harmony chat job's response body, run by a JobHandler on the tiny GPT-OSS checkpoint."""
     engine = AsyncLLMEngine(gpt_oss_engine)
     engine.start()
     batcher = DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1)
@@ -152,10 +154,20 @@ async def gpt_oss_handle(gpt_oss_engine):
         body = {"messages": messages, "chat_template": HARMONY_TEMPLATE, "temperature": 0, **body}
         job = {"custom_id": "h", "url": "/v1/chat/completions", "body": body}
         outcome = await handler.handle(json.dumps(job).encode(), [], int(time.time() * 1000), "jobs/0/1")
-        return msgspec.to_builtins(outcome.result.response.body)["choices"][0]
+        return msgspec.to_builtins(outcome.result.response.body)
 
     yield run
     await engine.stop()
+
+
+@pytest.fixture
+def gpt_oss_handle(gpt_oss_body):
+    """The first choice of a harmony chat job's response body."""
+
+    async def run(**body):
+        return (await gpt_oss_body(**body))["choices"][0]
+
+    return run
 
 
 async def test_gpt_oss_job_returns_the_analysis_channel_as_reasoning_apart_from_the_answer(
@@ -174,6 +186,41 @@ async def test_gpt_oss_job_cut_before_the_final_channel_gives_null_content_and_t
     assert choice["finish_reason"] == "length"
     assert choice["message"]["content"] is None
     assert choice["message"]["reasoning"] and "the user says hi".startswith(choice["message"]["reasoning"])
+
+
+async def test_usage_counts_the_reasoning_tokens_a_reasoning_parser_split_off(
+    gpt_oss_body, gpt_oss_engine
+) -> None:
+    """Issue 30, defect 8: `usage.completion_tokens_details.reasoning_tokens` (OpenAI's) was absent."""
+    body = await gpt_oss_body(structured_outputs={"regex": HARMONY_OUTPUT}, max_tokens=120)
+    reasoning_tokens = gpt_oss_engine.tokenizer.encode("the user says hi", add_special_tokens=False)
+    details = body["usage"]["completion_tokens_details"]
+    assert details == {"reasoning_tokens": len(reasoning_tokens)}
+    assert 0 < details["reasoning_tokens"] < body["usage"]["completion_tokens"]
+
+
+def test_reasoning_tokens_are_zero_without_reasoning_and_absent_without_a_reasoning_parser(
+    tiny_checkpoint,
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    line = {
+        "custom_id": "r",
+        "url": "/v1/chat/completions",
+        "body": {"messages": [{"role": "user", "content": "Hi"}]},
+    }
+    job = decode_job(json.dumps(line).encode())
+    output = RequestOutput(
+        "r", [1, 2], [5, 6, 7], "<think>a b c</think>yes", "stop", RequestMetrics(time.time())
+    )
+
+    def usage(parser: str) -> dict:
+        result = to_result_line(job, output, "tiny", time.time(), tokenizer, reasoning_parser=parser)
+        return msgspec.to_builtins(result.response.body.usage)
+
+    expected = len(tokenizer.encode("a b c", add_special_tokens=False))
+    assert usage("deepseek_r1")["completion_tokens_details"] == {"reasoning_tokens": expected}
+    assert usage("harmony")["completion_tokens_details"] == {"reasoning_tokens": 0}  # no channel tags
+    assert "completion_tokens_details" not in usage("none")
 
 
 def test_harmony_chat_jobs_keep_special_tokens_in_the_text_so_the_channel_tags_survive(

@@ -242,3 +242,32 @@ DEEP = "[" * 5000 + "]" * 5000  # deeper than json's recursion bound
 def test_a_call_nested_past_jsons_bound_stays_the_answer_text(mode, parser, text) -> None:
     # a model can write 5000 brackets; that is a malformed call, not an engine error
     assert tool_calls_of(text, mode, parser) == (text, [])
+
+
+STRICT_TOOLS = [TOOLS[0], {"type": "function", "function": {**TOOLS[1]["function"], "strict": True}}]
+
+
+@pytest.mark.parametrize("tool_choice", [None, "auto", "none"], ids=["default", "auto", "none"])
+async def test_strict_tools_are_refused_where_no_grammar_holds_the_arguments(handle, tool_choice) -> None:
+    """Issue 30, defect 4: under "auto" (and "none") a call's arguments are whatever the model
+    writes, so `strict: true` cannot be kept: it was accepted and ignored; now it is refused."""
+    body = {"tools": STRICT_TOOLS} | ({} if tool_choice is None else {"tool_choice": tool_choice})
+    response = await handle(body)
+    error = response.body.error
+    assert (response.status_code, error.code, error.param) == (
+        400,
+        "unsupported_parameter",
+        "tools[1].function.strict",
+    )
+    assert "required" in error.message
+
+
+@pytest.mark.parametrize(
+    "tool_choice",
+    ["required", {"type": "function", "function": {"name": "get_time"}}],
+    ids=["required", "named"],
+)
+async def test_strict_tools_are_honoured_where_the_grammar_holds_the_arguments(handle, tool_choice) -> None:
+    response = await handle({"tools": STRICT_TOOLS, "tool_choice": tool_choice, "max_tokens": 80, "seed": 3})
+    for call in response.body.choices[0].message.tool_calls:
+        assert json.loads(call.function.arguments)["city"] in ("Paris", "Rome")

@@ -70,6 +70,9 @@ async def test_trace_context_is_propagated_and_spans_reach_the_traces_topic(
     assert attributes["gen_ai.usage.input_tokens"].int_value > 0
     assert attributes["sluice.time_to_first_token_ms"].double_value >= 0
     assert attributes["messaging.kafka.message.offset"].int_value == 0
+    # issue 30, defect 8: the result's request_id leads to the job's span
+    request_id = json.loads(result.value)["response"]["request_id"]
+    assert request_id.startswith("req_") and attributes["sluice.request_id"].string_value == request_id
     assert job_span.start_time_unix_nano <= spans["decode"].end_time_unix_nano <= job_span.end_time_unix_nano
     # The admission batch's span links to the jobs it handed to the engine.
     admission = spans["admit batch"]

@@ -9,10 +9,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from engine import RequestMetrics, RequestOutput, SamplingParams, StructuredOutputs
+from engine.async_engine import AsyncLLMEngine
 from schemas.batch import CHAT_URL, COMPLETIONS_URL, BatchRequestLine
 from schemas.codec import decode_result, encode_result
 from schemas.openai import ChatCompletionRequest, CompletionRequest
 from schemas.responses import ChatCompletion, TextCompletion
+from service.batcher import DynamicBatcher
+from service.config import ServiceConfig
+from service.jobs import JobHandler
 from service.translate import (
     TranslationError,
     to_engine_request,
@@ -381,3 +385,49 @@ def test_an_aborted_output_becomes_a_500_error_not_a_200_with_finish_reason_abor
     line = to_result_line(_completion(), _output(finish_reason="abort"), "m", time.time())
     assert line.response.status_code == 500
     assert line.failure.code == "engine_error"
+
+
+# --- ids and the serving configuration, through the JobHandler -------------------------------
+
+
+@pytest.fixture
+async def handle(tiny_engine):
+    engine = AsyncLLMEngine(tiny_engine)
+    engine.start()
+    handler = JobHandler(
+        ServiceConfig(model_name="tiny", default_max_tokens=4),
+        DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1),
+        tiny_engine,
+    )
+
+    async def run(url: str, body: dict, **kwargs):
+        job = json.dumps({"custom_id": "j", "url": url, "body": body}).encode()
+        return await handler.handle(job, [], int(time.time() * 1000), "jobs/0/1", **kwargs)
+
+    yield run
+    await engine.stop()
+
+
+async def test_chat_and_completion_bodies_carry_one_stable_system_fingerprint(handle) -> None:
+    """Issue 30, defect 8: OpenAI's `system_fingerprint` was missing."""
+    chat = await handle(CHAT_URL, {"messages": [{"role": "user", "content": "hi"}]})
+    completion = await handle(COMPLETIONS_URL, {"prompt": "The river"})
+    fingerprints = {
+        chat.result.response.body.system_fingerprint,
+        completion.result.response.body.system_fingerprint,
+    }
+    (fingerprint,) = fingerprints
+    assert fingerprint.startswith("fp_") and len(fingerprint) == len("fp_") + 12
+    assert json.loads(encode_result(chat.result))["response"]["body"]["system_fingerprint"] == fingerprint
+
+
+async def test_the_request_id_is_the_jobs_engine_request_id_and_a_given_one_is_kept(handle) -> None:
+    """Issue 30, defect 8: `request_id` was a random `req-<hex>` that matched nothing else."""
+    outcome = await handle(COMPLETIONS_URL, {"prompt": "The river"})
+    request_id = outcome.result.response.request_id
+    assert request_id.startswith("req_") and request_id == outcome.request_id
+    assert outcome.output.request_id == request_id  # the engine ran it under this id
+    refused = await handle(COMPLETIONS_URL, {"prompt": "The river", "stream": True})
+    assert refused.result.response.request_id == refused.request_id != request_id
+    given = await handle(COMPLETIONS_URL, {"prompt": "The river"}, request_id="req_from_the_span")
+    assert given.result.response.request_id == given.output.request_id == "req_from_the_span"
