@@ -188,7 +188,7 @@ def _check_batch_output(out) -> None:
     assert bad["response"] is None and bad["error"]["code"] == "invalid_encoding", bad
     jsonschema.validate(bad, BATCH_OUTPUT_LINE)
     _check_lines([line for line in lines if line["custom_id"] != bad_id], JOBS)
-    by_id = {line["custom_id"]: line["response"]["body"] for line in lines}
+    by_id = {line["custom_id"]: line["response"]["body"] for line in lines if line["custom_id"] != bad_id}
     probabilities = by_id["chat-choice"]["sluice"]["choice_probabilities"]
     assert by_id["chat-choice"]["choices"][0]["message"]["content"] == max(
         probabilities, key=probabilities.get

@@ -24,10 +24,10 @@ async def test_revoking_a_partition_aborts_its_in_flight_jobs_and_publishes_noth
     service = Service(service_config, tiny_engine)
     published, never = [], asyncio.Event()
 
-    async def slow_handle(value, headers, timestamp_ms, ref, tag=None):
+    async def slow_handle(value, headers, timestamp_ms, ref, tag=None, request_id=None):
         await never.wait()
 
-    async def publish(*args):
+    async def publish(*args, **kwargs):
         published.append(args)
 
     service.handler.handle = slow_handle
