@@ -11,7 +11,7 @@ MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias: [-100, 100]
 # Temperatures below this are greedy: dividing float32 logits by less overflows them to inf (NaN
 # probabilities), and a temperature that rounds to 0.0 in float32 would be sampled at 1.0 (vLLM's eps).
 GREEDY_TEMPERATURE = 1e-5
-MAX_TEMPERATURE = 2.0  # OpenAI's and vLLM's bound
+MAX_TEMPERATURE = 2.0  # OpenAI's bound (vLLM checks only >= 0; above 2 the distribution is all but flat)
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2] (OpenAI's and vLLM's range)
 # A top_p below float32's smallest normal number would reach the sampler as 0 (or a denormal a
 # GPU flushes to 0), which masks every token; at this value it keeps only the top token, as any
