@@ -6,14 +6,15 @@ every configuration below reproduces each prompt's solo Transformers generation 
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.demo.checkpoints import ensure_checkpoint
+from tests.engine.transformers_greedy import transformers_greedy
 
 ARCHITECTURES = ["tiny", "tiny-mistral", "tiny-qwen2", "tiny-mqa", "tiny-llama3"]
 MAX_TOKENS = 12
@@ -34,21 +35,8 @@ def checkpoint(request, model_cache):
 def expected(checkpoint) -> tuple[list[list[int]], list[list[int]]]:
     """Each prompt generated alone by Transformers, greedily, EOS an ordinary token (as with
     ignore_eos; min_new_tokens would forbid it instead)."""
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    prompts = _prompts(model.config.vocab_size)
-    outputs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            generated = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=MAX_TOKENS,
-                pad_token_id=0,
-            )
-            outputs.append(generated[0, len(prompt) :].tolist())
+    prompts = _prompts(json.loads((checkpoint / "config.json").read_text())["vocab_size"])
+    outputs = transformers_greedy(checkpoint, torch.float32, prompts, MAX_TOKENS)
     return prompts, outputs
 
 
