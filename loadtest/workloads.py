@@ -39,13 +39,7 @@ class Row:
 
 def standard_workload(vocab_size: int, num_requests: int = 64, seed: int = 0) -> Workload:
     """Prompts of 32-512 tokens, outputs of 16-128, drawn with a fixed seed."""
-    rng = random.Random(seed)
-    prompts, output_lens = [], []
-    for _ in range(num_requests):
-        length = rng.randint(32, 512)
-        prompts.append([1] + [rng.randrange(4, vocab_size) for _ in range(length - 1)])
-        output_lens.append(rng.randint(16, 128))
-    return Workload("standard", prompts, output_lens)
+    return _random_workload("standard", vocab_size, num_requests, seed, (32, 512), (16, 128))
 
 
 def shared_prefix_workload(
@@ -65,13 +59,25 @@ def shared_prefix_workload(
 def decode_workload(vocab_size: int, num_requests: int = 128, seed: int = 0) -> Workload:
     """Prompts of 16-64 tokens, outputs of 128-256: nearly every step decodes every request. On
     the `micro` checkpoint a step's arithmetic is negligible and its time is the host's work."""
+    return _random_workload("decode", vocab_size, num_requests, seed, (16, 64), (128, 256))
+
+
+def _random_workload(
+    name: str,
+    vocab_size: int,
+    num_requests: int,
+    seed: int,
+    prompt_lens: tuple[int, int],
+    output_lens: tuple[int, int],
+) -> Workload:
+    """BOS then random tokens, each length drawn (inclusive) from its range with a fixed seed."""
     rng = random.Random(seed)
-    prompts, output_lens = [], []
+    prompts, outputs = [], []
     for _ in range(num_requests):
-        length = rng.randint(16, 64)
+        length = rng.randint(*prompt_lens)
         prompts.append([1] + [rng.randrange(4, vocab_size) for _ in range(length - 1)])
-        output_lens.append(rng.randint(128, 256))
-    return Workload("decode", prompts, output_lens)
+        outputs.append(rng.randint(*output_lens))
+    return Workload(name, prompts, outputs)
 
 
 WORKLOADS = {
