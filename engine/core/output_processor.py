@@ -76,8 +76,12 @@ class OutputProcessor:
         # tokens they lie well before any occurrence that reaches the newest token.
         window = seq.output_token_ids[-(2 * max(map(len, stop_strings)) + 8) :]
         skip = seq.params.skip_special_tokens
-        text, before = self._decode(window, skip), self._decode(window[:-1], skip)
-        return next((stop for stop in stop_strings if _ends_in_newest(text, before, stop) >= 0), None)
+        text = self._decode(window, skip)
+        found = [stop for stop in stop_strings if stop in text]
+        if not found:  # the common case: one decode per token
+            return None
+        before = self._decode(window[:-1], skip)
+        return next((stop for stop in found if _ends_in_newest(text, before, stop) >= 0), None)
 
     def _output(self, seq: Sequence, stop_string: str | None) -> RequestOutput:
         finish_reason, stop_reason = (
