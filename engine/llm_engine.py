@@ -156,7 +156,8 @@ class LLMEngine:
             return outputs
         self._step_totals.record(out)
         prompt_logprob_rows, pooling_rows = PromptLogprobRows.of(out), PoolingRows.of(out)
-        plan = StepPlan.build(out, self.vocab_size, prompt_logprob_rows, pooling_rows)
+        released = self.block_manager.take_released()  # the runners drop those rows
+        plan = StepPlan.build(out, self.vocab_size, prompt_logprob_rows, pooling_rows, released)
         step = self._execute(out, plan, outputs)
         step.prompt_logprob_rows, step.pooling_rows = prompt_logprob_rows, pooling_rows
         finished = self.scheduler.update_from_output(out, step.token_ids)

@@ -46,6 +46,9 @@ class BlockManager:
         # unreferenced cached blocks, least recently released first (the next to be evicted)
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.stats = PrefixCacheStats()
+        # sequences whose table was given back since the last take_released(): the model runners
+        # drop their copies (the next StepPlan says so)
+        self._released: list[int] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -86,6 +89,13 @@ class BlockManager:
                 else:
                     self._free.append(block_id)
         seq.block_table.clear()
+        seq.num_synced_blocks = seq.num_registered_blocks = 0
+        self._released.append(seq.seq_id)
+
+    def take_released(self) -> list[int]:
+        """The ids of the sequences whose block table was given back since the last call."""
+        released, self._released = self._released, []
+        return released
 
     def reuse_cached_prefix(self, seq: Sequence) -> int:
         """Take references to the cached blocks of the sequence's longest cached prefix.
@@ -109,6 +119,7 @@ class BlockManager:
             self.ref_counts[block_id] += 1
             seq.block_table.append(block_id)
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        seq.num_registered_blocks = len(seq.block_table)  # they are the cache's already
         return seq.num_computed_tokens
 
     def blocks_filled_by(self, seq: Sequence, num_new_tokens: int) -> list[bytes]:
@@ -138,16 +149,23 @@ class BlockManager:
         """Register the sequence's blocks that are now full of computed tokens.
 
         A prefix another block already caches (two sequences computed it in the same step)
-        is left to that block; this one stays uncached and is freed normally.
+        is left to that block; this one stays uncached and is freed normally. Only the blocks
+        filled since the last call are looked at: a decode step costs nothing here until its
+        block fills (every block of the table each step was the update phase's largest cost).
         """
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        first = seq.num_registered_blocks
+        if num_full <= first:
+            return
         hashes = self._prefix_hashes(seq, num_full)
-        for block_id, block_hash in zip(seq.block_table[:num_full], hashes, strict=True):
+        for i in range(first, num_full):
+            block_id, block_hash = seq.block_table[i], hashes[i]
             if self.block_hashes[block_id] is None and block_hash not in self.cached:
                 self.block_hashes[block_id] = block_hash
                 self.cached[block_hash] = block_id
+        seq.num_registered_blocks = num_full
 
     def _take_free_block(self) -> int:
         if self._free:

@@ -45,7 +45,11 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens: int | None = None  # prompt tokens the prefix cache gave at first admission
         self.block_table: list[int] = []
+        # Leading entries of block_table the model runners hold (engine/executor/persistent_batch.py):
+        # a step's plan sends only the rest. A table only grows until it is given back whole.
+        self.num_synced_blocks = 0
         self.block_hashes: list[bytes] = []  # prefix-cache hashes of its full blocks, memoised
+        self.num_registered_blocks = 0  # leading blocks cache_full_blocks has already looked at
         self.grammar = None  # llguidance matcher of a structured output: what may come next
         # Prompt logprobs: the step that computes a position p >= prompt_logprobs_from - 1 also
         # gives the log-probability of token p + 1 (choice scoring uses it; see ChoiceScorer).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
 
 import torch
@@ -76,16 +77,32 @@ class PoolingRows:
 
 
 @dataclass(slots=True)
+class BlockTableUpdate:
+    """What a sequence's block table gained since the runners last saw it: `blocks` go at
+    `offset` (0: the table is new or was given back and rebuilt: the runner's copy starts over)."""
+
+    seq_id: int
+    offset: int
+    blocks: list[int]
+
+
+@dataclass(slots=True)
 class StepPlan:
     # one entry per scheduled sequence, in batch order
+    seq_ids: list[int]  # the rows of the runners' persistent batch (engine/executor/persistent_batch.py)
     token_ids: list[list[int]]  # the tokens computed this step
     starts: list[int]  # tokens already in the KV cache: the position of the first new token
-    block_tables: list[list[int]]
     is_sampling: list[bool]  # reaches its last token: samples the next one
+    # the persistent batch's changes, applied before the step runs (releases first): block ids the
+    # scheduled sequences gained, and the sequences whose tables were given back
+    block_table_updates: list[BlockTableUpdate] = field(default_factory=list)
+    released_seq_ids: list[int] = field(default_factory=list)
     # one entry per sampling sequence, in batch order; empty where the receiving rank does not sample
     sampling_params: list[SamplingParams] = field(default_factory=list)
-    prompt_token_ids: list[list[int]] = field(default_factory=list)
-    output_token_ids: list[list[int]] = field(default_factory=list)
+    output_lens: list[int] = field(default_factory=list)  # tokens generated so far
+    # token histories, only of rows whose penalties read them (() for the others: no copies)
+    prompt_token_ids: list[Sequence_[int]] = field(default_factory=list)
+    output_token_ids: list[Sequence_[int]] = field(default_factory=list)
     # the sampling rows' grammar masks, computed on rank 0 where the grammar matchers live
     token_bitmask: torch.Tensor | None = None
     # prompt logprobs this step computes: (rows of the step's flat hidden states, target tokens)
@@ -101,17 +118,30 @@ class StepPlan:
         vocab_size: int,
         prompt_logprobs: PromptLogprobRows | None = None,
         pooling: PoolingRows | None = None,
+        released_seq_ids: list[int] | None = None,
     ) -> StepPlan:
-        plan = cls([], [], [], list(out.is_sampling))
+        """The plan of a scheduled step. `released_seq_ids`: BlockManager.take_released(), the
+        sequences whose tables the runners drop; every plan a runner executes must carry them."""
+        plan = cls([], [], [], list(out.is_sampling), released_seq_ids=released_seq_ids or [])
         for seq, num_new, samples in zip(out.seqs, out.num_new_tokens, out.is_sampling, strict=True):
             start = seq.num_computed_tokens
+            plan.seq_ids.append(seq.seq_id)
             plan.token_ids.append(seq.token_ids[start : start + num_new])
             plan.starts.append(start)
-            plan.block_tables.append(list(seq.block_table))
+            synced, table = seq.num_synced_blocks, seq.block_table
+            if synced != len(table):  # a decode step adds a block once every block_size tokens
+                plan.block_table_updates.append(BlockTableUpdate(seq.seq_id, synced, table[synced:]))
+                seq.num_synced_blocks = len(table)
             if samples:
-                plan.sampling_params.append(seq.params)
-                plan.prompt_token_ids.append(seq.prompt_token_ids)
-                plan.output_token_ids.append(seq.output_token_ids)
+                params = seq.params
+                plan.sampling_params.append(params)
+                plan.output_lens.append(seq.num_output_tokens)
+                if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
+                    plan.prompt_token_ids.append(seq.prompt_token_ids)
+                    plan.output_token_ids.append(seq.output_token_ids)
+                else:
+                    plan.prompt_token_ids.append(())
+                    plan.output_token_ids.append(())
         grammars = [seq.grammar for seq, samples in zip(out.seqs, out.is_sampling, strict=True) if samples]
         plan.token_bitmask = token_bitmask(grammars, vocab_size)
         if prompt_logprobs is not None:
@@ -130,6 +160,7 @@ class StepPlan:
         return dataclasses.replace(
             self,
             sampling_params=[],
+            output_lens=[],
             prompt_token_ids=[],
             output_token_ids=[],
             token_bitmask=None,
@@ -141,11 +172,12 @@ class StepPlan:
         """Contiguous groups of sequences with about equal token counts (pipeline micro-batches).
 
         Sampling rows stay with the whole plan: the last stage samples once, over the
-        micro-batches' logits concatenated in order.
+        micro-batches' logits concatenated in order. The persistent batch's changes stay with it
+        too: the runner applies them once, before the first micro-batch.
         """
         num_micro_batches = max(1, min(num_micro_batches, self.num_seqs))
         if num_micro_batches == 1:
-            return [self.without_sampling()]
+            return [dataclasses.replace(self.without_sampling(), block_table_updates=[], released_seq_ids=[])]
         total = sum(len(t) for t in self.token_ids)
         bounds, acc = [0], 0
         for i, tokens in enumerate(self.token_ids[:-1]):
@@ -155,6 +187,6 @@ class StepPlan:
                 bounds.append(i + 1)
         bounds.append(self.num_seqs)
         return [
-            StepPlan(self.token_ids[a:b], self.starts[a:b], self.block_tables[a:b], self.is_sampling[a:b])
+            StepPlan(self.seq_ids[a:b], self.token_ids[a:b], self.starts[a:b], self.is_sampling[a:b])
             for a, b in itertools.pairwise(bounds)
         ]

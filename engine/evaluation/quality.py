@@ -41,7 +41,10 @@ def teacher_forced_logits(engine, token_ids: list[int], window: int = 256, chunk
             while seq.num_computed_tokens < window:
                 n = min(chunk, window - seq.num_computed_tokens)
                 out = SchedulerOutput(seqs=[seq], num_new_tokens=[n], is_sampling=[False])
-                logits = runner.compute_all_logits(StepPlan.build(out, engine.vocab_size))
+                plan = StepPlan.build(
+                    out, engine.vocab_size, released_seq_ids=engine.block_manager.take_released()
+                )
+                logits = runner.compute_all_logits(plan)
                 rows.append(logits.float().cpu())
                 seq.num_computed_tokens += n
         finally:

@@ -1,8 +1,9 @@
 """ModelRunner: the only orchestration code that touches the device.
 
-It owns the model, the paged KV cache and the sampler. Each step it turns a StepPlan into flat
-input tensors (the batch's new tokens laid end to end), runs the model with the step's
-attention metadata, computes logits only for sequences that sample, and samples.
+It owns the model, the paged KV cache, the persistent batch (the running sequences' block
+tables, updated by what each StepPlan changed) and the sampler. Each step it turns the plan
+into flat input tensors (the batch's new tokens laid end to end), runs the model with the
+step's attention metadata, computes logits only for sequences that sample, and samples.
 
 Every rank of a parallel engine runs one, on its shard of the model and its shard of the KV
 cache (same block geometry everywhere). With pipeline parallelism the step is split into
@@ -13,6 +14,7 @@ the following stage works on the first, so the stages overlap.
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 
@@ -20,6 +22,7 @@ from engine.config import EngineConfig
 from engine.core.step_plan import StepPlan
 from engine.distributed import parallel_state as ps
 from engine.executor.cuda_graphs import DecodeGraphs
+from engine.executor.persistent_batch import PersistentBatch
 from engine.executor.sampler import Sampler
 from engine.executor.sampling_batch import SamplingBatch
 from engine.forward_context import AttentionMetadata, attention_metadata, group_by_length
@@ -28,6 +31,7 @@ from engine.layers.attention_backends import make_backend
 from engine.layers.rotary import RotaryEmbedding
 from engine.outputs import ModelRunnerOutput
 from engine.quant import kv_cache as fp8_kv
+from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,10 @@ class ModelRunner:
         for layer in self.layers:
             layer.backend = attention
         self.sampler = Sampler(generator=torch.Generator(device=self.device).manual_seed(config.seed))
+        self.batch = PersistentBatch(block_size)
+        self._sampling = _ReusedSamplingBatch()
+        # built per decode step only for a backend that reads them (the C++ and flash ones do not)
+        self._uses_decode_groups = attention.reads_decode_groups(self.dtype, self.kv_dtype)
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
 
@@ -109,6 +117,7 @@ class ModelRunner:
         logprob rows), the others' need not.
         """
         state = ps.get_parallel_state()
+        self.batch.apply(plan)
         logits, hiddens = self._forward(plan, state)
         if not state.is_sampling_rank:
             return None
@@ -159,14 +168,7 @@ class ModelRunner:
                 return None
             return ModelRunnerOutput(no_tokens, None, prompt_logprobs, prompt_top, pooled)
         logits = torch.cat(logits).float()  # [N, V]
-        batch = SamplingBatch.build(
-            plan.sampling_params,
-            plan.prompt_token_ids,
-            plan.output_token_ids,
-            device=self.device,
-            vocab_size=logits.shape[-1],
-            token_bitmask=plan.token_bitmask,
-        )
+        batch = self._sampling.build(plan, self.device, logits.shape[-1])
         sampled = self.sampler(logits, batch)
         return ModelRunnerOutput(
             sampled.sampled_token_ids, sampled.logprobs, prompt_logprobs, prompt_top, pooled
@@ -175,6 +177,7 @@ class ModelRunner:
     @torch.inference_mode()
     def compute_all_logits(self, plan: StepPlan) -> torch.Tensor:
         """Logits [T, V] at every position the plan computes, in one process (quality measurements)."""
+        self.batch.apply(plan)
         input_ids, positions, metadata, _ = self._prepare(plan)
         with attention_metadata(metadata):
             hidden = self.model(input_ids, positions)
@@ -196,45 +199,32 @@ class ModelRunner:
         return sum(p.numel() for p in self.model.parameters())
 
     def _prepare(self, plan: StepPlan):
-        query_lens = [len(t) for t in plan.token_ids]
-        context_lens = [start + n for start, n in zip(plan.starts, query_lens, strict=True)]
-        token_ids = [t for tokens in plan.token_ids for t in tokens]
-        starts = plan.starts
+        """The step's input tensors and attention metadata, from the persistent batch's rows."""
+        step = self.batch.inputs(plan)
         device = self.device
-        q_lens = torch.tensor(query_lens, dtype=torch.int64)
-        seq_index = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)  # [T]
-        cu_query = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-        cu_query[1:] = torch.cumsum(q_lens, 0)
-        positions = (
-            torch.arange(int(cu_query[-1]))
-            - cu_query[:-1].long()[seq_index]
-            + torch.tensor(starts)[seq_index]
-        )
-        block_tables = _pad_block_tables(plan.block_tables)
-        slots = (
-            block_tables[seq_index, positions // self.block_size].long() * self.block_size
-            + positions % self.block_size
-        )
-        cu_context = torch.zeros(len(context_lens) + 1, dtype=torch.int32)
-        cu_context[1:] = torch.cumsum(torch.tensor(context_lens), 0)
+        cu_query = torch.from_numpy(step.cu_query_lens)
+        context_lens = step.context_lens.tolist()
         metadata = AttentionMetadata(
-            query_lens=query_lens,
+            query_lens=step.query_lens.tolist(),
             context_lens=context_lens,
             cu_query_lens=cu_query.to(device),
-            cu_context_lens=cu_context.to(device),
-            context_lens_tensor=torch.tensor(context_lens, dtype=torch.int32, device=device),
-            slot_mapping=slots.to(device),
-            block_tables=block_tables.to(device),
-            max_query_len=max(query_lens),
-            max_context_len=max(context_lens),
-            is_decode_only=all(n == 1 for n in query_lens),
+            cu_context_lens=torch.from_numpy(step.cu_context_lens).to(device),
+            context_lens_tensor=torch.from_numpy(step.context_lens).to(device),
+            slot_mapping=torch.from_numpy(step.slot_mapping).to(device),
+            block_tables=torch.from_numpy(step.block_tables).to(device),
+            max_query_len=int(step.query_lens.max()),
+            max_context_len=int(step.context_lens.max()),
+            is_decode_only=step.is_decode_only,
         )
-        if metadata.is_decode_only:
+        if metadata.is_decode_only and self._uses_decode_groups:
             metadata.decode_groups = group_by_length(context_lens, device)
-        sampling_rows = [i for i, samples in enumerate(plan.is_sampling) if samples]
-        logits_indices = (cu_query[1:].long() - 1)[sampling_rows].to(device)
-        input_ids = torch.tensor(token_ids, dtype=torch.int64, device=device)
-        return input_ids, positions.to(device), metadata, logits_indices
+        if all(plan.is_sampling):  # the common step: every row samples at its last token
+            logits_indices = cu_query[1:].long() - 1
+        else:
+            sampling_rows = [i for i, samples in enumerate(plan.is_sampling) if samples]
+            logits_indices = (cu_query[1:].long() - 1)[sampling_rows]
+        input_ids = torch.from_numpy(step.token_ids).to(device)
+        return input_ids, torch.from_numpy(step.positions).to(device), metadata, logits_indices.to(device)
 
     def _blocks_that_fit(self) -> int:
         if self.device.type == "cuda":
@@ -273,6 +263,37 @@ class ModelRunner:
         return int(budget) // self.kv_bytes_per_block
 
 
-def _pad_block_tables(block_tables: list[list[int]]) -> torch.Tensor:
-    width = max(len(t) for t in block_tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+class _ReusedSamplingBatch:
+    """The last step's SamplingBatch, reused while the same sequences sample with parameters that
+    need nothing per step (no seed, penalty, logit bias or grammar): a decode batch's sampling
+    tensors are then built once, not every step."""
+
+    def __init__(self) -> None:
+        self._params: list[SamplingParams] = []
+        self._batch: SamplingBatch | None = None
+
+    def build(self, plan: StepPlan, device: torch.device, vocab_size: int) -> SamplingBatch:
+        params = plan.sampling_params
+        batch = self._batch
+        if (
+            batch is not None
+            and plan.token_bitmask is None
+            and len(params) == len(self._params)
+            and all(map(operator.is_, params, self._params))
+            and batch.logit_bias is None
+            and batch.seen_mask is None
+            and batch.output_counts is None
+            and not batch.seeded_rows.numel()
+        ):
+            return batch
+        self._params = list(params)
+        self._batch = batch = SamplingBatch.build(
+            params,
+            plan.prompt_token_ids,
+            plan.output_token_ids,
+            device=device,
+            vocab_size=vocab_size,
+            token_bitmask=plan.token_bitmask,
+            output_lens=plan.output_lens,
+        )
+        return batch

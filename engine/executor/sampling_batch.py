@@ -66,24 +66,29 @@ class SamplingBatch:
         device: torch.device | str,
         vocab_size: int,
         token_bitmask: torch.Tensor | None = None,
+        output_lens: Sequence[int] | None = None,
     ) -> SamplingBatch:
         """Per-row tensors for one step; a few small host-to-device copies, no sync.
 
         token_bitmask: the step's grammar masks on the host (engine.core.structured_output), if any.
+        output_lens: tokens each row has generated, where the token lists are given only for rows
+        with penalties (StepPlan's); by default the output lists' lengths.
         """
         device = torch.device(device)
         ps = params_list
+        if output_lens is None:
+            output_lens = [len(ids) for ids in output_token_ids_list]
         # the cuts and the noise matter only for sampled rows: greedy ones take the argmax
         sampled = [i for i, p in enumerate(ps) if not p.is_greedy]
         seeded = [i for i in sampled if ps[i].seed is not None]
         top_ks = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in ps]
         return cls(
-            **_param_tensors(ps, top_ks, output_token_ids_list, device),
+            **_param_tensors(ps, top_ks, output_lens, device),
             seeded_rows=_to_device(seeded, torch.int64, device),
             top_p_rows=_to_device([i for i in sampled if ps[i].top_p < 1.0], torch.int64, device),
             **_penalty_tensors(ps, prompt_token_ids_list, output_token_ids_list, device, vocab_size),
             token_bitmask=None if token_bitmask is None else _host_to_device(token_bitmask, device),
-            logit_bias=_logit_bias(ps, output_token_ids_list, device, vocab_size),
+            logit_bias=_logit_bias(ps, output_lens, device, vocab_size),
             all_greedy=not sampled,
             any_greedy=len(sampled) < len(ps),
             any_unseeded=len(seeded) < len(sampled),
@@ -94,12 +99,12 @@ class SamplingBatch:
 
 
 def _param_tensors(
-    ps: Sequence[SamplingParams], top_ks: list[int], outputs: Sequence[Sequence[int]], device: torch.device
+    ps: Sequence[SamplingParams], top_ks: list[int], output_lens: Sequence[int], device: torch.device
 ) -> dict[str, torch.Tensor]:
     # one host-to-device copy per dtype rather than one per field; each field is a [N] row
     floats = _to_device([[getattr(p, name) for p in ps] for name in _FLOAT_FIELDS], torch.float32, device)
     seeds = [_wrap_int64(p.seed) if p.seed is not None else 0 for p in ps]
-    ints = _to_device([top_ks, seeds, [len(ids) for ids in outputs]], torch.int64, device)
+    ints = _to_device([top_ks, seeds, list(output_lens)], torch.int64, device)
     int_fields = ("top_k", "seeds", "output_lens")
     return dict(zip(_FLOAT_FIELDS, floats, strict=True)) | dict(zip(int_fields, ints, strict=True))
 
@@ -130,7 +135,7 @@ def _penalty_tensors(
 
 
 def _logit_bias(
-    ps: Sequence[SamplingParams], outputs: Sequence[Sequence[int]], device: torch.device, vocab_size: int
+    ps: Sequence[SamplingParams], output_lens: Sequence[int], device: torch.device, vocab_size: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     index: list[int] = []
     values: list[float] = []
@@ -138,7 +143,7 @@ def _logit_bias(
         if p.logit_bias:
             index += [row * vocab_size + t for t in p.logit_bias]
             values += p.logit_bias.values()
-        if p.min_tokens_stop_ids and len(outputs[row]) < p.min_tokens:
+        if p.min_tokens_stop_ids and output_lens[row] < p.min_tokens:
             index += [row * vocab_size + t for t in p.min_tokens_stop_ids]
             values += [float("-inf")] * len(p.min_tokens_stop_ids)
     if not index:

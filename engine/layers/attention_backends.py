@@ -85,6 +85,10 @@ class SdpaBackend:
         # decided here and by warm_up only: never switched per step or from outside
         self.compiled_decode = compiled_decode
 
+    def reads_decode_groups(self, query_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+        """Whether decode-only steps read md.decode_groups (the runner builds them only then)."""
+        return True
+
     def warm_up(self, layer) -> None:
         """Once the KV cache is bound: compile the decode kernel now (no step waits for it), on
         the layer's cache; where it cannot run (an fp8 cache, no compiler) decode eagerly."""
@@ -168,6 +172,9 @@ class SdpaBackend:
 class TritonBackend(SdpaBackend):
     """SDPA for steps with prompt chunks; decode-only steps through the paged Triton kernel."""
 
+    def reads_decode_groups(self, query_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+        return False
+
     def _decode(self, layer, q: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         from engine.kernels.triton_attention import paged_decode_attention
 
@@ -194,6 +201,9 @@ class CpuAttentionBackend(SdpaBackend):
             raise RuntimeError(
                 f"attention_backend 'cpu': the kernel is unavailable ({cpu_kernels.failure()})"
             )
+
+    def reads_decode_groups(self, query_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+        return query_dtype != cache_dtype  # the kernel reads queries in the cache's dtype: else SDPA's path
 
     def check_layer(self, layer) -> None:
         """Refuse a layer the kernel cannot run (soft-capped logits, sinks): the runtime chooses
@@ -225,6 +235,9 @@ class CpuAttentionBackend(SdpaBackend):
 
 
 class FlashAttentionBackend:
+    def reads_decode_groups(self, query_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+        return False
+
     def warm_up(self, layer) -> None:
         """Nothing to compile: flash-attn's kernels are built."""
 

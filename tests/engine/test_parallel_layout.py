@@ -43,11 +43,13 @@ def test_stages_are_contiguous_and_cover_every_layer_once():
 
 def test_micro_batches_split_the_step_in_order_with_balanced_tokens():
     token_ids = [[7] * n for n in [1, 1, 1, 1, 1, 1, 1, 1]]
-    plan = StepPlan(token_ids, [5] * 8, [[i] for i in range(8)], [True] * 8)
+    plan = StepPlan(list(range(8)), token_ids, [5] * 8, [True] * 8)
     micro = plan.split(4)
     assert [m.num_seqs for m in micro] == [2, 2, 2, 2]
-    assert [t for m in micro for t in m.block_tables] == plan.block_tables
+    assert [s for m in micro for s in m.seq_ids] == plan.seq_ids
     assert all(not m.sampling_params for m in micro)  # the last stage samples once, for the whole step
-    uneven = StepPlan([[7] * 30, [7], [7], [7]], [0] * 4, [[0]] * 4, [True] * 4)
+    # the persistent batch's changes are applied once for the whole step, not per micro-batch
+    assert all(not m.block_table_updates and not m.released_seq_ids for m in micro)
+    uneven = StepPlan(list(range(4)), [[7] * 30, [7], [7], [7]], [0] * 4, [True] * 4)
     assert [m.num_seqs for m in uneven.split(2)] == [1, 3]
     assert len(plan.split(100)) == 8  # never an empty micro-batch
