@@ -144,7 +144,9 @@ class ModelRunner:
                 continue
             if plan.prompt_logprob_rows is not None or plan.pooling_rows is not None:
                 hiddens.append(result)
-            if logits_indices.numel():
+            if logits_indices is None:  # every row samples at its only token: no gather
+                logits.append(self.model.compute_logits(result))
+            elif logits_indices.numel():
                 logits.append(self.model.compute_logits(result[logits_indices]))
         for work, _tensor in pending:
             work.wait()
@@ -167,7 +169,7 @@ class ModelRunner:
             if prompt_logprobs is None and pooled is None:
                 return None
             return ModelRunnerOutput(no_tokens, None, prompt_logprobs, prompt_top, pooled)
-        logits = torch.cat(logits).float()  # [N, V]
+        logits = (logits[0] if len(logits) == 1 else torch.cat(logits)).float()  # [N, V]
         batch = self._sampling.build(plan, self.device, logits.shape[-1])
         sampled = self.sampler(logits, batch)
         return ModelRunnerOutput(
@@ -218,13 +220,13 @@ class ModelRunner:
         )
         if metadata.is_decode_only and self._uses_decode_groups:
             metadata.decode_groups = group_by_length(context_lens, device)
-        if all(plan.is_sampling):  # the common step: every row samples at its last token
-            logits_indices = cu_query[1:].long() - 1
-        else:
+        # the hidden-state rows whose logits are sampled; None: every row, in order (a decode step)
+        logits_indices = None
+        if not (step.is_decode_only and all(plan.is_sampling)):
             sampling_rows = [i for i, samples in enumerate(plan.is_sampling) if samples]
-            logits_indices = (cu_query[1:].long() - 1)[sampling_rows]
+            logits_indices = (cu_query[1:].long() - 1)[sampling_rows].to(device)
         input_ids = torch.from_numpy(step.token_ids).to(device)
-        return input_ids, torch.from_numpy(step.positions).to(device), metadata, logits_indices.to(device)
+        return input_ids, torch.from_numpy(step.positions).to(device), metadata, logits_indices
 
     def _blocks_that_fit(self) -> int:
         if self.device.type == "cuda":
