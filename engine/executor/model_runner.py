@@ -26,6 +26,7 @@ from engine.forward_context import AttentionMetadata, attention_metadata, group_
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
 from engine.layers.rotary import RotaryEmbedding
+from engine.lora import LoRASlots
 from engine.outputs import ModelRunnerOutput
 from engine.quant import kv_cache as fp8_kv
 
@@ -48,6 +49,7 @@ class ModelRunner:
         self.sampler = Sampler(generator=torch.Generator(device=self.device).manual_seed(config.seed))
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
+        self.lora: LoRASlots | None = None  # the adapters' device slots (engine.lora), set by build_runner
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -231,6 +233,8 @@ class ModelRunner:
         )
         if metadata.is_decode_only:
             metadata.decode_groups = group_by_length(context_lens, device)
+        if self.lora is not None and plan.lora_names:
+            metadata.lora = self.lora.prepare_step(plan.lora_names, query_lens)
         sampling_rows = [i for i, samples in enumerate(plan.is_sampling) if samples]
         logits_indices = (cu_query[1:].long() - 1)[sampling_rows].to(device)
         input_ids = torch.tensor(token_ids, dtype=torch.int64, device=device)
