@@ -9,14 +9,13 @@ import shutil
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.config import EngineConfigError
 from engine.core.input_processor import RequestRejected
 from engine.demo.checkpoints import ensure_checkpoint
 from engine.lora import LoRAError
+from tests.engine.lora_adapters import build_adapter, peft_greedy
 from tests.engine.transformers_greedy import transformers_greedy
 
 MAX_TOKENS = 8
@@ -34,37 +33,6 @@ def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
     return [[1] + [rng.randrange(4, vocab) for _ in range(n - 1)] for n in (3, 17, 40, 9, 24, 5)]
 
 
-def _build_adapter(checkpoint, folder, seed: int, **options) -> None:
-    """A PEFT adapter of the tiny model with random nonzero A and B (PEFT starts B at zero)."""
-    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(lora_dropout=0.0, **options))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    model.save_pretrained(folder)
-
-
-def _peft_greedy(checkpoint, folder, prompts: list[list[int]]) -> list[list[int]]:
-    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, folder).eval()
-    model.generation_config.eos_token_id = None
-    outputs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=MAX_TOKENS,
-                pad_token_id=0,
-            )
-            outputs.append(out[0, len(prompt) :].tolist())
-    return outputs
-
-
 @pytest.fixture(scope="module", params=["tiny", "tiny-qwen3"])
 def family(request, model_cache, tmp_path_factory):
     """(checkpoint, adapter folders, prompts, reference tokens by adapter name; None: the base)."""
@@ -73,8 +41,8 @@ def family(request, model_cache, tmp_path_factory):
     folders, reference = {}, {None: transformers_greedy(checkpoint, torch.float32, prompts, MAX_TOKENS)}
     for seed, (name, options) in enumerate(ADAPTERS.items()):
         folders[name] = tmp_path_factory.mktemp(f"{request.param}-{name}")
-        _build_adapter(checkpoint, folders[name], seed, **options)
-        reference[name] = _peft_greedy(checkpoint, folders[name], prompts)
+        build_adapter(checkpoint, folders[name], seed, **options)
+        reference[name] = peft_greedy(checkpoint, folders[name], prompts, MAX_TOKENS)
         assert reference[name] != reference[None]  # the adapter changes the output
     return checkpoint, folders, prompts, reference
 
@@ -156,7 +124,7 @@ def test_a_step_never_holds_more_adapters_than_slots(family):
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-adapter")
-    _build_adapter(tiny_checkpoint, folder, 0, r=4, target_modules=["q_proj", "down_proj"])
+    build_adapter(tiny_checkpoint, folder, 0, r=4, target_modules=["q_proj", "down_proj"])
     return folder
 
 
