@@ -40,7 +40,7 @@ class _LayerSlots:
     """One linear layer's slot weights, and the hook that adds their contribution to its output."""
 
     def __init__(self, layer: LinearBase, shards: dict, max_loras: int, max_rank: int, device, dtype):
-        out_size, in_size = layer.weight.shape
+        out_size, in_size = layer.output_size, layer.input_size
         self.shards = shards  # shard id -> (row offset, rows) of the layer's output
         self.max_rank = max_rank
         width = len(shards) * max_rank
@@ -173,7 +173,7 @@ def _map_to_layers(adapter: LoRAAdapter, layers: dict, packed: dict) -> dict[str
         if layer_name not in layers or shard not in layers[layer_name][1]:
             raise LoRAError(f"{where}: the model has no such layer")
         layer, shards = layers[layer_name]
-        in_size, rows = layer.weight.shape[1], shards[shard][1]
+        in_size, rows = layer.input_size, shards[shard][1]
         if a.shape[1] != in_size:
             raise LoRAError(
                 f"{where}.lora_A.weight has shape {tuple(a.shape)}, expected ({a.shape[0]}, {in_size})"
