@@ -10,11 +10,10 @@ import shutil
 import pytest
 import torch
 
-from engine import EngineConfig, LLMEngine, SamplingParams
+from engine import EngineConfig, LLMEngine, LoRAError, SamplingParams
 from engine.config import EngineConfigError
 from engine.core.input_processor import RequestRejected
 from engine.demo.checkpoints import ensure_checkpoint
-from engine.lora import LoRAError
 from tests.engine.lora_adapters import build_adapter, peft_greedy
 from tests.engine.transformers_greedy import transformers_greedy
 
