@@ -16,7 +16,9 @@ waits for the next step, where it finds that block cached (a burst of prompts sh
 instruction computes the instruction once, not once per prompt admitted in the first step).
 With LoRA adapters, the running batch holds sequences of at most `max_loras` distinct adapters
 (the model runner's slots): a waiting sequence of another adapter stays queued, and those
-behind it are admitted, until a running adapter's last sequence leaves.
+behind it are admitted, until a running adapter's last sequence leaves. Once it has waited
+`priority_aging_steps` steps, only base-model sequences are admitted past it, so that the
+running adapters drain and its wait is bounded.
 
 After the step, `update_from_output` appends the sampled tokens and decides which sequences
 are done (EOS, a stop token, max_tokens, a completed grammar), as vLLM v1's `check_stop`
@@ -161,9 +163,14 @@ class Scheduler:
                 in_flight.update(bm.blocks_filled_by(seq, num_new))
         loras = {s.lora_name for s in self.running} - {None}  # the running batch's adapters
         i = 0  # waiting sequences before it wait for a slot of their adapter
+        draining = False  # the running adapters admit no more: a new adapter has waited its turn
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[i]
             if self._lacks_lora_slot(seq, loras):  # it waits; those behind it go on
+                draining = draining or self._has_waited_a_turn(seq)
+                i += 1
+                continue
+            if draining and seq.lora_name is not None:
                 i += 1
                 continue
             num_reused = bm.reuse_cached_prefix(seq)
@@ -229,6 +236,12 @@ class Scheduler:
             and seq.lora_name not in loras
             and len(loras) >= self.max_loras
         )
+
+    def _has_waited_a_turn(self, seq: Sequence) -> bool:
+        """A sequence waiting for an adapter slot for priority_aging_steps steps (aging on): from then
+        on only base-model sequences join, so the running adapters drain and it gets a slot."""
+        aging = self.priority_aging_steps
+        return bool(aging) and self.num_steps - seq.arrival_step >= aging
 
     def _queue_key(self, seq: Sequence) -> tuple[int, int]:
         if self.priority_aging_steps:

@@ -46,3 +46,23 @@ def test_the_same_tokens_hash_differently_per_adapter():
     assert len({h[0] for h in hashes.values()}) == 3
     assert len({h[1] for h in hashes.values()}) == 3  # the chain carries it on
     assert manager._prefix_hashes(_seq("s", "x", 9), 2) == hashes["x"]
+
+
+def test_a_request_of_a_new_adapter_waits_at_most_an_aging_turn_plus_the_running_ones():
+    scheduler = Scheduler(BlockManager(256, 4), 8, 64, True, priority_aging_steps=3, max_loras=1)
+    scheduler.add(_seq("x0", "x", first=0))
+    scheduler.add(_seq("z", "z", first=100))
+    admitted, step = {}, 0
+    while "z" not in admitted:
+        step += 1
+        # a new request of the running adapter every step, and one of the base model
+        scheduler.add(_seq(f"x{step}", "x", first=1000 + 10 * step))
+        scheduler.add(_seq(f"b{step}", None, first=5000 + 10 * step))
+        out = scheduler.schedule()
+        for seq in out.seqs:
+            admitted.setdefault(seq.request_id, step)
+        scheduler.update_from_output(out, [7] * len(out.sampling_seqs))
+        assert step < 20, "z never got a slot"
+    # admitted after 3 steps of waiting, x's stopped joining; the ones running finished (4 tokens each)
+    assert max(step for rid, step in admitted.items() if rid.startswith("x")) <= 3
+    assert all(f"b{s}" in admitted for s in range(1, step + 1))  # the base model never waited
