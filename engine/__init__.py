@@ -13,6 +13,7 @@ from engine.engine_thread import EngineThread
 from engine.executor.executor import EngineDeadError, WorkerDiedError
 from engine.llm_engine import LLMEngine
 from engine.loader.checkpoint import ModelLoadError
+from engine.lora import LoRAError
 from engine.outputs import OutputLogprob, RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputs
 
@@ -24,6 +25,7 @@ __all__ = [
     "EngineStats",
     "EngineThread",
     "LLMEngine",
+    "LoRAError",
     "ModelLoadError",
     "OutputLogprob",
     "PoolingParams",

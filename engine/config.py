@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_DTYPES = ("auto", *DTYPES)  # "auto": engine.executor.runtime.resolve_dtype
@@ -64,6 +64,12 @@ class EngineConfig:
     # whole experts (expert parallelism) instead of a 1 / tensor_parallel_size slice of every expert
     expert_parallel: bool = False
     distributed_timeout_s: float = 300.0  # a collective waiting longer than this fails the step
+    # LoRA adapters (engine/lora): name -> a PEFT adapter folder (adapter_config.json and
+    # adapter_model.safetensors), each read and checked against the model at start-up; a request
+    # names its adapter by SamplingParams.lora_name
+    lora_adapters: dict[str, str] = field(default_factory=dict)
+    max_loras: int = 4  # adapters resident at once (slots); a step runs at most this many adapters
+    max_lora_rank: int = 16  # the largest rank `r` an adapter may have (every slot is this wide)
 
     def __post_init__(self) -> None:
         if self.dtype not in MODEL_DTYPES:
@@ -103,6 +109,7 @@ class EngineConfig:
             raise EngineConfigError(f"expert_parallel must be true or false, got {self.expert_parallel!r}")
         if self.distributed_timeout_s <= 0:
             raise EngineConfigError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
+        _check_lora(self)
         if self.max_model_len is not None and self.max_model_len < 2:
             raise EngineConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.kv_cache_memory_gib <= 0:
@@ -122,6 +129,21 @@ def _check_choice(config: EngineConfig, name: str, choices: tuple[str, ...]) -> 
     value = getattr(config, name)
     if value not in choices:
         raise EngineConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_lora(config: EngineConfig) -> None:
+    _check_positive(config, "max_loras", "max_lora_rank")
+    adapters = config.lora_adapters
+    if not isinstance(adapters, dict) or not all(
+        isinstance(name, str) and name and isinstance(path, str) and path for name, path in adapters.items()
+    ):
+        raise EngineConfigError(f"lora_adapters must map adapter names to folders, got {adapters!r}")
+    if adapters and config.world_size > 1:
+        raise EngineConfigError(
+            "lora_adapters cannot run with tensor_parallel_size or pipeline_parallel_size > 1 yet "
+            "(adapters are not sharded across ranks); serve them on one process"
+        )
+    config.lora_adapters = dict(adapters)
 
 
 def _check_positive(config: EngineConfig, *names: str, optional: bool = False) -> None:

@@ -32,6 +32,8 @@ class AttentionMetadata:
     # what the SDPA backend derives from decode_groups for every layer alike, built by the step's
     # first layer and reused by the others (engine.layers.paged_kv.decode_group_inputs)
     decode_group_inputs: object | None = None
+    # the step's tokens by LoRA adapter slot (engine.lora.LoRAMapping); None: no adapter this step
+    lora: object | None = None
 
 
 class _StepMetadata(threading.local):

@@ -85,6 +85,7 @@ class LLMEngine:
             config.enable_chunked_prefill,
             eos_token_ids,
             config.priority_aging_steps,
+            config.max_loras if config.lora_adapters else 0,
         )
         self.input_processor = InputProcessor(
             config,

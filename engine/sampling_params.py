@@ -100,6 +100,8 @@ class SamplingParams:
     # EOS and stop token ids that min_tokens holds back: set by the engine when it takes the
     # request (InputProcessor), since the EOS ids are the model's
     min_tokens_stop_ids: frozenset[int] = field(default=frozenset(), repr=False)
+    # the LoRA adapter (a name of EngineConfig.lora_adapters) to run the request with; None: the base model
+    lora_name: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -156,6 +158,10 @@ class SamplingParams:
             name = "n" if self.best_of is None else "best_of"
             raise SamplingParamsError(
                 name, f"{name} must be 1 when using greedy sampling, got {self.num_samples}"
+            )
+        if self.lora_name is not None and not (isinstance(self.lora_name, str) and self.lora_name):
+            raise SamplingParamsError(
+                "lora_name", f"lora_name must be a non-empty string, got {self.lora_name!r}"
             )
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise SamplingParamsError(

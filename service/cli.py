@@ -52,6 +52,11 @@ def _run_file(args: argparse.Namespace, config) -> int:
     from service.client.outputs import OutputError
 
     _quiet_libraries(args.local)
+    try:
+        config = _with_adapters(args, config)
+    except ConfigError as e:
+        print(f"sluice {args.command}: {e}", file=sys.stderr)
+        return 2
     run = label.run_label if args.command == "label" else batch.run_batch
     try:
         return asyncio.run(run(args, config))
@@ -67,6 +72,27 @@ def _run_file(args: argparse.Namespace, config) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _with_adapters(args: argparse.Namespace, config):
+    """The configuration with the `--lora NAME=PATH` adapters added to the engine's (--local only)."""
+    if not args.lora:
+        return config
+    if not args.local:
+        raise ConfigError("--lora needs --local: the service serves the adapters of its own configuration")
+    import dataclasses
+
+    import msgspec
+
+    from engine.config import EngineConfigError
+    from service.config import parse_pairs
+
+    adapters = {**config.engine.lora_adapters, **parse_pairs(args.lora)}
+    try:
+        engine = dataclasses.replace(config.engine, lora_adapters=adapters)
+        return msgspec.structs.replace(config, engine=engine)
+    except (EngineConfigError, ValueError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def _quiet_libraries(local: bool) -> None:

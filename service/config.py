@@ -123,6 +123,7 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
         try:
             kafka_security.check(self)
             re.compile(self.reply_topics)
+            _check_adapter_names(self)
         except (ValueError, re.error) as e:
             raise ConfigError(str(e) if isinstance(e, ValueError) else f"reply_topics: {e}") from None
 
@@ -201,13 +202,27 @@ def _check_known_keys(table: dict[str, object], field: mi.Field) -> None:
 
 def _from_env(field_type: mi.Type, raw: str) -> object:
     """The variable's text as the field's type reads it: a comma-separated list for a list or
-    tuple, None for an empty value of an optional field, else the text (msgspec converts it)."""
+    tuple, comma-separated `key=value` pairs for a mapping (lora_adapters), None for an empty value
+    of an optional field, else the text (msgspec converts it)."""
     types = field_type.types if isinstance(field_type, mi.UnionType) else (field_type,)
     if raw == "" and any(isinstance(t, mi.NoneType) for t in types):
         return None
+    if any(isinstance(t, mi.DictType) for t in types):
+        return parse_pairs(item for item in raw.split(",") if item.strip())
     if any(isinstance(t, mi.ListType | mi.VarTupleType | mi.SetType | mi.FrozenSetType) for t in types):
         return [item.strip() for item in raw.split(",") if item.strip()]
     return raw
+
+
+def parse_pairs(items) -> dict[str, str]:
+    """`name=value` items as a dict (the variable SLUICE_ENGINE_LORA_ADAPTERS, `--lora` options)."""
+    pairs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ConfigError(f"expected NAME=VALUE, got {item!r}")
+        pairs[name.strip()] = value.strip()
+    return pairs
 
 
 def _variables(fields: tuple[mi.Field, ...], prefix: str) -> Iterator[str]:
@@ -216,3 +231,13 @@ def _variables(fields: tuple[mi.Field, ...], prefix: str) -> Iterator[str]:
             yield from _variables(field.type.fields, _table_prefix(field, prefix))
         else:
             yield f"{prefix}{field.name.upper()}"
+
+
+def _check_adapter_names(config: ServiceConfig) -> None:
+    # a job's `model` picks the base model or one adapter: each name must mean one thing
+    taken = {config.served_model_name, *config.model_aliases} & set(config.engine.lora_adapters)
+    if taken:
+        raise ValueError(
+            f"lora_adapters: {sorted(taken)[0]!r} is also the served model's name or an alias; "
+            "a job's `model` must name one of them"
+        )

@@ -64,7 +64,7 @@ def _default(*values: Any) -> Callable[[Any], bool]:
 
 # field | endpoint | status | note: the table of docs/wire-format.md, row for row
 _TABLE = """
-| `model` | both | honoured | the served model name or an alias (`model_aliases`); empty: the served model; otherwise a 404 `model_not_found` |
+| `model` | both | honoured | the served model name, an alias (`model_aliases`) or a LoRA adapter's name (`lora_adapters`: the job runs with that adapter and its result's `model` is the adapter's name); empty: the served model; otherwise a 404 `model_not_found` |
 | `max_tokens` | both | honoured | default: generation_config.json's `max_new_tokens`, else `default_max_tokens` |
 | `temperature` | both | honoured | default: generation_config.json's, else 1 |
 | `top_p` | both | honoured | default: generation_config.json's, else 1; one below float32's smallest normal (2^-126) is raised to it: either way only the top token is kept |

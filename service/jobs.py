@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -85,6 +86,8 @@ class JobHandler:
         self._backpressure = backpressure or Backpressure(max_jobs=2**31, max_tokens=2**62)
         self._model_name = config.served_model_name
         self._served_names = frozenset([self._model_name, *config.model_aliases])
+        # a job whose `model` names a LoRA adapter runs with it, and its result carries that name
+        self._adapters = frozenset(config.engine.lora_adapters)
         self._unknown_fields = config.unknown_fields
         self._default_max_tokens = config.default_max_tokens
         self._limits = config.limits
@@ -150,15 +153,24 @@ class JobHandler:
     ) -> tuple[BatchResponseLine, RequestOutput]:
         check_deadline(deadline, "before decoding")
         job = decode_job(value, content_type, self._unknown_fields)
-        check_model(job, self._served_names)
+        check_model(job, self._served_names | self._adapters)
+        adapter = job.body.model if job.body.model in self._adapters else None
         if job.body.sluice_deadline_ms is not None:
             deadline = min(deadline or math.inf, job.body.sluice_deadline_ms / 1000)
         check_deadline(deadline, "before inference")
         if isinstance(job.body, EmbeddingRequest):
+            if adapter is not None:
+                raise TranslationError(
+                    "invalid_request",
+                    "LoRA adapters serve completions and chats, not embeddings",
+                    param="model",
+                )
             return await self._embed(job, request_id, deadline, tag)
         max_tokens = max_tokens_of(job.body, self._default_max_tokens, self._batcher.generation_defaults)
         check_limits(job, self._limits, max_tokens, self._max_model_len)
         request = await self._translate(job)
+        if adapter is not None:
+            request.params = dataclasses.replace(request.params, lora_name=adapter)
         num_prompt_tokens = len(request.prompt_token_ids)
         check_prompt_tokens(num_prompt_tokens, self._limits, self._max_model_len)
         check_deadline(deadline, "after tokenising")
@@ -174,7 +186,7 @@ class JobHandler:
             ),
             job,
             output,
-            self._model_name,
+            adapter or self._model_name,
             enqueued_time,
             self._tokenizer,
         )

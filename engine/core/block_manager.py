@@ -6,7 +6,8 @@ A block is free when its reference count is 0. Reference counts above 1 come fro
 
 Automatic prefix caching: once a block is full of computed tokens it is registered under the
 hash of (its parent block's hash, its token ids), so the hash names the whole prefix up to
-and including that block. A new sequence takes a reference to every cached block of its
+and including that block (the first block's parent is the sequence's LoRA adapter name, so a
+prefix cached under one adapter never serves another). A new sequence takes a reference to every cached block of its
 longest cached prefix and computes only the rest. A cached block nobody references stays
 in the pool, evictable: it is handed out again (and forgotten) only when no never-cached
 block is free, least recently used first.
@@ -186,7 +187,13 @@ class BlockManager:
         size = self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
-            digest = hashlib.sha256(hashes[-1] if hashes else b"")
+            # the first block's hash starts from the adapter's name: one adapter's keys and values
+            # never serve another's (or the base model's) prompt
+            digest = hashlib.sha256(hashes[-1] if hashes else _lora_seed(seq.lora_name))
             digest.update(array("q", seq.token_ids[i * size : (i + 1) * size]).tobytes())
             hashes.append(digest.digest())
         return hashes[:num_blocks]
+
+
+def _lora_seed(lora_name: str | None) -> bytes:
+    return b"" if lora_name is None else b"lora:" + lora_name.encode()

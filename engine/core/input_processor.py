@@ -67,6 +67,7 @@ class InputProcessor:
                 f"priority must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}], got {priority}",
                 code="invalid_request",
             )
+        self._check_lora(params.lora_name)
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(token_ids)
         params = self._resolve(params)
@@ -125,6 +126,15 @@ class InputProcessor:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
         in_vocab = frozenset(t for t in stop_ids if t < self.vocab_size)  # others are never sampled
         return dataclasses.replace(params, min_tokens_stop_ids=in_vocab)
+
+    def _check_lora(self, lora_name: str | None) -> None:
+        if lora_name is not None and lora_name not in self.config.lora_adapters:
+            names = ", ".join(sorted(self.config.lora_adapters)) or "none"
+            raise RequestRejected(
+                f"unknown LoRA adapter {lora_name!r}; this engine's adapters: {names}",
+                code="model_not_found",
+                param="lora_name",
+            )
 
     def _check_prompt(self, token_ids: list[int], for_generation: bool = True) -> None:
         if not token_ids:

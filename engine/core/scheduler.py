@@ -14,6 +14,11 @@ longest cached prefix and is then scheduled like a chunk of prefill with existin
 one whose prefix continues with a block that this very step computes for another sequence
 waits for the next step, where it finds that block cached (a burst of prompts sharing an
 instruction computes the instruction once, not once per prompt admitted in the first step).
+With LoRA adapters, the running batch holds sequences of at most `max_loras` distinct adapters
+(the model runner's slots): a waiting sequence of another adapter stays queued, and those
+behind it are admitted, until a running adapter's last sequence leaves. Once it has waited
+`priority_aging_steps` steps, only base-model sequences are admitted past it, so that the
+running adapters drain and its wait is bounded.
 
 After the step, `update_from_output` appends the sampled tokens and decides which sequences
 are done (EOS, a stop token, max_tokens, a completed grammar), as vLLM v1's `check_stop`
@@ -63,7 +68,9 @@ class Scheduler:
         enable_chunked_prefill: bool,
         eos_token_ids: frozenset[int] = frozenset(),
         priority_aging_steps: int = 0,  # steps a waiting sequence takes to gain a priority level; 0: never
+        max_loras: int = 0,  # distinct LoRA adapters the running batch may hold; 0: no limit
     ) -> None:
+        self.max_loras = max_loras
         self.block_manager = block_manager
         self.priority_aging_steps = priority_aging_steps
         self.num_steps = 0  # schedule() calls so far: the clock that waiting sequences age by
@@ -154,8 +161,18 @@ class Scheduler:
         if bm.enable_prefix_caching and self.waiting:
             for seq, num_new in zip(out.seqs, out.num_new_tokens, strict=True):
                 in_flight.update(bm.blocks_filled_by(seq, num_new))
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        loras = {s.lora_name for s in self.running} - {None}  # the running batch's adapters
+        i = 0  # waiting sequences before it wait for a slot of their adapter
+        draining = False  # the running adapters admit no more: a new adapter has waited its turn
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[i]
+            if self._lacks_lora_slot(seq, loras):  # it waits; those behind it go on
+                draining = draining or self._has_waited_a_turn(seq)
+                i += 1
+                continue
+            if draining and seq.lora_name is not None:
+                i += 1
+                continue
             num_reused = bm.reuse_cached_prefix(seq)
             if in_flight and bm.next_uncached_block(seq) in in_flight:
                 self._unadmit(seq)
@@ -174,7 +191,9 @@ class Scheduler:
             self.block_manager.count_admission(seq, num_reused)
             if seq.num_cached_tokens is None:  # first admission: what the prefix cache gave its prompt
                 seq.num_cached_tokens = num_reused
-            self.waiting.pop(0)
+            self.waiting.pop(i)
+            if seq.lora_name is not None:
+                loras.add(seq.lora_name)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self._take(out, seq, num_new)
@@ -208,6 +227,21 @@ class Scheduler:
         out.num_new_tokens.append(num_new)
         reaches_end = seq.num_computed_tokens + num_new == seq.num_tokens
         out.is_sampling.append(reaches_end and not seq.is_prefill_only)
+
+    def _lacks_lora_slot(self, seq: Sequence, loras: set[str]) -> bool:
+        """Whether admitting `seq` would put more than max_loras adapters in the running batch."""
+        return (
+            bool(self.max_loras)
+            and seq.lora_name is not None
+            and seq.lora_name not in loras
+            and len(loras) >= self.max_loras
+        )
+
+    def _has_waited_a_turn(self, seq: Sequence) -> bool:
+        """A sequence waiting for an adapter slot for priority_aging_steps steps (aging on): from then
+        on only base-model sequences join, so the running adapters drain and it gets a slot."""
+        aging = self.priority_aging_steps
+        return bool(aging) and self.num_steps - seq.arrival_step >= aging
 
     def _queue_key(self, seq: Sequence) -> tuple[int, int]:
         if self.priority_aging_steps:

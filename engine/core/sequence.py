@@ -85,6 +85,11 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
+    def lora_name(self) -> str | None:
+        """The LoRA adapter it runs with (its params'); None: the base model."""
+        return self.params.lora_name
+
+    @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 

@@ -110,6 +110,8 @@ class StepPlan:
     prompt_logprob_top: int = 0  # alternatives per prompt logprob row (PromptLogprobRows.num_top)
     # rows of the step's flat final hidden states that pooling requests need (engine/core/pooling.py)
     pooling_rows: list[int] | None = None
+    # one entry per scheduled sequence: its LoRA adapter's name, None for the base model (empty: none has one)
+    lora_names: list[str | None] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -142,6 +144,8 @@ class StepPlan:
                 else:
                     plan.prompt_token_ids.append(())
                     plan.output_token_ids.append(())
+        if any(seq.lora_name is not None for seq in out.seqs):
+            plan.lora_names = [seq.lora_name for seq in out.seqs]
         grammars = [seq.grammar for seq, samples in zip(out.seqs, out.is_sampling, strict=True) if samples]
         plan.token_bitmask = token_bitmask(grammars, vocab_size)
         if prompt_logprobs is not None:
@@ -187,6 +191,12 @@ class StepPlan:
                 bounds.append(i + 1)
         bounds.append(self.num_seqs)
         return [
-            StepPlan(self.seq_ids[a:b], self.token_ids[a:b], self.starts[a:b], self.is_sampling[a:b])
+            StepPlan(
+                self.seq_ids[a:b],
+                self.token_ids[a:b],
+                self.starts[a:b],
+                self.is_sampling[a:b],
+                lora_names=self.lora_names[a:b],
+            )
             for a, b in itertools.pairwise(bounds)
         ]

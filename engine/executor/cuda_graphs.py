@@ -40,6 +40,7 @@ def use_decode_graphs(runner, config, attention_backend: str, max_model_len: int
     device = torch.device(config.device)
     if (
         not config.enforce_eager
+        and not config.lora_adapters  # the LoRA segments change shape every step
         and can_capture(device, attention_backend, config.quantization, config.world_size)
         and is_capturable(runner.model)
     ):

@@ -29,6 +29,7 @@ from engine.forward_context import AttentionMetadata, attention_metadata, group_
 from engine.layers.attention import Attention
 from engine.layers.attention_backends import make_backend
 from engine.layers.rotary import RotaryEmbedding
+from engine.lora import LoRASlots
 from engine.outputs import ModelRunnerOutput
 from engine.quant import kv_cache as fp8_kv
 from engine.sampling_params import SamplingParams
@@ -56,6 +57,7 @@ class ModelRunner:
         self._uses_decode_groups = attention.reads_decode_groups(self.dtype, self.kv_dtype)
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
+        self.lora: LoRASlots | None = None  # the adapters' device slots (engine.lora), set by build_runner
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -220,6 +222,8 @@ class ModelRunner:
         )
         if metadata.is_decode_only and self._uses_decode_groups:
             metadata.decode_groups = group_by_length(context_lens, device)
+        if self.lora is not None and plan.lora_names:
+            metadata.lora = self.lora.prepare_step(plan.lora_names, metadata.query_lens)
         # the hidden-state rows whose logits are sampled; None: every row, in order (a decode step)
         logits_indices = None
         if not (step.is_decode_only and all(plan.is_sampling)):

@@ -26,6 +26,7 @@ from engine.executor.runtime import ModelSpec
 from engine.layers.fused_ops import use_fused_cpu_ops
 from engine.layers.packed_linear import pack_linear_weights
 from engine.loader.weights import build_model
+from engine.lora import LoRASlots, read_adapter
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,22 @@ def build_runner(config: EngineConfig, spec: ModelSpec, local_rank: int) -> Mode
         config = dataclasses.replace(config, device=f"cuda:{local_rank}")
     device = torch.device(config.device)
     dtype = getattr(torch, config.dtype)
+    # each LoRA adapter read and checked before the model loads; against the model's shapes after
+    adapters = {
+        name: read_adapter(name, folder, config.max_lora_rank)
+        for name, folder in config.lora_adapters.items()
+    }
     model = build_model(spec.checkpoint, dtype, device, spec.quant_plan)  # each rank quantises its shard
+    lora = None
+    if adapters:  # before packing: the slots read the layers' plain shapes
+        lora = LoRASlots(model, adapters, config.max_loras, config.max_lora_rank, device, dtype)
     if config.cpu_weight_prepack:
         pack_linear_weights(model, device, dtype)
     if config.cpu_fused_ops and device.type == "cpu":
         use_fused_cpu_ops(model)
-    return ModelRunner(config, model, spec.attention_backend, spec.block_size)
+    runner = ModelRunner(config, model, spec.attention_backend, spec.block_size)
+    runner.lora = lora
+    return runner
 
 
 def join_and_load(

@@ -22,6 +22,8 @@ class LinearBase(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_dim: int | None = None):
         super().__init__()
         self.tp_dim = tp_dim  # dim of W split across ranks; None when replicated
+        # this rank's W shape, which quantisation may repack (LoRA reads the logical one)
+        self.input_size, self.output_size = input_size, output_size
         self.tp_rank = get_tp_rank()
         self.tp_size = get_tp_size()
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
@@ -44,7 +46,7 @@ class LinearBase(nn.Module):
     @property
     def output_shards(self) -> dict:
         """This rank's output rows of each projection fused in the layer, keyed by shard id, in order."""
-        return {None: self.weight.shape[0]}
+        return {None: self.output_size}
 
 
 class ReplicatedLinear(LinearBase):

@@ -32,6 +32,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the engine in this process (the model from SLUICE_ENGINE_MODEL, else the demo model); no Kafka",
     )
     parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="with --local: serve the PEFT LoRA adapter in PATH as model NAME (repeatable); "
+        "a job whose `model` is NAME runs with it",
+    )
+    parser.add_argument(
         "--run-id",
         help="names the run (its jobs' custom_ids and reply topic); default: the one in OUTPUT.run, else new",
     )

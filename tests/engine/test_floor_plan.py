@@ -22,6 +22,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("engine.evaluation", "engine.compress"),  # tools over a runner or a checkpoint folder
     ("engine.executor",),
     ("engine.loader",),
+    ("engine.lora",),
     ("engine.core",),
     ("engine.models",),
     ("engine.layers",),
@@ -32,7 +33,18 @@ FLOORS: list[tuple[str, ...]] = [
     ("engine.config", "engine.sampling_params", "engine.outputs", "engine.forward_context"),
 ]
 
-ROLE_FOLDERS = ("core", "executor", "loader", "models", "layers", "quant", "kernels", "distributed", "demo")
+ROLE_FOLDERS = (
+    "core",
+    "executor",
+    "loader",
+    "lora",
+    "models",
+    "layers",
+    "quant",
+    "kernels",
+    "distributed",
+    "demo",
+)
 PUBLIC_TOP_LEVEL = {
     "__init__.py",
     "llm_engine.py",

@@ -227,6 +227,10 @@ SPECIAL_VALUES: dict[str, tuple[object, str]] = {
     "bnb_4bit_compute_dtype": ("float16", "float16"),
     "quantization_skip_modules": (("down_proj", "layers.0"), "down_proj, layers.0"),
     "distributed_timeout_s": (60.0, "60"),
+    "lora_adapters": (
+        {"formal": "/adapters/formal", "casual": "/a/c"},
+        "formal=/adapters/formal, casual=/a/c",
+    ),
 }
 
 
@@ -234,6 +238,8 @@ SPECIAL_VALUES: dict[str, tuple[object, str]] = {
 def test_every_engine_option_is_set_by_the_engine_toml_table(tmp_path: Path, name: str) -> None:
     value, _ = _example(name)
     toml_value = json.dumps(list(value) if isinstance(value, tuple) else value)  # TOML's form too
+    if isinstance(value, dict):  # an inline table
+        toml_value = "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + "}"
     config = load_config(_toml(tmp_path, f"[engine]\n{name} = {toml_value}\n"))
     assert getattr(config.engine, name) == value
     assert config.engine == dataclasses.replace(EngineConfig(), **{name: value})

@@ -1,0 +1,186 @@
+"""LoRASlots: `max_loras` resident adapters on the device, applied to a step's tokens batched per adapter.
+
+Every targeted linear layer (our fused qkv_proj and gate_up_proj included) gets stacked slot
+weights, A [max_loras, S * max_lora_rank, in] and B [max_loras, out, S * max_lora_rank] for a
+layer fusing S projections: an adapter's per-projection A's stack along the rank dim and its
+B's sit block-diagonally (each projection's rows of the fused output read only its own rank
+columns), so one shrink (x @ A^T) and one expand (@ B^T) serve all of a fused layer's
+projections. Ranks below max_lora_rank and projections an adapter does not target are zeros.
+
+Each step the model runner calls `prepare_step` once: it loads the step's adapters into slots
+(least recently used slot evicted first), and returns a LoRAMapping, the step's tokens grouped
+by slot (the SGMV idea: one shrink and one expand matmul per adapter segment and layer, never a
+loop over requests). Layers find it in the step's AttentionMetadata (engine.forward_context)
+through a forward hook on each targeted layer; tokens of no adapter get nothing added.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.forward_context import get_attention_metadata
+from engine.layers.linear import LinearBase
+from engine.lora.adapter import LoRAAdapter, LoRAError
+
+
+@dataclass(slots=True)
+class LoRAMapping:
+    """One step's tokens by adapter slot."""
+
+    token_slots: torch.Tensor  # [T] int32 (device): each token's slot, -1 for the base model
+    # (slot, its token rows [t] int64 on the device, or None when every token of the step is its)
+    segments: list[tuple[int, torch.Tensor | None]]
+
+
+class _LayerSlots:
+    """One linear layer's slot weights, and the hook that adds their contribution to its output."""
+
+    def __init__(self, layer: LinearBase, shards: dict, max_loras: int, max_rank: int, device, dtype):
+        out_size, in_size = layer.output_size, layer.input_size
+        self.shards = shards  # shard id -> (row offset, rows) of the layer's output
+        self.max_rank = max_rank
+        width = len(shards) * max_rank
+        self.a = torch.zeros(max_loras, width, in_size, device=device, dtype=dtype)
+        self.b = torch.zeros(max_loras, out_size, width, device=device, dtype=dtype)
+        self.scaling = [0.0] * max_loras
+
+    def load(self, slot: int, weights: dict, scaling: float) -> None:
+        """weights: shard id -> (A [r, in], B [rows, r]) of the projections the adapter targets."""
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        self.scaling[slot] = scaling
+        for i, (shard, (offset, rows)) in enumerate(self.shards.items()):
+            if shard in weights:
+                a, b = weights[shard]
+                r = a.shape[0]
+                self.a[slot, i * self.max_rank : i * self.max_rank + r] = a
+                self.b[slot, offset : offset + rows, i * self.max_rank : i * self.max_rank + r] = b
+
+    def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        metadata = get_attention_metadata()
+        mapping = None if metadata is None else metadata.lora
+        if mapping is None:
+            return output
+        x = inputs[0]  # [T, in] -> output [T, out]
+        for slot, rows in mapping.segments:
+            xs = x if rows is None else x.index_select(0, rows)
+            delta = (xs @ self.a[slot].T) @ self.b[slot].T  # shrink [t, S r], expand [t, out]
+            delta = delta * self.scaling[slot]
+            if rows is None:
+                output = output + delta
+            else:
+                output.index_add_(0, rows, delta)
+        return output
+
+
+class LoRASlots:
+    """The engine's adapters (checked against the model at construction) and their device slots."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: dict[str, LoRAAdapter],
+        max_loras: int,
+        max_rank: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.device = device
+        self.max_loras = max_loras
+        layers = _target_layers(model)
+        # per adapter: our layer name -> {shard id: (A, B)}, checked against the layer's shapes
+        packed = dict(getattr(model, "packed_modules_mapping", {}))  # q_proj -> (qkv_proj, "q"), ...
+        self.weights = {name: _map_to_layers(adapter, layers, packed) for name, adapter in adapters.items()}
+        self.scaling = {name: adapter.scaling for name, adapter in adapters.items()}
+        targeted = {layer for per_layer in self.weights.values() for layer in per_layer}
+        self.layers: dict[str, _LayerSlots] = {}
+        for name in sorted(targeted):
+            layer, shards = layers[name]
+            self.layers[name] = _LayerSlots(layer, shards, max_loras, max_rank, device, dtype)
+            layer.register_forward_hook(self.layers[name].hook)
+        self.slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.weights)
+
+    def prepare_step(self, lora_names: list[str | None], query_lens: list[int]) -> LoRAMapping | None:
+        """Load the step's adapters into slots and group its tokens by slot (one entry per sequence
+        in both lists, in batch order); None when no sequence of the step has an adapter."""
+        wanted = list(dict.fromkeys(n for n in lora_names if n is not None))
+        if not wanted:
+            return None
+        if len(wanted) > self.max_loras:
+            raise RuntimeError(f"a step with {len(wanted)} adapters; max_loras is {self.max_loras}")
+        slots = {name: self._slot(name, wanted) for name in wanted}
+        token_slots: list[int] = []
+        rows: dict[int, list[int]] = {}
+        for name, num_tokens in zip(lora_names, query_lens, strict=True):
+            slot = -1 if name is None else slots[name]
+            if slot >= 0:
+                rows.setdefault(slot, []).extend(range(len(token_slots), len(token_slots) + num_tokens))
+            token_slots += [slot] * num_tokens
+        if len(rows) == 1 and -1 not in token_slots:  # one adapter for the whole step: no gather
+            segments = [(next(iter(rows)), None)]
+        else:
+            segments = [
+                (slot, torch.tensor(r, dtype=torch.int64, device=self.device)) for slot, r in rows.items()
+            ]
+        return LoRAMapping(torch.tensor(token_slots, dtype=torch.int32, device=self.device), segments)
+
+    def _slot(self, name: str, wanted: list[str]) -> int:
+        """The adapter's slot, loading it (into a free slot, else the least recently used one that
+        this step does not need) when it is not resident."""
+        if name in self.slot_of:
+            self.slot_of.move_to_end(name)
+            return self.slot_of[name]
+        if len(self.slot_of) < self.max_loras:
+            slot = len(self.slot_of)
+        else:
+            victim = next(n for n in self.slot_of if n not in wanted)
+            slot = self.slot_of.pop(victim)
+        for layer_name, layer in self.layers.items():
+            layer.load(slot, self.weights[name].get(layer_name, {}), self.scaling[name])
+        self.slot_of[name] = slot
+        return slot
+
+
+def _target_layers(model: nn.Module) -> dict[str, tuple[LinearBase, dict]]:
+    """Our linear layers by name -> (layer, {shard id: (row offset, rows)})."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase):
+            shards, offset = {}, 0
+            for shard, rows in module.output_shards.items():
+                shards[shard] = (offset, rows)
+                offset += rows
+            layers[name] = (module, shards)
+    return layers
+
+
+def _map_to_layers(adapter: LoRAAdapter, layers: dict, packed: dict) -> dict[str, dict]:
+    """The adapter's Hugging Face modules as our layers' shards, shapes checked."""
+    mapped: dict[str, dict] = {}
+    for module, (a, b) in adapter.weights.items():
+        parent, _, leaf = module.rpartition(".")
+        ours, shard = packed.get(leaf, (leaf, None))
+        layer_name = f"{parent}.{ours}"
+        where = f"LoRA adapter {adapter.name!r}: {adapter.folder}/adapter_model.safetensors: base_model.model.{module}"
+        if layer_name not in layers or shard not in layers[layer_name][1]:
+            raise LoRAError(f"{where}: the model has no such layer")
+        layer, shards = layers[layer_name]
+        in_size, rows = layer.input_size, shards[shard][1]
+        if a.shape[1] != in_size:
+            raise LoRAError(
+                f"{where}.lora_A.weight has shape {tuple(a.shape)}, expected ({a.shape[0]}, {in_size})"
+            )
+        if b.shape[0] != rows:
+            raise LoRAError(
+                f"{where}.lora_B.weight has shape {tuple(b.shape)}, expected ({rows}, {b.shape[1]})"
+            )
+        mapped.setdefault(layer_name, {})[shard] = (a, b)
+    return mapped

@@ -1,0 +1,131 @@
+"""LoRA adapters in the service: a job's `model` names the base model or an adapter, and the
+result carries that name; `SLUICE_ENGINE_LORA_ADAPTERS` and `sluice batch --local --lora` set them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.async_engine import AsyncLLMEngine
+from service.batcher import DynamicBatcher
+from service.config import ConfigError, ServiceConfig, load_config
+from service.jobs import JobHandler
+from tests.engine.lora_adapters import build_adapter
+from tests.service.client.label_helpers import run_sluice
+
+PROMPT = [1, 17, 42, 99, 7, 256, 31]
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_checkpoint, tmp_path_factory) -> dict[str, str]:
+    folders = {}
+    for seed, (name, targets) in enumerate({"formal": ["q_proj", "v_proj"], "casual": ["down_proj"]}.items()):
+        folders[name] = str(tmp_path_factory.mktemp(name))
+        build_adapter(tiny_checkpoint, folders[name], seed + 1, r=4, lora_alpha=8, target_modules=targets)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def lora_engine(tiny_checkpoint, adapters) -> LLMEngine:
+    return LLMEngine(
+        EngineConfig(dtype="float32", model=str(tiny_checkpoint), max_model_len=256, lora_adapters=adapters)
+    )
+
+
+@pytest.fixture
+async def handle(lora_engine):
+    async_engine = AsyncLLMEngine(lora_engine)
+    async_engine.start()
+    batcher = DynamicBatcher(async_engine, max_batch_size=8, max_wait_ms=1)
+    handler = JobHandler(ServiceConfig(model_name="tiny", engine=lora_engine.config), batcher, lora_engine)
+
+    async def run(model: str, url: str = "/v1/completions"):
+        body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+        if url == "/v1/embeddings":
+            body = {"input": "Hello"}
+        job = json.dumps({"custom_id": "j", "url": url, "body": {**body, "model": model}}).encode()
+        outcome = await handler.handle(job, [], int(time.time() * 1000), "jobs/0/1")
+        return outcome.result
+
+    yield run
+    await async_engine.stop()
+
+
+def _engine_text(engine: LLMEngine, lora_name: str | None) -> str:
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, lora_name=lora_name)
+    [output] = engine.generate([PROMPT], params, use_tqdm=False)
+    return output.text
+
+
+async def test_a_job_naming_an_adapter_runs_with_it_and_its_result_names_it(handle, lora_engine) -> None:
+    texts = {}
+    for model, lora_name in [("formal", "formal"), ("casual", "casual"), ("tiny", None), ("", None)]:
+        result = await handle(model)
+        assert result.response.status_code == 200
+        assert result.response.body.model == (model or "tiny")
+        texts[model] = result.response.body.choices[0].text
+        assert texts[model] == _engine_text(lora_engine, lora_name)
+    assert len({texts["formal"], texts["casual"], texts["tiny"]}) == 3
+
+
+async def test_a_name_that_is_neither_the_model_nor_an_adapter_is_a_404(handle) -> None:
+    result = await handle("gpt-4o")
+    assert result.response.status_code == 404
+    assert result.response.body.error.code == "model_not_found"
+
+
+async def test_an_embeddings_job_naming_an_adapter_is_refused(handle) -> None:
+    result = await handle("formal", "/v1/embeddings")
+    assert result.response.status_code == 400
+    assert result.response.body.error.param == "model"
+
+
+def test_adapters_come_from_the_environment_as_name_path_pairs() -> None:
+    config = load_config({"SLUICE_ENGINE_LORA_ADAPTERS": "a=/x/a, b=/y/b", "SLUICE_ENGINE_MAX_LORAS": "2"})
+    assert config.engine.lora_adapters == {"a": "/x/a", "b": "/y/b"}
+    assert config.engine.max_loras == 2
+    with pytest.raises(ConfigError, match="expected NAME=VALUE"):
+        load_config({"SLUICE_ENGINE_LORA_ADAPTERS": "a"})
+
+
+def test_an_adapter_named_like_the_served_model_is_refused() -> None:
+    with pytest.raises(ConfigError, match="'tiny' is also the served model's name"):
+        load_config({"SLUICE_MODEL_NAME": "tiny", "SLUICE_ENGINE_LORA_ADAPTERS": "tiny=/x"})
+
+
+@pytest.mark.slow
+async def test_sluice_batch_local_runs_each_line_with_the_adapter_its_model_names(
+    tiny_checkpoint, adapters, lora_engine, tmp_path
+) -> None:
+    batch = tmp_path / "batch.jsonl"
+    body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+    models = {"f": "formal", "c": "casual", "b": "tiny"}
+    batch.write_text(
+        "".join(
+            json.dumps({"custom_id": cid, "url": "/v1/completions", "body": {**body, "model": m}}) + "\n"
+            for cid, m in models.items()
+        )
+    )
+    env = {
+        "SLUICE_ENGINE_MODEL": str(tiny_checkpoint),
+        "SLUICE_ENGINE_DTYPE": "float32",
+        "SLUICE_MODEL_NAME": "tiny",
+    }
+    env = {**os.environ, **env, "OMP_NUM_THREADS": "1"}
+    lora = [arg for name, path in adapters.items() for arg in ("--lora", f"{name}={path}")]
+    out = tmp_path / "out.jsonl"
+    done = await run_sluice("batch", str(batch), str(out), "--local", "--no-progress", *lora, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, out.read_text().splitlines())}
+    for cid, model in models.items():
+        assert lines[cid]["model"] == model
+        assert lines[cid]["choices"][0]["text"] == _engine_text(
+            lora_engine, None if model == "tiny" else model
+        )
+    refused = await run_sluice("batch", str(batch), str(out), "--lora", "a=/x", env=env)
+    assert refused.returncode == 2 and "--lora needs --local" in refused.stderr
