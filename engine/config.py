@@ -44,6 +44,10 @@ class EngineConfig:
     attention_backend: str = "auto"
     # CUDA: decode steps run as captured CUDA graphs (flash and triton backends) unless this is set
     enforce_eager: bool = False
+    # Step N+1's decodes scheduled and their inputs prepared while step N runs, its sampled tokens
+    # feeding step N+1 on the device (engine/llm_engine.py); one process only. None: on for CUDA,
+    # off on CPU, where the host work and the model share the cores and the GIL (loadtest/RESULTS.md)
+    async_scheduling: bool | None = None
     # CPU: oneDNN packs each float linear weight once at load instead of on every matmul
     cpu_weight_prepack: bool = True
     # CPU: RMSNorm (+ residual), rotary embedding and SiLU-and-multiply as one C++ pass each
@@ -105,6 +109,12 @@ class EngineConfig:
                 f"priority_aging_steps must be an integer >= 0, got {self.priority_aging_steps!r}"
             )
         _check_positive(self, "tensor_parallel_size", "pipeline_parallel_size")
+        if self.async_scheduling not in (None, True, False):
+            raise EngineConfigError(f"async_scheduling must be true, false or unset, got {self.async_scheduling!r}")
+        if self.async_scheduling and self.world_size > 1:
+            raise EngineConfigError(
+                "async_scheduling runs in one process: it cannot be combined with tensor or pipeline parallelism"
+            )
         if not isinstance(self.expert_parallel, bool):
             raise EngineConfigError(f"expert_parallel must be true or false, got {self.expert_parallel!r}")
         if self.distributed_timeout_s <= 0:
@@ -118,6 +128,13 @@ class EngineConfig:
             raise EngineConfigError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+
+    @property
+    def uses_async_scheduling(self) -> bool:
+        """async_scheduling as it applies here (None: CUDA's default on one process)."""
+        if self.async_scheduling is None:
+            return self.device.startswith("cuda") and self.world_size == 1
+        return self.async_scheduling
 
     @property
     def world_size(self) -> int:

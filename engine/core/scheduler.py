@@ -95,6 +95,44 @@ class Scheduler:
             self._schedule_waiting(out, budget)
         return out
 
+    def schedule_ahead(self, running: SchedulerOutput) -> SchedulerOutput | None:
+        """Step N+1 while step N (`running`) is still on the device (async scheduling): the next
+        decode of each of N's sequences, whose input is the token N is sampling for it, or None
+        where N+1 cannot be known before N's tokens are: where N computes prompt tokens, a
+        sequence waits to be admitted, a grammar or a penalty reads the new token on the host, or
+        the blocks would not do without a preemption. N's sequences that certainly end at N
+        (max_tokens) are left out; those that end by a token (EOS, stop token or stop string) are
+        known only once N is read back: their step N+1 token is thrown away, never emitted.
+        `update_from_output(running, ...)` must come before `update_from_output(ahead, ...)`."""
+        if self.waiting or running.preempted:
+            return None
+        ahead = SchedulerOutput()
+        for seq, num_new, samples in zip(running.seqs, running.num_new_tokens, running.is_sampling, strict=True):
+            params = seq.params
+            if (
+                not samples
+                or num_new != 1
+                or seq.num_output_tokens == 0  # its first token: forks and choices start there
+                or seq.status is not SequenceStatus.RUNNING
+                or seq.grammar is not None
+                or params.repetition_penalty != 1.0
+                or params.presence_penalty
+                or params.frequency_penalty
+            ):
+                return None
+            if seq.num_output_tokens + 1 < seq.max_tokens:
+                ahead.seqs.append(seq)
+        # room for N's token (computed by N+1) beside N's input: two tokens past the computed ones
+        bm = self.block_manager
+        if not ahead.seqs or sum(bm.num_blocks_needed(seq, 2) for seq in ahead.seqs) > bm.num_free_blocks:
+            return None
+        self.num_steps += 1
+        for seq in ahead.seqs:
+            bm.allocate(seq, 2)
+        ahead.num_new_tokens = [1] * len(ahead.seqs)
+        ahead.is_sampling = [True] * len(ahead.seqs)
+        return ahead
+
     def update_from_output(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
         """Advance what the step computed and append one sampled token per sampling sequence, in
         order; finish the sequences that are done. Returns them (freed, `finish_reason` set)."""
