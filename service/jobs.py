@@ -21,6 +21,7 @@ from engine import EngineDeadError, LLMEngine, PoolingParams, RequestOutput, Req
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
 from schemas.embeddings import EmbeddingRequest
+from schemas.responses_api import ResponsesRequest
 from service.backpressure import Backpressure
 from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
@@ -36,6 +37,7 @@ from service.headers import (
 )
 from service.limits import check_job_size, check_limits, check_prompt_tokens, output_tokens
 from service.reasoning import resolve_reasoning_parser
+from service.responses_api import to_chat_job, to_response_line
 from service.routing import ReplyTopics
 from service.sampling import max_tokens_of
 from service.translate import (
@@ -156,6 +158,20 @@ class JobHandler:
         check_deadline(deadline, "before inference")
         if isinstance(job.body, EmbeddingRequest):
             return await self._embed(job, request_id, deadline, tag)
+        if isinstance(job.body, ResponsesRequest):  # runs as the chat job it means
+            line, output = await self._generate_line(
+                to_chat_job(job, getattr(self._tokenizer, "chat_template", None)),
+                timestamp_ms,
+                request_id,
+                deadline,
+                tag,
+            )
+            return to_response_line(job, line), output
+        return await self._generate_line(job, timestamp_ms, request_id, deadline, tag)
+
+    async def _generate_line(
+        self, job, timestamp_ms: int, request_id: str, deadline: float | None, tag
+    ) -> tuple[BatchResponseLine, RequestOutput]:
         max_tokens = max_tokens_of(job.body, self._default_max_tokens, self._batcher.generation_defaults)
         check_limits(job, self._limits, max_tokens, self._max_model_len)
         request = await self._translate(job)

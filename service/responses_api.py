@@ -1,0 +1,381 @@
+"""`/v1/responses` jobs: run as chat jobs, answered as OpenAI's Response object.
+
+A Responses request is translated into the chat request it means (instructions and input items
+as messages, flat function tools as chat tools, `text.format` as `response_format`,
+`max_output_tokens` as `max_completion_tokens`, `reasoning.effort` as the chat template's own
+variable), so that it takes the chat path's prompts, sampling, structured outputs, tool-call and
+reasoning parsers and logprobs unchanged; the chat result is then written as a Response
+(reasoning, message and function_call output items, Responses' usage, the request's settings
+echoed). What needs state or services Sluice does not have is refused by name (service/fields.py).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from msgspec import UnsetType
+
+from schemas.batch import CHAT_URL, BatchRequestLine, BatchResponse, BatchResponseLine
+from schemas.openai import (
+    ChatCompletionRequest,
+    ChatMessage,
+    FunctionDefinition,
+    JsonSchemaFormat,
+    NamedToolChoice,
+    ResponseFormat,
+    Tool,
+    ToolChoiceFunction,
+)
+from schemas.responses import ChatChoice, ChatCompletion, ToolCall, ToolCallFunction
+from schemas.responses_api import (
+    FormatEcho,
+    FunctionCallItem,
+    FunctionChoiceEcho,
+    FunctionToolEcho,
+    IncompleteDetails,
+    InputItem,
+    InputTokensDetails,
+    Logprob,
+    LogprobAlternative,
+    OutputMessage,
+    OutputText,
+    OutputTokensDetails,
+    ReasoningEcho,
+    ReasoningItem,
+    ReasoningText,
+    ResponseBody,
+    ResponsesRequest,
+    ResponseUsage,
+    TextEcho,
+)
+from service.fields import TranslationError, UnsupportedParameter, rules_for
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# what each kind of chat template calls its reasoning switch, and the efforts it takes
+_HARMONY_EFFORTS = ("low", "medium", "high")
+_NO_THINKING = ("none", "minimal")
+
+
+def to_chat_job(job: BatchRequestLine, chat_template: str | None) -> BatchRequestLine:
+    """The chat job a Responses job means. Refuses, by name, any field it cannot honour.
+
+    `chat_template`: the model's, which says whether (and how) it takes a reasoning effort."""
+    body = job.body
+    _check_policy(body)
+    logprobs = _logprobs(body)
+    chat = ChatCompletionRequest(
+        model=body.model,
+        messages=_messages(body),
+        max_completion_tokens=body.max_output_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        logprobs=logprobs,
+        top_logprobs=body.top_logprobs if logprobs else None,
+        response_format=_response_format(body),
+        tools=_tools(body),
+        tool_choice=_tool_choice(body),
+        parallel_tool_calls=body.parallel_tool_calls,
+        chat_template_kwargs=_reasoning_kwargs(body, chat_template),
+        priority=body.priority,
+        sluice_deadline_ms=body.sluice_deadline_ms,
+    )
+    return BatchRequestLine(custom_id=job.custom_id, url=CHAT_URL, body=chat)
+
+
+def to_response_line(job: BatchRequestLine, chat_line: BatchResponseLine) -> BatchResponseLine:
+    """The chat result of `job` (a Responses job) written as a Response; an error result as it is."""
+    response = chat_line.response
+    if response is None or not isinstance(response.body, ChatCompletion):
+        return chat_line
+    body = response_body(job.body, response.body)
+    return BatchResponseLine(
+        id=chat_line.id,
+        custom_id=chat_line.custom_id,
+        response=BatchResponse(status_code=response.status_code, request_id=response.request_id, body=body),
+    )
+
+
+def response_body(request: ResponsesRequest, chat: ChatCompletion) -> ResponseBody:
+    choice = chat.choices[0]  # a Responses job has one sample
+    is_cut = choice.finish_reason == "length"
+    usage = chat.usage
+    reasoning_tokens = usage.completion_tokens_details
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    return ResponseBody(
+        id=f"resp_{uuid.uuid4().hex}",
+        created_at=chat.created,
+        status="incomplete" if is_cut else "completed",
+        incomplete_details=IncompleteDetails(reason="max_output_tokens") if is_cut else None,
+        instructions=request.instructions,
+        max_output_tokens=request.max_output_tokens,
+        model=chat.model,
+        output=_output_items(choice, is_cut),
+        parallel_tool_calls=request.parallel_tool_calls is not False,
+        reasoning=ReasoningEcho(effort=request.reasoning.effort if request.reasoning else None),
+        temperature=1.0 if request.temperature is None else request.temperature,
+        text=_text_echo(request),
+        tool_choice=_tool_choice_echo(request),
+        tools=[
+            FunctionToolEcho(name=t.name, description=t.description, parameters=t.parameters, strict=t.strict)
+            for t in request.tools or ()
+        ],
+        top_logprobs=request.top_logprobs or 0,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        usage=ResponseUsage(
+            input_tokens=usage.prompt_tokens,
+            input_tokens_details=InputTokensDetails(
+                cached_tokens=cached, cache_write_tokens=usage.prompt_tokens - cached
+            ),
+            output_tokens=usage.completion_tokens,
+            output_tokens_details=OutputTokensDetails(
+                reasoning_tokens=0
+                if isinstance(reasoning_tokens, UnsetType)
+                else reasoning_tokens.reasoning_tokens
+            ),
+            total_tokens=usage.total_tokens,
+        ),
+        user=request.user,
+        metadata=dict(request.metadata or {}),
+        sluice=chat.sluice,
+    )
+
+
+# --- request -> chat request --------------------------------------------------------------------
+
+
+def _check_policy(body: ResponsesRequest) -> None:
+    """The policy table's refusals, then the refused parts of honoured fields, each by its path."""
+    for rule in rules_for(ResponsesRequest):
+        if rule.refuses(value := getattr(body, rule.name)):
+            why = f": {rule.note}" if rule.note else ""
+            raise UnsupportedParameter(rule.name, f"`{rule.name}` = {value!r} is not supported{why}")
+    for value in body.include or ():
+        if value != LOGPROBS_INCLUDE:
+            raise UnsupportedParameter(
+                "include", f"include {value!r} is not supported; only {LOGPROBS_INCLUDE!r}"
+            )
+    if body.text is not None and body.text.verbosity not in (None, "medium"):
+        raise UnsupportedParameter("text.verbosity", "text.verbosity is not supported; only 'medium'")
+    if (reasoning := body.reasoning) is not None:
+        for name in ("summary", "generate_summary", "mode", "context"):
+            if getattr(reasoning, name) is not None:
+                raise UnsupportedParameter(
+                    f"reasoning.{name}",
+                    f"reasoning.{name} is not supported: the reasoning comes back as the model wrote it",
+                )
+    for i, tool in enumerate(body.tools or ()):
+        if tool.type != "function":
+            raise UnsupportedParameter(
+                f"tools[{i}]", f"tools[{i}] is a `{tool.type}` tool; only function tools run here"
+            )
+        if tool.name is None:
+            raise TranslationError("invalid_request", f"tools[{i}] has no name", param=f"tools[{i}].name")
+        if tool.strict and body.tool_choice in (None, "auto", "none"):
+            raise UnsupportedParameter(
+                f"tools[{i}].strict",
+                f"tools[{i}].strict = true is not supported with tool_choice {body.tool_choice or 'auto'!r}: "
+                'the arguments are not constrained there; use tool_choice "required" or a named function',
+            )
+    choice = body.tool_choice
+    if choice is not None and not isinstance(choice, str) and (choice.type != "function" or not choice.name):
+        raise UnsupportedParameter(
+            "tool_choice", f"tool_choice of type `{choice.type}` is not supported; only a named function"
+        )
+
+
+def _messages(body: ResponsesRequest) -> list[ChatMessage]:
+    messages = [] if body.instructions is None else [ChatMessage(role="system", content=body.instructions)]
+    if isinstance(body.input, str):
+        return [*messages, ChatMessage(role="user", content=body.input)]
+    for i, item in enumerate(body.input):
+        if item.type == "message":
+            messages.append(_message(item, i))
+        elif item.type == "function_call":
+            call = ToolCall(
+                id=_required(item, i, "call_id"),
+                function=ToolCallFunction(
+                    name=_required(item, i, "name"), arguments=_required(item, i, "arguments")
+                ),
+            )
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "assistant" and last.tool_calls is not None:
+                last.tool_calls.append(call)  # parallel calls of one turn: one assistant message
+            else:
+                messages.append(ChatMessage(role="assistant", tool_calls=[call]))
+        elif item.type == "function_call_output":
+            _check_parts(item.output, f"input[{i}].output")
+            messages.append(
+                ChatMessage(role="tool", content=item.output_text, tool_call_id=_required(item, i, "call_id"))
+            )
+        else:
+            raise UnsupportedParameter(
+                f"input[{i}]",
+                f"input[{i}] is a `{item.type}` item; only message, function_call and function_call_output "
+                "items are read here",
+            )
+    return messages
+
+
+def _message(item: InputItem, i: int) -> ChatMessage:
+    if item.role is None:
+        raise TranslationError(
+            "invalid_request", f"input[{i}] is a message without a role", param=f"input[{i}].role"
+        )
+    _check_parts(item.content, f"input[{i}].content")
+    return ChatMessage(role=item.role, content=item.text)
+
+
+def _check_parts(content, path: str) -> None:
+    for j, part in enumerate(content if isinstance(content, list) else ()):
+        if part.type not in ("input_text", "output_text"):
+            raise UnsupportedParameter(
+                f"{path}[{j}]", f"{path}[{j}] is a `{part.type}` part; this model reads text parts only"
+            )
+
+
+def _required(item: InputItem, i: int, name: str) -> str:
+    value = getattr(item, name)
+    if value is None:
+        raise TranslationError(
+            "invalid_request", f"input[{i}], a {item.type} item, needs `{name}`", param=f"input[{i}].{name}"
+        )
+    return value
+
+
+def _logprobs(body: ResponsesRequest) -> bool:
+    wanted = LOGPROBS_INCLUDE in (body.include or ())
+    if body.top_logprobs and not wanted:
+        raise TranslationError(
+            "invalid_request",
+            f"top_logprobs needs include: [{LOGPROBS_INCLUDE!r}] (without it no logprobs are returned)",
+            param="top_logprobs",
+        )
+    return wanted
+
+
+def _response_format(body: ResponsesRequest) -> ResponseFormat | None:
+    fmt = body.text.format if body.text is not None else None
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return ResponseFormat(type="json_object")
+    if fmt.schema is None:
+        raise TranslationError(
+            "invalid_request", "text.format json_schema needs a `schema`", param="text.format.schema"
+        )
+    return ResponseFormat(
+        type="json_schema",
+        json_schema=JsonSchemaFormat(
+            name=fmt.name or "response", description=fmt.description, schema=fmt.schema, strict=fmt.strict
+        ),
+    )
+
+
+def _tools(body: ResponsesRequest) -> list[Tool] | None:
+    if not body.tools:
+        return None
+    return [
+        Tool(
+            function=FunctionDefinition(
+                name=t.name, description=t.description, parameters=t.parameters, strict=t.strict
+            )
+        )
+        for t in body.tools
+    ]
+
+
+def _tool_choice(body: ResponsesRequest):
+    choice = body.tool_choice
+    if choice is None or isinstance(choice, str):
+        return choice
+    return NamedToolChoice(type="function", function=ToolChoiceFunction(name=choice.name))
+
+
+def _reasoning_kwargs(body: ResponsesRequest, chat_template: str | None) -> dict | None:
+    """`reasoning.effort` as the variable the model's chat template reads: GPT-OSS's
+    `reasoning_effort` (low, medium, high), Qwen3's `enable_thinking` (off for none and minimal).
+    A template that reads neither takes no effort: refused rather than ignored."""
+    effort = body.reasoning.effort if body.reasoning is not None else None
+    if effort is None:
+        return None
+    template = chat_template or ""
+    if "reasoning_effort" in template:
+        if effort not in _HARMONY_EFFORTS:
+            raise UnsupportedParameter(
+                "reasoning.effort",
+                f"reasoning.effort {effort!r} is not supported by this model; only low, medium, high",
+            )
+        return {"reasoning_effort": effort}
+    if "enable_thinking" in template:
+        return {"enable_thinking": effort not in _NO_THINKING}
+    raise UnsupportedParameter(
+        "reasoning.effort",
+        "reasoning.effort is not supported: this model's chat template takes no reasoning effort",
+    )
+
+
+# --- chat result -> Response ------------------------------------------------------------------
+
+
+def _output_items(choice: ChatChoice, is_cut: bool) -> list:
+    message = choice.message
+    status = "incomplete" if is_cut else "completed"
+    items = []
+    if isinstance(message.reasoning_content, str):
+        # cut while reasoning: no content yet, the reasoning is what was cut
+        reasoning_status = status if message.content is None and not message.tool_calls else "completed"
+        items.append(
+            ReasoningItem(
+                id=f"rs_{uuid.uuid4().hex}",
+                content=[ReasoningText(text=message.reasoning_content)],
+                status=reasoning_status,
+            )
+        )
+    if message.content is not None:
+        logprobs = [] if choice.logprobs is None else [_logprob(lp) for lp in choice.logprobs.content]
+        text = OutputText(text=message.content, logprobs=logprobs)
+        items.append(OutputMessage(id=f"msg_{uuid.uuid4().hex}", status=status, content=[text]))
+    for call in message.tool_calls or ():
+        items.append(
+            FunctionCallItem(
+                id=f"fc_{uuid.uuid4().hex}",
+                call_id=call.id,
+                name=call.function.name,
+                arguments=call.function.arguments,
+            )
+        )
+    return items
+
+
+def _logprob(lp) -> Logprob:
+    return Logprob(
+        token=lp.token,
+        bytes=_bytes(lp),
+        logprob=lp.logprob,
+        top_logprobs=[
+            LogprobAlternative(token=t.token, bytes=_bytes(t), logprob=t.logprob) for t in lp.top_logprobs
+        ],
+    )
+
+
+def _bytes(lp) -> list[int]:
+    return list(lp.token.encode()) if lp.bytes is None else lp.bytes
+
+
+def _text_echo(request: ResponsesRequest) -> TextEcho:
+    fmt = request.text.format if request.text is not None else None
+    if fmt is None:
+        return TextEcho()
+    return TextEcho(
+        format=FormatEcho(
+            type=fmt.type, name=fmt.name, description=fmt.description, schema=fmt.schema, strict=fmt.strict
+        )
+    )
+
+
+def _tool_choice_echo(request: ResponsesRequest):
+    choice = request.tool_choice
+    if choice is None:
+        return "auto"
+    return choice if isinstance(choice, str) else FunctionChoiceEcho(name=choice.name)
