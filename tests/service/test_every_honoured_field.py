@@ -6,7 +6,8 @@ the policy without a job that uses it fails here.
 What each field does is proven beside: test_honoured_fields.py, test_sampling_fields.py,
 test_parallel_samples.py, test_structured_jobs.py, test_tools.py, test_embeddings.py,
 test_reasoning.py, test_jobs_deadline.py, and (through Kafka and `sluice batch --local`)
-test_conformance.py. Refused fields: test_field_policy.py.
+test_conformance.py. Refused fields: test_field_policy.py. Each job's body is also validated
+strictly against OpenAI's own client types.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 
+import msgspec
 import pytest
 
 from engine.async_engine import AsyncLLMEngine
@@ -21,6 +23,7 @@ from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
 from service.fields import FIELD_RULES
 from service.jobs import JobHandler
+from tests.service.openai_types import check_body
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -204,6 +207,8 @@ def test_the_table_names_a_job_for_every_field_the_policy_honours(url) -> None:
 
 @pytest.mark.parametrize(("url", "field"), _cases())
 async def test_a_job_setting_an_honoured_field_runs(handle, url, field) -> None:
+    """... and its body is one OpenAI's client library reads, strictly (tests/service/openai_types.py)."""
     result = await handle(url, _uses(url)[field])
     assert result.error is None
     assert result.response.status_code == 200, result.response.body
+    check_body(url, msgspec.to_builtins(result.response.body))
