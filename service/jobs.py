@@ -37,7 +37,7 @@ from service.headers import (
 )
 from service.limits import check_job_size, check_limits, check_prompt_tokens, output_tokens
 from service.reasoning import resolve_reasoning_parser
-from service.responses_api import to_chat_job, to_response_line
+from service.responses_api import responses_param, to_chat_job, to_response_line
 from service.routing import ReplyTopics
 from service.sampling import max_tokens_of
 from service.translate import (
@@ -159,13 +159,12 @@ class JobHandler:
         if isinstance(job.body, EmbeddingRequest):
             return await self._embed(job, request_id, deadline, tag)
         if isinstance(job.body, ResponsesRequest):  # runs as the chat job it means
-            line, output = await self._generate_line(
-                to_chat_job(job, getattr(self._tokenizer, "chat_template", None)),
-                timestamp_ms,
-                request_id,
-                deadline,
-                tag,
-            )
+            chat_job = to_chat_job(job, getattr(self._tokenizer, "chat_template", None))
+            try:
+                line, output = await self._generate_line(chat_job, timestamp_ms, request_id, deadline, tag)
+            except (TranslationError, RequestRejected) as e:  # named as the job named its field
+                e.param = responses_param(e.param)
+                raise
             return to_response_line(job, line), output
         return await self._generate_line(job, timestamp_ms, request_id, deadline, tag)
 

@@ -141,6 +141,25 @@ def response_body(request: ResponsesRequest, chat: ChatCompletion) -> ResponseBo
     )
 
 
+def responses_param(param: str | None) -> str | None:
+    """A chat request field an error names (from the chat path a Responses job runs on) as the
+    Responses field the job set: `logprobs` -> `top_logprobs`, `response_format...` -> `text.format`,
+    `messages[i]...` -> `input`, `tools[i].function.strict` -> `tools[i].strict`."""
+    if param is None:
+        return None
+    if param in ("logprobs", "top_logprobs"):
+        return "top_logprobs"
+    if param in ("max_tokens", "max_completion_tokens"):
+        return "max_output_tokens"
+    if param.startswith("response_format"):
+        return "text.format"
+    if param.startswith("messages"):
+        return "input"  # instructions and merged calls shift the indexes: the field, not the item
+    if param == "chat_template_kwargs":
+        return "reasoning.effort"
+    return param.replace(".function.", ".")
+
+
 # --- request -> chat request --------------------------------------------------------------------
 
 

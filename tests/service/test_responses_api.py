@@ -549,3 +549,65 @@ async def test_an_unknown_field_is_refused_by_name(handle, body, param) -> None:
 async def test_an_invalid_request_is_a_4xx_naming_the_field(handle, body, param) -> None:
     response = await handle(body)
     assert response["status_code"] in (400, 404) and response["body"]["error"]["param"] == param
+
+
+# --- errors from the chat path, named as the Responses job named its fields ------------------------
+
+
+async def test_a_limit_names_the_responses_field_that_passed_it(tiny_engine) -> None:
+    from service.limits import JobLimits
+
+    engine = AsyncLLMEngine(tiny_engine)
+    engine.start()
+    config = ServiceConfig(model_name="tiny", default_max_tokens=8, limits=JobLimits(max_logprob_tokens=10))
+    handler = JobHandler(config, DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), tiny_engine)
+    try:
+        body = {
+            "input": "Hi",
+            "include": ["message.output_text.logprobs"],
+            "top_logprobs": 5,
+            "max_output_tokens": 8,
+        }
+        response = await _runner(handler)(body)
+    finally:
+        await engine.stop()
+    error = response["body"]["error"]
+    assert (error["code"], error["param"]) == ("limit_exceeded", "top_logprobs")
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "param"),
+    [
+        (
+            {
+                "input": [
+                    {"role": "user", "content": "hi"},
+                    {
+                        "type": "function_call",
+                        "call_id": "c",
+                        "name": "f",
+                        "arguments": "[" * 5000 + "]" * 5000,
+                    },
+                ]
+            },
+            "invalid_request",
+            "input",
+        ),
+        (
+            {"input": "hi", "tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}},
+            "invalid_request",
+            "tool_choice",
+        ),
+        (
+            {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": 5}}}},
+            "invalid_structured_output",
+            None,
+        ),
+        ({"input": "word " * 2000}, "invalid_prompt", None),
+    ],
+    ids=["deep-arguments", "unknown-function", "bad-schema", "too-long"],
+)
+async def test_what_the_chat_path_refuses_is_named_by_the_responses_field(handle, body, code, param) -> None:
+    response = await handle(body)
+    error = response["body"]["error"]
+    assert (response["status_code"], error["code"], error["param"]) == (400, code, param)
