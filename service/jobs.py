@@ -37,7 +37,8 @@ from service.headers import (
 )
 from service.limits import check_job_size, check_limits, check_prompt_tokens, output_tokens
 from service.reasoning import resolve_reasoning_parser
-from service.responses_api import responses_param, to_chat_job, to_response_line
+from service.responses_api import responses_param, to_chat_job
+from service.responses_output import to_response_line
 from service.routing import ReplyTopics
 from service.sampling import max_tokens_of
 from service.translate import (

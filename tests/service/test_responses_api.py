@@ -22,7 +22,8 @@ from schemas.responses_api import ResponseBody
 from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
 from service.jobs import JobHandler
-from service.responses_api import to_chat_job, to_response_line
+from service.responses_api import to_chat_job
+from service.responses_output import to_response_line
 from service.translate import to_engine_request, to_result_line
 from tests.service.openai_types import check_body
 
