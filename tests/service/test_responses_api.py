@@ -612,3 +612,29 @@ async def test_what_the_chat_path_refuses_is_named_by_the_responses_field(handle
     response = await handle(body)
     error = response["body"]["error"]
     assert (response["status_code"], error["code"], error["param"]) == (400, code, param)
+
+
+async def test_on_a_service_with_a_reasoning_parser_the_engines_reasoning_is_a_reasoning_item(
+    tiny_engine,
+) -> None:
+    """deepseek_r1 reads output with no `</think>` yet as all reasoning: the tiny model's text,
+    cut at max_output_tokens, is an incomplete reasoning item with no message."""
+    engine = AsyncLLMEngine(tiny_engine)
+    engine.start()
+    config = ServiceConfig(model_name="tiny", default_max_tokens=8, reasoning_parser="deepseek_r1")
+    handler = JobHandler(config, DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), tiny_engine)
+    try:
+        response = await _runner(handler)({"input": "Hi", "max_output_tokens": 6, "temperature": 0})
+        chat = await _runner(handler)(
+            {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0}, url=CHAT
+        )
+    finally:
+        await engine.stop()
+    body = response["body"]
+    (reasoning,) = body["output"]
+    message = chat["body"]["choices"][0]["message"]
+    assert reasoning["type"] == "reasoning" and reasoning["status"] == "incomplete"
+    assert reasoning["content"] == [{"type": "reasoning_text", "text": message["reasoning_content"]}]
+    assert body["status"] == "incomplete" and message["content"] is None
+    details = chat["body"]["usage"]["completion_tokens_details"]
+    assert body["usage"]["output_tokens_details"] == details and details["reasoning_tokens"] > 0
