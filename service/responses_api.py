@@ -116,10 +116,15 @@ def _check_policy(body: ResponsesRequest) -> None:
                 'the arguments are not constrained there; use tool_choice "required" or a named function',
             )
     choice = body.tool_choice
-    if choice is not None and not isinstance(choice, str) and (choice.type != "function" or not choice.name):
-        raise UnsupportedParameter(
-            "tool_choice", f"tool_choice of type `{choice.type}` is not supported; only a named function"
-        )
+    if choice is not None and not isinstance(choice, str):
+        if choice.type != "function":
+            raise UnsupportedParameter(
+                "tool_choice", f"tool_choice of type `{choice.type}` is not supported; only a named function"
+            )
+        if not choice.name:
+            raise TranslationError(
+                "invalid_request", "tool_choice of type `function` needs a `name`", param="tool_choice.name"
+            )
 
 
 def _messages(body: ResponsesRequest) -> list[ChatMessage]:
