@@ -1,6 +1,7 @@
 """OpenAI Batch API lines: a job is one input line, a result one output line.
 
-Input:  {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings", "body"}
+Input:  {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings"
+         | "/v1/responses", "body"}
 Output: {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
 
 A failed job keeps OpenAI's shape: a request refused as an HTTP request would be has
@@ -19,13 +20,15 @@ from msgspec import Raw, Struct
 from schemas.embeddings import EmbeddingRequest, EmbeddingResponse
 from schemas.openai import ChatCompletionRequest, CompletionRequest
 from schemas.responses import ChatCompletion, ErrorBody, TextCompletion
+from schemas.responses_api import ResponseBody, ResponsesRequest
 
 SCHEMA_VERSION = 1  # bumped only with a change readers must know about; fields are only added
 
-Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+Endpoint = Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]
 CHAT_URL: Endpoint = "/v1/chat/completions"
 COMPLETIONS_URL: Endpoint = "/v1/completions"
 EMBEDDINGS_URL: Endpoint = "/v1/embeddings"
+RESPONSES_URL: Endpoint = "/v1/responses"
 
 
 class BatchRequestLine(Struct, kw_only=True):
@@ -34,7 +37,8 @@ class BatchRequestLine(Struct, kw_only=True):
     custom_id: str
     method: Literal["POST"] = "POST"
     url: Endpoint
-    body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest  # chosen by `url` in the decoder
+    # chosen by `url` in the decoder
+    body: ChatCompletionRequest | CompletionRequest | EmbeddingRequest | ResponsesRequest
 
 
 class BatchRequestEnvelope(Struct, kw_only=True):
@@ -54,7 +58,7 @@ class BatchError(Struct, kw_only=True):
 class BatchResponse(Struct, kw_only=True):
     status_code: int
     request_id: str
-    body: ChatCompletion | TextCompletion | EmbeddingResponse | ErrorBody
+    body: ChatCompletion | TextCompletion | EmbeddingResponse | ResponseBody | ErrorBody
 
 
 class BatchResponseLine(Struct, kw_only=True):

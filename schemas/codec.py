@@ -15,6 +15,7 @@ from schemas.batch import (
     CHAT_URL,
     COMPLETIONS_URL,
     EMBEDDINGS_URL,
+    RESPONSES_URL,
     BatchError,
     BatchRequestEnvelope,
     BatchRequestLine,
@@ -25,6 +26,7 @@ from schemas.embeddings import EmbeddingRequest, EmbeddingResponse
 from schemas.fields import unknown_body_fields
 from schemas.openai import ChatCompletionRequest, CompletionRequest
 from schemas.responses import ChatCompletion, ErrorBody, TextCompletion
+from schemas.responses_api import ResponseBody, ResponsesRequest
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -85,18 +87,20 @@ def decode_job_envelope(data: bytes, content_type: str | None = None) -> BatchRe
         if e.code == "invalid_request" and (url := _peek_url(codec, data)) in UNSERVED_URLS:
             raise JobDecodeError(
                 "unsupported_endpoint",
-                f"{url} is not served here; only {CHAT_URL}, {COMPLETIONS_URL} and {EMBEDDINGS_URL}",
+                f"{url} is not served here; only {CHAT_URL}, {COMPLETIONS_URL}, {EMBEDDINGS_URL} "
+                f"and {RESPONSES_URL}",
                 "url",
             ) from None
         raise JobDecodeError(e.code, e.message, _envelope_param(e.message)) from None
 
 
 # endpoints of OpenAI's batch API that Sluice does not serve: refused by name, not as a bad url
-UNSERVED_URLS = ("/v1/responses", "/v1/moderations")
+UNSERVED_URLS = ("/v1/moderations",)
 _BODY_TYPES = {
     CHAT_URL: ChatCompletionRequest,
     COMPLETIONS_URL: CompletionRequest,
     EMBEDDINGS_URL: EmbeddingRequest,
+    RESPONSES_URL: ResponsesRequest,
 }
 
 
@@ -209,7 +213,9 @@ class _Codec:
         self.peek_url = module.Decoder(_UrlOnly)
         self.raw = module.Decoder()  # a body as plain objects, for the names of its fields
         self.result = module.Decoder(_RawResponseLine)
-        self.completion_body = module.Decoder(ChatCompletion | TextCompletion | EmbeddingResponse)
+        self.completion_body = module.Decoder(
+            ChatCompletion | TextCompletion | EmbeddingResponse | ResponseBody
+        )
         self.error_body = module.Decoder(ErrorBody)
         self.encoder = module.Encoder()
 

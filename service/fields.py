@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 from schemas.embeddings import EmbeddingRequest
 from schemas.openai import ChatCompletionRequest, CompletionRequest
+from schemas.responses_api import ResponsesRequest
 
-Endpoint = Literal["both", "chat", "completions", "embeddings"]  # both: chat and completions
+# both: chat and completions
+Endpoint = Literal["both", "chat", "completions", "embeddings", "responses"]
 
 
 class TranslationError(ValueError):
@@ -160,10 +162,48 @@ _TABLE = """
 | `embed_dtype` | embeddings | refused | only `float32` |
 | `endianness` | embeddings | refused | only `little` or `native` (base64 is little-endian float32) |
 | `sluice_deadline_ms` | embeddings | honoured | Sluice's: Unix ms after which the job is not run |
+| `input` | responses | honoured | a string (one user message) or a list of items: messages (roles `system`, `developer`, `user`, `assistant`; `input_text` and `output_text` parts, joined with newlines), `function_call` and `function_call_output` items; other item and part types refused by path (`input[i]`, `input[i].content[j]`) |
+| `model` | responses | honoured | as for chat and completions |
+| `instructions` | responses | honoured | a system message before the input |
+| `max_output_tokens` | responses | honoured | the output's bound, reasoning included; cut there: `status` `incomplete`, `incomplete_details.reason` `max_output_tokens` |
+| `temperature` | responses | honoured | as for chat |
+| `top_p` | responses | honoured | as for chat |
+| `top_logprobs` | responses | honoured | 0 to 20 alternatives per token; needs `include: ["message.output_text.logprobs"]` |
+| `include` | responses | honoured | `message.output_text.logprobs` only: each `output_text` part's `logprobs`; any other value refused |
+| `text` | responses | honoured | `format` `text`, `json_object` or `json_schema` (`name`, `schema`, `strict`), as chat's `response_format`; `verbosity` only `medium` |
+| `tools` | responses | honoured | `function` tools (`name`, `description`, `parameters`, `strict`), as chat's `tools` (`strict: true` likewise only under `tool_choice` `required` or a named function); built-in tools (`web_search`, `file_search`, `code_interpreter`, `mcp`, ...) refused by path, `tools[i]` |
+| `tool_choice` | responses | honoured | `none`, `auto`, `required`, `{"type": "function", "name": F}`; hosted-tool and `allowed_tools` choices refused |
+| `parallel_tool_calls` | responses | honoured | false: at most one call |
+| `reasoning` | responses | honoured | `effort` where the chat template reads one: GPT-OSS's `reasoning_effort` (`low`, `medium`, `high`), Qwen3's `enable_thinking` (off for `none` and `minimal`, on otherwise); refused for other models; `summary` refused; the reasoning comes back as a `reasoning` output item |
+| `seed` | responses | honoured | |
+| `priority` | responses | honoured | an integer in [-1000, 1000], lower runs first |
+| `sluice_deadline_ms` | responses | honoured | Sluice's: Unix ms after which the job is not run |
+| `metadata` | responses | no effect | echoed in the Response |
+| `user` | responses | no effect | echoed in the Response |
+| `safety_identifier` | responses | no effect | |
+| `prompt_cache_key` | responses | no effect | the prefix cache needs no key |
+| `prompt_cache_retention` | responses | no effect | |
+| `service_tier` | responses | no effect | |
+| `store` | responses | refused | only false: Sluice keeps no responses (absent: not stored) |
+| `previous_response_id` | responses | refused | Sluice keeps no responses: send the conversation as `input` items |
+| `conversation` | responses | refused | Sluice keeps no conversations |
+| `background` | responses | refused | only false: every job runs in the background already |
+| `background_options` | responses | refused | |
+| `prompt` | responses | refused | Sluice keeps no prompt templates |
+| `stream` | responses | refused | only false: results are whole lines |
+| `stream_options` | responses | refused | |
+| `truncation` | responses | refused | only `disabled`: a prompt too long is refused (`invalid_prompt`) |
+| `max_tool_calls` | responses | refused | |
+| `context_management` | responses | refused | |
+| `moderation` | responses | refused | |
+| `image` | responses | refused | |
+| `access_programs` | responses | refused | |
+| `prompt_cache_options` | responses | refused | |
 """
 
-# the values a refused field may still have (its default), and the values an honoured field refuses
-_ACCEPTS: dict[str, Callable[[Any], bool]] = {
+# the values a refused field may still have (its default), and the values an honoured field refuses;
+# by name, or by (name, endpoint) where the endpoints differ
+_ACCEPTS: dict[str | tuple[str, str], Callable[[Any], bool]] = {
     "stream": _default(False),
     "use_beam_search": _default(False),
     "length_penalty": _default(1, 1.0),
@@ -178,6 +218,9 @@ _ACCEPTS: dict[str, Callable[[Any], bool]] = {
     "normalize": _default(True),
     "embed_dtype": _default("float32"),
     "endianness": _default("little", "native"),
+    "background": _default(False),
+    "truncation": _default("disabled"),
+    ("store", "responses"): _default(False),  # chat's store has no effect; a Response would be kept
 }
 
 
@@ -186,7 +229,9 @@ def _parse(table: str) -> tuple[FieldRule, ...]:
     for row in table.strip().splitlines():
         name, endpoint, status, note = (cell.strip() for cell in row.strip()[1:-1].split("|", 3))
         name = name.strip("`")
-        rules.append(FieldRule(name, endpoint, status, note, _ACCEPTS.get(name)))
+        rules.append(
+            FieldRule(name, endpoint, status, note, _ACCEPTS.get((name, endpoint), _ACCEPTS.get(name)))
+        )
     return tuple(rules)
 
 
@@ -261,5 +306,7 @@ def rules_for(body_type: type) -> list[FieldRule]:
     """The rules of one endpoint's body type (the table's rows that apply to it)."""
     if body_type is EmbeddingRequest:
         return [rule for rule in FIELD_RULES if rule.endpoint == "embeddings"]
+    if body_type is ResponsesRequest:
+        return [rule for rule in FIELD_RULES if rule.endpoint == "responses"]
     endpoint = "chat" if body_type is ChatCompletionRequest else "completions"
     return [rule for rule in FIELD_RULES if rule.endpoint in ("both", endpoint)]

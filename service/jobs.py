@@ -22,6 +22,7 @@ from engine import EngineDeadError, LLMEngine, PoolingParams, RequestOutput, Req
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
 from schemas.embeddings import EmbeddingRequest
+from schemas.responses_api import ResponsesRequest
 from service.backpressure import Backpressure
 from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
@@ -37,6 +38,8 @@ from service.headers import (
 )
 from service.limits import check_job_size, check_limits, check_prompt_tokens, output_tokens
 from service.reasoning import resolve_reasoning_parser
+from service.responses_api import responses_param, to_chat_job
+from service.responses_output import to_response_line
 from service.routing import ReplyTopics
 from service.sampling import max_tokens_of
 from service.translate import (
@@ -166,6 +169,19 @@ class JobHandler:
                     param="model",
                 )
             return await self._embed(job, request_id, deadline, tag)
+        if isinstance(job.body, ResponsesRequest):  # runs as the chat job it means
+            chat_job = to_chat_job(job, getattr(self._tokenizer, "chat_template", None))
+            try:
+                line, output = await self._generate_line(chat_job, timestamp_ms, request_id, deadline, tag)
+            except (TranslationError, RequestRejected) as e:  # named as the job named its field
+                e.param = responses_param(e.param)
+                raise
+            return to_response_line(job, line), output
+        return await self._generate_line(job, timestamp_ms, request_id, deadline, tag)
+
+    async def _generate_line(
+        self, job, timestamp_ms: int, request_id: str, deadline: float | None, tag
+    ) -> tuple[BatchResponseLine, RequestOutput]:
         max_tokens = max_tokens_of(job.body, self._default_max_tokens, self._batcher.generation_defaults)
         check_limits(job, self._limits, max_tokens, self._max_model_len)
         request = await self._translate(job)

@@ -1,5 +1,6 @@
 """What a client reads from a result line (decoded by schemas.codec.decode_result): the generated
-text, the choice probabilities, the error, the token count and the token log-probabilities."""
+text, the choice probabilities, the error, the token count and the token log-probabilities, from
+a chat or text completion or a Response (its message items' text)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from schemas.responses import (
     ErrorBody,
     TextCompletion,
 )
+from schemas.responses_api import OutputMessage, ResponseBody
 
 
 class ResultInfo(msgspec.Struct):
@@ -33,6 +35,11 @@ def read_result(result: BatchResponseLine) -> ResultInfo:
         error = result.response.body.error  # the status says it failed; the top-level error is unset
     if error is not None:
         return ResultInfo(None, None, f"{error.code}: {error.message}", 0)
+    if isinstance(response := _response(result), ResponseBody):
+        parts = [part for item in response.output if isinstance(item, OutputMessage) for part in item.content]
+        text = "".join(part.text for part in parts) if parts else None
+        probabilities = response.sluice.choice_probabilities if response.sluice else None
+        return ResultInfo(text, probabilities, None, response.usage.output_tokens)
     if (body := _completion(result)) is None:
         return ResultInfo(None, None, None, 0)
     match body.choices[0] if body.choices else None:
@@ -53,6 +60,14 @@ def token_logprobs(result: BatchResponseLine, alternatives: int | None = None) -
     `alternatives`: how many the job asked for. A completion's top_logprobs also hold the sampled
     token (OpenAI's and vLLM's shape: up to N + 1 entries); `top` keeps the N best of them, best
     first, as chat's alternatives are."""
+    if isinstance(response := _response(result), ResponseBody):
+        messages = [item for item in response.output if isinstance(item, OutputMessage)]
+        return [
+            {"token": t.token, "logprob": t.logprob, "top": [[a.token, a.logprob] for a in t.top_logprobs]}
+            for item in messages
+            for part in item.content
+            for t in part.logprobs
+        ] or None
     body = _completion(result)
     match body.choices[0].logprobs if body is not None and body.choices else None:
         case ChatLogprobs(content=tokens):  # chat: one entry per token
@@ -76,6 +91,10 @@ def token_logprobs(result: BatchResponseLine, alternatives: int | None = None) -
 def _best(top: dict[str, float], alternatives: int | None) -> list[list[Any]]:
     ranked = sorted(top.items(), key=lambda item: -item[1])
     return [list(item) for item in ranked[:alternatives]]
+
+
+def _response(result: BatchResponseLine):
+    return result.response.body if result.response is not None else None
 
 
 def _completion(result: BatchResponseLine) -> ChatCompletion | TextCompletion | None:

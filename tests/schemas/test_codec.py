@@ -127,7 +127,25 @@ def test_other_content_types_normalize_to_json(value: str | None) -> None:
 def test_job_round_trips_through_encode_and_decode(content_type: str) -> None:
     chat = decode_job(_line(_chat_job(max_completion_tokens=9, stop="END", stop_token_ids=[4], top_p=0.9)))
     completion = decode_job(_line(_completion_job(prompt=[5, 6], logprobs=None, presence_penalty=-1.5)))
-    for job in (chat, completion):
+    responses = decode_job(
+        json.dumps(
+            {
+                "custom_id": "r",
+                "url": "/v1/responses",
+                "body": {
+                    "input": [
+                        {"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+                        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                        {"type": "function_call_output", "call_id": "c", "output": "ok"},
+                    ],
+                    "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+                    "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
+                    "max_output_tokens": 9,
+                },
+            }
+        ).encode()
+    )
+    for job in (chat, completion, responses):
         assert decode_job(encode_job(job, content_type), content_type) == job
 
 
@@ -277,8 +295,50 @@ def _error_result() -> BatchResponseLine:
     )
 
 
+def _responses_result() -> BatchResponseLine:
+    from schemas.responses_api import (
+        FunctionCallItem,
+        InputTokensDetails,
+        OutputMessage,
+        OutputText,
+        OutputTokensDetails,
+        ReasoningItem,
+        ReasoningText,
+        ResponseBody,
+        ResponseUsage,
+    )
+
+    body = ResponseBody(
+        id="resp_1",
+        created_at=1700000000,
+        status="completed",
+        model="tiny",
+        output=[
+            ReasoningItem(id="rs_1", content=[ReasoningText(text="hmm")]),
+            OutputMessage(id="msg_1", status="completed", content=[OutputText(text="hello")]),
+            FunctionCallItem(id="fc_1", call_id="call_1", name="f", arguments="{}"),
+        ],
+        usage=ResponseUsage(
+            input_tokens=3,
+            input_tokens_details=InputTokensDetails(cached_tokens=0, cache_write_tokens=3),
+            output_tokens=2,
+            output_tokens_details=OutputTokensDetails(reasoning_tokens=1),
+            total_tokens=5,
+        ),
+    )
+    return BatchResponseLine(
+        id="batch_req_4",
+        custom_id="c4",
+        response=BatchResponse(status_code=200, request_id="req-4", body=body),
+    )
+
+
 @pytest.mark.parametrize("content_type", CONTENT_TYPES)
-@pytest.mark.parametrize("make", [_chat_result, _text_result, _error_result], ids=["chat", "text", "error"])
+@pytest.mark.parametrize(
+    "make",
+    [_chat_result, _text_result, _error_result, _responses_result],
+    ids=["chat", "text", "error", "responses"],
+)
 def test_result_round_trips_through_encode_and_decode(make, content_type: str) -> None:
     line = make()
     decoded = decode_result(encode_result(line, content_type), content_type)

@@ -1,6 +1,6 @@
 """OpenAI's batch output line as JSON Schema, written from the API reference (platform.openai.com/docs/
 api-reference: "The request output object" of the Batch API, "The chat completion object", "The
-completion object", and the error body every endpoint returns with a 4xx/5xx status).
+completion object", Responses' "The response object", and the error body every endpoint returns with a 4xx/5xx status).
 
 Extra properties are allowed where OpenAI's own objects carry more than the reference lists
 (`system_fingerprint`, `service_tier`) and for the extensions vLLM and Sluice add (`stop_reason`,
@@ -197,6 +197,132 @@ EMBEDDING_RESPONSE = {
     },
 }
 
+_LOGPROB = {
+    "type": "object",
+    "required": ["token", "logprob", "bytes", "top_logprobs"],
+    "properties": {
+        "token": _STR,
+        "logprob": {"type": "number"},
+        "bytes": {"type": "array", "items": _INT},
+        "top_logprobs": {
+            "type": "array",
+            "items": {"type": "object", "required": ["token", "logprob", "bytes"]},
+        },
+    },
+}
+_ITEM_STATUS = {"enum": ["in_progress", "completed", "incomplete"]}
+
+# Responses' Response object (API reference: Responses > The response object)
+RESPONSE = {
+    "type": "object",
+    "required": [
+        "id",
+        "object",
+        "created_at",
+        "status",
+        "model",
+        "output",
+        "usage",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+    ],
+    "properties": {
+        "id": _STR,
+        "object": {"const": "response"},
+        "created_at": {"type": "number"},
+        "status": {"enum": ["completed", "failed", "in_progress", "cancelled", "queued", "incomplete"]},
+        "incomplete_details": {
+            "type": ["object", "null"],
+            "properties": {"reason": {"enum": ["max_output_tokens", "content_filter"]}},
+        },
+        "error": {"type": ["object", "null"]},
+        "model": _STR,
+        "instructions": {"type": ["string", "array", "null"]},
+        "max_output_tokens": {"type": ["integer", "null"]},
+        "temperature": {"type": ["number", "null"]},
+        "top_p": {"type": ["number", "null"]},
+        "metadata": {"type": ["object", "null"], "additionalProperties": _STR},
+        "parallel_tool_calls": {"type": "boolean"},
+        "tools": {"type": "array", "items": {"type": "object", "required": ["type"]}},
+        "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, {"type": "object"}]},
+        "output": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["type"],
+                "oneOf": [
+                    {
+                        "properties": {
+                            "type": {"const": "message"},
+                            "id": _STR,
+                            "role": {"const": "assistant"},
+                            "status": _ITEM_STATUS,
+                            "content": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["type", "text", "annotations"],
+                                    "properties": {
+                                        "type": {"const": "output_text"},
+                                        "text": _STR,
+                                        "annotations": {"type": "array"},
+                                        "logprobs": {"type": "array", "items": _LOGPROB},
+                                    },
+                                },
+                            },
+                        },
+                        "required": ["id", "role", "status", "content"],
+                    },
+                    {
+                        "properties": {
+                            "type": {"const": "function_call"},
+                            "call_id": _STR,
+                            "name": _STR,
+                            "arguments": _STR,
+                            "status": _ITEM_STATUS,
+                        },
+                        "required": ["call_id", "name", "arguments"],
+                    },
+                    {
+                        "properties": {
+                            "type": {"const": "reasoning"},
+                            "id": _STR,
+                            "summary": {"type": "array"},
+                        },
+                        "required": ["id", "summary"],
+                    },
+                ],
+            },
+        },
+        "usage": {
+            "type": "object",
+            "required": [
+                "input_tokens",
+                "input_tokens_details",
+                "output_tokens",
+                "output_tokens_details",
+                "total_tokens",
+            ],
+            "properties": {
+                "input_tokens": _INT,
+                "input_tokens_details": {
+                    "type": "object",
+                    "required": ["cached_tokens"],
+                    "properties": {"cached_tokens": _INT},
+                },
+                "output_tokens": _INT,
+                "output_tokens_details": {
+                    "type": "object",
+                    "required": ["reasoning_tokens"],
+                    "properties": {"reasoning_tokens": _INT},
+                },
+                "total_tokens": _INT,
+            },
+        },
+    },
+}
+
 # the line; its `response.body` is checked against one of the bodies above (by url and status)
 BATCH_OUTPUT_LINE = {
     "type": "object",
@@ -228,4 +354,6 @@ def body_schema(url: str, status_code: int) -> dict:
         return ERROR_BODY
     if url == "/v1/embeddings":
         return EMBEDDING_RESPONSE
+    if url == "/v1/responses":
+        return RESPONSE
     return CHAT_COMPLETION if url == "/v1/chat/completions" else TEXT_COMPLETION

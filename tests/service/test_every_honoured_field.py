@@ -6,7 +6,8 @@ the policy without a job that uses it fails here.
 What each field does is proven beside: test_honoured_fields.py, test_sampling_fields.py,
 test_parallel_samples.py, test_structured_jobs.py, test_tools.py, test_embeddings.py,
 test_reasoning.py, test_jobs_deadline.py, and (through Kafka and `sluice batch --local`)
-test_conformance.py. Refused fields: test_field_policy.py.
+test_conformance.py. Refused fields: test_field_policy.py. Each job's body is also validated
+strictly against OpenAI's own client types.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 
+import msgspec
 import pytest
 
 from engine.async_engine import AsyncLLMEngine
@@ -21,10 +23,12 @@ from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
 from service.fields import FIELD_RULES
 from service.jobs import JobHandler
+from tests.service.openai_types import check_body
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
+RESPONSES = "/v1/responses"
 FAR_FUTURE_MS = 4_102_444_800_000  # 2100-01-01
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 PREFILL = [{"role": "user", "content": "Say yes"}, {"role": "assistant", "content": "Yes,"}]
@@ -115,26 +119,66 @@ EMBEDDING_FIELDS = {
     "request_id": {"request_id": "mine"},
     "sluice_deadline_ms": {"sluice_deadline_ms": FAR_FUTURE_MS},
 }
+RESPONSE_TOOLS = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+RESPONSE_FIELDS = {
+    "input": {
+        "input": [
+            {"role": "system", "content": [{"type": "input_text", "text": "Be brief"}]},
+            {"role": "user", "content": "Hi"},
+        ]
+    },
+    "model": {"model": "tiny"},
+    "instructions": {"instructions": "Be brief."},
+    "max_output_tokens": {"max_output_tokens": 2},
+    "temperature": {"temperature": 0.5},
+    "top_p": {"top_p": 0.5},
+    "top_logprobs": {"include": ["message.output_text.logprobs"], "top_logprobs": 2},
+    "include": {"include": ["message.output_text.logprobs"]},
+    "text": {"text": {"format": {"type": "json_object"}}},
+    "tools": {"tools": RESPONSE_TOOLS},
+    "tool_choice": {"tools": RESPONSE_TOOLS, "tool_choice": "none"},
+    "parallel_tool_calls": {"tools": RESPONSE_TOOLS, "parallel_tool_calls": False},
+    # an effort needs a template that reads one (test_responses_api.py); the tiny model's does not
+    "reasoning": {"reasoning": {"effort": None}},
+    "seed": {"seed": 3},
+    "priority": {"priority": -5},
+    "sluice_deadline_ms": {"sluice_deadline_ms": FAR_FUTURE_MS},
+    "metadata": {"metadata": {"k": "v"}},
+    "user": {"user": "u-1"},
+    "safety_identifier": {"safety_identifier": "s-1"},
+    "prompt_cache_key": {"prompt_cache_key": "k"},
+    "prompt_cache_retention": {"prompt_cache_retention": "24h"},
+    "service_tier": {"service_tier": "flex"},
+}
 BASES = {
     CHAT: {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "seed": 1},
     COMPLETIONS: {"prompt": "The river is", "max_tokens": 3, "seed": 1},
     EMBEDDINGS: {"input": "the river"},
+    RESPONSES: {"input": "Hi", "max_output_tokens": 3, "seed": 1},
 }
 
 
 def _uses(url: str) -> dict[str, dict]:
     if url == EMBEDDINGS:
         return EMBEDDING_FIELDS
+    if url == RESPONSES:
+        return RESPONSE_FIELDS
     return {**BOTH, **(CHAT_ONLY if url == CHAT else COMPLETIONS_ONLY)}
 
 
 def _accepted(url: str) -> set[str]:
-    endpoint = {CHAT: ("both", "chat"), COMPLETIONS: ("both", "completions"), EMBEDDINGS: ("embeddings",)}
+    endpoint = {
+        CHAT: ("both", "chat"),
+        COMPLETIONS: ("both", "completions"),
+        EMBEDDINGS: ("embeddings",),
+        RESPONSES: ("responses",),
+    }
     return {r.name for r in FIELD_RULES if r.status != "refused" and r.endpoint in endpoint[url]}
 
 
 def _cases() -> list[tuple[str, str]]:
-    return [(url, field) for url in (CHAT, COMPLETIONS, EMBEDDINGS) for field in sorted(_accepted(url))]
+    urls = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
+    return [(url, field) for url in urls for field in sorted(_accepted(url))]
 
 
 @pytest.fixture
@@ -156,13 +200,15 @@ async def handle(tiny_engine):
     await engine.stop()
 
 
-@pytest.mark.parametrize("url", [CHAT, COMPLETIONS, EMBEDDINGS])
+@pytest.mark.parametrize("url", [CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES])
 def test_the_table_names_a_job_for_every_field_the_policy_honours(url) -> None:
     assert set(_uses(url)) == _accepted(url)
 
 
 @pytest.mark.parametrize(("url", "field"), _cases())
 async def test_a_job_setting_an_honoured_field_runs(handle, url, field) -> None:
+    """... and its body is one OpenAI's client library reads, strictly (tests/service/openai_types.py)."""
     result = await handle(url, _uses(url)[field])
     assert result.error is None
     assert result.response.status_code == 200, result.response.body
+    check_body(url, msgspec.to_builtins(result.response.body))

@@ -19,6 +19,7 @@ import pytest
 from engine.async_engine import AsyncLLMEngine
 from schemas.embeddings import EmbeddingRequest
 from schemas.openai import ChatCompletionRequest, CompletionRequest
+from schemas.responses_api import ResponsesRequest
 from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
 from service.fields import FIELD_RULES, rules_for
@@ -28,7 +29,13 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "wire-format.md"
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
-BODY_TYPES = {CHAT: ChatCompletionRequest, COMPLETIONS: CompletionRequest, EMBEDDINGS: EmbeddingRequest}
+RESPONSES = "/v1/responses"
+BODY_TYPES = {
+    CHAT: ChatCompletionRequest,
+    COMPLETIONS: CompletionRequest,
+    EMBEDDINGS: EmbeddingRequest,
+    RESPONSES: ResponsesRequest,
+}
 MESSAGES = [{"role": "user", "content": "Hello"}]
 
 # a value other than the default for each refused field (or refused value of a field)
@@ -68,6 +75,20 @@ REFUSED_VALUES = {
     "normalize": False,
     "embed_dtype": "float16",
     "endianness": "big",
+    # /v1/responses: what needs state or services Sluice does not have
+    "store": True,
+    "previous_response_id": "resp_123",
+    "conversation": "conv_123",
+    "background": True,
+    "background_options": {"ttl": 60},
+    "prompt": {"id": "pmpt_123", "version": "2"},
+    "truncation": "auto",
+    "max_tool_calls": 3,
+    "context_management": [{"type": "compaction"}],
+    "moderation": {"mode": "strict"},
+    "image": {"size": "auto"},
+    "access_programs": ["p"],
+    "prompt_cache_options": {"mode": "x"},
 }
 
 
@@ -76,6 +97,7 @@ def _job(url: str, body: dict, custom_id: str = "job-1") -> bytes:
         CHAT: {"messages": MESSAGES, "max_tokens": 3},
         COMPLETIONS: {"prompt": "Hello", "max_tokens": 3},
         EMBEDDINGS: {"input": "Hello"},
+        RESPONSES: {"input": "Hello", "max_output_tokens": 3},
     }[url]
     return json.dumps({"custom_id": custom_id, "url": url, "body": {**base, **body}}).encode()
 
@@ -107,10 +129,10 @@ def handle(async_engine):
 
 
 def _refused(url: str) -> list[tuple[str, str]]:
-    return [(url, r.name) for r in rules_for(BODY_TYPES[url]) if r.name in REFUSED_VALUES]
+    return [(url, r.name) for r in rules_for(BODY_TYPES[url]) if r.status == "refused" or r.accepts]
 
 
-@pytest.mark.parametrize(("url", "field"), _refused(CHAT) + _refused(COMPLETIONS) + _refused(EMBEDDINGS))
+@pytest.mark.parametrize(("url", "field"), [case for url in BODY_TYPES for case in _refused(url)])
 async def test_each_refused_field_is_a_400_unsupported_parameter_naming_it(handle, url, field) -> None:
     result = await handle(url, {field: REFUSED_VALUES[field]})
     assert result.response.status_code == 400
@@ -123,7 +145,7 @@ async def test_each_refused_field_is_a_400_unsupported_parameter_naming_it(handl
 def test_every_refused_rule_has_a_test_value_and_every_declared_field_a_rule() -> None:
     refused = {r.name for r in FIELD_RULES if r.status == "refused"}
     assert refused <= set(REFUSED_VALUES), refused - set(REFUSED_VALUES)
-    for body_type in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest):
+    for body_type in BODY_TYPES.values():
         declared = set(body_type.__struct_fields__)
         assert declared == {r.name for r in rules_for(body_type)}, body_type
 
@@ -154,7 +176,7 @@ async def test_refused_parts_of_honoured_fields_are_named_by_their_path(handle, 
     assert result.response.body.error.code == "unsupported_parameter"
 
 
-@pytest.mark.parametrize("url", [CHAT, COMPLETIONS])
+@pytest.mark.parametrize("url", [CHAT, COMPLETIONS, RESPONSES])
 async def test_an_unknown_field_is_refused_by_name_by_default(handle, url) -> None:
     result = await handle(url, {"frobnicate": 1})
     assert result.response.status_code == 400
@@ -197,7 +219,7 @@ async def test_another_model_is_a_404_model_not_found(handle) -> None:
     assert (error.code, error.param, error.type) == ("model_not_found", "model", "invalid_request_error")
 
 
-@pytest.mark.parametrize("url", [CHAT, COMPLETIONS, EMBEDDINGS])
+@pytest.mark.parametrize("url", [CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES])
 @pytest.mark.parametrize("priority", [-1001, 1001, 2**70])
 async def test_a_priority_outside_the_engines_levels_is_a_400_naming_it(handle, url, priority) -> None:
     result = await handle(url, {"priority": priority})
@@ -227,7 +249,9 @@ async def test_fields_with_no_effect_are_accepted(handle) -> None:
 
 
 def test_the_wire_format_page_carries_the_field_table_row_for_row() -> None:
-    rows = re.findall(r"^\| `[a-z_]+` \| (?:chat|completions|both|embeddings) \| .*$", DOCS.read_text(), re.M)
+    rows = re.findall(
+        r"^\| `[a-z_]+` \| (?:chat|completions|both|embeddings|responses) \| .*$", DOCS.read_text(), re.M
+    )
     assert rows == [rule.markdown for rule in FIELD_RULES]
 
 

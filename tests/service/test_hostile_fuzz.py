@@ -50,9 +50,24 @@ def _chat_job(custom_id, *messages, **body) -> dict:
     }
 
 
+def _responses_job(custom_id, **body) -> dict:
+    return {
+        "custom_id": custom_id,
+        "url": "/v1/responses",
+        "body": {"input": "hi", "max_output_tokens": 2, **body},
+    }
+
+
 def _deep_call(depth: int) -> dict:
     arguments = "[" * depth + "]" * depth
     return {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+
+
+def _deep_schema(depth: int) -> dict:
+    schema: dict = {}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
 
 
 def _deep(depth: int) -> bytes:
@@ -96,12 +111,26 @@ fields = st.sampled_from(
         "logit_bias",
         "messages",
         "response_format",
+        # /v1/responses
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "include",
+        "top_logprobs",
+        "text",
+        "tools",
+        "tool_choice",
+        "reasoning",
+        "metadata",
+        "previous_response_id",
+        "store",
+        "background",
     ]
 )
 mutated_jobs = st.builds(
     lambda custom_id, url, body: json.dumps({"custom_id": custom_id, "url": url, "body": body}).encode(),
     st.one_of(st.text(max_size=30), st.integers(), st.none()),
-    st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v2/nothing"]),
+    st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/responses", "/v2/nothing"]),
     st.dictionaries(fields, json_values, max_size=5),
 )
 huge_jobs = st.sampled_from(
@@ -129,6 +158,61 @@ huge_jobs = st.sampled_from(
         json.dumps(_job("empty-stop", stop=["end", ""])).encode(),
         json.dumps(_job("many-logit-biases", logit_bias={str(i): 1 for i in range(5000)})).encode(),
         json.dumps(_job("logprobs-of-128", logprobs=20, max_tokens=100, n=128)).encode(),
+        # /v1/responses: the new endpoint's fields at their most hostile
+        json.dumps(
+            _responses_job("r-many-items", input=[{"role": "user", "content": "w"}] * 20_000)
+        ).encode(),
+        json.dumps(
+            _responses_job(
+                "r-deep-call",
+                input=[
+                    {"role": "user", "content": "hi"},
+                    {
+                        "type": "function_call",
+                        "call_id": "c",
+                        "name": "f",
+                        "arguments": "[" * 50_000 + "]" * 50_000,
+                    },
+                ],
+            )
+        ).encode(),
+        json.dumps(
+            _responses_job(
+                "r-many-tools",
+                tools=[
+                    {"type": "function", "name": f"f{i}", "parameters": {"type": "object"}}
+                    for i in range(5000)
+                ],
+                tool_choice="required",
+            )
+        ).encode(),
+        json.dumps(
+            _responses_job(
+                "r-deep-schema",
+                text={"format": {"type": "json_schema", "name": "x", "schema": _deep_schema(200)}},
+            )
+        ).encode(),
+        json.dumps(_responses_job("r-huge-instructions", instructions="word " * 60_000)).encode(),
+        json.dumps(
+            _responses_job(
+                "r-logprobs",
+                include=["message.output_text.logprobs"],
+                top_logprobs=20,
+                max_output_tokens=10**9,
+            )
+        ).encode(),
+        json.dumps(_responses_job("r-big-int", max_output_tokens=2**70)).encode(),
+        json.dumps(_responses_job("r-include-everything", include=["*"] * 1000)).encode(),
+        json.dumps(
+            _responses_job("r-builtin-tools", tools=[{"type": "web_search"}, {"type": "code_interpreter"}])
+        ).encode(),
+        json.dumps(_responses_job("r-stored", previous_response_id="resp_" + "x" * 100_000)).encode(),
+        json.dumps(
+            _responses_job(
+                "r-image",
+                input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x" * 100_000}]}],
+            )
+        ).encode(),
     ]
 )
 values = st.one_of(

@@ -31,6 +31,17 @@ from schemas.responses import (
     TopLogprob,
     Usage,
 )
+from schemas.responses_api import (
+    FunctionCallItem,
+    InputTokensDetails,
+    Logprob,
+    LogprobAlternative,
+    OutputMessage,
+    OutputText,
+    OutputTokensDetails,
+    ResponseBody,
+    ResponseUsage,
+)
 from service.client.driver import RunDriver, WorkItem
 from service.client.inputs import InputError, check_unique_keys, read_batch_lines, read_rows
 from service.client.ledger import LedgerError, RunLedger
@@ -102,13 +113,12 @@ def test_batch_lines_keep_the_body_as_is_and_report_a_broken_line(tmp_path):
 @pytest.mark.parametrize(
     "line",
     [
-        b'{"custom_id": "r", "url": "/v1/responses", "body": {"input": "hi"}}',
         b'{"custom_id": "m", "url": "/v1/moderations", "body": {"input": "hi"}}',
         b'{"custom_id": "g", "method": "GET", "url": "/v1/completions", "body": {"prompt": "x"}}',
         b'{"custom_id": "b", "url": "/v1/completions"}',
         b'{"custom_id": "j", "body": ',
     ],
-    ids=["responses", "moderations", "method", "no-body", "not-json"],
+    ids=["moderations", "method", "no-body", "not-json"],
 )
 def test_sluice_batch_writes_the_services_error_line_for_a_line_that_is_no_job(tmp_path, line):
     """Issue 30, defect 2: the client coded every envelope failure as invalid_request, param null."""
@@ -131,7 +141,7 @@ def test_sluice_batch_writes_the_services_error_line_for_a_line_that_is_no_job(t
         return encoded
 
     assert comparable(ours) == comparable(theirs)
-    if b"responses" in line or b"moderations" in line:
+    if b"moderations" in line:
         assert (ours.response.body.error.code, ours.response.body.error.param) == (
             "unsupported_endpoint",
             "url",
@@ -202,10 +212,42 @@ def test_token_logprobs_read_the_same_from_both_endpoints_shapes():
         "a", logprobs=CompletionLogprobs(tokens=["a"], token_logprobs=[-0.1], top_logprobs=[{"a": -0.1}])
     )
     expected = [{"token": "a", "logprob": -0.1, "top": [["a", -0.1]]}]
-    for result in (chat, completion):
+    response = _response_result(
+        [Logprob(token="a", bytes=[97], logprob=-0.1, top_logprobs=[_alt("a", -0.1)])]
+    )
+    for result in (chat, completion, response):
         assert token_logprobs(result) == expected
     assert token_logprobs(_ok("x")) is None
     assert token_logprobs(to_error_line("x", "invalid_prompt", "too long")) is None
+
+
+def _alt(token: str, logprob: float) -> LogprobAlternative:
+    return LogprobAlternative(token=token, bytes=list(token.encode()), logprob=logprob)
+
+
+def _response_result(logprobs=()) -> BatchResponseLine:
+    message = OutputMessage(
+        id="msg_1", status="completed", content=[OutputText(text="a", logprobs=list(logprobs))]
+    )
+    usage = ResponseUsage(
+        input_tokens=1,
+        input_tokens_details=InputTokensDetails(cached_tokens=0, cache_write_tokens=1),
+        output_tokens=3,
+        output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
+        total_tokens=4,
+    )
+    call = FunctionCallItem(id="fc_1", call_id="call_1", name="f", arguments="{}")
+    return _result(
+        ResponseBody(
+            id="resp_1", created_at=0, status="completed", model="m", output=[message, call], usage=usage
+        )
+    )
+
+
+def test_a_responses_result_gives_its_messages_text_and_its_output_tokens():
+    info = read_result(_response_result())
+    assert (info.text, info.probabilities, info.error, info.completion_tokens) == ("a", None, None, 3)
+    assert token_logprobs(_response_result()) is None
 
 
 def test_a_completions_sampled_token_is_kept_as_an_alternative_only_when_among_the_best():
