@@ -110,7 +110,9 @@ class EngineConfig:
             )
         _check_positive(self, "tensor_parallel_size", "pipeline_parallel_size")
         if self.async_scheduling not in (None, True, False):
-            raise EngineConfigError(f"async_scheduling must be true, false or unset, got {self.async_scheduling!r}")
+            raise EngineConfigError(
+                f"async_scheduling must be true, false or unset, got {self.async_scheduling!r}"
+            )
         if self.async_scheduling and self.world_size > 1:
             raise EngineConfigError(
                 "async_scheduling runs in one process: it cannot be combined with tensor or pipeline parallelism"

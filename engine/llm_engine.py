@@ -19,9 +19,13 @@ Requests join (InputProcessor: tokenise and check) and leave between any two ste
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
+import torch
 from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
@@ -71,6 +75,18 @@ class LLMEngine:
         self._step_totals = StepTotals()
         self._requests: dict[str, Sequence] = {}  # unfinished requests (their own sequences)
         self._aborted: list[RequestOutput] = []  # aborted between steps, reported by the next step()
+        # async scheduling: the model runs on a thread of its own, a step ahead of the host
+        self._model_thread = None
+        if config.uses_async_scheduling:
+            device = torch.device(config.device)
+            # CUDA: the thread's current device is the engine's (events and streams are per device)
+            initializer = None
+            if device.type == "cuda" and device.index is not None:
+                initializer = lambda: torch.cuda.set_device(device)  # noqa: E731
+            self._model_thread = ThreadPoolExecutor(
+                1, thread_name_prefix="sluice-model", initializer=initializer
+            )
+        self._running: _RunningStep | None = None  # the step scheduled ahead, still on the model thread
 
     def _build_stages(self, eos_token_ids: frozenset[int]) -> None:
         """The step's stages over the KV blocks the executor allocated (after the model loaded)."""
@@ -152,15 +168,22 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration of the continuous batch; returns the requests that finished."""
         outputs, self._aborted = self._aborted, []
-        out = self.scheduler.schedule()
-        if out.is_empty:
-            return outputs
-        self._step_totals.record(out)
-        prompt_logprob_rows, pooling_rows = PromptLogprobRows.of(out), PoolingRows.of(out)
-        released = self.block_manager.take_released()  # the runners drop those rows
-        plan = StepPlan.build(out, self.vocab_size, prompt_logprob_rows, pooling_rows, released)
-        step = self._execute(out, plan, outputs)
-        step.prompt_logprob_rows, step.pooling_rows = prompt_logprob_rows, pooling_rows
+        if self._running is not None:  # async scheduling: scheduled ahead, on the model thread
+            running, self._running = self._running, None
+        else:
+            out = self.scheduler.schedule()
+            if out.is_empty:
+                return outputs
+            running = self._submit(out)
+        if self._model_thread is not None and running.future is not None:
+            # Step N+1 scheduled and its inputs prepared while step N runs; its inputs are the
+            # tokens N samples, which stay on the device. It is read back by the next step().
+            ahead = self.scheduler.schedule_ahead(running.out)
+            if ahead is not None:
+                self._running = self._submit(ahead, ahead_of=running.out)
+        out = running.out
+        step = self._execute(running, outputs)
+        step.prompt_logprob_rows, step.pooling_rows = running.prompt_logprob_rows, running.pooling_rows
         finished = self.scheduler.update_from_output(out, step.token_ids)
         effects = [stage.update(step) for stage in self.stages]
         processed = self.output_processor.process(out.sampling_seqs, step.token_ids, step.logprobs, finished)
@@ -200,10 +223,26 @@ class LLMEngine:
                 results.append(held[1])
         return results
 
-    def _execute(self, out: SchedulerOutput, plan: StepPlan, outputs: list[RequestOutput]) -> StepResult:
+    def _submit(self, out: SchedulerOutput, ahead_of: SchedulerOutput | None = None) -> _RunningStep:
+        """Plan a scheduled step and start it: on the model thread with async scheduling (after
+        the step before it, whose sampled tokens it may read), else when _execute reads it."""
+        self._step_totals.record(out)
+        prompt_logprob_rows, pooling_rows = PromptLogprobRows.of(out), PoolingRows.of(out)
+        released = self.block_manager.take_released()  # the runners drop those rows
+        plan = StepPlan.build(out, self.vocab_size, prompt_logprob_rows, pooling_rows, released, ahead_of)
+        running = _RunningStep(out, plan, prompt_logprob_rows, pooling_rows)
+        if self._model_thread is not None:
+            running.future = self._model_thread.submit(self.executor.execute, plan)
+        return running
+
+    def _execute(self, running: _RunningStep, outputs: list[RequestOutput]) -> StepResult:
         """The model run and its one host sync: the step's results on the host."""
+        out = running.out
         try:
-            result = self.executor.execute(plan)
+            if running.future is not None:
+                result = running.future.result()
+            else:
+                result = self.executor.execute(running.plan)
         except EngineDeadError:
             raise
         except Exception as e:
@@ -211,10 +250,17 @@ class LLMEngine:
                 raise  # ranks may have parted ways mid-step: rerunning it could hang a collective
             # The model run failed (out of memory, a device hiccup) before anything of the step was
             # applied: its sequences go back to the queue, to be recomputed by a later step (a
-            # pooling request restarts its sums when its prompt is recomputed from the start).
-            self.scheduler.requeue(out.seqs)
+            # pooling request restarts its sums when its prompt is recomputed from the start). A
+            # step scheduled ahead of it read its tokens: it is waited for and undone too.
+            seqs = list(out.seqs)
+            if self._running is not None:
+                ahead, self._running = self._running, None
+                with contextlib.suppress(Exception):
+                    ahead.future.result()
+                seqs += [seq for seq in ahead.out.seqs if seq not in set(seqs)]
+            self.scheduler.requeue(seqs)
             self._aborted = outputs + self._aborted  # still to be reported
-            raise StepFailed(sorted({seq.request_id for seq in out.seqs}), e) from e
+            raise StepFailed(sorted({seq.request_id for seq in seqs}), e) from e
         return _on_host(out, result)
 
     def stats(self) -> EngineStats:
@@ -231,7 +277,7 @@ class LLMEngine:
         )
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests or self._aborted)
+        return bool(self._requests or self._aborted or self._running)
 
     def generate(
         self,
@@ -253,7 +299,9 @@ class LLMEngine:
         return [outputs[i] for i in ids]
 
     def close(self) -> None:
-        """Stop and reap the worker processes of a parallel engine (nothing to do otherwise)."""
+        """Stop and reap the worker processes of a parallel engine, and the model thread."""
+        if self._model_thread is not None:
+            self._model_thread.shutdown(wait=True)  # a step scheduled ahead finishes first
         self.executor.shutdown()
 
     def __enter__(self) -> LLMEngine:
@@ -261,6 +309,17 @@ class LLMEngine:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+@dataclass(slots=True)
+class _RunningStep:
+    """A planned step: its scheduler output and plan, and with async scheduling its model run."""
+
+    out: SchedulerOutput
+    plan: StepPlan
+    prompt_logprob_rows: PromptLogprobRows | None
+    pooling_rows: PoolingRows | None
+    future: Future[ModelRunnerOutput | None] | None = None
 
 
 class StepFailed(RuntimeError):
@@ -277,6 +336,7 @@ def _on_host(out: SchedulerOutput, result: ModelRunnerOutput | None) -> StepResu
     step = StepResult(out, [], None)
     if result is None:
         return step
+    result.wait()  # async scheduling on CUDA: this step's copies, not the step queued after it
     step.token_ids = result.sampled_token_ids.tolist()
     step.logprobs = result.logprobs
     if result.prompt_logprobs is not None:

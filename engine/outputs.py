@@ -77,18 +77,42 @@ class ModelRunnerOutput:
     # [P, H] float32: the final hidden states at StepPlan.pooling_rows
     pooled_hidden: torch.Tensor | None = None
 
-    def cpu(self) -> ModelRunnerOutput:
-        """A copy on the host, every field included (what a worker sends to rank 0)."""
+    # set by to_host_async: recorded after the copies; wait for it before reading the fields
+    ready: object | None = None  # torch.cuda.Event
+
+    def cpu(self, non_blocking: bool = False) -> ModelRunnerOutput:
+        """A copy on the host, every field included (what a worker sends to rank 0). non_blocking:
+        CUDA copies into pinned memory, complete once the stream reaches them (to_host_async)."""
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            if not non_blocking:
+                return t.cpu()
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
         logprobs = self.logprobs
         if logprobs is not None:
             logprobs = SampledLogprobs(
-                logprobs.sampled_logprobs.cpu(), logprobs.top_token_ids.cpu(), logprobs.top_logprobs.cpu()
+                host(logprobs.sampled_logprobs), host(logprobs.top_token_ids), host(logprobs.top_logprobs)
             )
         top = self.prompt_top_logprobs
         return ModelRunnerOutput(
-            self.sampled_token_ids.cpu(),
+            host(self.sampled_token_ids),
             logprobs,
-            None if self.prompt_logprobs is None else self.prompt_logprobs.cpu(),
-            None if top is None else (top[0].cpu(), top[1].cpu()),
-            None if self.pooled_hidden is None else self.pooled_hidden.cpu(),
+            None if self.prompt_logprobs is None else host(self.prompt_logprobs),
+            None if top is None else (host(top[0]), host(top[1])),
+            None if self.pooled_hidden is None else host(self.pooled_hidden),
         )
+
+    def to_host_async(self) -> ModelRunnerOutput:
+        """CUDA, async scheduling: the results copied to the host behind the step's kernels, with an
+        event to wait for. The host then waits for this step only, not for the step queued after
+        it on the same stream (a plain .tolist() would wait for both)."""
+        copied = self.cpu(non_blocking=True)
+        copied.ready = torch.cuda.Event()
+        copied.ready.record()
+        return copied
+
+    def wait(self) -> None:
+        """Block until to_host_async's copies are complete (nothing to wait for otherwise)."""
+        if self.ready is not None:
+            self.ready.synchronize()

@@ -107,7 +107,11 @@ class Scheduler:
         if self.waiting or running.preempted:
             return None
         ahead = SchedulerOutput()
-        for seq, num_new, samples in zip(running.seqs, running.num_new_tokens, running.is_sampling, strict=True):
+        for seq, num_new, samples in zip(
+            running.seqs, running.num_new_tokens, running.is_sampling, strict=True
+        ):
+            if seq.status is SequenceStatus.FINISHED:
+                continue  # ended by the step before N (a step scheduled ahead too): N's token is dropped
             params = seq.params
             if (
                 not samples

@@ -110,6 +110,9 @@ class StepPlan:
     prompt_logprob_top: int = 0  # alternatives per prompt logprob row (PromptLogprobRows.num_top)
     # rows of the step's flat final hidden states that pooling requests need (engine/core/pooling.py)
     pooling_rows: list[int] | None = None
+    # async scheduling: each row's input is the previous step's sampled token of this row of it
+    # (StepPlan.build's ahead_of); None: the inputs are token_ids
+    input_rows_from_previous: list[int] | None = None
     # one entry per scheduled sequence: its LoRA adapter's name, None for the base model (empty: none has one)
     lora_names: list[str | None] = field(default_factory=list)
 
@@ -121,14 +124,27 @@ class StepPlan:
         prompt_logprobs: PromptLogprobRows | None = None,
         pooling: PoolingRows | None = None,
         released_seq_ids: list[int] | None = None,
+        ahead_of: SchedulerOutput | None = None,
     ) -> StepPlan:
         """The plan of a scheduled step. `released_seq_ids`: BlockManager.take_released(), the
-        sequences whose tables the runners drop; every plan a runner executes must carry them."""
+        sequences whose tables the runners drop; every plan a runner executes must carry them.
+        `ahead_of`: the step still running that `out` was scheduled ahead of (Scheduler.schedule_ahead):
+        each sequence is a token further on than the host knows, and its input is that step's
+        sampled token for it, which the runner takes on the device (`input_rows_from_previous`)."""
         plan = cls([], [], [], list(out.is_sampling), released_seq_ids=released_seq_ids or [])
+        previous = None
+        if ahead_of is not None:
+            previous = {seq.seq_id: row for row, seq in enumerate(ahead_of.sampling_seqs)}
+            plan.input_rows_from_previous = []
         for seq, num_new, samples in zip(out.seqs, out.num_new_tokens, out.is_sampling, strict=True):
             start = seq.num_computed_tokens
             plan.seq_ids.append(seq.seq_id)
-            plan.token_ids.append(seq.token_ids[start : start + num_new])
+            if previous is None:
+                plan.token_ids.append(seq.token_ids[start : start + num_new])
+            else:
+                start += 1  # the token the running step computes
+                plan.token_ids.append([0])  # its sampled token, filled in on the device
+                plan.input_rows_from_previous.append(previous[seq.seq_id])
             plan.starts.append(start)
             synced, table = seq.num_synced_blocks, seq.block_table
             if synced != len(table):  # a decode step adds a block once every block_size tokens
@@ -137,7 +153,7 @@ class StepPlan:
             if samples:
                 params = seq.params
                 plan.sampling_params.append(params)
-                plan.output_lens.append(seq.num_output_tokens)
+                plan.output_lens.append(seq.num_output_tokens + (previous is not None))
                 if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
                     plan.prompt_token_ids.append(seq.prompt_token_ids)
                     plan.output_token_ids.append(seq.output_token_ids)

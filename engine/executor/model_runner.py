@@ -52,6 +52,9 @@ class ModelRunner:
             layer.backend = attention
         self.sampler = Sampler(generator=torch.Generator(device=self.device).manual_seed(config.seed))
         self.batch = PersistentBatch(block_size)
+        self._last_sampled: torch.Tensor | None = None  # the last step's sampled ids, on the device
+        # CUDA with async scheduling: results reach the host behind the step, not with a stream sync
+        self._copy_results_async = config.uses_async_scheduling and self.device.type == "cuda"
         self._sampling = _ReusedSamplingBatch()
         # built per decode step only for a backend that reads them (the C++ and flash ones do not)
         self._uses_decode_groups = attention.reads_decode_groups(self.dtype, self.kv_dtype)
@@ -123,7 +126,10 @@ class ModelRunner:
         logits, hiddens = self._forward(plan, state)
         if not state.is_sampling_rank:
             return None
-        return self._sample(plan, logits, hiddens)
+        result = self._sample(plan, logits, hiddens)
+        if result is not None and self._copy_results_async:
+            return result.to_host_async()
+        return result
 
     def _forward(self, plan: StepPlan, state) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """This rank's stage over the plan's micro-batches (pipeline parallel: one per stage when
@@ -174,6 +180,7 @@ class ModelRunner:
         logits = (logits[0] if len(logits) == 1 else torch.cat(logits)).float()  # [N, V]
         batch = self._sampling.build(plan, self.device, logits.shape[-1])
         sampled = self.sampler(logits, batch)
+        self._last_sampled = sampled.sampled_token_ids
         return ModelRunnerOutput(
             sampled.sampled_token_ids, sampled.logprobs, prompt_logprobs, prompt_top, pooled
         )
@@ -230,7 +237,18 @@ class ModelRunner:
             sampling_rows = [i for i, samples in enumerate(plan.is_sampling) if samples]
             logits_indices = (cu_query[1:].long() - 1)[sampling_rows].to(device)
         input_ids = torch.from_numpy(step.token_ids).to(device)
+        if plan.input_rows_from_previous is not None:  # async scheduling: tokens still on the device
+            input_ids = self._previous_tokens(plan.input_rows_from_previous)
         return input_ids, torch.from_numpy(step.positions).to(device), metadata, logits_indices
+
+    def _previous_tokens(self, rows: list[int]) -> torch.Tensor:
+        """[B] int64: the previous step's sampled tokens of `rows` (its rows in sampling order)."""
+        previous = self._last_sampled
+        if previous is None:
+            raise RuntimeError("a step scheduled ahead, with no step before it on this runner")
+        if len(rows) == previous.shape[0] and rows == list(range(len(rows))):
+            return previous
+        return previous[torch.tensor(rows, dtype=torch.int64).to(self.device)]
 
     def _blocks_that_fit(self) -> int:
         if self.device.type == "cuda":

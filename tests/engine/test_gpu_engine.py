@@ -34,6 +34,25 @@ def test_float32_greedy_on_cuda_matches_transformers_on_cpu(tiny_checkpoint):
     assert _greedy(engine) == expected
 
 
+def test_async_scheduling_gives_the_synchronous_tokens_with_graphs_and_a_mixed_batch(tiny_checkpoint):
+    # the default on CUDA: step N+1 runs on N's sampled tokens, which stay on the device
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=24, stop=[" "]),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=16, logprobs=2),
+    ]
+    outputs = {}
+    for async_scheduling in (False, True):
+        config = EngineConfig(
+            dtype="float32", model=str(tiny_checkpoint), device="cuda", async_scheduling=async_scheduling
+        )
+        engine = LLMEngine(config)
+        result = engine.generate(PROMPTS, params, use_tqdm=False)
+        outputs[async_scheduling] = [(o.token_ids, o.text, o.finish_reason) for o in result]
+        engine.close()
+    assert outputs[True] == outputs[False]
+
+
 def test_kv_pool_is_sized_from_the_gpu_memory_budget(tiny_checkpoint):
     small = LLMEngine(
         EngineConfig(dtype="float32", model=str(tiny_checkpoint), device="cuda", gpu_memory_utilization=0.3)
