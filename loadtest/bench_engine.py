@@ -76,7 +76,8 @@ def engine_option(text: str) -> dict:
     default = getattr(EngineConfig(), name, None)
     if not value or name not in EngineConfig.__dataclass_fields__:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an engine option as name=value")
-    if isinstance(default, bool):
+    field_type = str(EngineConfig.__dataclass_fields__[name].type)
+    if isinstance(default, bool) or field_type.startswith("bool"):  # bool | None too
         return {name: value.lower() in ("1", "true", "yes", "on")}
     return {name: type(default)(value) if default is not None else value}
 
