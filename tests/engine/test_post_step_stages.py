@@ -116,7 +116,8 @@ def test_the_runner_output_keeps_every_field_on_its_way_to_the_host():
     )
     copy = output.cpu()
     for field in dataclasses.fields(ModelRunnerOutput):
-        assert getattr(copy, field.name) is not None, field.name
+        if field.name != "ready":  # to_host_async's event, not a result
+            assert getattr(copy, field.name) is not None, field.name
     assert torch.equal(copy.pooled_hidden, output.pooled_hidden)
 
 
