@@ -6,6 +6,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from tests.engine.transformers_greedy import greedy_continuations
+
 
 def build_adapter(checkpoint, folder, seed: int, **options) -> None:
     """Save a PEFT adapter of `checkpoint` in `folder` (LoraConfig `options`); PEFT starts B at
@@ -23,18 +25,4 @@ def build_adapter(checkpoint, folder, seed: int, **options) -> None:
 def peft_greedy(checkpoint, folder, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Each prompt's greedy tokens from Transformers + PEFT with the adapter, EOS an ordinary token."""
     base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, folder).eval()
-    model.generation_config.eos_token_id = None
-    outputs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=0,
-            )
-            outputs.append(out[0, len(prompt) :].tolist())
-    return outputs
+    return greedy_continuations(PeftModel.from_pretrained(base, folder).eval(), prompts, max_new_tokens)
