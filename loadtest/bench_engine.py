@@ -87,6 +87,7 @@ def run_option_comparison(folder: Path, workload: Workload, args: argparse.Names
     ((name, value),) = args.compare.items()
     variants = {"sluice": {}, f"sluice, {name}={value}": args.compare}
     seconds: dict[str, list[float]] = {label: [] for label in variants}
+    steps: dict[str, int | None] = {}
     for round_index in range(args.rounds):
         labels = list(variants) if round_index % 2 == 0 else list(reversed(variants))
         for label in labels:
@@ -95,8 +96,12 @@ def run_option_comparison(folder: Path, workload: Workload, args: argparse.Names
             engine.close()
             del engine
             seconds[label].append(row.seconds)
+            steps[label] = row.steps
             print(f"round {round_index + 1}: {label} {row.tokens_per_s:.1f} output tok/s", flush=True)
-    return [Row(label, statistics.median(s), workload.num_output_tokens) for label, s in seconds.items()]
+    return [
+        Row(label, statistics.median(s), workload.num_output_tokens, steps[label])
+        for label, s in seconds.items()
+    ]
 
 
 def run_against_vllm(folder: Path, workload: Workload, args: argparse.Namespace) -> list[Row]:
