@@ -85,11 +85,16 @@ class Service:
             config.http_host,
             config.http_port,
             self.metrics.render,
-            lambda: self.async_engine.is_running,
+            self.is_live,
             lambda: self._ready,
         )
         self.engine_failure: EngineDeadError | None = None  # set when the engine died: stop, exit non-zero
         self._stop: asyncio.Event | None = None
+
+    def is_live(self) -> bool:
+        """Liveness: the engine runs, and no task has held the tokenizer thread (which every job
+        needs) past tokenizer_stall_s."""
+        return self.async_engine.is_running and self.handler.tokenizer_busy_s <= self.config.tokenizer_stall_s
 
     async def start(self) -> None:
         c = self.config
@@ -170,6 +175,7 @@ class Service:
             await bounded(asyncio.to_thread(self.tracer.shutdown), "exporting the last spans")
             await asyncio.sleep(0.05)
         await bounded(self.publisher.stop(), "flushing the publisher")
+        await self.handler.stop()
         await self.async_engine.stop()
         await self.http.stop()
         log.info("stopped after %d results (%d errors)", *self.metrics.jobs_answered)

@@ -21,10 +21,12 @@ from engine import EngineDeadError, LLMEngine, PoolingParams, RequestOutput, Req
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
 from schemas.embeddings import EmbeddingRequest
+from schemas.openai import ChatCompletionRequest
 from service.backpressure import Backpressure
 from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
 from service.embeddings import embed, embedding_inputs, to_embedding_line
+from service.fields import UnsupportedParameter, check_fields
 from service.fingerprint import system_fingerprint
 from service.headers import (
     DeadlineExceeded,
@@ -35,9 +37,11 @@ from service.headers import (
     header_dict,
 )
 from service.limits import check_job_size, check_limits, check_prompt_tokens, output_tokens
+from service.prompts import PromptError, chat_inputs
 from service.reasoning import resolve_reasoning_parser
 from service.routing import ReplyTopics
 from service.sampling import max_tokens_of
+from service.template_sandbox import TemplateSandbox
 from service.translate import (
     EngineRequest,
     TranslationError,
@@ -95,11 +99,32 @@ class JobHandler:
         # special-token handling per call, so it must not be shared with the engine's thread).
         self._tokenizer = copy.deepcopy(batcher.tokenizer)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sluice-tokenize")
+        self._task_started: float | None = None  # monotonic time the tokenizer thread's task began
+        # a job's own chat template is code: it runs in sandbox processes, never on that thread
+        limits = config.limits
+        self._sandbox = TemplateSandbox(
+            config.chat_template_workers,
+            limits.chat_template_timeout_s,
+            limits.max_chat_template_memory_bytes,
+            limits.max_chat_template_chars,
+        )
         self._pooling = PoolingParams(config.embedding_pooling)  # of /v1/embeddings jobs
         self._tool_call_parser = config.tool_call_parser
         # resolved: none, harmony or deepseek_r1
         self._reasoning_parser = resolve_reasoning_parser(config.reasoning_parser, engine.architectures)
         self._system_fingerprint = system_fingerprint(engine)
+
+    @property
+    def tokenizer_busy_s(self) -> float:
+        """How long the tokenizer thread's current task has run (0 when it is idle): liveness."""
+        started = self._task_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    async def stop(self) -> None:
+        """Kill the template sandbox's processes (renders in flight included) and let the
+        tokenizer thread go: nothing here waits for a task of either."""
+        await self._sandbox.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def handle(
         self,
@@ -184,8 +209,9 @@ class JobHandler:
         """The job's engine request. Translation reads nothing but the job (and the tokenizer), so
         an error it did not foresee is still the job's: a 400, never an engine_error."""
         try:
+            rendered_chat = await self._render_own_template(job)
             return await self._off_loop(
-                to_engine_request,
+                functools.partial(to_engine_request, rendered_chat=rendered_chat),
                 job,
                 self._tokenizer,
                 self._default_max_tokens,
@@ -193,6 +219,8 @@ class JobHandler:
                 self._limits.allow_special_tokens,
                 self._reasoning_parser,
             )
+        except PromptError as e:
+            raise TranslationError(e.code, e.message, param=e.param) from None
         except (TranslationError, RequestRejected):
             raise
         except Exception as e:
@@ -201,6 +229,23 @@ class JobHandler:
                 "invalid_request",
                 f"the job could not be translated: {type(e).__name__}: {excerpt(str(e), 200)}",
             ) from None
+
+    async def _render_own_template(self, job) -> str | None:
+        """The chat as the job's own `chat_template` renders it, in the template sandbox; None for
+        a job without one (its prompt is rendered with the model's template on the tokenizer thread)."""
+        body = job.body
+        if not isinstance(body, ChatCompletionRequest) or body.chat_template is None:
+            return None
+        if not self._limits.allow_job_chat_template:
+            raise UnsupportedParameter(
+                "chat_template",
+                "`chat_template`: this service does not run a job's own chat template (the operator's "
+                "allow_job_chat_template is off); leave it out to use the model's",
+            )
+        check_fields(body)  # a job refused anyway is not rendered first
+        chat = await self._off_loop(chat_inputs, body, self._tokenizer, self._limits.allow_special_tokens)
+        chat.template = self._tokenizer.get_chat_template(chat.template, chat.tools)  # a named template
+        return await self._sandbox.render(chat, self._tokenizer.special_tokens_map)
 
     async def _generate(
         self, request: EngineRequest, request_id: str, deadline: float | None, tag
@@ -251,7 +296,15 @@ class JobHandler:
         return to_embedding_line(job, outputs, self._model_name, request_id), outputs[0]
 
     async def _off_loop(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn, *args)
+
+    def _timed(self, fn, *args):
+        # on the tokenizer thread: when its task began, for liveness (tokenizer_busy_s)
+        self._task_started = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self._task_started = None
 
 
 def _error_line(

@@ -183,6 +183,7 @@ class LocalBackend:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.handler.stop()
         await self.async_engine.stop()
 
     async def _run(self, job: bytes, timestamp_ms: int, ref: str) -> None:

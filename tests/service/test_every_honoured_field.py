@@ -21,6 +21,7 @@ from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
 from service.fields import FIELD_RULES
 from service.jobs import JobHandler
+from service.limits import JobLimits
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -142,7 +143,9 @@ async def handle(tiny_engine):
     engine = AsyncLLMEngine(tiny_engine)
     engine.start()
     handler = JobHandler(
-        ServiceConfig(model_name="tiny", default_max_tokens=8),
+        ServiceConfig(
+            model_name="tiny", default_max_tokens=8, limits=JobLimits(allow_job_chat_template=True)
+        ),
         DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1),
         tiny_engine,
     )
@@ -153,6 +156,7 @@ async def handle(tiny_engine):
         return outcome.result
 
     yield run
+    await handler.stop()
     await engine.stop()
 
 
