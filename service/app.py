@@ -109,6 +109,7 @@ class Service:
         )
         self.delivery.fit_topics(limits)
         self.async_engine.start()
+        await self.handler.start()
         await self.publisher.start()
         if c.traces_enabled:
             loop = asyncio.get_running_loop()

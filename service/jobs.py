@@ -120,6 +120,11 @@ class JobHandler:
         started = self._task_started
         return 0.0 if started is None else time.monotonic() - started
 
+    async def start(self) -> None:
+        """Start the template sandbox's processes, where jobs' own chat templates are allowed."""
+        if self._limits.allow_job_chat_template:
+            await self._sandbox.start()
+
     async def stop(self) -> None:
         """Kill the template sandbox's processes (renders in flight included) and let the
         tokenizer thread go: nothing here waits for a task of either."""

@@ -8,7 +8,7 @@ replaced), `max_chat_template_memory_bytes` of address space and `max_chat_templ
 output. A render past a limit is the job's PromptError naming the limit (code limit_exceeded,
 param chat_template); other jobs go on, on the tokenizer thread and the other workers.
 
-Workers start on first use and after each kill; `stop()` kills them all, renders in flight included.
+Workers start with `start()` (or on first use) and after each kill; `stop()` kills them all, renders in flight included.
 """
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ class TemplateSandbox:
         self._workers: set[_Worker] = set()
         self._is_stopped = False
         self.num_killed = 0  # workers killed for a limit, a cancelled render or a crash
+
+    async def start(self) -> None:
+        """Start every worker now, so that no job waits for one to start (else: on first use)."""
+        workers = await asyncio.gather(*(self._take() for _ in range(self._slots.qsize())))
+        for worker in workers:
+            self._slots.put_nowait(worker)
 
     async def render(self, chat: ChatInputs, special_tokens: dict[str, object]) -> str:
         """The chat as its template (`chat.template`) renders it, with the tokenizer's special

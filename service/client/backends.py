@@ -157,6 +157,7 @@ class LocalBackend:
 
     async def start(self) -> None:
         self.async_engine.start()
+        await self.handler.start()
 
     async def submit(self, jobs: list[tuple[str, bytes]]) -> None:
         """Start the jobs; waits while `max_in_flight` jobs are running (memory stays bounded)."""
