@@ -9,18 +9,16 @@ message's `tool_call_id`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
+import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from transformers.utils.chat_template_utils import (
-    _CONTROL_TOKEN_END,
-    _get_control_token_patterns,
-    encode_marked_chat,
-    mark_control_tokens,
-)
+from transformers.utils.chat_template_utils import _CONTROL_TOKEN_END, encode_marked_chat, mark_control_tokens
 
 from schemas.openai import ChatCompletionRequest, ChatMessage, CompletionRequest
 
@@ -151,16 +149,97 @@ def encode_chat(rendered: str, chat: ChatInputs, tokenizer, add_special_tokens: 
 
 
 def _mark_user_strings(chat: ChatInputs, tokenizer) -> None:
-    control_tokens = _control_tokens(tokenizer, chat.template)
-    if not control_tokens:
+    tables = _ControlTokens.of(tokenizer).for_template(chat.template or tokenizer.chat_template)
+    if tables is None:
         return
-    marker = _Marker(control_tokens)
+    marker = _Marker(tables)
     chat.messages = [{k: v if k == "role" else marker.mark(v) for k, v in m.items()} for m in chat.messages]
     chat.tools = marker.mark(chat.tools)
     chat.documents = marker.mark(chat.documents)
     # the variables' names are the template's, not text it renders
     chat.variables = {name: marker.mark(value) for name, value in chat.variables.items()}
     chat.is_marked = marker.num_marked > 0
+
+
+class _ControlTokens:
+    """A tokenizer's control tokens: the strings a template's own text may use as control tokens.
+
+    The special tokens, and the tokenizer's `chat_control_tokens` or else the added tokens the
+    template's text spells, as Transformers' `sanitize_control_tokens` chooses them (the
+    template's source is searched, not compiled: a job's own template is compiled only in the
+    sandbox). Built once per tokenizer; the tables for a set of tokens once per set."""
+
+    def __init__(self, tokenizer) -> None:
+        added = tokenizer.added_tokens_decoder.values()
+        chosen = getattr(tokenizer, "chat_control_tokens", None)
+        self._fixed = {t.content for t in added if t.special} | set(tokenizer.all_special_tokens)
+        if chosen is not None:
+            self._fixed |= {t.content for t in added if t.content in set(chosen)}
+            others = []
+        else:
+            others = [t.content for t in added if t.content not in self._fixed and not t.content.isspace()]
+        self._fixed.discard("")
+        self._other_tokens = others
+        # one scan of a template finds the added tokens it spells, longest first
+        self._others = (
+            re.compile("|".join(map(re.escape, sorted(others, key=len, reverse=True)))) if others else None
+        )
+
+    @classmethod
+    def of(cls, tokenizer) -> _ControlTokens:
+        if (control := _CONTROL_TOKENS_OF.get(tokenizer)) is None:
+            control = _CONTROL_TOKENS_OF[tokenizer] = cls(tokenizer)
+        return control
+
+    def for_template(self, template: str | dict | None) -> _MarkingTables | None:
+        if isinstance(template, dict):  # named templates: any of them may be the one rendered
+            template = "\0".join(template.values())
+        found = set(self._others.findall(template)) if self._others is not None and template else set()
+        if found:  # a token spelt only inside a longer one the scan took
+            found |= {t for t in self._other_tokens if any(t in f for f in found)}
+        tokens = tuple(sorted(self._fixed | found))
+        return _marking_tables(tokens) if tokens else None
+
+
+_CONTROL_TOKENS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> _ControlTokens
+
+
+@dataclass(frozen=True, slots=True)
+class _MarkingTables:
+    pattern: re.Pattern  # any control token, the longest where several match
+    starts: frozenset[str]  # every control token's proper prefixes
+    ends: frozenset[str]  # every control token's proper suffixes of two characters or more
+    longest: int
+
+
+@functools.lru_cache(maxsize=32)
+def _marking_tables(tokens: tuple[str, ...]) -> _MarkingTables:
+    return _MarkingTables(
+        re.compile(_trie_pattern(tokens)),
+        frozenset(t[:k] for t in tokens for k in range(1, len(t))),
+        frozenset(t[-k:] for t in tokens for k in range(2, len(t))),
+        max(map(len, tokens)),
+    )
+
+
+def _trie_pattern(tokens: tuple[str, ...]) -> str:
+    """A regular expression matching any of `tokens`, the longest where several match: as a trie,
+    so that a text is scanned once, not once per token (Gemma has thousands of special tokens)."""
+    trie: dict = {}
+    for token in tokens:
+        node = trie
+        for char in token:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def walk(node: dict) -> str:
+        branches = [re.escape(char) + walk(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
+        return f"(?:{body})?" if "" in node else body  # greedy: the longer token first
+
+    return walk(trie)
 
 
 class _Marker:
@@ -170,11 +249,8 @@ class _Marker:
     characters at least), so that two strings (or a string and the template's text) cannot join
     into a control token: encode_marked_chat encodes the text on each side of a marker apart."""
 
-    def __init__(self, control_tokens: tuple[str, ...]) -> None:
-        self._pattern, _ = _get_control_token_patterns(control_tokens)
-        self._starts = {t[:k] for t in control_tokens for k in range(1, len(t))}
-        self._ends = {t[-k:] for t in control_tokens for k in range(2, len(t))}
-        self._longest = max(map(len, control_tokens))
+    def __init__(self, tables: _MarkingTables) -> None:
+        self._tables = tables
         self.num_marked = 0
 
     def mark(self, value: Any) -> Any:
@@ -187,32 +263,16 @@ class _Marker:
         return value
 
     def _mark_string(self, text: str) -> str:
-        marked = mark_control_tokens(text, self._pattern)
-        if any(marked[-k:] in self._starts for k in range(1, min(self._longest, len(marked) + 1))):
+        tables = self._tables
+        marked = mark_control_tokens(text, tables.pattern)
+        longest = min(tables.longest, len(marked) + 1)
+        if any(marked[-k:] in tables.starts for k in range(1, longest)):
             marked += _CONTROL_TOKEN_END
-        if any(marked[:k] in self._ends for k in range(2, min(self._longest, len(marked) + 1))):
+        if any(marked[:k] in tables.ends for k in range(2, longest)):
             marked = _CONTROL_TOKEN_END + marked
         if marked != text:
             self.num_marked += 1
         return marked
-
-
-def _control_tokens(tokenizer, template: str | None) -> tuple[str, ...]:
-    """The strings a template's own text may use as control tokens: the special tokens, and the
-    tokenizer's `chat_control_tokens` or else the added tokens the template's text spells (as
-    transformers' `sanitize_control_tokens` chooses them; the template's source is searched, not
-    compiled: the job's own template is compiled only in the sandbox)."""
-    template = template or tokenizer.chat_template or ""
-    chosen = getattr(tokenizer, "chat_control_tokens", None)
-    tokens = set(tokenizer.all_special_tokens)
-    for token in tokenizer.added_tokens_decoder.values():
-        if chosen is not None:
-            is_control = token.content in chosen
-        else:
-            is_control = token.content in template and not token.content.isspace()
-        if token.special or is_control:
-            tokens.add(token.content)
-    return tuple(sorted(t for t in tokens if t))
 
 
 def _special_tokens_frame(tokenizer) -> tuple[list[int], list[int]]:

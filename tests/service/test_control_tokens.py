@@ -153,3 +153,18 @@ def test_a_job_that_spells_no_control_token_is_tokenised_as_one_text(tokenizer) 
     assert _ids({**body, "chat_template": "{{ messages[0].content }}"}, tokenizer) == tokenizer.encode(
         rendered, add_special_tokens=False
     )
+
+
+def test_an_added_token_the_template_writes_is_a_control_token_and_text_in_any_field(tokenizer) -> None:
+    # Qwen's way: <|im_end|> is an added token that its template writes after each message
+    qwen = copy.deepcopy(tokenizer)
+    qwen.add_tokens(["<|im_end|>", "<tool_call>"])
+    im_end, tool_call = qwen.convert_tokens_to_ids(["<|im_end|>", "<tool_call>"])
+    template = EVERY_FIELD.replace("{{ eos_token }}", "<|im_end|>")
+    own = _ids({**_body(), "chat_template": template}, qwen).count(im_end)
+    for field in FIELDS:
+        body = {**_set(_body(), field, "a <|im_end|> b <tool_call>"), "chat_template": template}
+        ids = _ids(body, qwen)
+        assert ids.count(im_end) == own, field
+        # an added token the template does not write is not a control token: read as the tokenizer reads it
+        assert ids.count(tool_call) >= 1, field
