@@ -210,6 +210,17 @@ class Service:
             "sluice_consumer_paused", "1 while backpressure pauses the partitions", lambda: int(bp.is_paused)
         )
         m.gauge("sluice_consumer_lag", "Records of assigned partitions not yet done", self.consumer.lag)
+        handler = self.handler
+        m.gauge(
+            "sluice_tokenizer_busy_seconds",
+            "How long the tokenizer thread's current task has run (0: idle); /healthz fails past tokenizer_stall_s",
+            lambda: handler.tokenizer_busy_s,
+        )
+        m.gauge(
+            "sluice_chat_template_renders_killed",
+            "Renders of jobs' own chat templates killed since start (past their time or memory limit, or abandoned)",
+            lambda: handler.num_template_renders_killed,
+        )
         if (transactions := self.transactions) is not None:
             m.partition_gauge(
                 "sluice_consecutive_failed_transactions",

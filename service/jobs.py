@@ -120,6 +120,10 @@ class JobHandler:
         started = self._task_started
         return 0.0 if started is None else time.monotonic() - started
 
+    @property
+    def num_template_renders_killed(self) -> int:
+        return self._sandbox.num_killed
+
     async def start(self) -> None:
         """Start the template sandbox's processes, where jobs' own chat templates are allowed."""
         if self._limits.allow_job_chat_template:

@@ -60,7 +60,8 @@ class TemplateSandbox:
                 "template": chat.template,
                 "messages": chat.messages,
                 "kwargs": {**special_tokens, **chat.template_kwargs()},
-            }
+            },
+            enc_hook=str,  # a special token given as an AddedToken: its text
         )
         worker = await self._take()
         try:

@@ -254,6 +254,8 @@ async def test_hostile_chat_templates_get_error_results_and_the_jobs_beside_them
         dead = await _read_answers(kafka, c.dlq_topic, 2, delivery)
         await wait_for_commits(kafka, c.group_id, c.jobs_topics[0])
         assert service.is_live() and not service.engine_failure
+        metrics = service.metrics.render().decode()
+    assert "sluice_chat_template_renders_killed 2.0" in metrics  # the loop's and the bomb's processes
     results = {line.custom_id: line for line in lines}
     assert {custom_id: line.is_error for custom_id, line in results.items()} == {
         "loop": True,
