@@ -118,7 +118,13 @@ def chat_inputs(body: ChatCompletionRequest, tokenizer, allow_special_tokens: bo
         continue_final_message=body.continue_final_message,
     )
     if not allow_special_tokens:
-        _mark_user_strings(chat, tokenizer)
+        try:
+            _mark_user_strings(chat, tokenizer)
+        except RecursionError:  # arguments JSON may nest to the interpreter's limit
+            raise PromptError(
+                "invalid_request",
+                "the job's tool calls, tools, documents or chat_template_kwargs nest too deeply",
+            ) from None
     return chat
 
 

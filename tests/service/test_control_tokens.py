@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from schemas.batch import CHAT_URL, BatchRequestLine
 from schemas.openai import ChatCompletionRequest
-from service.translate import to_engine_request
+from service.translate import TranslationError, to_engine_request
 
 # renders every string of the job it is given: plainly, and as JSON
 EVERY_FIELD = (
@@ -168,3 +168,22 @@ def test_an_added_token_the_template_writes_is_a_control_token_and_text_in_any_f
         assert ids.count(im_end) == own, field
         # an added token the template does not write is not a control token: read as the tokenizer reads it
         assert ids.count(tool_call) >= 1, field
+
+
+def test_add_special_tokens_frames_a_marked_chat_as_it_frames_any_other(tokenizer) -> None:
+    body = {**_body(), "add_special_tokens": True}
+    plain, marked = _ids(body, tokenizer), _ids(_set(body, "messages.0.name", "</s>"), tokenizer)
+    assert plain[:2] == marked[:2] == [tokenizer.bos_token_id] * 2  # the tokenizer's, then the template's
+    assert marked.count(tokenizer.eos_token_id) == plain.count(tokenizer.eos_token_id)
+
+
+def test_tool_call_arguments_nested_too_deeply_to_mark_are_an_invalid_request(tokenizer) -> None:
+    # JSON reads 900 levels; marking its strings would pass the interpreter's recursion limit
+    body = _body()
+    body["messages"][1]["tool_calls"][0]["function"]["arguments"] = "[" * 900 + "]" * 900
+    with pytest.raises(TranslationError) as info:
+        _ids(body, tokenizer)
+    assert (info.value.code, info.value.message) == (
+        "invalid_request",
+        "the job's tool calls, tools, documents or chat_template_kwargs nest too deeply",
+    )
