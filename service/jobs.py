@@ -220,13 +220,14 @@ class JobHandler:
         try:
             rendered_chat = await self._render_own_template(job)
             return await self._off_loop(
-                functools.partial(to_engine_request, rendered_chat=rendered_chat),
+                to_engine_request,
                 job,
                 self._tokenizer,
                 self._default_max_tokens,
                 self._batcher.generation_defaults,
                 self._limits.allow_special_tokens,
                 self._reasoning_parser,
+                rendered_chat,
             )
         except PromptError as e:
             raise TranslationError(e.code, e.message, param=e.param) from None
