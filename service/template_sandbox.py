@@ -8,7 +8,8 @@ replaced), `max_chat_template_memory_bytes` of address space and `max_chat_templ
 output. A render past a limit is the job's PromptError naming the limit (code limit_exceeded,
 param chat_template); other jobs go on, on the tokenizer thread and the other workers.
 
-Workers start with `start()` (or on first use) and after each kill; `stop()` kills them all, renders in flight included.
+Workers start with `start()` (or on first use), and a new one at once in place of each one
+killed; `stop()` kills them all, renders in flight included.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class TemplateSandbox:
         for _ in range(num_workers):
             self._slots.put_nowait(None)  # started on first use
         self._workers: set[_Worker] = set()
+        self._replacing: set[asyncio.Future] = set()  # workers starting in place of killed ones
         self._is_stopped = False
         self.num_killed = 0  # workers killed for a limit, a cancelled render or a crash
 
@@ -102,6 +104,9 @@ class TemplateSandbox:
     async def stop(self) -> None:
         """Kill every worker, rendering or not; a render in flight ends with a PromptError."""
         self._is_stopped = True
+        for replacing in list(self._replacing):
+            replacing.cancel()  # a worker still starting is killed by its start
+        await asyncio.gather(*self._replacing, return_exceptions=True)
         for worker in list(self._workers):
             worker.kill()
         await asyncio.gather(*(w.process.wait() for w in list(self._workers)), return_exceptions=True)
@@ -113,20 +118,36 @@ class TemplateSandbox:
         if worker is not None and worker.process.returncode is None:
             return worker
         try:
-            worker = await _Worker.start(self.max_memory_bytes, self.max_chars)
+            return await self._start_worker()
         except BaseException:
             self._slots.put_nowait(None)
             raise
+
+    async def _start_worker(self) -> _Worker:
+        worker = await _Worker.start(self.max_memory_bytes, self.max_chars)
         self._workers.add(worker)
         worker.process_done = asyncio.ensure_future(worker.process.wait())
         worker.process_done.add_done_callback(lambda _: self._workers.discard(worker))
         return worker
 
     def _kill(self, worker: _Worker) -> None:
-        """Kill the worker (its render is abandoned) and leave its slot to a new one."""
+        """Kill the worker (its render is abandoned) and start its replacement in the background."""
         if worker.kill():
             self.num_killed += 1
-        self._slots.put_nowait(None)
+        if self._is_stopped:
+            return
+        replacing = asyncio.ensure_future(self._replace())
+        self._replacing.add(replacing)
+        replacing.add_done_callback(self._replacing.discard)
+
+    async def _replace(self) -> None:
+        try:
+            worker = await self._start_worker()
+        except Exception:  # the next render that takes the slot tries again
+            log.exception("a template sandbox process did not start")
+            self._slots.put_nowait(None)
+            return
+        self._slots.put_nowait(worker)
 
 
 class _Worker:
@@ -162,6 +183,7 @@ class _Worker:
 
     def kill(self) -> bool:
         """Whether it was running."""
+        self.process.stdin.close()  # the last pipe open: its transport closes once the process is gone
         if self.process.returncode is not None:
             return False
         with contextlib.suppress(ProcessLookupError):

@@ -90,6 +90,7 @@ async def test_a_nested_loop_is_stopped_at_the_time_limit_and_its_worker_replace
     assert TIMEOUT_S <= elapsed < TIMEOUT_S + 1.0
     assert sandbox.num_killed == 1
     assert await sandbox.render(_chat(PLAIN), {"bos_token": "<s>"}) == "<s><user>hi"  # a new worker
+    assert len(sandbox._workers) == 1
 
 
 async def test_a_memory_bomb_is_stopped_at_the_memory_limit_and_its_worker_replaced(sandbox) -> None:
