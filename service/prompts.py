@@ -186,10 +186,8 @@ class _ControlTokens:
             others = [t.content for t in added if t.content not in self._fixed and not t.content.isspace()]
         self._fixed.discard("")
         self._other_tokens = others
-        # one scan of a template finds the added tokens it spells, longest first
-        self._others = (
-            re.compile("|".join(map(re.escape, sorted(others, key=len, reverse=True)))) if others else None
-        )
+        # one scan of a template (a job's may have a megabyte) finds the added tokens it spells
+        self._others = re.compile(_trie_pattern(tuple(others))) if others else None
 
     @classmethod
     def of(cls, tokenizer) -> _ControlTokens:
