@@ -158,6 +158,9 @@ class _Worker:
     @classmethod
     async def start(cls, max_memory_bytes: int, max_chars: int) -> _Worker:
         path = os.pathsep.join(p for p in [str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p)
+        # none of the service's environment (SLUICE_KAFKA_SASL_PASSWORD and the like)
+        env = {"PYTHONPATH": path, "PATH": os.environ.get("PATH", ""), "HF_HUB_OFFLINE": "1"}
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -166,18 +169,19 @@ class _Worker:
             str(max_chars),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": path},
+            env=env,
+            cwd="/",
         )
         worker = cls(process)
         try:
             async with asyncio.timeout(STARTUP_TIMEOUT_S):
                 ready = await worker._read()
-        except BaseException:
-            process.kill()
+            if not ready.get("ready"):
+                raise RuntimeError(f"a template sandbox process did not start: {ready!r}")
+        except BaseException:  # failed, or cancelled (the sandbox stops): gone before its transport is
+            worker.kill()
+            await asyncio.shield(process.wait())
             raise
-        if not ready.get("ready"):
-            process.kill()
-            raise RuntimeError(f"a template sandbox process did not start: {ready!r}")
         log.info("template sandbox process %d started", process.pid)
         return worker
 

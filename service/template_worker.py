@@ -4,8 +4,9 @@ Renders a job's own chat template as Transformers renders it (its ImmutableSandb
 filters and globals: render_jinja_template), with the address space it may grow by and the
 characters it may write bounded; the service (service/template_sandbox.py) bounds its time by
 killing it. Requests come on stdin and answers go to stdout, each a 4-byte big-endian length and a
-MessagePack map. The process dies with its parent, runs at a lower priority than the service, and
-exits after a render that ran out of memory (its heap is left in no known state).
+MessagePack map. The process dies with its parent, runs at a lower priority than the service, may
+start no processes, sees none of the service's environment (its Kafka credentials), and exits
+after a render that ran out of memory (its heap is left in no known state).
 
 Imports nothing of Sluice: it runs untrusted templates and keeps to jinja2 and Transformers'
 template utilities.
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
     os.dup2(2, 1)
     from transformers.utils import chat_template_utils
 
-    _limit_memory(max_memory_bytes)
+    _limit_resources(max_memory_bytes)
     encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder()
     _write(out, encoder.encode({"ready": True}))
     while (frame := _read(sys.stdin.buffer)) is not None:
@@ -86,12 +87,15 @@ def _bounded_concat(max_chars: int):
     return concat
 
 
-def _limit_memory(max_memory_bytes: int) -> None:
+def _limit_resources(max_memory_bytes: int) -> None:
     # the address space it has now (the interpreter and its imports), plus what a render may take
     with open("/proc/self/statm") as f:
         size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     limit = size + max_memory_bytes
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    # and no processes of its own, should a template ever get out of Jinja's sandbox (root ignores this)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
 
 
 def _die_with_parent() -> None:

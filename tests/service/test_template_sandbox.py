@@ -5,6 +5,7 @@ its worker is killed and replaced, and stopping the sandbox never waits for a re
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -157,3 +158,17 @@ async def test_a_cancelled_render_kills_its_worker(sandbox) -> None:
         await stuck
     assert sandbox.num_killed == 1
     assert await sandbox.render(_chat(PLAIN), {}) == "<user>hi"
+
+
+async def test_a_worker_sees_none_of_the_services_secrets_and_may_start_no_process(
+    sandbox, monkeypatch
+) -> None:
+    monkeypatch.setenv("SLUICE_KAFKA_SASL_PASSWORD", "hunter2")
+    await sandbox.start()
+    (worker,) = sandbox._workers
+    environ = Path(f"/proc/{worker.process.pid}/environ").read_bytes()
+    assert b"hunter2" not in environ and b"SLUICE_" not in environ
+    limits = Path(f"/proc/{worker.process.pid}/limits").read_text()
+    assert re.search(r"Max processes\s+0\s+0", limits)
+    address_space = re.search(r"Max address space\s+(\d+)", limits)
+    assert address_space and int(address_space[1]) < 4 * 2**30
