@@ -41,9 +41,11 @@ class TemplateSandbox:
         for _ in range(num_workers):
             self._slots.put_nowait(None)  # started on first use
         self._workers: set[_Worker] = set()
-        self._replacing: set[asyncio.Future] = set()  # workers starting in place of killed ones
+        self._starting: set[asyncio.Future] = set()  # workers starting (_Worker.start)
+        self._replacing: set[asyncio.Future] = set()  # starting them in place of killed ones
+        self._closing: set[asyncio.Future] = set()  # workers killed, their pipes not yet closed
         self._is_stopped = False
-        self.num_killed = 0  # workers killed for a limit, a cancelled render or a crash
+        self.num_killed = 0  # renders whose worker was killed: past a limit, abandoned, or crashed
 
     async def start(self) -> None:
         """Start every worker now, so that no job waits for one to start (else: on first use)."""
@@ -102,21 +104,26 @@ class TemplateSandbox:
         return PromptError("limit_exceeded", message, "chat_template")
 
     async def stop(self) -> None:
-        """Kill every worker, rendering or not; a render in flight ends with a PromptError."""
+        """Kill every worker, starting, rendering or idle; a render in flight ends with a PromptError."""
         self._is_stopped = True
-        for replacing in list(self._replacing):
-            replacing.cancel()  # a worker still starting is killed by its start
-        await asyncio.gather(*self._replacing, return_exceptions=True)
+        for starting in list(self._starting):
+            starting.cancel()  # a worker still starting is closed by its start
+        await asyncio.gather(*self._starting, *self._replacing, return_exceptions=True)
         for worker in list(self._workers):
-            worker.kill()
-        await asyncio.gather(*(w.process.wait() for w in list(self._workers)), return_exceptions=True)
+            self._close(worker)
+        for _ in range(len(self._closing) + 1):
+            self._slots.put_nowait(None)  # renders waiting for a worker see that there are none
+        while self._closing:  # a render the kills end closes its worker again: those too
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
 
     async def _take(self) -> _Worker:
+        worker = await self._slots.get()
         if self._is_stopped:
             raise RuntimeError("the template sandbox is stopped")
-        worker = await self._slots.get()
         if worker is not None and worker.process.returncode is None:
             return worker
+        if worker is not None:  # it died idle
+            self._close(worker)
         try:
             return await self._start_worker()
         except BaseException:
@@ -124,26 +131,44 @@ class TemplateSandbox:
             raise
 
     async def _start_worker(self) -> _Worker:
-        worker = await _Worker.start(self.max_memory_bytes, self.max_chars)
+        starting = asyncio.ensure_future(_Worker.start(self.max_memory_bytes, self.max_chars))
+        self._starting.add(starting)
+        starting.add_done_callback(self._starting.discard)
+        try:
+            worker = await starting
+        except asyncio.CancelledError:
+            if self._is_stopped and not asyncio.current_task().cancelling():  # stop() cancelled the start
+                raise RuntimeError("the template sandbox is stopped") from None
+            raise
+        if self._is_stopped:  # stop() came while it started
+            self._close(worker)
+            raise RuntimeError("the template sandbox is stopped")
         self._workers.add(worker)
-        worker.process_done = asyncio.ensure_future(worker.process.wait())
-        worker.process_done.add_done_callback(lambda _: self._workers.discard(worker))
         return worker
 
     def _kill(self, worker: _Worker) -> None:
         """Kill the worker (its render is abandoned) and start its replacement in the background."""
-        if worker.kill():
-            self.num_killed += 1
-        if self._is_stopped:
-            return
-        replacing = asyncio.ensure_future(self._replace())
-        self._replacing.add(replacing)
-        replacing.add_done_callback(self._replacing.discard)
+        self.num_killed += 1
+        self._close(worker)
+        if not self._is_stopped:
+            replacing = asyncio.ensure_future(self._replace())
+            self._replacing.add(replacing)
+            replacing.add_done_callback(self._replacing.discard)
+
+    def _close(self, worker: _Worker) -> None:
+        self._workers.discard(worker)
+        closing = asyncio.ensure_future(worker.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
 
     async def _replace(self) -> None:
         try:
             worker = await self._start_worker()
-        except Exception:  # the next render that takes the slot tries again
+        except asyncio.CancelledError:  # the sandbox stops
+            return
+        except Exception:  # the next render that takes the slot tries again (none: the sandbox stopped)
+            if self._is_stopped:
+                return
             log.exception("a template sandbox process did not start")
             self._slots.put_nowait(None)
             return
@@ -151,9 +176,9 @@ class TemplateSandbox:
 
 
 class _Worker:
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, process: asyncio.subprocess.Process, transport: asyncio.SubprocessTransport) -> None:
         self.process = process
-        self.process_done: asyncio.Future | None = None
+        self._transport = transport
 
     @classmethod
     async def start(cls, max_memory_bytes: int, max_chars: int) -> _Worker:
@@ -161,7 +186,10 @@ class _Worker:
         # none of the service's environment (SLUICE_KAFKA_SASL_PASSWORD and the like)
         env = {"PYTHONPATH": path, "PATH": os.environ.get("PATH", ""), "HF_HUB_OFFLINE": "1"}
         env["PYTHONDONTWRITEBYTECODE"] = "1"
-        process = await asyncio.create_subprocess_exec(
+        loop = asyncio.get_running_loop()
+        # asyncio.create_subprocess_exec, keeping the transport: close() closes it once the process is gone
+        transport, protocol = await loop.subprocess_exec(
+            lambda: asyncio.subprocess.SubprocessStreamProtocol(limit=2**16, loop=loop),
             sys.executable,
             "-m",
             "service.template_worker",
@@ -169,30 +197,30 @@ class _Worker:
             str(max_chars),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            stderr=None,
             env=env,
             cwd="/",
         )
-        worker = cls(process)
+        worker = cls(asyncio.subprocess.Process(transport, protocol, loop), transport)
         try:
             async with asyncio.timeout(STARTUP_TIMEOUT_S):
                 ready = await worker._read()
             if not ready.get("ready"):
                 raise RuntimeError(f"a template sandbox process did not start: {ready!r}")
-        except BaseException:  # failed, or cancelled (the sandbox stops): gone before its transport is
-            worker.kill()
-            await asyncio.shield(process.wait())
+        except BaseException:  # failed, or cancelled (the sandbox stops)
+            await asyncio.shield(worker.close())
             raise
-        log.info("template sandbox process %d started", process.pid)
+        log.info("template sandbox process %d started", worker.process.pid)
         return worker
 
-    def kill(self) -> bool:
-        """Whether it was running."""
-        self.process.stdin.close()  # the last pipe open: its transport closes once the process is gone
-        if self.process.returncode is not None:
-            return False
+    async def close(self) -> None:
+        """Kill it (if it runs), wait for its exit and close its pipes."""
         with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
-        return True
+            if self.process.returncode is None:
+                self.process.kill()
+        await self.process.wait()
+        self._transport.close()
+        await asyncio.sleep(0)  # the pipes' own closing runs on the loop
 
     async def ask(self, request: bytes, timeout_s: float) -> dict:
         self.process.stdin.write(struct.pack(">I", len(request)) + request)

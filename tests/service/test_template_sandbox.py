@@ -127,6 +127,7 @@ async def test_a_template_that_fails_or_breaks_the_sandbox_rules_is_an_invalid_r
 
 async def test_a_stuck_render_does_not_hold_the_other_worker() -> None:
     sandbox = TemplateSandbox(2, 30.0, MEMORY, MAX_CHARS)
+    await sandbox.start()
     try:
         stuck = asyncio.create_task(sandbox.render(_chat(NESTED_LOOP), {}))
         assert await sandbox.render(_chat(PLAIN), {}) == "<user>hi"
@@ -172,3 +173,13 @@ async def test_a_worker_sees_none_of_the_services_secrets_and_may_start_no_proce
     assert re.search(r"Max processes\s+0\s+0", limits)
     address_space = re.search(r"Max address space\s+(\d+)", limits)
     assert address_space and int(address_space[1]) < 4 * 2**30
+
+
+async def test_stop_ends_the_renders_waiting_for_a_worker_to_start() -> None:
+    sandbox = TemplateSandbox(1, 30.0, MEMORY, MAX_CHARS)
+    waiting = asyncio.create_task(sandbox.render(_chat(PLAIN), {}))
+    await asyncio.sleep(0.05)  # its worker is starting
+    await sandbox.stop()
+    with pytest.raises(RuntimeError, match="the template sandbox is stopped"):
+        await waiting
+    assert not sandbox._workers
