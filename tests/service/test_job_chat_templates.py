@@ -10,6 +10,7 @@ import json
 import threading
 import time
 
+import msgspec
 import pytest
 
 from engine import AsyncLLMEngine
@@ -100,7 +101,7 @@ async def test_a_hostile_template_gets_an_error_naming_its_limit_while_ordinary_
 
 
 async def test_liveness_fails_while_a_task_holds_the_tokenizer_thread(service_config, tiny_engine):
-    config = ServiceConfig(**{**_fields(service_config), "tokenizer_stall_s": 0.2})
+    config = msgspec.structs.replace(service_config, tokenizer_stall_s=0.2)
     service = Service(config, tiny_engine)
     service.async_engine.start()
     release = threading.Event()
@@ -116,7 +117,3 @@ async def test_liveness_fails_while_a_task_holds_the_tokenizer_thread(service_co
         release.set()
         await service.handler.stop()
         await service.async_engine.stop()
-
-
-def _fields(config: ServiceConfig) -> dict:
-    return {name: getattr(config, name) for name in config.__struct_fields__}
