@@ -32,7 +32,8 @@ class JobLimits(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # max_tokens x (top_logprobs + 1) x samples (best_of, else n), for jobs asking for logprobs
     max_logprob_tokens: Annotated[int, Meta(ge=1)] = 16_384
     max_logit_bias: Annotated[int, Meta(ge=0)] = 300  # logit_bias entries (OpenAI's limit)
-    # prompt text may spell control tokens (`</s>`, `<|eot_id|>`): for trusted producers only
+    # prompt text (and every string a chat template renders) may spell control tokens (`</s>`,
+    # `<|eot_id|>`): for trusted producers only
     allow_special_tokens: bool = False
     # A job's own `chat_template` is code: refused by name unless allowed; where allowed it renders in a
     # sandbox process (service/template_sandbox.py) within these limits, else its job gets limit_exceeded
