@@ -85,11 +85,16 @@ class Service:
             config.http_host,
             config.http_port,
             self.metrics.render,
-            lambda: self.async_engine.is_running,
+            self.is_live,
             lambda: self._ready,
         )
         self.engine_failure: EngineDeadError | None = None  # set when the engine died: stop, exit non-zero
         self._stop: asyncio.Event | None = None
+
+    def is_live(self) -> bool:
+        """Liveness: the engine runs, and no task has held the tokenizer thread (which every job
+        needs) past tokenizer_stall_s."""
+        return self.async_engine.is_running and self.handler.tokenizer_busy_s <= self.config.tokenizer_stall_s
 
     async def start(self) -> None:
         c = self.config
@@ -104,6 +109,7 @@ class Service:
         )
         self.delivery.fit_topics(limits)
         self.async_engine.start()
+        await self.handler.start()
         await self.publisher.start()
         if c.traces_enabled:
             loop = asyncio.get_running_loop()
@@ -170,6 +176,7 @@ class Service:
             await bounded(asyncio.to_thread(self.tracer.shutdown), "exporting the last spans")
             await asyncio.sleep(0.05)
         await bounded(self.publisher.stop(), "flushing the publisher")
+        await self.handler.stop()
         await self.async_engine.stop()
         await self.http.stop()
         log.info("stopped after %d results (%d errors)", *self.metrics.jobs_answered)
@@ -203,6 +210,17 @@ class Service:
             "sluice_consumer_paused", "1 while backpressure pauses the partitions", lambda: int(bp.is_paused)
         )
         m.gauge("sluice_consumer_lag", "Records of assigned partitions not yet done", self.consumer.lag)
+        handler = self.handler
+        m.gauge(
+            "sluice_tokenizer_busy_seconds",
+            "How long the tokenizer thread's current task has run (0: idle); /healthz fails past tokenizer_stall_s",
+            lambda: handler.tokenizer_busy_s,
+        )
+        m.gauge(
+            "sluice_chat_template_renders_killed",
+            "Renders of jobs' own chat templates killed since start (past their time or memory limit, or abandoned)",
+            lambda: handler.num_template_renders_killed,
+        )
         if (transactions := self.transactions) is not None:
             m.partition_gauge(
                 "sluice_consecutive_failed_transactions",

@@ -105,6 +105,10 @@ class ServiceConfig(Struct, kw_only=True, forbid_unknown_fields=True):
     )
     resume_fraction: Annotated[float, Meta(gt=0, lt=1)] = 0.5  # resume below this share of both limits
     drain_timeout_s: Annotated[float, Meta(ge=0)] = 30.0  # on shutdown, wait this long for in-flight jobs
+    # the processes that render jobs' own chat templates (where limits.allow_job_chat_template)
+    chat_template_workers: Annotated[int, Meta(ge=1)] = 2
+    # /healthz fails while one task has held the tokenizer thread (which tokenises every job) this long
+    tokenizer_stall_s: Annotated[float, Meta(gt=0)] = 60.0
     # What one job may ask for (service/limits.py's JobLimits, where each limit is explained), checked
     # before any work is done for it: nested here, set by their own names (a flat table, below)
     limits: JobLimits = msgspec.field(default_factory=JobLimits)

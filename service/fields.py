@@ -133,7 +133,7 @@ _TABLE = """
 | `parallel_tool_calls` | chat | honoured | false: at most one call |
 | `add_generation_prompt` | chat | honoured | |
 | `continue_final_message` | chat | honoured | the last message is continued, not closed |
-| `chat_template` | chat | honoured | a Jinja chat template for this job |
+| `chat_template` | chat | honoured | a Jinja chat template for this job, where the operator allows it (`allow_job_chat_template`; otherwise refused by name, `unsupported_parameter`); rendered in a sandbox process within a time, a memory and an output-size limit, past which the job gets `limit_exceeded` naming the limit |
 | `chat_template_kwargs` | chat | honoured | extra variables for the template, e.g. `enable_thinking` |
 | `documents` | chat | honoured | passed to the chat template |
 | `functions` | chat | refused | |

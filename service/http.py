@@ -1,7 +1,8 @@
 """A minimal HTTP endpoint on the event loop: /metrics (Prometheus text), /healthz, /readyz.
 
-Liveness: the event loop answers and the engine thread is alive. Readiness: the service has
-started consuming. Anything else is 404. No framework: three GET routes do not need one.
+Liveness: the event loop answers, the engine thread is alive and no task has held the tokenizer
+thread past tokenizer_stall_s (Service.is_live). Readiness: the service has started consuming.
+Anything else is 404. No framework: three GET routes do not need one.
 A client gets REQUEST_TIMEOUT_S for its whole request and MAX_HEADER_LINES header lines, and at
 most MAX_CONNECTIONS are served at once (more are closed at once): slow or many clients cannot
 hold the event loop's sockets and memory.

@@ -22,11 +22,13 @@ from engine import EngineDeadError, LLMEngine, PoolingParams, RequestOutput, Req
 from schemas.batch import BatchResponseLine
 from schemas.codec import JobDecodeError, decode_job, normalize_content_type, peek_custom_id
 from schemas.embeddings import EmbeddingRequest
+from schemas.openai import ChatCompletionRequest
 from schemas.responses_api import ResponsesRequest
 from service.backpressure import Backpressure
 from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
 from service.embeddings import embed, embedding_inputs, to_embedding_line
+from service.fields import UnsupportedParameter, check_fields
 from service.fingerprint import system_fingerprint
 from service.headers import (
     DeadlineExceeded,
@@ -37,11 +39,13 @@ from service.headers import (
     header_dict,
 )
 from service.limits import check_job_size, check_limits, check_prompt_tokens, output_tokens
+from service.prompts import PromptError, chat_inputs
 from service.reasoning import resolve_reasoning_parser
 from service.responses_api import responses_param, to_chat_job
 from service.responses_output import to_response_line
 from service.routing import ReplyTopics
 from service.sampling import max_tokens_of
+from service.template_sandbox import TemplateSandbox
 from service.translate import (
     EngineRequest,
     TranslationError,
@@ -101,11 +105,41 @@ class JobHandler:
         # special-token handling per call, so it must not be shared with the engine's thread).
         self._tokenizer = copy.deepcopy(batcher.tokenizer)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sluice-tokenize")
+        self._task_started: float | None = None  # monotonic time the tokenizer thread's task began
+        # a job's own chat template is code: it runs in sandbox processes, never on that thread
+        limits = config.limits
+        self._sandbox = TemplateSandbox(
+            config.chat_template_workers,
+            limits.chat_template_timeout_s,
+            limits.max_chat_template_memory_bytes,
+            limits.max_chat_template_chars,
+        )
         self._pooling = PoolingParams(config.embedding_pooling)  # of /v1/embeddings jobs
         self._tool_call_parser = config.tool_call_parser
         # resolved: none, harmony or deepseek_r1
         self._reasoning_parser = resolve_reasoning_parser(config.reasoning_parser, engine.architectures)
         self._system_fingerprint = system_fingerprint(engine)
+
+    @property
+    def tokenizer_busy_s(self) -> float:
+        """How long the tokenizer thread's current task has run (0 when it is idle): liveness."""
+        started = self._task_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    @property
+    def num_template_renders_killed(self) -> int:
+        return self._sandbox.num_killed
+
+    async def start(self) -> None:
+        """Start the template sandbox's processes, where jobs' own chat templates are allowed."""
+        if self._limits.allow_job_chat_template:
+            await self._sandbox.start()
+
+    async def stop(self) -> None:
+        """Kill the template sandbox's processes (renders in flight included) and let the
+        tokenizer thread go: nothing here waits for a task of either."""
+        await self._sandbox.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def handle(
         self,
@@ -172,16 +206,19 @@ class JobHandler:
         if isinstance(job.body, ResponsesRequest):  # runs as the chat job it means
             chat_job = to_chat_job(job, getattr(self._tokenizer, "chat_template", None))
             try:
-                line, output = await self._generate_line(chat_job, timestamp_ms, request_id, deadline, tag)
+                line, output = await self._generate_line(
+                    chat_job, timestamp_ms, request_id, deadline, tag, adapter
+                )
             except (TranslationError, RequestRejected) as e:  # named as the job named its field
                 e.param = responses_param(e.param)
                 raise
             return to_response_line(job, line), output
-        return await self._generate_line(job, timestamp_ms, request_id, deadline, tag)
+        return await self._generate_line(job, timestamp_ms, request_id, deadline, tag, adapter)
 
     async def _generate_line(
-        self, job, timestamp_ms: int, request_id: str, deadline: float | None, tag
+        self, job, timestamp_ms: int, request_id: str, deadline: float | None, tag, adapter: str | None
     ) -> tuple[BatchResponseLine, RequestOutput]:
+        """A completion or chat job's result line; `adapter`: the LoRA adapter its `model` names."""
         max_tokens = max_tokens_of(job.body, self._default_max_tokens, self._batcher.generation_defaults)
         check_limits(job, self._limits, max_tokens, self._max_model_len)
         request = await self._translate(job)
@@ -212,6 +249,7 @@ class JobHandler:
         """The job's engine request. Translation reads nothing but the job (and the tokenizer), so
         an error it did not foresee is still the job's: a 400, never an engine_error."""
         try:
+            rendered_chat = await self._render_own_template(job)
             return await self._off_loop(
                 to_engine_request,
                 job,
@@ -220,7 +258,10 @@ class JobHandler:
                 self._batcher.generation_defaults,
                 self._limits.allow_special_tokens,
                 self._reasoning_parser,
+                rendered_chat,
             )
+        except PromptError as e:
+            raise TranslationError(e.code, e.message, param=e.param) from None
         except (TranslationError, RequestRejected):
             raise
         except Exception as e:
@@ -229,6 +270,23 @@ class JobHandler:
                 "invalid_request",
                 f"the job could not be translated: {type(e).__name__}: {excerpt(str(e), 200)}",
             ) from None
+
+    async def _render_own_template(self, job) -> str | None:
+        """The chat as the job's own `chat_template` renders it, in the template sandbox; None for
+        a job without one (its prompt is rendered with the model's template on the tokenizer thread)."""
+        body = job.body
+        if not isinstance(body, ChatCompletionRequest) or body.chat_template is None:
+            return None
+        if not self._limits.allow_job_chat_template:
+            raise UnsupportedParameter(
+                "chat_template",
+                "`chat_template`: this service does not run a job's own chat template (the operator's "
+                "allow_job_chat_template is off); leave it out to use the model's",
+            )
+        check_fields(body)  # a job refused anyway is not rendered first
+        chat = await self._off_loop(chat_inputs, body, self._tokenizer, self._limits.allow_special_tokens)
+        chat.template = self._tokenizer.get_chat_template(chat.template, chat.tools)  # a named template
+        return await self._sandbox.render(chat, self._tokenizer.special_tokens_map)
 
     async def _generate(
         self, request: EngineRequest, request_id: str, deadline: float | None, tag
@@ -279,7 +337,15 @@ class JobHandler:
         return to_embedding_line(job, outputs, self._model_name, request_id), outputs[0]
 
     async def _off_loop(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn, *args)
+
+    def _timed(self, fn, *args):
+        # on the tokenizer thread: when its task began, for liveness (tokenizer_busy_s)
+        self._task_started = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            self._task_started = None
 
 
 def _error_line(

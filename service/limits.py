@@ -32,8 +32,15 @@ class JobLimits(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # max_tokens x (top_logprobs + 1) x samples (best_of, else n), for jobs asking for logprobs
     max_logprob_tokens: Annotated[int, Meta(ge=1)] = 16_384
     max_logit_bias: Annotated[int, Meta(ge=0)] = 300  # logit_bias entries (OpenAI's limit)
-    # prompt text may spell control tokens (`</s>`, `<|eot_id|>`): for trusted producers only
+    # prompt text (and every string a chat template renders) may spell control tokens (`</s>`,
+    # `<|eot_id|>`): for trusted producers only
     allow_special_tokens: bool = False
+    # A job's own `chat_template` is code: refused by name unless allowed; where allowed it renders in a
+    # sandbox process (service/template_sandbox.py) within these limits, else its job gets limit_exceeded
+    allow_job_chat_template: bool = False
+    chat_template_timeout_s: Annotated[float, Meta(gt=0)] = 2.0  # wall clock per render
+    max_chat_template_memory_bytes: Annotated[int, Meta(ge=16_777_216)] = 268_435_456  # address space
+    max_chat_template_chars: Annotated[int, Meta(ge=1)] = 4_194_304  # the rendered prompt
 
     def prompt_token_limit(self, max_model_len: int | None) -> int | None:
         """The most prompt tokens a job may have on an engine of `max_model_len`; None: no limit known."""

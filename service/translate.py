@@ -74,6 +74,7 @@ def to_engine_request(
     generation_defaults: Mapping[str, float | int] | None = None,
     allow_special_tokens: bool = False,
     reasoning_parser: str = "none",
+    rendered_chat: str | None = None,
 ) -> EngineRequest:
     """The job as the engine's prompt and SamplingParams. Refuses any field it cannot honour, by name.
 
@@ -81,11 +82,13 @@ def to_engine_request(
     SamplingParams field); a field the job sets wins, then these, then OpenAI's defaults.
     Prompt text is the user's text: a control token it spells (`</s>`, `<|eot_id|>`) is
     tokenised as text unless `allow_special_tokens` (trusted producers). A harmony chat job's
-    output keeps its special tokens: they are the channel tags the reasoning parser splits on."""
+    output keeps its special tokens: they are the channel tags the reasoning parser splits on.
+    `rendered_chat`: a chat job's own template's rendering of it (the service renders those in its
+    template sandbox); None: rendered here."""
     body = job.body
     try:
         check_fields(body)
-        prompt_token_ids = prompt_token_ids_of(body, tokenizer, allow_special_tokens)
+        prompt_token_ids = prompt_token_ids_of(body, tokenizer, allow_special_tokens, rendered_chat)
     except PromptError as e:
         raise TranslationError(e.code, e.message, param=e.param) from None
     params = sampling_params(body, default_max_tokens, generation_defaults, reasoning_parser)

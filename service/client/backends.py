@@ -157,6 +157,7 @@ class LocalBackend:
 
     async def start(self) -> None:
         self.async_engine.start()
+        await self.handler.start()
 
     async def submit(self, jobs: list[tuple[str, bytes]]) -> None:
         """Start the jobs; waits while `max_in_flight` jobs are running (memory stays bounded)."""
@@ -183,6 +184,7 @@ class LocalBackend:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.handler.stop()
         await self.async_engine.stop()
 
     async def _run(self, job: bytes, timestamp_ms: int, ref: str) -> None:

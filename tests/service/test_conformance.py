@@ -28,6 +28,7 @@ from engine.async_engine import AsyncLLMEngine
 from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
 from service.jobs import JobHandler
+from service.limits import JobLimits
 from tests.service.client.label_helpers import run_sluice, sluice_env
 from tests.service.openai_batch_schema import BATCH_OUTPUT_LINE, body_schema
 from tests.service.openai_types import check_body
@@ -234,6 +235,16 @@ JOBS = {
 }
 
 
+@pytest.fixture
+def service_config(service_config):
+    """The tools-history job brings its own chat template: the operator allows that here."""
+    return msgspec.structs.replace(service_config, limits=JobLimits(allow_job_chat_template=True))
+
+
+def _env(config) -> dict[str, str]:
+    return {**sluice_env(config), "SLUICE_ALLOW_JOB_CHAT_TEMPLATE": "true"}
+
+
 def _check_lines(lines: list[dict], jobs: dict) -> None:
     """Every line validates against OpenAI's schema (its body by url and status) and has the expected status."""
     for line in lines:
@@ -386,7 +397,7 @@ async def test_a_batch_file_through_sluice_batch_local_conforms_to_openais_outpu
     reference = await _reference_bodies(tiny_engine)
     out = tmp_path / "out.jsonl"
     args = ("batch", _batch_file(tmp_path, JOBS), str(out), "--local", "--no-progress")
-    done = await run_sluice(*args, env=sluice_env(service_config))
+    done = await run_sluice(*args, env=_env(service_config))
     assert done.returncode == 0, done.stderr
     _check_batch_output(out)
     _check_same_bodies([json.loads(raw) for raw in out.read_text().splitlines()], reference)
@@ -401,7 +412,7 @@ async def test_a_batch_file_through_sluice_batch_and_kafka_conforms_to_openais_o
     out = tmp_path / "out.jsonl"
     async with run_service(service_config):
         args = ("batch", _batch_file(tmp_path, JOBS), str(out), "--no-progress")
-        done = await run_sluice(*args, env=sluice_env(service_config))
+        done = await run_sluice(*args, env=_env(service_config))
     assert done.returncode == 0, done.stderr
     _check_batch_output(out)
     _check_same_bodies([json.loads(raw) for raw in out.read_text().splitlines()], reference)

@@ -23,6 +23,7 @@ from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
 from service.fields import FIELD_RULES
 from service.jobs import JobHandler
+from service.limits import JobLimits
 from tests.service.openai_types import check_body
 
 CHAT = "/v1/chat/completions"
@@ -186,7 +187,9 @@ async def handle(tiny_engine):
     engine = AsyncLLMEngine(tiny_engine)
     engine.start()
     handler = JobHandler(
-        ServiceConfig(model_name="tiny", default_max_tokens=8),
+        ServiceConfig(
+            model_name="tiny", default_max_tokens=8, limits=JobLimits(allow_job_chat_template=True)
+        ),
         DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1),
         tiny_engine,
     )
@@ -197,6 +200,7 @@ async def handle(tiny_engine):
         return outcome.result
 
     yield run
+    await handler.stop()
     await engine.stop()
 
 

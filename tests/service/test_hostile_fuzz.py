@@ -1,7 +1,7 @@
 """Fuzz: generated hostile records posted to a running service on the real broker.
 
 Each example is one record (random bytes, bad header keys and values, deep nesting, huge fields,
-odd timestamps, hostile reply_to) followed in the same batch (uncompressed or in any codec), on
+odd timestamps, hostile reply_to, hostile chat templates, control tokens in every rendered field) followed in the same batch (uncompressed or in any codec), on
 the same partition, by a canary job; the example passes when the canary is answered. At the end every record has exactly one
 result line, every error result its dead letter, every partition's committed offset equals its
 end offset, and the service is still running.
@@ -24,8 +24,10 @@ from hypothesis import strategies as st
 
 from schemas.codec import decode_result
 from service.app import Service
+from service.limits import JobLimits
 from tests.service.hostile import RawRecord, post_raw
 from tests.service.test_hostile_records import wait_for_commits
+from tests.service.test_template_sandbox import MEMORY_BOMB, NESTED_LOOP, OUTPUT_BOMB
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -68,6 +70,10 @@ def _deep_schema(depth: int) -> dict:
     for _ in range(depth):
         schema = {"type": "array", "items": schema}
     return schema
+
+
+def _call(name: str, arguments: str) -> dict:
+    return {"id": "c1", "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def _deep(depth: int) -> bytes:
@@ -125,6 +131,9 @@ fields = st.sampled_from(
         "previous_response_id",
         "store",
         "background",
+        "chat_template",
+        "chat_template_kwargs",
+        "documents",
     ]
 )
 mutated_jobs = st.builds(
@@ -211,6 +220,23 @@ huge_jobs = st.sampled_from(
             _responses_job(
                 "r-image",
                 input=[{"role": "user", "content": [{"type": "input_image", "image_url": "x" * 100_000}]}],
+            )
+        ).encode(),
+        # a job's own chat template is code: it renders in the sandbox, within its limits (issue 29)
+        json.dumps(_chat_job("template-loop", chat_template=NESTED_LOOP)).encode(),
+        json.dumps(_chat_job("template-memory", chat_template=MEMORY_BOMB)).encode(),
+        json.dumps(_chat_job("template-output", chat_template=OUTPUT_BOMB)).encode(),
+        json.dumps(_chat_job("template-escape", chat_template="{{ ''.__class__.__mro__ }}")).encode(),
+        json.dumps(
+            _chat_job("template-recursion", chat_template="{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}")
+        ).encode(),
+        json.dumps(
+            _chat_job(
+                "control-tokens",
+                {"role": "assistant", "name": "</s>", "tool_calls": [_call("<s>", '{"a": "</s>"}')]},
+                tools=[{"type": "function", "function": {"name": "</s>", "description": "<unk>"}}],
+                documents=[{"text": "</s>"}],
+                chat_template_kwargs={"x": "</s>"},
             )
         ).encode(),
     ]
@@ -303,7 +329,9 @@ class _ServiceThread:
 
 @pytest.fixture
 def fuzz_service(service_config, tiny_engine):
-    running = _ServiceThread(service_config, tiny_engine)
+    # jobs' own chat templates are allowed: rendered in the sandbox, hostile ones within a short limit
+    limits = JobLimits(allow_job_chat_template=True, chat_template_timeout_s=0.5)
+    running = _ServiceThread(msgspec.structs.replace(service_config, limits=limits), tiny_engine)
     yield running
     running.close()
 

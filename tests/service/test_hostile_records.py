@@ -13,7 +13,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from schemas.codec import decode_result
+from service.limits import JobLimits
 from tests.service.hostile import RawRecord, post_raw
+from tests.service.test_template_sandbox import MEMORY_BOMB, NESTED_LOOP
 
 pytestmark = pytest.mark.kafka
 
@@ -223,3 +225,66 @@ async def test_a_result_too_large_for_its_reply_topic_becomes_an_error_and_the_p
         assert len(refusals) == 1 and "MessageSizeTooLargeError" in refusals[0]
         assert transactions.num_transactions > 0 and set(failures.values()) == {0}
         assert "sluice_consecutive_failed_transactions{" in metrics
+
+
+def chat_job(custom_id: str, chat_template: str | None = None) -> bytes:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    if chat_template is not None:
+        body["chat_template"] = chat_template
+    return json.dumps({"custom_id": custom_id, "url": "/v1/chat/completions", "body": body}).encode()
+
+
+@pytest.mark.parametrize("delivery", ["at_least_once", "exactly_once"])
+async def test_hostile_chat_templates_get_error_results_and_the_jobs_beside_them_are_answered(
+    kafka, service_config, run_service, delivery
+):
+    limits = JobLimits(allow_job_chat_template=True, chat_template_timeout_s=1.0)
+    c = msgspec.structs.replace(service_config, delivery=delivery, limits=limits)
+    own = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    records = [
+        RawRecord(chat_job("loop", NESTED_LOOP), key=b"loop"),
+        RawRecord(job("ok-1"), key=b"ok-1"),
+        RawRecord(chat_job("bomb", MEMORY_BOMB), key=b"bomb"),
+        RawRecord(chat_job("ok-2", own), key=b"ok-2"),
+        RawRecord(chat_job("ok-3"), key=b"ok-3"),
+    ]
+    await post_raw(kafka.bootstrap, c.jobs_topics[0], 0, records)  # one partition, one batch
+    async with run_service(c) as service:
+        lines = [decode_result(r.value) for r in await _read_answers(kafka, c.results_topic, 5, delivery)]
+        dead = await _read_answers(kafka, c.dlq_topic, 2, delivery)
+        await wait_for_commits(kafka, c.group_id, c.jobs_topics[0])
+        assert service.is_live() and not service.engine_failure
+        metrics = service.metrics.render().decode()
+    assert "sluice_chat_template_renders_killed 2.0" in metrics  # the loop's and the bomb's processes
+    results = {line.custom_id: line for line in lines}
+    assert {custom_id: line.is_error for custom_id, line in results.items()} == {
+        "loop": True,
+        "ok-1": False,
+        "bomb": True,
+        "ok-2": False,
+        "ok-3": False,
+    }
+    loop, bomb = results["loop"].response.body.error, results["bomb"].response.body.error
+    assert (loop.code, loop.param, bomb.code, bomb.param) == ("limit_exceeded", "chat_template") * 2
+    assert "took longer than this service's limit of 1s" in loop.message
+    assert "needed more than this service's limit of" in bomb.message
+    assert sorted(r.key for r in dead) == [b"bomb", b"loop"]
+
+
+async def test_a_render_stuck_past_the_drain_timeout_does_not_hold_the_services_stop(
+    kafka, service_config, run_service
+):
+    limits = JobLimits(allow_job_chat_template=True, chat_template_timeout_s=3600.0)
+    c = msgspec.structs.replace(service_config, drain_timeout_s=0.5, limits=limits)
+    await post_raw(kafka.bootstrap, c.jobs_topics[0], 0, [RawRecord(chat_job("loop", NESTED_LOOP))])
+    async with run_service(c) as service:
+        for _ in range(300):
+            if service._tasks:  # the job is in flight: its template is rendering
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert service._tasks and service.is_live()  # the render holds no thread of the service's
+        stopping = time.monotonic()
+    assert time.monotonic() - stopping < c.drain_timeout_s + 10
+    # uncommitted: the partition's next owner redoes the job
+    assert not (await kafka.committed(c.group_id, c.jobs_topics[0])).get(0)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
+import msgspec
 import pytest
 
 from service.metrics import ServiceMetrics
@@ -81,3 +83,22 @@ def test_jobs_answered_reads_results_and_errors_back_from_the_counters():
     metrics.jobs_failed.labels("invalid_request").inc()
     metrics.jobs_failed.labels("deadline_exceeded").inc(2)
     assert metrics.jobs_answered == (4, 3)
+
+
+async def test_healthz_fails_while_a_task_holds_the_tokenizer_thread_past_tokenizer_stall_s(
+    service_config, run_service
+):
+    config = msgspec.structs.replace(service_config, tokenizer_stall_s=0.3)
+    release = threading.Event()
+    async with run_service(config) as service:
+        port = service.http.port
+        assert await _get(port, "/healthz") == (200, "ok\n")
+        held = asyncio.ensure_future(service.handler._off_loop(release.wait, 30))  # a stuck task
+        await asyncio.sleep(0.6)
+        try:
+            assert await _get(port, "/healthz") == (503, "not ready\n")
+            assert _value((await _get(port, "/metrics"))[1], "sluice_tokenizer_busy_seconds") > 0.3
+        finally:
+            release.set()
+            await held
+        assert await _get(port, "/healthz") == (200, "ok\n")

@@ -164,16 +164,3 @@ def test_logprob_bytes_of_plain_and_special_tokens(tokenizer) -> None:
     (river,) = tokenizer.encode(" river", add_special_tokens=False)
     assert token_bytes(tokenizer, river) == list(b" river")
     assert token_bytes(tokenizer, tokenizer.eos_token_id) == list(tokenizer.eos_token.encode())
-
-
-@pytest.mark.parametrize(
-    "marker", ["\ue0009\ue001", "\ue000" + "9" * 5000 + "\ue001"], ids=["index", "digits"]
-)
-def test_a_name_spelling_a_content_marker_is_an_invalid_request_not_a_crash(tokenizer, marker) -> None:
-    # the content spells a control token, so the contents are found between markers in a second
-    # rendering; a name spelling a marker (an index past the messages, or too long to be one) is
-    # no content of the job's
-    messages = [{"role": "user", "name": marker, "content": "a </s> b"}]
-    with pytest.raises(TranslationError) as info:
-        to_engine_request(_chat(messages=messages, chat_template=SHOW_ALL), tokenizer, 16)
-    assert info.value.code == "invalid_request"

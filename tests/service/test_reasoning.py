@@ -19,6 +19,7 @@ from schemas.responses import AssistantMessage
 from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
 from service.jobs import JobHandler
+from service.limits import JobLimits
 from service.reasoning import resolve_reasoning_parser, split_reasoning
 from service.translate import to_engine_request, to_result_line
 
@@ -147,7 +148,13 @@ async def gpt_oss_body(gpt_oss_engine):
     engine.start()
     batcher = DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1)
     # reasoning_parser "auto" (the default) reads the checkpoint's architecture: harmony
-    handler = JobHandler(ServiceConfig(model_name="tiny", default_max_tokens=8), batcher, gpt_oss_engine)
+    handler = JobHandler(
+        ServiceConfig(
+            model_name="tiny", default_max_tokens=8, limits=JobLimits(allow_job_chat_template=True)
+        ),
+        batcher,
+        gpt_oss_engine,
+    )
 
     async def run(**body):
         messages = [{"role": "user", "content": "Hi"}]
@@ -157,6 +164,7 @@ async def gpt_oss_body(gpt_oss_engine):
         return msgspec.to_builtins(outcome.result.response.body)
 
     yield run
+    await handler.stop()
     await engine.stop()
 
 

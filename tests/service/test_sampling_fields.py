@@ -15,6 +15,7 @@ from engine.async_engine import AsyncLLMEngine
 from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
 from service.jobs import JobHandler
+from service.limits import JobLimits
 from service.logprobs import token_bytes
 
 CHAT = "/v1/chat/completions"
@@ -33,7 +34,9 @@ async def handle(tiny_engine):
     engine = AsyncLLMEngine(tiny_engine)
     engine.start()
     handler = JobHandler(
-        ServiceConfig(model_name="tiny", default_max_tokens=8),
+        ServiceConfig(
+            model_name="tiny", default_max_tokens=8, limits=JobLimits(allow_job_chat_template=True)
+        ),
         DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1),
         tiny_engine,
     )
@@ -47,6 +50,7 @@ async def handle(tiny_engine):
         return outcome.result.response.body
 
     yield run
+    await handler.stop()
     await engine.stop()
 
 

@@ -15,7 +15,7 @@ from schemas.codec import decode_job
 from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
 from service.jobs import JobHandler
-from service.prompts import render_chat
+from service.prompts import chat_inputs, render_chat
 from service.tools import parser_for, tool_calls_of
 from service.translate import to_result_line
 
@@ -96,7 +96,10 @@ def test_the_parser_is_detected_from_the_chat_template_unless_configured() -> No
 
 def test_tools_are_passed_to_the_chat_template(tiny_engine) -> None:
     template = "{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}"
-    rendered = render_chat(_chat_job(tools=TOOLS, chat_template=template).body, tiny_engine.tokenizer)
+    tokenizer = tiny_engine.tokenizer
+    rendered = render_chat(
+        chat_inputs(_chat_job(tools=TOOLS, chat_template=template).body, tokenizer), tokenizer
+    )
     assert rendered == "[get_weather][get_time]Weather in Paris?"
 
 
