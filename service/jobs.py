@@ -172,15 +172,17 @@ class JobHandler:
         if isinstance(job.body, ResponsesRequest):  # runs as the chat job it means
             chat_job = to_chat_job(job, getattr(self._tokenizer, "chat_template", None))
             try:
-                line, output = await self._generate_line(chat_job, timestamp_ms, request_id, deadline, tag)
+                line, output = await self._generate_line(
+                    chat_job, timestamp_ms, request_id, deadline, tag, adapter
+                )
             except (TranslationError, RequestRejected) as e:  # named as the job named its field
                 e.param = responses_param(e.param)
                 raise
             return to_response_line(job, line), output
-        return await self._generate_line(job, timestamp_ms, request_id, deadline, tag)
+        return await self._generate_line(job, timestamp_ms, request_id, deadline, tag, adapter)
 
     async def _generate_line(
-        self, job, timestamp_ms: int, request_id: str, deadline: float | None, tag
+        self, job, timestamp_ms: int, request_id: str, deadline: float | None, tag, adapter: str | None
     ) -> tuple[BatchResponseLine, RequestOutput]:
         max_tokens = max_tokens_of(job.body, self._default_max_tokens, self._batcher.generation_defaults)
         check_limits(job, self._limits, max_tokens, self._max_model_len)
