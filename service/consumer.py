@@ -1,6 +1,8 @@
 """JobConsumer: the consumer group on the jobs topics, and the commits of finished work.
 
 Auto-commit is off. An offset is committed only once every job below it is done (OffsetTracker);
+offsets that hold no job (transaction markers, aborted transactions' records) count as done, so
+the committed offset reaches the partition's end after a transactional producer's last commit.
 commits run every `commit_interval_ms`, when partitions are revoked, and at shutdown. Who
 commits is an OffsetSink: the consumer itself (at-least-once: "done" means the result is
 acknowledged by the broker) or a transactional producer (exactly-once: "done" means the result
@@ -35,6 +37,7 @@ from service.shutdown import bounded
 log = logging.getLogger(__name__)
 
 UNDECODABLE_BATCH_ATTEMPTS = 3  # reads of a batch that fails to decode before it is dead-lettered
+POSITION_WAIT_S = 0.05  # how long a fetch waits for a partition's position that is being reset
 
 
 class OffsetSink(Protocol):
@@ -150,7 +153,25 @@ class JobConsumer:
                     break
                 if (generation := self._tracker.track(tp, r.offset)) is not None:
                     out.append((r, generation))
+        await self._skip_to_positions()
         return out
+
+    async def _skip_to_positions(self) -> None:
+        """Count what the consumer stepped over without a record (a trailing transaction marker,
+        an aborted transaction) as done: the watermark, hence the commit, may reach the
+        partition's end. Partitions not started (exactly-once) are left alone."""
+        for tp in self._consumer.assignment() - self._held:
+            generation = self._tracker.generation(tp)
+            if self._sink.refetch_committed and generation is None:
+                continue
+            try:
+                # immediate when the position is known; unknown (an offset reset under way): next time
+                position = await asyncio.wait_for(self._consumer.position(tp), POSITION_WAIT_S)
+            except (KafkaError, TimeoutError):
+                continue
+            # restarted, revoked or held meanwhile: the position may be the old assignment's
+            if tp not in self._held and self._tracker.generation(tp) == generation:
+                self._tracker.skip_to(tp, position)
 
     def _gives_up_on(self, tp: TopicPartition, failure: UndecodableBatch) -> bool:
         """Whether a batch that failed to decode has failed often enough to be dead-lettered."""
