@@ -213,6 +213,24 @@ class JobConsumer:
                 total += max(0, end - mark)
         return total
 
+    def open_transactions(self) -> dict[TopicPartition, int]:
+        """Per assigned partition, the records between its last stable offset and its high
+        watermark, as of the last fetch: what an open producer transaction holds back from this
+        (read_committed) consumer, for up to the broker's transaction.max.timeout.ms."""
+        return {tp: max(0, end - stable) for tp, (end, stable) in self._ends().items()}
+
+    def last_stable_offsets(self) -> dict[TopicPartition, int]:
+        """Per assigned partition, its last stable offset as of the last fetch."""
+        return {tp: stable for tp, (_, stable) in self._ends().items()}
+
+    def _ends(self) -> dict[TopicPartition, tuple[int, int]]:
+        ends = {}
+        for tp in self._consumer.assignment():
+            end, stable = self._consumer.highwater(tp), self._consumer.last_stable_offset(tp)
+            if end is not None and stable is not None and stable >= 0:  # known once fetched
+                ends[tp] = (end, stable)
+        return ends
+
     def done(self, record: ConsumerRecord, generation: int) -> None:
         """The record's outcome is acknowledged by the broker (at-least-once) or staged (exactly-once):
         its offset may be committed, if its partition is still in the assignment it was fetched in."""

@@ -10,6 +10,7 @@ import time
 import msgspec
 import pytest
 from aiokafka import AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.topics import ensure_topics
 
@@ -61,3 +62,44 @@ async def test_the_committed_offset_reaches_the_partition_end_past_a_trailing_co
         assert service.consumer.lag() == 0
     assert sorted(r.key.decode() for r in results) == ids
     assert await kafka.committed(config.group_id, jobs) == await kafka.end_offsets(jobs)
+
+
+async def test_an_open_producer_transaction_shows_in_the_gauge_until_it_commits(
+    kafka, service_config, run_service, topic_prefix
+):
+    config = msgspec.structs.replace(service_config, topic_partitions=1)
+    jobs = config.jobs_topics[0]
+    await ensure_topics(kafka.bootstrap, [jobs], partitions=1, replication=1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, transactional_id=f"{topic_prefix}-open")
+    await producer.start()
+    try:
+        async with run_service(config) as service:
+            await producer.begin_transaction()
+            for i in ("open-0", "open-1"):
+                job = {"custom_id": i, "url": "/v1/completions", "body": BODY}
+                await producer.send_and_wait(jobs, key=i.encode(), value=json.dumps(job).encode())
+
+            def gap_is(value: float):
+                async def check() -> bool:
+                    return _partition_gauge(service, "sluice_jobs_open_transaction_records", jobs) == value
+
+                return check
+
+            await wait_for(gap_is(2.0))  # two records the open transaction holds back
+            assert _partition_gauge(service, "sluice_jobs_last_stable_offset", jobs) == 0.0
+            await producer.commit_transaction()
+            await wait_for(gap_is(0.0))
+            assert _partition_gauge(service, "sluice_jobs_last_stable_offset", jobs) == 3.0  # past the marker
+            results = await kafka.read(config.results_topic, 2)
+        assert sorted(r.key.decode() for r in results) == ["open-0", "open-1"]
+    finally:
+        await producer.stop()
+
+
+def _partition_gauge(service, name: str, topic: str) -> float | None:
+    """The gauge's value for partition 0 of `topic` in the service's /metrics text."""
+    for family in text_string_to_metric_families(service.metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == {"topic": topic, "partition": "0"}:
+                return sample.value
+    return None
