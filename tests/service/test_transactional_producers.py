@@ -19,15 +19,19 @@ pytestmark = pytest.mark.kafka
 BODY = {"prompt": "The river", "max_tokens": 4, "ignore_eos": True, "temperature": 0}
 
 
-async def post_in_transaction(bootstrap: str, topic: str, ids: list[str], transactional_id: str) -> None:
-    """The jobs in one producer transaction, committed: a commit marker follows them in each partition."""
+async def post_in_transaction(
+    bootstrap: str, topic: str, ids: list[str], transactional_id: str, commit: bool = True
+) -> None:
+    """The jobs in one producer transaction, committed (or aborted): a commit (abort) marker
+    follows them in each partition."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=transactional_id)
     await producer.start()
     try:
-        async with producer.transaction():
-            for i in ids:
-                job = {"custom_id": i, "url": "/v1/completions", "body": BODY}
-                await producer.send(topic, key=i.encode(), value=json.dumps(job).encode())
+        await producer.begin_transaction()
+        for i in ids:
+            job = {"custom_id": i, "url": "/v1/completions", "body": BODY}
+            await producer.send_and_wait(topic, key=i.encode(), value=json.dumps(job).encode())
+        await (producer.commit_transaction() if commit else producer.abort_transaction())
     finally:
         await producer.stop()
 
@@ -47,20 +51,24 @@ async def test_the_committed_offset_reaches_the_partition_end_past_a_trailing_co
     jobs = config.jobs_topics[0]
     await ensure_topics(kafka.bootstrap, [jobs], partitions=1, replication=1)
     ids = [f"txn-{i}" for i in range(6)]
-    await post_in_transaction(kafka.bootstrap, jobs, ids[:3], f"{topic_prefix}-producer")
-    await post_in_transaction(kafka.bootstrap, jobs, ids[3:], f"{topic_prefix}-producer")
-    # six jobs and two commit markers, the last one trailing
-    assert await kafka.end_offsets(jobs) == {0: len(ids) + 2}
+    producer = f"{topic_prefix}-producer"
+    await post_in_transaction(kafka.bootstrap, jobs, ids[:3], producer)
+    await post_in_transaction(kafka.bootstrap, jobs, ["aborted-0", "aborted-1"], producer, commit=False)
+    await post_in_transaction(kafka.bootstrap, jobs, ids[3:], producer)
+    # six jobs, two aborted ones and three markers, the last one trailing
+    end = len(ids) + 2 + 3
+    assert await kafka.end_offsets(jobs) == {0: end}
 
     async with run_service(config) as service:
         results = await kafka.read(config.results_topic, len(ids))
 
         async def caught_up() -> bool:
-            return await kafka.committed(config.group_id, jobs) == {0: len(ids) + 2}
+            return await kafka.committed(config.group_id, jobs) == {0: end}
 
         await wait_for(caught_up)
         assert service.consumer.lag() == 0
-    assert sorted(r.key.decode() for r in results) == ids
+    assert sorted(r.key.decode() for r in results) == ids  # the aborted jobs never ran
+    assert len(await kafka.read_all(config.results_topic, quiet=0.5)) == len(ids)
     assert await kafka.committed(config.group_id, jobs) == await kafka.end_offsets(jobs)
 
 
