@@ -385,6 +385,7 @@ class RequestFailed(RuntimeError):
         )
         self.request_id = request_id
         self.cause = cause
+        self.__cause__ = cause  # a log of this error shows where the cause was raised
 
 
 class StepFailed(RuntimeError):

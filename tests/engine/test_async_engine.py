@@ -192,6 +192,8 @@ async def test_a_decode_that_raises_for_one_request_fails_that_request_alone(eng
 
     assert isinstance(outputs[1], RequestFailed)
     assert "'r1'" in str(outputs[1]) and "UnicodeDecodeError" in str(outputs[1])
+    assert outputs[1].__cause__ is outputs[1].cause  # its traceback is logged with the error
+    assert outputs[1].cause.__traceback__ is not None
     for output, want in zip([outputs[0], outputs[2]], [expected[0], expected[2]], strict=True):
         assert (output.request_id, output.token_ids, output.text, output.finish_reason) == (
             want.request_id,
