@@ -11,7 +11,7 @@ from engine.core.pooling import PoolingParams
 from engine.core.stats import EngineStats
 from engine.engine_thread import EngineThread
 from engine.executor.executor import EngineDeadError, WorkerDiedError
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, RequestFailed
 from engine.loader.checkpoint import ModelLoadError
 from engine.lora import LoRAError
 from engine.outputs import OutputLogprob, RequestMetrics, RequestOutput
@@ -29,6 +29,7 @@ __all__ = [
     "ModelLoadError",
     "OutputLogprob",
     "PoolingParams",
+    "RequestFailed",
     "RequestMetrics",
     "RequestOutput",
     "RequestRejected",

@@ -9,6 +9,8 @@ engine's worker process is gone: EngineDeadError) the thread fails every request
 False, and later requests fail at once with the same error. A step whose model run fails (out of
 memory: StepFailed) has its requests queued again and is retried after a pause, up to
 MAX_STEP_RETRIES times in a row; only then are that step's requests failed, and the others go on.
+An error raised after the model run by one request's data (the decode of its tokens, its grammar:
+RequestFailed) fails that request alone. Any other error of a step fails every request.
 """
 
 from __future__ import annotations
@@ -137,6 +139,9 @@ class AsyncLLMEngine:
             self._failed_steps = 0
             for output in outputs:
                 self._resolve(output.request_id, output)
+            for failure in self.engine.take_failed():  # one request's own data: the others go on
+                log.warning("request %s failed in the engine: %s", failure.request_id, failure.cause)
+                self._resolve(failure.request_id, failure)
         self._fail_all(RuntimeError("the engine stopped"))
 
     def _retry_or_fail(self, failure: StepFailed) -> None:

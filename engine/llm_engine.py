@@ -48,7 +48,7 @@ from engine.loader.checkpoint import read_checkpoint
 from engine.outputs import ModelRunnerOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 
-__all__ = ["LLMEngine", "RequestRejected"]
+__all__ = ["LLMEngine", "RequestFailed", "RequestRejected"]
 
 
 class LLMEngine:
@@ -75,6 +75,7 @@ class LLMEngine:
         self._step_totals = StepTotals()
         self._requests: dict[str, Sequence] = {}  # unfinished requests (their own sequences)
         self._aborted: list[RequestOutput] = []  # aborted between steps, reported by the next step()
+        self._failed: list[RequestFailed] = []  # failed by a step's processing, for take_failed()
         # async scheduling: the model runs on a thread of its own, a step ahead of the host
         self._model_thread = None
         if config.uses_async_scheduling:
@@ -160,9 +161,10 @@ class LLMEngine:
                 self.output_processor.forget(s)
         # a held output: its text was done, its choices were being scored
         held = [output for _, output, _ in self._apply(effects)]
-        output = held[0] if held else self.output_processor.abort(seq)
         if report:
-            self._aborted.append(output)
+            self._aborted.append(held[0] if held else self.output_processor.abort(seq))
+        else:  # nothing to decode: a request failed by its own text is answered without it
+            self.output_processor.forget(seq)
         return True
 
     def step(self) -> list[RequestOutput]:
@@ -184,15 +186,52 @@ class LLMEngine:
         out = running.out
         step = self._execute(running, outputs)
         step.prompt_logprob_rows, step.pooling_rows = running.prompt_logprob_rows, running.pooling_rows
-        finished = self.scheduler.update_from_output(out, step.token_ids)
-        effects = [stage.update(step) for stage in self.stages]
-        processed = self.output_processor.process(out.sampling_seqs, step.token_ids, step.logprobs, finished)
+        # After the model run, an error raised by one request's data (its grammar, the decode of
+        # its tokens, a stage's record of it) fails that request alone: see take_failed().
+        failures: dict[Sequence, Exception] = {}
+        finished = self.scheduler.update_from_output(out, step.token_ids, failures)
+        effects = [self._update_stage(stage, step, failures) for stage in self.stages]
+        processed = self.output_processor.process(
+            out.sampling_seqs, step.token_ids, step.logprobs, finished, failures
+        )
         released = self._apply([*effects, processed.effects])
-        outputs += self._pass_down(released)
-        outputs += self._pass_down([(seq, output, 0) for seq, output in processed.outputs])
+        outputs += self._pass_down(released, failures)
+        outputs += self._pass_down([(seq, output, 0) for seq, output in processed.outputs], failures)
+        failed = self._fail(failures)
+        outputs = [output for output in outputs if output.request_id not in failed]
         for output in outputs:
             self._requests.pop(output.request_id, None)
         return outputs
+
+    def take_failed(self) -> list[RequestFailed]:
+        """The requests that steps failed since the last call, one error each: the processing of
+        a request's own step output raised (outside the model run). They are out of the engine
+        (blocks freed) and step() does not report them; the other requests went on."""
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _update_stage(
+        self, stage: PostStepStage, step: StepResult, failures: dict[Sequence, Exception]
+    ) -> StageEffects:
+        """A stage's update; if it raises, the step's sequences it may have been recording fail
+        (a stage reads the whole step, so the one sequence at fault is not known)."""
+        try:
+            return stage.update(step)
+        except Exception as e:
+            for seq in step.scheduled.seqs:
+                failures.setdefault(seq, e)
+            return StageEffects()
+
+    def _fail(self, failures: dict[Sequence, Exception]) -> set[str]:
+        """Take the failed sequences' requests out of the engine; returns their ids."""
+        failed = set()
+        for seq, error in failures.items():
+            if seq.request_id in failed or seq.request_id not in self._requests:
+                continue
+            failed.add(seq.request_id)
+            self.abort(seq.request_id, report=False)  # answered by take_failed(), with the error
+            self._failed.append(RequestFailed(seq.request_id, error))
+        return failed
 
     def _apply(self, effects: list[StageEffects]) -> list[tuple[Sequence, RequestOutput, int]]:
         """The one place where what the stages (effects[i]: self.stages[i]'s) and the output
@@ -209,16 +248,23 @@ class LLMEngine:
             released += [(seq, output, index + 1) for seq, output in stage_effects.released]
         return released
 
-    def _pass_down(self, items: list[tuple[Sequence, RequestOutput, int]]) -> list[RequestOutput]:
+    def _pass_down(
+        self, items: list[tuple[Sequence, RequestOutput, int]], failures: dict[Sequence, Exception]
+    ) -> list[RequestOutput]:
         """Pass finished outputs down the stages' holds, each from the stage given; the outputs
-        that come out at the bottom are the requests' results."""
+        that come out at the bottom are the requests' results. A hold that raises fails its
+        sequence (recorded in `failures`)."""
         results = []
         for seq, output, first in items:
             held = (seq, output)
-            for stage in self.stages[first:]:
-                held = stage.hold(*held)
-                if held is None:
-                    break
+            try:
+                for stage in self.stages[first:]:
+                    held = stage.hold(*held)
+                    if held is None:
+                        break
+            except Exception as e:
+                failures.setdefault(seq, e)
+                continue
             if held is not None:
                 results.append(held[1])
         return results
@@ -285,17 +331,23 @@ class LLMEngine:
         params: SamplingParams | list[SamplingParams],
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Offline: run every prompt to completion; outputs in prompt order."""
+        """Offline: run every prompt to completion; outputs in prompt order. Raises the first
+        RequestFailed, if any, once the other requests have finished."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
         for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
             self.add_request(request_id, prompt, p)
         outputs: dict[str, RequestOutput] = {}
+        failed: list[RequestFailed] = []
         with tqdm(total=len(prompts), desc="generate", unit="req", disable=not use_tqdm) as bar:
             while self.has_unfinished_requests():
                 done = self.step()
                 outputs.update((o.request_id, o) for o in done)
-                bar.update(len(done))
+                failed_now = self.take_failed()
+                failed += failed_now
+                bar.update(len(done) + len(failed_now))
+        if failed:  # the others ran to their end first: the engine is left empty
+            raise failed[0]
         return [outputs[i] for i in ids]
 
     def close(self) -> None:
@@ -320,6 +372,20 @@ class _RunningStep:
     prompt_logprob_rows: PromptLogprobRows | None
     pooling_rows: PoolingRows | None
     future: Future[ModelRunnerOutput | None] | None = None
+
+
+class RequestFailed(RuntimeError):
+    """Processing the request's own step output raised `cause` outside the model run (its text's
+    decode, its grammar, a stage); the request is out of the engine and the others go on."""
+
+    def __init__(self, request_id: str, cause: Exception) -> None:
+        super().__init__(
+            f"the engine could not process the output of request {request_id!r}: "
+            f"{type(cause).__name__}: {cause}"
+        )
+        self.request_id = request_id
+        self.cause = cause
+        self.__cause__ = cause  # a log of this error shows where the cause was raised
 
 
 class StepFailed(RuntimeError):

@@ -221,6 +221,17 @@ class Service:
             "Renders of jobs' own chat templates killed since start (past their time or memory limit, or abandoned)",
             lambda: handler.num_template_renders_killed,
         )
+        m.partition_gauge(
+            "sluice_jobs_open_transaction_records",
+            "Records of the jobs partition past its last stable offset (high watermark - LSO): held back "
+            "from Sluice by an open producer transaction",
+            self.consumer.open_transactions,
+        )
+        m.partition_gauge(
+            "sluice_jobs_last_stable_offset",
+            "The jobs partition's last stable offset: read_committed readers see the records below it",
+            self.consumer.last_stable_offsets,
+        )
         if (transactions := self.transactions) is not None:
             m.partition_gauge(
                 "sluice_consecutive_failed_transactions",

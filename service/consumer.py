@@ -1,6 +1,8 @@
 """JobConsumer: the consumer group on the jobs topics, and the commits of finished work.
 
 Auto-commit is off. An offset is committed only once every job below it is done (OffsetTracker);
+offsets that hold no job (transaction markers, aborted transactions' records) count as done, so
+the committed offset reaches the partition's end after a transactional producer's last commit.
 commits run every `commit_interval_ms`, when partitions are revoked, and at shutdown. Who
 commits is an OffsetSink: the consumer itself (at-least-once: "done" means the result is
 acknowledged by the broker) or a transactional producer (exactly-once: "done" means the result
@@ -35,6 +37,7 @@ from service.shutdown import bounded
 log = logging.getLogger(__name__)
 
 UNDECODABLE_BATCH_ATTEMPTS = 3  # reads of a batch that fails to decode before it is dead-lettered
+POSITION_WAIT_S = 0.05  # how long a fetch waits for a partition's position that is being reset
 
 
 class OffsetSink(Protocol):
@@ -150,7 +153,25 @@ class JobConsumer:
                     break
                 if (generation := self._tracker.track(tp, r.offset)) is not None:
                     out.append((r, generation))
+        await self._skip_to_positions()
         return out
+
+    async def _skip_to_positions(self) -> None:
+        """Count what the consumer stepped over without a record (a trailing transaction marker,
+        an aborted transaction) as done: the watermark, hence the commit, may reach the
+        partition's end. Partitions not started (exactly-once) are left alone."""
+        for tp in self._consumer.assignment() - self._held:
+            generation = self._tracker.generation(tp)
+            if self._sink.refetch_committed and generation is None:
+                continue
+            try:
+                # immediate when the position is known; unknown (an offset reset under way): next time
+                position = await asyncio.wait_for(self._consumer.position(tp), POSITION_WAIT_S)
+            except (KafkaError, TimeoutError):
+                continue
+            # restarted, revoked or held meanwhile: the position may be the old assignment's
+            if tp not in self._held and self._tracker.generation(tp) == generation:
+                self._tracker.skip_to(tp, position)
 
     def _gives_up_on(self, tp: TopicPartition, failure: UndecodableBatch) -> bool:
         """Whether a batch that failed to decode has failed often enough to be dead-lettered."""
@@ -191,6 +212,24 @@ class JobConsumer:
             if end is not None and mark is not None:
                 total += max(0, end - mark)
         return total
+
+    def open_transactions(self) -> dict[TopicPartition, int]:
+        """Per assigned partition, the records between its last stable offset and its high
+        watermark, as of the last fetch: what an open producer transaction holds back from this
+        (read_committed) consumer, for up to the broker's transaction.max.timeout.ms."""
+        return {tp: max(0, end - stable) for tp, (end, stable) in self._ends().items()}
+
+    def last_stable_offsets(self) -> dict[TopicPartition, int]:
+        """Per assigned partition, its last stable offset as of the last fetch."""
+        return {tp: stable for tp, (_, stable) in self._ends().items()}
+
+    def _ends(self) -> dict[TopicPartition, tuple[int, int]]:
+        ends = {}
+        for tp in self._consumer.assignment():
+            end, stable = self._consumer.highwater(tp), self._consumer.last_stable_offset(tp)
+            if end is not None and stable is not None and stable >= 0:  # known once fetched
+                ends[tp] = (end, stable)
+        return ends
 
     def done(self, record: ConsumerRecord, generation: int) -> None:
         """The record's outcome is acknowledged by the broker (at-least-once) or staged (exactly-once):

@@ -2,8 +2,9 @@
 
 At-least-once: a partition's committed offset never passes a job whose result the broker has
 not acknowledged. Jobs finish out of order, so the committable offset is the partition's
-contiguous watermark: the lowest offset still in flight, or one past the last consumed
-offset when nothing is in flight.
+contiguous watermark: the lowest offset still in flight, or the consumer's position (one past
+the last consumed offset, or past the transaction markers after it: skip_to) when nothing is in
+flight.
 
 Each assignment of a partition is a generation of its own: track() says which one a record was
 consumed under, and done() with an older generation is ignored. A job consumed before its
@@ -50,6 +51,18 @@ class OffsetTracker(Generic[P]):
         heapq.heappush(state.in_flight, offset)
         state.next_offset = offset + 1
         return state.generation
+
+    def skip_to(self, partition: P, position: int) -> None:
+        """The consumer's position on the partition reached `position`: every offset below it
+        was consumed as a record (tracked) or holds none to consume (a transaction's commit or
+        abort marker, the records of an aborted transaction). Once the jobs in flight are done
+        the watermark reaches `position`, the partition's end after a trailing transaction
+        marker, so the committed offset does too (consumer lag 0)."""
+        state = self._partitions.get(partition)
+        if state is None:
+            self._partitions[partition] = _PartitionState(position, next(self._generations))
+        elif position > state.next_offset:
+            state.next_offset = position
 
     def generation(self, partition: P) -> int | None:
         """The partition's current assignment; None while it is not assigned."""

@@ -42,14 +42,25 @@ class OutputProcessor:
         token_ids: list[int],
         logprobs: SampledLogprobs | None,
         finished: list[Sequence],
+        failures: dict[Sequence, Exception] | None = None,
     ) -> ProcessedStep:
-        """One step: `sampling` sampled `token_ids` (row order); the scheduler finished `finished`."""
+        """One step: `sampling` sampled `token_ids` (row order); the scheduler finished `finished`.
+        A sequence whose text fails (the tokenizer's decode of its tokens raises) is recorded in
+        `failures`, with no output and no stop, and the others go on; without `failures` it raises."""
         if logprobs is not None:
             self._record_logprobs(sampling, token_ids, logprobs)
-        stops = {seq: stop for seq in sampling if (stop := self._stop_string(seq)) is not None}
+        stops = {}
+        for seq in sampling:
+            if (stop := _guarded(self._stop_string, seq, failures)) is not None:
+                stops[seq] = stop
         stopped = [(seq, "stop", stop) for seq, stop in stops.items() if not seq.is_finished]
         ended = [*finished, *(seq for seq, _, _ in stopped)]
-        outputs = [(seq, self._output(seq, stops.get(seq))) for seq in ended if seq.gives_output]
+        outputs = []
+        for seq in ended:
+            if seq.gives_output and seq not in (failures or ()):
+                output = _guarded(self._output, seq, failures, stops.get(seq))
+                if output is not None:
+                    outputs.append((seq, output))
         return ProcessedStep(outputs, StageEffects(finish=stopped))
 
     def abort(self, seq: Sequence) -> RequestOutput:
@@ -126,6 +137,19 @@ class OutputProcessor:
 
     def _decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def _guarded(fn, seq: Sequence, failures: dict[Sequence, Exception] | None, *args):
+    """fn(seq, *args), or None with the error recorded as the sequence's (one request's text)."""
+    if failures is None:
+        return fn(seq, *args)
+    if seq in failures:
+        return None
+    try:
+        return fn(seq, *args)
+    except Exception as e:
+        failures[seq] = e
+        return None
 
 
 def _ends_in_newest(text: str, before: str, stop: str) -> int:

@@ -137,25 +137,29 @@ class Scheduler:
         ahead.is_sampling = [True] * len(ahead.seqs)
         return ahead
 
-    def update_from_output(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
+    def update_from_output(
+        self,
+        out: SchedulerOutput,
+        sampled_token_ids: list[int],
+        failures: dict[Sequence, Exception] | None = None,
+    ) -> list[Sequence]:
         """Advance what the step computed and append one sampled token per sampling sequence, in
-        order; finish the sequences that are done. Returns them (freed, `finish_reason` set)."""
+        order; finish the sequences that are done. Returns them (freed, `finish_reason` set).
+        A sequence whose own update raises (its grammar, say) is recorded in `failures` (the
+        caller fails its request) and the others go on; without `failures` the error propagates."""
         finished = []
         sampled = iter(sampled_token_ids)
         for seq, num_new, samples in zip(out.seqs, out.num_new_tokens, out.is_sampling, strict=True):
             token_id = next(sampled) if samples else None
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # finished or aborted while the step ran
-            seq.num_computed_tokens += num_new
-            self.block_manager.cache_full_blocks(seq)
-            if token_id is not None:
-                seq.append_token(token_id)
-            stop = self._check_stop(seq, token_id)
-            if stop is not None:
-                reason, stop_reason, ended_by_token = stop
-                self.finish(seq, reason, stop_reason)
-                seq.ended_by_stop_token = ended_by_token
-                finished.append(seq)
+            try:
+                if self._update_seq(seq, num_new, token_id):
+                    finished.append(seq)
+            except Exception as e:
+                if failures is None:
+                    raise
+                failures[seq] = e
         return finished
 
     def requeue(self, seqs: list[Sequence]) -> None:
@@ -177,6 +181,20 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
+
+    def _update_seq(self, seq: Sequence, num_new: int, token_id: int | None) -> bool:
+        """One running sequence's part of update_from_output; True if it finished."""
+        seq.num_computed_tokens += num_new
+        self.block_manager.cache_full_blocks(seq)
+        if token_id is not None:
+            seq.append_token(token_id)
+        stop = self._check_stop(seq, token_id)
+        if stop is None:
+            return False
+        reason, stop_reason, ended_by_token = stop
+        self.finish(seq, reason, stop_reason)
+        seq.ended_by_stop_token = ended_by_token
+        return True
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0

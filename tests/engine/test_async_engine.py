@@ -8,7 +8,15 @@ import threading
 import pytest
 import torch
 
-from engine import AsyncLLMEngine, EngineConfig, EngineThread, LLMEngine, RequestRejected, SamplingParams
+from engine import (
+    AsyncLLMEngine,
+    EngineConfig,
+    EngineThread,
+    LLMEngine,
+    RequestFailed,
+    RequestRejected,
+    SamplingParams,
+)
 from engine.async_engine import MAX_STEP_RETRIES
 from tests.engine.async_requests import generate
 from tests.engine.loop_ticks import loop_ticks
@@ -163,3 +171,66 @@ async def test_a_step_that_keeps_failing_fails_its_own_requests_after_the_retrie
     assert failing.calls == 1 + MAX_STEP_RETRIES
     assert not engine.has_unfinished_requests()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+async def test_a_decode_that_raises_for_one_request_fails_that_request_alone(engine, monkeypatch):
+    # Three requests that start in the same step; their outputs differ in length, so the faulty
+    # decode below matches the middle request's tokens only.
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 5, 7)]
+    requests = [(f"r{i}", [1, 10 + i, 20], p, 0) for i, p in enumerate(params)]
+    expected = await _generate_together(engine, requests)
+    faulty_tokens = expected[1].token_ids
+    decode = engine.tokenizer.decode
+
+    def decode_failing_for_one_request(token_ids, *args, **kwargs):
+        if list(token_ids) == faulty_tokens:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return decode(token_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer, "decode", decode_failing_for_one_request)
+    outputs = await _generate_together(engine, requests)
+
+    assert isinstance(outputs[1], RequestFailed)
+    assert "'r1'" in str(outputs[1]) and "UnicodeDecodeError" in str(outputs[1])
+    assert outputs[1].__cause__ is outputs[1].cause  # its traceback is logged with the error
+    assert outputs[1].cause.__traceback__ is not None
+    for output, want in zip([outputs[0], outputs[2]], [expected[0], expected[2]], strict=True):
+        assert (output.request_id, output.token_ids, output.text, output.finish_reason) == (
+            want.request_id,
+            want.token_ids,
+            want.text,
+            "length",
+        )
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_offline_generate_finishes_the_others_before_raising_a_request_failure(engine, monkeypatch):
+
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 5)]
+    decode = engine.tokenizer.decode
+
+    def decode_failing_for_five_tokens(token_ids, *args, **kwargs):
+        if len(token_ids) == 5:
+            raise ValueError("no such token")
+        return decode(token_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine.tokenizer, "decode", decode_failing_for_five_tokens)
+    with pytest.raises(RequestFailed, match="ValueError: no such token"):
+        engine.generate([[1, 2, 3], [1, 2, 4]], params, use_tqdm=False)
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+async def _generate_together(engine: LLMEngine, requests: list[tuple]) -> list:
+    """The requests added as one message (they start in the same step); outputs or errors in order."""
+    async_engine = AsyncLLMEngine(engine)
+    async_engine.start()
+    try:
+        futures = async_engine.add_requests(requests)
+        return await asyncio.gather(
+            *(async_engine.wait(r[0], f) for r, f in zip(requests, futures, strict=True)),
+            return_exceptions=True,
+        )
+    finally:
+        await async_engine.stop()

@@ -167,6 +167,27 @@ def test_a_failing_model_run_requeues_the_step_ahead_too_and_loses_no_token(
     assert [outputs[f"r{i}"].token_ids for i in range(3)] == expected
 
 
+@pytest.mark.parametrize("faulty", ["r0", "r6", "r9"])  # plain, n=3 samples, a regex grammar
+def test_a_request_whose_own_update_raises_while_a_step_runs_ahead_fails_alone(
+    tiny_checkpoint: Path, sync_outputs, faulty: str
+) -> None:
+    engine = _engine(tiny_checkpoint, async_scheduling=True)
+    check_stop = engine.scheduler._check_stop
+
+    def check_stop_failing_for_one_request(seq, token_id):  # as a grammar that lost its state would
+        if seq.request_id == faulty and seq.num_output_tokens == 4:
+            raise RuntimeError("grammar state lost")
+        return check_stop(seq, token_id)
+
+    engine.scheduler._check_stop = check_stop_failing_for_one_request
+    outputs = {rid: _comparable(o) for rid, o in _run(engine, _every_kind_of_request()).items()}
+    (failure,) = engine.take_failed()
+    assert failure.request_id == faulty and str(failure.cause) == "grammar state lost"
+    assert outputs == {rid: o for rid, o in sync_outputs.items() if rid != faulty}
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+
+
 def test_async_scheduling_is_off_by_default_on_the_cpu_and_refused_with_parallelism(tiny_checkpoint) -> None:
     assert not EngineConfig(model=str(tiny_checkpoint)).uses_async_scheduling
     assert EngineConfig(model=str(tiny_checkpoint), device="cuda").uses_async_scheduling

@@ -88,7 +88,7 @@ def test_the_step_adds_and_finishes_sequences_only_where_it_applies_effects(engi
     assert outputs["embed"].embedding is not None
     assert set(callers["add"]) == {"add_request", "_apply"}  # 2 samples' and 3 scorers' forks
     assert callers["add"]["_apply"] == 2 + 3
-    assert set(callers["finish"]) <= {"update_from_output", "_apply"}
+    assert set(callers["finish"]) <= {"_update_seq", "_apply"}  # update_from_output, per sequence
     assert max(finished.values()) == 1  # no sequence is finished twice
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.async_engine import AsyncLLMEngine
+from schemas.responses_api import OutputMessage
 from service.batcher import DynamicBatcher
 from service.config import ConfigError, ServiceConfig, load_config
 from service.jobs import JobHandler
@@ -44,8 +45,9 @@ async def handle(lora_engine):
     batcher = DynamicBatcher(async_engine, max_batch_size=8, max_wait_ms=1)
     handler = JobHandler(ServiceConfig(model_name="tiny", engine=lora_engine.config), batcher, lora_engine)
 
-    async def run(model: str, url: str = "/v1/completions"):
-        body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+    async def run(model: str, url: str = "/v1/completions", body: dict | None = None):
+        if body is None:
+            body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
         if url == "/v1/embeddings":
             body = {"input": "Hello"}
         job = json.dumps({"custom_id": "j", "url": url, "body": {**body, "model": model}}).encode()
@@ -71,6 +73,20 @@ async def test_a_job_naming_an_adapter_runs_with_it_and_its_result_names_it(hand
         texts[model] = result.response.body.choices[0].text
         assert texts[model] == _engine_text(lora_engine, lora_name)
     assert len({texts["formal"], texts["casual"], texts["tiny"]}) == 3
+
+
+async def test_a_responses_job_naming_an_adapter_runs_with_it_as_the_chat_job_it_means(handle) -> None:
+    chat = {"messages": [{"role": "user", "content": "Name a river."}], "max_tokens": 8, "temperature": 0}
+    responses = {"input": "Name a river.", "max_output_tokens": 8, "temperature": 0}
+    texts = {}
+    for model in ("formal", "tiny"):
+        chat_result = await handle(model, "/v1/chat/completions", chat)
+        result = await handle(model, "/v1/responses", responses)
+        assert result.response.status_code == 200 and result.response.body.model == model
+        [message] = [item for item in result.response.body.output if isinstance(item, OutputMessage)]
+        texts[model] = message.content[0].text
+        assert texts[model] == chat_result.response.body.choices[0].message.content
+    assert texts["formal"] != texts["tiny"]
 
 
 async def test_a_name_that_is_neither_the_model_nor_an_adapter_is_a_404(handle) -> None:

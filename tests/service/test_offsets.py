@@ -161,6 +161,32 @@ def test_a_started_partition_refuses_records_below_its_committed_offset() -> Non
     assert tracker.watermark(P0) == 10
 
 
+def test_a_trailing_transaction_marker_lets_the_watermark_reach_the_partition_end() -> None:
+    tracker = _tracker(P0, [0, 1, 2])  # a transaction's jobs; its commit marker sits at 3
+    tracker.skip_to(P0, 4)  # the consumer's position after the marker
+    assert tracker.watermark(P0) == 0  # the jobs in flight still hold it
+    for offset in (0, 1, 2):
+        tracker.done(P0, offset)
+    assert tracker.committable() == {P0: 4}
+
+
+def test_skipping_neither_passes_a_job_in_flight_nor_moves_the_watermark_back() -> None:
+    tracker = _tracker(P0, [5, 6])
+    tracker.skip_to(P0, 9)
+    tracker.done(P0, 6)
+    assert tracker.watermark(P0) == 5
+    tracker.done(P0, 5)
+    tracker.skip_to(P0, 7)  # an older position changes nothing
+    assert tracker.watermark(P0) == 9
+    assert tracker.track(P0, 8) is None  # stepped over: not a record of this assignment
+
+
+def test_an_unseen_partition_skipped_to_its_position_commits_it() -> None:
+    tracker = OffsetTracker()  # at-least-once: a partition whose first fetch held only a marker
+    tracker.skip_to(P0, 12)
+    assert tracker.committable() == {P0: 12}
+
+
 class WatermarkMachine(RuleBasedStateMachine):
     """Random interleavings of track (increasing offsets with gaps) and done, over two partitions."""
 
@@ -171,6 +197,7 @@ class WatermarkMachine(RuleBasedStateMachine):
         self.unfinished: dict = {P0: set(), P1: set()}
         self.last_mark: dict = {}
         self.previous: dict = {}
+        self.position: dict = {}  # where skip_to moved the consumer's position (markers stepped over)
 
     @rule(
         partition=st.sampled_from([P0, P1]),
@@ -179,10 +206,17 @@ class WatermarkMachine(RuleBasedStateMachine):
     )
     def track(self, partition, gap: int, start: int) -> None:
         tracked = self.tracked[partition]
-        offset = tracked[-1] + gap if tracked else start
+        offset = max(tracked[-1] + gap, self.position.get(partition, 0)) if tracked else start
         self.tracker.track(partition, offset)
         tracked.append(offset)
         self.unfinished[partition].add(offset)
+
+    @precondition(lambda self: self.tracked[P0])
+    @rule(skipped=st.integers(min_value=0, max_value=3))
+    def skip_markers(self, skipped: int) -> None:
+        position = max(self.tracked[P0][-1] + 1, self.position.get(P0, 0)) + skipped
+        self.tracker.skip_to(P0, position)
+        self.position[P0] = position
 
     @precondition(lambda self: any(self.unfinished.values()))
     @rule(data=st.data())
@@ -205,13 +239,13 @@ class WatermarkMachine(RuleBasedStateMachine):
         self.last_mark.update(offsets)
 
     @invariant()
-    def watermark_is_lowest_unfinished_or_one_past_highest_tracked(self) -> None:
+    def watermark_is_lowest_unfinished_or_the_position_past_the_highest_tracked(self) -> None:
         for partition in (P0, P1):
             expected = None
             if self.unfinished[partition]:
                 expected = min(self.unfinished[partition])
             elif self.tracked[partition]:
-                expected = self.tracked[partition][-1] + 1
+                expected = max(self.tracked[partition][-1] + 1, self.position.get(partition, 0))
             assert self.tracker.watermark(partition) == expected
 
     @invariant()
