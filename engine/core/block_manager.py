@@ -66,12 +66,16 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Extend the sequence's block table to hold `num_new_tokens` more tokens. Check first."""
-        needed = self.num_blocks_needed(seq, num_new_tokens)
-        if needed > self.num_free_blocks:
+        self.append_blocks(seq, self.num_blocks_needed(seq, num_new_tokens))
+
+    def append_blocks(self, seq: Sequence, count: int) -> None:
+        """Add `count` fresh blocks to the sequence's table (allocate's work, for a caller that has
+        counted them already)."""
+        if count > self.num_free_blocks:
             raise RuntimeError(
-                f"{seq!r} needs {needed} blocks, {self.num_free_blocks} free: call can_allocate first"
+                f"{seq!r} needs {count} blocks, {self.num_free_blocks} free: call can_allocate first"
             )
-        for _ in range(needed):
+        for _ in range(count):
             block_id = self._take_free_block()
             self.ref_counts[block_id] = 1
             seq.block_table.append(block_id)

@@ -197,18 +197,22 @@ class Scheduler:
         return True
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        bm, running = self.block_manager, self.running
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        while i < len(running) and budget > 0:
+            seq = running[i]
             num_new = min(seq.num_uncomputed_tokens, budget)
+            needed = bm.num_blocks_needed(seq, num_new)  # once: a decode needs 0 but every block_size steps
             # NOTE: victims are always taken from the end, never from the already scheduled front.
-            while not self.block_manager.can_allocate(seq, num_new):
-                victim = self.running.pop()
+            while needed > bm.num_free_blocks:
+                victim = running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     return budget
-            self._take(out, seq, num_new)
+            if needed:
+                bm.append_blocks(seq, needed)
+            self._append(out, seq, num_new)
             budget -= num_new
             i += 1
         return budget
@@ -283,6 +287,9 @@ class Scheduler:
 
     def _take(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         self.block_manager.allocate(seq, num_new)
+        self._append(out, seq, num_new)
+
+    def _append(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         out.seqs.append(seq)
         out.num_new_tokens.append(num_new)
         reaches_end = seq.num_computed_tokens + num_new == seq.num_tokens
