@@ -4,7 +4,8 @@ Each example is one record (random bytes, bad header keys and values, deep nesti
 odd timestamps, hostile reply_to, hostile chat templates, control tokens in every rendered field) followed in the same batch (uncompressed or in any codec), on
 the same partition, by a canary job; the example passes when the canary is answered. At the end every record has exactly one
 result line, every error result its dead letter, every partition's committed offset equals its
-end offset, and the service is still running.
+end offset, and the service is still running. In both delivery modes: at-least-once, and
+exactly-once read as a read_committed reader reads it.
 """
 
 from __future__ import annotations
@@ -298,6 +299,8 @@ class _ServiceThread:
             c.dlq_topic,
             bootstrap_servers=c.kafka_bootstrap,
             auto_offset_reset="earliest",
+            # exactly-once: what a read_committed reader sees (an aborted transaction's lines never count)
+            isolation_level="read_committed" if c.delivery == "exactly_once" else "read_uncommitted",
         )
         await self.reader.start()
         self.read_task = asyncio.create_task(self._read())
@@ -327,11 +330,12 @@ class _ServiceThread:
         self.thread.join(10)
 
 
-@pytest.fixture
-def fuzz_service(service_config, tiny_engine):
+@pytest.fixture(params=["at_least_once", "exactly_once"])
+def fuzz_service(request, service_config, tiny_engine):
     # jobs' own chat templates are allowed: rendered in the sandbox, hostile ones within a short limit
     limits = JobLimits(allow_job_chat_template=True, chat_template_timeout_s=0.5)
-    running = _ServiceThread(msgspec.structs.replace(service_config, limits=limits), tiny_engine)
+    config = msgspec.structs.replace(service_config, limits=limits, delivery=request.param)
+    running = _ServiceThread(config, tiny_engine)
     yield running
     running.close()
 
