@@ -59,20 +59,24 @@ print("REPORT " + json.dumps(report))
 """
 
 
-@pytest.fixture(scope="module")
-def as_avx2(tiny_checkpoint) -> dict:
-    """What an engine in a child process capped to AVX2 reports: features, kernel, tokens."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        pytest.skip(f"this CPU has no AVX2 ({torch.backends.cpu.get_cpu_capability()})")
-    env = {
+def _capped_env() -> dict[str, str]:
+    """This process's environment capped to AVX2, with an inductor cache of its own."""
+    return {
         **os.environ,
         **AVX2_CAPS,
         "TORCHINDUCTOR_CACHE_DIR": str(AVX2_INDUCTOR_CACHE),
         "PYTHONPATH": str(REPO_ROOT),
     }
+
+
+@pytest.fixture(scope="module")
+def as_avx2(tiny_checkpoint) -> dict:
+    """What an engine in a child process capped to AVX2 reports: features, kernel, tokens."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip(f"this CPU has no AVX2 ({torch.backends.cpu.get_cpu_capability()})")
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, str(tiny_checkpoint)],
-        env=env,
+        env=_capped_env(),
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -103,3 +107,32 @@ def test_on_an_avx2_cpu_greedy_tokens_equal_transformers(as_avx2, dtype):
 def test_on_an_avx2_cpu_bfloat16_weights_stay_unpacked_and_float32_ones_are_packed(as_avx2):
     assert as_avx2["bfloat16"]["methods"] == ["bf16-fp32-compute"]
     assert as_avx2["float32"]["methods"] == ["onednn-packed"]
+
+
+@pytest.mark.slow
+def test_the_avx2_attention_kernel_passes_the_kernels_own_tests(as_avx2):
+    # 8-lane vectors, loops sized for 16 ymm registers, 32-row prompt tiles: the AVX2 variant is
+    # other code than the AVX-512 one, so it meets every float64 reference check that one meets
+    assert as_avx2["kernel_variant"] == "avx2"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:randomly",
+            "-p",
+            "no:cacheprovider",
+            "tests/engine/test_cpu_attention.py",
+            "-k",
+            "not the_engine_uses and not an_engine_where",
+        ],
+        env=_capped_env(),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout

@@ -16,36 +16,55 @@ static inline void visible_keys(const Scratch& s, int row, int64_t key0, int64_t
   lo = window > 0 ? static_cast<int>(std::clamp<int64_t>(pos - window + 1 - key0, 0, kKeyTile)) : 0;
 }
 
-// A narrow row's scores for 16 keys (rows `stride` elements apart), each a dot product over the
-// head dimension; kNoMax for keys outside [lo, hi). ND: the head size in vectors, known at compile
-// time (the query stays in registers; keys may be bfloat16, widened as loaded); 0: any head size,
-// float32 keys.
+// A narrow row's scores for the 16 keys from key0 (rows `stride` elements apart), each a dot
+// product over the head dimension, written to out[0, 16); kNoMax for keys outside [lo, hi). The
+// row's lane-wise running maximum (one vector) takes them in. ND: the head size in vectors, known
+// at compile time (keys may be bfloat16, widened as loaded); 0: any head size, float32 keys.
+// AVX-512: the query stays in registers (ND + 16 accumulators of 32 zmm) and one vector holds the
+// 16 scores. AVX2: two halves of 8 keys, each with 8 accumulators and one query vector at a time
+// (10 of 16 ymm; holding the query too spilled from a head size of 64).
 template <int ND, typename P>
-__attribute__((always_inline)) static inline vfloat narrow_scores(const float* q, const P* keys, int64_t stride, int64_t D, int lo, int hi) {
+__attribute__((always_inline)) static inline void narrow_scores(const float* q, const P* keys, int64_t stride, int64_t D, int lo,
+                                                                int hi, float* out, float* running_max) {
   static_assert(ND > 0 || std::is_same_v<P, float>, "any head size: float32 keys");
-  vfloat scores;
-  if constexpr (ND > 0) {
-    vfloat qv[ND], dots[kKeyTile];
-    for (int c = 0; c < ND; ++c) qv[c] = load(q + c * kLanes);
-    for (int j = 0; j < kKeyTile; ++j) {  // all 16 (the invisible ones are masked below)
-      const P* k = keys + j * stride;
-      dots[j] = qv[0] * load(k);
-      for (int c = 1; c < ND; ++c) dots[j] += qv[c] * load(k + c * kLanes);
-    }
-    scores = sum_lanes_16(dots);
-  } else {
-    for (int j = 0; j < kKeyTile; ++j) {
-      const float* k = keys + j * stride;
-      float dot = 0.0f;
+  for (int half = 0; half < kVectorsPerTile; ++half) {
+    const int j0 = half * kLanes;
+    vfloat scores;
+    if constexpr (ND > 0 && kLanes == 16) {
+      vfloat qv[ND], dots[kLanes];
+      for (int c = 0; c < ND; ++c) qv[c] = load(q + c * kLanes);
+      for (int j = 0; j < kLanes; ++j) {  // all of them (the invisible ones are masked below)
+        const P* k = keys + (j0 + j) * stride;
+        dots[j] = qv[0] * load(k);
+        for (int c = 1; c < ND; ++c) dots[j] += qv[c] * load(k + c * kLanes);
+      }
+      scores = sum_lanes(dots);
+    } else if constexpr (ND > 0) {
+      vfloat dots[kLanes];
+      const vfloat q0 = load(q);
+      for (int j = 0; j < kLanes; ++j) dots[j] = q0 * load(keys + (j0 + j) * stride);
+      for (int c = 1; c < ND; ++c) {  // 8 independent chains of FMAs
+        const vfloat qc = load(q + c * kLanes);
+        for (int j = 0; j < kLanes; ++j) dots[j] += qc * load(keys + (j0 + j) * stride + c * kLanes);
+      }
+      scores = sum_lanes(dots);
+    } else {
+      for (int j = 0; j < kLanes; ++j) {
+        const float* k = keys + (j0 + j) * stride;
+        float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
-      scores[j] = dot;
+        for (int64_t d = 0; d < D; ++d) dot += q[d] * k[d];
+        scores[j] = dot;
+      }
     }
+    vfloat index;
+    for (int j = 0; j < kLanes; ++j) index[j] = static_cast<float>(j0 + j);
+    const vint visible = (index >= static_cast<float>(lo)) & (index < static_cast<float>(hi));
+    scores = visible ? scores : splat(kNoMax);
+    store(out + j0, scores);
+    const vfloat m = load(running_max);
+    store(running_max, scores > m ? scores : m);
   }
-  vfloat index;
-  for (int j = 0; j < kKeyTile; ++j) index[j] = static_cast<float>(j);
-  const vint visible = (index >= static_cast<float>(lo)) & (index < static_cast<float>(hi));
-  return visible ? scores : splat(kNoMax);
 }
 
 // acc += p[j] * value j over the keys [lo, hi), in two chains (even and odd keys) so that the
@@ -55,24 +74,28 @@ __attribute__((always_inline)) static inline void narrow_values(float* acc, cons
                                  int hi) {
   static_assert(ND > 0 || std::is_same_v<P, float>, "any head size: float32 values");
   if constexpr (ND > 0) {
-    vfloat a[ND], b[ND];
-    for (int c = 0; c < ND; ++c) {
-      a[c] = load(acc + c * kLanes);
-      b[c] = splat(0.0f);
-    }
-    int j = lo;
-    for (; j + 1 < hi; j += 2) {
-      const P* v0 = values + j * stride;
-      const P* v1 = v0 + stride;
-      for (int c = 0; c < ND; ++c) {
-        a[c] += p[j] * load(v0 + c * kLanes);
-        b[c] += p[j + 1] * load(v1 + c * kLanes);
+    // AVX-512: the whole head (2 ND of 32 zmm); AVX2: 4 vectors at a time (8 of 16 ymm)
+    constexpr int kChunk = kLanes == 16 || ND < 4 ? ND : 4;
+    for (int c0 = 0; c0 < ND; c0 += kChunk) {
+      vfloat a[kChunk], b[kChunk];
+      for (int c = 0; c < kChunk; ++c) {
+        a[c] = load(acc + (c0 + c) * kLanes);
+        b[c] = splat(0.0f);
       }
+      int j = lo;
+      for (; j + 1 < hi; j += 2) {
+        const P* v0 = values + j * stride + c0 * kLanes;
+        const P* v1 = v0 + stride;
+        for (int c = 0; c < kChunk; ++c) {
+          a[c] += p[j] * load(v0 + c * kLanes);
+          b[c] += p[j + 1] * load(v1 + c * kLanes);
+        }
+      }
+      if (j < hi) {
+        for (int c = 0; c < kChunk; ++c) a[c] += p[j] * load(values + j * stride + (c0 + c) * kLanes);
+      }
+      for (int c = 0; c < kChunk; ++c) store(acc + (c0 + c) * kLanes, a[c] + b[c]);
     }
-    if (j < hi) {
-      for (int c = 0; c < ND; ++c) a[c] += p[j] * load(values + j * stride + c * kLanes);
-    }
-    for (int c = 0; c < ND; ++c) store(acc + c * kLanes, a[c] + b[c]);
   } else {
     for (int j = lo; j < hi; ++j) {
       const float pj = p[j];
@@ -149,10 +172,7 @@ void narrow_item(const Tensors<T>& t, const Step& st, const WorkItem& item, cons
         int lo, hi;
         visible_keys(s, row, key0, st.window, lo, hi);
         const P* k = keys + (row / rows.count) * D;
-        const vfloat sc = narrow_scores<ND>(s.q[row], k, stride, D, lo, hi);
-        store(s.span_scores[row] + (key0 - span0), sc);
-        const vfloat m = load(s.span_max[row]);
-        store(s.span_max[row], sc > m ? sc : m);
+        narrow_scores<ND>(s.q[row], k, stride, D, lo, hi, s.span_scores[row] + (key0 - span0), s.span_max[row]);
       }
     }
     const int64_t filled = (span1 - span0 + kKeyTile - 1) / kKeyTile * kKeyTile;

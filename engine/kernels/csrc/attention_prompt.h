@@ -15,7 +15,9 @@ namespace sluice_cpu::attention {
 template <int NB>
 static inline void wide_scores(Scratch& s, const float* keys_h, int64_t D) {
   const int64_t stride = s.kv_stride;
-  constexpr int kKeys = 4;  // keys per pass: each query vector loaded feeds 4 FMAs
+  // keys per pass: each query vector loaded feeds kKeys FMAs, kKeys x NB accumulators (16 of 32 zmm
+  // at most; on AVX2, 8 of 16 ymm from 3 vectors up)
+  constexpr int kKeys = kLanes == 16 || NB <= 2 ? 4 : 2;
   for (int j = 0; j < kKeyTile; j += kKeys) {
     vfloat dot[kKeys][NB];
     for (int i = 0; i < kKeys; ++i) {
@@ -80,25 +82,30 @@ static inline void wide_update(Scratch& s, const float* values_h, int64_t D, int
     const vfloat pos = load(s.pos + rb);
     const vfloat old_max = load(s.max + rb);
     vfloat tile_max = old_max;
-    vint visible[kKeyTile];
-    for (int j = 0; j < kKeyTile; ++j) {
+    // Which rows see key j: computed in each loop, not kept (16 masks would fill AVX2's registers).
+    const auto visible = [&](int j) -> vint {
       const float key = static_cast<float>(key0 + j);
-      visible[j] = key <= pos;
-      if (window > 0) visible[j] &= key > pos - static_cast<float>(window);
+      vint seen = key <= pos;
+      if (window > 0) seen &= key > pos - static_cast<float>(window);
+      return seen;
+    };
+    for (int j = 0; j < kKeyTile; ++j) {
       const vfloat sc = load(s.scores[j] + rb);
-      tile_max = visible[j] ? (sc > tile_max ? sc : tile_max) : tile_max;
+      tile_max = visible(j) ? (sc > tile_max ? sc : tile_max) : tile_max;
     }
     alpha[b] = exp_nonpositive(old_max - tile_max);
     vfloat tile_sum = splat(0.0f);
     for (int j = 0; j < kKeyTile; ++j) {
-      const vfloat p = visible[j] ? exp_nonpositive(load(s.scores[j] + rb) - tile_max) : splat(0.0f);
+      const vfloat p = visible(j) ? exp_nonpositive(load(s.scores[j] + rb) - tile_max) : splat(0.0f);
       store(s.scores[j] + rb, p);
       tile_sum += p;
     }
     store(s.sum + rb, load(s.sum + rb) * alpha[b] + tile_sum);
     store(s.max + rb, tile_max);
   }
-  constexpr int kDims = 4;  // head dimensions per pass: each probability vector feeds 4 FMAs
+  // head dimensions per pass: each probability vector feeds kDims FMAs, kDims x NB accumulators
+  // (16 of 32 zmm at most; on AVX2, 8 of 16 ymm from 3 vectors up)
+  constexpr int kDims = kLanes == 16 || NB <= 2 ? 4 : 2;
   for (int64_t d = 0; d < D; d += kDims) {
     const int dims = static_cast<int>(std::min<int64_t>(kDims, D - d));
     vfloat acc[kDims][NB];
@@ -134,6 +141,16 @@ void wide_tile(Scratch& s, const Rows& rows, const T* keys, int64_t stride, int6
 #endif
   wide_scores<NB>(s, s.keys, D);
   wide_update<NB>(s, s.values, D, key0, st.window);
+}
+
+// wide_tile for rows of `vectors` vectors (1 to kMaxWideVectors), each count compiled on its own.
+template <int NB, typename T>
+void wide_tile_of(int vectors, Scratch& s, const Rows& rows, const T* keys, int64_t stride, int64_t D, int64_t key0,
+                  const Step& st) {
+  if constexpr (NB < kMaxWideVectors) {
+    if (vectors > NB) return wide_tile_of<NB + 1>(vectors, s, rows, keys, stride, D, key0, st);
+  }
+  wide_tile<NB>(s, rows, keys, stride, D, key0, st);
 }
 
 }  // namespace sluice_cpu::attention

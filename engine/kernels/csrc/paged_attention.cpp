@@ -125,10 +125,10 @@ void run_item(const Tensors<T>& t, const Step& st, const WorkItem& item, Scratch
   const int64_t first_key = st.window > 0 ? std::max<int64_t>(0, first_pos - st.window + 1) : 0;
   if (!rows.wide) {
     switch (D) {
-      case 16: narrow_item<1>(t, st, item, rows, s, first_key, last_pos); break;
-      case 32: narrow_item<2>(t, st, item, rows, s, first_key, last_pos); break;
-      case 64: narrow_item<4>(t, st, item, rows, s, first_key, last_pos); break;
-      case 128: narrow_item<8>(t, st, item, rows, s, first_key, last_pos); break;
+      case 16: narrow_item<16 / kLanes>(t, st, item, rows, s, first_key, last_pos); break;
+      case 32: narrow_item<32 / kLanes>(t, st, item, rows, s, first_key, last_pos); break;
+      case 64: narrow_item<64 / kLanes>(t, st, item, rows, s, first_key, last_pos); break;
+      case 128: narrow_item<128 / kLanes>(t, st, item, rows, s, first_key, last_pos); break;
       default: narrow_item<0>(t, st, item, rows, s, first_key, last_pos); break;
     }
     finish_rows(t, st, item, rows, s);
@@ -147,19 +147,15 @@ void run_item(const Tensors<T>& t, const Step& st, const WorkItem& item, Scratch
     const T* keys = t.at(t.k, block, slot0, item.head0 * D);
     if (!rows.pairs) load_tile(t, t.k, st, item, block, slot0, s, s.keys);
     load_tile(t, t.v, st, item, block, slot0, s, s.values);
-    switch (rows.padded / kLanes) {
-      case 1: wide_tile<1>(s, rows, keys, t.kv_slot, D, key0, st); break;
-      case 2: wide_tile<2>(s, rows, keys, t.kv_slot, D, key0, st); break;
-      case 3: wide_tile<3>(s, rows, keys, t.kv_slot, D, key0, st); break;
-      default: wide_tile<4>(s, rows, keys, t.kv_slot, D, key0, st); break;
-    }
+    wide_tile_of<1>(rows.padded / kLanes, s, rows, keys, t.kv_slot, D, key0, st);
   }
   finish_rows(t, st, item, rows, s);
 }
 
 std::vector<WorkItem> plan(const Step& st, int64_t num_seqs, int64_t threads) {
   const int64_t G = st.num_heads / st.num_kv_heads;
-  const int64_t tile = std::max<int64_t>(1, 64 / G);
+  // Query positions per prompt tile: kWideTileRows rows (G per position), more where G is larger.
+  const int64_t tile = std::max<int64_t>(1, kWideTileRows / G);
   // A decode row reads all KV heads of its pages in one item (whole slots, in order) when there
   // are enough sequences to keep every thread busy and the item's rows fit the scratch.
   const bool whole_slots = num_seqs >= 4 * threads && st.num_heads <= kMaxRows &&
