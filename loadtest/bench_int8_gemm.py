@@ -1,7 +1,7 @@
 """Which int8 GEMM PyTorch offers on this CPU is fastest, against the float linears the engine runs.
 
-For decode- and prefill-shaped matmuls (M rows, K = N) it times, each weight prepared once as
-the engine prepares it at load (milliseconds per matmul, the best of 5 repeats):
+For decode- and prefill-shaped matmuls (M rows, K inputs, N outputs) it times, each weight prepared once as
+the engine prepares it at load (milliseconds per matmul, the best of 3 repeats):
   fp32-packed     float32 weight in oneDNN's layout (engine.layers.packed_linear)
   bf16            the engine's bfloat16 linear (packed where oneDNN has bfloat16, else
                   Bfloat16OnFloat32Method's path)
@@ -13,7 +13,7 @@ the engine prepares it at load (milliseconds per matmul, the best of 5 repeats):
 and checks whether each w8a8 kernel's output equals a float64 reference of the same integer
 arithmetic with 8-bit (A = 127) and 7-bit (A = 63) activation codes.
 
-    .venv/bin/python loadtest/bench_int8_gemm.py [--threads 2] [--sizes 2048 8192] [--rows 1 4 16 64 128 512]
+    .venv/bin/python loadtest/bench_int8_gemm.py [--threads 2] [--shapes 2048x2048 8192x8192] [--rows 1 4 16 64 128 512]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from engine.quant import w8a8
 warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
 
 
-def _time(fn, repeats: int = 5, min_seconds: float = 0.05) -> float:
+def _time(fn, repeats: int = 3, min_seconds: float = 0.05) -> float:
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -74,9 +74,9 @@ def candidates(weight: torch.Tensor) -> dict:
     return out
 
 
-def exactness(weight: torch.Tensor, size: int) -> list[str]:
+def exactness(weight: torch.Tensor) -> list[str]:
     w_q, w_scale = w8a8.quantize_weight(weight)
-    x = torch.randn(64, size) * 3
+    x = torch.randn(64, weight.shape[1]) * 3
     lines = []
     for kernel in w8a8.KERNELS:
         state = w8a8.prepare(kernel, w_q, w_scale)
@@ -93,27 +93,28 @@ def exactness(weight: torch.Tensor, size: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--sizes", type=int, nargs="*", default=[2048, 8192])
+    parser.add_argument("--shapes", nargs="*", default=["2048x2048", "8192x8192"], help="KxN")
     parser.add_argument("--rows", type=int, nargs="*", default=[1, 4, 16, 64, 128, 512])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {cpu_features.describe()}, vnni={torch.cpu._is_vnni_supported()}")
     print(f"{args.threads} threads; the engine would choose: {w8a8.choose_kernel()}")
-    for size in args.sizes:
-        weight = torch.randn(size, size) / size**0.5
-        for line in exactness(weight, size):
+    for shape in args.shapes:
+        size, out_features = (int(n) for n in shape.split("x"))
+        weight = torch.randn(out_features, size) / size**0.5
+        for line in exactness(weight):
             print(line)
         kernels = candidates(weight)
         names = list(kernels)
-        print(f"\nK = N = {size}: milliseconds per matmul (best of 5)")
+        print(f"\nK = {size}, N = {out_features}: milliseconds per matmul (best of 3)")
         print("| M | " + " | ".join(names) + " |")
         print("|---" * (len(names) + 1) + "|")
         for rows in args.rows:
             x = torch.randn(rows, size)
             cells = []
             for name in names:
-                if name == "int-mm" and (rows <= 16 or size * size * rows > 2048 * 2048 * 128):
+                if name == "int-mm" and (rows <= 16 or size * out_features * rows > 2048 * 2048 * 128):
                     cells.append("-")  # needs > 16 rows; naive loops: seconds at prefill sizes
                     continue
                 ms = _time(lambda f=kernels[name], x=x: f(x)) * 1e3
