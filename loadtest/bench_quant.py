@@ -1,7 +1,7 @@
 """What each compression mode costs in quality and gains in memory and speed.
 
 For each mode (float32 reference, bitsandbytes int8 / nf4 / fp4, fp8 weights on CUDA with
-compute capability >= 8.9, fp8 KV cache, 2:4 magnitude pruning) on two checkpoints:
+compute capability >= 8.9, W8A8 int8 on CPU, fp8 KV cache, 2:4 magnitude pruning) on two checkpoints:
 
 - `small`: the ~125M-parameter benchmark checkpoint with random weights (engine.demo.checkpoints);
 - `trained`: a ~4M-parameter Llama trained here, deterministically on CPU (one thread, fixed
@@ -61,6 +61,7 @@ MODES = {
     "nf4 double-quant": {"quantization": "nf4", "bnb_4bit_double_quant": True},
     "fp4": {"quantization": "fp4"},
     "fp8": {"quantization": "fp8"},
+    "w8a8": {"quantization": "w8a8"},
     "kv fp8": {"kv_cache_dtype": "fp8"},
     "2:4 pruned": {},
 }
