@@ -24,6 +24,9 @@ Kernels (`KERNELS`; the engine picks one at start-up, `choose_kernel`, and logs 
            `torch.ops.onednn.qlinear_pointwise` (float32 out), as Inductor's x86 quantizer lowers
            a quantised linear. On this project's AVX2 machine it was slower than float32 and
            saturates (loadtest/bench_int8_gemm.py), so it is chosen only where the CPU has AMX.
+  reference  the codes multiplied as float32 (exact while K * 127 * 127 < 2**24, else float32
+           sums): never chosen by the engine; measures A = 127's quality where no exact int8
+           kernel has it (loadtest/bench_quant.py's "w8a8 A=127" row).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from engine.quant.base import LinearMethod, _tensor_bytes
 log = logging.getLogger(__name__)
 
 WEIGHT_MAX = 127  # symmetric int8 weights: codes in [-127, 127]
-KERNELS = ("fbgemm", "onednn")
+KERNELS = ("fbgemm", "onednn", "reference")
 # projections the engine fuses into one layer: a checkpoint quantises all of a group or none
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _MIN_AMAX = 1e-12  # an all-zero row or token still gets a finite scale
@@ -57,7 +60,7 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def activation_max(kernel: str) -> int:
     """The largest activation code `kernel` multiplies exactly on this CPU."""
-    if kernel == "onednn" or torch.cpu._is_vnni_supported():
+    if kernel in ("onednn", "reference") or torch.cpu._is_vnni_supported():
         return 127
     return 63
 
@@ -95,6 +98,8 @@ def prepare(kernel: str, w_q: torch.Tensor, w_scale: torch.Tensor):
     if kernel == "onednn":
         packed = torch.ops.onednn.qlinear_prepack(w_q, None)
         return packed, w_scale.float().contiguous(), torch.zeros(w_q.shape[0], dtype=torch.long)
+    if kernel == "reference":
+        return w_q.float().t().contiguous(), w_scale.float()
     raise ValueError(f"unknown w8a8 kernel {kernel!r}; one of {KERNELS}")
 
 
@@ -109,6 +114,9 @@ def linear(
         sums = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             x * (act_max / amax), 1.0, act_max + 1, packed
         )  # [T, N]: s_w * sum(x_q * w_q)
+    elif kernel == "reference":
+        codes_t, w_scale = packed
+        sums = torch.round(x * (act_max / amax)) @ codes_t * w_scale
     else:
         weight, w_scale, w_zero = packed
         x_q = torch.round(x * (act_max / amax)).to(torch.int8)

@@ -278,3 +278,14 @@ def _dequantised(linear: nn.Module) -> torch.Tensor:
     if weight.dtype != torch.int8:
         return weight
     return weight.float() * linear.weight_scale.float().reshape(-1, 1)
+
+
+def test_reference_kernel_multiplies_8_bit_codes_as_the_float64_reference_does():
+    # the quality-only kernel (loadtest/bench_quant.py's "w8a8 A=127" row): exact sums for K=320
+    layer = _layer(320, 96, bias=True)
+    method = W8A8LinearMethod(kernel="reference")
+    assert method.act_max == 127
+    method.process_weights_after_loading(layer)
+    x = torch.randn(9, 320)
+    expected, tolerance = _reference(x, layer.weight_int8, layer.weight_scale, layer.bias, 127)
+    assert ((method.apply(layer, x, layer.bias).double() - expected).abs() <= tolerance).all()
