@@ -7,12 +7,15 @@ y[t, n] = s_x[t] * s_w[n] * sum_k x_q[t, k] * w_q[n, k] + b[n], where
   at every matmul: one pass for the absolute maximum, one that scales; the kernel rounds).
 The int32 sums are exact; only the final float products round.
 
-A is the largest activation code the kernel can multiply without saturating: 127 where the CPU
-has VNNI (vpdpbusd adds u8 x s8 products straight into int32), 63 where it does not: AVX2's
-u8 x s8 instruction (vpmaddubsw) adds two products into a saturating int16, so with full-range
-weights the activations (offset to u8) may use 7 bits only, as PyTorch's fbgemm path does
-(`reduce_range`). The activations are still stored as int8 per token; they carry 7 significant
-bits on such CPUs.
+Where the CPU has VNNI (vpdpbusd adds u8 x s8 products straight into int32) weights and
+activations both use codes in [-127, 127]. Without it (AVX2, AVX-512 without VNNI) the u8 x s8
+instruction (vpmaddubsw) adds two products into a saturating int16: with activations offset to
+u8 (0..255) the weights may reach +-64, or with full-range weights the activations +-63
+(PyTorch's fbgemm `reduce_range`). So on such CPUs a float checkpoint quantised here gets
+weight codes in [-63, 63] and 8-bit activations (W7A8: on the trained checkpoint its greedy
+agreement with float32 was 0.98 against W8A7's 0.96, loadtest/RESULTS.md), and a
+compressed-tensors checkpoint's full-range codes get activations in [-63, 63]. Each layer's A
+follows from its own codes (`activation_max`); both are stored int8.
 
 Kernels (`KERNELS`; the engine picks one at start-up, `choose_kernel`, and logs it):
   fbgemm   the weight prepacked once by `torch.ops.quantized.linear_prepack` (fbgemm's blocked
@@ -50,17 +53,31 @@ _MIN_AMAX = 1e-12  # an all-zero row or token still gets a finite scale
 _INF = float("inf")
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [N, K] float -> (w_q [N, K] int8, s_w [N] float32), symmetric per output channel."""
+def quantize_weight(weight: torch.Tensor, weight_max: int = WEIGHT_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] float -> (w_q [N, K] int8 in [-weight_max, weight_max], s_w [N] float32),
+    symmetric per output channel."""
     w = weight.detach().float()
-    scale = torch.linalg.vector_norm(w, _INF, dim=1).clamp(min=_MIN_AMAX) / WEIGHT_MAX
-    w_q = torch.round(w / scale[:, None]).clamp(-WEIGHT_MAX, WEIGHT_MAX).to(torch.int8)
+    scale = torch.linalg.vector_norm(w, _INF, dim=1).clamp(min=_MIN_AMAX) / weight_max
+    w_q = torch.round(w / scale[:, None]).clamp(-weight_max, weight_max).to(torch.int8)
     return w_q, scale
 
 
-def activation_max(kernel: str) -> int:
-    """The largest activation code `kernel` multiplies exactly on this CPU."""
-    if kernel in ("onednn", "reference") or torch.cpu._is_vnni_supported():
+def has_vnni_products(kernel: str) -> bool:
+    """Whether `kernel` sums u8 x s8 products without an int16 step on this CPU."""
+    return kernel in ("onednn", "reference") or bool(torch.cpu._is_vnni_supported())
+
+
+def weight_max(kernel: str) -> int:
+    """The largest weight code for weights quantised at load: 127, or 63 where the CPU has no VNNI
+    (so the activations keep 8 bits)."""
+    return WEIGHT_MAX if has_vnni_products(kernel) else 63
+
+
+def activation_max(kernel: str, largest_weight_code: int = WEIGHT_MAX) -> int:
+    """The largest activation code `kernel` multiplies exactly by weights whose codes reach
+    `largest_weight_code`: without VNNI, 255 (an activation offset to u8) x 64 x 2 is the most an
+    int16 pair sum holds."""
+    if has_vnni_products(kernel) or largest_weight_code <= 64:
         return 127
     return 63
 
@@ -77,12 +94,13 @@ def choose_kernel() -> str:
     """The int8 GEMM this CPU runs fastest (measured: loadtest/bench_int8_gemm.py); logged once."""
     kernel = "onednn" if torch.cpu._is_amx_tile_supported() else "fbgemm"
     log.info(
-        "w8a8: int8 GEMM %s (%s; activation codes in [-%d, %d]: %s)",
+        "w8a8: int8 GEMM %s (%s; weights quantised at load: codes in [-%d, %d], activations [-%d, %d]; "
+        "a checkpoint's full-range weights: activations [-%d, %d])",
         kernel,
-        "AMX" if kernel == "onednn" else ("VNNI" if torch.cpu._is_vnni_supported() else "AVX2, no VNNI"),
-        activation_max(kernel),
-        activation_max(kernel),
-        "int8" if activation_max(kernel) == 127 else "7 bits, vpmaddubsw saturates above",
+        "AMX" if kernel == "onednn" else ("VNNI" if torch.cpu._is_vnni_supported() else "no VNNI"),
+        *(weight_max(kernel),) * 2,
+        *(activation_max(kernel, weight_max(kernel)),) * 2,
+        *(activation_max(kernel),) * 2,
     )
     return kernel
 
@@ -141,7 +159,7 @@ class W8A8LinearMethod(LinearMethod):
     def __init__(self, prequantized: bool = False, kernel: str | None = None) -> None:
         self.prequantized = prequantized
         self.kernel = kernel or choose_kernel()
-        self.act_max = activation_max(self.kernel)
+        self.weight_max = weight_max(self.kernel)  # codes of weights quantised here
 
     def create_weights(self, layer: nn.Module) -> None:
         out_features, in_features = layer.weight.shape
@@ -165,18 +183,19 @@ class W8A8LinearMethod(LinearMethod):
             if w_q.min().item() < -WEIGHT_MAX:
                 raise ValueError("holds int8 weights of -128: symmetric int8 weights lie in [-127, 127]")
         else:  # a float weight: quantise it here
-            w_q, w_scale = quantize_weight(layer.weight.data)
+            w_q, w_scale = quantize_weight(layer.weight.data, self.weight_max)
         del layer.weight
         layer.register_parameter("weight", None)
         layer.weight_int8 = nn.Parameter(w_q, requires_grad=False)  # [N, K]
         layer.weight_scale = nn.Parameter(w_scale.float(), requires_grad=False)  # [N]
         layer.w8a8_packed = prepare(self.kernel, layer.weight_int8.data, layer.weight_scale.data)
+        layer.w8a8_act_max = activation_max(self.kernel, int(w_q.abs().max().item()))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [..., K] -> [..., N]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y = linear(self.kernel, layer.w8a8_packed, x2.float(), bias, self.act_max).to(x.dtype)
+        y = linear(self.kernel, layer.w8a8_packed, x2.float(), bias, layer.w8a8_act_max).to(x.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def weight_bytes(self, layer: nn.Module) -> int:

@@ -21,7 +21,7 @@ from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.compress.__main__ import main as compress_main
 from engine.layers.linear import ReplicatedLinear
 from engine.quant import QuantizationError, make_plan
-from engine.quant.w8a8 import W8A8LinearMethod, activation_max, quantize_per_token, quantize_weight
+from engine.quant.w8a8 import W8A8LinearMethod, quantize_per_token, quantize_weight
 
 MAX_TOKENS = 12
 NEAR_TIE = 0.02  # logits; the tiny model's best two lie 0.01-3 apart
@@ -51,14 +51,15 @@ def _reference(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias, 
 @pytest.mark.parametrize("rows", [1, 7, 64])
 def test_int8_layer_equals_a_float64_reference_of_its_integer_arithmetic(rows, bias):
     layer = _layer(320, 96, bias)
-    w_q, w_scale = quantize_weight(layer.weight.data)
     method = W8A8LinearMethod()
+    w_q, w_scale = quantize_weight(layer.weight.data, method.weight_max)  # 63 on CPUs without VNNI
     method.process_weights_after_loading(layer)
     layer.quant_method = method
     assert torch.equal(layer.weight_int8, w_q) and torch.equal(layer.weight_scale, w_scale)
+    assert layer.w8a8_act_max == 127  # the activations keep 8 bits either way
     x = torch.randn(rows, 320) * torch.logspace(-2, 1, rows)[:, None]  # tokens of unequal size
     y = layer(x)
-    expected, tolerance = _reference(x, w_q, w_scale, layer.bias, method.act_max)
+    expected, tolerance = _reference(x, w_q, w_scale, layer.bias, layer.w8a8_act_max)
     assert y.dtype == torch.float32 and y.shape == (rows, 96)
     assert ((y.double() - expected).abs() <= tolerance).all()
 
@@ -72,19 +73,25 @@ def test_weights_are_symmetric_int8_per_output_channel():
     assert ((w_q.float() * w_scale[:, None] - weight).abs() <= w_scale[:, None] / 2 + 1e-7).all()
 
 
-def test_sums_stay_exact_where_u8_times_s8_pairs_would_saturate_int16():
-    # every code at its largest, pairs of equal sign: on AVX2 (no VNNI) vpmaddubsw would clip each
-    # pair's sum at 32767 were the activations offset to 8 unsigned bits; the chosen range must not
+@pytest.mark.parametrize("checkpoint_codes", [True, False])
+def test_sums_stay_exact_where_u8_times_s8_pairs_would_saturate_int16(checkpoint_codes):
+    # every code at its largest, pairs of equal sign: on AVX2 (no VNNI) vpmaddubsw would clip
+    # pair sums at 32767 past 255 x 64 x 2; a checkpoint's full-range weight codes must get 7-bit
+    # activations there, weights quantised at load 7-bit codes and 8-bit activations
     layer = _layer(256, 32, bias=False)
     signs = torch.where(torch.arange(256) % 4 < 2, 1.0, -1.0)
     layer.weight.data.copy_(signs.expand(32, 256) * torch.linspace(0.5, 2, 32)[:, None])
-    w_q, w_scale = quantize_weight(layer.weight.data)
-    assert w_q.abs().min() == 127
-    method = W8A8LinearMethod()
+    method = W8A8LinearMethod(prequantized=checkpoint_codes)
+    w_q, w_scale = quantize_weight(layer.weight.data, 127 if checkpoint_codes else method.weight_max)
+    if checkpoint_codes:  # as a compressed-tensors checkpoint holds them
+        method.create_weights(layer)
+        layer.weight.data.copy_(w_q)
+        layer.weight_scale.data.copy_(w_scale)
     method.process_weights_after_loading(layer)
+    assert torch.equal(layer.weight_int8, w_q)
     x = torch.stack([signs * 3, -signs, signs.roll(1)])  # +A, -A codes in runs of two
     y = method.apply(layer, x, None)
-    expected, tolerance = _reference(x, w_q, w_scale, None, method.act_max)
+    expected, tolerance = _reference(x, w_q, w_scale, None, layer.w8a8_act_max)
     assert ((y.double() - expected).abs() <= tolerance).all()
 
 
@@ -94,7 +101,7 @@ def test_bfloat16_activations_come_back_bfloat16():
     method.process_weights_after_loading(layer)
     x = torch.randn(5, 64).to(torch.bfloat16)
     y = method.apply(layer, x, layer.bias)
-    expected, _ = _reference(x.float(), layer.weight_int8, layer.weight_scale, layer.bias, method.act_max)
+    expected, _ = _reference(x.float(), layer.weight_int8, layer.weight_scale, layer.bias, layer.w8a8_act_max)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), expected, atol=0.02, rtol=0.01)
 
@@ -108,9 +115,9 @@ class _ReferenceW8A8(nn.Module):
     """A Transformers nn.Linear as the engine's integers: activations quantised in float32 as the
     engine quantises them, the sums and both scales in float64, rounded once to float32."""
 
-    def __init__(self, linear: nn.Linear, act_max: int) -> None:
+    def __init__(self, linear: nn.Linear, weight_max: int, act_max: int) -> None:
         super().__init__()
-        w_q, w_scale = quantize_weight(linear.weight.data)
+        w_q, w_scale = quantize_weight(linear.weight.data, weight_max)
         self.weight_q, self.w_scale, self.act_max = w_q.double(), w_scale.double(), act_max
         self.bias = None if linear.bias is None else linear.bias.data
 
@@ -148,11 +155,12 @@ def test_tiny_model_greedy_tokens_are_transformers_best_running_the_same_integer
 
     # float32 elsewhere: the engine equals Transformers there token for token (test_engine_exactness)
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-    act_max = activation_max(w8a8_engine.runner.model.model.layers[0].mlp.down_proj.quant_method.kernel)
+    down_proj = w8a8_engine.runner.model.model.layers[0].mlp.down_proj
+    weight_max, act_max = down_proj.quant_method.weight_max, down_proj.w8a8_act_max
     for module in list(model.model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, _ReferenceW8A8(child, act_max))
+                setattr(module, child_name, _ReferenceW8A8(child, weight_max, act_max))
     prompts = _prompts(model.config.vocab_size)
     same = 0
     for prompt, tokens in zip(prompts, _greedy(w8a8_engine, prompts), strict=True):
@@ -210,15 +218,26 @@ def test_written_folder_is_a_compressed_tensors_w8a8_checkpoint(w8a8_folder):
     assert weight.dtype == torch.int8 and scale.shape == (weight.shape[0], 1)
 
 
-def test_compressed_tensors_folder_loads_the_codes_quantising_at_load_makes(w8a8_folder, w8a8_engine):
-    engine = _engine(w8a8_folder)  # quantization "none": the checkpoint's own scheme applies
-    loaded, on_the_fly = engine.runner.model.model.layers[1], w8a8_engine.runner.model.model.layers[1]
-    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
-        a, b = loaded.get_submodule(name), on_the_fly.get_submodule(name)
-        assert a.quant_method.name == "w8a8"
-        assert torch.equal(a.weight_int8, b.weight_int8) and torch.equal(a.weight_scale, b.weight_scale)
-    prompts = _prompts(4096)
-    assert _greedy(engine, prompts) == _greedy(w8a8_engine, prompts)
+@pytest.fixture(scope="module")
+def folder_engine(w8a8_folder):
+    return _engine(w8a8_folder)  # quantization "none": the checkpoint's own scheme applies
+
+
+def test_compressed_tensors_folder_loads_the_writers_codes_and_scales(
+    tiny_checkpoint, folder_engine, w8a8_engine
+):
+    from safetensors import safe_open
+
+    layer = folder_engine.runner.model.model.layers[1]
+    with safe_open(str(tiny_checkpoint / "model.safetensors"), framework="pt") as f:
+        gate, up, down = (f.get_tensor(f"model.layers.1.mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
+    for linear, weight in ((layer.mlp.gate_up_proj, torch.cat([gate, up])), (layer.mlp.down_proj, down)):
+        w_q, w_scale = quantize_weight(weight)  # full-range codes, as vLLM's and llm-compressor's
+        assert linear.quant_method.name == "w8a8"
+        assert torch.equal(linear.weight_int8, w_q) and torch.equal(linear.weight_scale, w_scale)
+    if w8a8_engine.runner.model.model.layers[1].mlp.down_proj.quant_method.weight_max == 127:  # VNNI
+        prompts = _prompts(4096)  # then quantising at load makes the very same layers
+        assert _greedy(folder_engine, prompts) == _greedy(w8a8_engine, prompts)
 
 
 def test_compressed_tensors_folder_refuses_another_quantization(w8a8_folder):
@@ -244,7 +263,7 @@ def test_skipped_modules_stay_float_in_the_folder_and_in_the_engine(tiny_checkpo
 
 
 @pytest.mark.slow
-def test_transformers_reads_the_written_folder_as_the_engine_does(w8a8_folder, w8a8_engine):
+def test_transformers_reads_the_written_folder_as_the_engine_does(w8a8_folder, folder_engine):
     # Transformers (with the compressed-tensors package) decompresses each projection to
     # codes x scale and quantises its input per token in 8 bits (scale amax / 127.5, the package's
     # rule); the engine's weights must be exactly those, and its tokens Transformers' best or near
@@ -254,14 +273,14 @@ def test_transformers_reads_the_written_folder_as_the_engine_does(w8a8_folder, w
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(w8a8_folder, dtype=torch.float32).eval()
-    theirs, ours = model.model.layers[3], w8a8_engine.runner.model.model.layers[3]
+    theirs, ours = model.model.layers[3], folder_engine.runner.model.model.layers[3]
     assert torch.equal(_dequantised(theirs.mlp.down_proj), _dequantised(ours.mlp.down_proj))
     q_rows = theirs.self_attn.q_proj.weight.shape[0]
     assert torch.equal(_dequantised(theirs.self_attn.q_proj), _dequantised(ours.self_attn.qkv_proj)[:q_rows])
-    near_tie = NEAR_TIE if ours.mlp.down_proj.quant_method.act_max == 127 else 0.15
+    near_tie = NEAR_TIE if ours.mlp.down_proj.w8a8_act_max == 127 else 0.15
     prompts = _prompts(model.config.vocab_size)
     same = 0
-    for prompt, tokens in zip(prompts, _greedy(w8a8_engine, prompts), strict=True):
+    for prompt, tokens in zip(prompts, _greedy(folder_engine, prompts), strict=True):
         with torch.no_grad():
             logits = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :]
         best = logits.max(dim=-1).values
@@ -284,8 +303,8 @@ def test_reference_kernel_multiplies_8_bit_codes_as_the_float64_reference_does()
     # the quality-only kernel (loadtest/bench_quant.py's "w8a8 A=127" row): exact sums for K=320
     layer = _layer(320, 96, bias=True)
     method = W8A8LinearMethod(kernel="reference")
-    assert method.act_max == 127
     method.process_weights_after_loading(layer)
+    assert method.weight_max == 127 and layer.w8a8_act_max == 127
     x = torch.randn(9, 320)
     expected, tolerance = _reference(x, layer.weight_int8, layer.weight_scale, layer.bias, 127)
     assert ((method.apply(layer, x, layer.bias).double() - expected).abs() <= tolerance).all()
