@@ -25,8 +25,10 @@ Kernels (`KERNELS`; the engine picks one at start-up, `choose_kernel`, and logs 
            sums; the per-token scale and the bias are applied in one more pass (addcmul).
   onednn   the weight prepacked by `torch.ops.onednn.qlinear_prepack`, int8 activations through
            `torch.ops.onednn.qlinear_pointwise` (float32 out), as Inductor's x86 quantizer lowers
-           a quantised linear. On this project's AVX2 machine it was slower than float32 and
-           saturates (loadtest/bench_int8_gemm.py), so it is chosen only where the CPU has AMX.
+           a quantised linear. On this project's AVX2 machine it was slower than fbgemm at every
+           size measured and saturates (loadtest/bench_int8_gemm.py, loadtest/RESULTS.md), so it
+           is chosen only where the CPU has AMX (not measured: no AMX machine was at hand;
+           test_w8a8's saturation test checks whichever kernel a machine chooses).
   reference  the codes multiplied as float32 (exact while K * 127 * 127 < 2**24, else float32
            sums): never chosen by the engine; measures A = 127's quality where no exact int8
            kernel has it (loadtest/bench_quant.py's "w8a8 A=127" row).
