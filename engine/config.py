@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_DTYPES = ("auto", *DTYPES)  # "auto": engine.executor.runtime.resolve_dtype
 ATTENTION_BACKENDS = ("auto", "flash", "triton", "cpu", "sdpa")
-QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4", "fp8")
+QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4", "fp8", "w8a8")
 KV_CACHE_DTYPES = ("auto", "fp8")
 
 
@@ -54,7 +54,8 @@ class EngineConfig:
     cpu_fused_ops: bool = True
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with a per-layer scale (sdpa only)
     # Weight quantisation of the linear layers (engine.quant); embedding and lm_head stay float.
-    quantization: str = "none"  # "none", "int8", "nf4", "fp4" (bitsandbytes) or "fp8" (CUDA, cc >= 8.9)
+    # "none", "int8", "nf4", "fp4" (bitsandbytes), "fp8" (CUDA, cc >= 8.9) or "w8a8" (int8 GEMMs, CPU)
+    quantization: str = "none"
     int8_threshold: float = 6.0  # int8: activation outlier threshold (LLM.int8); 0 disables the float path
     bnb_4bit_double_quant: bool = False  # nf4/fp4: also quantise the per-block scales (~0.4 bit/weight less)
     bnb_4bit_compute_dtype: str | None = None  # nf4/fp4: dtype of the matmul; None: dtype above

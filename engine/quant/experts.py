@@ -1,9 +1,9 @@
-"""Quantised experts: bitsandbytes int8 / NF4 / FP4 or FP8 per expert, as the dense linear layers have it.
+"""Quantised experts: bitsandbytes int8 / NF4 / FP4, FP8 or W8A8 per expert, as the dense linear layers have it.
 
 Each expert's slice of a FusedMoE's stacked float weights (gate_up_proj[e] [2I, H] and
 down_proj[e] [H, I], this rank's shard) becomes the weight of its own small linear layer whose
-`quant_method` is the dense path's method (engine.quant.bnb, engine.quant.fp8), built the same
-way. An expert's matmul therefore has the dense layers' numerics: int8 is LLM.int8
+`quant_method` is the dense path's method (engine.quant.bnb, engine.quant.fp8, engine.quant.w8a8),
+built the same way (W8A8: int8 codes per row and fbgemm's packed weight per expert, on the host). An expert's matmul therefore has the dense layers' numerics: int8 is LLM.int8
 (activations quantised per token, columns above the outlier threshold in float), 4-bit
 dequantises that one expert's weight to the compute dtype at its matmul (both quantised at the
 model's `.to(device)`), fp8 stores the weight as e4m3 with one scale per output row (quantised

@@ -22,12 +22,13 @@ from engine.quant.bnb import Bnb4bitLinearMethod, BnbInt8LinearMethod, BnbPrequa
 from engine.quant.experts import QuantizedExpertsMethod, is_moe_experts
 from engine.quant.fp8 import Fp8LinearMethod, check_fp8_supported
 from engine.quant.sparse24 import Sparse24LinearMethod
+from engine.quant.w8a8 import W8A8LinearMethod, compressed_tensors_skip_modules
 
 log = logging.getLogger(__name__)
 
 SPARSITY_MARKER = "sluice_sparsity"  # config.json key written by engine.compress
 # what a mixture-of-experts model's experts can be quantised with (fp8 on CUDA only, as for dense models)
-MOE_MODES = ("int8", "nf4", "fp4", "fp8")
+MOE_MODES = ("int8", "nf4", "fp4", "fp8", "w8a8")
 
 
 class QuantizationError(ValueError):
@@ -37,7 +38,9 @@ class QuantizationError(ValueError):
 @dataclass(frozen=True)
 class QuantPlan:
     mode: str = "none"  # one of engine.config.QUANTIZATION_MODES
-    prequantized: bool = False  # the checkpoint's linear weights are bitsandbytes-quantised already
+    # the checkpoint's linear weights are quantised already: bitsandbytes (int8, nf4, fp4) or
+    # compressed-tensors int8 (w8a8)
+    prequantized: bool = False
     sparse24: bool = False  # the checkpoint is 2:4-pruned (engine.compress)
     int8_threshold: float = 6.0
     double_quant: bool = False
@@ -49,6 +52,8 @@ class QuantPlan:
         return self.mode != "none" or self.sparse24
 
     def make_method(self) -> LinearMethod:
+        if self.mode == "w8a8":
+            return W8A8LinearMethod(prequantized=self.prequantized)
         if self.prequantized:
             return BnbPrequantizedLinearMethod(self.mode, self.int8_threshold, self.compute_dtype)
         if self.mode == "int8":
@@ -89,6 +94,11 @@ def make_plan(config, hf_config: dict, device: torch.device) -> QuantPlan:
             check_fp8_supported(device)
         except ValueError as e:
             raise QuantizationError(str(e)) from None
+    if plan.mode == "w8a8" and device.type != "cpu":
+        raise QuantizationError(
+            f"quantization 'w8a8' runs on the CPU only for now (int8 GEMMs of PyTorch's CPU backends); "
+            f"device is {device.type!r}: use fp8 on a GPU with compute capability >= 8.9"
+        )
     return plan
 
 
@@ -167,7 +177,9 @@ def model_weight_bytes(model: nn.Module) -> int:
 def _check_moe_supported(model: nn.Module, plan: QuantPlan) -> None:
     if plan.mode in MOE_MODES and not plan.prequantized and not plan.sparse24:
         return
-    if plan.prequantized:
+    if plan.prequantized and plan.mode == "w8a8":
+        what = "a compressed-tensors W8A8 checkpoint"
+    elif plan.prequantized:
         what = f"a pre-quantised bitsandbytes ({plan.mode}) checkpoint"
     elif plan.sparse24:
         what = "a 2:4-pruned checkpoint"
@@ -175,7 +187,7 @@ def _check_moe_supported(model: nn.Module, plan: QuantPlan) -> None:
         what = f"quantization {plan.mode!r}"
     raise QuantizationError(
         f"{what} is not supported for mixture-of-experts models ({type(model).__name__}): its experts "
-        f"can be quantised at load time with {', '.join(MOE_MODES)} only"
+        f"can be quantised at load time (from a float checkpoint) with {', '.join(MOE_MODES)} only"
     )
 
 
@@ -205,7 +217,7 @@ def _targets(model: nn.Module, plan: QuantPlan) -> list[tuple[str, nn.Module]]:
     if not plan.is_active:
         return []
     mapping = getattr(model, "packed_modules_mapping", {})
-    skip = {mapping[s][0] if s in mapping else s for s in plan.skip_modules}
+    skip = {_packed_name(s, mapping) for s in plan.skip_modules}
     return [
         (name, m)
         for name, m in model.named_modules()
@@ -213,6 +225,14 @@ def _targets(model: nn.Module, plan: QuantPlan) -> list[tuple[str, nn.Module]]:
         and not getattr(m, "is_router", False)  # an MoE router stays float
         and not any(f".{s}." in f".{name}." for s in skip)
     ]
+
+
+def _packed_name(name: str, mapping: dict) -> str:
+    """A checkpoint's module name as the model names it: q_proj -> qkv_proj, also inside a dotted name."""
+    prefix, _, last = name.rpartition(".")
+    if last not in mapping:
+        return name
+    return f"{prefix}.{mapping[last][0]}" if prefix else mapping[last][0]
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -223,9 +243,12 @@ def _is_linear(module: nn.Module) -> bool:
 
 def _prequantized_plan(plan: QuantPlan, checkpoint: dict, compute_dtype_option, model_dtype) -> QuantPlan:
     method = checkpoint.get("quant_method")
+    if method == "compressed-tensors":
+        return _compressed_tensors_plan(plan, checkpoint)
     if method != "bitsandbytes":
         raise QuantizationError(
-            f"the checkpoint is quantised with {method!r}; only bitsandbytes checkpoints load pre-quantised"
+            f"the checkpoint is quantised with {method!r}; only bitsandbytes and compressed-tensors "
+            "(W8A8 int8) checkpoints load pre-quantised"
         )
     if checkpoint.get("load_in_8bit"):
         mode = "int8"
@@ -253,6 +276,21 @@ def _prequantized_plan(plan: QuantPlan, checkpoint: dict, compute_dtype_option, 
         compute_dtype=compute_dtype,
         skip_modules=skip,
     )
+
+
+def _compressed_tensors_plan(plan: QuantPlan, checkpoint: dict) -> QuantPlan:
+    if plan.mode not in ("none", "w8a8"):
+        raise QuantizationError(
+            f"quantization {plan.mode!r} was asked for, but the checkpoint is a compressed-tensors W8A8 "
+            "checkpoint; leave quantization 'none' (or set 'w8a8') to load it as it is"
+        )
+    if plan.sparse24:
+        raise QuantizationError("a checkpoint cannot be both pre-quantised and marked 2:4-pruned")
+    try:
+        skip = compressed_tensors_skip_modules(checkpoint)
+    except ValueError as e:
+        raise QuantizationError(f"compressed-tensors checkpoint: {e}") from None
+    return replace(plan, mode="w8a8", prequantized=True, skip_modules=plan.skip_modules + skip)
 
 
 def _log_summary(targets, plan: QuantPlan, model: nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""Quantised experts: bitsandbytes int8 / NF4 / FP4 and FP8 per expert for Mixtral, Qwen3-MoE and GPT-OSS.
+"""Quantised experts: bitsandbytes int8 / NF4 / FP4, FP8 and W8A8 per expert for Mixtral, Qwen3-MoE and GPT-OSS.
 
 Quality is measured as for the dense quantised models (test_quantization): teacher-forced
 next-token statistics against the same engine in float32, with the dense tests' bounds, here
@@ -35,7 +35,7 @@ NUM_POSITIONS = 512
 MOE_PRESETS = ["tiny-mixtral", "tiny-qwen3-moe", "tiny-gpt-oss"]
 # the dense tests' bound on the quantised linear weights' share of their float32 bytes; fp8: one
 # byte of float32's four, plus a float32 scale per row of 64 or 32 inputs (measured 0.27)
-MAX_SHARE = {"int8": 0.30, "nf4": 0.16, "fp4": 0.16, "fp8": 0.30}
+MAX_SHARE = {"int8": 0.30, "nf4": 0.16, "fp4": 0.16, "fp8": 0.30, "w8a8": 0.30}
 
 
 def _engine(folder: Path, **options) -> LLMEngine:
@@ -55,7 +55,7 @@ def moe_reference(request, model_cache):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
+@pytest.mark.parametrize("mode", ["int8", "nf4", "w8a8"])
 def test_quantised_moe_model_generates_within_the_dense_bounds_of_float32(moe_reference, mode):
     folder, ids, ref_logits = moe_reference
     options, min_agreement, max_kl, max_log_ppl_ratio = BOUNDS[mode]
@@ -78,7 +78,7 @@ def fp8_on_cpu(monkeypatch):
     monkeypatch.setattr(plan_module, "check_fp8_supported", lambda device: None)
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4", "fp4", "fp8"])
+@pytest.mark.parametrize("mode", ["int8", "nf4", "fp4", "fp8", "w8a8"])
 def test_quantised_experts_take_a_fraction_of_their_float32_bytes(model_cache, fp8_on_cpu, mode):
     folder = ensure_checkpoint(model_cache, preset="tiny-mixtral")
     float_experts = _experts(_engine(folder))
@@ -114,6 +114,7 @@ def test_quantisation_skip_modules_keep_the_experts_float(model_cache):
     [
         (QuantPlan(mode="nf4", prequantized=True), r"a pre-quantised bitsandbytes \(nf4\) checkpoint"),
         (QuantPlan(sparse24=True), "a 2:4-pruned checkpoint"),
+        (QuantPlan(mode="w8a8", prequantized=True), "a compressed-tensors W8A8 checkpoint"),
     ],
 )
 def test_unsupported_quantisation_of_an_moe_model_is_refused_by_name(model_cache, plan, what):

@@ -35,6 +35,7 @@ BOUNDS = {
     "nf4-double-quant": ({"quantization": "nf4", "bnb_4bit_double_quant": True}, 0.20, 0.15, 0.1),
     "fp4": ({"quantization": "fp4"}, 0.12, 0.20, 0.1),
     "kv-fp8": ({"kv_cache_dtype": "fp8"}, 0.85, 0.002, 0.01),
+    "w8a8": ({"quantization": "w8a8"}, 0.85, 0.002, 0.01),
 }
 
 

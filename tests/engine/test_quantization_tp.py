@@ -14,6 +14,7 @@ import engine.layers.linear as linear_module
 from engine.layers.linear import ColumnParallelLinear, RowParallelLinear
 from engine.quant.bnb import BnbPrequantizedLinearMethod
 from engine.quant.plan import QuantPlan
+from engine.quant.w8a8 import W8A8LinearMethod, quantize_weight
 
 IN, OUT = 256, 128
 
@@ -34,7 +35,7 @@ def _layer(monkeypatch, cls, rank: int, size: int, weight: torch.Tensor, mode: s
     return layer.to("cpu")  # bitsandbytes quantises here
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4", "fp4"])
+@pytest.mark.parametrize("mode", ["int8", "nf4", "fp4", "w8a8"])
 def test_column_parallel_shards_quantise_to_exactly_the_whole_layers_rows(
     monkeypatch, weight_and_input, mode
 ):
@@ -48,7 +49,9 @@ def test_column_parallel_shards_quantise_to_exactly_the_whole_layers_rows(
         torch.testing.assert_close(gathered, whole(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("mode", "max_relative_error"), [("int8", 0.02), ("nf4", 0.15), ("fp4", 0.2)])
+@pytest.mark.parametrize(
+    ("mode", "max_relative_error"), [("int8", 0.02), ("nf4", 0.15), ("fp4", 0.2), ("w8a8", 0.03)]
+)
 def test_row_parallel_partial_products_of_quantised_shards_sum_to_the_float_product(
     monkeypatch, weight_and_input, mode, max_relative_error
 ):
@@ -74,3 +77,30 @@ def test_prequantised_checkpoint_is_refused_on_more_than_one_rank(monkeypatch):
     method = BnbPrequantizedLinearMethod("nf4", 6.0, torch.float32)
     with pytest.raises(ValueError, match="cannot be split across tensor-parallel ranks"):
         method.create_weights(layer)
+
+
+@pytest.mark.parametrize("cls", [ColumnParallelLinear, RowParallelLinear])
+def test_compressed_tensors_int8_weights_and_scales_load_as_each_ranks_shard(
+    monkeypatch, weight_and_input, cls
+):
+    # a W8A8 checkpoint's codes [N, K] and scales [N, 1]: column-parallel ranks take their rows of
+    # both, row-parallel ranks their columns of the codes and every row's scale
+    weight, _ = weight_and_input
+    w_q, w_scale = quantize_weight(weight)
+    layers = []
+    for rank in range(2):
+        monkeypatch.setattr(linear_module, "get_tp_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(linear_module, "get_tp_size", lambda: 2)
+        layer = cls(IN, OUT)
+        layer.quant_method = W8A8LinearMethod(prequantized=True)
+        layer.quant_method.create_weights(layer)
+        layer.weight.weight_loader(layer.weight, w_q)
+        layer.weight_scale.weight_loader(layer.weight_scale, w_scale[:, None])
+        layer.quant_method.process_weights_after_loading(layer)
+        layers.append(layer)
+    if cls is ColumnParallelLinear:
+        assert torch.equal(torch.cat([s.weight_int8 for s in layers]), w_q)
+        assert torch.equal(torch.cat([s.weight_scale for s in layers]), w_scale)
+    else:
+        assert torch.equal(torch.cat([s.weight_int8 for s in layers], dim=1), w_q)
+        assert all(torch.equal(s.weight_scale, w_scale) for s in layers)
