@@ -24,7 +24,15 @@ if TYPE_CHECKING:
 BROKER_DOWN_S = 5.0
 INSTANCE_DOWN_S = 3.0
 SESSION_TIMEOUT_S = 10.0  # aiokafka's default, which the service keeps
-ZOMBIE_EVIDENCE = ("fenced", "commit of", "transaction failed", "partitions revoked", "partitions assigned")
+ZOMBIE_EVIDENCE = (
+    "fenced",
+    "commit of",
+    "transaction failed",
+    "partitions revoked",
+    "aborting",
+    "dropped",
+    "partitions assigned",
+)
 
 
 async def kill_and_restart(r: _Run, index: int, after_takeover: bool = False) -> None:
@@ -61,9 +69,15 @@ async def zombie(r: _Run, index: int) -> None:
             break
         await r.reader.poll(200)
     waited = loop.time() - stopped
+    assigned = _assignments(instance)
     r.zombie_log_at = (instance, len(instance.log_text()))
     instance.resume()
     r.note(f"{instance.name} resumed (SIGCONT) after {waited:.0f} s stopped; the others held its partitions")
+    # its wake-up alone, before the next step: it finds itself out of the group and rejoins
+    while _assignments(instance) == assigned and loop.time() - stopped < waited + 60:
+        await r.reader.poll(200)
+    rejoined = _assignments(instance) > assigned
+    r.note(f"{instance.name} " + ("rejoined the group" if rejoined else "did not rejoin within 60 s"))
 
 
 def zombie_evidence(instance: Instance, log_at: int) -> list[str]:
