@@ -1,17 +1,11 @@
-"""The moving parts of a chaos run: a broker of its own it may kill, `python -m service`
-instances it kill -9s and restarts, and a read_committed reader of the results.
-
-The broker is `deploy/kafka/kafka.sh` on ports of its own with its data in a temporary folder; its
-jars come from `kafka.sh fetch` (Maven Central, once, into build/kafka as for `make test`) and
-are linked, not copied, into that folder.
-"""
+"""The moving parts of a chaos run besides its brokers (loadtest/chaos_brokers.py): `python -m
+service` instances it kill -9s, stops and restarts, and a read_committed reader of the results."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -25,44 +19,6 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 REPO = Path(__file__).resolve().parent.parent
-KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
-
-
-class ChaosBroker:
-    """A single-node broker on `port` (controller on port + 1), data under `home`: never the shared one."""
-
-    def __init__(self, home: Path, port: int) -> None:
-        self.home, self.port = home, port
-        self.bootstrap = f"127.0.0.1:{port}"
-        self._env = {
-            **os.environ,
-            "SLUICE_BUILD_DIR": str(home),
-            "KAFKA_PORT": str(port),
-            "KAFKA_CONTROLLER_PORT": str(port + 1),
-            "KAFKA_HEAP": "384m",
-        }
-
-    def start(self) -> None:
-        subprocess.run([str(KAFKA_SH), "fetch"], check=True)  # into build/kafka, once
-        (self.home / "kafka").mkdir(parents=True, exist_ok=True)
-        for libs in (REPO / "build" / "kafka").glob("libs-*"):
-            link = self.home / "kafka" / libs.name
-            if not link.exists():
-                link.symlink_to(libs.resolve())
-        self._run("start")
-
-    def hard_kill(self) -> None:
-        """kill -9: no clean shutdown, the log is recovered at the next start."""
-        pid = int((self.home / "kafka" / f"broker-{self.port}.pid").read_text())
-        os.kill(pid, signal.SIGKILL)
-        while Path(f"/proc/{pid}").exists():
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self._run("stop")
-
-    def _run(self, command: str) -> None:
-        subprocess.run([str(KAFKA_SH), command], env=self._env, check=True)
 
 
 @dataclass
@@ -90,6 +46,13 @@ class Instance:
     @property
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def pause(self) -> None:
+        """SIGSTOP: the process stands still (no heartbeat, no commit) until resume()."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """kill -9: no drain, no commit."""
@@ -145,6 +108,7 @@ class ResultsReader:
         self.counts: Counter[str] = Counter()
         self.where: dict[str, list[tuple[int, int]]] = {}  # custom_id -> (partition, offset) of each copy
         self.errors: Counter[str] = Counter()  # error code -> error results
+        self.error_codes: dict[str, str] = {}  # custom_id -> error code of its (last) error result
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -177,13 +141,14 @@ class ResultsReader:
                 last = time.monotonic()
 
     def _count(self, record) -> None:
-        key = record.key.decode()
+        key = (record.key or b"").decode(errors="replace")
         self.counts[key] += 1
         self.where.setdefault(key, []).append((record.partition, record.offset))
         with contextlib.suppress(ValueError, AttributeError):
             error = json.loads(record.value).get("error")
             if error:
                 self.errors[error.get("code", "?")] += 1
+                self.error_codes[key] = error.get("code", "?")
 
 
 def _free_port() -> int:

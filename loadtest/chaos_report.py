@@ -14,12 +14,15 @@ class Settings:
     delivery: str
     jobs: int = 3000
     scenario: str = "full"  # "full" or "short"
-    bootstrap: str | None = None  # a broker to use (never killed); None: the run's own
+    bootstrap: str | None = None  # a cluster to use (never killed); None: the run's own
+    brokers: int = 3  # KRaft nodes of the run's own cluster
+    broker_port: int = 39092  # its first node's; the others two ports up each (controllers one above)
+    hostile: bool = True  # hostile records (loadtest/chaos_hostile.py) among the jobs
     partitions: int = 4
     max_tokens: int = 64  # per job: with max_in_flight, what keeps the flow going while things break
     max_in_flight: int = 64  # per instance
     commit_interval_ms: int = 200
-    timeout_s: float = 1200
+    timeout_s: float = 840
     post_rate: float | None = None  # jobs/s posted while things break; None: all at once (a backlog)
 
     @classmethod
@@ -27,7 +30,7 @@ class Settings:
         """`make test`'s: a few hundred jobs posted over 30 s, faster than one instance answers them,
         so that partitions move with jobs in flight and more waiting, however fast the machine."""
         return cls(
-            delivery, 250, "short", bootstrap, max_tokens=128, max_in_flight=16, timeout_s=240, post_rate=8
+            delivery, 250, "short", bootstrap, 1, max_tokens=128, max_in_flight=16, timeout_s=240, post_rate=8
         )
 
 
@@ -38,7 +41,15 @@ class Report:
     lost: int = 0
     duplicated: int = 0  # custom_ids read more than once
     extra_copies: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # error code -> error results of the ordinary jobs
+    hostile_posted: int = 0
+    hostile_answered: int = 0  # hostile records with a dead letter (read_committed)
+    hostile_repeated: int = 0  # of them, dead-lettered more than once
+    hostile_error_results: int = 0  # result lines whose custom_id is no ordinary job's
+    hostile_codes: dict[str, str] = field(default_factory=dict)  # what it was -> its dead letter's error code
+    other_dead_letters: int = 0  # dead letters of ordinary jobs
+    commits_back: list[tuple[float, int, int, int]] = field(default_factory=list)  # (t, partition, from, to)
+    zombie: list[str] = field(default_factory=list)  # the resumed instance's log about its partitions
     seconds: float = 0.0
     events: list[tuple[float, str]] = field(default_factory=list)
     memory: list[tuple[float, int, dict[str, float]]] = field(default_factory=list)  # (t, answered, MB)
@@ -52,18 +63,29 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        once = self.settings.delivery != "exactly_once" or self.duplicated == 0
-        return self.lost == 0 and once and not self.errors
+        once = self.settings.delivery != "exactly_once" or self.duplicated == self.hostile_repeated == 0
+        hostile_answered = self.hostile_answered == self.hostile_posted
+        return self.lost == 0 and once and not self.errors and hostile_answered and not self.commits_back
 
     def summary(self) -> str:
         s = self.settings
         lines = [
             f"{s.delivery}: {s.jobs} jobs, {s.scenario} scenario, {self.seconds:.0f} s: answered {self.answered},"
             f" lost {self.lost}, duplicated {self.duplicated} ({self.extra_copies} extra copies),"
-            f" error results {sum(self.errors.values())} -> {'PASS' if self.ok else 'FAIL'}"
+            f" error results {sum(self.errors.values())}, hostile answered {self.hostile_answered} of"
+            f" {self.hostile_posted} ({self.hostile_repeated} more than once; {self.hostile_error_results}"
+            f" error results), committed offsets moved back"
+            f" {len(self.commits_back)} times -> {'PASS' if self.ok else 'FAIL'}"
         ]
         lines += [f"  {t:6.1f}s  {what}" for t, what in self.events]
         lines += [f"  duplicate {k}: (partition, offset) {v}" for k, v in list(self.examples.items())[:5]]
+        lines += [f"  hostile: {what} -> {code}" for what, code in self.hostile_codes.items()]
+        if self.other_dead_letters:
+            lines.append(f"  dead letters of ordinary jobs: {self.other_dead_letters}")
+        lines += [
+            f"  {t:6.1f}s partition {p}: committed offset {a} -> {b}" for t, p, a, b in self.commits_back
+        ]
+        lines += [f"  zombie: {line}" for line in self.zombie[:12]]
         lines += [
             f"  {name}: {n} partitions revoked and handed straight back, {aborted} jobs in flight aborted"
             for name, n, aborted in self.handbacks

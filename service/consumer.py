@@ -99,6 +99,10 @@ class JobConsumer:
         self._batch_failures: dict[TopicPartition, tuple[int, int]] = {}
         self._lifecycle = asyncio.Lock()  # rebalances and restarts, one at a time
         self._held: set[TopicPartition] = set()  # assigned, paused until started (exactly-once)
+        # Assigned by the group's latest rebalance and not revoked since. Between a revoke and
+        # the next assignment aiokafka still reports the old assignment and its positions; what
+        # it returns then belongs to the old owner, and must not start a partition's tracking.
+        self._assigned: set[TopicPartition] = set()
         self._is_paused = False  # backpressure's pause(): resume() ends it
         self._sink: OffsetSink = sink or _ConsumerCommits(self._consumer)
         # Called with the revoked partitions before their final commit: the owner of in-flight
@@ -144,6 +148,8 @@ class JobConsumer:
         self._fetch_failures = 0
         out = []
         for tp, records in batches.items():
+            if tp not in self._assigned:
+                continue  # revoked, not (yet) assigned again: its next assignment reads it again
             if self._sink.refetch_committed and self._tracker.generation(tp) is None:
                 continue  # not started: it is consumed from its committed offset once it is
             for r in records:
@@ -160,7 +166,9 @@ class JobConsumer:
         """Count what the consumer stepped over without a record (a trailing transaction marker,
         an aborted transaction) as done: the watermark, hence the commit, may reach the
         partition's end. Partitions not started (exactly-once) are left alone."""
-        for tp in self._consumer.assignment() - self._held:
+        # not a partition revoked and not assigned again: its position is the old assignment's,
+        # and skip_to() would start its next assignment past the jobs its committed offset redoes
+        for tp in (self._consumer.assignment() & self._assigned) - self._held:
             generation = self._tracker.generation(tp)
             if self._sink.refetch_committed and generation is None:
                 continue
@@ -262,6 +270,7 @@ class JobConsumer:
                 log.exception("committing offsets failed; retrying in %.1fs", self._commit_interval)
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._assigned -= revoked  # now, before any await: fetch() tracks none of them from here
         async with self._lifecycle:
             if self.on_revoke is not None:
                 await self.on_revoke(revoked)
@@ -273,6 +282,7 @@ class JobConsumer:
             await self._sink.revoked(revoked)
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._assigned |= assigned
         if self._sink.refetch_committed:
             self._hold(assigned)  # now, before any await: not a record until they are started
             async with self._lifecycle:

@@ -12,6 +12,13 @@
 # KAFKA_CONTROLLER_PORT (19093), SLUICE_BUILD_DIR (<repo>/build), KAFKA_HEAP (512m),
 # KAFKA_START_TIMEOUT (60 seconds).
 #
+# One node of a cluster (loadtest/chaos_brokers.py starts three): KAFKA_NODE_ID (1),
+# KAFKA_QUORUM_VOTERS (id@host:controller-port,...; default: this node alone), KAFKA_CLUSTER_ID
+# (the same for every node; default: a new one when the storage is formatted), KAFKA_REPLICATION
+# (replicas of the internal topics and of auto-created ones; 1) and KAFKA_MIN_ISR
+# (min.insync.replicas, of the transaction log too; 1). Every node of a cluster is started at
+# once: a node waits for a quorum of controllers before it says it has started.
+#
 # KAFKA_SECURITY picks the client listener: plaintext (default), sasl_plaintext, sasl_ssl or ssl.
 # With SASL the broker accepts PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 for one user,
 # KAFKA_SASL_USERNAME (sluice) / KAFKA_SASL_PASSWORD (sluice-secret); SCRAM users are written when
@@ -30,6 +37,11 @@ controller_port=${KAFKA_CONTROLLER_PORT:-19093}
 heap=${KAFKA_HEAP:-512m}
 timeout=${KAFKA_START_TIMEOUT:-60}
 security=${KAFKA_SECURITY:-plaintext}
+node_id=${KAFKA_NODE_ID:-1}
+voters=${KAFKA_QUORUM_VOTERS:-$node_id@127.0.0.1:$controller_port}
+cluster_id=${KAFKA_CLUSTER_ID:-}
+replication=${KAFKA_REPLICATION:-1}
+min_isr=${KAFKA_MIN_ISR:-1}
 sasl_user=${KAFKA_SASL_USERNAME:-sluice}
 sasl_password=${KAFKA_SASL_PASSWORD:-sluice-secret}
 case "$security" in
@@ -85,7 +97,8 @@ write_config() {
   local -a subst=(-e "s|@PORT@|$port|g" -e "s|@CONTROLLER_PORT@|$controller_port|g" -e "s|@DATA_DIR@|$data|g"
     -e "s|@LISTENER@|$listener|g" -e "s|@LISTENER_LC@|$security|g" -e "s|@USER@|$sasl_user|g"
     -e "s|@PASSWORD@|$sasl_password|g" -e "s|@BROKER_PASSWORD@|broker-$port|g"
-    -e "s|@TLS_DIR@|$tls|g" -e "s|@STORE_PASSWORD@|sluice-$port|g")
+    -e "s|@TLS_DIR@|$tls|g" -e "s|@STORE_PASSWORD@|sluice-$port|g" -e "s|@NODE_ID@|$node_id|g"
+    -e "s|@VOTERS@|$voters|g" -e "s|@REPLICATION@|$replication|g" -e "s|@MIN_ISR@|$min_isr|g")
   sed "${subst[@]}" "$here/server.properties.in" >"$props"
   case "$security" in sasl_*) sed "${subst[@]}" "$here/sasl.properties.in" >>"$props" ;; esac
   case "$security" in *ssl) make_certificate; sed "${subst[@]}" "$here/tls.properties.in" >>"$props" ;; esac
@@ -115,8 +128,7 @@ kafka_java() {
 
 format_storage() {
   [ -f "$data/meta.properties" ] && return 0
-  local cluster_id
-  cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid)
+  [ -n "$cluster_id" ] || cluster_id=$(kafka_java kafka.tools.StorageTool random-uuid)
   local -a scram=()
   if [[ "$security" == sasl_* ]]; then
     for mechanism in SCRAM-SHA-256 SCRAM-SHA-512; do

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaProducer
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy, _DefaultRecordBatchPy
 from aiokafka.record.util import calc_crc32c, encode_varint
+from aiokafka.structs import RecordMetadata
 
 
 class RawKey(str):
@@ -41,9 +42,9 @@ class RawRecord:
 
 async def post_raw(
     bootstrap: str, topic: str, partition: int, records: list[RawRecord], compression: int = 0
-) -> None:
+) -> RecordMetadata:
     """`records` as one batch in `topic`'s `partition`; `compression`: 0 none, 1 gzip, 2 snappy,
-    3 lz4, 4 zstd."""
+    3 lz4, 4 zstd. Returns where the broker put it (its first record's offset)."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await producer.start()
     try:
@@ -61,7 +62,7 @@ async def post_raw(
             headers = [(RawKey(k), v) for k, v in r.headers]
             assert batch.append(timestamp=r.timestamp_ms, key=r.key, value=r.value, headers=headers)
         batch.close()
-        await (await producer.send_batch(batch, topic, partition=partition))
+        return await (await producer.send_batch(batch, topic, partition=partition))
     finally:
         await producer.stop()
 
@@ -107,8 +108,8 @@ class _BuiltBatch:
         return len(self._data)
 
 
-async def post_batch(bootstrap: str, topic: str, partition: int, data: bytes) -> None:
-    """A batch built byte by byte (gzip_bomb()), sent as it is."""
+async def post_batch(bootstrap: str, topic: str, partition: int, data: bytes) -> RecordMetadata:
+    """A batch built byte by byte (gzip_bomb()), sent as it is; returns where the broker put it."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=len(data) + 4096)
     await producer.start()
     try:
@@ -116,6 +117,6 @@ async def post_batch(bootstrap: str, topic: str, partition: int, data: bytes) ->
         batch._builder = _BuiltBatch(data)
         batch._relative_offset = 1  # its record count: aiokafka drops a batch it counts empty
         batch.close()
-        await (await producer.send_batch(batch, topic, partition=partition))
+        return await (await producer.send_batch(batch, topic, partition=partition))
     finally:
         await producer.stop()
