@@ -1,16 +1,17 @@
 """A step's LoRA plan: how its adapter tokens meet the slot weights, chosen once per step.
 
-Two shapes, both a few matmuls per layer whatever the number of requests (the SGMV/BGMV idea):
+The step's adapter tokens fall into runs of consecutive tokens of one adapter (a prefill chunk
+is one run, a decode token another). Two shapes apply them, each a few matmuls per layer
+whatever the number of requests (the SGMV/BGMV idea), and a step may use both:
 
-- `LoRARuns`: the step's adapter tokens as runs of consecutive tokens of one adapter (a prefill
-  chunk is one run). Per run and layer one shrink, `x[run] @ A^T`, and one expand per fused
-  projection added straight into its rows and columns of the output (`addmm_`): nothing is
-  gathered, scattered or padded. Chosen when there are at most as many runs as slots in use,
-  or when padding would waste more than it saves.
-- `LoRAPadded`: many short runs (a decode step interleaving adapters): the tokens gathered
-  into one batch per slot, padded to the longest, `[slots, P, in]`; one batched shrink and one
-  batched expand per fused projection for all adapters, then each token's row picked back and
-  added (`index_add_` where base-model tokens are among them).
+- `LoRARuns`: long runs (MIN_RUN_TOKENS and more). Per run and layer one shrink,
+  `x[run] @ A^T`, and one expand per fused projection added straight into its rows and columns
+  of the output (`addmm_`): nothing is gathered, scattered or padded.
+- `LoRAPadded`: many short runs (decodes interleaving adapters): their tokens gathered into one
+  batch per slot, padded to the longest, `[slots, P, in]`; one batched shrink and one batched
+  expand per fused projection for all adapters, then each token's row picked back and added
+  (`index_add_` where other tokens are among the step's). Short runs that are no more than the
+  slots they use, or would be padded to more than MAX_PADDING rows per token, run as runs.
 
 Slot weights (engine.lora.slots._LayerSlots): A `[max_loras, S * max_rank, in]`, the S fused
 projections' A's stacked; B per projection `[max_loras, rows, max_rank]`, the adapter's scaling
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from engine.lora.slots import _LayerSlots
 
 MAX_PADDING = 2.0  # a padded batch may hold at most this many rows per adapter token
+MIN_RUN_TOKENS = 16  # a run this long applies in place; shorter ones (decodes) may be padded
 
 
 @dataclass(slots=True)
@@ -74,7 +76,19 @@ class LoRAPadded:
         return output.index_add_(0, self.rows, delta)
 
 
-LoRAMapping = LoRARuns | LoRAPadded
+@dataclass(slots=True)
+class LoRAMapping:
+    """A step's plan: its long runs (prefill chunks) in place, its short ones (decodes) padded."""
+
+    runs: LoRARuns | None
+    padded: LoRAPadded | None
+
+    def apply(self, layer: _LayerSlots, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if self.runs is not None:
+            output = self.runs.apply(layer, x, output)
+        if self.padded is not None:
+            output = self.padded.apply(layer, x, output)
+        return output
 
 
 def plan_step(slots: list[int], query_lens: list[int], device: torch.device) -> LoRAMapping | None:
@@ -91,6 +105,17 @@ def plan_step(slots: list[int], query_lens: list[int], device: torch.device) -> 
         start += num_tokens
     if not runs:
         return None
+    long_runs = [run for run in runs if run[2] - run[1] >= MIN_RUN_TOKENS]
+    short_runs = [run for run in runs if run[2] - run[1] < MIN_RUN_TOKENS]
+    padded = _padded(short_runs, start, device) if short_runs else None
+    if padded is None:  # few short runs, or too much padding: they run as runs too
+        long_runs = runs
+    return LoRAMapping(LoRARuns([tuple(run) for run in long_runs]) if long_runs else None, padded)
+
+
+def _padded(runs: list[list[int]], num_step_tokens: int, device: torch.device) -> LoRAPadded | None:
+    """`runs` as one padded batch per slot; None when they are no more runs than slots, or the
+    padding would exceed MAX_PADDING rows per token."""
     rows_of: dict[int, list[int]] = {}
     for slot, first, end in runs:
         rows_of.setdefault(slot, []).extend(range(first, end))
@@ -98,7 +123,7 @@ def plan_step(slots: list[int], query_lens: list[int], device: torch.device) -> 
     num_slots, width = last - first + 1, max(map(len, rows_of.values()))
     num_tokens = sum(map(len, rows_of.values()))
     if len(runs) <= len(rows_of) or num_slots * width > MAX_PADDING * num_tokens:
-        return LoRARuns([tuple(run) for run in runs])
+        return None
     gather = [0] * (num_slots * width)
     place_of: dict[int, int] = {}
     for slot, rows in rows_of.items():
@@ -107,7 +132,7 @@ def plan_step(slots: list[int], query_lens: list[int], device: torch.device) -> 
         place_of.update((row, base + i) for i, row in enumerate(rows))
     token_rows = sorted(place_of)
     picks = [place_of[row] for row in token_rows]
-    every_row = num_tokens == start
+    every_row = num_tokens == num_step_tokens
     return LoRAPadded(
         first,
         num_slots,

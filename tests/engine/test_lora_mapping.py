@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from engine.lora.mapping import LoRAPadded, LoRARuns, plan_step
+from engine.lora.mapping import LoRAMapping, LoRARuns, plan_step
 from engine.lora.slots import _LayerSlots
 
 IN, RANK, MAX_LORAS = 12, 4, 4
@@ -63,23 +63,29 @@ def _apply(layer, seq_slots: list[int], query_lens: list[int]):
 
 def test_a_decode_step_interleaving_adapters_is_one_padded_batch_per_slot(layer) -> None:
     plan = _apply(layer, [0, 1, 3, 0, 1, 3, 0, 1], [1] * 8)  # slot 2 unused: padding only
-    assert isinstance(plan, LoRAPadded) and (plan.first, plan.num_slots) == (0, 4)
-    assert plan.rows is None  # every token has an adapter: added in order, no scatter
+    assert plan.runs is None and (plan.padded.first, plan.padded.num_slots) == (0, 4)
+    assert plan.padded.rows is None  # every token has an adapter: added in order, no scatter
 
 
 def test_base_model_tokens_among_a_padded_batch_get_nothing_added(layer) -> None:
     plan = _apply(layer, [2, -1, 1, 2, -1, 1, 2, 1], [1] * 8)
-    assert isinstance(plan, LoRAPadded) and plan.rows.tolist() == [0, 2, 3, 5, 6, 7]
+    assert plan.runs is None and plan.padded.rows.tolist() == [0, 2, 3, 5, 6, 7]
 
 
 def test_prefill_chunks_are_runs_and_neighbours_of_one_adapter_merge(layer) -> None:
     plan = _apply(layer, [1, 1, -1, 3, 0], [5, 3, 4, 6, 2])
-    assert plan == LoRARuns([(1, 0, 8), (3, 12, 18), (0, 18, 20)])
+    assert plan == LoRAMapping(LoRARuns([(1, 0, 8), (3, 12, 18), (0, 18, 20)]), None)
 
 
-def test_a_long_chunk_among_decodes_runs_rather_than_pad_every_slot_to_its_length(layer) -> None:
+def test_a_long_chunk_among_decodes_runs_in_place_and_the_decodes_are_padded(layer) -> None:
     plan = _apply(layer, [0, 1, 2, 0, 1, 2, 3], [1, 1, 1, 1, 1, 1, 30])
-    assert isinstance(plan, LoRARuns) and len(plan.runs) == 7
+    assert plan.runs == LoRARuns([(3, 6, 36)])
+    assert plan.padded.rows.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_short_runs_that_would_be_padded_to_over_twice_their_tokens_run_as_runs(layer) -> None:
+    plan = _apply(layer, [0, 1, 0, 1, 2, 0, 1], [1, 1, 1, 1, 15, 1, 1])  # slot 2's 15 tokens: wide
+    assert plan.padded is None and len(plan.runs.runs) == 7
 
 
 def test_a_step_of_the_base_model_alone_has_no_plan() -> None:
