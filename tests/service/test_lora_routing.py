@@ -1,12 +1,16 @@
 """LoRA adapters in the service: a job's `model` names the base model or an adapter, and the
-result carries that name; `SLUICE_ENGINE_LORA_ADAPTERS` and `sluice batch --local --lora` set them."""
+result carries that name; `SLUICE_ENGINE_LORA_ADAPTERS` and `sluice batch --local --lora` set them.
+A batch file mixing three adapters and the base model gives each line its own adapter's output,
+through the broker and through `sluice batch --local`."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from pathlib import Path
 
+import msgspec
 import pytest
 
 from engine import EngineConfig, LLMEngine, SamplingParams
@@ -16,7 +20,7 @@ from service.batcher import DynamicBatcher
 from service.config import ConfigError, ServiceConfig, load_config
 from service.jobs import JobHandler
 from tests.engine.lora_adapters import build_adapter
-from tests.service.client.label_helpers import run_sluice
+from tests.service.client.label_helpers import run_sluice, sluice_env
 
 PROMPT = [1, 17, 42, 99, 7, 256, 31]
 MAX_TOKENS = 6
@@ -25,7 +29,12 @@ MAX_TOKENS = 6
 @pytest.fixture(scope="module")
 def adapters(tiny_checkpoint, tmp_path_factory) -> dict[str, str]:
     folders = {}
-    for seed, (name, targets) in enumerate({"formal": ["q_proj", "v_proj"], "casual": ["down_proj"]}.items()):
+    targets_of = {
+        "formal": ["q_proj", "v_proj"],
+        "casual": ["down_proj"],
+        "terse": ["k_proj", "o_proj", "gate_proj", "up_proj"],
+    }
+    for seed, (name, targets) in enumerate(targets_of.items()):
         folders[name] = str(tmp_path_factory.mktemp(name))
         build_adapter(tiny_checkpoint, folders[name], seed + 1, r=4, lora_alpha=8, target_modules=targets)
     return folders
@@ -123,34 +132,67 @@ def test_an_adapter_named_like_the_served_model_is_refused() -> None:
         load_config({"SLUICE_MODEL_NAME": "tiny", "SLUICE_ENGINE_LORA_ADAPTERS": "tiny=/x"})
 
 
+# a line per adapter and one for the base model: (custom_id, the line's `model`, its adapter)
+BATCH_LINES = [
+    ("f", "formal", "formal"),
+    ("c", "casual", "casual"),
+    ("t", "terse", "terse"),
+    ("b", "tiny", None),
+]
+
+
 @pytest.mark.slow
 async def test_sluice_batch_local_runs_each_line_with_the_adapter_its_model_names(
     tiny_checkpoint, adapters, reference_engine, tmp_path
 ) -> None:
-    batch = tmp_path / "batch.jsonl"
-    body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
-    models = {"f": "formal", "c": "casual", "b": "tiny"}
-    batch.write_text(
-        "".join(
-            json.dumps({"custom_id": cid, "url": "/v1/completions", "body": {**body, "model": m}}) + "\n"
-            for cid, m in models.items()
-        )
-    )
     env = {
+        **os.environ,
         "SLUICE_ENGINE_MODEL": str(tiny_checkpoint),
         "SLUICE_ENGINE_DTYPE": "float32",
         "SLUICE_MODEL_NAME": "tiny",
+        "OMP_NUM_THREADS": "1",
     }
-    env = {**os.environ, **env, "OMP_NUM_THREADS": "1"}
     lora = [arg for name, path in adapters.items() for arg in ("--lora", f"{name}={path}")]
-    out = tmp_path / "out.jsonl"
+    batch, out = _write_batch(tmp_path), tmp_path / "out.jsonl"
     done = await run_sluice("batch", str(batch), str(out), "--local", "--no-progress", *lora, env=env)
     assert done.returncode == 0, done.stderr
-    lines = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, out.read_text().splitlines())}
-    for cid, model in models.items():
-        assert lines[cid]["model"] == model
-        assert lines[cid]["choices"][0]["text"] == _engine_text(
-            reference_engine, None if model == "tiny" else model
-        )
+    _assert_each_line_from_its_own_adapter(out, reference_engine)
     refused = await run_sluice("batch", str(batch), str(out), "--lora", "a=/x", env=env)
     assert refused.returncode == 2 and "--lora needs --local" in refused.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.kafka
+async def test_sluice_batch_through_kafka_runs_each_line_with_the_adapter_its_model_names(
+    service_config, run_service, lora_engine, reference_engine, tmp_path
+) -> None:
+    # the service consumes the jobs topic on lora_engine; the expected texts come from reference_engine
+    config = msgspec.structs.replace(service_config, engine=lora_engine.config)
+    batch, out = _write_batch(tmp_path), tmp_path / "out.jsonl"
+    async with run_service(config, engine=lora_engine):
+        done = await run_sluice("batch", str(batch), str(out), "--no-progress", env=sluice_env(config))
+    assert done.returncode == 0, done.stderr
+    _assert_each_line_from_its_own_adapter(out, reference_engine)
+
+
+def _write_batch(folder: Path) -> Path:
+    batch = folder / "batch.jsonl"
+    body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+    batch.write_text(
+        "".join(
+            json.dumps({"custom_id": cid, "url": "/v1/completions", "body": {**body, "model": model}}) + "\n"
+            for cid, model, _ in BATCH_LINES
+        )
+    )
+    return batch
+
+
+def _assert_each_line_from_its_own_adapter(out: Path, reference_engine: LLMEngine) -> None:
+    """Each line's result names its `model` and has that adapter's greedy text (computed alone on
+    the reference engine); the four texts differ, so a line run with another adapter would show."""
+    lines = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(lines) == sorted(cid for cid, _, _ in BATCH_LINES)
+    for cid, model, adapter in BATCH_LINES:
+        assert lines[cid]["model"] == model
+        assert lines[cid]["choices"][0]["text"] == _engine_text(reference_engine, adapter), cid
+    assert len({body["choices"][0]["text"] for body in lines.values()}) == len(BATCH_LINES)
