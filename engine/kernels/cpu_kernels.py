@@ -150,9 +150,12 @@ def _build() -> str | None:
 
 def extension_name(isa: str) -> str:
     """The library's name, and its build folder's: the ISA, and a hash of the sources (two
-    checkouts of different code never share a build folder) and of torch's version (a library
-    found built is loaded as it is, _read_only_build)."""
-    sources = b"".join(path.read_bytes() for path in SOURCES + HEADERS) + torch.__version__.encode()
+    checkouts of different code never share a build folder), of where they are (torch's build
+    file names the sources by path: two checkouts of the same code sharing a folder each rebuilt
+    it for their own paths, and one waited on the other's build lock for minutes) and of torch's
+    version (a library found built is loaded as it is, _read_only_build)."""
+    sources = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    sources += str(CSRC.resolve()).encode() + torch.__version__.encode()
     return f"sluice_cpu_{isa}_{hashlib.sha256(sources).hexdigest()[:12]}"
 
 
