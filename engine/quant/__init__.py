@@ -1,5 +1,7 @@
-"""Model compression at load time: bitsandbytes int8/NF4/FP4, FP8 on CUDA, W8A8 int8 on CPU (also from
-compressed-tensors checkpoints), 2:4 sparsity, FP8 KV cache.
+"""Model compression at load time, and the quantised layers' kernels.
+
+Bitsandbytes int8/NF4/FP4, FP8 on CUDA, W8A8 int8 on CPU (also from compressed-tensors
+checkpoints), 2:4 sparsity, FP8 KV cache.
 
 Each linear layer delegates its matmul to a per-layer `quant_method` (engine.quant.base);
 `engine.quant.plan` chooses and applies them around weight loading; `engine.quant.kv_cache`
