@@ -214,6 +214,7 @@ def _example(name: str) -> tuple[object, str]:
 SPECIAL_VALUES: dict[str, tuple[object, str]] = {
     "model": ("/models/llama", "/models/llama"),
     "dtype": ("bfloat16", "bfloat16"),
+    "async_scheduling": (True, "true"),  # None (the default) lets the device decide
     "device": ("cuda:1", "cuda:1"),
     "max_model_len": (1024, "1024"),
     "block_size": (32, "32"),
