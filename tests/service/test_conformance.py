@@ -344,7 +344,9 @@ async def _reference_bodies(tiny_engine) -> dict[str, dict]:
     engine = AsyncLLMEngine(tiny_engine)
     engine.start()
     handler = JobHandler(
-        ServiceConfig(model_name="tiny", default_max_tokens=8),
+        ServiceConfig(
+            model_name="tiny", default_max_tokens=8, limits=JobLimits(allow_job_chat_template=True)
+        ),
         DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1),
         tiny_engine,
     )
