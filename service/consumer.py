@@ -103,6 +103,9 @@ class JobConsumer:
         # the next assignment aiokafka still reports the old assignment and its positions; what
         # it returns then belongs to the old owner, and must not start a partition's tracking.
         self._assigned: set[TopicPartition] = set()
+        # Counts rebalance callbacks (revokes and assignments): a position read across an await
+        # is the assignment's that held when it was read, and is used only if none came between.
+        self._rebalances = 0
         self._is_paused = False  # backpressure's pause(): resume() ends it
         self._sink: OffsetSink = sink or _ConsumerCommits(self._consumer)
         # Called with the revoked partitions before their final commit: the owner of in-flight
@@ -172,12 +175,19 @@ class JobConsumer:
             generation = self._tracker.generation(tp)
             if self._sink.refetch_committed and generation is None:
                 continue
+            rebalances = self._rebalances
             try:
-                # immediate when the position is known; unknown (an offset reset under way): next time
+                # immediate when the position is known; unknown (an offset reset under way): next time.
+                # wait_for runs it as a task (Python 3.11): a rebalance may start and end meanwhile.
                 position = await asyncio.wait_for(self._consumer.position(tp), POSITION_WAIT_S)
             except (KafkaError, TimeoutError):
                 continue
-            # restarted, revoked or held meanwhile: the position may be the old assignment's
+            if self._rebalances != rebalances:
+                # The position may be the revoked assignment's, past the jobs its revoke aborted.
+                # A partition without tracking (generation None before and after) would start its
+                # next assignment there and take the re-read jobs for consumed: lost, not redone.
+                return
+            # restarted or held meanwhile: the position may be the old assignment's
             if tp not in self._held and self._tracker.generation(tp) == generation:
                 self._tracker.skip_to(tp, position)
 
@@ -271,6 +281,7 @@ class JobConsumer:
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         self._assigned -= revoked  # now, before any await: fetch() tracks none of them from here
+        self._rebalances += 1
         async with self._lifecycle:
             if self.on_revoke is not None:
                 await self.on_revoke(revoked)
@@ -283,6 +294,7 @@ class JobConsumer:
 
     async def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._assigned |= assigned
+        self._rebalances += 1
         if self._sink.refetch_committed:
             self._hold(assigned)  # now, before any await: not a record until they are started
             async with self._lifecycle:
