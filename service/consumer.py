@@ -33,11 +33,15 @@ from service.kafka_security import KafkaClientOptions
 from service.lenient_records import DEFAULT_MAX_BATCH_BYTES, UndecodableBatch, undecodable_batch
 from service.offsets import OffsetTracker
 from service.shutdown import bounded
+from service.stable_offsets import committed_stable
 
 log = logging.getLogger(__name__)
 
 UNDECODABLE_BATCH_ATTEMPTS = 3  # reads of a batch that fails to decode before it is dead-lettered
 POSITION_WAIT_S = 0.05  # how long a fetch waits for a partition's position that is being reset
+# How long a start waits for the committed offsets (a pending transactional commit settles well
+# within it); past it the partitions stay held and the commit loop starts them again.
+COMMITTED_READ_TIMEOUT_S = 30.0
 
 
 class OffsetSink(Protocol):
@@ -90,6 +94,7 @@ class JobConsumer:
             isolation_level="read_committed",  # jobs from aborted producer transactions never run
         )
         self._topics = topics
+        self._group_id = group_id
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._commit_interval = commit_interval_ms / 1000
         self._commit_task: asyncio.Task | None = None
@@ -319,11 +324,11 @@ class JobConsumer:
         from its committed offset, read now. Those that fail stay held; the commit loop retries."""
         self._hold(partitions)
         committed = {}
-        for tp in await self._sink.assigned(partitions):
+        if started := await self._sink.assigned(partitions):
             try:
-                committed[tp] = await self._read_committed(tp)
+                committed = await self._read_committed(started)
             except KafkaError as e:
-                log.warning("%s: reading its committed offset failed (%s); retrying", _describe([tp]), e)
+                log.warning("%s: reading the committed offsets failed (%s); retrying", _describe(started), e)
         offsets = self._sink.starts_at({tp: o for tp, o in committed.items() if tp in self.assignment})
         for tp, offset in offsets.items():
             self._consumer.seek(tp, offset)
@@ -338,11 +343,16 @@ class JobConsumer:
         self._held |= partitions
         self._consumer.pause(*partitions)
 
-    async def _read_committed(self, tp: TopicPartition) -> int:
-        offset = await self._consumer.committed(tp)
-        if offset is None:  # nothing committed yet: auto_offset_reset="earliest"
-            offset = (await self._consumer.beginning_offsets([tp]))[tp]
-        return offset
+    async def _read_committed(self, partitions: set[TopicPartition]) -> dict[TopicPartition, int]:
+        """Where each partition's committed offset says to go on, read stable: never from before a
+        transaction of the previous owner whose commit is still settling (service/stable_offsets.py)."""
+        committed = await committed_stable(
+            self._consumer, self._group_id, sorted(partitions), COMMITTED_READ_TIMEOUT_S
+        )
+        if never := [tp for tp, offset in committed.items() if offset is None]:
+            # nothing committed yet: auto_offset_reset="earliest"
+            committed.update(await self._consumer.beginning_offsets(never))
+        return committed
 
 
 class _ConsumerCommits:
