@@ -3,8 +3,8 @@ chat job it means (the same prompt, the same greedy answer) and comes back as Op
 object, every body validated strictly against `openai.types.responses.Response`; output items
 (message, function_call, reasoning), `status` incomplete at max_output_tokens, logprobs under
 `include`, structured text formats, function tools and multi-turn tool use, `reasoning.effort`
-through the chat template, the request's settings echoed, and refusals by name. (Through Kafka and
-`sluice batch`: tests/service/test_conformance.py; refused fields: test_field_policy.py.)"""
+through the chat template, and the request's settings echoed. (Refusals by name:
+test_responses_refusals.py; through Kafka and `sluice batch`: tests/service/test_conformance.py.)"""
 
 from __future__ import annotations
 
@@ -16,26 +16,15 @@ import msgspec
 import pytest
 
 from engine import EngineConfig, LLMEngine, RequestMetrics, RequestOutput
-from engine.async_engine import AsyncLLMEngine
 from schemas.codec import decode_job, decode_result, encode_result
 from schemas.responses_api import ResponseBody
-from service.batcher import DynamicBatcher
 from service.config import ServiceConfig
-from service.jobs import JobHandler
 from service.responses_api import to_chat_job
 from service.responses_output import to_response_line
 from service.translate import to_engine_request, to_result_line
 from tests.service.openai_types import check_body
+from tests.service.responses_jobs import CHAT, OK, RESPONSES, TOOL, running
 
-RESPONSES = "/v1/responses"
-CHAT = "/v1/chat/completions"
-OK = {
-    "type": "object",
-    "properties": {"ok": {"type": "boolean"}},
-    "required": ["ok"],
-    "additionalProperties": False,
-}
-TOOL = {"type": "function", "name": "f", "description": "says whether it is ok", "parameters": OK}
 # a chat template that reads a reasoning effort (as GPT-OSS's does) and renders tool turns
 EFFORT_TEMPLATE = (
     "{{ bos_token }}Reasoning: {{ reasoning_effort | default('medium') }}\n"
@@ -45,32 +34,6 @@ EFFORT_TEMPLATE = (
 )
 ANALYSIS = "<|channel|>analysis<|message|>The user greets me.<|end|>"
 FINAL = "<|start|>assistant<|channel|>final<|message|>Hello!"
-
-
-def _handler(tiny_engine, engine: AsyncLLMEngine) -> JobHandler:
-    config = ServiceConfig(model_name="tiny", default_max_tokens=8)
-    return JobHandler(config, DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), tiny_engine)
-
-
-def _runner(handler: JobHandler):
-    async def run(body: dict, url: str = RESPONSES) -> dict:
-        """The job's response (status and body as JSON); a 200 Response is checked against OpenAI's type."""
-        job = {"custom_id": "r", "url": url, "body": body}
-        outcome = await handler.handle(json.dumps(job).encode(), [], int(time.time() * 1000), "jobs/0/1")
-        response = msgspec.to_builtins(outcome.result.response)
-        if response["status_code"] == 200:
-            check_body(url, response["body"])
-        return response
-
-    return run
-
-
-@pytest.fixture
-async def handle(tiny_engine):
-    engine = AsyncLLMEngine(tiny_engine)
-    engine.start()
-    yield _runner(_handler(tiny_engine, engine))
-    await engine.stop()
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +48,15 @@ def effort_engine(tiny_checkpoint, tmp_path_factory) -> LLMEngine:
 
 
 @pytest.fixture
+async def handle(tiny_engine):
+    async with running(tiny_engine) as run:
+        yield run
+
+
+@pytest.fixture
 async def effort_handle(effort_engine):
-    engine = AsyncLLMEngine(effort_engine)
-    engine.start()
-    yield _runner(_handler(effort_engine, engine))
-    await engine.stop()
+    async with running(effort_engine) as run:
+        yield run
 
 
 def _items(body: dict, kind: str) -> list[dict]:
@@ -458,180 +425,17 @@ def test_a_response_result_round_trips_through_the_result_codec() -> None:
     assert isinstance(decoded.response.body, ResponseBody) and decoded == result
 
 
-# --- refusals by name ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("body", "param"),
-    [
-        ({"tools": [{"type": "web_search"}]}, "tools[0]"),
-        ({"tools": [TOOL, {"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools[1]"),
-        ({"tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}, "tools[0]"),
-        ({"tools": [{**TOOL, "strict": True}]}, "tools[0].strict"),
-        ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
-        ({"tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}, "tool_choice"),
-        (
-            {
-                "input": [
-                    {"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}
-                ]
-            },
-            "input[0].content[0]",
-        ),
-        (
-            {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]},
-            "input[0].content[0]",
-        ),
-        ({"input": [{"type": "reasoning", "id": "rs_1", "summary": []}]}, "input[0]"),
-        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
-        ({"include": ["reasoning.encrypted_content"]}, "include"),
-        ({"include": ["file_search_call.results"]}, "include"),
-        ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
-        ({"text": {"verbosity": "low"}}, "text.verbosity"),
-    ],
-    ids=[
-        "web_search",
-        "file_search",
-        "code_interpreter",
-        "strict-under-auto",
-        "hosted-tool-choice",
-        "allowed-tools",
-        "image-input",
-        "file-input",
-        "reasoning-item",
-        "item-reference",
-        "encrypted-reasoning",
-        "search-results",
-        "reasoning-summary",
-        "verbosity",
-    ],
-)
-async def test_refused_parts_of_honoured_fields_are_named_by_their_path(handle, body, param) -> None:
-    response = await handle({"input": "Hi", **body})
-    error = response["body"]["error"]
-    assert (response["status_code"], error["code"], error["param"]) == (400, "unsupported_parameter", param)
-
-
-@pytest.mark.parametrize(
-    ("body", "param"),
-    [
-        ({"input": "Hi", "frobnicate": 1}, "frobnicate"),
-        ({"input": [{"role": "user", "content": "Hi", "mood": "calm"}]}, "input[0].mood"),
-        ({"input": "Hi", "tools": [{**TOOL, "colour": "red"}]}, "tools[0].colour"),
-    ],
-)
-async def test_an_unknown_field_is_refused_by_name(handle, body, param) -> None:
-    response = await handle(body)
-    assert (response["status_code"], response["body"]["error"]["param"]) == (400, param)
-    assert response["body"]["error"]["code"] == "unsupported_parameter"
-
-
-@pytest.mark.parametrize(
-    ("body", "param"),
-    [
-        ({"input": [{"content": "Hi"}]}, "input[0].role"),
-        ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0].call_id"),
-        ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
-        ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
-        ({"input": "Hi", "tool_choice": {"type": "function"}}, "tool_choice.name"),
-        ({"input": []}, "input"),
-        ({"input": "Hi", "temperature": 3}, "temperature"),
-        ({"input": "Hi", "model": "gpt-5"}, "model"),
-    ],
-    ids=[
-        "no-role",
-        "call-without-id",
-        "output-without-id",
-        "schema-missing",
-        "function-without-name",
-        "empty-input",
-        "temperature",
-        "model",
-    ],
-)
-async def test_an_invalid_request_is_a_4xx_naming_the_field(handle, body, param) -> None:
-    response = await handle(body)
-    assert response["status_code"] in (400, 404) and response["body"]["error"]["param"] == param
-
-
-# --- errors from the chat path, named as the Responses job named its fields ------------------------
-
-
-async def test_a_limit_names_the_responses_field_that_passed_it(tiny_engine) -> None:
-    from service.limits import JobLimits
-
-    engine = AsyncLLMEngine(tiny_engine)
-    engine.start()
-    config = ServiceConfig(model_name="tiny", default_max_tokens=8, limits=JobLimits(max_logprob_tokens=10))
-    handler = JobHandler(config, DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), tiny_engine)
-    try:
-        body = {
-            "input": "Hi",
-            "include": ["message.output_text.logprobs"],
-            "top_logprobs": 5,
-            "max_output_tokens": 8,
-        }
-        response = await _runner(handler)(body)
-    finally:
-        await engine.stop()
-    error = response["body"]["error"]
-    assert (error["code"], error["param"]) == ("limit_exceeded", "top_logprobs")
-
-
-@pytest.mark.parametrize(
-    ("body", "code", "param"),
-    [
-        (
-            {
-                "input": [
-                    {"role": "user", "content": "hi"},
-                    {
-                        "type": "function_call",
-                        "call_id": "c",
-                        "name": "f",
-                        "arguments": "[" * 5000 + "]" * 5000,
-                    },
-                ]
-            },
-            "invalid_request",
-            "input",
-        ),
-        (
-            {"input": "hi", "tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}},
-            "invalid_request",
-            "tool_choice",
-        ),
-        (
-            {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": 5}}}},
-            "invalid_structured_output",
-            None,
-        ),
-        ({"input": "word " * 2000}, "invalid_prompt", None),
-    ],
-    ids=["deep-arguments", "unknown-function", "bad-schema", "too-long"],
-)
-async def test_what_the_chat_path_refuses_is_named_by_the_responses_field(handle, body, code, param) -> None:
-    response = await handle(body)
-    error = response["body"]["error"]
-    assert (response["status_code"], error["code"], error["param"]) == (400, code, param)
-
-
 async def test_on_a_service_with_a_reasoning_parser_the_engines_reasoning_is_a_reasoning_item(
     tiny_engine,
 ) -> None:
     """deepseek_r1 reads output with no `</think>` yet as all reasoning: the tiny model's text,
     cut at max_output_tokens, is an incomplete reasoning item with no message."""
-    engine = AsyncLLMEngine(tiny_engine)
-    engine.start()
     config = ServiceConfig(model_name="tiny", default_max_tokens=8, reasoning_parser="deepseek_r1")
-    handler = JobHandler(config, DynamicBatcher(engine, max_batch_size=8, max_wait_ms=1), tiny_engine)
-    try:
-        response = await _runner(handler)({"input": "Hi", "max_output_tokens": 6, "temperature": 0})
-        chat = await _runner(handler)(
+    async with running(tiny_engine, config) as run:
+        response = await run({"input": "Hi", "max_output_tokens": 6, "temperature": 0})
+        chat = await run(
             {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0}, url=CHAT
         )
-    finally:
-        await engine.stop()
     body = response["body"]
     (reasoning,) = body["output"]
     message = chat["body"]["choices"][0]["message"]
