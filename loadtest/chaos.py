@@ -145,12 +145,7 @@ async def _run(r: _Run) -> Report:
 
 async def _verdict(r: _Run) -> Report:
     """A fresh read_committed read of the whole results topic."""
-    reader = ResultsReader(r.bootstrap, f"{r.prefix}.results", r.s.partitions)
-    await reader.start()
-    try:
-        await reader.read_to_end()
-    finally:
-        await reader.stop()
+    reader = await _read_all(ResultsReader(r.bootstrap, f"{r.prefix}.results", r.s.partitions))
     rep = r.report
     rep.seconds = time.monotonic() - r.t0
     rep.answered = len(r.id_set & set(reader.counts))
@@ -171,8 +166,22 @@ async def _verdict(r: _Run) -> Report:
     return rep
 
 
+async def _read_all(reader):
+    """The reader, once it has read its topic to the end."""
+    await reader.start()
+    try:
+        await reader.read_to_end()
+    finally:
+        await reader.stop()
+    return reader
+
+
 async def _post(r: _Run) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=r.bootstrap, acks="all", linger_ms=20)
+    # idempotent: a send retried after a lost acknowledgement (a broker killed, a slow one) must
+    # not post a job twice, or its two results would read as a duplicate of ours
+    producer = AIOKafkaProducer(
+        bootstrap_servers=r.bootstrap, acks="all", linger_ms=20, enable_idempotence=True
+    )
     await producer.start()
     r.t_posting = time.monotonic()
     hostile = hostile_records(f"{r.prefix}.jobs") if r.s.hostile else []
@@ -202,12 +211,7 @@ async def _post_hostile(r: _Run, n: int, what: str, record, codec: int) -> None:
 
 async def _count_dead_letters(r: _Run) -> None:
     """Which hostile records a read_committed reader of the dead-letter topic finds answered."""
-    reader = DeadLetterReader(r.bootstrap, f"{r.prefix}.dlq", r.s.partitions)
-    await reader.start()
-    try:
-        await reader.read_to_end()
-    finally:
-        await reader.stop()
+    reader = await _read_all(DeadLetterReader(r.bootstrap, f"{r.prefix}.dlq", r.s.partitions))
     rep = r.report
     rep.hostile_posted = len(r.hostile)
     answered = [source for source in r.hostile if reader.sources[source]]
