@@ -1,16 +1,23 @@
-"""committed_stable(): a consumer group's committed offsets, never one a transaction is still settling.
+"""committed_stable(): a consumer group's committed offsets, never older than the last one committed.
 
 Exactly-once commits each partition's offset inside its results' transaction
-(send_offsets_to_transaction). Until that transaction's commit marker has reached the group
-coordinator, the coordinator keeps answering an ordinary offset read (OffsetFetch up to v6)
-with the committed offset from before it: the next owner would redo every job of the
-transaction and publish their results a second time, and then commit an offset below the one
-that transaction committed (the three-broker chaos soak saw jobs[3] go back from 162 to 118
-when the group coordinator was killed mid-transaction). KIP-447 closed that window with
-OffsetFetch v7's require_stable: the coordinator answers UNSTABLE_OFFSET_COMMIT while a
-transactional commit for the partition is pending, and the reader asks again. Kafka's Java
-consumer always asks so under read_committed; aiokafka (0.14) stops at v3, so the request is
-defined here and sent through the consumer's own client to the group coordinator.
+(send_offsets_to_transaction), and a partition's next owner starts from the committed offset it
+reads. An ordinary read (OffsetFetch up to v6, all aiokafka 0.14 sends) may answer with an
+offset from before the last commit, in two ways:
+- a transaction whose commit marker has not reached the group coordinator yet: its offset is
+  still pending, and the read gives the one before it;
+- Kafka's group coordinator (the KIP-848 runtime, Kafka 4) answers an ordinary read from its
+  state as of the offsets topic's high watermark; a coordinator newly elected after a broker's
+  death may not have that high watermark up to the last commit of the one before it yet.
+Either way the next owner redoes jobs whose results are already committed, publishes them a
+second time, and commits an offset below the last one (the three-broker chaos soak: jobs[3]'s
+committed offset went from 162 back to 118 after the group coordinator's kill, 111 results
+twice). KIP-447's require_stable (OffsetFetch v7) closes both: the coordinator answers from all
+of its offsets records, waiting for them to be committed (a write operation in Kafka 4's
+GroupCoordinatorService.fetchOffsets), and with UNSTABLE_OFFSET_COMMIT while a transactional
+commit is pending, when the reader asks again. Kafka's Java consumer always asks so under
+read_committed. aiokafka stops at v3, so the request is defined here on aiokafka's protocol types
+and sent through the consumer's own client to the group coordinator.
 """
 
 from __future__ import annotations
