@@ -312,6 +312,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """A snapshot for monitoring; safe to call from any thread."""
         bm = self.block_manager
+        lora = self.runner.lora.totals if self.runner.lora is not None else None
         return EngineStats(
             num_running_seqs=len(self.scheduler.running),
             num_waiting_seqs=len(self.scheduler.waiting),
@@ -320,6 +321,9 @@ class LLMEngine:
             prefix_cache_queried_tokens=bm.stats.queried_tokens,
             prefix_cache_hit_tokens=bm.stats.hit_tokens,
             steps=copy.copy(self._step_totals),
+            lora_slot_hits=lora.hits if lora else 0,
+            lora_slot_loads=lora.loads if lora else 0,
+            lora_load_seconds=lora.load_seconds if lora else 0.0,
         )
 
     def has_unfinished_requests(self) -> bool:

@@ -135,6 +135,21 @@ class _EngineCollector(Collector):
                 steps.num_step_tokens,
             ),
             ("sluice_engine_preemptions", "Sequences preempted for KV-cache blocks", steps.num_preemptions),
+            (
+                "sluice_lora_slot_hits",
+                "LoRA adapters a step found resident in a slot (once per step that runs each)",
+                stats.lora_slot_hits,
+            ),
+            (
+                "sluice_lora_slot_loads",
+                "LoRA adapters loaded into a slot (not resident, or evicted since)",
+                stats.lora_slot_loads,
+            ),
+            (
+                "sluice_lora_load_seconds",
+                "Time spent loading LoRA adapters into slots",
+                stats.lora_load_seconds,
+            ),
         )
         for name, documentation, value in counters:
             yield CounterMetricFamily(name, documentation, value=value)

@@ -36,6 +36,11 @@ class EngineStats:
     prefix_cache_queried_tokens: int  # prompt tokens looked up in the prefix cache since start
     prefix_cache_hit_tokens: int  # ...and found there, not recomputed
     steps: StepTotals
+    # LoRA adapters (engine/lora/slots.py): found in a slot by a step, loaded into one, and the
+    # time loading took; 0 without adapters
+    lora_slot_hits: int = 0
+    lora_slot_loads: int = 0
+    lora_load_seconds: float = 0.0
 
     @property
     def kv_cache_usage(self) -> float:

@@ -12,12 +12,15 @@ Each step the model runner calls `prepare_step` once: it loads the step's adapte
 runs of one adapter's tokens, or one padded batch per slot), which each targeted layer's
 forward hook applies: a few matmuls per layer and step, never a loop over requests. Layers find
 the plan in the step's AttentionMetadata (engine.forward_context); tokens of no adapter get
-nothing added.
+nothing added. `totals` counts, for monitoring, the adapters each step found resident (hits) and
+those it loaded, with the time the loads took.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,6 +29,15 @@ from engine.forward_context import get_attention_metadata
 from engine.layers.linear import LinearBase
 from engine.lora.adapter import LoRAAdapter, LoRAError
 from engine.lora.mapping import LoRAMapping, plan_step
+
+
+@dataclass(slots=True)
+class SlotTotals:
+    """Since start; written by the thread that runs steps, read by monitoring (plain numbers)."""
+
+    hits: int = 0  # a step's adapter found in a slot, counted once per step that runs it
+    loads: int = 0  # a step's adapter copied into a slot (absent, or evicted since)
+    load_seconds: float = 0.0  # spent copying them (on CUDA: issuing the copies, which run async)
 
 
 class _LayerSlots:
@@ -86,6 +98,7 @@ class LoRASlots:
             self.layers[name] = _LayerSlots(layer, shards, max_loras, max_rank, device, dtype)
             layer.register_forward_hook(self.layers[name].hook)
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
+        self.totals = SlotTotals()
 
     @property
     def names(self) -> list[str]:
@@ -108,7 +121,9 @@ class LoRASlots:
         this step does not need) when it is not resident."""
         if name in self.slot_of:
             self.slot_of.move_to_end(name)
+            self.totals.hits += 1
             return self.slot_of[name]
+        start = time.perf_counter()
         if len(self.slot_of) < self.max_loras:
             slot = len(self.slot_of)
         else:
@@ -117,6 +132,8 @@ class LoRASlots:
         for layer_name, layer in self.layers.items():
             layer.load(slot, self.weights[name].get(layer_name, {}), self.scaling[name])
         self.slot_of[name] = slot
+        self.totals.loads += 1
+        self.totals.load_seconds += time.perf_counter() - start
         return slot
 
 

@@ -96,6 +96,18 @@ def test_a_cached_prefix_of_one_adapter_never_serves_another(family):
     assert engine.block_manager.stats.hit_tokens == 2 * 32  # the repeats of None and "all" only
 
 
+def test_stats_count_the_adapters_each_step_found_in_a_slot_and_those_it_loaded(family):
+    checkpoint, folders, prompts, reference = family
+    engine = _engine(checkpoint, folders, max_loras=1)
+    for name in ["all", "all", "attn", "all"]:  # one slot: "attn" evicts "all", which loads again
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, lora_name=name)
+        [output] = engine.generate([prompts[0]], params, use_tqdm=False)
+        assert output.token_ids == reference[name][0]
+    stats = engine.stats()
+    assert stats.lora_slot_loads == 3 and stats.lora_load_seconds > 0
+    assert stats.lora_slot_hits == stats.steps.num_steps - 3  # every other step found its adapter
+
+
 def test_an_unknown_adapter_name_is_rejected(family):
     checkpoint, folders, prompts, _ = family
     engine = _engine(checkpoint, {"all": folders["all"]})

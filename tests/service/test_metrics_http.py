@@ -72,6 +72,9 @@ async def test_metrics_count_jobs_tokens_and_errors_and_health_endpoints_answer(
         "sluice_engine_waiting",
         "sluice_consumer_paused",
         "sluice_tokens_in_flight",
+        "sluice_lora_slot_hits_total",  # 0: the session's engine has no adapters
+        "sluice_lora_slot_loads_total",
+        "sluice_lora_load_seconds_total",
     ):
         assert name in metrics
 
