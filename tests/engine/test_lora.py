@@ -4,7 +4,6 @@ adapters and the base model; adapters that cannot be served are refused at start
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import pytest
@@ -14,29 +13,17 @@ from engine import EngineConfig, LLMEngine, LoRAError, SamplingParams
 from engine.config import EngineConfigError
 from engine.core.input_processor import RequestRejected
 from engine.demo.checkpoints import ensure_checkpoint
-from tests.engine.lora_adapters import build_adapter, peft_greedy
+from tests.engine.lora_adapters import ADAPTERS, build_adapter, mixed_batch, peft_greedy, random_prompts
 from tests.engine.transformers_greedy import transformers_greedy
 
 MAX_TOKENS = 8
-ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# name -> (LoraConfig options): every projection; only attention, rsLoRA, another rank
-ADAPTERS = {
-    "all": {"r": 8, "lora_alpha": 16, "target_modules": ALL_TARGETS},
-    "attn": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "use_rslora": True},
-    "mlp": {"r": 2, "lora_alpha": 4, "target_modules": ["up_proj", "down_proj", "k_proj"]},
-}
-
-
-def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[1] + [rng.randrange(4, vocab) for _ in range(n - 1)] for n in (3, 17, 40, 9, 24, 5)]
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-qwen3"])
 def family(request, model_cache, tmp_path_factory):
     """(checkpoint, adapter folders, prompts, reference tokens by adapter name; None: the base)."""
     checkpoint = ensure_checkpoint(model_cache, preset=request.param)
-    prompts = _prompts(json.loads((checkpoint / "config.json").read_text())["vocab_size"])
+    prompts = random_prompts(json.loads((checkpoint / "config.json").read_text())["vocab_size"])
     folders, reference = {}, {None: transformers_greedy(checkpoint, torch.float32, prompts, MAX_TOKENS)}
     for seed, (name, options) in enumerate(ADAPTERS.items()):
         folders[name] = tmp_path_factory.mktemp(f"{request.param}-{name}")
@@ -51,20 +38,6 @@ def _engine(checkpoint, folders, **options) -> LLMEngine:
     return LLMEngine(EngineConfig(dtype="float32", model=str(checkpoint), lora_adapters=adapters, **options))
 
 
-def _mixed_batch(prompts, names) -> tuple[list[list[int]], list[SamplingParams], list[str | None]]:
-    """Every prompt with every adapter and with none, interleaved."""
-    batch, params, owners = [], [], []
-    for i, prompt in enumerate(prompts):
-        for j in range(len(names)):
-            name = names[(i + j) % len(names)]
-            batch.append(prompt)
-            params.append(
-                SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, lora_name=name)
-            )
-            owners.append((name, i))
-    return batch, params, owners
-
-
 @pytest.mark.parametrize(
     "options",
     [
@@ -76,7 +49,7 @@ def _mixed_batch(prompts, names) -> tuple[list[list[int]], list[SamplingParams],
 def test_greedy_tokens_match_peft_in_a_batch_mixing_adapters_and_the_base(family, options):
     checkpoint, folders, prompts, reference = family
     engine = _engine(checkpoint, folders, **options)
-    batch, params, owners = _mixed_batch(prompts, [None, *ADAPTERS])
+    batch, params, owners = mixed_batch(prompts, [None, *ADAPTERS], MAX_TOKENS)
     outputs = engine.generate(batch, params, use_tqdm=False)
     got = {owner: o.token_ids for owner, o in zip(owners, outputs, strict=True)}
     assert got == {(name, i): reference[name][i] for name, i in owners}
