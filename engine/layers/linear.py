@@ -5,15 +5,32 @@ Each parameter carries `param.weight_loader(param, loaded_weight, shard_id=None)
 copies this rank's part. Column-parallel layers split the output dim (0), row-parallel
 layers the input dim (1). A loader raises ValueError when the checkpoint tensor's shape is
 not the one it expects; the caller adds the file and tensor name.
+
+`output_part` and `input_part` say which rows and columns of the full (unsharded) weight a rank
+holds, for whatever else must be split as the weight is (LoRA adapters, engine.lora.slots).
+`output_delta` is a term added to this rank's output before any all-reduce (a LoRA adapter's
+x A^T B^T): in a row-parallel layer each rank adds its share of it to its partial product, and
+the layer's one all-reduce sums the shares with the rest.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from engine.layers.tp import all_reduce, get_tp_rank, get_tp_size
 from engine.quant.base import UNQUANTIZED, LinearMethod
+
+
+class RankPart(NamedTuple):
+    """The slice of one dimension of a full (unsharded) weight that this rank holds."""
+
+    start: int
+    size: int
+    total: int  # the full dimension
 
 
 class LinearBase(nn.Module):
@@ -35,18 +52,32 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
         # How the weight is stored and multiplied; engine.quant swaps it after loading.
         self.quant_method: LinearMethod = UNQUANTIZED
+        # (x [T, in], y [T, out]) -> y with a term added, on this rank's output before any
+        # all-reduce (engine.lora.slots sets it); None: nothing added
+        self.output_delta: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         """Copy this rank's part of a checkpoint tensor into `param`; each subclass shards its own way."""
         raise TypeError(f"{type(self).__name__} defines no weight_loader: use a LinearBase subclass")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x, self.bias)
+        y = self.quant_method.apply(self, x, self.bias)
+        return y if self.output_delta is None else self.output_delta(x, y)
 
     @property
     def output_shards(self) -> dict:
         """This rank's output rows of each projection fused in the layer, keyed by shard id, in order."""
         return {None: self.output_size}
+
+    def output_part(self, shard_id=None) -> RankPart:
+        """The rows of projection `shard_id`'s full weight that this rank holds (all of them unless
+        the layer splits its output)."""
+        return RankPart(0, self.output_size, self.output_size)
+
+    def input_part(self) -> RankPart:
+        """The columns of the full weight (input features) that this rank holds (all of them unless
+        the layer splits its input)."""
+        return RankPart(0, self.input_size, self.input_size)
 
 
 class ReplicatedLinear(LinearBase):
@@ -66,6 +97,9 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         _copy_shard(param.data, loaded_weight, dim=0, index=self.tp_rank, num_shards=self.tp_size)
+
+    def output_part(self, shard_id=None) -> RankPart:
+        return RankPart(self.tp_rank * self.output_size, self.output_size, self.output_size * self.tp_size)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -96,6 +130,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     @property
     def output_shards(self) -> dict:
         return {i: size // self.tp_size for i, size in enumerate(self.output_sizes)}
+
+    def output_part(self, shard_id=None) -> RankPart:
+        total = self.output_sizes[shard_id]
+        size = total // self.tp_size
+        return RankPart(self.tp_rank * size, size, total)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -160,6 +199,15 @@ class QKVParallelLinear(ColumnParallelLinear):
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         return {"q": q, "k": kv, "v": kv}
 
+    def output_part(self, shard_id=None) -> RankPart:
+        if shard_id == "q":
+            size = self.num_heads * self.head_dim
+            return RankPart(self.tp_rank * size, size, self.total_num_heads * self.head_dim)
+        # k, v: this rank's KV heads, shared by num_kv_head_replicas consecutive ranks
+        size = self.num_kv_heads * self.head_dim
+        start = self.tp_rank // self.num_kv_head_replicas * size
+        return RankPart(start, size, self.total_num_kv_heads * self.head_dim)
+
 
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; the partial products are summed with an all-reduce."""
@@ -176,9 +224,16 @@ class RowParallelLinear(LinearBase):
         else:
             _copy_shard(param.data, loaded_weight, dim=1, index=self.tp_rank, num_shards=self.tp_size)
 
+    def input_part(self) -> RankPart:
+        return RankPart(self.tp_rank * self.input_size, self.input_size, self.input_size * self.tp_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, input_size // tp_size] -> [T, output_size]
         y = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
+        if self.output_delta is not None:
+            # before the all-reduce: a LoRA delta x A^T B^T is linear in x, so each rank adds
+            # its share (its columns of x and A) and the one all-reduce below sums them
+            y = self.output_delta(x, y)
         # tensor parallel: sum the ranks' partial products (identity when tp_size == 1)
         return all_reduce(y)
 
