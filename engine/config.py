@@ -158,11 +158,6 @@ def _check_lora(config: EngineConfig) -> None:
         isinstance(name, str) and name and isinstance(path, str) and path for name, path in adapters.items()
     ):
         raise EngineConfigError(f"lora_adapters must map adapter names to folders, got {adapters!r}")
-    if adapters and config.world_size > 1:
-        raise EngineConfigError(
-            "lora_adapters cannot run with tensor_parallel_size or pipeline_parallel_size > 1 yet "
-            "(adapters are not sharded across ranks); serve them on one process"
-        )
     config.lora_adapters = dict(adapters)
 
 

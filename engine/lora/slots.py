@@ -7,13 +7,22 @@ projection, B [max_loras, rows, max_lora_rank] with the adapter's scaling folded
 projection's expand writes only its own rows of the fused output). Ranks below max_lora_rank
 and projections an adapter does not target are zeros.
 
-Each step the model runner calls `prepare_step` once: it loads the step's adapters into slots
-(least recently used slot evicted first), and returns the step's plan (engine.lora.mapping:
-runs of one adapter's tokens, or one padded batch per slot), which each targeted layer's
-forward hook applies: a few matmuls per layer and step, never a loop over requests. Layers find
-the plan in the step's AttentionMetadata (engine.forward_context); tokens of no adapter get
-nothing added. `totals` counts, for monitoring, the adapters each step found resident (hits) and
-those it loaded, with the time the loads took.
+Under tensor parallelism each rank holds its part of every adapter, split as the base weight is
+(the layer's output_part / input_part): a column-parallel layer (qkv_proj, gate_up_proj) keeps A
+whole and, per projection, the rows of B of the q/k/v heads or gate/up columns the rank holds;
+a row-parallel layer (o_proj, down_proj) keeps the rank's columns of A and B whole, and adds
+its share x_k A_k^T B^T to its partial output before the layer's all-reduce, which sums the
+shares with the partial products: no collective of its own. Under pipeline parallelism a stage
+holds only its own layers' parts.
+
+Each step (each micro-batch, under pipeline parallelism) the model runner calls `prepare_step`
+once: it loads the step's adapters into slots (least recently used slot evicted first), and
+returns the step's plan (engine.lora.mapping: runs of one adapter's tokens, or one padded batch
+per slot), which each targeted layer applies through its `output_delta`: a few matmuls per
+layer and step, never a loop over requests. Layers find the plan in the step's
+AttentionMetadata (engine.forward_context); tokens of no adapter get nothing added. `totals`
+counts, for monitoring, the adapters each step found resident (hits) and those it loaded, with
+the time the loads took.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from engine.forward_context import get_attention_metadata
 from engine.layers.linear import LinearBase
 from engine.lora.adapter import LoRAAdapter, LoRAError
 from engine.lora.mapping import LoRAMapping, plan_step
+from engine.models.base import PPMissingLayer
 
 
 @dataclass(slots=True)
@@ -41,7 +51,7 @@ class SlotTotals:
 
 
 class _LayerSlots:
-    """One linear layer's slot weights, and the hook that adds their contribution to its output."""
+    """One linear layer's slot weights, and the output_delta that adds their contribution to its output."""
 
     def __init__(self, layer: LinearBase, shards: dict, max_loras: int, max_rank: int, device, dtype):
         self.shard_ids = list(shards)
@@ -64,12 +74,14 @@ class _LayerSlots:
                 self.a[slot, i * self.max_rank : i * self.max_rank + r] = a
                 self.b[i][slot, :, :r] = b * scaling
 
-    def hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    def add_delta(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The layer's output_delta: the step's adapter terms added to this rank's output."""
+        # x: [T, in] -> output: [T, out] (row-parallel: partial, before the all-reduce)
         metadata = get_attention_metadata()
         mapping = None if metadata is None else metadata.lora
         if mapping is None:
             return output
-        return mapping.apply(self, inputs[0], output)
+        return mapping.apply(self, x, output)
 
 
 class LoRASlots:
@@ -89,14 +101,16 @@ class LoRASlots:
         layers = _target_layers(model)
         # per adapter: our layer name -> {shard id: (A, B)}, checked against the layer's shapes
         packed = dict(getattr(model, "packed_modules_mapping", {}))  # q_proj -> (qkv_proj, "q"), ...
-        self.weights = {name: _map_to_layers(adapter, layers, packed) for name, adapter in adapters.items()}
+        self.weights = {
+            name: _map_to_layers(adapter, model, layers, packed) for name, adapter in adapters.items()
+        }
         self.scaling = {name: adapter.scaling for name, adapter in adapters.items()}
         targeted = {layer for per_layer in self.weights.values() for layer in per_layer}
         self.layers: dict[str, _LayerSlots] = {}
         for name in sorted(targeted):
             layer, shards = layers[name]
             self.layers[name] = _LayerSlots(layer, shards, max_loras, max_rank, device, dtype)
-            layer.register_forward_hook(self.layers[name].hook)
+            layer.output_delta = self.layers[name].add_delta
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
         self.totals = SlotTotals()
 
@@ -138,7 +152,7 @@ class LoRASlots:
 
 
 def _target_layers(model: nn.Module) -> dict[str, tuple[LinearBase, dict]]:
-    """Our linear layers by name -> (layer, {shard id: (row offset, rows)})."""
+    """Our linear layers by name -> (layer, {shard id: (row offset, rows) of this rank's output})."""
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, LinearBase):
@@ -150,25 +164,33 @@ def _target_layers(model: nn.Module) -> dict[str, tuple[LinearBase, dict]]:
     return layers
 
 
-def _map_to_layers(adapter: LoRAAdapter, layers: dict, packed: dict) -> dict[str, dict]:
-    """The adapter's Hugging Face modules as our layers' shards, shapes checked."""
+def _map_to_layers(adapter: LoRAAdapter, model: nn.Module, layers: dict, packed: dict) -> dict[str, dict]:
+    """The adapter's Hugging Face modules as our layers' shards: full shapes checked, then cut to
+    this rank's part as the base weight is (tensor parallel: a column-parallel layer's rows of B,
+    a row-parallel layer's columns of A); a pipeline stage keeps only its own layers."""
+    other_stages = [name for name, module in model.named_modules() if isinstance(module, PPMissingLayer)]
     mapped: dict[str, dict] = {}
     for module, (a, b) in adapter.weights.items():
         parent, _, leaf = module.rpartition(".")
         ours, shard = packed.get(leaf, (leaf, None))
         layer_name = f"{parent}.{ours}"
+        if layer_name not in layers and any(layer_name.startswith(f"{m}.") for m in other_stages):
+            continue  # pipeline parallel: the layer lives on another stage, which takes its part
         where = f"LoRA adapter {adapter.name!r}: {adapter.folder}/adapter_model.safetensors: base_model.model.{module}"
         if layer_name not in layers or shard not in layers[layer_name][1]:
             raise LoRAError(f"{where}: the model has no such layer")
-        layer, shards = layers[layer_name]
-        in_size, rows = layer.input_size, shards[shard][1]
-        if a.shape[1] != in_size:
+        layer = layers[layer_name][0]
+        columns, rows = layer.input_part(), layer.output_part(shard)
+        if a.shape[1] != columns.total:
             raise LoRAError(
-                f"{where}.lora_A.weight has shape {tuple(a.shape)}, expected ({a.shape[0]}, {in_size})"
+                f"{where}.lora_A.weight has shape {tuple(a.shape)}, expected ({a.shape[0]}, {columns.total})"
             )
-        if b.shape[0] != rows:
+        if b.shape[0] != rows.total:
             raise LoRAError(
-                f"{where}.lora_B.weight has shape {tuple(b.shape)}, expected ({rows}, {b.shape[1]})"
+                f"{where}.lora_B.weight has shape {tuple(b.shape)}, expected ({rows.total}, {b.shape[1]})"
             )
+        # clone: the rank keeps its part in host memory, not the whole adapter
+        a = a.narrow(1, columns.start, columns.size).clone()  # [r, this rank's in]
+        b = b.narrow(0, rows.start, rows.size).clone()  # [this rank's rows, r]
         mapped.setdefault(layer_name, {})[shard] = (a, b)
     return mapped

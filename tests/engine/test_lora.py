@@ -174,6 +174,12 @@ def test_an_adapter_that_cannot_be_served_is_refused_at_start_up_by_file_and_ten
         LLMEngine(EngineConfig(dtype="float32", model=str(tiny_checkpoint), lora_adapters={"x": str(broken)}))
 
 
-def test_adapters_with_a_parallel_engine_are_refused_by_name():
-    with pytest.raises(EngineConfigError, match="lora_adapters cannot run with tensor_parallel_size"):
-        EngineConfig(lora_adapters={"a": "/x"}, tensor_parallel_size=2)
+def test_adapters_are_accepted_with_tensor_and_pipeline_parallelism():
+    # each rank holds its part of every adapter: tests/engine/test_lora_parallel.py
+    config = EngineConfig(lora_adapters={"a": "/x"}, tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert config.lora_adapters == {"a": "/x"}
+
+
+def test_lora_adapters_that_are_not_a_name_to_folder_map_are_refused_by_name():
+    with pytest.raises(EngineConfigError, match="lora_adapters must map adapter names to folders"):
+        EngineConfig(lora_adapters={"a": ""})
