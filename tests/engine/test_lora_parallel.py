@@ -138,7 +138,7 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.slow  # 35-85 s each on a 2-core machine: worker processes, PEFT's references
+@pytest.mark.slow  # 10-85 s each on a 2-core machine: worker processes, PEFT's references
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_parallel_engine_gives_peft_s_and_one_process_s_tokens_in_a_batch_mixing_adapters(
     model_cache, tmp_path, layout
