@@ -49,9 +49,15 @@ class _LayerSlots:
         self.max_rank = max_rank
         width = len(shards) * max_rank
         self.a = torch.zeros(max_loras, width, layer.input_size, device=device, dtype=dtype)
-        self.b = [
-            torch.zeros(max_loras, rows, max_rank, device=device, dtype=dtype) for _, rows in self.shards
-        ]
+        # the projections' B's stacked by row, [max_loras, out, max_rank], for the Triton expand
+        # (one launch for them all); self.b holds each projection's view of it
+        out = sum(rows for _, rows in self.shards)
+        self.b_stacked = torch.zeros(max_loras, out, max_rank, device=device, dtype=dtype)
+        self.b = [self.b_stacked[:, offset : offset + rows] for offset, rows in self.shards]
+        # [S + 1] int32: projection i's output rows are bounds[i] .. bounds[i + 1] - 1
+        bounds = [offset for offset, _ in self.shards] + [out]
+        self.bounds = torch.tensor(bounds, dtype=torch.int32, device=device)
+        self.max_rows = max(rows for _, rows in self.shards)
 
     def load(self, slot: int, weights: dict, scaling: float) -> None:
         """weights: shard id -> (A [r, in], B [rows, r]) of the projections the adapter targets."""
@@ -172,3 +178,4 @@ def _map_to_layers(adapter: LoRAAdapter, layers: dict, packed: dict) -> dict[str
             )
         mapped.setdefault(layer_name, {})[shard] = (a, b)
     return mapped
+
