@@ -105,6 +105,8 @@ class LoRASlots:
             layer.register_forward_hook(self.layers[name].hook)
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
         self.totals = SlotTotals()
+        # the Triton kernels (engine.kernels.triton_lora) on CUDA where triton imports; else torch
+        self.use_triton = device.type == "cuda" and _triton_available()
 
     @property
     def names(self) -> list[str]:
@@ -120,7 +122,7 @@ class LoRASlots:
             raise RuntimeError(f"a step with {len(wanted)} adapters; max_loras is {self.max_loras}")
         slot_of = {name: self._slot(name, wanted) for name in wanted}
         slots = [-1 if name is None else slot_of[name] for name in lora_names]
-        return plan_step(slots, list(query_lens), self.device)
+        return plan_step(slots, list(query_lens), self.device, use_triton=self.use_triton)
 
     def _slot(self, name: str, wanted: list[str]) -> int:
         """The adapter's slot, loading it (into a free slot, else the least recently used one that
@@ -179,3 +181,10 @@ def _map_to_layers(adapter: LoRAAdapter, layers: dict, packed: dict) -> dict[str
         mapped.setdefault(layer_name, {})[shard] = (a, b)
     return mapped
 
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
