@@ -13,14 +13,20 @@ whatever the number of requests (the SGMV/BGMV idea), and a step may use both:
   (`index_add_` where other tokens are among the step's). Short runs that are no more than the
   slots they use, or would be padded to more than MAX_PADDING rows per token, run as runs.
 
+On CUDA (where triton imports) neither: `LoRASegments` groups the adapter tokens by slot, one
+segment per slot, and two Triton kernels (engine.kernels.triton_lora) apply them all per layer,
+one shrink for the S fused projections and one expand adding into each projection's rows.
+
 Slot weights (engine.lora.slots._LayerSlots): A `[max_loras, S * max_rank, in]`, the S fused
 projections' A's stacked; B per projection `[max_loras, rows, max_rank]`, the adapter's scaling
-folded in. Ranks below max_rank are zero columns.
+folded in (views of one B stacked by row, which the Triton expand reads). Ranks below max_rank
+are zero columns.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 import torch
@@ -77,13 +83,35 @@ class LoRAPadded:
 
 
 @dataclass(slots=True)
+class LoRASegments:
+    """The adapter tokens grouped by slot, one segment per slot, for the Triton kernels."""
+
+    token_rows: torch.Tensor  # [t] int32: the adapter tokens' rows in the step, segment after segment
+    slots: torch.Tensor  # [n] int32: each segment's slot (-1, no adapter, would add nothing)
+    starts: torch.Tensor  # [n] int32: its first place in token_rows
+    lens: torch.Tensor  # [n] int32: its number of tokens
+    max_len: int  # the longest segment's, on the host: the kernels' grid
+
+    def apply(self, layer: _LayerSlots, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        # x: [T, in] -> output: [T, out], changed in place
+        from engine.kernels import triton_lora
+
+        h = triton_lora.lora_shrink(x, layer.a, self)  # [T, S r]
+        return triton_lora.lora_expand(h, layer.b_stacked, layer.bounds, layer.max_rows, output, self)
+
+
+@dataclass(slots=True)
 class LoRAMapping:
-    """A step's plan: its long runs (prefill chunks) in place, its short ones (decodes) padded."""
+    """A step's plan: its long runs (prefill chunks) in place, its short ones (decodes) padded;
+    or, on CUDA, its segments in the Triton kernels (then neither runs nor padded)."""
 
     runs: LoRARuns | None
     padded: LoRAPadded | None
+    segments: LoRASegments | None = None
 
     def apply(self, layer: _LayerSlots, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if self.segments is not None:
+            return self.segments.apply(layer, x, output)
         if self.runs is not None:
             output = self.runs.apply(layer, x, output)
         if self.padded is not None:
@@ -91,9 +119,15 @@ class LoRAMapping:
         return output
 
 
-def plan_step(slots: list[int], query_lens: list[int], device: torch.device) -> LoRAMapping | None:
+def plan_step(
+    slots: list[int], query_lens: list[int], device: torch.device, *, use_triton: bool = False
+) -> LoRAMapping | None:
     """The step's plan from each sequence's slot (-1: the base model) and token count, in batch
-    order; None when no sequence has an adapter."""
+    order; None when no sequence has an adapter. use_triton: segments for the Triton kernels
+    (engine.lora.slots chooses them on CUDA where triton imports)."""
+    if use_triton:
+        segments = plan_segments(slots, query_lens, device)
+        return None if segments is None else LoRAMapping(None, None, segments)
     runs: list[list[int]] = []  # [slot, start, end]
     start = 0
     for slot, num_tokens in zip(slots, query_lens, strict=True):
@@ -111,6 +145,29 @@ def plan_step(slots: list[int], query_lens: list[int], device: torch.device) -> 
     if padded is None:  # few short runs, or too much padding: they run as runs too
         long_runs = runs
     return LoRAMapping(LoRARuns([tuple(run) for run in long_runs]) if long_runs else None, padded)
+
+
+def plan_segments(slots: list[int], query_lens: list[int], device: torch.device) -> LoRASegments | None:
+    """The step's adapter tokens grouped by slot, in slot order, each slot's in token order;
+    base-model tokens are left out. None when no sequence has an adapter."""
+    rows_of: dict[int, list[int]] = {}
+    start = 0
+    for slot, num_tokens in zip(slots, query_lens, strict=True):
+        if slot >= 0:
+            rows_of.setdefault(slot, []).extend(range(start, start + num_tokens))
+        start += num_tokens
+    if not rows_of:
+        return None
+    order = sorted(rows_of)
+    lens = [len(rows_of[slot]) for slot in order]
+    starts = list(accumulate(lens, initial=0))[:-1]
+    token_rows = [row for slot in order for row in rows_of[slot]]
+    # one host-to-device copy per step; the kernels read views of it
+    packed = torch.tensor(token_rows + order + starts + lens, dtype=torch.int32, device=device)
+    t, n = len(token_rows), len(order)
+    return LoRASegments(
+        packed[:t], packed[t : t + n], packed[t + n : t + 2 * n], packed[t + 2 * n :], max(lens)
+    )
 
 
 def _padded(runs: list[list[int]], num_step_tokens: int, device: torch.device) -> LoRAPadded | None:

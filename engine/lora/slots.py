@@ -59,9 +59,15 @@ class _LayerSlots:
         self.max_rank = max_rank
         width = len(shards) * max_rank
         self.a = torch.zeros(max_loras, width, layer.input_size, device=device, dtype=dtype)
-        self.b = [
-            torch.zeros(max_loras, rows, max_rank, device=device, dtype=dtype) for _, rows in self.shards
-        ]
+        # the projections' B's stacked by row, [max_loras, out, max_rank], for the Triton expand
+        # (one launch for them all); self.b holds each projection's view of it
+        out = sum(rows for _, rows in self.shards)
+        self.b_stacked = torch.zeros(max_loras, out, max_rank, device=device, dtype=dtype)
+        self.b = [self.b_stacked[:, offset : offset + rows] for offset, rows in self.shards]
+        # [S + 1] int32: projection i's output rows are bounds[i] .. bounds[i + 1] - 1
+        bounds = [offset for offset, _ in self.shards] + [out]
+        self.bounds = torch.tensor(bounds, dtype=torch.int32, device=device)
+        self.max_rows = max(rows for _, rows in self.shards)
 
     def load(self, slot: int, weights: dict, scaling: float) -> None:
         """weights: shard id -> (A [r, in], B [rows, r]) of the projections the adapter targets."""
@@ -113,6 +119,8 @@ class LoRASlots:
             layer.output_delta = self.layers[name].add_delta
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
         self.totals = SlotTotals()
+        # the Triton kernels (engine.kernels.triton_lora) on CUDA where triton imports; else torch
+        self.use_triton = device.type == "cuda" and _triton_available()
 
     @property
     def names(self) -> list[str]:
@@ -128,7 +136,7 @@ class LoRASlots:
             raise RuntimeError(f"a step with {len(wanted)} adapters; max_loras is {self.max_loras}")
         slot_of = {name: self._slot(name, wanted) for name in wanted}
         slots = [-1 if name is None else slot_of[name] for name in lora_names]
-        return plan_step(slots, list(query_lens), self.device)
+        return plan_step(slots, list(query_lens), self.device, use_triton=self.use_triton)
 
     def _slot(self, name: str, wanted: list[str]) -> int:
         """The adapter's slot, loading it (into a free slot, else the least recently used one that
@@ -194,3 +202,11 @@ def _map_to_layers(adapter: LoRAAdapter, model: nn.Module, layers: dict, packed:
         b = b.narrow(0, rows.start, rows.size).clone()  # [this rank's rows, r]
         mapped.setdefault(layer_name, {})[shard] = (a, b)
     return mapped
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

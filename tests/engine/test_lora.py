@@ -21,12 +21,16 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-qwen3"])
 def family(request, model_cache, tmp_path_factory):
+    return build_family(request.param, model_cache, tmp_path_factory)
+
+
+def build_family(preset: str, model_cache, tmp_path_factory):
     """(checkpoint, adapter folders, prompts, reference tokens by adapter name; None: the base)."""
-    checkpoint = ensure_checkpoint(model_cache, preset=request.param)
+    checkpoint = ensure_checkpoint(model_cache, preset=preset)
     prompts = random_prompts(json.loads((checkpoint / "config.json").read_text())["vocab_size"])
     folders, reference = {}, {None: transformers_greedy(checkpoint, torch.float32, prompts, MAX_TOKENS)}
     for seed, (name, options) in enumerate(ADAPTERS.items()):
-        folders[name] = tmp_path_factory.mktemp(f"{request.param}-{name}")
+        folders[name] = tmp_path_factory.mktemp(f"{preset}-{name}")
         build_adapter(checkpoint, folders[name], seed, **options)
         reference[name] = peft_greedy(checkpoint, folders[name], prompts, MAX_TOKENS)
         assert reference[name] != reference[None]  # the adapter changes the output

@@ -18,32 +18,41 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def layer() -> tuple[_LayerSlots, dict]:
-    """A fused layer's slots, each holding an adapter of rank 1..RANK (one skips `k`); and, per
-    slot, its weights and scaling for the reference."""
+    return make_layer()
+
+
+def make_layer(dtype=torch.float64, shards=SHARDS, in_size=IN, max_rank=RANK) -> tuple[_LayerSlots, dict]:
+    """A fused layer's slots, each holding an adapter of rank max_rank / MAX_LORAS .. max_rank
+    (one skips the second projection: `k`); and, per slot, its weights (float64, of values
+    `dtype` holds) and scaling for the reference."""
     torch.manual_seed(0)
-    fake = types.SimpleNamespace(input_size=IN)
-    slots = _LayerSlots(fake, SHARDS, MAX_LORAS, RANK, CPU, torch.float64)
+    fake = types.SimpleNamespace(input_size=in_size)
+    slots = _LayerSlots(fake, shards, MAX_LORAS, max_rank, CPU, dtype)
+    skipped = list(shards)[1] if len(shards) > 1 else None
     adapters = {}
     for slot in range(MAX_LORAS):
-        r = slot + 1
+        r = (slot + 1) * max_rank // MAX_LORAS
         weights = {
-            shard: (torch.randn(r, IN, dtype=torch.float64), torch.randn(rows, r, dtype=torch.float64))
-            for shard, (_, rows) in SHARDS.items()
-            if not (slot == 2 and shard == "k")
+            shard: (
+                _held(torch.randn(r, in_size, dtype=torch.float64), dtype),
+                _held(torch.randn(rows, r, dtype=torch.float64), dtype),
+            )
+            for shard, (_, rows) in shards.items()
+            if not (slot == 2 and shard == skipped)
         }
-        slots.load(slot, weights, scaling=0.5 * r)
-        adapters[slot] = (weights, 0.5 * r)
+        slots.load(slot, weights, scaling=0.5 * (slot + 1))
+        adapters[slot] = (weights, 0.5 * (slot + 1))
     return slots, adapters
 
 
-def _reference(x: torch.Tensor, token_slots: list[int], adapters: dict) -> torch.Tensor:
+def _reference(x: torch.Tensor, token_slots: list[int], adapters: dict, shards=SHARDS) -> torch.Tensor:
     """Token by token, projection by projection: what PEFT adds to the fused output."""
-    delta = torch.zeros(x.shape[0], sum(rows for _, rows in SHARDS.values()), dtype=x.dtype)
+    delta = torch.zeros(x.shape[0], sum(rows for _, rows in shards.values()), dtype=x.dtype)
     for t, slot in enumerate(token_slots):
         if slot < 0:
             continue
         weights, scaling = adapters[slot]
-        for shard, (offset, rows) in SHARDS.items():
+        for shard, (offset, rows) in shards.items():
             if shard in weights:
                 a, b = weights[shard]
                 delta[t, offset : offset + rows] = (x[t] @ a.T @ b.T) * scaling
@@ -90,3 +99,8 @@ def test_short_runs_that_would_be_padded_to_over_twice_their_tokens_run_as_runs(
 
 def test_a_step_of_the_base_model_alone_has_no_plan() -> None:
     assert plan_step([-1, -1], [3, 1], CPU) is None
+
+
+def _held(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` rounded to the values `dtype` holds, kept in float64."""
+    return weight.to(dtype).to(torch.float64)
