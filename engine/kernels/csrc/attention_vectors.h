@@ -127,6 +127,26 @@ __attribute__((always_inline)) static inline vfloat sum_lanes(vfloat v[8]) {
 }
 #endif
 
+// cpu_common.h's exp_approx step for step on vectors, clamped to [-87, 88] as it is: the same
+// float32 result in every lane as the scalar function (SiLU in fused_ops.cpp).
+using sluice_cpu::exp_approx;  // the scalar overload stays visible beside this one
+static inline vfloat exp_approx(vfloat x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  x = x > 88.0f ? splat(88.0f) : x;
+  const vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  vfloat r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  vfloat p = splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  return p * reinterpret_cast<const vfloat&>(bits);
+}
+
 // exp(x) for x <= 0 (every softmax argument here is a score minus the running max), 16 lanes:
 // cpu_common.h's exp_approx step for step, on vectors, and 0 below -87.
 static inline vfloat exp_nonpositive(vfloat x) {
