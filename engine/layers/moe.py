@@ -37,6 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from engine.kernels import triton_available
 from engine.layers.linear import ReplicatedLinear, _check_divisible, _copy_shard
 from engine.layers.tp import all_reduce, get_tp_rank, get_tp_size, is_expert_parallel
 from engine.quant.mxfp4 import BLOCK as MXFP4_BLOCK
@@ -166,7 +167,7 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; weights, ids: [T, k] -> [T, H]
-        if self.is_mxfp4 or (self.use_triton is not False and x.is_cuda and _triton_available()):
+        if self.is_mxfp4 or (self.use_triton is not False and x.is_cuda and triton_available()):
             from engine.kernels.triton_moe import triton_fused_experts
 
             out = triton_fused_experts(self, x, weights, ids)
@@ -282,18 +283,10 @@ def _grouped_linear(experts: FusedMoE, hidden: torch.Tensor, name: str, counts: 
     return out
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def triton_kernel_runs_on(device: torch.device) -> bool:
     """Whether engine.kernels.triton_moe's kernel runs on `device`: CUDA where triton imports, or
     CPU under Triton's interpreter (TRITON_INTERPRET=1 before triton is imported: tests)."""
-    if device.type not in ("cuda", "cpu") or not _triton_available():
+    if device.type not in ("cuda", "cpu") or not triton_available():
         return False
     import triton
 

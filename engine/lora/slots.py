@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from engine.forward_context import get_attention_metadata
+from engine.kernels import triton_available
 from engine.layers.linear import LinearBase
 from engine.lora.adapter import LoRAAdapter, LoRAError
 from engine.lora.mapping import LoRAMapping, plan_step
@@ -120,7 +121,7 @@ class LoRASlots:
         self.slot_of: OrderedDict[str, int] = OrderedDict()  # resident adapters, least recently used first
         self.totals = SlotTotals()
         # the Triton kernels (engine.kernels.triton_lora) on CUDA where triton imports; else torch
-        self.use_triton = device.type == "cuda" and _triton_available()
+        self.use_triton = device.type == "cuda" and triton_available()
 
     @property
     def names(self) -> list[str]:
@@ -202,11 +203,3 @@ def _map_to_layers(adapter: LoRAAdapter, model: nn.Module, layers: dict, packed:
         b = b.narrow(0, rows.start, rows.size).clone()  # [this rank's rows, r]
         mapped.setdefault(layer_name, {})[shard] = (a, b)
     return mapped
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -22,11 +22,7 @@ async def test_a_fetch_between_revoke_and_reassignment_never_commits_past_the_ab
     kafka, topic_prefix
 ):
     topic, group = f"{topic_prefix}.jobs", f"{topic_prefix}-group"
-    await ensure_topics(kafka.bootstrap, [topic], 1, 1)
-    jobs = [(f"j{i}".encode(), json.dumps({"custom_id": f"j{i}"}).encode(), []) for i in range(20)]
-    await kafka.post(topic, jobs)
-    consumer = JobConsumer(kafka.bootstrap, [topic], group, "sluice", commit_interval_ms=60_000)
-    await consumer.start()
+    jobs, consumer = await _consumer_of_jobs(kafka, topic, group)
     try:
         assert len(await _fetch_all(consumer, len(jobs))) == len(jobs)  # consumed, none done: all in flight
         tp = TopicPartition(topic, 0)
@@ -47,11 +43,7 @@ async def test_a_position_read_across_a_rebalance_never_starts_the_next_assignme
     kafka, topic_prefix
 ):
     topic, group = f"{topic_prefix}.jobs", f"{topic_prefix}-group"
-    await ensure_topics(kafka.bootstrap, [topic], 1, 1)
-    jobs = [(f"j{i}".encode(), json.dumps({"custom_id": f"j{i}"}).encode(), []) for i in range(20)]
-    await kafka.post(topic, jobs)
-    consumer = JobConsumer(kafka.bootstrap, [topic], group, "sluice", commit_interval_ms=60_000)
-    await consumer.start()
+    jobs, consumer = await _consumer_of_jobs(kafka, topic, group)
     tp = TopicPartition(topic, 0)
     listener = consumer._consumer._subscription.listener
     try:
@@ -84,6 +76,16 @@ async def test_a_position_read_across_a_rebalance_never_starts_the_next_assignme
     finally:
         await consumer.stop()
     assert (await kafka.committed(group, topic))[0] in (None, 0)
+
+
+async def _consumer_of_jobs(kafka, topic: str, group: str) -> tuple[list, JobConsumer]:
+    """20 jobs on a new one-partition topic, and a started consumer of it (the commit loop idle)."""
+    await ensure_topics(kafka.bootstrap, [topic], 1, 1)
+    jobs = [(f"j{i}".encode(), json.dumps({"custom_id": f"j{i}"}).encode(), []) for i in range(20)]
+    await kafka.post(topic, jobs)
+    consumer = JobConsumer(kafka.bootstrap, [topic], group, "sluice", commit_interval_ms=60_000)
+    await consumer.start()
+    return jobs, consumer
 
 
 async def _fetch_all(consumer: JobConsumer, expected: int) -> list:

@@ -5,6 +5,7 @@ commit is waited for instead of read around (service/stable_offsets.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -41,12 +42,7 @@ async def test_a_pending_transactional_commit_is_waited_for_where_an_ordinary_re
     kafka, group_consumer
 ):
     consumer, group, tp, _ = group_consumer
-    await consumer.commit({tp: OffsetAndMetadata(3, "")})
-    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, transactional_id=f"{group}.txn")
-    await producer.start()
-    try:
-        await producer.begin_transaction()
-        await producer.send_offsets_to_transaction({tp: 9}, group)
+    async with _transaction_committing_9_over_3(kafka, consumer, group, tp) as producer:
         # the previous owner's transaction, not yet committed: what aiokafka's read returns is
         # the offset from before it, the one a new owner must not start from
         assert await consumer.committed(tp) == 3
@@ -60,19 +56,24 @@ async def test_a_pending_transactional_commit_is_waited_for_where_an_ordinary_re
         committing = asyncio.create_task(commit_soon())
         assert await committed_stable(consumer, group, [tp], timeout_s=20) == {tp: 9}
         await committing
-    finally:
-        await producer.stop()
 
 
 async def test_an_aborted_transactional_commit_leaves_the_offset_before_it(kafka, group_consumer):
     consumer, group, tp, _ = group_consumer
+    async with _transaction_committing_9_over_3(kafka, consumer, group, tp) as producer:
+        await producer.abort_transaction()
+        assert await committed_stable(consumer, group, [tp], timeout_s=20) == {tp: 3}
+
+
+@contextlib.asynccontextmanager
+async def _transaction_committing_9_over_3(kafka, consumer, group: str, tp: TopicPartition):
+    """Offset 3 committed, then a transaction open that commits 9 (the transaction's producer)."""
     await consumer.commit({tp: OffsetAndMetadata(3, "")})
     producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, transactional_id=f"{group}.txn")
     await producer.start()
     try:
         await producer.begin_transaction()
         await producer.send_offsets_to_transaction({tp: 9}, group)
-        await producer.abort_transaction()
-        assert await committed_stable(consumer, group, [tp], timeout_s=20) == {tp: 3}
+        yield producer
     finally:
         await producer.stop()

@@ -147,24 +147,10 @@ static inline vfloat exp_approx(vfloat x) {
   return p * reinterpret_cast<const vfloat&>(bits);
 }
 
-// exp(x) for x <= 0 (every softmax argument here is a score minus the running max), 16 lanes:
-// cpu_common.h's exp_approx step for step, on vectors, and 0 below -87.
+// exp(x) for x <= 0 (every softmax argument here is a score minus the running max): exp_approx,
+// and 0 below -87.
 static inline vfloat exp_nonpositive(vfloat x) {
-  const vint underflow = x < -87.0f;
-  x = x < -87.0f ? splat(-87.0f) : x;
-  const vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  vfloat r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  vfloat p = splat(1.0f / 720.0f);
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  const vfloat result = p * reinterpret_cast<const vfloat&>(bits);
-  return underflow ? splat(0.0f) : result;
+  return x < -87.0f ? splat(0.0f) : exp_approx(x);
 }
 
 static inline float exp_nonpositive(float x) { return x < -87.0f ? 0.0f : exp_approx(x); }
