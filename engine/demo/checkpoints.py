@@ -21,13 +21,14 @@ import uuid
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
+from safetensors.torch import save_file
+from transformers import PretrainedConfig, PreTrainedModel
 
 from engine.demo.architectures import ARCHITECTURES
 from engine.demo.presets import PRESETS, Preset
 from engine.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 
-__all__ = ["PRESETS", "build_checkpoint", "ensure_checkpoint"]
+__all__ = ["PRESETS", "build_checkpoint", "build_weightless_checkpoint", "ensure_checkpoint"]
 
 
 # Files whose presence means a published folder is complete (publication is atomic);
@@ -64,6 +65,24 @@ def ensure_checkpoint(cache_root: str | os.PathLike[str], preset: str = "tiny", 
         return out
     tmp = _build_in_temp(out, preset, seed, "float32")
     _publish(tmp, out, replace=False)
+    return out
+
+
+def build_weightless_checkpoint(out_dir: str | os.PathLike[str], preset: str, seed: int = 0) -> Path:
+    """A preset's folder without its weights: config.json and the tokenizer as ensure_checkpoint
+    writes them, and a model.safetensors that holds no tensors. For tests of what the engine reads
+    from a folder's files at every preset's size (gpu-1b's weights alone are 4 GB in float32);
+    loading a model from it fails on the first missing tensor."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    spec = PRESETS[preset]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _preset_config(spec)
+    config.dtype = torch.float32  # as ensure_checkpoint's float32 weights record it
+    config.save_pretrained(out)
+    train_tokenizer(spec.vocab_size, spec.max_position_embeddings, seed).save_pretrained(out)
+    save_file({}, out / "model.safetensors")
     return out
 
 
@@ -134,8 +153,8 @@ def _is_complete(folder: Path) -> bool:
     )
 
 
-def _init_model(spec: Preset, seed: int, dtype: torch.dtype) -> PreTrainedModel:
-    config_class, model_class = ARCHITECTURES[spec.architecture]
+def _preset_config(spec: Preset) -> PretrainedConfig:
+    config_class, _ = ARCHITECTURES[spec.architecture]
     defaults = {
         "rms_norm_eps": 1e-5,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
@@ -145,7 +164,12 @@ def _init_model(spec: Preset, seed: int, dtype: torch.dtype) -> PreTrainedModel:
         "pad_token_id": PAD_ID,
         "architectures": [spec.architecture],
     }
-    config = config_class(**{**defaults, **spec.config_kwargs()})
+    return config_class(**{**defaults, **spec.config_kwargs()})
+
+
+def _init_model(spec: Preset, seed: int, dtype: torch.dtype) -> PreTrainedModel:
+    config = _preset_config(spec)
+    _, model_class = ARCHITECTURES[spec.architecture]
     # Seeding immediately before construction makes the weights a function of the seed.
     torch.manual_seed(seed)
     model = model_class(config)

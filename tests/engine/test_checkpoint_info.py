@@ -18,7 +18,7 @@ import pytest
 from transformers import AutoConfig
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.demo.checkpoints import ensure_checkpoint
+from engine.demo.checkpoints import build_weightless_checkpoint, ensure_checkpoint
 from engine.demo.presets import PRESETS
 from engine.executor import executor as executor_module
 from engine.executor.runtime import ModelSpec
@@ -56,12 +56,20 @@ def test_the_facts_travel_to_a_worker_without_the_tokenizer(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_the_transformers_config_built_from_the_one_read_is_the_one_transformers_reads(model_cache, preset):
-    folder = ensure_checkpoint(model_cache, preset=preset)
+def test_the_transformers_config_built_from_the_one_read_is_the_one_transformers_reads(tmp_path, preset):
+    folder = build_weightless_checkpoint(tmp_path / preset, preset)  # the facts, without gpu-1b's 4 GB
     checkpoint, _ = read_checkpoint(folder)
     expected = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     assert type(checkpoint.pretrained_config()) is type(expected)
     assert checkpoint.pretrained_config().to_dict() == expected.to_dict()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gemma3-mm"])
+def test_a_weightless_folder_holds_the_files_its_checkpoint_holds(model_cache, tmp_path, preset):
+    weightless = build_weightless_checkpoint(tmp_path, preset)
+    built = ensure_checkpoint(model_cache, preset=preset)
+    for name in ("config.json", "tokenizer.json"):
+        assert (weightless / name).read_bytes() == (built / name).read_bytes(), name
 
 
 def test_every_family_declares_the_loader_s_hooks_on_the_base_class():
