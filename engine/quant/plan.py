@@ -17,12 +17,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.quant.base import UNQUANTIZED, LinearMethod
 from engine.quant.bnb import Bnb4bitLinearMethod, BnbInt8LinearMethod, BnbPrequantizedLinearMethod
 from engine.quant.experts import QuantizedExpertsMethod, is_moe_experts
 from engine.quant.fp8 import Fp8LinearMethod, check_fp8_supported
 from engine.quant.sparse24 import Sparse24LinearMethod
-from engine.quant.w8a8 import W8A8LinearMethod, compressed_tensors_skip_modules
+from engine.quant.w8a8 import W8A8LinearMethod, compressed_tensors_skip_modules, quantize_lm_head
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class QuantPlan:
     double_quant: bool = False
     compute_dtype: torch.dtype = torch.float32  # 4-bit: dtype the dequantised weight multiplies in
     skip_modules: tuple[str, ...] = ()  # module names (or name parts) kept in float
+    lm_head: bool = False  # w8a8: the LM head int8 too (EngineConfig.quantize_lm_head)
 
     @property
     def is_active(self) -> bool:
@@ -82,6 +84,7 @@ def make_plan(config, hf_config: dict, device: torch.device) -> QuantPlan:
         double_quant=config.bnb_4bit_double_quant,
         compute_dtype=compute_dtype,
         skip_modules=tuple(config.quantization_skip_modules),
+        lm_head=config.quantize_lm_head,
     )
     if plan.sparse24:  # layers the pruning tool left dense stay on the float path
         marker_skip = tuple(hf_config[SPARSITY_MARKER].get("skip_modules") or ())
@@ -94,6 +97,11 @@ def make_plan(config, hf_config: dict, device: torch.device) -> QuantPlan:
             check_fp8_supported(device)
         except ValueError as e:
             raise QuantizationError(str(e)) from None
+    if plan.lm_head and plan.mode != "w8a8":
+        raise QuantizationError(
+            f"quantize_lm_head needs W8A8 (quantization 'w8a8' or a compressed-tensors W8A8 checkpoint); "
+            f"the quantization here is {plan.mode!r}"
+        )
     if plan.mode == "w8a8" and device.type != "cpu":
         raise QuantizationError(
             f"quantization 'w8a8' runs on the CPU only for now (int8 GEMMs of PyTorch's CPU backends); "
@@ -148,12 +156,21 @@ def finalize_model(model: nn.Module, plan: QuantPlan, device: torch.device) -> N
         layer.quant_method.process_weights_after_loading(layer)
     for name, experts in _expert_targets(model, plan):
         _quantize_experts(name, experts, plan)
+    if plan.lm_head:
+        _quantize_lm_heads(model)
     model.to(device)
     for _, layer in targets:
         on_device = getattr(layer.quant_method, "on_device", None)
         if on_device is not None:
             on_device(layer, device)
     _log_summary(targets, plan, model)
+
+
+def _quantize_lm_heads(model: nn.Module) -> None:
+    lookup_tables = {id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding}
+    for module in model.modules():
+        if isinstance(module, ParallelLMHead):  # none on a pipeline stage before the last
+            quantize_lm_head(module, tied=id(module.weight) in lookup_tables)
 
 
 def model_weight_bytes(model: nn.Module) -> int:

@@ -149,6 +149,29 @@ def linear(
     return torch.addcmul(bias.float(), sums, x_scale)
 
 
+def quantize_lm_head(head: nn.Module, tied: bool, kernel: str | None = None) -> None:
+    """The LM head in W8A8 too (EngineConfig.quantize_lm_head): its weight [vocab, hidden] int8 per
+    vocabulary row, its `matmul` the int8 GEMM with per-token activations, as every projection's.
+    A tied head's float weight stays (the embedding's lookup reads it); an untied one's is dropped.
+    Why: a decode step reads the whole head, a quarter of `small`'s weights, and in float32 it was
+    the largest single matmul left after the projections went int8 (loadtest/RESULTS.md)."""
+    kernel = kernel or choose_kernel()
+    w_q, w_scale = quantize_weight(head.weight.data, weight_max(kernel))
+    if not tied:
+        del head.weight
+        head.register_parameter("weight", None)
+    head.weight_int8 = nn.Parameter(w_q, requires_grad=False)  # [vocab (this rank's), hidden]
+    head.weight_scale = nn.Parameter(w_scale, requires_grad=False)  # [vocab]
+    packed = prepare(kernel, w_q, w_scale)
+    head.matmul = functools.partial(
+        _head_matmul, kernel, packed, activation_max(kernel, int(w_q.abs().max()))
+    )
+
+
+def _head_matmul(kernel: str, packed, act_max: int, x: torch.Tensor) -> torch.Tensor:
+    return linear(kernel, packed, x.float(), None, act_max).to(x.dtype)
+
+
 class W8A8LinearMethod(LinearMethod):
     """int8 weights per output channel, int8 activations per token, int32 sums (module docstring).
 

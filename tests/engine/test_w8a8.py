@@ -15,13 +15,22 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.compress.__main__ import main as compress_main
+from engine.demo.checkpoints import ensure_checkpoint
 from engine.layers.linear import ReplicatedLinear
 from engine.quant import QuantizationError, make_plan
-from engine.quant.w8a8 import W8A8LinearMethod, quantize_per_token, quantize_weight
+from engine.quant.plan import model_weight_bytes
+from engine.quant.w8a8 import (
+    W8A8LinearMethod,
+    activation_max,
+    choose_kernel,
+    quantize_per_token,
+    quantize_weight,
+)
 
 MAX_TOKENS = 12
 NEAR_TIE = 0.02  # logits; the tiny model's best two lie 0.01-3 apart
@@ -143,9 +152,15 @@ def w8a8_engine(tiny_checkpoint):
     return _engine(tiny_checkpoint, quantization="w8a8")
 
 
+@pytest.fixture(scope="module")
+def int8_head_engine(tiny_checkpoint):
+    return _engine(tiny_checkpoint, quantization="w8a8", quantize_lm_head=True)
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("int8_head", [False, True])
 def test_tiny_model_greedy_tokens_are_transformers_best_running_the_same_integers(
-    tiny_checkpoint, w8a8_engine
+    tiny_checkpoint, request, int8_head
 ):
     # Rounding activations to integers turns last-bit differences (the engine's float32 sums run
     # in other orders than Transformers') into whole codes now and then, so token-for-token
@@ -153,17 +168,20 @@ def test_tiny_model_greedy_tokens_are_transformers_best_running_the_same_integer
     # generates must be the reference's best, or within NEAR_TIE of it, given the same prefix.
     from transformers import AutoModelForCausalLM
 
+    engine = request.getfixturevalue("int8_head_engine" if int8_head else "w8a8_engine")
     # float32 elsewhere: the engine equals Transformers there token for token (test_engine_exactness)
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-    down_proj = w8a8_engine.runner.model.model.layers[0].mlp.down_proj
+    down_proj = engine.runner.model.model.layers[0].mlp.down_proj
     weight_max, act_max = down_proj.quant_method.weight_max, down_proj.w8a8_act_max
     for module in list(model.model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, _ReferenceW8A8(child, weight_max, act_max))
+    if int8_head:
+        model.lm_head = _ReferenceW8A8(model.lm_head, weight_max, act_max)
     prompts = _prompts(model.config.vocab_size)
     same = 0
-    for prompt, tokens in zip(prompts, _greedy(w8a8_engine, prompts), strict=True):
+    for prompt, tokens in zip(prompts, _greedy(engine, prompts), strict=True):
         with torch.no_grad():
             logits = model(torch.tensor([prompt + tokens[:-1]])).logits[
                 0, len(prompt) - 1 :
@@ -187,6 +205,44 @@ def test_every_projection_runs_int8_and_the_head_stays_float(w8a8_engine):
         assert linear.quant_method.name == "w8a8" and linear.weight_int8.dtype == torch.int8
     assert model.lm_head.weight.dtype == torch.float32
     assert model.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_an_int8_head_drops_its_float_weight_and_the_lookup_stays_float(
+    tiny_checkpoint, w8a8_engine, int8_head_engine
+):
+    head = int8_head_engine.runner.model.lm_head
+    assert head.weight is None and head.weight_int8.dtype == torch.int8
+    float_weight = load_file(tiny_checkpoint / "model.safetensors")["lm_head.weight"]
+    weight_max = int(head.weight_int8.abs().max())  # 63 on CPUs without VNNI (the module docstring)
+    assert torch.equal(head.weight_int8, quantize_weight(float_weight, weight_max)[0])
+    vocab, hidden = float_weight.shape
+    saved = model_weight_bytes(w8a8_engine.runner.model) - model_weight_bytes(int8_head_engine.runner.model)
+    assert saved == vocab * hidden * 4 - (
+        vocab * hidden + vocab * 4
+    )  # float32 -> int8 codes + a scale per row
+    embedding = int8_head_engine.runner.model.model.embed_tokens.weight
+    assert embedding.dtype == torch.float32
+
+
+def test_a_tied_head_goes_int8_and_keeps_the_embedding_s_float_table(model_cache):
+    folder = ensure_checkpoint(model_cache, preset="tiny-qwen2")  # tie_word_embeddings
+    model = _engine(folder, quantization="w8a8", quantize_lm_head=True).runner.model
+    head = model.lm_head
+    assert head.weight is model.model.embed_tokens.weight  # the lookup's table, float32 as loaded
+    assert head.weight.dtype == torch.float32 and head.weight_int8.dtype == torch.int8
+    x = torch.randn(3, model.config.hidden_size) * torch.tensor([[0.1], [1.0], [10.0]])
+    act_max = activation_max(choose_kernel(), int(head.weight_int8.abs().max()))
+    expected, tolerance = _reference(x, head.weight_int8, head.weight_scale, None, act_max)
+    assert ((model.compute_logits(x).double() - expected).abs() <= tolerance).all()
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_an_int8_head_without_w8a8_is_refused_by_name(tiny_checkpoint, quantization):
+    config = EngineConfig(
+        model=str(tiny_checkpoint), dtype="float32", quantization=quantization, quantize_lm_head=True
+    )
+    with pytest.raises(QuantizationError, match="quantize_lm_head needs W8A8"):
+        make_plan(config, {}, torch.device("cpu"))
 
 
 def test_w8a8_is_refused_off_the_cpu_with_a_clear_error(tiny_checkpoint):
