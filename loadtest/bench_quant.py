@@ -41,7 +41,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from engine import EngineConfig, LLMEngine, ensure_demo_checkpoint  # noqa: E402
-from engine.compress import prune_checkpoint  # noqa: E402
+from engine.compress import compress_w8a8, prune_checkpoint  # noqa: E402
+from engine.compress.smooth import compute_smoothing  # noqa: E402
 from engine.evaluation.quality import compare, targets_for, teacher_forced_logits  # noqa: E402
 from engine.quant import QuantizationError, model_weight_bytes  # noqa: E402
 from loadtest.bench_engine import run_sluice  # noqa: E402
@@ -63,6 +64,11 @@ MODES = {
     "fp8": {"quantization": "fp8"},
     "w8a8": {"quantization": "w8a8"},
     "w8a8 A=127": {"quantization": "w8a8"},  # 8-bit activation codes, quality only (see run_modes)
+    "w8a8 int8 head": {"quantization": "w8a8", "quantize_lm_head": True},
+    # compressed-tensors folders written by `python -m engine.compress w8a8` (run_modes), plain and
+    # SmoothQuant-smoothed on the training part of the text (never the held-out part)
+    "w8a8 checkpoint": {},
+    "w8a8 smoothed checkpoint": {},
     "kv fp8": {"kv_cache_dtype": "fp8"},
     "2:4 pruned": {},
 }
@@ -138,6 +144,8 @@ def run_modes(folder: Path, args, held_out_ids: list[int] | None) -> list[Result
         options = MODES[mode]
         dtype = "float32" if mode == "float32" else args.dtype
         model_folder = pruned_copy(folder) if mode == "2:4 pruned" else folder
+        if mode in ("w8a8 checkpoint", "w8a8 smoothed checkpoint"):
+            model_folder = w8a8_copy(folder, smooth=mode == "w8a8 smoothed checkpoint")
         fp8_on_cpu = mode == "fp8" and args.device == "cpu" and args.fp8_quality_on_cpu
         # what CPUs with VNNI compute: 8-bit activation codes, here through the float reference kernel
         quality_only = fp8_on_cpu or mode == "w8a8 A=127"
@@ -319,6 +327,19 @@ def pruned_copy(folder: Path) -> Path:
     if not (out / "config.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
         prune_checkpoint(folder, out)
+    return out
+
+
+def w8a8_copy(folder: Path, smooth: bool) -> Path:
+    """A compressed-tensors W8A8 copy of `folder`, written afresh (the writer or the smoothing may
+    have changed since a cached one): smoothed on the text's training share, alpha 0.5."""
+    out = folder.with_name(folder.name + ("-w8a8-smoothed" if smooth else "-w8a8"))
+    shutil.rmtree(out, ignore_errors=True)
+    smoothing = None
+    if smooth:
+        text = TEXT.read_text()
+        smoothing = compute_smoothing(folder, text[: int(len(text) * TRAIN_SHARE)])
+    compress_w8a8(folder, out, smoothing=smoothing)
     return out
 
 

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.compress.prune24 import PRUNABLE_PROJECTIONS
+from engine.compress.smooth import Smoothing
 from engine.loader.checkpoint import check_checkpoint_folder
 from engine.quant.w8a8 import WEIGHT_MAX, check_fused_groups
 
@@ -49,17 +50,24 @@ def quantization_config(ignore: list[str]) -> dict:
     }
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> (codes [N, K] int8, scale [N, 1] in weight's dtype) with weight ~= codes * scale."""
+def quantize_rows(
+    weight: torch.Tensor, scale_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (codes [N, K] int8, scale [N, 1] in `scale_dtype`, default weight's dtype)
+    with weight ~= codes * scale."""
     w = weight.float()
     amax = torch.linalg.vector_norm(w, float("inf"), dim=1, keepdim=True).clamp(min=1e-12)
-    scale = (amax / WEIGHT_MAX).to(weight.dtype)
+    scale = (amax / WEIGHT_MAX).to(scale_dtype or weight.dtype)
     codes = torch.round(w / scale.float()).clamp(-WEIGHT_MAX, WEIGHT_MAX).to(torch.int8)
     return codes, scale
 
 
-def compress_w8a8(src: str | Path, dst: str | Path, skip_modules: tuple[str, ...] = ()) -> dict:
-    """Write a W8A8 copy of checkpoint folder `src` to `dst` (a new folder); returns its quantization_config."""
+def compress_w8a8(
+    src: str | Path, dst: str | Path, skip_modules: tuple[str, ...] = (), smoothing: Smoothing | None = None
+) -> dict:
+    """Write a W8A8 copy of checkpoint folder `src` to `dst` (a new folder); returns its
+    quantization_config. With `smoothing` (engine.compress.smooth.compute_smoothing on `src`) the
+    norms and the projections they feed are smoothed first, in float32, then quantised."""
     src, dst = Path(src), Path(dst)
     config = check_checkpoint_folder(src)
     if "quantization_config" in config:
@@ -77,12 +85,15 @@ def compress_w8a8(src: str | Path, dst: str | Path, skip_modules: tuple[str, ...
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 tensor = f.get_tensor(name)
+                dtype = tensor.dtype
+                if smoothing is not None:  # float32 where it changes the tensor
+                    tensor = smoothing.apply(name, tensor)
                 target = _target(name)
                 if target and any(f".{s}." in f".{name}." for s in skip_modules):
-                    ignored.append(target)
+                    ignored.append(target)  # still smoothed: the norm before it is
                 elif target:
-                    tensor, tensors[f"{target}.weight_scale"] = quantize_rows(tensor)
-                tensors[name] = tensor.contiguous()
+                    tensor, tensors[f"{target}.weight_scale"] = quantize_rows(tensor, dtype)
+                tensors[name] = (tensor if tensor.dtype == torch.int8 else tensor.to(dtype)).contiguous()
         save_file(tensors, str(dst / path.name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, path.name))
     check_fused_groups(ignored)
