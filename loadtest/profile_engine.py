@@ -28,12 +28,15 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from engine import EngineConfig, LLMEngine, SamplingParams, ensure_demo_checkpoint  # noqa: E402
 from engine.config import DTYPES  # noqa: E402
+from loadtest.bench_engine import engine_option  # noqa: E402
 from loadtest.step_phases import StepPhases  # noqa: E402
 from loadtest.workloads import WORKLOADS  # noqa: E402
 
 # first match wins: op-name fragments per category
 CATEGORIES = (
     ("matmul", ("mm", "linear", "matmul", "bmm", "addmm", "mkldnn", "onednn")),
+    # W8A8's per-token activation maxima (engine.quant.w8a8.linear)
+    ("int8 activation scales", ("linalg_vector_norm", "clamp_")),
     # the compiled graphs: the paged decode kernel (engine/kernels/paged_decode.py), its guards
     (
         "attention",
@@ -94,12 +97,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=15, help="also list the N costliest ops")
     parser.add_argument("--ops", action="store_true", help="also count ops: in all, and per index op")
     parser.add_argument("--phases", action="store_true", help="time each step's phases (no profiler)")
+    parser.add_argument(
+        "--option",
+        type=engine_option,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an engine option (repeatable), e.g. --option quantization=w8a8",
+    )
     args = parser.parse_args(argv)
     folder = ensure_demo_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
     vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
     sized = [args.num_requests] if args.num_requests else []
     workload = WORKLOADS[args.workload](vocab_size, *sized)
-    engine = LLMEngine(EngineConfig(model=str(folder), dtype=args.dtype))
+    options = {name: value for option in args.option for name, value in option.items()}
+    engine = LLMEngine(EngineConfig(model=str(folder), dtype=args.dtype, **options))
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
     engine.generate([[1, 5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
     # Warm (allocator, oneDNN primitives) on the same shape drawn with another seed: the same

@@ -253,17 +253,26 @@ class _Marker:
     characters at least), so that two strings (or a string and the template's text) cannot join
     into a control token: encode_marked_chat encodes the text on each side of a marker apart."""
 
+    # Deeper values are refused (RecursionError) at this depth, not at the interpreter's recursion
+    # limit: that one is raised by some libraries in the process (torch's inductor sets 2000), so
+    # a bound left to it would hold in one process and not in another.
+    MAX_DEPTH = 256
+
     def __init__(self, tables: _MarkingTables) -> None:
         self._tables = tables
         self.num_marked = 0
 
-    def mark(self, value: Any) -> Any:
+    def mark(self, value: Any, depth: int = 0) -> Any:
         if isinstance(value, str):
             return self._mark_string(value)
+        if isinstance(value, dict | list | tuple) and depth >= self.MAX_DEPTH:
+            raise RecursionError(f"nested deeper than {self.MAX_DEPTH} levels")
         if isinstance(value, dict):
-            return {self.mark(k) if isinstance(k, str) else k: self.mark(v) for k, v in value.items()}
+            return {
+                self.mark(k) if isinstance(k, str) else k: self.mark(v, depth + 1) for k, v in value.items()
+            }
         if isinstance(value, list | tuple):
-            return [self.mark(v) for v in value]
+            return [self.mark(v, depth + 1) for v in value]
         return value
 
     def _mark_string(self, text: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import msgspec
@@ -177,12 +178,20 @@ def test_add_special_tokens_frames_a_marked_chat_as_it_frames_any_other(tokenize
     assert marked.count(tokenizer.eos_token_id) == plain.count(tokenizer.eos_token_id)
 
 
-def test_tool_call_arguments_nested_too_deeply_to_mark_are_an_invalid_request(tokenizer) -> None:
-    # JSON reads 900 levels; marking its strings would pass the interpreter's recursion limit
+@pytest.mark.parametrize("recursion_limit", [1000, 20_000])  # Python's default; one a library raised
+def test_tool_call_arguments_nested_too_deeply_to_mark_are_an_invalid_request(
+    tokenizer, recursion_limit
+) -> None:
+    # JSON reads 300 levels; marking stops at 256 whatever the interpreter's recursion limit
     body = _body()
-    body["messages"][1]["tool_calls"][0]["function"]["arguments"] = "[" * 900 + "]" * 900
-    with pytest.raises(TranslationError) as info:
-        _ids(body, tokenizer)
+    body["messages"][1]["tool_calls"][0]["function"]["arguments"] = "[" * 300 + "]" * 300
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(recursion_limit)
+    try:
+        with pytest.raises(TranslationError) as info:
+            _ids(body, tokenizer)
+    finally:
+        sys.setrecursionlimit(before)
     assert (info.value.code, info.value.message) == (
         "invalid_request",
         "the job's tool calls, tools, documents or chat_template_kwargs nest too deeply",
