@@ -87,8 +87,14 @@ def activation_max(kernel: str, largest_weight_code: int = WEIGHT_MAX) -> int:
 def quantize_per_token(x: torch.Tensor, act_max: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, K] float32 -> (x_q [T, K] float32 holding integers in [-A, A], s_x [T, 1] float32).
     The reference of what the kernels compute (they round inside); tests and the float64 check use it."""
-    amax = torch.linalg.vector_norm(x, _INF, dim=-1, keepdim=True).clamp(min=_MIN_AMAX)
+    amax = row_absmax(x).clamp(min=_MIN_AMAX)
     return torch.round(x * (act_max / amax)), amax / act_max
+
+
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max_k |x[t, k]| -> [T, 1]. abs() then amax(): ~10x faster on the CPU than the same value
+    through linalg.vector_norm(x, inf), which took 8% of a W8A8 run (loadtest/RESULTS.md)."""
+    return x.abs().amax(dim=-1, keepdim=True)
 
 
 @functools.cache
@@ -128,7 +134,7 @@ def linear(
 ) -> torch.Tensor:
     """y = x W^T + b for x [T, K] float32 through `kernel`'s packed weight -> [T, N] float32."""
     act_max = act_max or activation_max(kernel)
-    amax = torch.linalg.vector_norm(x, _INF, dim=-1, keepdim=True).clamp_(min=_MIN_AMAX)  # [T, 1]
+    amax = row_absmax(x).clamp_(min=_MIN_AMAX)  # [T, 1]
     if kernel == "fbgemm":
         # fbgemm rounds x * (A / amax) (scale 1) and offsets it by its zero point to u8 in [1, 2A + 1]
         sums = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
