@@ -55,7 +55,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": e4m3 with a per-layer scale (sdpa only)
     # Weight quantisation of the linear layers (engine.quant); embedding and lm_head stay float
     # (with w8a8, quantize_lm_head makes the head int8 too).
-    # "none", "int8", "nf4", "fp4" (bitsandbytes), "fp8" (CUDA, cc >= 8.9) or "w8a8" (int8 GEMMs, CPU)
+    # "none", "int8", "nf4", "fp4" (bitsandbytes), "fp8" (CUDA, cc >= 8.9) or "w8a8" (int8 GEMMs:
+    # PyTorch's on the CPU, Triton's on CUDA)
     quantization: str = "none"
     int8_threshold: float = 6.0  # int8: activation outlier threshold (LLM.int8); 0 disables the float path
     bnb_4bit_double_quant: bool = False  # nf4/fp4: also quantise the per-block scales (~0.4 bit/weight less)

@@ -10,7 +10,7 @@ phases; an engine's tokens/s over the floor's tokens/s says how much of the mach
 
 W8A8 (`arithmetic` "int8": int8 projections, the LM head float; "int8+head": the head too) has
 a floor of its own: its projections' FLOPs at the int8 GEMM rate measured here (the engine's
-chosen kernel, engine.quant.w8a8, on a 2048 x 2048 x 2048 product, dynamic per-token
+chosen kernel, engine.quant.w8a8, Triton's on CUDA, on a 2048 x 2048 x 2048 product, dynamic per-token
 quantisation of the activations included: any W8A8 engine pays it) and one byte per weight.
 """
 
@@ -55,18 +55,18 @@ def measure_machine(dtype: torch.dtype, device: str = "cpu", int8: bool = False)
     src = torch.empty(2**28, dtype=torch.float32, device=device)  # 1 GiB
     dst = torch.empty_like(src)
     copy_s = _best_of(lambda: dst.copy_(src), device)
-    int8_ops = 2 * 2048**3 / _int8_matmul_seconds() if int8 and device == "cpu" else None
+    int8_ops = 2 * 2048**3 / _int8_matmul_seconds(device) if int8 else None
     return Machine(2 * 2048**3 / matmul_s, 2 * src.numel() * src.element_size() / copy_s, int8_ops)
 
 
-def _int8_matmul_seconds() -> float:
+def _int8_matmul_seconds(device: str) -> float:
     from engine.quant import w8a8
 
-    kernel = w8a8.choose_kernel()
+    kernel = w8a8.choose_kernel(torch.device(device).type)  # fbgemm or oneDNN; Triton on CUDA
     w_q, w_scale = w8a8.quantize_weight(torch.randn(2048, 2048), w8a8.weight_max(kernel))
-    packed = w8a8.prepare(kernel, w_q, w_scale)
-    x = torch.randn(2048, 2048)
-    return _best_of(lambda: w8a8.linear(kernel, packed, x, None), "cpu")
+    packed = w8a8.prepare(kernel, w_q.to(device), w_scale.to(device))
+    x = torch.randn(2048, 2048, device=device)
+    return _best_of(lambda: w8a8.linear(kernel, packed, x, None), device)
 
 
 def workload_floor(

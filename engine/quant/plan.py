@@ -17,13 +17,19 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from engine.kernels import triton_available
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.quant.base import UNQUANTIZED, LinearMethod
 from engine.quant.bnb import Bnb4bitLinearMethod, BnbInt8LinearMethod, BnbPrequantizedLinearMethod
 from engine.quant.experts import QuantizedExpertsMethod, is_moe_experts
 from engine.quant.fp8 import Fp8LinearMethod, check_fp8_supported
 from engine.quant.sparse24 import Sparse24LinearMethod
-from engine.quant.w8a8 import W8A8LinearMethod, compressed_tensors_skip_modules, quantize_lm_head
+from engine.quant.w8a8 import (
+    W8A8LinearMethod,
+    choose_kernel,
+    compressed_tensors_skip_modules,
+    quantize_lm_head,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,7 @@ class QuantPlan:
     compute_dtype: torch.dtype = torch.float32  # 4-bit: dtype the dequantised weight multiplies in
     skip_modules: tuple[str, ...] = ()  # module names (or name parts) kept in float
     lm_head: bool = False  # w8a8: the LM head int8 too (EngineConfig.quantize_lm_head)
+    device_type: str = "cpu"  # where the model runs ("cpu", "cuda"): w8a8 picks its kernel by it
 
     @property
     def is_active(self) -> bool:
@@ -55,7 +62,7 @@ class QuantPlan:
 
     def make_method(self) -> LinearMethod:
         if self.mode == "w8a8":
-            return W8A8LinearMethod(prequantized=self.prequantized)
+            return W8A8LinearMethod(prequantized=self.prequantized, device_type=self.device_type)
         if self.prequantized:
             return BnbPrequantizedLinearMethod(self.mode, self.int8_threshold, self.compute_dtype)
         if self.mode == "int8":
@@ -85,6 +92,7 @@ def make_plan(config, hf_config: dict, device: torch.device) -> QuantPlan:
         compute_dtype=compute_dtype,
         skip_modules=tuple(config.quantization_skip_modules),
         lm_head=config.quantize_lm_head,
+        device_type=device.type,
     )
     if plan.sparse24:  # layers the pruning tool left dense stay on the float path
         marker_skip = tuple(hf_config[SPARSITY_MARKER].get("skip_modules") or ())
@@ -102,10 +110,13 @@ def make_plan(config, hf_config: dict, device: torch.device) -> QuantPlan:
             f"quantize_lm_head needs W8A8 (quantization 'w8a8' or a compressed-tensors W8A8 checkpoint); "
             f"the quantization here is {plan.mode!r}"
         )
-    if plan.mode == "w8a8" and device.type != "cpu":
+    if plan.mode == "w8a8" and device.type not in ("cpu", "cuda"):
         raise QuantizationError(
-            f"quantization 'w8a8' runs on the CPU only for now (int8 GEMMs of PyTorch's CPU backends); "
-            f"device is {device.type!r}: use fp8 on a GPU with compute capability >= 8.9"
+            f"quantization 'w8a8' runs on the CPU (PyTorch's int8 GEMMs) or CUDA (Triton); device is {device.type!r}"
+        )
+    if plan.mode == "w8a8" and device.type == "cuda" and not triton_available():
+        raise QuantizationError(
+            "quantization 'w8a8' on CUDA runs Triton kernels, and triton does not import here"
         )
     return plan
 
@@ -157,7 +168,7 @@ def finalize_model(model: nn.Module, plan: QuantPlan, device: torch.device) -> N
     for name, experts in _expert_targets(model, plan):
         _quantize_experts(name, experts, plan)
     if plan.lm_head:
-        _quantize_lm_heads(model)
+        _quantize_lm_heads(model, plan.device_type)
     model.to(device)
     for _, layer in targets:
         on_device = getattr(layer.quant_method, "on_device", None)
@@ -166,11 +177,13 @@ def finalize_model(model: nn.Module, plan: QuantPlan, device: torch.device) -> N
     _log_summary(targets, plan, model)
 
 
-def _quantize_lm_heads(model: nn.Module) -> None:
+def _quantize_lm_heads(model: nn.Module, device_type: str) -> None:
     lookup_tables = {id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding}
     for module in model.modules():
         if isinstance(module, ParallelLMHead):  # none on a pipeline stage before the last
-            quantize_lm_head(module, tied=id(module.weight) in lookup_tables)
+            quantize_lm_head(
+                module, tied=id(module.weight) in lookup_tables, kernel=choose_kernel(device_type)
+            )
 
 
 def model_weight_bytes(model: nn.Module) -> int:

@@ -32,6 +32,11 @@ Kernels (`KERNELS`; the engine picks one at start-up, `choose_kernel`, and logs 
   reference  the codes multiplied as float32 (exact while K * 127 * 127 < 2**24, else float32
            sums): never chosen by the engine; measures A = 127's quality where no exact int8
            kernel has it (loadtest/bench_quant.py's "w8a8 A=127" row).
+  triton   CUDA: engine.kernels.triton_w8a8, the activations quantised per token by one kernel
+           and multiplied by another on the int8 tensor cores (int32 sums, scales and bias in its
+           epilogue, output in the activation's dtype); B = A = 127. The weight's codes and scales
+           are the packed weight, moved to the GPU with the model (`on_device`). Tested under
+           Triton's interpreter; not yet run on a GPU.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from engine.quant.base import LinearMethod, _tensor_bytes
 log = logging.getLogger(__name__)
 
 WEIGHT_MAX = 127  # symmetric int8 weights: codes in [-127, 127]
-KERNELS = ("fbgemm", "onednn", "reference")
+KERNELS = ("fbgemm", "onednn", "reference", "triton")
 # projections the engine fuses into one layer: a checkpoint quantises all of a group or none
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _MIN_AMAX = 1e-12  # an all-zero row or token still gets a finite scale
@@ -66,7 +71,7 @@ def quantize_weight(weight: torch.Tensor, weight_max: int = WEIGHT_MAX) -> tuple
 
 def has_vnni_products(kernel: str) -> bool:
     """Whether `kernel` sums u8 x s8 products without an int16 step on this CPU."""
-    return kernel in ("onednn", "reference") or bool(torch.cpu._is_vnni_supported())
+    return kernel in ("onednn", "reference", "triton") or bool(torch.cpu._is_vnni_supported())
 
 
 def weight_max(kernel: str) -> int:
@@ -98,8 +103,12 @@ def row_absmax(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def choose_kernel() -> str:
-    """The int8 GEMM this CPU runs fastest (measured: loadtest/bench_int8_gemm.py); logged once."""
+def choose_kernel(device_type: str = "cpu") -> str:
+    """The int8 GEMM to run: on CUDA the Triton kernels; on the CPU the one it runs fastest
+    (measured: loadtest/bench_int8_gemm.py). Logged once."""
+    if device_type == "cuda":
+        log.info("w8a8: int8 GEMM triton (tensor cores; weights and activations in [-127, 127])")
+        return "triton"
     kernel = "onednn" if torch.cpu._is_amx_tile_supported() else "fbgemm"
     log.info(
         "w8a8: int8 GEMM %s (%s; weights quantised at load: codes in [-%d, %d], activations [-%d, %d]; "
@@ -126,6 +135,8 @@ def prepare(kernel: str, w_q: torch.Tensor, w_scale: torch.Tensor):
         return packed, w_scale.float().contiguous(), torch.zeros(w_q.shape[0], dtype=torch.long)
     if kernel == "reference":
         return w_q.float().t().contiguous(), w_scale.float()
+    if kernel == "triton":  # the codes and scales as they are (on_device: the GPU's copies)
+        return w_q, w_scale.float()
     raise ValueError(f"unknown w8a8 kernel {kernel!r}; one of {KERNELS}")
 
 
@@ -134,6 +145,10 @@ def linear(
 ) -> torch.Tensor:
     """y = x W^T + b for x [T, K] float32 through `kernel`'s packed weight -> [T, N] float32."""
     act_max = act_max or activation_max(kernel)
+    if kernel == "triton":
+        from engine.kernels.triton_w8a8 import int8_linear
+
+        return int8_linear(x, *packed, bias, act_max, out_dtype=torch.float32)
     amax = row_absmax(x).clamp_(min=_MIN_AMAX)  # [T, 1]
     if kernel == "fbgemm":
         # fbgemm rounds x * (A / amax) (scale 1) and offsets it by its zero point to u8 in [1, 2A + 1]
@@ -187,9 +202,11 @@ class W8A8LinearMethod(LinearMethod):
 
     name = "w8a8"
 
-    def __init__(self, prequantized: bool = False, kernel: str | None = None) -> None:
+    def __init__(
+        self, prequantized: bool = False, kernel: str | None = None, device_type: str = "cpu"
+    ) -> None:
         self.prequantized = prequantized
-        self.kernel = kernel or choose_kernel()
+        self.kernel = kernel or choose_kernel(device_type)
         self.weight_max = weight_max(self.kernel)  # codes of weights quantised here
 
     def create_weights(self, layer: nn.Module) -> None:
@@ -222,11 +239,20 @@ class W8A8LinearMethod(LinearMethod):
         layer.w8a8_packed = prepare(self.kernel, layer.weight_int8.data, layer.weight_scale.data)
         layer.w8a8_act_max = activation_max(self.kernel, int(w_q.abs().max().item()))
 
+    def on_device(self, layer: nn.Module, device: torch.device) -> None:
+        if self.kernel == "triton":  # the moved parameters are the packed weight
+            layer.w8a8_packed = prepare(self.kernel, layer.weight_int8.data, layer.weight_scale.data)
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # x: [..., K] -> [..., N]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y = linear(self.kernel, layer.w8a8_packed, x2.float(), bias, layer.w8a8_act_max).to(x.dtype)
+        if self.kernel == "triton":  # reads x in its dtype and writes y in it
+            from engine.kernels.triton_w8a8 import int8_linear
+
+            y = int8_linear(x2, *layer.w8a8_packed, bias, layer.w8a8_act_max)
+        else:
+            y = linear(self.kernel, layer.w8a8_packed, x2.float(), bias, layer.w8a8_act_max).to(x.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def weight_bytes(self, layer: nn.Module) -> int:

@@ -104,3 +104,27 @@ def test_compressed_tensors_int8_weights_and_scales_load_as_each_ranks_shard(
     else:
         assert torch.equal(torch.cat([s.weight_int8 for s in layers], dim=1), w_q)
         assert all(torch.equal(s.weight_scale, w_scale) for s in layers)
+
+
+def test_an_int8_lm_head_s_vocabulary_shards_give_the_whole_head_s_logits(monkeypatch, weight_and_input):
+    # quantize_lm_head: codes per vocabulary row, so each rank's rows are the whole head's, split;
+    # the activations are per token, the same on every rank
+    from engine.layers import embed_head
+    from engine.layers.embed_head import ParallelLMHead
+    from engine.quant.w8a8 import quantize_lm_head
+
+    weight, x = weight_and_input  # [vocab 128, hidden 256]
+
+    def head(rank: int, size: int) -> ParallelLMHead:
+        monkeypatch.setattr(embed_head, "get_tp_rank", lambda: rank)
+        monkeypatch.setattr(embed_head, "get_tp_size", lambda: size)
+        module = ParallelLMHead(OUT, IN)
+        module.weight.weight_loader(module.weight, weight)
+        quantize_lm_head(module, tied=False)
+        return module
+
+    whole, shards = head(0, 1), [head(r, 2) for r in range(2)]
+    with torch.inference_mode():
+        gathered = torch.cat([s.matmul(x) for s in shards], dim=-1)  # what all_gather puts together
+        torch.testing.assert_close(gathered, whole.matmul(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.cat([s.weight_int8 for s in shards]), whole.weight_int8)

@@ -245,12 +245,6 @@ def test_an_int8_head_without_w8a8_is_refused_by_name(tiny_checkpoint, quantizat
         make_plan(config, {}, torch.device("cpu"))
 
 
-def test_w8a8_is_refused_off_the_cpu_with_a_clear_error(tiny_checkpoint):
-    config = EngineConfig(model=str(tiny_checkpoint), device="cuda", dtype="float32", quantization="w8a8")
-    with pytest.raises(QuantizationError, match=r"w8a8.*CPU only"):
-        make_plan(config, {}, torch.device("cuda"))
-
-
 @pytest.fixture(scope="module")
 def w8a8_folder(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("w8a8") / "tiny-w8a8"
