@@ -72,6 +72,11 @@ def _vector_flags() -> tuple[str, list[str]]:
     return capability.lower(), flags
 
 
+def is_loaded() -> bool:
+    """Whether `load()` has loaded the kernels in this process (never tries to build them)."""
+    return bool(_loaded)
+
+
 def load() -> bool:
     """Build (or find built) and load the kernels, once per process; False where they cannot run
     here, with the reason logged (once) and kept for `failure()`."""

@@ -48,6 +48,7 @@ import warnings
 import torch
 from torch import nn
 
+from engine.kernels import cpu_kernels
 from engine.quant.base import LinearMethod, _tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,17 @@ def quantize_per_token(x: torch.Tensor, act_max: int) -> tuple[torch.Tensor, tor
     The reference of what the kernels compute (they round inside); tests and the float64 check use it."""
     amax = row_absmax(x).clamp(min=_MIN_AMAX)
     return torch.round(x * (act_max / amax)), amax / act_max
+
+
+def scale_rows(x: torch.Tensor, act_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x * (act_max / amax), amax [T, 1]) for x [T, K] float32, amax the rows' absolute maxima
+    (at least _MIN_AMAX): one C++ pass per row where the CPU kernels are loaded (the engine loads
+    them at start-up unless cpu_fused_ops and the paged attention are both off), the same values
+    as the eager ops otherwise."""
+    if x.is_cpu and x.dtype == torch.float32 and x.stride(-1) == 1 and cpu_kernels.is_loaded():
+        return torch.ops.sluice_cpu.scale_rows(x, float(act_max), _MIN_AMAX)
+    amax = row_absmax(x).clamp_(min=_MIN_AMAX)
+    return x * (act_max / amax), amax
 
 
 def row_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -149,16 +161,18 @@ def linear(
         from engine.kernels.triton_w8a8 import int8_linear
 
         return int8_linear(x, *packed, bias, act_max, out_dtype=torch.float32)
-    amax = row_absmax(x).clamp_(min=_MIN_AMAX)  # [T, 1]
     if kernel == "fbgemm":
+        scaled, amax = scale_rows(x, act_max)
         # fbgemm rounds x * (A / amax) (scale 1) and offsets it by its zero point to u8 in [1, 2A + 1]
         sums = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x * (act_max / amax), 1.0, act_max + 1, packed
+            scaled, 1.0, act_max + 1, packed
         )  # [T, N]: s_w * sum(x_q * w_q)
     elif kernel == "reference":
+        amax = row_absmax(x).clamp_(min=_MIN_AMAX)  # [T, 1]
         codes_t, w_scale = packed
         sums = torch.round(x * (act_max / amax)) @ codes_t * w_scale
     else:
+        amax = row_absmax(x).clamp_(min=_MIN_AMAX)  # [T, 1]
         weight, w_scale, w_zero = packed
         x_q = torch.round(x * (act_max / amax)).to(torch.int8)
         sums = torch.ops.onednn.qlinear_pointwise(

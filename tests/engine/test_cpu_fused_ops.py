@@ -104,3 +104,19 @@ def test_the_engine_fuses_on_cpu_and_decodes_as_the_eager_ops_do(tiny_checkpoint
     assert runs[True][0] == {"RMSNorm", "ActAndMul", "RotaryEmbedding"}
     assert runs[False][0] == set()
     assert runs[True][1] == runs[False][1]
+
+
+@pytest.mark.parametrize("k", [7, 64, 300, 3072])  # below, at and past the vector width; tails
+def test_w8a8_row_scaling_gives_the_eager_ops_bits(k):
+    # engine.quant.w8a8.scale_rows: x * (A / max(|x|)) per row, and the maxima; an all-zero row
+    # gets the least maximum, a row of one large value its own
+    x = torch.randn(6, k, generator=torch.Generator().manual_seed(k)) * torch.logspace(-3, 3, 6)[:, None]
+    x[2] = 0.0
+    x[4, -1] = -1e6
+    amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    scaled, maxima = torch.ops.sluice_cpu.scale_rows(x, 127.0, 1e-12)
+    assert torch.equal(maxima, amax)
+    assert torch.equal(scaled, x * (127 / amax))
+    strided = torch.randn(3, 2 * k)[:, :k]  # rows apart in memory, as a view of a wider tensor
+    scaled, maxima = torch.ops.sluice_cpu.scale_rows(strided, 63.0, 1e-12)
+    assert torch.equal(scaled, strided * (63 / strided.abs().amax(dim=-1, keepdim=True)))

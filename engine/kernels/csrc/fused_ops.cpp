@@ -1,5 +1,5 @@
 // The decoder layer's elementwise work on CPU, one pass each: RMSNorm (with the residual add that
-// precedes it), rotary embedding and SiLU-and-multiply. Eagerly each is 4-9 PyTorch ops, every
+// precedes it), rotary embedding and SiLU-and-multiply; and W8A8's per-token activation scaling. Eagerly each is 4-9 PyTorch ops, every
 // one a pass over the activations and a dispatch (vLLM's CPU build fuses the same three in C++).
 // x86 only, as the library it is built into (paged_attention.cpp, immintrin.h).
 //
@@ -212,6 +212,46 @@ void rotary_(at::Tensor& x, const at::Tensor& cos_sin, const at::Tensor& positio
   dispatch_float(x.scalar_type(), "rotary", launch);
 }
 
+// W8A8's per-token activation scaling (engine.quant.w8a8.linear): x [T, K] float32, rows
+// contiguous -> (x * (act_max / amax), amax [T, 1]) with amax = max(max_k |x[t, k]|, min_amax),
+// the values of the eager x * (act_max / x.abs().amax(-1, keepdim=True).clamp(min=min_amax)) bit
+// for bit, in one pass per row (read twice while it is in cache) where eager takes four passes
+// and an [T, K] temporary (abs).
+std::tuple<at::Tensor, at::Tensor> scale_rows(const at::Tensor& x, double act_max, double min_amax) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, "scale_rows: x [T, K] float32");
+  const int64_t rows = x.size(0), k = x.size(1), x_row = x.stride(0);
+  auto out = at::empty({rows, k}, x.options());
+  auto amax = at::empty({rows, 1}, x.options());
+  const float* in = x.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  float* maxima = amax.data_ptr<float>();
+  const float codes = static_cast<float>(act_max), least = static_cast<float>(min_amax);
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    namespace vec = sluice_cpu::attention;
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = in + t * x_row;
+      float* out_row = o + t * k;
+      vec::vfloat running = vec::splat(0.0f);
+      int64_t i = 0;
+      for (; i + vec::kLanes <= k; i += vec::kLanes) {
+        const vec::vfloat v = vec::load(row + i);
+        const vec::vfloat magnitude = v < 0.0f ? -v : v;
+        running = running > magnitude ? running : magnitude;
+      }
+      float best = vec::hmax(running);
+      for (; i < k; ++i) best = std::max(best, std::fabs(row[i]));
+      best = std::max(best, least);
+      maxima[t] = best;
+      const float inverse = (1.0f / best) * codes;  // how eager A / amax rounds: reciprocal, then times A
+      const vec::vfloat scale = vec::splat(inverse);
+      i = 0;
+      for (; i + vec::kLanes <= k; i += vec::kLanes) vec::store(out_row + i, vec::load(row + i) * scale);
+      for (; i < k; ++i) out_row[i] = row[i] * inverse;
+    }
+  });
+  return {out, amax};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sluice_cpu, m) {
@@ -220,5 +260,7 @@ TORCH_LIBRARY_FRAGMENT(sluice_cpu, m) {
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.impl("silu_and_mul", c10::DispatchKey::CPU, TORCH_FN(silu_and_mul));
   m.def("rotary_(Tensor(a!) x, Tensor cos_sin, Tensor positions) -> ()");
+  m.def("scale_rows(Tensor x, float act_max, float min_amax) -> (Tensor, Tensor)");
+  m.impl("scale_rows", c10::DispatchKey::CPU, TORCH_FN(scale_rows));
   m.impl("rotary_", c10::DispatchKey::CPU, TORCH_FN(rotary_));
 }
