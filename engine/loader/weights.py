@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.tp import get_tp_size
 from engine.loader.checkpoint import (
     CheckpointInfo,
@@ -72,10 +73,18 @@ def build_model(
     load_weights(model, folder)
     if quant_plan.is_active:
         try:
-            finalize_model(model, quant_plan, torch.device(device))
+            heads = lm_heads(model) if quant_plan.lm_head else []
+            finalize_model(model, quant_plan, torch.device(device), heads)
         except ValueError as e:  # a layer's method found the loaded weights unusable
             raise WeightLoadError(f"{folder}: {e}") from None
     return model.eval()
+
+
+def lm_heads(model: nn.Module) -> list[tuple[ParallelLMHead, bool]]:
+    """The model's LM heads (none on a pipeline stage before the last), each with whether it is
+    tied to the embedding's table (which the lookup keeps reading in float)."""
+    lookup_tables = {id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding}
+    return [(m, id(m.weight) in lookup_tables) for m in model.modules() if isinstance(m, ParallelLMHead)]
 
 
 @torch.no_grad()

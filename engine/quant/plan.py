@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from engine.kernels import triton_available
-from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.quant.base import UNQUANTIZED, LinearMethod
 from engine.quant.bnb import Bnb4bitLinearMethod, BnbInt8LinearMethod, BnbPrequantizedLinearMethod
 from engine.quant.experts import QuantizedExpertsMethod, is_moe_experts
@@ -158,8 +157,11 @@ def claim_checkpoint_tensor(claimers: dict[str, nn.Module], param_name: str, sha
 
 
 @torch.no_grad()
-def finalize_model(model: nn.Module, plan: QuantPlan, device: torch.device) -> None:
-    """After loading (model on the host): convert each targeted layer, then move the model to `device`."""
+def finalize_model(
+    model: nn.Module, plan: QuantPlan, device: torch.device, lm_heads: list[tuple[nn.Module, bool]] = ()
+) -> None:
+    """After loading (model on the host): convert each targeted layer (and with `plan.lm_head` each
+    of `lm_heads`: (head, tied to the embedding's table)), then move the model to `device`."""
     targets = _targets(model, plan)
     for _, layer in targets:
         if layer.quant_method is UNQUANTIZED:
@@ -167,23 +169,15 @@ def finalize_model(model: nn.Module, plan: QuantPlan, device: torch.device) -> N
         layer.quant_method.process_weights_after_loading(layer)
     for name, experts in _expert_targets(model, plan):
         _quantize_experts(name, experts, plan)
-    if plan.lm_head:
-        _quantize_lm_heads(model, plan.device_type)
+    if plan.lm_head:  # the loader finds the heads: layer classes are a floor above this one
+        for head, tied in lm_heads:
+            quantize_lm_head(head, tied, kernel=choose_kernel(plan.device_type))
     model.to(device)
     for _, layer in targets:
         on_device = getattr(layer.quant_method, "on_device", None)
         if on_device is not None:
             on_device(layer, device)
     _log_summary(targets, plan, model)
-
-
-def _quantize_lm_heads(model: nn.Module, device_type: str) -> None:
-    lookup_tables = {id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding}
-    for module in model.modules():
-        if isinstance(module, ParallelLMHead):  # none on a pipeline stage before the last
-            quantize_lm_head(
-                module, tied=id(module.weight) in lookup_tables, kernel=choose_kernel(device_type)
-            )
 
 
 def model_weight_bytes(model: nn.Module) -> int:
