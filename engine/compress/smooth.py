@@ -117,9 +117,8 @@ def compute_smoothing(
     scales = {}
     for i, layer in enumerate(model.model.layers):
         for norm, (block, projections) in MAPPINGS.items():
-            fed = [
-                getattr(getattr(layer, block), p) for p in projections if hasattr(getattr(layer, block), p)
-            ]
+            owner = getattr(layer, block)
+            fed = [getattr(owner, p) for p in projections if hasattr(owner, p)]
             weight_max = torch.stack([m.weight.abs().amax(dim=0) for m in fed]).amax(dim=0)
             key = f"model.layers.{i}.{norm}"
             scales[key] = smoothing_scale(activation_max[key], weight_max, alpha)

@@ -153,14 +153,31 @@ def prepare(kernel: str, w_q: torch.Tensor, w_scale: torch.Tensor):
 
 
 def linear(
-    kernel: str, packed, x: torch.Tensor, bias: torch.Tensor | None, act_max: int | None = None
+    kernel: str,
+    packed,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    act_max: int | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """y = x W^T + b for x [T, K] float32 through `kernel`'s packed weight -> [T, N] float32."""
+    """y = x W^T + b for x [T, K] through `kernel`'s packed weight -> [T, N] in `out_dtype`.
+    The CPU kernels compute in float32 (x is converted); Triton reads x and writes y as they are."""
     act_max = act_max or activation_max(kernel)
     if kernel == "triton":
-        from engine.kernels.triton_w8a8 import int8_linear
+        return _triton_int8_linear()(x, *packed, bias, act_max, out_dtype=out_dtype)
+    return _cpu_linear(kernel, packed, x.float(), bias, act_max).to(out_dtype)
 
-        return int8_linear(x, *packed, bias, act_max, out_dtype=torch.float32)
+
+@functools.cache
+def _triton_int8_linear():
+    """engine.kernels.triton_w8a8.int8_linear, imported on first use: importing Triton costs
+    start-up time that CPU engines never need."""
+    from engine.kernels.triton_w8a8 import int8_linear
+
+    return int8_linear
+
+
+def _cpu_linear(kernel: str, packed, x: torch.Tensor, bias: torch.Tensor | None, act_max: int) -> torch.Tensor:
     if kernel == "fbgemm":
         scaled, amax = scale_rows(x, act_max)
         # fbgemm rounds x * (A / amax) (scale 1) and offsets it by its zero point to u8 in [1, 2A + 1]
@@ -204,7 +221,7 @@ def quantize_lm_head(head: nn.Module, tied: bool, kernel: str | None = None) -> 
 
 
 def _head_matmul(kernel: str, packed, act_max: int, x: torch.Tensor) -> torch.Tensor:
-    return linear(kernel, packed, x.float(), None, act_max).to(x.dtype)
+    return linear(kernel, packed, x, None, act_max, out_dtype=x.dtype)
 
 
 class W8A8LinearMethod(LinearMethod):
@@ -261,12 +278,7 @@ class W8A8LinearMethod(LinearMethod):
         # x: [..., K] -> [..., N]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.kernel == "triton":  # reads x in its dtype and writes y in it
-            from engine.kernels.triton_w8a8 import int8_linear
-
-            y = int8_linear(x2, *layer.w8a8_packed, bias, layer.w8a8_act_max)
-        else:
-            y = linear(self.kernel, layer.w8a8_packed, x2.float(), bias, layer.w8a8_act_max).to(x.dtype)
+        y = linear(self.kernel, layer.w8a8_packed, x2, bias, layer.w8a8_act_max, out_dtype=x.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def weight_bytes(self, layer: nn.Module) -> int:
