@@ -230,3 +230,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rotary_(x: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor) -> None:
     """Rotates x [T, heads, D] in place by cos_sin [P, D] (float32) at positions [T] (int64)."""
     torch.ops.sluice_cpu.rotary_(x, cos_sin, positions)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [N, V] float32 (rows contiguous) -> [N] int64: torch.argmax(x, dim=-1)'s answer in one
+    vectorised pass per row."""
+    return torch.ops.sluice_cpu.argmax_rows(x)

@@ -120,3 +120,24 @@ def test_w8a8_row_scaling_gives_the_eager_ops_bits(k):
     strided = torch.randn(3, 2 * k)[:, :k]  # rows apart in memory, as a view of a wider tensor
     scaled, maxima = torch.ops.sluice_cpu.scale_rows(strided, 63.0, 1e-12)
     assert torch.equal(scaled, strided * (63 / strided.abs().amax(dim=-1, keepdim=True)))
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 8, 17, 2048, 32001])  # one value, below, at and past the vector width; tails
+def test_greedy_argmax_is_torch_argmax_with_ties_nans_and_infinities(vocab):
+    # engine.executor.sampler.argmax: the first index of the largest value, a NaN above all
+    gen = torch.Generator().manual_seed(vocab)
+    rows = [
+        torch.randn(vocab, generator=gen),
+        torch.randint(0, 3, (vocab,), generator=gen).float(),  # ties: the first one wins
+        torch.full((vocab,), float("-inf")),
+        torch.full((vocab,), 7.0),
+        torch.randn(vocab, generator=gen).masked_fill(torch.arange(vocab) >= vocab // 2, float("nan")),
+        torch.randn(vocab, generator=gen).index_fill(0, torch.tensor([vocab - 1]), float("nan")),
+        torch.randn(vocab, generator=gen).index_fill(0, torch.tensor([vocab - 1]), float("inf")),
+        torch.zeros(vocab).index_fill(0, torch.tensor([vocab // 3]), -0.0),  # -0.0 == 0.0: index 0
+    ]
+    x = torch.stack(rows)
+    assert torch.equal(cpu_kernels.argmax_rows(x), x.argmax(dim=-1))
+    strided = torch.randn(3, 2 * vocab, generator=gen)[:, :vocab]  # rows of a wider tensor
+    assert torch.equal(cpu_kernels.argmax_rows(strided), strided.argmax(dim=-1))
+    assert cpu_kernels.argmax_rows(x[:0]).shape == (0,)
