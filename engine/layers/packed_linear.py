@@ -19,6 +19,18 @@ sgemm; products exact, sums in float32 as in the bfloat16 matmul, output rounded
 smaller ones, where reading the weight's bytes once decides, keep the bfloat16 matmul. The log
 says which path a CPU engine took, once.
 
+Small float32 weights are not packed. A packed call has a fixed cost that F.linear's has not
+(~22 us on a Zen 3 core pair, measured with 1 to 128 rows), and oneDNN builds a new primitive the
+first time it sees a row count (~0.9 ms for a 128x256 weight), which a batch that shrinks as its
+sequences finish meets at nearly every step. Timed alone at 1-512 rows on the AVX2 Zen 3, 2 threads
+(loadtest/RESULTS.md): F.linear is faster for every weight below 512x512 elements at every row
+count (128x128 at 128 rows: 36 against 56 us), about level at 512x512, and slower from 512x1024
+up to 128 rows (the gain the packing is for: 768x2304 at 16 rows, 608 against 438 us). So float32
+weights below 2**18 elements stay with F.linear; on the micro checkpoint (its projections 128x128
+to 344x128) the decode workload ran 1.11x faster (median of 6 alternating rounds). bfloat16
+weights are packed at every size: F.linear in bfloat16 reorders the weight on every call, and
+no AVX-512 machine was at hand to measure small ones.
+
 Only unquantised LinearBase layers on a CPU engine are packed; quantised methods keep their own
 kernels. The packed weight stays the layer's `weight` parameter (same shape, dtype and size), so
 parameter counts and weight bytes read as before; it is opaque (layout torch._mkldnn), so
@@ -43,6 +55,8 @@ from engine.quant.base import UNQUANTIZED, LinearMethod
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 _DECODE_ROWS_HINT = 64  # oneDNN picks its blocking for this many rows; any number of rows works
+# float32 weights smaller than this many elements (1 MiB) stay with F.linear (module docstring)
+MIN_PACKED_FLOAT32_WEIGHT = 1 << 18
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +71,12 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and (dtype != torch.bfloat16 or cpu_features.onednn_has_bf16())
     )
+
+
+def worth_packing(weight: torch.Tensor) -> bool:
+    """Whether oneDNN's packed call should beat F.linear's for this weight: every bfloat16 one,
+    float32 ones from MIN_PACKED_FLOAT32_WEIGHT elements (module docstring)."""
+    return weight.dtype != torch.float32 or weight.numel() >= MIN_PACKED_FLOAT32_WEIGHT
 
 
 class OneDNNPackedLinearMethod(LinearMethod):
@@ -108,11 +128,17 @@ def pack_linear_weights(model: nn.Module, device: torch.device, dtype: torch.dty
             isinstance(module, LinearBase)
             and module.quant_method is UNQUANTIZED
             and module.weight.dtype == dtype
+            and worth_packing(module.weight)
         ):
             ONEDNN_PACKED.process_weights_after_loading(module)
             module.quant_method = ONEDNN_PACKED
             packed += 1
-        elif isinstance(module, ParallelLMHead) and module.matmul is None and module.weight.dtype == dtype:
+        elif (
+            isinstance(module, ParallelLMHead)
+            and module.matmul is None
+            and module.weight.dtype == dtype
+            and worth_packing(module.weight)
+        ):
             weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), _DECODE_ROWS_HINT)
             if id(module.weight) not in lookup_tables:  # untied: nothing else reads the plain weight
                 module.weight = nn.Parameter(weight, requires_grad=False)

@@ -106,7 +106,9 @@ def test_on_an_avx2_cpu_greedy_tokens_equal_transformers(as_avx2, dtype):
 
 def test_on_an_avx2_cpu_bfloat16_weights_stay_unpacked_and_float32_ones_are_packed(as_avx2):
     assert as_avx2["bfloat16"]["methods"] == ["bf16-fp32-compute"]
-    assert as_avx2["float32"]["methods"] == ["onednn-packed"]
+    # float32: tiny's weights of 2**18 elements and more (gate/up, the head) are packed, its
+    # smaller ones stay with F.linear (engine.layers.packed_linear)
+    assert as_avx2["float32"]["methods"] == ["none", "onednn-packed"]
 
 
 @pytest.mark.slow

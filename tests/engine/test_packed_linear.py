@@ -13,6 +13,7 @@ from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.kernels import cpu_features
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import LinearBase, ReplicatedLinear
+from engine.layers import packed_linear
 from engine.layers.packed_linear import BF16_ON_FP32, ONEDNN_PACKED, can_pack, pack_linear_weights
 from engine.quant.base import UNQUANTIZED, LinearMethod
 from tests.engine.transformers_greedy import transformers_greedy
@@ -30,6 +31,12 @@ def _layer(dtype: torch.dtype, bias: bool) -> ReplicatedLinear:
     if bias:
         layer.bias.data.normal_()
     return layer
+
+
+@pytest.fixture
+def pack_every_size(monkeypatch):
+    """This file's 96x160 float32 layers packed too (below MIN_PACKED_FLOAT32_WEIGHT they are not)."""
+    monkeypatch.setattr(packed_linear, "MIN_PACKED_FLOAT32_WEIGHT", 0)
 
 
 @pytest.fixture
@@ -70,7 +77,7 @@ def test_without_onednn_bfloat16_a_layer_keeps_its_weight_and_rounds_a_float32_p
 
 
 @pytest.mark.parametrize("rows", [1, 5, 64, 300])
-def test_a_packed_float32_layer_matches_f_linear_to_the_last_bits(rows):
+def test_a_packed_float32_layer_matches_f_linear_to_the_last_bits(pack_every_size, rows):
     layer = _layer(torch.float32, bias=True)
     x = torch.randn(rows, 96)
     expected = layer(x)
@@ -79,7 +86,7 @@ def test_a_packed_float32_layer_matches_f_linear_to_the_last_bits(rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packing_keeps_the_weight_shape_dtype_and_byte_count(dtype):
+def test_packing_keeps_the_weight_shape_dtype_and_byte_count(pack_every_size, dtype):
     layer = _layer(dtype, bias=False)
     shape, nbytes = layer.weight.shape, layer.quant_method.weight_bytes(layer)
     pack_linear_weights(layer, torch.device("cpu"), dtype)
@@ -100,7 +107,7 @@ def test_quantised_layers_and_other_devices_or_dtypes_are_left_alone():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_the_lm_head_multiplies_by_packed_weights_and_a_tied_embedding_keeps_its_table(tied):
+def test_the_lm_head_multiplies_by_packed_weights_and_a_tied_embedding_keeps_its_table(pack_every_size, tied):
     torch.manual_seed(0)
     model = torch.nn.Module()
     model.embed = VocabParallelEmbedding(50, 32)
@@ -115,6 +122,30 @@ def test_the_lm_head_multiplies_by_packed_weights_and_a_tied_embedding_keeps_its
     assert model.head.weight.is_mkldnn is not tied  # untied: the plain weight is gone, not kept twice
 
 
+def test_small_float32_weights_stay_with_f_linear_and_large_ones_are_packed():
+    # a packed call's fixed cost outweighs its gain below 2**18 elements (packed_linear's docstring)
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    with torch.device("cpu"):
+        model.small = ReplicatedLinear(128, 2047, bias=False)  # one row short of 2**18 elements
+        model.large = ReplicatedLinear(128, 2048, bias=False)
+        model.embed = VocabParallelEmbedding(100, 128)
+        model.head = ParallelLMHead(100, 128)  # untied, 12,800 elements
+        model.small_bf16 = ReplicatedLinear(96, 160, bias=False).to(torch.bfloat16)
+    for parameter in model.parameters():
+        parameter.data.normal_()
+    x = torch.randn(5, 128)
+    expected = model.small(x)
+    assert pack_linear_weights(model, torch.device("cpu"), torch.float32) == 1
+    assert model.small.quant_method is UNQUANTIZED and not model.small.weight.is_mkldnn
+    assert torch.equal(model.small(x), expected)  # F.linear itself
+    assert model.large.quant_method is ONEDNN_PACKED and model.large.weight.is_mkldnn
+    assert model.head.matmul is None and not model.head.weight.is_mkldnn
+    if cpu_features.onednn_has_bf16():  # bfloat16 weights are packed at every size
+        assert pack_linear_weights(model, torch.device("cpu"), torch.bfloat16) == 1
+        assert model.small_bf16.quant_method is ONEDNN_PACKED
+
+
 def _linear_methods(engine: LLMEngine) -> set:
     return {m.quant_method for m in engine.runner.model.modules() if isinstance(m, LinearBase)}
 
@@ -125,7 +156,12 @@ def test_a_cpu_engine_packs_its_linear_layers_unless_told_not_to(tiny_checkpoint
     for prepack in (True, False):
         config = EngineConfig(model=str(tiny_checkpoint), dtype="float32", cpu_weight_prepack=prepack)
         with LLMEngine(config) as engine:
-            assert _linear_methods(engine) == ({ONEDNN_PACKED} if prepack else {UNQUANTIZED})
+            for layer in engine.runner.model.modules():
+                if isinstance(layer, LinearBase):  # tiny's qkv, o and down weights are small ones
+                    large = layer.weight.numel() >= packed_linear.MIN_PACKED_FLOAT32_WEIGHT
+                    assert layer.quant_method is (ONEDNN_PACKED if prepack and large else UNQUANTIZED)
+            if prepack:
+                assert ONEDNN_PACKED in _linear_methods(engine)
             outputs[prepack] = [
                 o.token_ids for o in engine.generate([[1, 7, 9, 11, 13]], params, use_tqdm=False)
             ]

@@ -1,0 +1,140 @@
+"""Where packing a float32 weight for oneDNN pays, against F.linear (engine.layers.packed_linear).
+
+Two measurements:
+  calls    each KxN weight, F.linear on the plain weight against oneDNN's packed call
+           (torch.ops.mkldnn._linear_pointwise), microseconds per call at each row count, the best
+           of 5 repeats on a warm primitive; and the cost of a packed call's first row count
+           (oneDNN builds a primitive per row count it meets).
+  engine   whole engines in one process, each with another MIN_PACKED_FLOAT32_WEIGHT (0: every
+           float32 weight packed; the default; one above it), each warmed on the workload drawn
+           with another seed, then the workload in alternating rounds (a new draw per round, so
+           the prefix cache starts cold in each): seconds per round and the median.
+
+    .venv/bin/python loadtest/bench_packing.py calls [--shapes 128x128 ...] [--rows 1 16 128 512]
+    .venv/bin/python loadtest/bench_packing.py engine [--preset micro] [--workload decode] [--thresholds 0 262144 ...] [--rounds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine import EngineConfig, LLMEngine, SamplingParams, ensure_demo_checkpoint  # noqa: E402
+from engine.kernels import cpu_features  # noqa: E402
+from engine.layers import packed_linear  # noqa: E402
+from loadtest.workloads import WORKLOADS  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SHAPES = ["128x128", "128x256", "344x128", "128x2048", "512x512", "512x1024", "768x2304"]
+
+
+def _best_us(fn, calls: int = 100, repeats: int = 5) -> float:
+    for _ in range(10):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best * 1e6
+
+
+def run_calls(args: argparse.Namespace) -> None:
+    print("| K x N | elements | rows | F.linear (us) | packed (us) | packed / F.linear |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for shape in args.shapes:
+        k, n = (int(v) for v in shape.split("x"))
+        weight = torch.randn(n, k)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, packed_linear._DECODE_ROWS_HINT)
+        for rows in args.rows:
+            x = torch.randn(rows, k)
+            plain = _best_us(lambda: F.linear(x, weight))
+            onednn = _best_us(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+            print(f"| {k} x {n} | {k * n:,} | {rows} | {plain:.1f} | {onednn:.1f} | {onednn / plain:.2f} |")
+    k, n = (int(v) for v in args.shapes[0].split("x"))
+    weight = torch.randn(n, k)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, packed_linear._DECODE_ROWS_HINT)
+    batches = [torch.randn(rows, k) for rows in range(1, 129)]
+    for label, call in (
+        ("packed", lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")),
+        ("F.linear", lambda x: F.linear(x, weight)),
+    ):
+        passes = []
+        for _ in range(2):
+            start = time.perf_counter()
+            for x in batches:
+                call(x)
+            passes.append((time.perf_counter() - start) / len(batches) * 1e6)
+        print(
+            f"{k} x {n}, {label}, rows 1..128 each once: first pass {passes[0]:.1f} us per call, second {passes[1]:.1f}"
+        )
+
+
+def run_engines(args: argparse.Namespace) -> None:
+    folder = ensure_demo_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
+    vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
+    make_workload = WORKLOADS[args.workload]
+
+    def params(workload):
+        return [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
+
+    engines = {}
+    for threshold in args.thresholds:
+        packed_linear.MIN_PACKED_FLOAT32_WEIGHT = threshold  # read at load, by pack_linear_weights
+        engine = LLMEngine(EngineConfig(model=str(folder), dtype="float32"))
+        warm = make_workload(vocab_size, seed=1)
+        engine.generate(warm.prompts, params(warm), use_tqdm=False)
+        engines[threshold] = engine
+    seconds = {threshold: [] for threshold in args.thresholds}
+    for round_index in range(args.rounds):
+        workload = make_workload(vocab_size, seed=10 + round_index)
+        order = args.thresholds if round_index % 2 == 0 else args.thresholds[::-1]
+        for threshold in order:
+            start = time.perf_counter()
+            engines[threshold].generate(workload.prompts, params(workload), use_tqdm=False)
+            seconds[threshold].append(time.perf_counter() - start)
+    print(f"{args.preset}/{args.workload}, float32, {args.rounds} alternating rounds")
+    print("| MIN_PACKED_FLOAT32_WEIGHT | packed layers | seconds per round | median (s) |")
+    print("|---:|---:|---|---:|")
+    for threshold, engine in engines.items():
+        packed = sum(
+            1 for m in engine.runner.model.modules() if getattr(m, "quant_method", None) is packed_linear.ONEDNN_PACKED
+        )
+        rounds = ", ".join(f"{s:.3f}" for s in seconds[threshold])
+        print(f"| {threshold:,} | {packed} | {rounds} | {statistics.median(seconds[threshold]):.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["calls", "engine"])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="KxN")
+    parser.add_argument("--rows", type=int, nargs="*", default=[1, 16, 128, 512])
+    parser.add_argument("--preset", default="micro")
+    parser.add_argument("--workload", default="decode", choices=sorted(WORKLOADS))
+    parser.add_argument(
+        "--thresholds",
+        type=int,
+        nargs="*",
+        default=[0, packed_linear.MIN_PACKED_FLOAT32_WEIGHT, packed_linear.MIN_PACKED_FLOAT32_WEIGHT + 1],
+    )
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {cpu_features.describe()}, {args.threads} threads")
+    run_calls(args) if args.what == "calls" else run_engines(args)
+
+
+if __name__ == "__main__":
+    main()
