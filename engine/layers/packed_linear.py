@@ -20,16 +20,17 @@ smaller ones, where reading the weight's bytes once decides, keep the bfloat16 m
 says which path a CPU engine took, once.
 
 Small float32 weights are not packed. A packed call has a fixed cost that F.linear's has not
-(~22 us on a Zen 3 core pair, measured with 1 to 128 rows), and oneDNN builds a new primitive the
-first time it sees a row count (~0.9 ms for a 128x256 weight), which a batch that shrinks as its
-sequences finish meets at nearly every step. Timed alone at 1-512 rows on the AVX2 Zen 3, 2 threads
-(loadtest/RESULTS.md): F.linear is faster for every weight below 512x512 elements at every row
-count (128x128 at 128 rows: 36 against 56 us), about level at 512x512, and slower from 512x1024
-up to 128 rows (the gain the packing is for: 768x2304 at 16 rows, 608 against 438 us). So float32
-weights below 2**18 elements stay with F.linear; on the micro checkpoint (its projections 128x128
-to 344x128) the decode workload ran 1.11x faster (median of 6 alternating rounds). bfloat16
-weights are packed at every size: F.linear in bfloat16 reorders the weight on every call, and
-no AVX-512 machine was at hand to measure small ones.
+(~22 us on a Zen 3 core pair), and oneDNN builds a new primitive the first time it sees a row
+count (~1 ms for a 128x128 weight), which a batch that shrinks as its sequences finish meets at
+nearly every step. Timed alone at 1-512 rows on the AVX2 Zen 3, 2 threads
+(loadtest/bench_small_kernels.py, loadtest/RESULTS.md): F.linear is faster for every weight
+below 512x512 elements at every row count (128x128 at 128 rows: 30 against 53 us), about level
+at 2**18 elements, and slower from 512x1024 up at 16-128 rows (the gain packing is for:
+768x2304 at 16 rows, 604 against 499 us). So float32 weights below 2**18 elements stay with
+F.linear; on the micro checkpoint (projections of 128x128 to 344x128) the decode workload ran
+1.10-1.11x faster (medians of 6 alternating rounds, two runs). bfloat16 weights are packed at
+every size: F.linear in bfloat16 reorders the weight on every call, and no AVX-512 machine was
+at hand to measure small ones.
 
 Only unquantised LinearBase layers on a CPU engine are packed; quantised methods keep their own
 kernels. The packed weight stays the layer's `weight` parameter (same shape, dtype and size), so

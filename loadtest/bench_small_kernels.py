@@ -1,6 +1,6 @@
-"""Where packing a float32 weight for oneDNN pays, against F.linear (engine.layers.packed_linear).
+"""Fixed costs of small kernels in a micro/decode step: oneDNN's packed call against F.linear
+(engine.layers.packed_linear), and the greedy argmax (engine.executor.sampler.argmax).
 
-Two measurements:
   calls    each KxN weight, F.linear on the plain weight against oneDNN's packed call
            (torch.ops.mkldnn._linear_pointwise), microseconds per call at each row count, the best
            of 5 repeats on a warm primitive; and the cost of a packed call's first row count
@@ -9,9 +9,12 @@ Two measurements:
            float32 weight packed; the default; one above it), each warmed on the workload drawn
            with another seed, then the workload in alternating rounds (a new draw per round, so
            the prefix cache starts cold in each): seconds per round and the median.
+  argmax   one engine (prefix caching off), the workload in alternating rounds with the sampler's
+           argmax the C++ kernel and PyTorch's.
 
-    .venv/bin/python loadtest/bench_packing.py calls [--shapes 128x128 ...] [--rows 1 16 128 512]
-    .venv/bin/python loadtest/bench_packing.py engine [--preset micro] [--workload decode] [--thresholds 0 262144 ...] [--rounds 6]
+    .venv/bin/python loadtest/bench_small_kernels.py calls [--shapes 128x128 ...] [--rows 1 16 128 512]
+    .venv/bin/python loadtest/bench_small_kernels.py engine [--preset micro] [--workload decode] [--thresholds 0 262144 ...] [--rounds 6]
+    .venv/bin/python loadtest/bench_small_kernels.py argmax [--preset micro] [--workload decode] [--rounds 10]
 """
 
 from __future__ import annotations
@@ -104,19 +107,55 @@ def run_engines(args: argparse.Namespace) -> None:
             engines[threshold].generate(workload.prompts, params(workload), use_tqdm=False)
             seconds[threshold].append(time.perf_counter() - start)
     print(f"{args.preset}/{args.workload}, float32, {args.rounds} alternating rounds")
-    print("| MIN_PACKED_FLOAT32_WEIGHT | packed layers | seconds per round | median (s) |")
+    print("| MIN_PACKED_FLOAT32_WEIGHT | packed layers (LM head included) | seconds per round | median (s) |")
     print("|---:|---:|---|---:|")
     for threshold, engine in engines.items():
         packed = sum(
-            1 for m in engine.runner.model.modules() if getattr(m, "quant_method", None) is packed_linear.ONEDNN_PACKED
+            1
+            for m in engine.runner.model.modules()
+            if getattr(m, "quant_method", None) is packed_linear.ONEDNN_PACKED
+            or getattr(getattr(m, "matmul", None), "func", None) is packed_linear._packed_linear  # the head
         )
         rounds = ", ".join(f"{s:.3f}" for s in seconds[threshold])
         print(f"| {threshold:,} | {packed} | {rounds} | {statistics.median(seconds[threshold]):.3f} |")
 
 
+def run_argmax(args: argparse.Namespace) -> None:
+    from engine.executor import sampler
+
+    folder = ensure_demo_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
+    vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
+    make_workload = WORKLOADS[args.workload]
+
+    def params(workload):
+        return [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
+
+    kernels = {"C++ argmax_rows": sampler.argmax, "torch.argmax": lambda x: x.argmax(dim=-1)}
+    engine = LLMEngine(EngineConfig(model=str(folder), dtype="float32", enable_prefix_caching=False))
+    warm = make_workload(vocab_size, seed=1)
+    engine.generate(warm.prompts, params(warm), use_tqdm=False)
+    seconds = {name: [] for name in kernels}
+    try:
+        for round_index in range(args.rounds):
+            workload = make_workload(vocab_size, seed=10 + round_index)
+            order = list(kernels) if round_index % 2 == 0 else list(kernels)[::-1]
+            for name in order:
+                sampler.argmax = kernels[name]
+                start = time.perf_counter()
+                engine.generate(workload.prompts, params(workload), use_tqdm=False)
+                seconds[name].append(time.perf_counter() - start)
+    finally:
+        sampler.argmax = kernels["C++ argmax_rows"]
+    print(f"{args.preset}/{args.workload}, float32, {args.rounds} alternating rounds, one engine")
+    print("| greedy argmax | seconds per round | median (s) |")
+    print("|---|---|---:|")
+    for name, values in seconds.items():
+        print(f"| {name} | {', '.join(f'{s:.3f}' for s in values)} | {statistics.median(values):.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["calls", "engine"])
+    parser.add_argument("what", choices=["calls", "engine", "argmax"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="KxN")
     parser.add_argument("--rows", type=int, nargs="*", default=[1, 16, 128, 512])
@@ -128,12 +167,14 @@ def main() -> None:
         nargs="*",
         default=[0, packed_linear.MIN_PACKED_FLOAT32_WEIGHT, packed_linear.MIN_PACKED_FLOAT32_WEIGHT + 1],
     )
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=None, help="default: 6 (engine), 10 (argmax)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {cpu_features.describe()}, {args.threads} threads")
-    run_calls(args) if args.what == "calls" else run_engines(args)
+    if args.rounds is None:
+        args.rounds = 10 if args.what == "argmax" else 6
+    {"calls": run_calls, "engine": run_engines, "argmax": run_argmax}[args.what](args)
 
 
 if __name__ == "__main__":
