@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import EngineConfig, LLMEngine, SamplingParams, ensure_demo_checkpoint  # noqa: E402
-from engine.kernels import cpu_features  # noqa: E402
-from engine.layers import packed_linear  # noqa: E402
-from loadtest.workloads import WORKLOADS  # noqa: E402
+from engine import EngineConfig, LLMEngine, SamplingParams, ensure_demo_checkpoint
+from engine.kernels import cpu_features
+from engine.layers import packed_linear
+from loadtest.workloads import WORKLOADS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SHAPES = ["128x128", "128x256", "344x128", "128x2048", "512x512", "512x1024", "768x2304"]
@@ -61,8 +61,10 @@ def run_calls(args: argparse.Namespace) -> None:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, packed_linear._DECODE_ROWS_HINT)
         for rows in args.rows:
             x = torch.randn(rows, k)
-            plain = _best_us(lambda: F.linear(x, weight))
-            onednn = _best_us(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+            plain = _best_us(lambda x=x, w=weight: F.linear(x, w))
+            onednn = _best_us(
+                lambda x=x, p=packed: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+            )
             print(f"| {k} x {n} | {k * n:,} | {rows} | {plain:.1f} | {onednn:.1f} | {onednn / plain:.2f} |")
     k, n = (int(v) for v in args.shapes[0].split("x"))
     weight = torch.randn(n, k)

@@ -93,7 +93,13 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     """x [N, V] -> [N] int64, torch.argmax(x, dim=-1). On the CPU through the C++ kernel where it is
     loaded: PyTorch's CPU argmax is scalar, 0.14 ms of a 128-sequence micro/decode step of ~4.4 ms
     (loadtest/RESULTS.md); the kernel returns the same indices (ties and NaNs included) in ~0.02."""
-    if x.is_cpu and x.dtype == torch.float32 and x.dim() == 2 and x.stride(-1) == 1 and cpu_kernels.is_loaded():
+    if (
+        x.is_cpu
+        and x.dtype == torch.float32
+        and x.dim() == 2
+        and x.stride(-1) == 1
+        and cpu_kernels.is_loaded()
+    ):
         return cpu_kernels.argmax_rows(x)
     return x.argmax(dim=-1)
 

@@ -177,7 +177,9 @@ def _triton_int8_linear():
     return int8_linear
 
 
-def _cpu_linear(kernel: str, packed, x: torch.Tensor, bias: torch.Tensor | None, act_max: int) -> torch.Tensor:
+def _cpu_linear(
+    kernel: str, packed, x: torch.Tensor, bias: torch.Tensor | None, act_max: int
+) -> torch.Tensor:
     if kernel == "fbgemm":
         scaled, amax = scale_rows(x, act_max)
         # fbgemm rounds x * (A / amax) (scale 1) and offsets it by its zero point to u8 in [1, 2A + 1]

@@ -122,7 +122,9 @@ def test_w8a8_row_scaling_gives_the_eager_ops_bits(k):
     assert torch.equal(scaled, strided * (63 / strided.abs().amax(dim=-1, keepdim=True)))
 
 
-@pytest.mark.parametrize("vocab", [1, 5, 8, 17, 2048, 32001])  # one value, below, at and past the vector width; tails
+@pytest.mark.parametrize(
+    "vocab", [1, 5, 8, 17, 2048, 32001]
+)  # one value, below, at and past the vector width; tails
 def test_greedy_argmax_is_torch_argmax_with_ties_nans_and_infinities(vocab):
     # engine.executor.sampler.argmax: the first index of the largest value, a NaN above all
     gen = torch.Generator().manual_seed(vocab)

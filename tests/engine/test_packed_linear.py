@@ -11,9 +11,9 @@ import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.kernels import cpu_features
+from engine.layers import packed_linear
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import LinearBase, ReplicatedLinear
-from engine.layers import packed_linear
 from engine.layers.packed_linear import BF16_ON_FP32, ONEDNN_PACKED, can_pack, pack_linear_weights
 from engine.quant.base import UNQUANTIZED, LinearMethod
 from tests.engine.transformers_greedy import transformers_greedy
