@@ -85,29 +85,35 @@ def run_calls(args: argparse.Namespace) -> None:
         )
 
 
-def run_engines(args: argparse.Namespace) -> None:
+def _checkpoint_and_workloads(args: argparse.Namespace):
+    """The preset's checkpoint folder, and draw(seed) -> the workload drawn with that seed."""
     folder = ensure_demo_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
     vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
-    make_workload = WORKLOADS[args.workload]
+    return folder, lambda seed: WORKLOADS[args.workload](vocab_size, seed=seed)
 
-    def params(workload):
-        return [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
 
+def _generate_seconds(engine: LLMEngine, workload) -> float:
+    """Wall seconds for `engine` to answer `workload` greedily, EOS ignored."""
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
+    start = time.perf_counter()
+    engine.generate(workload.prompts, params, use_tqdm=False)
+    return time.perf_counter() - start
+
+
+def run_engines(args: argparse.Namespace) -> None:
+    folder, draw = _checkpoint_and_workloads(args)
     engines = {}
     for threshold in args.thresholds:
         packed_linear.MIN_PACKED_FLOAT32_WEIGHT = threshold  # read at load, by pack_linear_weights
         engine = LLMEngine(EngineConfig(model=str(folder), dtype="float32"))
-        warm = make_workload(vocab_size, seed=1)
-        engine.generate(warm.prompts, params(warm), use_tqdm=False)
+        _generate_seconds(engine, draw(1))  # warm, on another draw
         engines[threshold] = engine
     seconds = {threshold: [] for threshold in args.thresholds}
     for round_index in range(args.rounds):
-        workload = make_workload(vocab_size, seed=10 + round_index)
+        workload = draw(10 + round_index)
         order = args.thresholds if round_index % 2 == 0 else args.thresholds[::-1]
         for threshold in order:
-            start = time.perf_counter()
-            engines[threshold].generate(workload.prompts, params(workload), use_tqdm=False)
-            seconds[threshold].append(time.perf_counter() - start)
+            seconds[threshold].append(_generate_seconds(engines[threshold], workload))
     print(f"{args.preset}/{args.workload}, float32, {args.rounds} alternating rounds")
     print("| MIN_PACKED_FLOAT32_WEIGHT | packed layers (LM head included) | seconds per round | median (s) |")
     print("|---:|---:|---|---:|")
@@ -125,27 +131,18 @@ def run_engines(args: argparse.Namespace) -> None:
 def run_argmax(args: argparse.Namespace) -> None:
     from engine.executor import sampler
 
-    folder = ensure_demo_checkpoint(REPO_ROOT / "build" / "models", preset=args.preset)
-    vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
-    make_workload = WORKLOADS[args.workload]
-
-    def params(workload):
-        return [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens]
-
+    folder, draw = _checkpoint_and_workloads(args)
     kernels = {"C++ argmax_rows": sampler.argmax, "torch.argmax": lambda x: x.argmax(dim=-1)}
     engine = LLMEngine(EngineConfig(model=str(folder), dtype="float32", enable_prefix_caching=False))
-    warm = make_workload(vocab_size, seed=1)
-    engine.generate(warm.prompts, params(warm), use_tqdm=False)
+    _generate_seconds(engine, draw(1))  # warm, on another draw
     seconds = {name: [] for name in kernels}
     try:
         for round_index in range(args.rounds):
-            workload = make_workload(vocab_size, seed=10 + round_index)
+            workload = draw(10 + round_index)
             order = list(kernels) if round_index % 2 == 0 else list(kernels)[::-1]
             for name in order:
                 sampler.argmax = kernels[name]
-                start = time.perf_counter()
-                engine.generate(workload.prompts, params(workload), use_tqdm=False)
-                seconds[name].append(time.perf_counter() - start)
+                seconds[name].append(_generate_seconds(engine, workload))
     finally:
         sampler.argmax = kernels["C++ argmax_rows"]
     print(f"{args.preset}/{args.workload}, float32, {args.rounds} alternating rounds, one engine")
