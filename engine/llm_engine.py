@@ -184,12 +184,22 @@ class LLMEngine:
             if ahead is not None:
                 self._running = self._submit(ahead, ahead_of=running.out)
         out = running.out
-        step = self._execute(running, outputs)
-        step.prompt_logprob_rows, step.pooling_rows = running.prompt_logprob_rows, running.pooling_rows
-        # After the model run, an error raised by one request's data (its grammar, the decode of
-        # its tokens, a stage's record of it) fails that request alone: see take_failed().
-        failures: dict[Sequence, Exception] = {}
-        finished = self.scheduler.update_from_output(out, step.token_ids, failures)
+        # the grammar masks of the step ahead: they follow this step's tokens, so they are filled
+        # once the grammars have read them, while the step ahead's forward runs
+        late_masks = self._running.plan.late_token_bitmask if self._running is not None else None
+        try:
+            step = self._execute(running, outputs)
+            step.prompt_logprob_rows, step.pooling_rows = running.prompt_logprob_rows, running.pooling_rows
+            # After the model run, an error raised by one request's data (its grammar, the decode
+            # of its tokens, a stage's record of it) fails that request alone: see take_failed().
+            failures: dict[Sequence, Exception] = {}
+            finished = self.scheduler.update_from_output(out, step.token_ids, failures)
+        except BaseException as e:
+            if late_masks is not None:  # the model thread must not wait for them for ever
+                late_masks.fail(e)
+            raise
+        if late_masks is not None:
+            late_masks.fill()
         effects = [self._update_stage(stage, step, failures) for stage in self.stages]
         processed = self.output_processor.process(
             out.sampling_seqs, step.token_ids, step.logprobs, finished, failures
@@ -301,6 +311,8 @@ class LLMEngine:
             seqs = list(out.seqs)
             if self._running is not None:
                 ahead, self._running = self._running, None
+                if ahead.plan.late_token_bitmask is not None:  # its sampler waits for them: release it
+                    ahead.plan.late_token_bitmask.fail(RuntimeError("the step before it failed"))
                 with contextlib.suppress(Exception):
                     ahead.future.result()
                 seqs += [seq for seq in ahead.out.seqs if seq not in set(seqs)]
@@ -357,6 +369,10 @@ class LLMEngine:
     def close(self) -> None:
         """Stop and reap the worker processes of a parallel engine, and the model thread."""
         if self._model_thread is not None:
+            running = self._running
+            if running is not None and running.plan.late_token_bitmask is not None:
+                # no step() reads the step before it any more: its masks would never come
+                running.plan.late_token_bitmask.fail(RuntimeError("the engine is closing"))
             self._model_thread.shutdown(wait=True)  # a step scheduled ahead finishes first
         self.executor.shutdown()
 

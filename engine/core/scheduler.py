@@ -99,8 +99,9 @@ class Scheduler:
         """Step N+1 while step N (`running`) is still on the device (async scheduling): the next
         decode of each of N's sequences, whose input is the token N is sampling for it, or None
         where N+1 cannot be known before N's tokens are: where N computes prompt tokens, a
-        sequence waits to be admitted, a grammar or a penalty reads the new token on the host, or
-        the blocks would not do without a preemption. N's sequences that certainly end at N
+        sequence waits to be admitted, a penalty reads the new token's counts, or the blocks would
+        not do without a preemption. A grammar does not stop it: N+1's masks are filled on the
+        host once N's tokens are read back, while N+1's forward runs (StepPlan.late_token_bitmask). N's sequences that certainly end at N
         (max_tokens) are left out; those that end by a token (EOS, stop token or stop string) are
         known only once N is read back: their step N+1 token is thrown away, never emitted.
         `update_from_output(running, ...)` must come before `update_from_output(ahead, ...)`."""
@@ -118,7 +119,6 @@ class Scheduler:
                 or num_new != 1
                 or seq.num_output_tokens == 0  # its first token: forks and choices start there
                 or seq.status is not SequenceStatus.RUNNING
-                or seq.grammar is not None
                 or params.repetition_penalty != 1.0
                 or params.presence_penalty
                 or params.frequency_penalty

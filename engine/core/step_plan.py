@@ -11,11 +11,9 @@ import itertools
 from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.core.scheduler import SchedulerOutput
 from engine.core.sequence import Sequence
-from engine.core.structured_output import token_bitmask
+from engine.core.structured_output import GrammarMasks, LateBitmask, grammar_masks
 from engine.sampling_params import SamplingParams
 
 
@@ -104,7 +102,10 @@ class StepPlan:
     prompt_token_ids: list[Sequence_[int]] = field(default_factory=list)
     output_token_ids: list[Sequence_[int]] = field(default_factory=list)
     # the sampling rows' grammar masks, computed on rank 0 where the grammar matchers live
-    token_bitmask: torch.Tensor | None = None
+    grammar_masks: GrammarMasks | None = None
+    # async scheduling: the masks of a step planned before the grammars saw the tokens of the step
+    # still running; the host fills them while this step's forward runs (in one process only)
+    late_token_bitmask: LateBitmask | None = None
     # prompt logprobs this step computes: (rows of the step's flat hidden states, target tokens)
     prompt_logprob_rows: tuple[list[int], list[int]] | None = None
     prompt_logprob_top: int = 0  # alternatives per prompt logprob row (PromptLogprobRows.num_top)
@@ -163,7 +164,10 @@ class StepPlan:
         if any(seq.lora_name is not None for seq in out.seqs):
             plan.lora_names = [seq.lora_name for seq in out.seqs]
         grammars = [seq.grammar for seq, samples in zip(out.seqs, out.is_sampling, strict=True) if samples]
-        plan.token_bitmask = token_bitmask(grammars, vocab_size)
+        if previous is None:
+            plan.grammar_masks = grammar_masks(grammars, vocab_size)
+        elif any(grammar is not None for grammar in grammars):
+            plan.late_token_bitmask = LateBitmask(out.sampling_seqs, vocab_size)
         if prompt_logprobs is not None:
             plan.prompt_logprob_rows = (prompt_logprobs.rows, prompt_logprobs.targets)
             plan.prompt_logprob_top = prompt_logprobs.num_top
@@ -183,7 +187,8 @@ class StepPlan:
             output_lens=[],
             prompt_token_ids=[],
             output_token_ids=[],
-            token_bitmask=None,
+            grammar_masks=None,
+            late_token_bitmask=None,
             prompt_logprob_rows=None,
             pooling_rows=None,
         )

@@ -3,15 +3,23 @@
 The grammars are llguidance's (choice and regex as Lark grammars, JSON schemas compiled by its
 JSON compiler): a matcher follows one sequence's output and says, before each token, which
 vocabulary ids may come next; EOS is among them only where the grammar is complete. One step's
-masks are packed into a single [N, ceil(V / 32)] int32 bitmask (bit j of word i: token
-32 * i + j allowed) filled on the host, as llguidance requires, then copied to the device once
-and applied to the whole batch's logits by the sampler.
+masks are packed into a single [R, ceil(V / 32)] int32 bitmask (bit j of word i: token
+32 * i + j allowed), one row per constrained sampling row only (`GrammarMasks`), filled on the
+host, as llguidance requires, then copied to the device once and applied to those rows' logits
+by the sampler: the batch's unconstrained rows cost nothing.
+
+With async scheduling a step is planned before the tokens of the step still running are read
+back, so its grammars cannot say yet what may come next. Its masks come late (`LateBitmask`):
+the model thread runs the forward without them and waits for them only at sampling, while the
+host reads the running step's tokens, feeds them to the grammars and fills the masks.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+from concurrent.futures import Future
+from typing import NamedTuple
 
 import llguidance
 import llguidance.hf
@@ -56,23 +64,66 @@ class GrammarCompiler:
         return self._ll_tokenizer
 
 
-def token_bitmask(matchers: list[llguidance.LLMatcher | None], vocab_size: int) -> torch.Tensor | None:
-    """[N, ceil(V / 32)] int32 on the host: row i from matchers[i], all ones where it is None.
+class GrammarMasks(NamedTuple):
+    """One step's grammar masks, for its constrained sampling rows only."""
+
+    rows: torch.Tensor  # [R] int64: the sampling rows under a grammar, ascending
+    bitmask: torch.Tensor  # [R, ceil(V / 32)] int32: bit j of word i allows token 32 * i + j
+
+    def to(self, device: torch.device) -> GrammarMasks:
+        return GrammarMasks(self.rows.to(device), self.bitmask.to(device))
+
+
+def grammar_masks(matchers: list[llguidance.LLMatcher | None], vocab_size: int) -> GrammarMasks | None:
+    """The masks of the rows whose matcher is not None (matchers[i]: sampling row i's grammar).
 
     None when no row is constrained, so an unconstrained step costs nothing.
     """
-    rows = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None]
-    if not rows:
+    constrained = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None]
+    if not constrained:
         return None
     words = (vocab_size + 31) // 32
-    bitmask = torch.full((len(matchers), words), -1, dtype=torch.int32)
+    bitmask = torch.full((len(constrained), words), -1, dtype=torch.int32)
     # written in place by Rust with the GIL released; a matcher in error allows only EOS
-    if len(rows) == 1:
-        matcher, row = rows[0]
-        matcher.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), words * 4)
+    if len(constrained) == 1:
+        constrained[0][0].unsafe_compute_mask_ptr(bitmask.data_ptr(), words * 4)
     else:  # several rows: llguidance's thread pool computes them in parallel
-        _executor().unsafe_compute_mask_ptr(rows, bitmask.data_ptr(), words * 4, len(matchers))
-    return bitmask
+        targets = [(matcher, i) for i, (matcher, _) in enumerate(constrained)]
+        _executor().unsafe_compute_mask_ptr(targets, bitmask.data_ptr(), words * 4, len(constrained))
+    rows = torch.tensor([row for _, row in constrained], dtype=torch.int64)
+    return GrammarMasks(rows, bitmask)
+
+
+class LateBitmask:
+    """The grammar masks of a step scheduled ahead, filled by the host once the step before it
+    is read back, waited for by the sampler. `rows`: the step's sampling sequences, in order;
+    a sequence without a grammar, or finished by the step before (its token here is thrown
+    away), is unconstrained. Settled exactly once: filled, or failed with an error (the
+    model thread then raises it, and the step is requeued like any failed model run)."""
+
+    def __init__(self, rows: list, vocab_size: int) -> None:
+        self._rows = rows  # engine.core.sequence.Sequence
+        self._vocab_size = vocab_size
+        self._future: Future[GrammarMasks | None] = Future()
+
+    def fill(self) -> None:
+        """Compute the masks from the grammars as they are now (after the running step's tokens)."""
+        if self._future.done():
+            return
+        try:
+            rows = [None if seq.is_finished else seq.grammar for seq in self._rows]
+            self._future.set_result(grammar_masks(rows, self._vocab_size))
+        except Exception as e:  # not expected (a matcher in error allows EOS): fail the step, not hang it
+            self._future.set_exception(e)
+
+    def fail(self, error: BaseException) -> None:
+        """Never filled: the step before failed, or the engine is closing."""
+        if not self._future.done():
+            self._future.set_exception(error)
+
+    def wait(self) -> GrammarMasks | None:
+        """On the model thread, at sampling: the masks, or None (no row constrained now)."""
+        return self._future.result()
 
 
 @functools.cache

@@ -20,6 +20,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core.step_plan import StepPlan
+from engine.core.structured_output import GrammarMasks
 from engine.distributed import parallel_state as ps
 from engine.executor.cuda_graphs import DecodeGraphs
 from engine.executor.persistent_batch import PersistentBatch
@@ -178,7 +179,10 @@ class ModelRunner:
                 return None
             return ModelRunnerOutput(no_tokens, None, prompt_logprobs, prompt_top, pooled)
         logits = (logits[0] if len(logits) == 1 else torch.cat(logits)).float()  # [N, V]
-        batch = self._sampling.build(plan, self.device, logits.shape[-1])
+        masks = plan.grammar_masks
+        if plan.late_token_bitmask is not None:  # filled by the host while the forward ran
+            masks = plan.late_token_bitmask.wait()
+        batch = self._sampling.build(plan, self.device, logits.shape[-1], masks)
         sampled = self.sampler(logits, batch)
         self._last_sampled = sampled.sampled_token_ids
         return ModelRunnerOutput(
@@ -289,19 +293,20 @@ class ModelRunner:
 
 class _ReusedSamplingBatch:
     """The last step's SamplingBatch, reused while the same sequences sample with parameters that
-    need nothing per step (no seed, penalty, logit bias or grammar): a decode batch's sampling
-    tensors are then built once, not every step."""
+    need nothing per step (no seed, penalty or logit bias): a decode batch's sampling tensors are
+    then built once, not every step. Grammar masks change every step: only they are replaced."""
 
     def __init__(self) -> None:
         self._params: list[SamplingParams] = []
         self._batch: SamplingBatch | None = None
 
-    def build(self, plan: StepPlan, device: torch.device, vocab_size: int) -> SamplingBatch:
+    def build(
+        self, plan: StepPlan, device: torch.device, vocab_size: int, grammar_masks: GrammarMasks | None
+    ) -> SamplingBatch:
         params = plan.sampling_params
         batch = self._batch
         if (
             batch is not None
-            and plan.token_bitmask is None
             and len(params) == len(self._params)
             and all(map(operator.is_, params, self._params))
             and batch.logit_bias is None
@@ -309,6 +314,9 @@ class _ReusedSamplingBatch:
             and batch.output_counts is None
             and not batch.seeded_rows.numel()
         ):
+            if grammar_masks is None and batch.grammar_masks is None:
+                return batch
+            self._batch = batch = batch.with_grammar_masks(grammar_masks, device)
             return batch
         self._params = list(params)
         self._batch = batch = SamplingBatch.build(
@@ -317,7 +325,7 @@ class _ReusedSamplingBatch:
             plan.output_token_ids,
             device=device,
             vocab_size=vocab_size,
-            token_bitmask=plan.token_bitmask,
+            grammar_masks=grammar_masks,
             output_lens=plan.output_lens,
         )
         return batch

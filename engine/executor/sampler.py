@@ -39,8 +39,8 @@ class Sampler:
         """logits: [N, V] float32 on the device, left unchanged. Never syncs with the host."""
         logits = logits.float()
         raw_logits = logits
-        if batch.token_bitmask is not None:
-            logits = _apply_token_bitmask(logits, batch.token_bitmask)
+        if batch.grammar_masks is not None:
+            logits = _apply_grammar_masks(logits, *batch.grammar_masks)
         if batch.logit_bias is not None:
             logits = _apply_logit_bias(logits, *batch.logit_bias)
         logits = _apply_penalties(logits, batch)
@@ -122,12 +122,15 @@ def seeded_uniforms(seeds: torch.Tensor, output_lens: torch.Tensor, vocab_size: 
     return _shift_right(bits, 12).double().add_(0.5).mul_(2.0**-52)
 
 
-def _apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    # out of place, like the penalties; bit j of word i allows token 32 * i + j
-    n, vocab_size = logits.shape
+def _apply_grammar_masks(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    # out of place, like the penalties, and only on the constrained rows: bit j of word i of a
+    # row's bitmask allows token 32 * i + j. On the CPU one C++ pass (a copy, then the rows' words)
+    if logits.is_cpu and logits.dtype == torch.float32 and cpu_kernels.is_loaded():
+        return cpu_kernels.apply_token_bitmask(logits, rows, bitmask)
+    vocab_size = logits.shape[1]
     bits = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().view(n, -1)[:, :vocab_size]
-    return logits.masked_fill(~allowed, float("-inf"))
+    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().view(bitmask.shape[0], -1)[:, :vocab_size]
+    return logits.index_copy(0, rows, logits[rows].masked_fill_(~allowed, float("-inf")))
 
 
 def _apply_logit_bias(logits: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

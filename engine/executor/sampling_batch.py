@@ -6,12 +6,14 @@ Sampler skip whatever no row asks for.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 
 import torch
 
+from engine.core.structured_output import GrammarMasks
 from engine.sampling_params import SamplingParams
 
 # SamplingParams fields copied as they are into SamplingBatch's float32 rows
@@ -45,7 +47,7 @@ class SamplingBatch:
     seeded_rows: torch.Tensor  # [S] int64: sampled (non-greedy) rows that have a seed
     top_p_rows: torch.Tensor  # [R] int64: sampled rows with top_p < 1
     seen_mask: torch.Tensor | None  # [N, V] bool: in prompt or output; repetition rows only
-    token_bitmask: torch.Tensor | None  # [N, ceil(V / 32)] int32: allowed tokens (structured output)
+    grammar_masks: GrammarMasks | None  # the allowed tokens of the rows under a grammar (structured output)
     output_counts: torch.Tensor | None  # [N, V] float32: output token counts; presence/freq rows
     # logit_bias and min_tokens' held-back stop tokens, sparse over the flattened [N, V] logits:
     # (flat index row * V + token [B] int64, value to add [B] float32, -inf for a held-back token)
@@ -65,12 +67,12 @@ class SamplingBatch:
         output_token_ids_list: Sequence[Sequence[int]],
         device: torch.device | str,
         vocab_size: int,
-        token_bitmask: torch.Tensor | None = None,
+        grammar_masks: GrammarMasks | None = None,
         output_lens: Sequence[int] | None = None,
     ) -> SamplingBatch:
         """Per-row tensors for one step; a few small host-to-device copies, no sync.
 
-        token_bitmask: the step's grammar masks on the host (engine.core.structured_output), if any.
+        grammar_masks: the step's grammar masks on the host (engine.core.structured_output), if any.
         output_lens: tokens each row has generated, where the token lists are given only for rows
         with penalties (StepPlan's); by default the output lists' lengths.
         """
@@ -87,7 +89,7 @@ class SamplingBatch:
             seeded_rows=_to_device(seeded, torch.int64, device),
             top_p_rows=_to_device([i for i in sampled if ps[i].top_p < 1.0], torch.int64, device),
             **_penalty_tensors(ps, prompt_token_ids_list, output_token_ids_list, device, vocab_size),
-            token_bitmask=None if token_bitmask is None else _host_to_device(token_bitmask, device),
+            grammar_masks=_masks_to_device(grammar_masks, device),
             logit_bias=_logit_bias(ps, output_lens, device, vocab_size),
             all_greedy=not sampled,
             any_greedy=len(sampled) < len(ps),
@@ -96,6 +98,10 @@ class SamplingBatch:
             any_min_p=any(ps[i].min_p > 0.0 for i in sampled),
             max_num_logprobs=max((p.logprobs for p in ps if p.logprobs is not None), default=-1),
         )
+
+    def with_grammar_masks(self, grammar_masks: GrammarMasks | None, device: torch.device) -> SamplingBatch:
+        """The same rows under another step's grammar masks (a copy: the masks are per step)."""
+        return dataclasses.replace(self, grammar_masks=_masks_to_device(grammar_masks, device))
 
 
 def _param_tensors(
@@ -166,6 +172,12 @@ def _flat_token_index(
 
 def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _host_to_device(torch.tensor(data, dtype=dtype), device)
+
+
+def _masks_to_device(masks: GrammarMasks | None, device: torch.device) -> GrammarMasks | None:
+    if masks is None:
+        return None
+    return GrammarMasks(_host_to_device(masks.rows, device), _host_to_device(masks.bitmask, device))
 
 
 def _host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -232,6 +232,12 @@ def rotary_(x: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor) -> 
     torch.ops.sluice_cpu.rotary_(x, cos_sin, positions)
 
 
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """A copy of logits [N, V] float32 with -inf at the tokens each constrained row rows[i] (int64)
+    does not allow: bit j of word w of bitmask[i] ([R, ceil(V / 32)] int32) allows token 32 * w + j."""
+    return torch.ops.sluice_cpu.apply_token_bitmask(logits, rows, bitmask)
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """x [N, V] float32 (rows contiguous) -> [N] int64: torch.argmax(x, dim=-1)'s answer in one
     vectorised pass per row."""

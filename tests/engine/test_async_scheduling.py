@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine import EngineConfig, LLMEngine, PoolingParams, SamplingParams
+from engine.core.sequence import SequenceStatus
+from engine.core.structured_output import LateBitmask, grammar_masks
 from engine.llm_engine import StepFailed
 from engine.sampling_params import StructuredOutputs
 
@@ -167,6 +170,97 @@ def test_a_failing_model_run_requeues_the_step_ahead_too_and_loses_no_token(
     assert [outputs[f"r{i}"].token_ids for i in range(3)] == expected
 
 
+def _grammar_requests() -> list[tuple[list[int], SamplingParams]]:
+    """Every request under a grammar, long enough to run many decode steps."""
+    specs = [
+        StructuredOutputs(regex="[a-z]{12,30}"),
+        StructuredOutputs(regex="([a-e]+ )+[a-e]+"),
+        StructuredOutputs(
+            json={"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+        ),
+        StructuredOutputs(choice=["a long answer", "another long answer"]),
+    ]
+    return [
+        (
+            PROMPTS[i % len(PROMPTS)] + [9 + i],
+            SamplingParams(temperature=0, max_tokens=24, structured_outputs=spec),
+        )
+        for i, spec in enumerate(specs * 2)
+    ]
+
+
+def _count_late_masks(engine: LLMEngine) -> list[int]:
+    """Wraps the executor: the number of steps whose grammar masks came while their forward ran."""
+    counted = [0]
+    execute = engine.executor.execute
+
+    def counting(plan):
+        counted[0] += plan.late_token_bitmask is not None
+        return execute(plan)
+
+    engine.executor.execute = counting
+    return counted
+
+
+def test_steps_with_grammars_run_ahead_their_masks_filled_while_the_forward_runs(
+    tiny_checkpoint: Path,
+) -> None:
+    requests = _grammar_requests()
+    expected = {rid: _comparable(o) for rid, o in _run(_engine(tiny_checkpoint, False), requests).items()}
+    engine = _engine(tiny_checkpoint, async_scheduling=True)
+    ahead, late = _count_ahead(engine), _count_late_masks(engine)
+    outputs = {rid: _comparable(o) for rid, o in _run(engine, requests).items()}
+    assert outputs == expected
+    assert ahead[0] > 10 and late[0] == ahead[0]  # every step ahead took its masks late
+    assert sum(len(o[0]) > 3 for o in outputs.values()) >= 6  # the grammars ran for many steps
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("failing_step", [1, 3])
+def test_a_failing_model_run_releases_the_step_ahead_waiting_for_its_masks(
+    tiny_checkpoint: Path, monkeypatch, failing_step: int
+) -> None:
+    """The failing step is one with late masks; the step ahead of it waits at sampling for masks
+    that the failed step's tokens would have given: it must be released (and requeued with the
+    rest), not left waiting for ever."""
+    requests = _grammar_requests()
+    expected = {rid: _comparable(o) for rid, o in _run(_engine(tiny_checkpoint, False), requests).items()}
+    engine = _engine(tiny_checkpoint, async_scheduling=True)
+    execute, late_steps, released = engine.executor.execute, [0], []
+
+    def failing_once(plan):
+        if plan.late_token_bitmask is not None:
+            late_steps[0] += 1
+            if late_steps[0] == failing_step:
+                raise RuntimeError("device hiccup")
+        return execute(plan)
+
+    fail = LateBitmask.fail
+    monkeypatch.setattr(LateBitmask, "fail", lambda masks, e: (released.append(str(e)), fail(masks, e)))
+
+    monkeypatch.setattr(engine.executor, "execute", failing_once)
+    for i, (prompt, params) in enumerate(requests):
+        engine.add_request(f"r{i}", prompt, params)
+    outputs, failures = {}, 0
+    while engine.has_unfinished_requests():
+        try:
+            outputs.update((o.request_id, _comparable(o)) for o in engine.step())
+        except StepFailed:
+            failures += 1
+    assert failures == 1 and released[0] == "the step before it failed"
+    assert outputs == expected
+
+
+def test_closing_with_a_grammar_step_ahead_does_not_wait_for_its_masks(tiny_checkpoint: Path) -> None:
+    engine = _engine(tiny_checkpoint, async_scheduling=True)
+    for i, (prompt, params) in enumerate(_grammar_requests()):
+        engine.add_request(f"r{i}", prompt, params)
+    while engine._running is None or engine._running.plan.late_token_bitmask is None:
+        engine.step()
+    engine.close()  # would hang if the step ahead still waited for masks no step() will fill
+    assert engine._running.future.done()
+
+
 @pytest.mark.parametrize("faulty", ["r0", "r6", "r9"])  # plain, n=3 samples, a regex grammar
 def test_a_request_whose_own_update_raises_while_a_step_runs_ahead_fails_alone(
     tiny_checkpoint: Path, sync_outputs, faulty: str
@@ -193,3 +287,29 @@ def test_async_scheduling_is_off_by_default_on_the_cpu_and_refused_with_parallel
     assert EngineConfig(model=str(tiny_checkpoint), device="cuda").uses_async_scheduling
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(model=str(tiny_checkpoint), async_scheduling=True, tensor_parallel_size=2)
+
+
+def test_late_masks_constrain_only_the_rows_with_a_grammar_still_running(tiny_checkpoint) -> None:
+    engine = _engine(tiny_checkpoint, async_scheduling=False)
+    regex = SamplingParams(temperature=0, max_tokens=4, structured_outputs=StructuredOutputs(regex="[a-e]+"))
+    plain = SamplingParams(temperature=0, max_tokens=4)
+    seqs = [
+        engine.input_processor.process(f"r{i}", PROMPTS[i], params, priority=0).seq
+        for i, params in enumerate([plain, regex, plain, regex])
+    ]
+    seqs[3].status = SequenceStatus.FINISHED  # ended by the step before: its token is thrown away
+    masks = LateBitmask(seqs, engine.vocab_size)
+    masks.fill()
+    filled = masks.wait()
+    alone = grammar_masks([seqs[1].grammar], engine.vocab_size)
+    assert filled.rows.tolist() == [1]
+    assert torch.equal(filled.bitmask, alone.bitmask) and not (filled.bitmask == -1).all()
+    masks.fail(RuntimeError("too late"))  # settled once: a later failure changes nothing
+    assert masks.wait() is filled
+
+
+def test_late_masks_that_fail_raise_in_the_waiting_sampler_rather_than_hang() -> None:
+    masks = LateBitmask([], vocab_size=64)
+    masks.fail(RuntimeError("the step before it failed"))
+    with pytest.raises(RuntimeError, match="step before it failed"):
+        masks.wait()

@@ -143,3 +143,24 @@ def test_greedy_argmax_is_torch_argmax_with_ties_nans_and_infinities(vocab):
     strided = torch.randn(3, 2 * vocab, generator=gen)[:, :vocab]  # rows of a wider tensor
     assert torch.equal(cpu_kernels.argmax_rows(strided), strided.argmax(dim=-1))
     assert cpu_kernels.argmax_rows(x[:0]).shape == (0,)
+
+
+@pytest.mark.parametrize("vocab", [1, 31, 32, 100, 2048, 32001])  # within a word, at one, tails
+def test_grammar_masks_hold_back_exactly_the_tokens_whose_bit_is_0_on_their_rows(vocab):
+    # engine.executor.sampler._apply_grammar_masks on the CPU: bit j of word w allows token 32 * w + j
+    gen = torch.Generator().manual_seed(vocab)
+    words = (vocab + 31) // 32 + (vocab == 100)  # a bitmask may be wider than the logits
+    logits = torch.randn(6, vocab, generator=gen)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (4, words), generator=gen, dtype=torch.int32)
+    bitmask[1, ::2] = 0  # whole words held back
+    bitmask[2] = -1  # a row under a grammar that allows everything now
+    rows = torch.tensor([5, 0, 3, 2])  # any order
+    allowed = ((bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).bool().view(4, -1)[:, :vocab]
+    expected = logits.clone()
+    expected[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    masked = cpu_kernels.apply_token_bitmask(logits, rows, bitmask)
+    assert torch.equal(masked, expected)
+    assert not logits.isinf().any()  # out of place
+    assert torch.equal(cpu_kernels.apply_token_bitmask(logits, rows[:0], bitmask[:0]), logits)
+    with pytest.raises(RuntimeError, match="not a row"):
+        cpu_kernels.apply_token_bitmask(logits, torch.tensor([6]), bitmask[:1])

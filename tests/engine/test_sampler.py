@@ -6,8 +6,10 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.executor.sampler import Sampler, _apply_penalties, seeded_uniforms
+from engine.core.structured_output import GrammarMasks
+from engine.executor.sampler import Sampler, _apply_grammar_masks, _apply_penalties, seeded_uniforms
 from engine.executor.sampling_batch import SamplingBatch
+from engine.kernels import cpu_kernels
 from engine.sampling_params import (
     GREEDY_TEMPERATURE,
     MAX_REPETITION_PENALTY,
@@ -428,3 +430,20 @@ def _sample_next_token(
         [params], [seen_token_ids.tolist()], [output_token_ids.tolist()], logits.device, logits.numel()
     )
     return int(Sampler(generator)(logits[None], batch).sampled_token_ids[0])
+
+
+@pytest.mark.parametrize("cpu_kernel", [True, False])  # the C++ pass, and the torch ops CUDA runs
+def test_grammar_masks_hold_back_the_disallowed_tokens_of_their_rows_only(monkeypatch, cpu_kernel) -> None:
+    if not cpu_kernel:
+        monkeypatch.setattr(cpu_kernels, "is_loaded", lambda: False)
+    logits = torch.arange(4 * V, dtype=torch.float32).view(4, V)
+    # row 1 allows tokens 0 and 2 (bits 0 and 2), row 3 only token 7
+    masks = GrammarMasks(torch.tensor([1, 3]), torch.tensor([[0b101], [1 << 7]], dtype=torch.int32))
+    params = [SamplingParams(temperature=0.0)] * 4
+    batch = SamplingBatch.build(params, [[]] * 4, [[]] * 4, "cpu", V, grammar_masks=masks)
+    out = Sampler()(logits, batch)
+    assert out.sampled_token_ids.tolist() == [V - 1, 2, V - 1, 7]  # rows 0 and 2: the argmax, untouched
+    masked = _apply_grammar_masks(logits, *masks)
+    assert torch.equal(masked[[0, 2]], logits[[0, 2]])
+    assert masked[1].isinf().sum() == V - 2 and masked[3].isinf().sum() == V - 1
+    assert not logits.isinf().any()  # out of place: the raw logits still feed the logprobs

@@ -24,9 +24,11 @@
 #include "attention_vectors.h"  // the library's float32 vectors (8 lanes on AVX2, 16 on AVX-512)
 #include "cpu_common.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -253,6 +255,46 @@ std::tuple<at::Tensor, at::Tensor> scale_rows(const at::Tensor& x, double act_ma
   return {out, amax};
 }
 
+// A step's grammar masks (engine.core.structured_output.GrammarMasks) applied out of place: a copy
+// of the logits [N, V] float32 where each constrained row rows[i] has -inf at every token whose bit
+// is 0 in bitmask[i] (bit j of word w: token 32 * w + j). PyTorch's version unpacks the bits into a
+// bool tensor, gathers the rows and scatters them back: ~0.17-0.3 ms for 16 rows of 2048 on the
+// Zen 3 (2 threads). Here: one copy, then one pass over those rows' words, where a grammar's words
+// are mostly all-zero (32 tokens at once) or all-one (nothing to do).
+at::Tensor apply_token_bitmask(const at::Tensor& logits, const at::Tensor& rows, const at::Tensor& bitmask) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "apply_token_bitmask: logits [N, V] float32");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong, "apply_token_bitmask: rows [R] int64");
+  TORCH_CHECK(bitmask.dim() == 2 && bitmask.scalar_type() == at::kInt && bitmask.size(0) == rows.size(0) &&
+                  bitmask.size(1) * 32 >= logits.size(1),
+              "apply_token_bitmask: bitmask [R, >= ceil(V / 32)] int32");
+  auto out = logits.clone(at::MemoryFormat::Contiguous);
+  const auto words = bitmask.contiguous();
+  const auto row_ids = rows.contiguous();
+  const int64_t n = out.size(0), v = out.size(1), num_words = words.size(1);
+  float* data = out.data_ptr<float>();
+  const auto* mask = reinterpret_cast<const uint32_t*>(words.data_ptr<int32_t>());
+  const int64_t* ids = row_ids.data_ptr<int64_t>();
+  const float held_back = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < row_ids.size(0); ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < n, "apply_token_bitmask: row ", ids[i], " is not a row of the logits");
+    float* row = data + ids[i] * v;
+    const uint32_t* row_mask = mask + i * num_words;
+    for (int64_t w = 0; w * 32 < v; ++w) {
+      const uint32_t word = row_mask[w];
+      if (word == UINT32_MAX) continue;
+      const int64_t first = w * 32, last = std::min<int64_t>(first + 32, v);
+      if (word == 0) {
+        std::fill(row + first, row + last, held_back);
+        continue;
+      }
+      for (int64_t j = first; j < last; ++j) {
+        if (!((word >> (j - first)) & 1u)) row[j] = held_back;
+      }
+    }
+  }
+  return out;
+}
+
 // Greedy decoding's token per row: x [N, V] float32, rows contiguous -> [N] int64, torch.argmax's
 // answer (the first index of the largest value; a NaN counts as the largest, the first NaN wins).
 // PyTorch's CPU argmax tracks an index per element in scalar code: 160 us for 128 x 2048 on a Zen 3
@@ -320,6 +362,8 @@ at::Tensor argmax_rows(const at::Tensor& x) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sluice_cpu, m) {
+  m.def("apply_token_bitmask(Tensor logits, Tensor rows, Tensor bitmask) -> Tensor");
+  m.impl("apply_token_bitmask", c10::DispatchKey::CPU, TORCH_FN(apply_token_bitmask));
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.impl("argmax_rows", c10::DispatchKey::CPU, TORCH_FN(argmax_rows));
   m.def("rms_norm(Tensor x, Tensor? residual, Tensor weight, float eps, bool gemma) -> (Tensor, Tensor)");
