@@ -60,3 +60,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         # x: [N, embedding_dim] -> [N, num_embeddings]
         logits = F.linear(x, self.weight) if self.matmul is None else self.matmul(x)
         return all_gather(logits, dim=-1)
+
+
+def lm_heads(model: nn.Module) -> list[tuple[ParallelLMHead, bool]]:
+    """The model's LM heads (none on a pipeline stage before the last), each with whether it is
+    tied to the embedding's table (which the lookup keeps reading as it is)."""
+    lookup_tables = {id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding}
+    return [(m, id(m.weight) in lookup_tables) for m in model.modules() if isinstance(m, ParallelLMHead)]

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import cpu_features
-from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.embed_head import ParallelLMHead, lm_heads
 from engine.layers.linear import LinearBase
 from engine.quant.base import UNQUANTIZED, LinearMethod
 
@@ -122,7 +122,6 @@ def pack_linear_weights(model: nn.Module, device: torch.device, dtype: torch.dty
         return _widen_bfloat16_matmuls(model)
     if not can_pack(device, dtype):
         return 0
-    lookup_tables = {id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding}
     packed = 0
     for module in model.modules():
         if (
@@ -134,16 +133,12 @@ def pack_linear_weights(model: nn.Module, device: torch.device, dtype: torch.dty
             ONEDNN_PACKED.process_weights_after_loading(module)
             module.quant_method = ONEDNN_PACKED
             packed += 1
-        elif (
-            isinstance(module, ParallelLMHead)
-            and module.matmul is None
-            and module.weight.dtype == dtype
-            and worth_packing(module.weight)
-        ):
-            weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), _DECODE_ROWS_HINT)
-            if id(module.weight) not in lookup_tables:  # untied: nothing else reads the plain weight
-                module.weight = nn.Parameter(weight, requires_grad=False)
-            module.matmul = functools.partial(_packed_linear, weight=weight)
+    for head, tied in lm_heads(model):
+        if head.matmul is None and head.weight.dtype == dtype and worth_packing(head.weight):
+            weight = torch.ops.mkldnn._reorder_linear_weight(head.weight.detach(), _DECODE_ROWS_HINT)
+            if not tied:  # nothing else reads the plain weight
+                head.weight = nn.Parameter(weight, requires_grad=False)
+            head.matmul = functools.partial(_packed_linear, weight=weight)
             packed += 1
     return packed
 

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.embed_head import lm_heads
 from engine.layers.tp import get_tp_size
 from engine.loader.checkpoint import (
     CheckpointInfo,
@@ -78,13 +78,6 @@ def build_model(
         except ValueError as e:  # a layer's method found the loaded weights unusable
             raise WeightLoadError(f"{folder}: {e}") from None
     return model.eval()
-
-
-def lm_heads(model: nn.Module) -> list[tuple[ParallelLMHead, bool]]:
-    """The model's LM heads (none on a pipeline stage before the last), each with whether it is
-    tied to the embedding's table (which the lookup keeps reading in float)."""
-    lookup_tables = {id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding}
-    return [(m, id(m.weight) in lookup_tables) for m in model.modules() if isinstance(m, ParallelLMHead)]
 
 
 @torch.no_grad()
