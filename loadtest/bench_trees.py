@@ -6,7 +6,8 @@ A/B for a change or a regression check on a machine too noisy for absolute numbe
 
 Each run is a fresh process started in its tree (so `import engine` is that tree's), timing one
 `generate()` of the workload after a two-token warm-up; round r runs the trees in order, round
-r + 1 in reverse. Prints every run, then each tree's median. The workload comes from this
+r + 1 in reverse. Prints every run, then each tree's median. `--grammar-every N` puts every
+N-th request under a regex (structured output), to time the grammar masks' cost. The workload comes from this
 tree's loadtest/workloads.py; the checkpoint is this tree's build/models preset.
 """
 
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+GRAMMAR_REGEX = "[a-z]+( [a-z]+)*"  # words and spaces: open-ended, the length limit ends most outputs
 
 # runs in the tree under test (cwd): its engine, this tree's workloads
 _RUN = """
@@ -36,11 +38,17 @@ assert engine.__file__.startswith({tree!r}), engine.__file__
 vocab = json.load(open({folder!r} + '/config.json'))['vocab_size']
 w = WORKLOADS[{workload!r}](vocab, {num_requests})
 eng = LLMEngine(EngineConfig(model={folder!r}, dtype={dtype!r}, max_num_batched_tokens=2048))
-params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in w.output_lens]
-eng.generate([[1, 5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False)
+from engine import StructuredOutputs
+grammar = StructuredOutputs(regex={regex!r})
+params = [
+    SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                   structured_outputs=grammar if {grammar_every} and i % {grammar_every} == 0 else None)
+    for i, n in enumerate(w.output_lens)
+]
+eng.generate(w.prompts[:4], params[:4], use_tqdm=False)  # warm-up, grammars' tokenizer included
 start = time.perf_counter()
-eng.generate(w.prompts, params, use_tqdm=False)
-print('SECONDS', time.perf_counter() - start, w.num_output_tokens)
+outputs = eng.generate(w.prompts, params, use_tqdm=False)
+print('SECONDS', time.perf_counter() - start, sum(len(o.token_ids) for o in outputs))
 """
 
 
@@ -52,6 +60,8 @@ def run_once(tree: Path, args: argparse.Namespace, folder: Path) -> tuple[float,
         workload=args.workload,
         num_requests=args.num_requests,
         dtype=args.dtype,
+        grammar_every=args.grammar_every,
+        regex=GRAMMAR_REGEX,
     )
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     python = tree / ".venv" / "bin" / "python"
@@ -75,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--preset", default="small")
+    parser.add_argument(
+        "--grammar-every", type=int, default=0, help="every N-th request under a regex (0: none)"
+    )
     args = parser.parse_args(argv)
     trees = [tree.resolve() for tree in args.trees]
     from engine import ensure_demo_checkpoint
