@@ -44,6 +44,9 @@ class EngineConfig:
     attention_backend: str = "auto"
     # CUDA: decode steps run as captured CUDA graphs (flash and triton backends) unless this is set
     enforce_eager: bool = False
+    # CUDA: steps with prompt tokens (up to 512 tokens) also replay graphs, in pieces between the
+    # attention calls (engine/executor/piecewise_graphs.py). Off until a GPU run has checked it.
+    piecewise_cuda_graphs: bool = False
     # Step N+1's decodes scheduled and their inputs prepared while step N runs, its sampled tokens
     # feeding step N+1 on the device (engine/llm_engine.py); one process only. None: on for CUDA,
     # off on CPU, where the host work and the model share the cores and the GIL (loadtest/RESULTS.md)
@@ -117,6 +120,10 @@ class EngineConfig:
                 f"priority_aging_steps must be an integer >= 0, got {self.priority_aging_steps!r}"
             )
         _check_positive(self, "tensor_parallel_size", "pipeline_parallel_size")
+        if not isinstance(self.piecewise_cuda_graphs, bool):
+            raise EngineConfigError(
+                f"piecewise_cuda_graphs must be true or false, got {self.piecewise_cuda_graphs!r}"
+            )
         if self.async_scheduling not in (None, True, False):
             raise EngineConfigError(
                 f"async_scheduling must be true, false or unset, got {self.async_scheduling!r}"

@@ -41,6 +41,9 @@ class _StepMetadata(threading.local):
     see their own step's metadata, never the other's."""
 
     current: AttentionMetadata | None = None
+    # piecewise CUDA graphs (engine.executor.piecewise_graphs): what takes each attention call
+    # while the forward is captured or run in pieces; None: attention runs as usual
+    split: object | None = None
 
 
 _step = _StepMetadata()
@@ -70,3 +73,18 @@ def attention_metadata(metadata: AttentionMetadata | None):
         yield
     finally:
         _step.current = previous
+
+
+def get_attention_split():
+    """What takes the running forward's attention calls (`split.attend(layer, q, k, v)`), if any."""
+    return _step.split
+
+
+@contextlib.contextmanager
+def split_at_attention(split):
+    """Route every Attention call of the forward run inside to `split` (None: no split)."""
+    previous, _step.split = _step.split, split
+    try:
+        yield
+    finally:
+        _step.split = previous

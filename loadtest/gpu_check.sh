@@ -2,7 +2,7 @@
 # One command for a GPU machine: the GPU correctness tests, then the engine benchmark on CUDA,
 # then a quick compression check (quality of every mode on the tiny checkpoint, bfloat16), and
 # with two GPUs or more the parallel checks. Budget: under 8 minutes on one H100 (each step
-# has its own timeout: 150 per test file + 210 + 2 x 90 + 150 + 80 s; more with two GPUs or more). Prints a short table last.
+# has its own timeout: 150 per test file + 210 + 2 x 90 + 2 x 150 + 80 s; more with two GPUs or more). Prints a short table last.
 #   bash loadtest/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 tests=0
 for file in tests/engine/test_gpu_engine.py tests/engine/test_attention_backends.py \
   tests/engine/test_sampler.py tests/engine/test_triton_decode.py tests/engine/test_triton_moe.py \
-  tests/engine/test_triton_moe_mxfp4.py tests/engine/test_gpt_oss_mxfp4.py \
+  tests/engine/test_triton_moe_mxfp4.py tests/engine/test_gpt_oss_mxfp4.py tests/engine/test_piecewise_graphs.py \
   tests/engine/test_gpu_quantization.py tests/engine/test_moe_quantization.py \
   tests/engine/test_triton_w8a8.py; do
   timeout 150 "$PY" -m pytest -p no:cacheprovider -o addopts="" -q -m gpu "$file" || tests=1
@@ -33,6 +33,12 @@ for option in enforce_eager=true async_scheduling=false; do
     --rounds 2 --compare "$option"
   bench=$(( bench != 0 || $? != 0 ))
 done
+
+# Piecewise CUDA graphs for the steps with prompt tokens (issue 27; off by default until this row
+# and its test have run): the standard workload's chunked prefills, one round each.
+timeout 150 "$PY" loadtest/bench_engine.py --device cuda --dtype bfloat16 --preset gpu-1b --rounds 1 \
+  --compare piecewise_cuda_graphs=true
+bench=$(( bench != 0 || $? != 0 ))
 
 # W8A8 int8 on the tensor cores (Triton) against bfloat16, Llama-3.2-1B shapes, one round (issue 28).
 timeout 150 "$PY" loadtest/bench_engine.py --device cuda --dtype bfloat16 --preset gpu-1b --rounds 1 \

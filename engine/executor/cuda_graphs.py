@@ -36,7 +36,8 @@ def can_capture(device: torch.device, attention_backend: str, quantization: str,
 
 
 def use_decode_graphs(runner, config, attention_backend: str, max_model_len: int) -> None:
-    """Capture rank 0's decode steps as CUDA graphs where they can run, unless enforce_eager."""
+    """Capture rank 0's decode steps as CUDA graphs where they can run, unless enforce_eager; with
+    piecewise_cuda_graphs also its steps with prompt tokens, in pieces (engine.executor.piecewise_graphs)."""
     device = torch.device(config.device)
     if (
         not config.enforce_eager
@@ -45,6 +46,8 @@ def use_decode_graphs(runner, config, attention_backend: str, max_model_len: int
         and is_capturable(runner.model)
     ):
         runner.enable_decode_graphs(max_model_len)
+        if config.piecewise_cuda_graphs:
+            runner.enable_piecewise_graphs()
 
 
 def is_capturable(model: torch.nn.Module) -> bool:

@@ -24,6 +24,7 @@ from engine.core.structured_output import GrammarMasks
 from engine.distributed import parallel_state as ps
 from engine.executor.cuda_graphs import DecodeGraphs
 from engine.executor.persistent_batch import PersistentBatch
+from engine.executor.piecewise_graphs import PiecewiseGraphs, piecewise_sizes
 from engine.executor.sampler import Sampler
 from engine.executor.sampling_batch import SamplingBatch
 from engine.forward_context import AttentionMetadata, attention_metadata, group_by_length
@@ -61,6 +62,7 @@ class ModelRunner:
         self._uses_decode_groups = attention.reads_decode_groups(self.dtype, self.kv_dtype)
         self.num_blocks = 0
         self.decode_graphs: DecodeGraphs | None = None
+        self.piecewise_graphs: PiecewiseGraphs | None = None
         self.lora: LoRASlots | None = None  # the adapters' device slots (engine.lora), set by build_runner
 
     @property
@@ -114,6 +116,17 @@ class ModelRunner:
         )
         self.decode_graphs.capture()
 
+    def enable_piecewise_graphs(self, use_graphs: bool = True) -> None:
+        """Capture steps of up to 512 tokens in pieces between attention calls (after
+        allocate_kv_cache); use_graphs=False runs the same split and padding eagerly (CPU tests)."""
+        self.piecewise_graphs = PiecewiseGraphs(
+            self.model,
+            piecewise_sizes(self.config.max_num_batched_tokens),
+            device=self.device,
+            use_graphs=use_graphs,
+        )
+        self.piecewise_graphs.capture()
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> ModelRunnerOutput | None:
         """Run one step. Returns its ModelRunnerOutput (device tensors) on the sampling rank, else None.
@@ -145,6 +158,8 @@ class ModelRunner:
                 intermediate = ps.recv_from_prev_stage([shape, shape], self.dtype, self.device)
             if self.decode_graphs is not None and self.decode_graphs.fits(metadata):
                 result = self.decode_graphs.run(input_ids, positions, metadata)  # one process only
+            elif self.piecewise_graphs is not None and self.piecewise_graphs.fits(input_ids.shape[0]):
+                result = self.piecewise_graphs.run(input_ids, positions, metadata)  # one process only
             else:
                 with attention_metadata(metadata):
                     result = self.model(input_ids, positions, intermediate)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.forward_context import get_attention_metadata
+from engine.forward_context import get_attention_metadata, get_attention_split
 from engine.layers.explicit_attention import explicit_attention
 
 
@@ -63,6 +63,9 @@ class Attention(nn.Module):
         self._backend = backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        split = get_attention_split()
+        if split is not None:  # a forward captured or run in pieces (piecewise CUDA graphs)
+            return split.attend(self, q, k, v)
         metadata = get_attention_metadata()
         if metadata is None or self._backend is None:
             return causal_attention(
