@@ -180,13 +180,12 @@ def _grammar_requests() -> list[tuple[list[int], SamplingParams]]:
         ),
         StructuredOutputs(choice=["a long answer", "another long answer"]),
     ]
-    return [
-        (
-            PROMPTS[i % len(PROMPTS)] + [9 + i],
-            SamplingParams(temperature=0, max_tokens=24, structured_outputs=spec),
-        )
-        for i, spec in enumerate(specs * 2)
+    greedy = [SamplingParams(temperature=0, max_tokens=24, structured_outputs=spec) for spec in specs * 2]
+    sampled = [  # seeded: the same draws in both engines; n=2 forks the grammar at the first token
+        SamplingParams(temperature=0.9, seed=11, max_tokens=24, structured_outputs=specs[3]),
+        SamplingParams(temperature=0.9, seed=12, n=2, max_tokens=20, structured_outputs=specs[1]),
     ]
+    return [(PROMPTS[i % len(PROMPTS)] + [9 + i], params) for i, params in enumerate(greedy + sampled)]
 
 
 def _count_late_masks(engine: LLMEngine) -> list[int]:
