@@ -186,7 +186,7 @@ class LLMEngine:
         out = running.out
         # the grammar masks of the step ahead: they follow this step's tokens, so they are filled
         # once the grammars have read them, while the step ahead's forward runs
-        late_masks = self._running.plan.late_token_bitmask if self._running is not None else None
+        late_masks = self._running.plan.late_grammar_masks if self._running is not None else None
         try:
             step = self._execute(running, outputs)
             step.prompt_logprob_rows, step.pooling_rows = running.prompt_logprob_rows, running.pooling_rows
@@ -311,8 +311,8 @@ class LLMEngine:
             seqs = list(out.seqs)
             if self._running is not None:
                 ahead, self._running = self._running, None
-                if ahead.plan.late_token_bitmask is not None:  # its sampler waits for them: release it
-                    ahead.plan.late_token_bitmask.fail(RuntimeError("the step before it failed"))
+                if ahead.plan.late_grammar_masks is not None:  # its sampler waits for them: release it
+                    ahead.plan.late_grammar_masks.fail(RuntimeError("the step before it failed"))
                 with contextlib.suppress(Exception):
                     ahead.future.result()
                 seqs += [seq for seq in ahead.out.seqs if seq not in set(seqs)]
@@ -370,9 +370,9 @@ class LLMEngine:
         """Stop and reap the worker processes of a parallel engine, and the model thread."""
         if self._model_thread is not None:
             running = self._running
-            if running is not None and running.plan.late_token_bitmask is not None:
+            if running is not None and running.plan.late_grammar_masks is not None:
                 # no step() reads the step before it any more: its masks would never come
-                running.plan.late_token_bitmask.fail(RuntimeError("the engine is closing"))
+                running.plan.late_grammar_masks.fail(RuntimeError("the engine is closing"))
             self._model_thread.shutdown(wait=True)  # a step scheduled ahead finishes first
         self.executor.shutdown()
 

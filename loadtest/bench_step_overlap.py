@@ -2,7 +2,7 @@
 
 Before the grammar overlap, one request under a grammar kept every step of its batch
 synchronous: step N+1's masks follow N's tokens, so N+1 was scheduled only once N was read
-back. Now N+1 runs ahead with its masks late (engine.core.structured_output.LateBitmask): the
+back. Now N+1 runs ahead with its masks late (engine.core.structured_output.LateGrammarMasks): the
 host fills them while N+1's forward runs, and the sampler waits for them, not the forward.
 
 One process, three engines on the `micro` checkpoint (a step's arithmetic is negligible: its
@@ -100,7 +100,7 @@ def main() -> None:
 
     # the sampler's wait for late masks, timed where it happens (on the model thread)
     waits: list[float] = []
-    wait = structured_output.LateBitmask.wait
+    wait = structured_output.LateGrammarMasks.wait
 
     def timed_wait(masks):
         start = time.perf_counter()
@@ -109,8 +109,8 @@ def main() -> None:
         finally:
             waits.append(time.perf_counter() - start)
 
-    structured_output.LateBitmask.wait = timed_wait
-    # the host's time filling masks, in time with the step (StepPlan.build) or late (LateBitmask.fill)
+    structured_output.LateGrammarMasks.wait = timed_wait
+    # the host's time filling masks, in time with the step (StepPlan.build) or late (LateGrammarMasks.fill)
     fills: list[float] = []
     grammar_masks = structured_output.grammar_masks
 

@@ -101,7 +101,7 @@ class Scheduler:
         where N+1 cannot be known before N's tokens are: where N computes prompt tokens, a
         sequence waits to be admitted, a penalty reads the new token's counts, or the blocks would
         not do without a preemption. A grammar does not stop it: N+1's masks are filled on the
-        host once N's tokens are read back, while N+1's forward runs (StepPlan.late_token_bitmask).
+        host once N's tokens are read back, while N+1's forward runs (StepPlan.late_grammar_masks).
         N's sequences that certainly end at N (max_tokens) are left out; those that end by a token (EOS, stop token or stop string) are
         known only once N is read back: their step N+1 token is thrown away, never emitted.
         `update_from_output(running, ...)` must come before `update_from_output(ahead, ...)`."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from engine.core.scheduler import SchedulerOutput
 from engine.core.sequence import Sequence
-from engine.core.structured_output import GrammarMasks, LateBitmask, grammar_masks
+from engine.core.structured_output import GrammarMasks, LateGrammarMasks, grammar_masks
 from engine.sampling_params import SamplingParams
 
 
@@ -105,7 +105,7 @@ class StepPlan:
     grammar_masks: GrammarMasks | None = None
     # async scheduling: the masks of a step planned before the grammars saw the tokens of the step
     # still running; the host fills them while this step's forward runs (in one process only)
-    late_token_bitmask: LateBitmask | None = None
+    late_grammar_masks: LateGrammarMasks | None = None
     # prompt logprobs this step computes: (rows of the step's flat hidden states, target tokens)
     prompt_logprob_rows: tuple[list[int], list[int]] | None = None
     prompt_logprob_top: int = 0  # alternatives per prompt logprob row (PromptLogprobRows.num_top)
@@ -167,7 +167,7 @@ class StepPlan:
         if previous is None:
             plan.grammar_masks = grammar_masks(grammars, vocab_size)
         elif any(grammar is not None for grammar in grammars):
-            plan.late_token_bitmask = LateBitmask(out.sampling_seqs, vocab_size)
+            plan.late_grammar_masks = LateGrammarMasks(out.sampling_seqs, vocab_size)
         if prompt_logprobs is not None:
             plan.prompt_logprob_rows = (prompt_logprobs.rows, prompt_logprobs.targets)
             plan.prompt_logprob_top = prompt_logprobs.num_top
@@ -188,7 +188,7 @@ class StepPlan:
             prompt_token_ids=[],
             output_token_ids=[],
             grammar_masks=None,
-            late_token_bitmask=None,
+            late_grammar_masks=None,
             prompt_logprob_rows=None,
             pooling_rows=None,
         )

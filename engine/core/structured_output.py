@@ -9,7 +9,7 @@ host, as llguidance requires, then copied to the device once and applied to thos
 by the sampler: the batch's unconstrained rows cost nothing.
 
 With async scheduling a step is planned before the tokens of the step still running are read
-back, so its grammars cannot say yet what may come next. Its masks come late (`LateBitmask`):
+back, so its grammars cannot say yet what may come next. Its masks come late (`LateGrammarMasks`):
 the model thread runs the forward without them and waits for them only at sampling, while the
 host reads the running step's tokens, feeds them to the grammars and fills the masks.
 """
@@ -70,9 +70,6 @@ class GrammarMasks(NamedTuple):
     rows: torch.Tensor  # [R] int64: the sampling rows under a grammar, ascending
     bitmask: torch.Tensor  # [R, ceil(V / 32)] int32: bit j of word i allows token 32 * i + j
 
-    def to(self, device: torch.device) -> GrammarMasks:
-        return GrammarMasks(self.rows.to(device), self.bitmask.to(device))
-
 
 def grammar_masks(matchers: list[llguidance.LLMatcher | None], vocab_size: int) -> GrammarMasks | None:
     """The masks of the rows whose matcher is not None (matchers[i]: sampling row i's grammar).
@@ -94,7 +91,7 @@ def grammar_masks(matchers: list[llguidance.LLMatcher | None], vocab_size: int) 
     return GrammarMasks(rows, bitmask)
 
 
-class LateBitmask:
+class LateGrammarMasks:
     """The grammar masks of a step scheduled ahead, filled by the host once the step before it
     is read back, waited for by the sampler. `rows`: the step's sampling sequences, in order;
     a sequence without a grammar, or finished by the step before (its token here is thrown

@@ -56,6 +56,14 @@ def is_capturable(model: torch.nn.Module) -> bool:
     return not any(getattr(module, "is_moe_experts", False) for module in model.modules())
 
 
+def copy_padded(buffer: torch.Tensor, values: torch.Tensor, size: int, pad: int = 0) -> None:
+    """A graph's static input: `values` in its first rows, `pad` in the rest up to `size` (the rows
+    a captured size has beyond the step's)."""
+    n = values.shape[0]
+    buffer[:n].copy_(values)
+    buffer[n:size].fill_(pad)
+
+
 def capture_sizes(max_batch_size: int) -> list[int]:
     sizes = [s for s in (1, 2, 4, 8) if s < max_batch_size] + list(range(16, max_batch_size, 16))
     return [*sizes, max_batch_size]
@@ -114,14 +122,10 @@ class DecodeGraphs:
         """The decode step's hidden states [B, hidden], by replaying the graph of the next size up."""
         batch = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= batch)
-        self.input_ids[:batch].copy_(input_ids)
-        self.input_ids[batch:size].zero_()
-        self.positions[:batch].copy_(positions)
-        self.positions[batch:size].zero_()
-        self.slot_mapping[:batch].copy_(metadata.slot_mapping)
-        self.slot_mapping[batch:size].fill_(self.scratch_slot)
-        self.context_lens[:batch].copy_(metadata.context_lens_tensor)
-        self.context_lens[batch:size].zero_()
+        copy_padded(self.input_ids, input_ids, size)
+        copy_padded(self.positions, positions, size)
+        copy_padded(self.slot_mapping, metadata.slot_mapping, size, pad=self.scratch_slot)
+        copy_padded(self.context_lens, metadata.context_lens_tensor, size)
         width = metadata.block_tables.shape[1]
         self.block_tables[:batch, :width].copy_(metadata.block_tables)
         if self.use_graphs:

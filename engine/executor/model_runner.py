@@ -195,8 +195,8 @@ class ModelRunner:
             return ModelRunnerOutput(no_tokens, None, prompt_logprobs, prompt_top, pooled)
         logits = (logits[0] if len(logits) == 1 else torch.cat(logits)).float()  # [N, V]
         masks = plan.grammar_masks
-        if plan.late_token_bitmask is not None:  # filled by the host while the forward ran
-            masks = plan.late_token_bitmask.wait()
+        if plan.late_grammar_masks is not None:  # filled by the host while the forward ran
+            masks = plan.late_grammar_masks.wait()
         batch = self._sampling.build(plan, self.device, logits.shape[-1], masks)
         sampled = self.sampler(logits, batch)
         self._last_sampled = sampled.sampled_token_ids

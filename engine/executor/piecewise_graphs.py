@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.executor.cuda_graphs import copy_padded
 from engine.forward_context import AttentionMetadata, attention_metadata, split_at_attention
 
 log = logging.getLogger(__name__)
@@ -160,10 +161,8 @@ class PiecewiseGraphs:
         with each layer's attention run eagerly between them."""
         num_tokens = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= num_tokens)
-        self.input_ids[:num_tokens].copy_(input_ids)
-        self.input_ids[num_tokens:size].zero_()
-        self.positions[:num_tokens].copy_(positions)
-        self.positions[num_tokens:size].zero_()
+        copy_padded(self.input_ids, input_ids, size)
+        copy_padded(self.positions, positions, size)
         if not self.use_graphs:
             return self._eager(size, _PaddedAttention(num_tokens, metadata))[:num_tokens]
         pieces = self._pieces[size]

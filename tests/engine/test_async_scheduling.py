@@ -13,7 +13,7 @@ import torch
 
 from engine import EngineConfig, LLMEngine, PoolingParams, SamplingParams
 from engine.core.sequence import SequenceStatus
-from engine.core.structured_output import LateBitmask, grammar_masks
+from engine.core.structured_output import LateGrammarMasks, grammar_masks
 from engine.llm_engine import StepFailed
 from engine.sampling_params import StructuredOutputs
 
@@ -194,7 +194,7 @@ def _count_late_masks(engine: LLMEngine) -> list[int]:
     execute = engine.executor.execute
 
     def counting(plan):
-        counted[0] += plan.late_token_bitmask is not None
+        counted[0] += plan.late_grammar_masks is not None
         return execute(plan)
 
     engine.executor.execute = counting
@@ -228,14 +228,14 @@ def test_a_failing_model_run_releases_the_step_ahead_waiting_for_its_masks(
     execute, late_steps, released = engine.executor.execute, [0], []
 
     def failing_once(plan):
-        if plan.late_token_bitmask is not None:
+        if plan.late_grammar_masks is not None:
             late_steps[0] += 1
             if late_steps[0] == failing_step:
                 raise RuntimeError("device hiccup")
         return execute(plan)
 
-    fail = LateBitmask.fail
-    monkeypatch.setattr(LateBitmask, "fail", lambda masks, e: (released.append(str(e)), fail(masks, e)))
+    fail = LateGrammarMasks.fail
+    monkeypatch.setattr(LateGrammarMasks, "fail", lambda masks, e: (released.append(str(e)), fail(masks, e)))
 
     monkeypatch.setattr(engine.executor, "execute", failing_once)
     for i, (prompt, params) in enumerate(requests):
@@ -254,7 +254,7 @@ def test_closing_with_a_grammar_step_ahead_does_not_wait_for_its_masks(tiny_chec
     engine = _engine(tiny_checkpoint, async_scheduling=True)
     for i, (prompt, params) in enumerate(_grammar_requests()):
         engine.add_request(f"r{i}", prompt, params)
-    while engine._running is None or engine._running.plan.late_token_bitmask is None:
+    while engine._running is None or engine._running.plan.late_grammar_masks is None:
         engine.step()
     engine.close()  # would hang if the step ahead still waited for masks no step() will fill
     assert engine._running.future.done()
@@ -297,7 +297,7 @@ def test_late_masks_constrain_only_the_rows_with_a_grammar_still_running(tiny_ch
         for i, params in enumerate([plain, regex, plain, regex])
     ]
     seqs[3].status = SequenceStatus.FINISHED  # ended by the step before: its token is thrown away
-    masks = LateBitmask(seqs, engine.vocab_size)
+    masks = LateGrammarMasks(seqs, engine.vocab_size)
     masks.fill()
     filled = masks.wait()
     alone = grammar_masks([seqs[1].grammar], engine.vocab_size)
@@ -308,7 +308,7 @@ def test_late_masks_constrain_only_the_rows_with_a_grammar_still_running(tiny_ch
 
 
 def test_late_masks_that_fail_raise_in_the_waiting_sampler_rather_than_hang() -> None:
-    masks = LateBitmask([], vocab_size=64)
+    masks = LateGrammarMasks([], vocab_size=64)
     masks.fail(RuntimeError("the step before it failed"))
     with pytest.raises(RuntimeError, match="step before it failed"):
         masks.wait()
